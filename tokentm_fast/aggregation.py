@@ -1,0 +1,146 @@
+"""The aggregation engine shared by TokenTM, GAE and rollout (spec §3, §3.1, §4).
+
+Every method is the product of per-layer update maps
+``Uˡ = (I + diag(w_mlp)) · (I + Āˡ · diag(w_attn))`` applied to ``C⁰``::
+
+    Cᴸ = Uᴸ ⋯ U^{k+1} · C⁰
+
+Only rows of ``Cᴸ`` are needed, so the engine carries a block of rows
+``R (B, Q, N)`` from the top layer down (spec §3.1)::
+
+    s = R ⊙ (1 + w_mlp)          # column scaling: R · U^{mlp}
+    R = s + (s · Ā) ⊙ w_attn      # R · U^{attn}
+    result = R · diag(C⁰)
+
+``Q = 1`` (a query row) is the row algorithm; starting from ``R = I`` (``Q = N``)
+gives the whole matrix ``Cᴸ`` with the same update. The constants that turn
+the engine into each method:
+
+============  ===========  ===============  =============  ===========
+method        fusion       w_attn           w_mlp          C⁰
+============  ===========  ===============  =============  ===========
+tokentm       gae|decoupled  §2 weights     §2 weights     diag(|X⁰|) or I
+gae           gae          1                0              I
+rollout       mean         1                −½             I
+============  ===========  ===============  =============  ===========
+
+(rollout: ``s = ½R`` and ``R = ½R + ½R·mean_h A = R·(½I + ½ mean_h A)``.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .fusion import fuse_heads
+
+Weight = Union[torch.Tensor, float]
+
+
+@dataclass(frozen=True)
+class EngineConstants:
+    """Fusion mode and constant weights of a method (``None`` = per-layer §2 weights)."""
+
+    fusion: str
+    w_attn: Optional[float]
+    w_mlp: Optional[float]
+
+
+GAE = EngineConstants(fusion="gae", w_attn=1.0, w_mlp=0.0)
+ROLLOUT = EngineConstants(fusion="mean", w_attn=1.0, w_mlp=-0.5)
+
+
+def _columns(w: Weight, rows: torch.Tensor) -> Union[torch.Tensor, float]:
+    """A ``(B, N)`` weight as ``(B, 1, N)`` so that it scales columns of ``(B, Q, N)``."""
+    if isinstance(w, torch.Tensor):
+        return w.to(rows.dtype)[:, None, :]
+    return float(w)
+
+
+def row_update(
+    rows: torch.Tensor,
+    attn: torch.Tensor,
+    grad: Optional[torch.Tensor],
+    w_attn: Weight,
+    w_mlp: Weight,
+    mode: str = "gae",
+) -> torch.Tensor:
+    """One layer of the engine: ``R ← s + (s·Ā) ⊙ w_attn`` with ``s = R ⊙ (1 + w_mlp)``.
+
+    Args:
+        rows: ``(B, Q, N)`` rows of the running product (float32 or float64).
+        attn, grad: ``(B, H, N, N)`` attention and its gradient (grad may be None
+            for ``mode="mean"``).
+        w_attn, w_mlp: ``(B, N)`` weights or Python floats.
+        mode: head fusion mode (see ``tokentm_fast.fusion``).
+
+    Returns:
+        new ``(B, Q, N)`` rows, same dtype as ``rows``.
+    """
+    s = rows * (1.0 + _columns(w_mlp, rows))
+    fused = fuse_heads(attn, grad, mode).to(rows.dtype)
+    return s + torch.bmm(s, fused) * _columns(w_attn, rows)
+
+
+def query_vector(batch: int, num_tokens: int, num_prefix: int, has_class_token: bool,
+                 dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The row of ``Cᴸ`` an explanation reads, as a ``(B, N)`` vector.
+
+    With a class token it is ``one_hot(cls = 0)`` (spec §1). Models without a
+    class token pool the mean of the patch tokens, so their query is that mean
+    (``1/(N−P)`` on every patch token): our documented choice where the spec's
+    ``cls`` does not exist.
+    """
+    q = torch.zeros(batch, num_tokens, dtype=dtype, device=device)
+    if has_class_token:
+        q[:, 0] = 1.0
+    else:
+        q[:, num_prefix:] = 1.0 / (num_tokens - num_prefix)
+    return q
+
+
+def initial_rows(query: torch.Tensor, full: bool) -> torch.Tensor:
+    """``(B, N)`` query → ``(B, 1, N)`` rows, or the identity ``(B, N, N)`` for ``full``."""
+    if full:
+        b, n = query.shape
+        return torch.eye(n, dtype=query.dtype, device=query.device).expand(b, n, n).clone()
+    return query[:, None, :].clone()
+
+
+def finish_rows(rows: torch.Tensor, c0: Optional[torch.Tensor]) -> torch.Tensor:
+    """Multiply by ``C⁰ = diag(c0)`` on the right (``c0=None`` means ``C⁰ = I``)."""
+    return rows if c0 is None else rows * c0.to(rows.dtype)[:, None, :]
+
+
+def _layer(x, l):
+    return None if x is None else x[l]
+
+
+def aggregate_layers(
+    attns: Union[Sequence[torch.Tensor], torch.Tensor],
+    grads: Optional[Union[Sequence[torch.Tensor], torch.Tensor]],
+    w_attn: Union[Sequence[Weight], torch.Tensor, float],
+    w_mlp: Union[Sequence[Weight], torch.Tensor, float],
+    query: torch.Tensor,
+    c0: Optional[torch.Tensor] = None,
+    mode: str = "gae",
+    full: bool = False,
+) -> torch.Tensor:
+    """Run the engine over layers given bottom-up (index 0 = block 1).
+
+    Args:
+        attns, grads: per-layer ``(B, H, N, N)`` (lists or stacked ``(L, B, H, N, N)``).
+        w_attn, w_mlp: per-layer ``(B, N)`` weights (lists or ``(L, B, N)``) or floats.
+        query: ``(B, N)`` query vector (see ``query_vector``); ignored for ``full``.
+        c0: ``(B, N)`` diagonal of ``C⁰`` or None for the identity.
+
+    Returns:
+        ``(B, N)`` row ``queryᵀ Cᴸ`` or, with ``full``, the ``(B, N, N)`` matrix ``Cᴸ``.
+    """
+    rows = initial_rows(query, full)
+    per_layer = lambda w, l: w if isinstance(w, float) else w[l]  # noqa: E731
+    for l in reversed(range(len(attns))):
+        rows = row_update(rows, attns[l], _layer(grads, l), per_layer(w_attn, l), per_layer(w_mlp, l), mode)
+    rows = finish_rows(rows, c0)
+    return rows if full else rows[:, 0]

@@ -1,0 +1,101 @@
+"""Public API: ``explain`` and the reusable ``Explainer``.
+
+Checks everything up front (model, method, options, backend, images, target),
+then dispatches to the literal reference or to the fast path with the PyTorch
+or Triton kernels, and returns a float32 map ``(B, gh, gw)`` of raw values.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .bindings.timm_vit import TimmViT
+from .fast_path import TORCH_KERNELS, explain_fast, triton_kernels
+from .methods import FULL_MATRIX_METHODS, check_method, resolve_options
+from .reference import explain_reference
+from .targets import Target, check_target
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1``."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class Explainer:
+    """Explain many batches with one model, method and backend.
+
+    Args:
+        model: a timm ``VisionTransformer``.
+        method: ``"tokentm"``, ``"gae"``, ``"rollout"``, ``"raw_attention"``,
+            ``"attn_gradcam"`` or ``"legrad"``.
+        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"reference"``,
+            ``"torch"`` or ``"triton"``.
+        full: return the whole ``(B, N, N)`` contribution matrix (TokenTM, GAE, rollout).
+        **options: method options (see ``tokentm_fast.methods.DEFAULT_OPTIONS``).
+    """
+
+    def __init__(self, model: nn.Module, method: str = "tokentm", backend: str = "auto",
+                 full: bool = False, **options: Any) -> None:
+        self.vit = TimmViT(model)
+        self.method = check_method(method)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        self.backend = backend
+        if full and method not in FULL_MATRIX_METHODS:
+            raise ValueError(f"full=True is available for {FULL_MATRIX_METHODS}, not for {method!r}")
+        self.full = bool(full)
+        self.options = resolve_options(method, options, self.vit.num_layers)
+
+    def backend_for(self, images: torch.Tensor) -> str:
+        """The concrete backend used for ``images`` (resolves ``"auto"``)."""
+        if self.backend == "auto":
+            return "triton" if images.is_cuda and triton_usable(images.device) else "torch"
+        if self.backend == "triton" and not triton_usable(images.device):
+            raise ValueError(
+                f"backend='triton' cannot run on {images.device.type} tensors: Triton needs a CUDA device "
+                f"(or TRITON_INTERPRET=1 set before triton is imported, for testing); use backend='torch'"
+            )
+        return self.backend
+
+    def __call__(self, images: torch.Tensor, target: Target = None) -> torch.Tensor:
+        """Explain ``images (B, C, H, W)``; returns ``(B, gh, gw)`` float32 (``(B, N, N)`` with full)."""
+        gh, gw = self.vit.check_images(images)
+        param = next(self.vit.model.parameters())
+        if images.device != param.device:
+            raise ValueError(f"images are on {images.device}, the model is on {param.device}")
+        images = images.to(param.dtype)
+        target = check_target(target, images.shape[0], self.vit.num_classes)
+        backend = self.backend_for(images)
+        if backend == "reference":
+            out = explain_reference(self.vit, images, self.method, target, self.options, self.full)
+        else:
+            kernels = TORCH_KERNELS if backend == "torch" else triton_kernels()
+            out = explain_fast(self.vit, images, self.method, target, self.options, kernels, self.full)
+        out = out.detach().to(torch.float32)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(
+                f"the {self.method} explanation contains NaN or Inf: the model produced non-finite "
+                f"activations or gradients for these images"
+            )
+        return out if self.full else out.reshape(out.shape[0], gh, gw)
+
+
+def explain(model: nn.Module, images: torch.Tensor, method: str = "tokentm", target: Target = None,
+            backend: str = "auto", full: bool = False, **options: Any) -> torch.Tensor:
+    """Explain ``images (B, C, H, W)`` for ``target`` with ``method``.
+
+    Returns a float32 ``(B, gh, gw)`` map of raw (unnormalized) relevance of
+    every patch, or with ``full=True`` (TokenTM, GAE, rollout) the whole
+    ``(B, N, N)`` matrix ``Cᴸ``. ``target``: None (the predicted class), an
+    int, or a ``(B,)`` integer tensor. See ``Explainer`` for the arguments.
+    """
+    return Explainer(model, method=method, backend=backend, full=full, **options)(images, target)

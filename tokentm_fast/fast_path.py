@@ -1,0 +1,207 @@
+"""The fast path: capture → transform weights → aggregation → map, streamed.
+
+The same code runs with two kernel sets: the PyTorch functions
+(``backend="torch"``, the CPU fallback) and the Triton kernels
+(``backend="triton"``). Differences from the reference (spec §3.1, §6):
+
+- TokenTM / GAE: the row algorithm, run *inside the backward pass*. Autograd
+  delivers ∂s/∂Aᴸ first and ∂s/∂A¹ last; a hook on each layer's attention
+  updates the query row as that gradient arrives and lets it go, so no two
+  layers' gradients are alive together. The (B, N) transformation weights are
+  computed in the forward hooks; the (B, N, D) tokens are dropped at once.
+- Rollout / raw attention: one forward without autograd.
+- LeGrad / attention Grad-CAM: one forward without autograd, then for each
+  layer the tail of its block (proj, MLP, head) is re-run from the mixed heads
+  ``o = concat_h(A_h V_h)``; a single backward gives ∂s_l/∂o and
+  ``G̃_h[i, j] = ⟨∂s_l/∂o_h[i], V_h[j]⟩``. With class-token pooling only the
+  class row is re-run. No ``create_graph``, no per-layer backward of the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from . import aggregation, fusion, legrad, transform
+from .aggregation import GAE, ROLLOUT, EngineConstants, finish_rows, initial_rows
+from .bindings.timm_vit import TimmViT
+from .capture import LayerRecorder, explicit_attention
+from .targets import resolve_target, target_score
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One implementation of each fused operation (PyTorch or Triton)."""
+
+    transform_weights: Callable
+    fuse_heads: Callable
+    row_update: Callable
+    matrix_update: Callable
+    legrad_reduce: Callable
+
+
+TORCH_KERNELS = Kernels(
+    transform_weights=transform.transform_weights,
+    fuse_heads=fusion.fuse_heads,
+    row_update=aggregation.row_update,
+    matrix_update=aggregation.row_update,
+    legrad_reduce=legrad.legrad_reduce,
+)
+
+
+def triton_kernels() -> Kernels:
+    from . import kernels as k
+
+    return Kernels(k.transform_weights, k.fuse_heads, k.row_update, k.matrix_update, k.legrad_reduce)
+
+
+def explain_fast(
+    vit: TimmViT,
+    images: torch.Tensor,
+    method: str,
+    target: Optional[torch.Tensor],
+    options: Dict[str, Any],
+    kernels: Kernels,
+    full: bool = False,
+) -> torch.Tensor:
+    """Explanation over the patch tokens ``(B, N−P)`` (or ``(B, N, N)`` with ``full``)."""
+    if method == "tokentm":
+        consts = EngineConstants(options["head_fusion"], None, None)
+        return _gradient_engine(vit, images, target, consts, options, kernels, full)
+    if method == "gae":
+        return _gradient_engine(vit, images, target, GAE, {"start_layer": 0, "init": "identity"}, kernels, full)
+    if method == "rollout":
+        return _rollout(vit, images, options["start_layer"], kernels, full)
+    if method == "raw_attention":
+        return _raw_attention(vit, images)
+    if method in ("legrad", "attn_gradcam"):
+        return _tail_gradient_method(vit, images, target, method, options, kernels)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _patch_part(vit: TimmViT, rows: torch.Tensor, full: bool) -> torch.Tensor:
+    return rows if full else rows[:, 0, vit.num_prefix_tokens:]
+
+
+def _gradient_engine(vit, images, target, consts: EngineConstants, options, kernels: Kernels, full: bool):
+    """TokenTM / GAE: forward with hooks, then the row update inside the backward pass."""
+    L, first = vit.num_layers, options["start_layer"]
+    layers = range(first, L)
+    with_weights = consts.w_attn is None
+    attns: Dict[int, torch.Tensor] = {}
+    weights: Dict[int, tuple] = {}
+
+    def on_layer(l: int, rec: Dict[str, torch.Tensor]) -> None:
+        attns[l] = rec.pop("attn")
+        if with_weights:
+            use = dict(use_length=options["use_length"], use_necc=options["use_necc"])
+            with torch.no_grad():
+                x_tilde = vit.value_tokens(vit.blocks[l], rec["values"])
+                weights[l] = (
+                    kernels.transform_weights(rec["x_in"], x_tilde, **use),
+                    kernels.transform_weights(rec["y"], rec["mlp_out"], **use),
+                )
+        else:
+            weights[l] = (consts.w_attn, consts.w_mlp)
+        rec.clear()
+
+    keys = ("x_in", "values", "attn", "y", "mlp_out") if with_weights else ("attn",)
+    recorder = LayerRecorder(vit.blocks, layers, grad_from=first, on_layer=on_layer, keys=keys)
+    update = kernels.matrix_update if full else kernels.row_update
+    with explicit_attention(vit.model) as handles, torch.enable_grad():
+        recorder.install(handles)
+        logits = vit.model(images)
+        target = resolve_target(target, logits)
+        b, n = logits.shape[0], attns[L - 1].shape[-1]
+        state = {"rows": initial_rows(vit.query_vector(b, n, device=images.device), full), "next": L - 1}
+
+        def layer_hook(l: int):
+            def hook(grad: torch.Tensor) -> None:
+                if state["next"] != l:
+                    raise RuntimeError(f"attention gradients arrived out of order (layer {l}, expected {state['next']})")
+                w_attn, w_mlp = weights.pop(l)
+                state["rows"] = update(state["rows"], attns.pop(l), grad, w_attn, w_mlp, mode=consts.fusion)
+                state["next"] -= 1
+            return hook
+
+        for l in layers:
+            attns[l].register_hook(layer_hook(l))
+        torch.autograd.grad(target_score(logits, target), [attns[first]])
+    c0 = None
+    if with_weights and options["init"] == "length":
+        c0 = transform.token_lengths(recorder.first_input)
+    return _patch_part(vit, finish_rows(state["rows"], c0), full)
+
+
+def _rollout(vit, images, first: int, kernels: Kernels, full: bool):
+    """Rollout: mean_h Aˡ per layer in the forward, then the engine with rollout's constants."""
+    fused: Dict[int, torch.Tensor] = {}
+
+    def on_layer(l, rec):
+        fused[l] = kernels.fuse_heads(rec.pop("attn"), None, "mean")[:, None]  # (B, 1, N, N)
+
+    recorder = LayerRecorder(vit.blocks, range(first, vit.num_layers), on_layer=on_layer, keys=("attn",))
+    with explicit_attention(vit.model) as handles, torch.no_grad():
+        recorder.install(handles)
+        vit.model(images)
+        b, n = images.shape[0], fused[vit.num_layers - 1].shape[-1]
+        rows = initial_rows(vit.query_vector(b, n, device=images.device), full)
+        update = kernels.matrix_update if full else kernels.row_update
+        for l in reversed(range(first, vit.num_layers)):
+            rows = update(rows, fused.pop(l), None, ROLLOUT.w_attn, ROLLOUT.w_mlp, mode=ROLLOUT.fusion)
+    return _patch_part(vit, rows, full)
+
+
+def _raw_attention(vit, images):
+    """mean_h Aᴸ[cls, P:] (spec §4)."""
+    last = vit.num_layers - 1
+    recorder = LayerRecorder(vit.blocks, [last], keys=("attn",))
+    with explicit_attention(vit.model) as handles, torch.no_grad():
+        recorder.install(handles)
+        vit.model(images)
+        a = recorder.records[last]["attn"]
+        q = vit.query_vector(a.shape[0], a.shape[-1], device=a.device)
+        e = torch.einsum("bi,bhij->bj", q, a.float()) / a.shape[1]
+    return e[:, vit.num_prefix_tokens:]
+
+
+def _tail_gradient_method(vit, images, target, method: str, options, kernels: Kernels):
+    """LeGrad (spec §6) and attention Grad-CAM (§5) from ∂s_l/∂o of each layer's block tail."""
+    L, P = vit.num_layers, vit.num_prefix_tokens
+    layers = list(range(options["start_layer"], L)) if method == "legrad" else [L - 1]
+    keys = ("x_in", "values", "attn_out") + (("attn",) if method == "attn_gradcam" else ())
+    recorder = LayerRecorder(vit.blocks, layers, keys=keys)
+    with explicit_attention(vit.model) as handles:
+        recorder.install(handles)
+        with torch.no_grad():
+            logits = vit.model(images)
+        target = resolve_target(target, logits)
+        recs = recorder.records
+        # Class-token pooling: s_l reads only row 0 of Xˡ, and everything after the
+        # attention mixing is token-wise, so only row 0 of the tail is re-run.
+        rows = slice(0, 1) if vit.pooling == "token" else slice(None)
+        with torch.enable_grad():
+            leaves = [recs[l]["attn_out"][:, rows].detach().requires_grad_(True) for l in layers]
+            score = sum(
+                target_score(vit.head_logits(vit.block_tail(vit.blocks[l], recs[l]["x_in"][:, rows], o)), target)
+                for l, o in zip(layers, leaves)
+            )
+            d_outs = torch.autograd.grad(score, leaves)
+    b, n = images.shape[0], recs[layers[0]]["values"].shape[1]
+    heads = vit.num_heads
+    e = torch.zeros(b, n, dtype=torch.float32, device=images.device)
+    for l, d_out in zip(layers, d_outs):
+        v = recs[l]["values"].float().unflatten(-1, (heads, -1)).transpose(1, 2)    # (B, H, N, d)
+        d = d_out.float().unflatten(-1, (heads, -1)).transpose(1, 2)                 # (B, H, Q, d)
+        g_rows = d @ v.transpose(-1, -2)                                             # (B, H, Q, N)
+        if method == "legrad":
+            e += kernels.legrad_reduce(g_rows, n)
+            continue
+        a = recs[l]["attn"].float()
+        q = vit.query_vector(b, n, device=images.device)
+        a_q = torch.einsum("bi,bhij->bhj", q, a)
+        g_q = torch.einsum("bi,bhij->bhj", q[:, rows], g_rows)
+        alpha = g_q[:, :, P:].mean(-1, keepdim=True)
+        e = (alpha * a_q).mean(1).clamp_min(0)
+    return e[:, P:]

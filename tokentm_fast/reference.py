@@ -1,0 +1,116 @@
+"""The literal reference: every method exactly as METHODS.md writes it.
+
+Full N×N matrices, every product formed, float64 throughout (a float64 copy of
+the model; the caller's model is never touched). This is the oracle the fast
+paths are tested against, not a path to use for speed.
+
+All functions return the explanation over the patch tokens, ``(B, N−P)``, or
+for ``full=True`` the whole ``(B, N, N)`` matrix ``Cᴸ``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Optional
+
+import torch
+
+from .capture import LayerRecorder, explicit_attention
+from .fusion import fuse_heads
+from .targets import resolve_target, target_score
+from .transform import token_lengths, transform_weights
+from .bindings.timm_vit import TimmViT
+
+
+def _eye(b: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device).expand(b, n, n)
+
+
+def _diag(w: torch.Tensor) -> torch.Tensor:
+    return torch.diag_embed(w)
+
+
+def explain_reference(
+    vit: TimmViT,
+    images: torch.Tensor,
+    method: str,
+    target: Optional[torch.Tensor],
+    options: Dict[str, Any],
+    full: bool = False,
+) -> torch.Tensor:
+    """Reference explanation of ``images (B, C, H, W)``; float64 result."""
+    model = copy.deepcopy(vit.model).double()
+    vit = TimmViT(model)
+    x = images.to(torch.float64)
+    L, P = vit.num_layers, vit.num_prefix_tokens
+    uses_grad = method in ("tokentm", "gae", "attn_gradcam", "legrad")
+    if method in ("tokentm", "rollout"):
+        first = options["start_layer"]
+    elif method == "legrad":
+        first = options["start_layer"]
+    elif method == "gae":
+        first = 0
+    else:
+        first = L - 1
+    layers = list(range(first, L))
+    recorder = LayerRecorder(vit.blocks, layers, grad_from=first if uses_grad else None)
+    with explicit_attention(model) as handles, torch.set_grad_enabled(uses_grad):
+        recorder.install(handles)
+        logits = model(x)
+        target = resolve_target(target, logits)
+        recs = recorder.records
+        b, n = x.shape[0], recs[L - 1]["attn"].shape[-1]
+        q = vit.query_vector(b, n, dtype=torch.float64, device=x.device)
+        if method == "legrad":
+            return _legrad(vit, recs, layers, target, n, P)
+        grads = {}
+        if uses_grad:
+            needed = layers if method != "attn_gradcam" else [L - 1]
+            g = torch.autograd.grad(target_score(logits, target), [recs[l]["attn"] for l in needed])
+            grads = dict(zip(needed, g))
+
+    with torch.no_grad():
+        if method == "raw_attention":
+            a = recs[L - 1]["attn"].mean(1)
+            return torch.einsum("bi,bij->bj", q, a)[:, P:]
+        if method == "attn_gradcam":
+            a, g = recs[L - 1]["attn"], grads[L - 1]                       # (B, H, N, N)
+            a_q = torch.einsum("bi,bhij->bhj", q, a)                        # row cls of A_h
+            g_q = torch.einsum("bi,bhij->bhj", q, g)                        # row cls of G_h
+            alpha = g_q[:, :, P:].mean(-1, keepdim=True)                    # α_h
+            return (alpha * a_q).mean(1).clamp_min(0)[:, P:]
+
+        # TokenTM, GAE, rollout: C ← Uˡ C with the full matrices of spec §3/§4.
+        eye = _eye(b, n, x)
+        if method == "tokentm" and options["init"] == "length":
+            c = _diag(token_lengths(recorder.first_input))
+        else:
+            c = eye.clone()
+        for l in layers:
+            rec = recs[l]
+            if method == "rollout":
+                c = fuse_heads(rec["attn"], None, "rollout") @ c
+                continue
+            if method == "gae":
+                c = c + fuse_heads(rec["attn"], grads[l], "gae") @ c
+                continue
+            blk = vit.blocks[l]
+            use = dict(use_length=options["use_length"], use_necc=options["use_necc"])
+            w_attn = transform_weights(rec["x_in"], vit.value_tokens(blk, rec["values"]), **use)
+            w_mlp = transform_weights(rec["y"], rec["mlp_out"], **use)
+            a_bar = fuse_heads(rec["attn"], grads[l], options["head_fusion"])
+            u_attn = eye + a_bar @ _diag(w_attn)
+            u_mlp = eye + _diag(w_mlp)
+            c = u_mlp @ u_attn @ c
+        if full:
+            return c
+        return torch.einsum("bi,bij->bj", q, c)[:, P:]
+
+
+def _legrad(vit: TimmViT, recs, layers, target: torch.Tensor, n: int, P: int) -> torch.Tensor:
+    """Spec §6 literally: one autograd call per layer on the full graph."""
+    e = 0
+    for l in layers:
+        s_l = target_score(vit.head_logits(recs[l]["x_out"]), target)
+        (g,) = torch.autograd.grad(s_l, recs[l]["attn"], retain_graph=True)  # (B, H, N, N)
+        e = e + g.clamp_min(0).mean(2).mean(1)
+    return e.detach()[:, P:]

@@ -18,6 +18,7 @@ The NaN/Inf check reads every input once more (one host sync per call); pass
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -141,6 +142,8 @@ def _attn_grad_layers(attns, grads, mode: str, checks: _Checks):
 def _weight_layers(name: str, w, num_layers: int, b: int, n: int, checks: _Checks):
     """Per-layer ``(tensor or None, constant)`` pairs from a list, a stacked tensor or a number."""
     if _is_number(w):
+        if not math.isfinite(w):
+            raise ValueError(f"{name} is NaN or Inf")
         return [(None, float(w))] * num_layers
     if isinstance(w, Tensor):
         items = _layer_tensors(name, w, 2, checks)
@@ -164,7 +167,7 @@ def _weight_layers(name: str, w, num_layers: int, b: int, n: int, checks: _Check
     out = []
     for l, v in enumerate(items):
         if isinstance(v, float):
-            if v != v or v in (float("inf"), float("-inf")):
+            if not math.isfinite(v):
                 raise ValueError(f"{name}[{l}] is NaN or Inf")
             out.append((None, v))
         else:

@@ -1,0 +1,173 @@
+"""An independent implementation of METHODS.md, for tests only.
+
+It shares no code with the package: it runs the timm ViT by hand from its
+weights (float64), keeps every attention map in the autograd graph, and
+evaluates each method with explicit loops and full matrices exactly as the
+spec writes them. Used as the oracle for both the reference and the fast
+paths.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+EPS = 1e-6
+
+
+def _ls(module, x):
+    gamma = getattr(module, "gamma", None)
+    return x if gamma is None else x * gamma
+
+
+def run_vit(model, images):
+    """Manual forward of a timm VisionTransformer in float64.
+
+    Returns (logits, per-layer list of dicts with x_in, v, attn, y, m, x_out), x0, model64.
+    """
+    m = copy.deepcopy(model).double().eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = images.double()
+    t = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+    x0 = t
+    t = t.detach().requires_grad_(True)
+    layers = []
+    for blk in m.blocks:
+        a_mod = blk.attn
+        b, n, _ = t.shape
+        h, d = a_mod.num_heads, a_mod.head_dim
+        z = blk.norm1(t)
+        qkv = z @ a_mod.qkv.weight.T
+        if a_mod.qkv.bias is not None:
+            qkv = qkv + a_mod.qkv.bias
+        qkv = qkv.reshape(b, n, 3, h, d)
+        q = a_mod.q_norm(qkv[:, :, 0].transpose(1, 2))
+        k = a_mod.k_norm(qkv[:, :, 1].transpose(1, 2))
+        v = qkv[:, :, 2].transpose(1, 2)                                   # (B, H, N, d)
+        attn = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(d), dim=-1)
+        o = (attn @ v).transpose(1, 2).reshape(b, n, h * d)
+
+        def proj(u):
+            u = a_mod.norm(u) @ a_mod.proj.weight.T
+            return u + a_mod.proj.bias if a_mod.proj.bias is not None else u
+
+        y = t + _ls(blk.ls1, proj(o))
+        mlp = _ls(blk.ls2, blk.mlp(blk.norm2(y)))
+        x_out = y + mlp
+        v_cat = v.transpose(1, 2).reshape(b, n, h * d).detach()
+        layers.append(dict(x_in=t.detach(), x_tilde=_ls(blk.ls1, proj(v_cat)).detach(), attn=attn,
+                           y=y.detach(), m=mlp.detach(), x_out=x_out))
+        t = x_out
+    return head(m, t), layers, x0.detach(), m
+
+
+def head(m, tokens):
+    """final norm → pooling (class token or mean of patch tokens) → fc norm → classifier."""
+    z = m.norm(tokens)
+    if m.global_pool == "token":
+        z = z[:, 0]
+    else:
+        z = z[:, m.num_prefix_tokens:].mean(1)
+    return m.head(m.fc_norm(z))
+
+
+def weights(x, xt, use_length=True, use_necc=True):
+    """Spec §2, token by token."""
+    b, n, _ = x.shape
+    w = torch.empty(b, n, dtype=torch.float64)
+    for bi in range(b):
+        lx = [float(x[bi, i].norm()) for i in range(n)]
+        lt = [float(xt[bi, i].norm()) for i in range(n)]
+        cos = [float(x[bi, i] @ xt[bi, i]) / (max(lx[i], EPS) * max(lt[i], EPS)) for i in range(n)]
+        z = sum(math.exp(c) for c in cos)
+        for i in range(n):
+            necc = math.exp(cos[i]) / z if use_necc else 1.0 / n
+            ratio = lt[i] / max(lx[i], EPS) if use_length else 1.0
+            w[bi, i] = ratio * necc
+    return w
+
+
+def query(m, b, n):
+    """cls row, or (no class token) the mean over the pooled patch rows."""
+    q = torch.zeros(b, n, dtype=torch.float64)
+    if m.cls_token is not None:
+        q[:, 0] = 1
+    else:
+        q[:, m.num_prefix_tokens:] = 1.0 / (n - m.num_prefix_tokens)
+    return q
+
+
+def explain(model, images, method, target=None, full=False, head_fusion="gae", use_length=True,
+            use_necc=True, init="length", start_layer=None):
+    """Oracle explanation: ``(B, N−P)`` float64 (or ``(B, N, N)`` with full)."""
+    logits, layers, x0, m = run_vit(model, images)
+    b = images.shape[0]
+    if target is None:
+        target = logits.argmax(1)
+    elif isinstance(target, int):
+        target = torch.full((b,), target)
+    P = m.num_prefix_tokens
+    L = len(layers)
+    n = x0.shape[1]
+    s = logits[torch.arange(b), target].sum()
+    q = query(m, b, n)
+    eye = torch.eye(n, dtype=torch.float64).expand(b, n, n)
+
+    if method == "legrad":
+        k = (-2 if start_layer is None else start_layer) % L
+        e = 0
+        for l in range(k, L):
+            s_l = head(m, layers[l]["x_out"])[torch.arange(b), target].sum()
+            (g,) = torch.autograd.grad(s_l, layers[l]["attn"], retain_graph=True)
+            e = e + g.clamp(min=0).mean(dim=2).mean(dim=1)
+        return e[:, P:]
+
+    A = [lay["attn"].detach() for lay in layers]
+    if method in ("raw_attention", "rollout"):
+        grads = None
+    else:
+        grads = torch.autograd.grad(s, [lay["attn"] for lay in layers], retain_graph=True)
+    if method == "raw_attention":
+        return torch.einsum("bi,bij->bj", q, A[-1].mean(1))[:, P:]
+    if method == "attn_gradcam":
+        aq = torch.einsum("bi,bhij->bhj", q, A[-1])
+        gq = torch.einsum("bi,bhij->bhj", q, grads[-1])
+        alpha = gq[:, :, P:].mean(-1, keepdim=True)
+        return (alpha * aq).mean(1).clamp(min=0)[:, P:]
+    if method == "rollout":
+        k = start_layer or 0
+        r = eye.clone()
+        for l in range(k, L):
+            r = (0.5 * A[l].mean(1) + 0.5 * eye) @ r
+        c = r
+    elif method == "gae":
+        c = eye.clone()
+        for l in range(L):
+            a_bar = torch.clamp(A[l] * grads[l], min=0).mean(1)
+            c = c + a_bar @ c
+    else:  # tokentm
+        k = start_layer or 0
+        c = torch.diag_embed(x0.norm(dim=-1)) if init == "length" else eye.clone()
+        for l in range(k, L):
+            if head_fusion == "gae":
+                a_bar = torch.clamp(A[l] * grads[l], min=0).mean(1)
+            else:
+                a_bar = A[l].mean(1) * torch.clamp(grads[l], min=0).mean(1)
+            w_attn = weights(layers[l]["x_in"], layers[l]["x_tilde"], use_length, use_necc)
+            w_mlp = weights(layers[l]["y"], layers[l]["m"], use_length, use_necc)
+            u = (eye + torch.diag_embed(w_mlp)) @ (eye + a_bar @ torch.diag_embed(w_attn))
+            c = u @ c
+    if full:
+        return c
+    return torch.einsum("bi,bij->bj", q, c)[:, P:]
+
+
+def rel_err(e, e_ref):
+    """Per-image ‖e − e_ref‖₂ / ‖e_ref‖₂ (absolute norm when the reference is zero)."""
+    e = e.double().flatten(1)
+    e_ref = e_ref.double().flatten(1)
+    num = (e - e_ref).norm(dim=1)
+    den = e_ref.norm(dim=1)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), num)

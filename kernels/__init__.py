@@ -1,0 +1,56 @@
+"""Triton kernels of tokentm_fast (installed as ``tokentm_fast.kernels``).
+
+Each kernel has a thin wrapper that validates its arguments, allocates (or
+checks a caller-provided ``out=``) and launches. The PyTorch functions each
+wrapper must match are the oracles in ``tokentm_fast.transform``,
+``tokentm_fast.fusion`` and ``tokentm_fast.aggregation``.
+
+- ``transform_weights(x, x_tilde, use_length, use_necc, eps, out)``   spec §2
+- ``fuse_heads(attn, grad, mode, out)``                               spec §3, §4
+- ``row_update(rows, attn, grad, w_attn, w_mlp, mode, out)``          spec §3.1 (small Q)
+- ``matrix_update(rows, attn, grad, w_attn, w_mlp, mode, allow_tf32, out)``  spec §3 (Q = N)
+- ``legrad_reduce(grad_rows, num_rows, out, accumulate)``             spec §6
+
+Dtypes: inputs float32 / bfloat16 / float16, fp32 accumulation, float32
+output; float64 is rejected with a TypeError (use the PyTorch path).
+On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``
+set before triton is imported); ``triton_available`` / ``require_triton`` tell.
+If triton is not importable at all, the wrappers exist but raise RuntimeError.
+"""
+from __future__ import annotations
+
+from ._utils import require_triton, triton_available, triton_importable
+
+__all__ = [
+    "transform_weights",
+    "fuse_heads",
+    "row_update",
+    "matrix_update",
+    "legrad_reduce",
+    "triton_available",
+    "require_triton",
+]
+
+if triton_importable():
+    from .head_fusion import fuse_heads
+    from .legrad_reduce import legrad_reduce
+    from .matrix_update import matrix_update
+    from .row_update import row_update
+    from .transform_weights import transform_weights
+else:  # pragma: no cover - exercised only where triton is missing
+
+    def _missing(name):
+        def wrapper(*args, **kwargs):
+            raise RuntimeError(
+                f"tokentm_fast.kernels.{name} needs Triton, which is not importable here; "
+                "install triton or use the PyTorch path"
+            )
+
+        wrapper.__name__ = name
+        return wrapper
+
+    transform_weights = _missing("transform_weights")
+    fuse_heads = _missing("fuse_heads")
+    row_update = _missing("row_update")
+    matrix_update = _missing("matrix_update")
+    legrad_reduce = _missing("legrad_reduce")

@@ -64,6 +64,8 @@ class Explainer:
                 f"backend='triton' cannot run on {images.device.type} tensors: Triton needs a CUDA device "
                 f"(or TRITON_INTERPRET=1 set before triton is imported, for testing); use backend='torch'"
             )
+        if self.backend == "triton" and images.dtype == torch.float64:
+            raise ValueError("backend='triton' takes float32/bfloat16/float16 models; use backend='torch' for float64")
         return self.backend
 
     def __call__(self, images: torch.Tensor, target: Target = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ from .aggregation import GAE, ROLLOUT, EngineConstants, finish_rows, initial_row
 from .bindings.timm_vit import TimmViT
 from .capture import LayerRecorder, explicit_attention
 from .targets import resolve_target, target_score
+from .transform import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ def _gradient_engine(vit, images, target, consts: EngineConstants, options, kern
         logits = vit.model(images)
         target = resolve_target(target, logits)
         b, n = logits.shape[0], attns[L - 1].shape[-1]
-        state = {"rows": initial_rows(vit.query_vector(b, n, device=images.device), full), "next": L - 1}
+        query = vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device)
+        state = {"rows": initial_rows(query, full), "next": L - 1}
 
         def layer_hook(l: int):
             def hook(grad: torch.Tensor) -> None:
@@ -146,7 +148,7 @@ def _rollout(vit, images, first: int, kernels: Kernels, full: bool):
         recorder.install(handles)
         vit.model(images)
         b, n = images.shape[0], fused[vit.num_layers - 1].shape[-1]
-        rows = initial_rows(vit.query_vector(b, n, device=images.device), full)
+        rows = initial_rows(vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device), full)
         update = kernels.matrix_update if full else kernels.row_update
         for l in reversed(range(first, vit.num_layers)):
             rows = update(rows, fused.pop(l), None, ROLLOUT.w_attn, ROLLOUT.w_mlp, mode=ROLLOUT.fusion)
@@ -161,8 +163,9 @@ def _raw_attention(vit, images):
         recorder.install(handles)
         vit.model(images)
         a = recorder.records[last]["attn"]
-        q = vit.query_vector(a.shape[0], a.shape[-1], device=a.device)
-        e = torch.einsum("bi,bhij->bj", q, a.float()) / a.shape[1]
+        acc = compute_dtype(a)
+        q = vit.query_vector(a.shape[0], a.shape[-1], dtype=acc, device=a.device)
+        e = torch.einsum("bi,bhij->bj", q, a.to(acc)) / a.shape[1]
     return e[:, vit.num_prefix_tokens:]
 
 
@@ -189,17 +192,17 @@ def _tail_gradient_method(vit, images, target, method: str, options, kernels: Ke
             )
             d_outs = torch.autograd.grad(score, leaves)
     b, n = images.shape[0], recs[layers[0]]["values"].shape[1]
-    heads = vit.num_heads
-    e = torch.zeros(b, n, dtype=torch.float32, device=images.device)
+    heads, acc = vit.num_heads, compute_dtype(images)
+    e = torch.zeros(b, n, dtype=acc, device=images.device)
     for l, d_out in zip(layers, d_outs):
-        v = recs[l]["values"].float().unflatten(-1, (heads, -1)).transpose(1, 2)    # (B, H, N, d)
-        d = d_out.float().unflatten(-1, (heads, -1)).transpose(1, 2)                 # (B, H, Q, d)
+        v = recs[l]["values"].to(acc).unflatten(-1, (heads, -1)).transpose(1, 2)    # (B, H, N, d)
+        d = d_out.to(acc).unflatten(-1, (heads, -1)).transpose(1, 2)                 # (B, H, Q, d)
         g_rows = d @ v.transpose(-1, -2)                                             # (B, H, Q, N)
         if method == "legrad":
-            e += kernels.legrad_reduce(g_rows, n)
+            e += kernels.legrad_reduce(g_rows, n).to(acc)
             continue
-        a = recs[l]["attn"].float()
-        q = vit.query_vector(b, n, device=images.device)
+        a = recs[l]["attn"].to(acc)
+        q = vit.query_vector(b, n, dtype=acc, device=images.device)
         a_q = torch.einsum("bi,bhij->bhj", q, a)
         g_q = torch.einsum("bi,bhij->bhj", q[:, rows], g_rows)
         alpha = g_q[:, :, P:].mean(-1, keepdim=True)

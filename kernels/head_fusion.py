@@ -1,0 +1,171 @@
+"""Head fusion of attention and gradient (spec METHODS.md §3, §4) as a Triton kernel.
+
+PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.fusion.fuse_heads``.
+
+The tile helper ``_fused_tile_sum`` is shared with the aggregation kernels
+(``row_update``, ``matrix_update``), which build Ā tiles in registers and
+never write Ā to memory; ``fuse_heads`` itself materialises Ā for callers
+that want the ``(B, N, N)`` map.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    GRADIENT_MODES,
+    MODE_DECOUPLED,
+    MODE_ROLLOUT,
+    check_mode,
+    check_out,
+    check_shape,
+    check_tensor,
+    contiguous,
+    interpreted,
+    require_triton,
+)
+
+
+@triton.jit
+def _fused_tile_sum(
+    a_ptrs,  # (BLOCK_I, BLOCK_J) pointers into head 0 of A[b]
+    g_ptrs,  # same for G[b] (ignored unless MODE is gae / decoupled)
+    mask,
+    H,
+    NN,  # head stride N*N
+    MODE: tl.constexpr,
+):
+    """Unnormalised head fusion of one ``(BLOCK_I, BLOCK_J)`` tile, fp32 (spec §3, §4).
+
+        gae:        Σ_h max(A_h ⊙ G_h, 0)             (Ā = this / H)
+        decoupled:  (Σ_h A_h) ⊙ (Σ_h max(G_h, 0))     (Ā = this / H²)
+        mean:       Σ_h A_h                           (Ā = this / H)
+        rollout:    Σ_h A_h                           (Ā = ½ · this / H + ½ I)
+
+    The caller applies the scale (see ``fusion_scale``) and rollout's ½ I, so
+    that linear consumers can apply them once, after their reduction over i.
+    """
+    acc = tl.zeros(a_ptrs.shape, dtype=tl.float32)
+    g_acc = tl.zeros(a_ptrs.shape, dtype=tl.float32)
+    for _h in range(H):
+        a = tl.load(a_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 0:  # gae
+            g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.maximum(a * g, 0.0)
+        elif MODE == 1:  # decoupled
+            g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+            acc += a
+            g_acc += tl.maximum(g, 0.0)
+        else:  # mean, rollout
+            acc += a
+        a_ptrs += NN
+        g_ptrs += NN
+    if MODE == 1:
+        acc = acc * g_acc
+    return acc
+
+
+def fusion_scale(mode_code: int, num_heads: int) -> float:
+    """Factor that turns ``_fused_tile_sum`` into Ā (the ½ I of rollout is separate)."""
+    if mode_code == MODE_DECOUPLED:
+        return 1.0 / (num_heads * num_heads)
+    if mode_code == MODE_ROLLOUT:
+        return 0.5 / num_heads
+    return 1.0 / num_heads
+
+
+@triton.jit
+def _fuse_heads_kernel(
+    attn_ptr,  # (B, H, N, N) contiguous
+    grad_ptr,  # (B, H, N, N) contiguous, or a dummy pointer for mean / rollout
+    out_ptr,  # (B, N, N) float32
+    N,
+    H,
+    scale,
+    MODE: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """One ``(BLOCK_I, BLOCK_J)`` tile of Ā[b] (spec §3 head fusion, §4 rollout):
+
+        gae:        Ā_ij = mean_h max(A_hij · G_hij, 0)
+        decoupled:  Ā_ij = mean_h A_hij · mean_h max(G_hij, 0)
+        mean:       Ā_ij = mean_h A_hij
+        rollout:    Ā_ij = ½ mean_h A_hij + ½ δ_ij
+
+    grid = (B, cdiv(N, BLOCK_I), cdiv(N, BLOCK_J)); heads are looped inside.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask = (offs_i[:, None] < N) & (offs_j[None, :] < N)
+    tile = offs_i[:, None] * N + offs_j[None, :]
+    NN = N * N
+    head0 = b * H * NN
+    fused = _fused_tile_sum(attn_ptr + head0 + tile, grad_ptr + head0 + tile, mask, H, NN, MODE) * scale
+    if MODE == 3:  # rollout: + ½ I
+        fused += tl.where(offs_i[:, None] == offs_j[None, :], 0.5, 0.0)
+    tl.store(out_ptr + b * NN + tile, fused, mask=mask)
+
+
+def check_attn_grad(attn: torch.Tensor, grad: Optional[torch.Tensor], mode: str):
+    """Shared checks of ``(B, H, N, N)`` attention / gradient; returns (attn, grad, mode_code)."""
+    code = check_mode(mode)
+    check_tensor(attn, "attn", 4)
+    B, H, N, N2 = attn.shape
+    if N != N2:
+        raise ValueError(f"attn must be (B, H, N, N) with square N x N maps, got {tuple(attn.shape)}")
+    if mode in GRADIENT_MODES:
+        if grad is None:
+            raise ValueError(f"head fusion {mode!r} needs the attention gradient, got grad=None")
+    if grad is not None:
+        check_tensor(grad, "grad", 4)
+        check_shape(grad, "grad", attn.shape, "(B, H, N, N) of attn")
+        if grad.device != attn.device:
+            raise ValueError(f"grad is on {grad.device} but attn is on {attn.device}")
+    if mode not in GRADIENT_MODES:
+        grad = None  # mean / rollout never read it
+    attn = contiguous(attn)
+    grad = contiguous(grad) if grad is not None else None
+    return attn, grad, code
+
+
+def fuse_heads(
+    attn: torch.Tensor,
+    grad: Optional[torch.Tensor] = None,
+    mode: str = "gae",
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fuse the heads of one layer: ``(B, H, N, N) -> (B, N, N)`` float32.
+
+    Args:
+        attn: ``(B, H, N, N)`` attention probabilities (float32 / bfloat16 / float16).
+        grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; required for "gae" and
+            "decoupled", ignored for "mean" and "rollout".
+        mode: "gae" | "decoupled" | "mean" | "rollout" (spec §3, §4).
+        out: optional ``(B, N, N)`` float32 contiguous output, fully overwritten.
+
+    Returns:
+        ``(B, N, N)`` float32 Ā, equal to ``tokentm_fast.fusion.fuse_heads``.
+    """
+    attn, grad, code = check_attn_grad(attn, grad, mode)
+    require_triton(attn)
+    B, H, N, _ = attn.shape
+    out = check_out(out, (B, N, N), attn.device, "(B, N, N)")
+    if out.numel() == 0:
+        return out
+    if H == 0:
+        raise ValueError("attn has no heads (H = 0); the head mean is undefined")
+    block_i, block_j = (128, 128) if interpreted(attn.device) else (32, 64)
+    grid = (B, triton.cdiv(N, block_i), triton.cdiv(N, block_j))
+    _fuse_heads_kernel[grid](
+        attn, grad if grad is not None else attn, out, N, H, fusion_scale(code, H),
+        MODE=code, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=4,
+    )
+    return out
+
+
+__all__ = ["fuse_heads", "fusion_scale", "check_attn_grad"]

@@ -1,0 +1,175 @@
+"""One layer of the engine for many rows (the full matrix Cᴸ) as a fused batched matmul.
+
+PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.aggregation.row_update``
+(same contract as ``tokentm_fast.kernels.row_update``; this kernel is for large Q,
+typically Q = N for ``explain(full=True)``).
+
+Spec §3 defines ``Cᴸ = Uᴸ ⋯ U¹ · C⁰`` with ``Uˡ = (I + diag(w_mlp))(I + Āˡ diag(w_attn))``.
+Read from the left, starting with ``R = I`` at the top layer, the same product
+streams in backward order (Gᴸ arrives first) as a sequence of right
+multiplications of the rows ``R (B, Q, N)``::
+
+    S = R · diag(1 + w_mlp)               # prologue (column scaling of R)
+    T = S · Ā                             # tl.dot, Ā tiles fused in the prologue
+    R ← S + T · diag(w_attn)              # epilogue
+
+This is the left-multiplication form of the §3 matrix update (the §3.1 remark on
+the full matrix fuses the head fusion into the product Āˡ·(diag(w_attn) Cˡ⁻¹);
+here the transposed association ``(R·Ā)·diag(w_attn)`` is used so the top layer
+is processed first). Ā is never stored: each ``(BLOCK_K, BLOCK_N)`` tile of Ā
+is built in registers from the A/G tiles of all heads and fed to ``tl.dot``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .head_fusion import _fused_tile_sum, fusion_scale
+from .row_update import Weight, _num_splits, _update_epilogue, check_update_args, launch_finalize
+from ._utils import interpreted, require_triton
+
+
+@triton.jit
+def _matrix_update_kernel(
+    rows_ptr,  # (B, Q, N) contiguous
+    attn_ptr,  # (B, H, N, N) contiguous
+    grad_ptr,  # (B, H, N, N) contiguous (dummy for mean / rollout)
+    w_attn_ptr,  # (B, N) or dummy
+    w_mlp_ptr,  # (B, N) or dummy
+    out_ptr,  # (B, Q, N) float32
+    part_ptr,  # (SPLIT, B, Q, N) float32 workspace (dummy unless SPLIT_OUT)
+    B,
+    Q,
+    N,
+    H,
+    num_m_blocks,
+    k_per_split,  # multiple of BLOCK_K
+    scale,
+    w_attn_c,
+    w_mlp_c,
+    MODE: tl.constexpr,
+    W_ATTN_TENSOR: tl.constexpr,
+    W_MLP_TENSOR: tl.constexpr,
+    SPLIT_OUT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Output tile ``(m-block, n-block)`` of image b (spec §3, left-multiplication form):
+
+        S_mk   = R_mk (1 + w_mlp_k)                          (prologue)
+        Ā_kn   = head fusion of A[b,:,k,n], G[b,:,k,n]        (prologue, registers)
+        T_mn   = Σ_{k ∈ split} S_mk Ā_kn                     (tl.dot, fp32 accumulator)
+        out_mn = S_mn + T_mn w_attn_n                        (epilogue; or partial T out)
+
+    grid = (B · cdiv(Q, BLOCK_M), cdiv(N, BLOCK_N), SPLIT). ALLOW_TF32 picks
+    ``input_precision="tf32"`` (tensor cores) or ``"ieee"`` (exact fp32).
+    """
+    pid0 = tl.program_id(0)
+    b = (pid0 // num_m_blocks).to(tl.int64)
+    offs_m = (pid0 % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    mask_m = offs_m < Q
+    mask_n = offs_n < N
+    NN = N * N
+    head0 = b * H * NN
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, N)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < N
+        r = tl.load(
+            rows_ptr + b * Q * N + offs_m[:, None] * N + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if W_MLP_TENSOR:
+            wm = tl.load(w_mlp_ptr + b * N + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            s = r * (1.0 + wm[None, :])
+        else:
+            s = r * (1.0 + w_mlp_c)
+        tile = offs_k[:, None] * N + offs_n[None, :]
+        fused = _fused_tile_sum(
+            attn_ptr + head0 + tile, grad_ptr + head0 + tile,
+            mask_k[:, None] & mask_n[None, :], H, NN, MODE,
+        )
+        if ALLOW_TF32:
+            acc = tl.dot(s, fused, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(s, fused, acc, input_precision="ieee")
+
+    if SPLIT_OUT:
+        offs = (split * B + b) * Q * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + offs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        _update_epilogue(
+            acc, rows_ptr, w_attn_ptr, w_mlp_ptr, out_ptr, b, offs_m, offs_n, Q, N,
+            scale, w_attn_c, w_mlp_c, MODE, W_ATTN_TENSOR, W_MLP_TENSOR,
+        )
+
+
+def matrix_update(
+    rows: torch.Tensor,
+    attn: torch.Tensor,
+    grad: Optional[torch.Tensor],
+    w_attn: Weight,
+    w_mlp: Weight,
+    mode: str = "gae",
+    allow_tf32: bool = True,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One layer of the engine for many rows: ``R ← S + (S·Ā) ⊙ w_attn``, ``S = R ⊙ (1 + w_mlp)``.
+
+    Same contract as ``row_update`` but for large Q (Q = N: the full matrix).
+
+    Args:
+        rows: ``(B, Q, N)`` rows of the running product (float32; bfloat16 / float16 read as float32).
+        attn: ``(B, H, N, N)`` attention probabilities of the layer.
+        grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; may be None for "mean" / "rollout".
+        w_attn, w_mlp: ``(B, N)`` weights or Python floats.
+        mode: head fusion, "gae" | "decoupled" | "mean" (| "rollout", as in the oracle).
+        allow_tf32: True uses tf32 tensor cores (err ≤ 5e-3, spec §7); False keeps
+            exact fp32 products (err ≤ 1e-5).
+        out: optional ``(B, Q, N)`` float32 contiguous output (must not alias ``rows``).
+
+    Returns:
+        ``(B, Q, N)`` float32, equal to ``tokentm_fast.aggregation.row_update``.
+    """
+    rows, attn, grad, wa, wm, code, out = check_update_args(rows, attn, grad, w_attn, w_mlp, mode, out)
+    require_triton(attn)
+    B, H, N, _ = attn.shape
+    Q = rows.shape[1]
+    if out.numel() == 0:
+        return out
+    if interpreted(attn.device):
+        block_m = min(max(triton.next_power_of_2(Q), 16), 128)
+        block_n, block_k = 128, 128
+    else:
+        block_m = 16 if Q <= 16 else (32 if Q <= 32 else 64)
+        block_n, block_k = 64, 32
+    num_m_blocks = triton.cdiv(Q, block_m)
+    num_n_blocks = triton.cdiv(N, block_n)
+    num_k_blocks = triton.cdiv(N, block_k)
+    split = _num_splits(B * num_m_blocks * num_n_blocks, num_k_blocks, attn.device)
+    k_per_split = triton.cdiv(num_k_blocks, split) * block_k
+    split = triton.cdiv(N, k_per_split)
+    part = torch.empty((split, B, Q, N), dtype=torch.float32, device=attn.device) if split > 1 else out
+    scale = fusion_scale(code, H)
+    _matrix_update_kernel[(B * num_m_blocks, num_n_blocks, split)](
+        rows, attn, grad if grad is not None else attn,
+        wa[0] if wa[0] is not None else rows, wm[0] if wm[0] is not None else rows,
+        out, part, B, Q, N, H, num_m_blocks, k_per_split, scale, wa[1], wm[1],
+        MODE=code, W_ATTN_TENSOR=wa[0] is not None, W_MLP_TENSOR=wm[0] is not None,
+        SPLIT_OUT=split > 1, ALLOW_TF32=bool(allow_tf32),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    if split > 1:
+        launch_finalize(part, rows, wa, wm, out, split, B, Q, N, scale, code)
+    return out

@@ -1,0 +1,419 @@
+"""Triton kernels against their PyTorch oracles (spec METHODS.md §2, §3, §3.1, §6, §7).
+
+On a machine without CUDA the kernels run on the CPU under Triton's
+interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before triton
+is imported); with CUDA they run on the GPU. Every comparison is per image,
+err = ‖e − e_ref‖₂ / ‖e_ref‖₂, with e_ref the oracle evaluated in float64 on
+the same (upcast) inputs, and the §7 tolerances: 1e-5 for float32 inputs
+(5e-3 for tf32 ``tl.dot``), 2e-2 for bfloat16 / float16 inputs. Every output
+is first poisoned with NaN so that an element the kernel forgot shows up.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import zlib
+
+import pytest
+import torch
+
+import tokentm_fast.kernels as K
+from tokentm_fast.kernels import _utils
+from tokentm_fast import aggregation, fusion, transform
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+pytestmark = pytest.mark.skipif(
+    not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="no CUDA and Triton's interpreter is off (TRITON_INTERPRET=1 must be set before importing triton)",
+)
+
+#: (N, B, H): non powers of two; the big N only with B = H = 1 to keep the interpreter fast.
+CASES = [(50, 2, 3), (145, 2, 2), (197, 1, 3), (257, 1, 2), (577, 1, 1), (1025, 1, 1)]
+DTYPES = [torch.float32, torch.bfloat16]
+MODES = ["gae", "decoupled", "mean", "rollout"]
+
+
+def tol(dtype: torch.dtype, tf32: bool = False) -> float:
+    if dtype in (torch.bfloat16, torch.float16):
+        return 2e-2
+    return 5e-3 if (tf32 and CUDA) else 1e-5
+
+
+def rel_err(e: torch.Tensor, ref: torch.Tensor) -> float:
+    """Worst image of ‖e − e_ref‖ / ‖e_ref‖ (leading dim = images)."""
+    e = e.double().reshape(e.shape[0], -1)
+    ref = ref.double().reshape(ref.shape[0], -1).to(e.device)
+    return ((e - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)).max().item()
+
+
+def poisoned(*shape) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=DEVICE)
+
+
+def check(out: torch.Tensor, got: torch.Tensor, ref: torch.Tensor, bound: float, what: str = "") -> None:
+    assert got is out, "the wrapper must write into and return the given out="
+    assert torch.isfinite(got).all(), f"{what}: NaN/Inf left in the output"
+    err = rel_err(got, ref)
+    assert err <= bound, f"{what}: err {err:.3e} > {bound:.0e}"
+
+
+def gen(*key) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(repr(key).encode()))
+    return g
+
+
+def attn_grad(B, H, N, dtype, g):
+    """Attention rows that sum to 1 (softmax of randn) and randn gradients, cast to dtype."""
+    a = torch.softmax(2.0 * torch.randn(B, H, N, N, generator=g), dim=-1)
+    gr = torch.randn(B, H, N, N, generator=g)
+    return a.to(dtype).to(DEVICE), gr.to(dtype).to(DEVICE)
+
+
+def f64(t):
+    return t.double().cpu() if isinstance(t, torch.Tensor) else t
+
+
+# --------------------------------------------------------------------------- §2 transform weights
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,B,H", CASES)
+def test_transform_weights(N, B, H, dtype):
+    g = gen("tw", N, dtype)
+    D = 8 + 8 * H  # 16..32, and 40 below
+    x = torch.randn(B, N, D, generator=g).to(dtype).to(DEVICE)
+    xt = (0.3 * torch.randn(B, N, D, generator=g)).to(dtype).to(DEVICE)
+    out = poisoned(B, N)
+    got = K.transform_weights(x, xt, out=out)
+    check(out, got, transform.transform_weights(f64(x), f64(xt)), tol(dtype), "transform_weights")
+
+
+@pytest.mark.parametrize("use_length", [True, False])
+@pytest.mark.parametrize("use_necc", [True, False])
+def test_transform_weights_switches(use_length, use_necc):
+    g = gen("tw-switch", use_length, use_necc)
+    x = torch.randn(2, 197, 40, generator=g).to(DEVICE)
+    xt = torch.randn(2, 197, 40, generator=g).to(DEVICE)
+    x[0, 5] = 0.0  # a zero token exercises the ε clamps
+    out = poisoned(2, 197)
+    got = K.transform_weights(x, xt, use_length=use_length, use_necc=use_necc, out=out)
+    ref = transform.transform_weights(f64(x), f64(xt), use_length=use_length, use_necc=use_necc)
+    check(out, got, ref, 1e-5, "switches")
+
+
+def test_transform_weights_fp16_mixed_noncontiguous():
+    g = gen("tw-fp16")
+    x = torch.randn(2, 40, 145, generator=g).to(torch.float16).to(DEVICE).transpose(1, 2)  # (2, 145, 40) view
+    xt = torch.randn(2, 145, 40, generator=g).to(DEVICE)  # float32: dtypes may differ
+    assert not x.is_contiguous()
+    out = poisoned(2, 145)
+    got = K.transform_weights(x, xt, out=out)
+    check(out, got, transform.transform_weights(f64(x), f64(xt)), 2e-2, "fp16 mixed")
+    assert K.transform_weights(x, xt).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- §3 head fusion
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,B,H", CASES)
+def test_fuse_heads(N, B, H, dtype):
+    a, gr = attn_grad(B, H, N, dtype, gen("fuse", N, dtype))
+    for mode in MODES:
+        grad = gr if mode in ("gae", "decoupled") else None
+        out = poisoned(B, N, N)
+        got = K.fuse_heads(a, grad, mode=mode, out=out)
+        check(out, got, fusion.fuse_heads(f64(a), f64(grad), mode), tol(dtype), f"fuse_heads[{mode}]")
+
+
+def test_fuse_heads_fp16():
+    a, gr = attn_grad(2, 3, 50, torch.float16, gen("fuse-fp16"))
+    for mode in MODES:
+        out = poisoned(2, 50, 50)
+        got = K.fuse_heads(a, gr, mode=mode, out=out)
+        check(out, got, fusion.fuse_heads(f64(a), f64(gr), mode), 2e-2, f"fp16 {mode}")
+
+
+# --------------------------------------------------------------------------- §3.1 row update
+def weights(B, N, g):
+    return (torch.rand(B, N, generator=g) + 0.1).to(DEVICE), (torch.rand(B, N, generator=g) + 0.1).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,B,H", CASES)
+def test_row_update(N, B, H, dtype):
+    g = gen("row", N, dtype)
+    a, gr = attn_grad(B, H, N, dtype, g)
+    wa, wm = weights(B, N, g)
+    for Q in ([1, 3] if N <= 145 else [1]):
+        rows = torch.rand(B, Q, N, generator=g).to(DEVICE)
+        for mode in MODES:
+            grad = gr if mode in ("gae", "decoupled") else None
+            out = poisoned(B, Q, N)
+            got = K.row_update(rows, a, grad, wa, wm, mode=mode, out=out)
+            ref = aggregation.row_update(f64(rows), f64(a), f64(grad), f64(wa), f64(wm), mode)
+            check(out, got, ref, tol(dtype), f"row_update[{mode}, Q={Q}]")
+
+
+def test_row_update_fp16_weights_and_rows():
+    g = gen("row-fp16")
+    a, gr = attn_grad(2, 2, 145, torch.float16, g)
+    wa, wm = weights(2, 145, g)
+    rows = torch.rand(2, 1, 145, generator=g).to(torch.float16).to(DEVICE)
+    out = poisoned(2, 1, 145)
+    got = K.row_update(rows, a, gr, wa.half(), wm.bfloat16(), out=out)
+    ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa.half()), f64(wm.bfloat16()), "gae")
+    check(out, got, ref, 2e-2, "fp16 row_update")
+
+
+@pytest.mark.parametrize("update", ["row", "matrix"])
+def test_float_constant_weights(update):
+    """GAE (1.0 / 0.0) and rollout (1.0 / −0.5) constants equal the same weights as tensors."""
+    fn = K.row_update if update == "row" else K.matrix_update
+    kw = {} if update == "row" else {"allow_tf32": False}
+    B, H, N = 2, 2, 145
+    g = gen("const", update)
+    a, gr = attn_grad(B, H, N, torch.float32, g)
+    Q = 1 if update == "row" else N
+    rows = torch.rand(B, Q, N, generator=g).to(DEVICE)
+    for mode, w_attn, w_mlp in [("gae", 1.0, 0.0), ("mean", 1.0, -0.5), ("decoupled", 0.7, 0.25)]:
+        grad = gr if mode != "mean" else None
+        out_c = poisoned(B, Q, N)
+        got_c = fn(rows, a, grad, w_attn, w_mlp, mode=mode, out=out_c, **kw)
+        out_t = poisoned(B, Q, N)
+        full = lambda v: torch.full((B, N), v, device=DEVICE)  # noqa: E731
+        got_t = fn(rows, a, grad, full(w_attn), full(w_mlp), mode=mode, out=out_t, **kw)
+        ref = aggregation.row_update(f64(rows), f64(a), f64(grad), w_attn, w_mlp, mode)
+        check(out_c, got_c, ref, 1e-5, f"{update} constants {mode}")
+        check(out_t, got_t, ref, 1e-5, f"{update} tensors {mode}")
+        assert torch.allclose(got_c, got_t, rtol=1e-6, atol=1e-7)
+    # rollout as the engine (1.0 / −0.5 on "mean") is R · (½ I + ½ mean_h A) (spec §4)
+    got = fn(rows, a, None, 1.0, -0.5, mode="mean", **kw)
+    ref = torch.bmm(f64(rows), fusion.fuse_heads(f64(a), None, "rollout"))
+    assert rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("N,B,H", [(145, 1, 2), (257, 2, 1)])
+def test_split_k_paths(monkeypatch, N, B, H):
+    """The deterministic split-K path (used on GPUs when the batch is small) matches too."""
+    ru_mod = importlib.import_module("tokentm_fast.kernels.row_update")
+    mu_mod = importlib.import_module("tokentm_fast.kernels.matrix_update")
+
+    monkeypatch.setattr(ru_mod, "_num_splits", lambda *a: 3)
+    monkeypatch.setattr(mu_mod, "_num_splits", lambda *a: 3)
+    g = gen("split", N)
+    a, gr = attn_grad(B, H, N, torch.float32, g)
+    wa, wm = weights(B, N, g)
+    for mode in MODES:
+        rows = torch.rand(B, 1, N, generator=g).to(DEVICE)
+        out = poisoned(B, 1, N)
+        ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa), f64(wm), mode)
+        check(out, K.row_update(rows, a, gr, wa, wm, mode=mode, out=out), ref, 1e-5, f"split row {mode}")
+        rows = torch.rand(B, 40, N, generator=g).to(DEVICE)
+        out = poisoned(B, 40, N)
+        ref = aggregation.row_update(f64(rows), f64(a), f64(gr), wa.double().cpu(), -0.5, mode)
+        got = K.matrix_update(rows, a, gr, wa, -0.5, mode=mode, allow_tf32=False, out=out)
+        check(out, got, ref, 1e-5, f"split matrix {mode}")
+
+
+def test_noncontiguous_inputs():
+    B, H, N = 2, 2, 50
+    g = gen("noncontig")
+    a, gr = attn_grad(B, H, N, torch.float32, g)
+    a_nc = a.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, strided view
+    gr_nc = gr.transpose(-1, -2).contiguous().transpose(-1, -2)
+    wa, wm = weights(B, 2 * N, g)
+    wa_nc, wm_nc = wa[:, ::2], wm[:, 1::2]
+    rows = torch.rand(B, 1, 2 * N, generator=g).to(DEVICE)[..., ::2]  # (B, 1, N) strided
+    assert not (a_nc.is_contiguous() or wa_nc.is_contiguous() or rows.is_contiguous())
+    ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa_nc), f64(wm_nc), "gae")
+    out = poisoned(B, 1, N)
+    check(out, K.row_update(rows, a_nc, gr_nc, wa_nc, wm_nc, out=out), ref, 1e-5, "non-contiguous row")
+    out = poisoned(B, 1, N)
+    check(out, K.matrix_update(rows, a_nc, gr_nc, wa_nc, wm_nc, allow_tf32=False, out=out), ref, 1e-5,
+          "non-contiguous matrix")
+    out = poisoned(B, N, N)
+    check(out, K.fuse_heads(a_nc, gr_nc, out=out), fusion.fuse_heads(f64(a), f64(gr)), 1e-5, "non-contiguous fuse")
+    # contiguous tensors are passed through untouched (no copy)
+    assert _utils.contiguous(a) is a
+
+
+# --------------------------------------------------------------------------- §3 matrix update
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,B,H", CASES)
+def test_matrix_update(N, B, H, dtype):
+    g = gen("matrix", N, dtype)
+    a, gr = attn_grad(B, H, N, dtype, g)
+    wa, wm = weights(B, N, g)
+    Q = N if N <= 257 else 24  # the full matrix where the interpreter affords it
+    rows = torch.rand(B, Q, N, generator=g).to(DEVICE)
+    modes = MODES if N <= 257 else ["gae", "decoupled"]
+    for mode in modes:
+        grad = gr if mode in ("gae", "decoupled") else None
+        ref = aggregation.row_update(f64(rows), f64(a), f64(grad), f64(wa), f64(wm), mode)
+        for tf32 in ((False, True) if mode == modes[0] else (False,)):
+            out = poisoned(B, Q, N)
+            got = K.matrix_update(rows, a, grad, wa, wm, mode=mode, allow_tf32=tf32, out=out)
+            check(out, got, ref, tol(dtype, tf32), f"matrix_update[{mode}, tf32={tf32}]")
+
+
+def test_matrix_update_identity_start_fp16():
+    """Starting from R = I (explain(full=True)) with fp16 attention."""
+    B, H, N = 1, 2, 197
+    g = gen("matrix-eye")
+    a, gr = attn_grad(B, H, N, torch.float16, g)
+    rows = torch.eye(N, device=DEVICE).expand(B, N, N)  # stride-0 batch: made contiguous by the wrapper
+    out = poisoned(B, N, N)
+    got = K.matrix_update(rows, a, gr, 1.0, 0.0, mode="gae", allow_tf32=False, out=out)
+    ref = aggregation.row_update(f64(rows), f64(a), f64(gr), 1.0, 0.0, "gae")
+    check(out, got, ref, 2e-2, "identity start")
+
+
+# --------------------------------------------------------------------------- §6 LeGrad reduction
+def legrad_ref(gr, num_rows=None):
+    gr = f64(gr)
+    return gr.clamp_min(0).sum(2).mean(1) / (gr.shape[2] if num_rows is None else num_rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("N,B,H", CASES)
+def test_legrad_reduce(N, B, H, dtype):
+    g = gen("legrad", N, dtype)
+    for Q, num_rows in [(1, N), (3, None)]:
+        gr = torch.randn(B, H, Q, N, generator=g).to(dtype).to(DEVICE)
+        out = poisoned(B, N)
+        got = K.legrad_reduce(gr, num_rows=num_rows, out=out)
+        check(out, got, legrad_ref(gr, num_rows), tol(dtype), f"legrad Q={Q}")
+
+
+def test_legrad_reduce_layers():
+    B, H, N, L = 2, 3, 197, 3
+    g = gen("legrad-layers")
+    stacked = torch.randn(L, B, H, 1, N, generator=g).to(DEVICE)
+    ref = sum(legrad_ref(stacked[l], N) for l in range(L))
+    out = poisoned(B, N)
+    check(out, K.legrad_reduce(stacked, num_rows=N, out=out), ref, 1e-5, "5-D")
+    out = poisoned(B, N)
+    check(out, K.legrad_reduce(list(stacked), num_rows=N, out=out), ref, 1e-5, "list")
+    # a list may mix heads and rows per layer, with one num_rows per layer
+    layers = [torch.randn(B, 2, 1, N, generator=g).to(DEVICE), torch.randn(B, 3, 4, N, generator=g).bfloat16().to(DEVICE)]
+    out = poisoned(B, N)
+    got = K.legrad_reduce(layers, num_rows=[N, 4], out=out)
+    check(out, got, legrad_ref(layers[0], N) + legrad_ref(layers[1], 4), 1e-5, "mixed list")
+    # accumulate=True sums layers over several calls
+    out = torch.zeros(B, N, device=DEVICE)
+    for l in range(L):
+        K.legrad_reduce(stacked[l], num_rows=N, out=out, accumulate=True)
+    check(out, out, ref, 1e-5, "accumulate")
+
+
+# --------------------------------------------------------------------------- errors
+def test_bad_inputs_raise_clear_errors():
+    B, H, N = 1, 2, 50
+    a, gr = attn_grad(B, H, N, torch.float32, gen("bad"))
+    rows = torch.rand(B, 1, N, device=DEVICE)
+    w = torch.rand(B, N, device=DEVICE)
+    x = torch.randn(B, N, 8, device=DEVICE)
+
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        K.transform_weights(x[0], x[0])
+    with pytest.raises(ValueError, match="x_tilde must have shape"):
+        K.transform_weights(x, x[:, :10])
+    with pytest.raises(TypeError, match="float64"):
+        K.transform_weights(x.double(), x)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        K.transform_weights(x.int(), x)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        K.transform_weights(x.tolist(), x)
+
+    with pytest.raises(ValueError, match="attn must be 4-D"):
+        K.fuse_heads(a[0], gr[0])
+    with pytest.raises(ValueError, match="square"):
+        K.fuse_heads(a[..., :10], gr[..., :10])
+    with pytest.raises(ValueError, match="grad must have shape"):
+        K.fuse_heads(a, gr[:, :1])
+    with pytest.raises(ValueError, match="needs the attention gradient"):
+        K.fuse_heads(a, None, mode="gae")
+    with pytest.raises(ValueError, match="unknown head fusion mode"):
+        K.fuse_heads(a, gr, mode="max")
+    with pytest.raises(TypeError, match="grad must have dtype"):
+        K.fuse_heads(a, gr.double())
+
+    with pytest.raises(ValueError, match="rows must be"):
+        K.row_update(rows[:, :, :10], a, gr, w, w)
+    with pytest.raises(ValueError, match="rows must be 3-D"):
+        K.row_update(rows[0], a, gr, w, w)
+    with pytest.raises(ValueError, match="w_attn must have shape"):
+        K.row_update(rows, a, gr, w[:, :10], w)
+    with pytest.raises(TypeError, match="w_mlp must be a"):
+        K.row_update(rows, a, gr, w, "zero")
+    with pytest.raises(TypeError, match="w_mlp must have dtype"):
+        K.row_update(rows, a, gr, w, w.double())
+    with pytest.raises(ValueError, match="out must not alias rows"):
+        K.row_update(rows, a, gr, w, w, out=rows)
+    with pytest.raises(ValueError, match="unknown head fusion mode"):
+        K.matrix_update(rows, a, gr, w, w, mode="sum")
+    with pytest.raises(ValueError, match="out must have shape"):
+        K.matrix_update(rows, a, gr, w, w, out=poisoned(B, 2, N))
+    with pytest.raises(TypeError, match="out must be float32"):
+        K.row_update(rows, a, gr, w, w, out=torch.empty(B, 1, N, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        K.fuse_heads(a, gr, out=poisoned(B, N, N).transpose(1, 2))
+
+    with pytest.raises(ValueError, match="grad_rows must be 4 or 5-D"):
+        K.legrad_reduce(gr[0])
+    with pytest.raises(ValueError, match="out must be given"):
+        K.legrad_reduce(gr, accumulate=True)
+    with pytest.raises(ValueError, match="num_rows"):
+        K.legrad_reduce(gr, num_rows=0)
+    with pytest.raises(ValueError, match=r"grad_rows\[1\] has shape"):
+        K.legrad_reduce([gr, gr[..., :10]])
+    with pytest.raises(ValueError, match="empty"):
+        K.legrad_reduce([])
+
+
+def test_require_triton(monkeypatch):
+    t = torch.zeros(2, device=DEVICE)
+    K.require_triton(t)  # fine where the tests run at all
+    assert K.triton_available(DEVICE)
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(_utils, "interpreter_enabled", lambda: False)
+        assert not K.triton_available("cpu")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            K.require_triton(t)
+        x = torch.randn(1, 50, 8)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            K.transform_weights(x, x)
+        monkeypatch.undo()
+    monkeypatch.setattr(_utils, "triton_importable", lambda: False)
+    assert not K.triton_available(DEVICE)
+    with pytest.raises(RuntimeError, match="not importable"):
+        K.require_triton(t)
+
+
+def test_gpu_tile_sizes(monkeypatch):
+    """The GPU launch configurations (small tiles, Q blocks of 4) also run and match."""
+    for name in ("head_fusion", "row_update", "matrix_update"):
+        monkeypatch.setattr(importlib.import_module(f"tokentm_fast.kernels.{name}"), "interpreted", lambda d: False)
+    B, H, N = 2, 2, 145
+    g = gen("gpu-tiles")
+    a, gr = attn_grad(B, H, N, torch.float32, g)
+    wa, wm = weights(B, N, g)
+    out = poisoned(B, N, N)
+    check(out, K.fuse_heads(a, gr, "decoupled", out=out), fusion.fuse_heads(f64(a), f64(gr), "decoupled"), 1e-5, "fuse")
+    for Q in (1, 6):
+        rows = torch.rand(B, Q, N, generator=g).to(DEVICE)
+        ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa), f64(wm), "gae")
+        out = poisoned(B, Q, N)
+        check(out, K.row_update(rows, a, gr, wa, wm, out=out), ref, 1e-5, f"row Q={Q}")
+        out = poisoned(B, Q, N)
+        check(out, K.matrix_update(rows, a, gr, wa, wm, allow_tf32=False, out=out), ref, 1e-5, f"matrix Q={Q}")
+
+
+def test_out_may_share_a_buffer_with_rows_without_overlap():
+    B, H, N = 1, 1, 50
+    a, gr = attn_grad(B, H, N, torch.float32, gen("pingpong"))
+    buf = torch.rand(2, B, 1, N, device=DEVICE)
+    ref = aggregation.row_update(f64(buf[0]), f64(a), f64(gr), 1.0, 0.0, "gae")
+    out = buf[1]
+    out.fill_(float("nan"))
+    check(out, K.row_update(buf[0], a, gr, 1.0, 0.0, out=out), ref, 1e-5, "ping-pong buffer")

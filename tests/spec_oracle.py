@@ -74,19 +74,14 @@ def head(m, tokens):
 
 
 def weights(x, xt, use_length=True, use_necc=True):
-    """Spec §2, token by token."""
-    b, n, _ = x.shape
-    w = torch.empty(b, n, dtype=torch.float64)
-    for bi in range(b):
-        lx = [float(x[bi, i].norm()) for i in range(n)]
-        lt = [float(xt[bi, i].norm()) for i in range(n)]
-        cos = [float(x[bi, i] @ xt[bi, i]) / (max(lx[i], EPS) * max(lt[i], EPS)) for i in range(n)]
-        z = sum(math.exp(c) for c in cos)
-        for i in range(n):
-            necc = math.exp(cos[i]) / z if use_necc else 1.0 / n
-            ratio = lt[i] / max(lx[i], EPS) if use_length else 1.0
-            w[bi, i] = ratio * necc
-    return w
+    """Spec §2: w_i = |x̃_i| / max(|x_i|, ε) · exp(cos_i) / Σ_k exp(cos_k)."""
+    lx = torch.sqrt((x * x).sum(-1))
+    lt = torch.sqrt((xt * xt).sum(-1))
+    cos = (x * xt).sum(-1) / (torch.maximum(lx, torch.tensor(EPS)) * torch.maximum(lt, torch.tensor(EPS)))
+    n = x.shape[1]
+    necc = torch.exp(cos) / torch.exp(cos).sum(-1, keepdim=True) if use_necc else torch.full_like(cos, 1.0 / n)
+    ratio = lt / torch.maximum(lx, torch.tensor(EPS)) if use_length else torch.ones_like(cos)
+    return ratio * necc
 
 
 def query(m, b, n):

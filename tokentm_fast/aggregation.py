@@ -83,23 +83,6 @@ def row_update(
     return s + torch.bmm(s, fused) * _columns(w_attn, rows)
 
 
-def query_vector(batch: int, num_tokens: int, num_prefix: int, has_class_token: bool,
-                 dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """The row of ``Cᴸ`` an explanation reads, as a ``(B, N)`` vector.
-
-    With a class token it is ``one_hot(cls = 0)`` (spec §1). Models without a
-    class token pool the mean of the patch tokens, so their query is that mean
-    (``1/(N−P)`` on every patch token): our documented choice where the spec's
-    ``cls`` does not exist.
-    """
-    q = torch.zeros(batch, num_tokens, dtype=dtype, device=device)
-    if has_class_token:
-        q[:, 0] = 1.0
-    else:
-        q[:, num_prefix:] = 1.0 / (num_tokens - num_prefix)
-    return q
-
-
 def initial_rows(query: torch.Tensor, full: bool) -> torch.Tensor:
     """``(B, N)`` query → ``(B, 1, N)`` rows, or the identity ``(B, N, N)`` for ``full``."""
     if full:
@@ -132,7 +115,7 @@ def aggregate_layers(
     Args:
         attns, grads: per-layer ``(B, H, N, N)`` (lists or stacked ``(L, B, H, N, N)``).
         w_attn, w_mlp: per-layer ``(B, N)`` weights (lists or ``(L, B, N)``) or floats.
-        query: ``(B, N)`` query vector (see ``query_vector``); ignored for ``full``.
+        query: ``(B, N)`` weights of the rows to read (e.g. one-hot cls); ignored for ``full``.
         c0: ``(B, N)`` diagonal of ``C⁰`` or None for the identity.
 
     Returns:

@@ -5,7 +5,7 @@ bindings in ``bindings/``; both are installed *inside* the package as
 ``tokentm_fast.kernels`` and ``tokentm_fast.bindings`` so that no top-level
 ``kernels`` or ``bindings`` module is ever importable.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="tokentm_fast",
@@ -14,11 +14,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=[
-        "tokentm_fast",
-        "tokentm_fast.kernels",
-        "tokentm_fast.bindings",
-    ],
+    packages=find_packages(include=["tokentm_fast", "tokentm_fast.*"])
+    + ["tokentm_fast.kernels", "tokentm_fast.bindings"],
     package_dir={
         "tokentm_fast": "tokentm_fast",
         "tokentm_fast.kernels": "kernels",

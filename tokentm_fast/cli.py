@@ -1,0 +1,522 @@
+"""Command line: ``tokentm-fast`` (or ``python -m tokentm_fast``).
+
+Subcommands::
+
+    tokentm-fast explain IMAGE [IMAGE ...] --model synthetic --methods tokentm,legrad --out DIR
+    tokentm-fast evaluate --data synthetic|folder:PATH|mat:PATH --model NAME --checkpoint FILE ...
+    tokentm-fast bench [--json FILE]
+    tokentm-fast demo [--num-images 64] [--out demo_out]
+
+Errors in what the user gave (missing file, unreadable image or checkpoint,
+unknown model...) print one line ``tokentm-fast: error: …`` on stderr and exit
+with code 2 (set ``TOKENTM_FAST_DEBUG=1`` to see the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+PROG = "tokentm-fast"
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------
+# argument helpers
+# ----------------------------------------------------------------------------
+
+def _methods(value: str) -> List[str]:
+    from .methods import METHODS
+
+    if value.strip() == "all":
+        return list(METHODS)
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in METHODS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(bad) or repr(value)}; choose from {', '.join(METHODS)} (or 'all')"
+        )
+    return names
+
+
+def _metrics(value: str) -> List[str]:
+    from .evaluation.runner import METRICS
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in METRICS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {', '.join(bad) or repr(value)}; choose from {', '.join(METRICS)}")
+    return names
+
+
+def _positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return v
+
+
+def _nonneg_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return v
+
+
+def _model_kwargs(value: str) -> Dict[str, Any]:
+    """``"img_size=32,patch_size=8,depth=2"`` -> dict (values parsed as Python literals)."""
+    out: Dict[str, Any] = {}
+    for part in [p.strip() for p in value.split(",") if p.strip()]:
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {part!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw.strip()
+    return out
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_model: Optional[str] = "synthetic") -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=default_model,
+                   help="'synthetic' (the shipped synthetic-benchmark ViT) or a timm model name, "
+                        "e.g. vit_base_patch16_224 (default: %(default)s)")
+    g.add_argument("--checkpoint", metavar="FILE",
+                   help="local weights (.safetensors, or a torch .pth/.pt state dict); required for a timm "
+                        "model (nothing is downloaded); for 'synthetic' replaces the shipped weights")
+    g.add_argument("--num-classes", type=_positive_int, metavar="K",
+                   help="classes of the timm model (default: rows of the checkpoint's head.weight)")
+    g.add_argument("--model-kwargs", type=_model_kwargs, default=None, metavar="K=V,...",
+                   help="extra timm.create_model arguments, e.g. img_size=32,patch_size=8,depth=2")
+
+
+def _add_run_args(p: argparse.ArgumentParser, default_threads: Optional[int] = None) -> None:
+    from .api import BACKENDS
+
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    g.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="explanation backend (default: %(default)s: Triton on CUDA, else PyTorch)")
+    if default_threads is None:
+        g.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="torch CPU threads (default: torch's choice; 1 is often fastest for small models "
+                            "or on a busy machine)")
+    else:
+        g.add_argument("--threads", type=_positive_int, default=default_threads, metavar="N",
+                       help="torch CPU threads (default: %(default)s: the synthetic model is tiny, more threads "
+                            "gain little and cost a lot on a busy CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Fast, faithful explanations for Vision Transformers: explain images, evaluate "
+                    "explanation methods (segmentation, perturbation AUC, AOPC, LOdds, sanity), benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    # ---- explain
+    p = sub.add_parser(
+        "explain", help="explain images and write overlay PNGs and a grid",
+        description="Explain IMAGE(s) with each method; writes one overlay PNG per image per method "
+                    "(<stem>_<method>.png) and a grid (rows = images, columns = image + methods) to --out.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    _add_model_args(p)
+    p.add_argument("--methods", type=_methods, default=list(METHODS), metavar="M1,M2,...",
+                   help=f"comma-separated methods from {', '.join(METHODS)}, or 'all' (default: all)")
+    p.add_argument("--out", default="explain_out", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--target", type=_nonneg_int, default=None, metavar="CLASS",
+                   help="class index to explain (default: the predicted class of each image)")
+    p.add_argument("--cmap", default="jet", help="matplotlib colormap (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity in [0, 1] (default: %(default)s)")
+    p.add_argument("--grid-name", default="grid.png", help="file name of the grid (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images explained at once (default: %(default)s)")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_explain)
+
+    # ---- evaluate
+    p = sub.add_parser(
+        "evaluate", help="evaluate methods with the segmentation / perturbation / sanity metrics",
+        description="Run every method x every metric over a data set, save the results JSON (resumable: "
+                    "an interrupted run continues where it stopped when started again with the same "
+                    "arguments) and print the results table.",
+    )
+    _add_model_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", metavar="SPEC",
+                   help="'synthetic' (the shipped benchmark), 'folder:PATH' (ImageNet-style class folders) "
+                        "or 'mat:PATH' (ImageNet-segmentation gtsegs_ijcv.mat) (default: %(default)s)")
+    g.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="synthetic split (default: %(default)s)")
+    g.add_argument("--size", type=_positive_int, default=1000, help="synthetic data set size (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="synthetic data seed (default: %(default)s)")
+    g.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N samples")
+    g.add_argument("--workers", type=_nonneg_int, default=2, help="DataLoader workers (default: %(default)s)")
+    g.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default: %(default)s)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--methods", type=_methods, default=list(METHODS), metavar="M1,M2,...",
+                   help="comma-separated methods, or 'all' (default: all)")
+    g.add_argument("--metrics", type=_metrics, default=["segmentation", "perturbation"], metavar="NAMES",
+                   help="comma-separated from segmentation, perturbation, sanity (default: segmentation,perturbation)")
+    g.add_argument("--target", choices=("predicted", "label"), default="predicted",
+                   help="class to explain (default: %(default)s)")
+    g.add_argument("--sanity-images", type=_positive_int, default=32, metavar="N",
+                   help="images used by the (costly) sanity metric (default: %(default)s)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default="results.json", metavar="FILE", help="results JSON (default: %(default)s)")
+    g.add_argument("--curves", metavar="PNG", help="also plot the perturbation curves to this PNG")
+    g.add_argument("--restart", action="store_true",
+                   help="discard a partial state left by an interrupted run instead of resuming it")
+    g.add_argument("--save-every", type=_positive_int, default=1, metavar="K",
+                   help="save the resumable partial state every K batches (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--stop-after-batches", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    _add_run_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    # ---- bench
+    p = sub.add_parser(
+        "bench", help="print the benchmark speed-up table",
+        description="Print the speed-up table: from a pytest-benchmark JSON (--json) or by timing the "
+                    "backends now (quick benchmark).",
+    )
+    p.add_argument("--json", metavar="FILE", nargs="+",
+                   help="pytest-benchmark JSON file(s) (pytest benchmarks/ --benchmark-json=FILE) to turn into the table")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model for the quick benchmark (default: %(default)s)")
+    p.add_argument("--batch", type=_positive_int, default=8, help="batch size (default: %(default)s)")
+    p.add_argument("--methods", type=_methods, default=["tokentm"], metavar="M1,M2,...", help="methods (default: tokentm)")
+    p.add_argument("--backends", default="reference,torch", metavar="B1,B2,...",
+                   help="comma-separated backends (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
+    p.set_defaults(func=cmd_bench)
+
+    # ---- demo
+    p = sub.add_parser(
+        "demo", help="explain + evaluate every method on the shipped synthetic benchmark (about a minute on a CPU)",
+        description="Load the shipped synthetic ViT (no network), explain a few synthetic test images with "
+                    "every method (grid PNG), evaluate every method (segmentation, perturbation AUC, AOPC, "
+                    "LOdds, sanity) on a synthetic test subset, print the table and plot the perturbation curves.",
+    )
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--num-images", type=_positive_int, default=64, metavar="N",
+                   help="synthetic test images evaluated (default: %(default)s)")
+    p.add_argument("--num-explain", type=_positive_int, default=6, metavar="N",
+                   help="images shown in the grid (default: %(default)s)")
+    p.add_argument("--sanity-images", type=_nonneg_int, default=16, metavar="N",
+                   help="images for the sanity check, 0 to skip it (default: %(default)s)")
+    p.add_argument("--methods", type=_methods, default=list(METHODS), metavar="M1,M2,...",
+                   help="methods (default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default: %(default)s)")
+    p.add_argument("--workers", type=_nonneg_int, default=0, help="DataLoader workers (default: %(default)s)")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="synthetic-model weights (.safetensors) instead of the shipped ones")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_args(p, default_threads=1)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# ----------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------
+
+def _setup_threads(args: argparse.Namespace) -> None:
+    n = getattr(args, "threads", None)
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+def _device(name: str):
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise CLIError(f"invalid device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def _load_model(args: argparse.Namespace):
+    from .evaluation.runner import load_model
+
+    model, info = load_model(args.model, checkpoint=args.checkpoint, num_classes=getattr(args, "num_classes", None),
+                             model_kwargs=getattr(args, "model_kwargs", None))
+    return model, info
+
+
+def _class_names(model_name: str, num_classes: int) -> Optional[List[str]]:
+    if model_name == "synthetic":
+        from .synthetic import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    if num_classes == 1000:
+        try:
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            return [info.index_to_description(i).split(",")[0] for i in range(1000)]
+        except Exception:
+            return None
+    return None
+
+
+def _load_images(paths: Sequence[str]):
+    from PIL import Image
+
+    images = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise CLIError(f"image file not found: {p}")
+        if not path.is_file():
+            raise CLIError(f"not an image file: {p}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(im.convert("RGB"))
+        except Exception as e:
+            raise CLIError(f"cannot read image {p}: {e}") from None
+    return images
+
+
+def _unique_stems(paths: Sequence[str]) -> List[str]:
+    stems = [Path(p).stem for p in paths]
+    out = []
+    for i, s in enumerate(stems):
+        out.append(s if stems.count(s) == 1 else f"{s}_{i}")
+    return out
+
+
+def _explain_all(model, x, methods, backend, target=None) -> Dict[str, Any]:
+    from .api import Explainer
+
+    return {m: Explainer(model, method=m, backend=backend)(x, target) for m in methods}
+
+
+# ----------------------------------------------------------------------------
+# subcommands
+# ----------------------------------------------------------------------------
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluation.data import Preprocess, model_data_config
+    from .visualize import save_grid, save_overlay
+
+    _setup_threads(args)
+    images = _load_images(args.images)  # files first: a typo fails fast
+    if not 0.0 <= args.alpha <= 1.0:
+        raise CLIError(f"--alpha must be in [0, 1], got {args.alpha}")
+    import matplotlib
+
+    if args.cmap not in matplotlib.colormaps:
+        raise CLIError(f"unknown colormap {args.cmap!r}")
+    device = _device(args.device)
+    model, _ = _load_model(args)
+    model = model.to(device)
+    pre = Preprocess(model_data_config(model))
+    xs, x01s = zip(*[pre(im)[:2] for im in images])
+    x_all = torch.stack(xs)
+    x01 = torch.stack(x01s)
+    pred: List[int] = []
+    chunks: Dict[str, List[Any]] = {m: [] for m in args.methods}
+    for start in range(0, len(images), args.batch_size):
+        x = x_all[start:start + args.batch_size].to(device)
+        with torch.no_grad():
+            pred += model(x).argmax(dim=1).cpu().tolist()
+        for m, v in _explain_all(model, x, args.methods, args.backend, args.target).items():
+            chunks[m].append(v.cpu())
+    maps = {m: torch.cat(v) for m, v in chunks.items()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = _unique_stems(args.images)
+    written = []
+    for i, stem in enumerate(stems):
+        for m in args.methods:
+            written.append(save_overlay(x01[i], maps[m][i], out / f"{stem}_{m}.png", cmap=args.cmap, alpha=args.alpha))
+    names = _class_names(args.model, int(getattr(model, "num_classes", 0) or 0))
+    cls = [names[c] if names and c < len(names) else str(c) for c in pred]
+    if args.target is not None:
+        tname = names[args.target] if names and args.target < len(names) else str(args.target)
+        titles = [f"{s}\npred {c}, expl. {tname}" for s, c in zip(stems, cls)]
+    else:
+        titles = [f"{s}\npred {c}" for s, c in zip(stems, cls)]
+    grid = save_grid(x01, maps, out / args.grid_name, titles=titles, cmap=args.cmap, alpha=args.alpha)
+    for s, c in zip(stems, cls):
+        print(f"{s}: predicted {c}")
+    print(f"wrote {len(written)} overlays and the grid {grid}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.runner import evaluate
+
+    _setup_threads(args)
+    results = evaluate(
+        args.model, args.data, methods=args.methods, metrics=args.metrics,
+        checkpoint=args.checkpoint, num_classes=args.num_classes, model_kwargs=args.model_kwargs,
+        split=args.split, size=args.size, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        limit=args.limit, output=args.output, backend=args.backend, num_workers=args.workers,
+        progress=not args.no_progress, restart=args.restart, save_every=args.save_every, target=args.target,
+        sanity_images=args.sanity_images, command=[PROG, *args.argv], stop_after_batches=args.stop_after_batches,
+    )
+    _print_results(results, args.output)
+    if args.curves:
+        _plot_curves(results, args.curves)
+    return 0
+
+
+def _print_results(results: Dict[str, Any], output: Optional[str]) -> None:
+    from .evaluation.runner import format_table
+
+    c = results["counts"]
+    print()
+    print(format_table(results))
+    print()
+    extra = f", {c['skipped']} skipped" if c["skipped"] else ""
+    run = results["run"]
+    resumed = f" (resumed after {run['resumed_from']} samples)" if run["resumed_from"] else ""
+    print(f"{c['images_evaluated']} images evaluated{extra}{resumed}; data: {results['data'].get('kind')}, "
+          f"model: {results['model'].get('name')}")
+    for name, why in results.get("unavailable", {}).items():
+        print(f"{name}: unavailable ({why})")
+    for s in results.get("skipped", []):
+        print(f"skipped {s['id']}: {s['error']}")
+    if output:
+        print(f"results: {output}")
+
+
+def _plot_curves(results: Dict[str, Any], path: str) -> Optional[Path]:
+    from .visualize import plot_perturbation_curves
+
+    curves = {r["method"]: r["values"]["curves"] for r in results["records"] if r["metric"] == "perturbation"}
+    if not curves:
+        print("no perturbation curves to plot (the perturbation metric was not computed)", file=sys.stderr)
+        return None
+    p = plot_perturbation_curves(curves, path, title=f"perturbation test, {results['counts']['images_evaluated']} images")
+    print(f"perturbation curves: {p}")
+    return p
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    _setup_threads(args)
+    import importlib
+
+    try:
+        benchtable = importlib.import_module("tokentm_fast.benchtable")
+    except ImportError as e:
+        raise CLIError(f"the benchmark table module tokentm_fast.benchtable is not available ({e})") from None
+    if args.json:
+        for f in args.json:
+            if not Path(f).is_file():
+                raise CLIError(f"benchmark JSON not found: {f}")
+        print(benchtable.table_from_json(args.json[0] if len(args.json) == 1 else list(args.json)))
+        return 0
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    print(benchtable.quick_bench(model=args.model, batch=args.batch, methods=tuple(args.methods),
+                                 backends=backends, device=args.device, repeats=args.repeats))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluation.data import Preprocess, SyntheticSource, model_data_config
+    from .evaluation.runner import evaluate, load_model
+    from .synthetic import CLASS_NAMES
+    from .visualize import save_grid
+
+    _setup_threads(args)
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(args.device)
+    model, info = load_model("synthetic", checkpoint=args.checkpoint)
+    model = model.to(device)
+    print(f"model: synthetic ViT ({info['checkpoint']['path']})")
+
+    # 1. the picture: a few test images x every method
+    pre = Preprocess(model_data_config(model))
+    src = SyntheticSource("test", size=max(args.num_explain, args.num_images))
+    samples = [src.load(i) for i in range(args.num_explain)]
+    xs, x01s, gt = zip(*[pre(pil, mask) for pil, mask, _ in samples])
+    x = torch.stack(xs).to(device)
+    with torch.no_grad():
+        pred = model(x).argmax(dim=1).cpu().tolist()
+    maps = {m: v.cpu() for m, v in _explain_all(model, x, args.methods, args.backend).items()}
+    titles = [f"{CLASS_NAMES[lab]} (pred {CLASS_NAMES[p]})" for (_, _, lab), p in zip(samples, pred)]
+    grid = save_grid(torch.stack(x01s), maps, out / "demo_grid.png", titles=titles, masks=torch.stack(gt),
+                     image_title="image (mask outlined)")
+    print(f"explanation grid: {grid}")
+
+    # 2. the evaluation on a synthetic test subset
+    metrics = ["segmentation", "perturbation"] + (["sanity"] if args.sanity_images else [])
+    results = evaluate(
+        "synthetic", SyntheticSource("test", size=args.num_images), methods=args.methods, metrics=metrics,
+        checkpoint=args.checkpoint, batch_size=args.batch_size, device=args.device,
+        output=str(out / "demo_results.json"), backend=args.backend, num_workers=args.workers,
+        progress=not args.no_progress, restart=True, sanity_images=args.sanity_images or None,
+        command=[PROG, *args.argv],
+    )
+    _print_results(results, str(out / "demo_results.json"))
+    from .evaluation.runner import format_table
+
+    (out / "demo_table.md").write_text(format_table(results) + "\n", encoding="utf-8")
+    _plot_curves(results, str(out / "demo_curves.png"))
+    print(f"demo finished in {time.time() - t0:.1f} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 usage / input error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .evaluation.data import DataError
+    from .evaluation.runner import EvaluationError
+
+    try:
+        args.argv = argv
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, EvaluationError, DataError, FileNotFoundError, ValueError, TypeError, OSError) as e:
+        if os.environ.get("TOKENTM_FAST_DEBUG"):
+            raise
+        msg = str(e) or type(e).__name__
+        print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

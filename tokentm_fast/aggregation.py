@@ -58,6 +58,21 @@ def _columns(w: Weight, rows: torch.Tensor) -> Union[torch.Tensor, float]:
     return float(w)
 
 
+def _heads_folded(attn: torch.Tensor, grad: Optional[torch.Tensor], mode: str, dtype) -> torch.Tensor:
+    """``(B, H·N, N)`` with Σ_h folded into the product: ``s·Ā = (s, …, s)/H · F``.
+
+    ``F`` is ``max(A ⊙ G, 0)`` (gae) or ``A`` (mean), stacked over heads, so the
+    head mean never needs its own pass over memory.
+    """
+    b, h, n, _ = attn.shape
+    a = attn.to(dtype)
+    if mode == "gae":
+        f = torch.mul(a, grad.to(dtype)).relu_()
+    else:
+        f = a
+    return f.reshape(b, h * n, n)
+
+
 def row_update(
     rows: torch.Tensor,
     attn: torch.Tensor,
@@ -77,10 +92,19 @@ def row_update(
 
     Returns:
         new ``(B, Q, N)`` rows, same dtype as ``rows``.
+
+    For a few rows (the row algorithm) the head mean is folded into one
+    ``(B, Q, H·N) × (B, H·N, N)`` product, so Ā is never formed; for many rows
+    (the full matrix) Ā is formed once and multiplied.
     """
     s = rows * (1.0 + _columns(w_mlp, rows))
-    fused = fuse_heads(attn, grad, mode).to(rows.dtype)
-    return s + torch.bmm(s, fused) * _columns(w_attn, rows)
+    b, q, n = rows.shape
+    h = attn.shape[1]
+    if mode in ("gae", "mean") and q * 4 <= n:
+        t = torch.bmm(s.repeat(1, 1, h), _heads_folded(attn, grad, mode, rows.dtype)) / h
+    else:
+        t = torch.bmm(s, fuse_heads(attn, grad, mode).to(rows.dtype))
+    return s + t * _columns(w_attn, rows)
 
 
 def initial_rows(query: torch.Tensor, full: bool) -> torch.Tensor:

@@ -1,0 +1,298 @@
+"""Shared machinery of the benchmark suite (see benchmarks/README.md).
+
+Options (also settable through environment variables, handy for scripts):
+
+--bench-scale tiny|small|full   (TOKENTM_BENCH_SCALE, default small)
+    tiny: smoke test of every case kind in seconds; small: the issue-target
+    sizes, minutes on CPU; full: the whole sweep (GPU).
+--bench-device cpu|cuda          (TOKENTM_BENCH_DEVICE, default cuda if available)
+--bench-tf32                     (TOKENTM_BENCH_TF32=1) allow TF32 in torch matmuls
+    and cuDNN convolutions; tolerances of float32 GPU cases become 5e-3 (spec §7).
+    Off by default: float32 means IEEE float32 (torch's matmul default, and cuDNN's
+    conv TF32 switched off), so every float32 case is checked at 1e-5.
+--bench-budget SECONDS           (TOKENTM_BENCH_BUDGET) target timed seconds per case.
+--bench-no-assert                (TOKENTM_BENCH_NO_ASSERT=1) record the errors against the
+    oracle (extra_info["max_rel_err"]) but warn instead of failing.
+--bench-mem-fraction F           (TOKENTM_BENCH_MEM_FRACTION, default 0.7 on CUDA,
+    0.5 on CPU) sizes whose estimated memory exceeds F × the free memory (at start)
+    are not generated at all.
+
+Every case first runs the code under test once and checks it against a float64
+oracle within spec §7 (per-image relative L2 error), then times it with
+``benchmark.pedantic``: rounds are chosen from a probe call so that a case takes
+about the budget; the device is synchronized after every call. On CUDA the
+kernel-level cases also record the CUDA-event time of back-to-back calls
+(``extra_info["device_time_s"]``), which the bandwidth figures use.
+
+Backends are parametrized only where they can run: ``triton`` only on CUDA
+(or, for development, on CPU under Triton's interpreter with
+``TOKENTM_BENCH_TRITON_INTERPRET=1``). Sizes that do not fit are left out at
+collection time (listed in the report header), never reported as skipped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+if os.environ.get("TOKENTM_BENCH_TRITON_INTERPRET") == "1":  # development only; before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+from tokentm_fast.benchtable import copy_bandwidth, environment, rel_err, sync
+
+SCALES = ("tiny", "small", "full")
+
+# Seconds of timed calls per case: (kernel-level, explain-level) per (scale, device type).
+BUDGETS = {
+    ("tiny", "cpu"): (0.2, 0.3), ("tiny", "cuda"): (0.1, 0.2),
+    ("small", "cpu"): (1.0, 2.0), ("small", "cuda"): (0.3, 1.0),
+    ("full", "cpu"): (2.0, 4.0), ("full", "cuda"): (0.3, 1.0),
+}
+
+TOL_FP32 = 1e-5
+TOL_TF32 = 5e-3
+TOL_HALF = 2e-2
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("tokentm-bench", "tokentm_fast benchmark suite")
+    group.addoption("--bench-scale", choices=SCALES, default=os.environ.get("TOKENTM_BENCH_SCALE", "small"),
+                    help="size sweep: tiny (smoke), small (default; issue-target sizes), full (GPU sweep)")
+    group.addoption("--bench-device", default=os.environ.get("TOKENTM_BENCH_DEVICE"),
+                    help="cpu or cuda (default: cuda when available)")
+    group.addoption("--bench-tf32", action="store_true", default=os.environ.get("TOKENTM_BENCH_TF32") == "1",
+                    help="allow TF32 in torch matmuls/convolutions (tolerance 5e-3 for float32 GPU cases)")
+    group.addoption("--bench-no-assert", action="store_true", default=os.environ.get("TOKENTM_BENCH_NO_ASSERT") == "1",
+                    help="record the errors against the oracle but do not fail cases on them (timings only)")
+    group.addoption("--bench-budget", type=float, default=_float_env("TOKENTM_BENCH_BUDGET"),
+                    help="target timed seconds per case (default depends on scale and device)")
+    group.addoption("--bench-mem-fraction", type=float, default=_float_env("TOKENTM_BENCH_MEM_FRACTION"),
+                    help="largest fraction of the free memory a case may need (estimate); default 0.7 cuda, 0.5 cpu")
+
+
+def _float_env(name: str) -> Optional[float]:
+    v = os.environ.get(name)
+    return float(v) if v else None
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    from tokentm_fast.kernels import triton_available
+
+    if device.type == "cuda":
+        return triton_available(device)
+    return os.environ.get("TOKENTM_BENCH_TRITON_INTERPRET") == "1" and triton_available(device)
+
+
+class BenchContext:
+    """Scale, device, memory budget, tolerances and the timing procedure of the suite."""
+
+    def __init__(self, config) -> None:
+        self.scale: str = config.getoption("--bench-scale")
+        dev = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(dev)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.cuda = self.device.type == "cuda"
+        self.tf32: bool = config.getoption("--bench-tf32")
+        self.mem_fraction: float = config.getoption("--bench-mem-fraction") or (0.7 if self.cuda else 0.5)
+        self.assert_errors: bool = not config.getoption("--bench-no-assert")
+        budget = config.getoption("--bench-budget")
+        k, e = BUDGETS[(self.scale, self.device.type)]
+        self.budget_kernel = budget if budget else k
+        self.budget_explain = budget if budget else e
+        self.min_rounds = 2 if self.scale == "tiny" else (10 if self.cuda else 3)
+        self.max_rounds = 1000
+        self.triton = _triton_runs_on(self.device)
+        self.interpreted = self.triton and not self.cuda
+        self.free_bytes = torch.cuda.mem_get_info(self.device)[0] if self.cuda else _available_ram()
+        self.left_out: List[str] = []
+        self._env: Optional[Dict[str, Any]] = None
+
+    # ----------------------------------------------------------------- parametrization
+    def backends(self, with_reference: bool = True) -> List[str]:
+        return (["reference"] if with_reference else []) + ["torch"] + (["triton"] if self.triton else [])
+
+    def dtypes(self) -> List[str]:
+        """float32 everywhere; bfloat16 inputs too on CUDA (where the kernels read half the bytes)."""
+        return ["float32", "bfloat16"] if self.cuda else ["float32"]
+
+    def fits(self, need_bytes: float, what: Optional[str] = None) -> bool:
+        """Whether a case needing about ``need_bytes`` may run; remembers ``what`` was left out."""
+        ok = need_bytes <= self.mem_fraction * self.free_bytes
+        if not ok and what is not None:
+            self.left_out.append(f"{what} (needs ~{need_bytes / 2**30:.1f} GiB)")
+        return ok
+
+    # ----------------------------------------------------------------- environment
+    @property
+    def env(self) -> Dict[str, Any]:
+        if self._env is None:
+            env = environment(self.device)
+            env["copy_bw_Bps"] = copy_bandwidth(self.device)
+            env["scale"] = self.scale
+            env["triton_interpreted"] = self.interpreted
+            self._env = env
+        return self._env
+
+    # ----------------------------------------------------------------- correctness
+    def tolerance(self, dtype: str, tf32: bool = False) -> float:
+        """Spec §7: bf16/fp16 inputs 2e-2; TF32 products 5e-3; float32 1e-5."""
+        if dtype in ("bfloat16", "float16"):
+            return TOL_HALF
+        if tf32:
+            return TOL_TF32
+        return TOL_FP32
+
+    def check(self, benchmark, out: torch.Tensor, ref: torch.Tensor, tol: Optional[float], what: str) -> float:
+        """Assert finite output and per-image relative error ≤ ``tol`` (None: record only)."""
+        assert torch.isfinite(out).all(), f"{what}: NaN or Inf in the output"
+        err = rel_err(out, ref)
+        max_err = float(err.max())
+        benchmark.extra_info["max_rel_err"] = max_err
+        benchmark.extra_info["tol"] = tol
+        if tol is not None and not self.assert_errors and max_err > tol:
+            warnings.warn(f"{what}: per-image relative L2 error {max_err:.2e} exceeds {tol} (spec §7)")
+        elif tol is not None:
+            assert max_err <= tol, f"{what}: per-image relative L2 error {err.tolist()} exceeds {tol} (spec §7)"
+        return max_err
+
+    # ----------------------------------------------------------------- timing
+    def sync(self) -> None:
+        sync(self.device)
+
+    def measure(self, benchmark, fn: Callable[[], Any], extra: Dict[str, Any], *, explain: bool = False,
+                first_call_s: Optional[float] = None, device_time: bool = False) -> None:
+        """Time ``fn`` (already called once by the check) with ``benchmark.pedantic``.
+
+        Rounds are chosen so that the timed calls take about the budget (at least
+        ``min_rounds``; 3 when one call takes more than 0.5 s, 2 above 5 s). Very short calls are
+        repeated inside a round so that a round lasts ≥ 1 ms. ``device_time`` (CUDA)
+        also records the CUDA-event time per call of back-to-back calls without
+        host synchronization in ``extra_info["device_time_s"]``.
+        """
+        benchmark.extra_info.update(self.env)
+        benchmark.extra_info.update(extra)
+        benchmark.extra_info["torch_threads"] = torch.get_num_threads()
+
+        def call():
+            fn()
+            self.sync()
+
+        if benchmark.disabled:  # --benchmark-disable: run once (pedantic only calls it)
+            benchmark.pedantic(call)
+            return
+        budget = self.budget_explain if explain else self.budget_kernel
+        if first_call_s is not None and first_call_s > max(1.0, budget) and not self.cuda:
+            t = first_call_s  # CPU: a probe would only add time (on CUDA the first call may include compilation)
+        else:
+            t0 = time.perf_counter()
+            call()
+            t = time.perf_counter() - t0
+        t = max(t, 1e-7)
+        iterations = 1 if t >= 1e-3 else int(min(1000, math.ceil(1e-3 / t)))
+        min_rounds = 2 if t > 5.0 else (3 if t > 0.5 else self.min_rounds)
+        rounds = int(min(self.max_rounds, max(min_rounds, math.ceil(budget / (t * iterations)))))
+        benchmark.extra_info["probe_s"] = t
+        benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=0)
+        if device_time and self.cuda:
+            k = int(min(50, max(3, rounds * iterations)))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.sync()
+            start.record()
+            for _ in range(k):
+                fn()
+            end.record()
+            end.synchronize()
+            benchmark.extra_info["device_time_s"] = start.elapsed_time(end) / 1e3 / k
+
+    def release(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+
+_CTX: Optional[BenchContext] = None
+
+
+def pytest_configure(config):
+    global _CTX
+    _CTX = BenchContext(config)
+    config.tokentm_bench = _CTX
+    torch.backends.cuda.matmul.allow_tf32 = _CTX.tf32  # recorded in every case's extra_info
+    torch.backends.cudnn.allow_tf32 = _CTX.tf32
+    config.addinivalue_line("markers", "tokentm_bench: tokentm_fast benchmark case")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Collect the benchmarks only when asked for: ``pytest benchmarks/...`` or ``--benchmark-only``.
+
+    A plain ``pytest`` from the repository root then runs the tests, not minutes of timings.
+    """
+    if not collection_path.name.startswith("test_bench_"):
+        return None
+    if config.getoption("benchmark_only", False):
+        return None
+    here = Path(__file__).resolve().parent
+    for arg in config.args:
+        target = Path(str(arg).split("::")[0]).resolve()
+        if target == here or here in target.parents:
+            return None
+    return True
+
+
+def pytest_report_header(config):
+    ctx: BenchContext = config.tokentm_bench
+    free = ctx.free_bytes / 2**30
+    lines = [
+        f"tokentm bench: scale={ctx.scale} device={ctx.device} backends={ctx.backends()} "
+        f"tf32={ctx.tf32} free memory {free:.1f} GiB (cases limited to {ctx.mem_fraction:.0%})"
+        + (" [triton interpreted]" if ctx.interpreted else "")
+    ]
+    return lines
+
+
+def pytest_collection_finish(session):
+    ctx: BenchContext = session.config.tokentm_bench
+    if ctx.left_out:
+        rep = session.config.pluginmanager.get_plugin("terminalreporter")
+        if rep is not None:
+            rep.write_line(f"tokentm bench: {len(ctx.left_out)} size(s) left out for memory:")
+            for what in ctx.left_out:
+                rep.write_line(f"  - {what}")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    ctx: BenchContext = config.tokentm_bench
+    info = dict(ctx.env)
+    info["left_out_for_memory"] = list(ctx.left_out)
+    info["tf32"] = ctx.tf32
+    machine_info["tokentm_bench"] = info
+
+
+@pytest.fixture(scope="session")
+def bench(request) -> BenchContext:
+    """The suite's ``BenchContext``."""
+    return request.config.tokentm_bench

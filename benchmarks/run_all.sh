@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Run the benchmark suite, the peak-memory script and the table; write everything to
+# benchmarks/results/<device-name>/ (README.md with device, versions and commands).
+#
+#   benchmarks/run_all.sh                 # all parts: agg ops explain memory table
+#   benchmarks/run_all.sh agg             # one part (each is meant to fit in < 10 min on one GPU)
+#   benchmarks/run_all.sh explain memory table
+#
+# Parts: agg (row + full-matrix aggregation), ops (head fusion, transform weights,
+# legrad reduce), kernels (= agg ops), explain (whole explain vs forward+backward),
+# memory (peak memory per backend, fresh processes), table (table.md + README.md
+# from the folder's files only: bench_*.json, peak_memory.md, commands_*.txt; so the
+# parts may run on a remote GPU machine and `table` here after copying the files back).
+#
+# Environment:
+#   BENCH_DEVICE  cpu | cuda            (default: cuda when available)
+#   BENCH_SCALE   tiny | small | full   (default: full on cuda, small on cpu)
+#   BENCH_OUT     output folder         (default: benchmarks/results/<device-slug>)
+#   BENCH_ARGS    extra pytest arguments (e.g. "--bench-tf32" or "-k vit_b16")
+#   BENCH_TAG     suffix of the JSON/log names (to split a part: BENCH_TAG=large BENCH_ARGS="-k large")
+#   BENCH_MEM_MODEL / BENCH_MEM_BATCH   peak-memory case (default vit_base_patch16_224,
+#                                        batch 8 on cpu, 64 on cuda)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python}
+DEV=${BENCH_DEVICE:-$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
+if [ "$DEV" = cuda ]; then SCALE=${BENCH_SCALE:-full}; MEM_BATCH=${BENCH_MEM_BATCH:-64}
+else SCALE=${BENCH_SCALE:-small}; MEM_BATCH=${BENCH_MEM_BATCH:-8}; fi
+MEM_MODEL=${BENCH_MEM_MODEL:-vit_base_patch16_224}
+SLUG=$($PY -c "from tokentm_fast.benchtable import device_slug; print(device_slug('$DEV'))")
+OUT=${BENCH_OUT:-benchmarks/results/$SLUG}
+mkdir -p "$OUT"
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(agg ops explain memory table)
+EXPANDED=()
+for part in "${PARTS[@]}"; do
+  if [ "$part" = kernels ]; then EXPANDED+=(agg ops); else EXPANDED+=("$part"); fi
+done
+PARTS=("${EXPANDED[@]}")
+AGG=benchmarks/test_bench_aggregation.py
+STATUS=0
+log_cmd() { local part=$1; shift; echo "$*" > "$OUT/commands_$part.txt"; echo "+ $*"; }
+
+run_pytest() {  # $1 = part name, then the test files / node ids
+  local name="$1${BENCH_TAG:+_$BENCH_TAG}"
+  shift
+  local cmd=("$PY" -m pytest "$@" --benchmark-only -q -p no:cacheprovider
+             --bench-device "$DEV" --bench-scale "$SCALE" --benchmark-json "$OUT/bench_$name.json"
+             --benchmark-columns=min,mean,median,stddev,rounds,iterations)
+  # shellcheck disable=SC2206
+  [ -n "${BENCH_ARGS:-}" ] && cmd+=(${BENCH_ARGS})
+  log_cmd "$name" "${cmd[*]}"
+  "${cmd[@]}" 2>&1 | tee "$OUT/pytest_$name.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] && { echo "pytest $name exited with $rc (see $OUT/pytest_$name.log)"; STATUS=$rc; }
+}
+
+for part in "${PARTS[@]}"; do
+  case "$part" in
+    agg) run_pytest agg "$AGG::test_aggregation" "$AGG::test_aggregation_full" ;;
+    ops) run_pytest ops "$AGG::test_head_fusion" "$AGG::test_transform_weights" "$AGG::test_legrad_reduce" ;;
+    explain) run_pytest explain benchmarks/test_bench_explain.py ;;
+    memory)
+      cmd=("$PY" benchmarks/peak_memory.py --model "$MEM_MODEL" --batch "$MEM_BATCH" --device "$DEV"
+           --methods tokentm legrad rollout --json "$OUT/peak_memory.json")
+      log_cmd memory "${cmd[*]} > $OUT/peak_memory.md"
+      "${cmd[@]}" > "$OUT/peak_memory.md" || { echo "peak_memory failed"; STATUS=1; }
+      cat "$OUT/peak_memory.md" ;;
+    table)
+      shopt -s nullglob
+      jsons=("$OUT"/bench_*.json)
+      if [ ${#jsons[@]} -gt 0 ]; then
+        log_cmd table "$PY -m tokentm_fast.benchtable ${jsons[*]} > $OUT/table.md"
+        $PY -m tokentm_fast.benchtable "${jsons[@]}" > "$OUT/table.md" || STATUS=1
+      fi
+      $PY -m tokentm_fast.benchtable --readme "$OUT" > "$OUT/README.md" || STATUS=1
+      echo "wrote $OUT/README.md" ;;
+    *) echo "unknown part '$part' (agg | ops | kernels | explain | memory | table)"; exit 2 ;;
+  esac
+done
+exit $STATUS

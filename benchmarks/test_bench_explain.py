@@ -1,0 +1,191 @@
+"""Whole-explain benchmarks on random-init timm ViTs (suite ``explain``).
+
+For each (model, batch):
+
+- ``baseline``: the plain training-style step with explicit attention
+  (``fused_attn=False`` on every attention module): ``logits = model(x)``,
+  ``logits[range(B), target].sum().backward()`` with parameter gradients. The
+  explain/baseline ratio is what an explanation costs over a normal step.
+- ``explain(method=m, backend=b)`` for m in tokentm, legrad, rollout and b in
+  reference, torch, triton (CUDA only). The reference runs the literal spec in
+  float64 on a float64 copy of the model (``tokentm_fast.reference``).
+
+Targets are fixed random classes (the same for every backend; the argmax of a
+random-init model can differ between float32 and float64 when logits nearly
+tie). The qkv weights are scaled ×4 so that attention is not nearly uniform.
+
+Every torch/triton case first checks its map against the reference map (float64)
+of the same images: per-image relative L2 error ≤ 1e-5 (5e-3 with --bench-tf32).
+When the reference at the full batch does not fit in memory, the first few images
+are checked against a reference on those images only.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import torch
+
+import tokentm_fast as tf
+from tokentm_fast.benchtable import forward_backward_step, random_images, random_vit
+
+# name -> (L, H, D, parameters); all at 224 px with 16 px patches: N = 197.
+MODELS = {
+    "vit_tiny_patch16_224": (12, 3, 192, 5.7e6),
+    "vit_small_patch16_224": (12, 6, 384, 22.1e6),
+    "vit_base_patch16_224": (12, 12, 768, 86.6e6),
+    "vit_large_patch16_224": (24, 16, 1024, 304.3e6),
+}
+N_TOKENS = 197
+METHODS = ("tokentm", "legrad", "rollout")
+CHECK_BATCH = {"cpu": 2, "cuda": 8}
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class ECase:
+    model: str
+    B: int
+    backend: str  # baseline | reference | torch | triton
+    method: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} B={self.B}"
+
+    @property
+    def id(self) -> str:
+        what = "fwd_bwd" if self.backend == "baseline" else f"{self.method}-{self.backend}"
+        return f"{self.model}-B{self.B}-{what}"
+
+    def extra(self) -> Dict[str, Any]:
+        L, H, D, _ = MODELS[self.model]
+        return dict(suite="explain", case=self.label, backend=self.backend, method=self.method,
+                    model=self.model, B=self.B, L=L, H=H, D=D, N=N_TOKENS, dtype="float32")
+
+
+def memory(model: str, batch: int, backend: str) -> float:
+    """Rough peak bytes: activations of a step with explicit attention (float64 for the reference)."""
+    L, H, D, params = MODELS[model]
+    n = N_TOKENS
+    if backend == "reference":
+        act = L * batch * (16 * n * D + 4 * H * n * n) * 8
+        return act + 3 * params * 8 + 6 * batch * n * n * 8
+    return L * batch * (16 * n * D + 2 * H * n * n) * 4 + 3 * params * 4
+
+
+def _sweep(scale: str, cuda: bool) -> List[Tuple[str, int]]:
+    if scale == "tiny":
+        return [("vit_tiny_patch16_224", 2)]
+    if scale == "small":
+        if cuda:
+            return [("vit_base_patch16_224", 8), ("vit_base_patch16_224", 64)]
+        return [("vit_small_patch16_224", 8), ("vit_base_patch16_224", 8)]
+    if cuda:
+        return [(m, b) for m in ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224")
+                for b in (1, 8, 64, 256)]
+    return ([(m, b) for m in ("vit_small_patch16_224", "vit_base_patch16_224") for b in (1, 8, 32)]
+            + [("vit_large_patch16_224", b) for b in (1, 8)])
+
+
+def build_cases(ctx) -> List[ECase]:
+    cases = []
+    for model, b in _sweep(ctx.scale, ctx.cuda):
+        if not ctx.fits(memory(model, b, "torch"), f"explain {model} B={b}"):
+            continue
+        cases.append(ECase(model, b, "baseline"))
+        for method in METHODS:
+            for backend in ctx.backends():
+                if backend == "reference" and not ctx.fits(memory(model, b, "reference"),
+                                                           f"explain reference {model} B={b} {method}"):
+                    continue
+                cases.append(ECase(model, b, backend, method))
+    return cases
+
+
+def pytest_generate_tests(metafunc):
+    if "ecase" in metafunc.fixturenames:
+        cases = build_cases(metafunc.config.tokentm_bench)
+        metafunc.parametrize("ecase", cases, ids=[c.id for c in cases])
+
+
+# --------------------------------------------------------------------------- model / images / reference maps
+
+_STATE: Dict[str, Any] = {"model_name": None, "model": None, "inputs": {}, "refs": {}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_state(bench):
+    yield
+    _STATE.update(model_name=None, model=None, inputs={}, refs={})
+    bench.release()
+
+
+def _model(name: str, ctx) -> torch.nn.Module:
+    if _STATE["model_name"] != name:
+        _STATE.update(model_name=None, model=None, inputs={}, refs={})
+        ctx.release()
+        _STATE["model"] = random_vit(name, ctx.device)
+        _STATE["model_name"] = name
+    return _STATE["model"]
+
+
+def _inputs(model: torch.nn.Module, batch: int, ctx) -> Tuple[torch.Tensor, torch.Tensor]:
+    if batch not in _STATE["inputs"]:
+        _STATE["inputs"] = {batch: random_images(model, batch, ctx.device)}
+    return _STATE["inputs"][batch]
+
+
+def _reference_map(case: ECase, model, images, target, ctx) -> torch.Tensor:
+    """Reference map of the case's images (cached), or of its first few images when the batch does not fit."""
+    key = (case.model, case.B, case.method)
+    if key not in _STATE["refs"]:
+        k = case.B
+        if not ctx.fits(memory(case.model, k, "reference")):
+            k = min(case.B, CHECK_BATCH[ctx.device.type])
+        _STATE["refs"][key] = tf.explain(model, images[:k], method=case.method, target=target[:k],
+                                         backend="reference")
+    return _STATE["refs"][key]
+
+
+# --------------------------------------------------------------------------- the case
+
+
+def test_explain(benchmark, bench, ecase: ECase):
+    model = _model(ecase.model, bench)
+    images, target = _inputs(model, ecase.B, bench)
+    benchmark.group = f"explain {ecase.label} {ecase.method or 'fwd+bwd'}"
+    try:
+        if ecase.backend == "baseline":
+            fn = forward_backward_step(model, images, target)
+            t0 = time.perf_counter()
+            fn()
+            bench.sync()
+            first = time.perf_counter() - t0
+            grads_ok = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+            assert grads_ok, "baseline produced non-finite gradients"
+        else:
+            def fn():
+                return tf.explain(model, images, method=ecase.method, target=target, backend=ecase.backend)
+
+            t0 = time.perf_counter()
+            out = fn()
+            bench.sync()
+            first = time.perf_counter() - t0
+            if ecase.backend == "reference":
+                _STATE["refs"][(ecase.model, ecase.B, ecase.method)] = out
+                bench.check(benchmark, out, out, None, ecase.id)
+            else:
+                ref = _reference_map(ecase, model, images, target, bench)
+                tol = bench.tolerance("float32", tf32=bench.tf32 and bench.cuda)
+                bench.check(benchmark, out[: ref.shape[0]], ref, tol, f"explain {ecase.id}")
+            del out
+        bench.measure(benchmark, fn, ecase.extra(), explain=True, first_call_s=first)
+    except _OOM:  # the estimate is rough; never let one size take the run down
+        bench.release()
+        pytest.skip(f"out of memory at {ecase.id}")
+    finally:
+        if ecase.backend == "baseline":
+            model.zero_grad(set_to_none=True)

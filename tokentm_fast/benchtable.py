@@ -1,0 +1,648 @@
+"""Benchmark tables: pytest-benchmark JSON → markdown, and a quick explain timer.
+
+- ``table_from_json(path)``: the markdown table of a ``pytest benchmarks/
+  --benchmark-json=...`` run: mean time of every case per backend
+  (reference / torch / triton, plus the plain forward+backward baseline of the
+  explain cases), the speedups, and on CUDA the achieved memory bandwidth of
+  the kernels (the bytes a kernel must move at least, divided by its time) as
+  a percentage of the device's measured copy bandwidth. Ends with the issue
+  targets that the run covers (met / not met).
+- ``quick_bench(...)``: times ``explain`` per backend on a random-init timm
+  model (used by ``tokentm-fast bench``).
+- ``python -m tokentm_fast.benchtable results.json [more.json ...]`` prints the
+  table; ``python -m tokentm_fast.benchtable --quick [--model ...]`` runs
+  ``quick_bench``; ``--env [--device cuda]`` prints the environment.
+
+The helpers ``environment``, ``copy_bandwidth``, ``rel_err`` and ``sync`` are
+shared with the benchmark suite in ``benchmarks/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "table_from_json",
+    "quick_bench",
+    "main",
+    "environment",
+    "copy_bandwidth",
+    "rel_err",
+    "TARGETS",
+    "readme",
+]
+
+BACKEND_ORDER = ("baseline", "reference", "torch", "triton")
+FAST_BACKENDS = ("torch", "triton")
+SUITE_TITLES = {
+    "aggregation": "Aggregation, row algorithm over all L layers (spec §3.1); reference = full N×N matrices (fp32)",
+    "aggregation_full": "Aggregation, full matrix Cᴸ (spec §3); triton = matrix_update (tf32 tl.dot)",
+    "head_fusion": "Head fusion Ā = mean_h max(A⊙G, 0), one layer",
+    "transform_weights": "Transformation weights (spec §2), one sub-layer",
+    "legrad_reduce": "LeGrad reduction (spec §6), one layer",
+    "explain": "Whole explain() on a random-init timm model (baseline = plain forward+backward)",
+}
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: Union[str, torch.device] = "cpu") -> str:
+    """Human-readable name of ``device`` (the GPU's name, or the CPU model and core count)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({os.cpu_count()} cores)"
+
+
+def device_slug(device: Union[str, torch.device] = "cpu") -> str:
+    """``device_name`` as a folder name: ``nvidia-h100-80gb-hbm3``, ``cpu-amd-epyc-2c``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        raw = torch.cuda.get_device_name(device)
+    else:
+        raw = f"cpu {_cpu_name()} {os.cpu_count()}c"
+    out = "".join(c.lower() if c.isalnum() else "-" for c in raw)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-")
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        mod = __import__(module)
+    except Exception:  # pragma: no cover - depends on the environment
+        return None
+    return getattr(mod, "__version__", "unknown")
+
+
+def environment(device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Device and library versions, as stored in every benchmark's ``extra_info``."""
+    device = torch.device(device)
+    from . import __version__
+
+    env = {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "timm": _version("timm"),
+        "tokentm_fast": __version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_memory_bytes"] = int(props.total_memory)
+        env["sm_count"] = int(props.multi_processor_count)
+    return env
+
+
+def sync(device: Union[str, torch.device]) -> None:
+    """Wait for the device (no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_COPY_BW: Dict[str, float] = {}
+
+
+def copy_bandwidth(device: Union[str, torch.device] = "cpu", nbytes: Optional[int] = None, repeats: int = 10) -> float:
+    """Measured copy bandwidth of ``device`` in bytes/s: ``(bytes read + written) / time``.
+
+    Times ``y.copy_(x)`` of a large buffer (1 GiB on CUDA, at most a tenth of the
+    free memory; 256 MiB on CPU) and keeps the best of ``repeats``. Measured once
+    per device and process.
+    """
+    device = torch.device(device)
+    key = str(device)
+    if key in _COPY_BW:
+        return _COPY_BW[key]
+    if nbytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            nbytes = int(min(1 << 30, free // 10))
+        else:
+            nbytes = 256 << 20
+    n = max(1, nbytes // 4)
+    x = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync(device)
+    best = math.inf
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(repeats):
+            start.record()
+            y.copy_(x)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            y.copy_(x)
+            best = min(best, time.perf_counter() - t0)
+    del x, y
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _COPY_BW[key] = 2.0 * n * 4 / best
+    return _COPY_BW[key]
+
+
+def rel_err(e: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-image relative L2 error of spec §7: ``‖e − ref‖₂ / ‖ref‖₂`` (float64, shape ``(B,)``).
+
+    Where ``ref`` is exactly zero the absolute error ``‖e‖₂`` is returned.
+    """
+    e = e.detach().to(torch.float64).reshape(e.shape[0], -1)
+    ref = ref.detach().to(device=e.device, dtype=torch.float64).reshape(ref.shape[0], -1)
+    diff = (e - ref).norm(dim=1)
+    norm = ref.norm(dim=1)
+    return torch.where(norm > 0, diff / torch.where(norm > 0, norm, torch.ones_like(norm)), diff)
+
+
+# --------------------------------------------------------------------------- table from JSON
+
+
+def _load(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> Tuple[List[dict], dict]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    benches: List[dict] = []
+    machine: dict = {}
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            data = json.load(f)
+        benches.extend(data.get("benchmarks", []))
+        if not machine:
+            machine = data.get("machine_info", {}) or {}
+    return benches, machine
+
+
+def _ms(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "–"
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+def _x(ratio: Optional[float]) -> str:
+    return "–" if ratio is None or not math.isfinite(ratio) else f"{ratio:.2f}×"
+
+
+def _err(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:.1e}"
+
+
+def _bench_time(b: dict, stat: str = "mean") -> float:
+    return float(b["stats"][stat])
+
+
+def _kernel_time(b: dict) -> float:
+    """Time used for bandwidth: the CUDA-event time of back-to-back calls if measured, else the mean."""
+    info = b.get("extra_info", {})
+    t = info.get("device_time_s")
+    return float(t) if t else _bench_time(b)
+
+
+def _env_of(benches: List[dict], machine: dict) -> Dict[str, Any]:
+    env = dict(machine.get("tokentm_bench", {}) or {})
+    for b in benches:
+        info = b.get("extra_info", {})
+        for k in ("device", "device_name", "torch", "triton", "timm", "torch_threads", "copy_bw_Bps", "scale", "tf32_matmul"):
+            if k in info and k not in env:
+                env[k] = info[k]
+    return env
+
+
+def _groups(benches: List[dict]) -> Dict[str, Dict[Tuple[str, str], Dict[str, dict]]]:
+    """suite -> (case, method) -> backend -> benchmark (the last one wins for duplicates)."""
+    out: Dict[str, Dict[Tuple[str, str], Dict[str, dict]]] = {}
+    for b in benches:
+        info = b.get("extra_info", {})
+        suite = info.get("suite")
+        if suite is None or "stats" not in b or not b["stats"]:
+            continue
+        key = (info.get("case", b.get("name", "?")), info.get("method", "") or "")
+        out.setdefault(suite, {}).setdefault(key, {})[info.get("backend", "?")] = b
+    return out
+
+
+def _suite_table(suite: str, rows: Dict[Tuple[str, str], Dict[str, dict]], bandwidth: bool, copy_bw: Optional[float]) -> str:
+    present = [bk for bk in BACKEND_ORDER if any(bk in r for r in rows.values())]
+    is_explain = suite == "explain"
+    baselines: Dict[str, dict] = {}
+    if is_explain:  # the baseline is per case, not per method
+        for (case, _), r in rows.items():
+            if "baseline" in r:
+                baselines[case] = r["baseline"]
+        rows = {k: v for k, v in rows.items() if k[1]}
+    fast = [bk for bk in FAST_BACKENDS if bk in present]
+    header = ["case"] + (["method"] if is_explain else [])
+    header += [("fwd+bwd" if bk == "baseline" else bk) + " (ms)" for bk in present]
+    if "reference" in present:
+        header += [f"ref/{bk}" for bk in fast]
+    elif set(FAST_BACKENDS) <= set(present):
+        header += ["torch/triton"]
+    if is_explain and baselines:
+        header += [f"{bk}/fwd+bwd" for bk in ["reference"] * ("reference" in present) + fast]
+    bw_backends = [bk for bk in fast if bandwidth and any("bytes" in r.get(bk, {}).get("extra_info", {}) for r in rows.values())]
+    for bk in bw_backends:
+        header += [f"{bk} GB/s"] + ([f"{bk} % copy"] if copy_bw else [])
+    header += [f"err {bk}" for bk in fast]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+
+    def order(key):
+        case, method = key
+        r = rows[key]
+        any_b = next(iter(r.values()))
+        i = any_b.get("extra_info", {})
+        return (i.get("D", 0), i.get("L", 0), i.get("N", 0), i.get("dtype", ""), i.get("Q", 0), i.get("B", 0),
+                case, method)
+
+    for key in sorted(rows, key=order):
+        case, method = key
+        r = rows[key]
+        t = {bk: _bench_time(r[bk]) for bk in present if bk in r}
+        if is_explain and case in baselines:
+            t["baseline"] = _bench_time(baselines[case])
+        cells = [case] + ([method] if is_explain else [])
+        cells += [_ms(t.get(bk)) for bk in present]
+        if "reference" in present:
+            cells += [_x(t["reference"] / t[bk]) if "reference" in t and bk in t else "–" for bk in fast]
+        elif set(FAST_BACKENDS) <= set(present):
+            cells += [_x(t["torch"] / t["triton"]) if "torch" in t and "triton" in t else "–"]
+        if is_explain and baselines:
+            for bk in ["reference"] * ("reference" in present) + fast:
+                cells += [_x(t[bk] / t["baseline"]) if bk in t and "baseline" in t else "–"]
+        for bk in bw_backends:
+            b = r.get(bk)
+            nbytes = b.get("extra_info", {}).get("bytes") if b else None
+            if nbytes:
+                bw = nbytes / _kernel_time(b)
+                pct = 100 * bw / copy_bw if copy_bw else None
+                cells += [f"{bw / 1e9:.0f}" if bw >= 1e11 else f"{bw / 1e9:.3g}"]
+                cells += ([f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"] if copy_bw else [])
+            else:
+                cells += ["–"] + (["–"] if copy_bw else [])
+        for bk in fast:
+            b = r.get(bk)
+            cells += [_err(b.get("extra_info", {}).get("max_rel_err")) if b else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Issue targets: (description, suite, selector on extra_info, kind, threshold).
+TARGETS = [
+    ("CPU: aggregation ViT-B/16 (L=12,H=12,N=197) batch 8, torch ≥ 3× faster than reference",
+     "cpu", "aggregation", {"config": "vit_b16", "N": 197, "B": 8, "dtype": "float32"}, ("speedup", "torch"), 3.0),
+    ("CPU: explain TokenTM vit_base_patch16_224 batch 8, torch ≤ 1.3× plain forward+backward",
+     "cpu", "explain", {"model": "vit_base_patch16_224", "B": 8, "method": "tokentm"}, ("vs_baseline", "torch"), 1.3),
+    ("GPU: row update ViT-B/16 batch 64 (fp32) ≥ 70% of copy bandwidth",
+     "cuda", "aggregation", {"config": "vit_b16", "N": 197, "B": 64, "dtype": "float32"}, ("bandwidth", "triton"), 0.70),
+    ("GPU: head fusion ViT-B/16 batch 64 (fp32) ≥ 70% of copy bandwidth",
+     "cuda", "head_fusion", {"config": "vit_b16", "N": 197, "B": 64, "dtype": "float32"}, ("bandwidth", "triton"), 0.70),
+    ("GPU: explain TokenTM vit_base_patch16_224 batch 64, triton ≥ 5× faster than reference",
+     "cuda", "explain", {"model": "vit_base_patch16_224", "B": 64, "method": "tokentm"}, ("speedup", "triton"), 5.0),
+    ("GPU: explain TokenTM vit_base_patch16_224 batch 64, triton ≤ 1.15× plain forward+backward",
+     "cuda", "explain", {"model": "vit_base_patch16_224", "B": 64, "method": "tokentm"}, ("vs_baseline", "triton"), 1.15),
+]
+
+
+def _find(benches: List[dict], suite: str, select: Dict[str, Any], backend: str) -> Optional[dict]:
+    for b in benches:
+        info = b.get("extra_info", {})
+        if info.get("suite") != suite or info.get("backend") != backend or not b.get("stats"):
+            continue
+        if all(info.get(k) == v for k, v in select.items() if not (backend == "baseline" and k == "method")):
+            return b
+    return None
+
+
+def _targets(benches: List[dict], device: Optional[str], copy_bw: Optional[float]) -> List[str]:
+    out = []
+    for desc, dev, suite, select, (kind, backend), thr in TARGETS:
+        if device is not None and dev != device:
+            continue
+        b = _find(benches, suite, select, backend)
+        if b is None:
+            continue
+        value, shown = None, ""
+        if kind == "speedup":
+            ref = _find(benches, suite, select, "reference")
+            if ref is not None:
+                value = _bench_time(ref) / _bench_time(b)
+                shown = f"{value:.2f}×"
+            ok = value is not None and value >= thr
+        elif kind == "vs_baseline":
+            base = _find(benches, suite, select, "baseline")
+            if base is not None:
+                value = _bench_time(b) / _bench_time(base)
+                shown = f"{value:.2f}×"
+            ok = value is not None and value <= thr
+        else:  # bandwidth
+            nbytes = b.get("extra_info", {}).get("bytes")
+            if nbytes and copy_bw:
+                value = nbytes / _kernel_time(b) / copy_bw
+                shown = f"{100 * value:.0f}%"
+            ok = value is not None and value >= thr
+        if value is None:
+            continue
+        out.append(f"- {'met' if ok else 'NOT met'}: {desc} — measured {shown}")
+    return out
+
+
+def table_from_json(path: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], bandwidth: str = "auto") -> str:
+    """Markdown table of one pytest-benchmark JSON file (or several, merged).
+
+    Args:
+        path: a ``--benchmark-json`` file written by ``pytest benchmarks/``, or a list of them.
+        bandwidth: ``"auto"`` shows the achieved bandwidth of the kernels on CUDA
+            only; ``"always"`` / ``"never"``.
+
+    Returns:
+        markdown: a header with device, versions and the measured copy bandwidth,
+        one table per suite (mean time per backend in ms, speedups, bandwidth as
+        GB/s and % of copy bandwidth, the max per-image relative error of each
+        fast path against its float64 oracle), and the issue targets covered.
+    """
+    benches, machine = _load(path)
+    env = _env_of(benches, machine)
+    device = env.get("device")
+    copy_bw = env.get("copy_bw_Bps")
+    show_bw = bandwidth == "always" or (bandwidth == "auto" and device == "cuda")
+    out = []
+    bits = [f"**{env.get('device_name', '?')}**"]
+    for k in ("torch", "triton", "timm"):
+        if env.get(k):
+            bits.append(f"{k} {env[k]}")
+    if env.get("torch_threads") and device == "cpu":
+        bits.append(f"{env['torch_threads']} threads")
+    if env.get("scale"):
+        bits.append(f"scale {env['scale']}")
+    if device == "cuda" and "tf32_matmul" in env:
+        bits.append("TF32 " + ("on" if env["tf32_matmul"] else "off"))
+    if copy_bw:
+        bits.append(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+    out.append(", ".join(bits))
+    out.append("")
+    out.append("Mean wall time per call in ms (the device synchronized after every call). "
+               "`ref/x` = speedup of backend x over the reference; `x/fwd+bwd` = explain time over the plain "
+               "forward+backward; GB/s = minimum bytes moved / time (CUDA-event time of back-to-back calls); "
+               "err = max per-image relative L2 error against the float64 oracle (checked before timing).")
+    groups = _groups(benches)
+    for suite in list(SUITE_TITLES) + sorted(set(groups) - set(SUITE_TITLES)):
+        if suite not in groups:
+            continue
+        out.append("")
+        out.append(f"### {SUITE_TITLES.get(suite, suite)}")
+        out.append("")
+        out.append(_suite_table(suite, groups[suite], show_bw, copy_bw if show_bw else None))
+    targets = _targets(benches, device, copy_bw)
+    if targets:
+        out += ["", "### Issue targets", ""] + targets
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- results folder README
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "diff", "--quiet"], capture_output=True, timeout=10).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
+
+
+def readme(folder: Union[str, os.PathLike]) -> str:
+    """README.md of a results folder written by ``benchmarks/run_all.sh``.
+
+    Built only from the folder's files (``bench_*.json``, ``peak_memory.md``,
+    ``commands*.txt``), so it can be assembled on another machine than the one
+    that ran the benchmarks.
+    """
+    import glob
+
+    folder = os.fspath(folder)
+    jsons = sorted(glob.glob(os.path.join(folder, "bench_*.json")))
+    benches, machine = _load(jsons) if jsons else ([], {})
+    env = _env_of(benches, machine)
+    keys = ("device", "device_name", "torch", "triton", "timm", "tokentm_fast", "python", "cuda", "torch_threads",
+            "gpu_memory_bytes", "sm_count", "tf32_matmul", "tf32_cudnn", "scale")
+    out = [f"# Benchmark results: {env.get('device_name', os.path.basename(folder.rstrip(os.sep)))}", ""]
+    stamp = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
+    out.append(f"Assembled {stamp} from commit `{_git_commit()}` by `benchmarks/run_all.sh`.")
+    out += ["", "## Environment", ""]
+    for k in keys:
+        if env.get(k) is not None:
+            out.append(f"- {k}: {env[k]}")
+    if env.get("copy_bw_Bps"):
+        out.append(f"- measured copy bandwidth: {env['copy_bw_Bps'] / 1e9:.1f} GB/s (read + write bytes / time)")
+    left = (machine.get("tokentm_bench") or {}).get("left_out_for_memory")
+    if left:
+        out.append(f"- sizes left out for memory: {', '.join(left)}")
+    cmds = []
+    for f in sorted(glob.glob(os.path.join(folder, "commands*.txt"))):
+        with open(f, encoding="utf-8") as fh:
+            cmds += [line.rstrip() for line in fh if line.strip()]
+    if cmds:
+        out += ["", "## Commands", "", "```"] + cmds + ["```"]
+    out += ["", "Files: `bench_*.json` (pytest-benchmark; every case's `extra_info` holds the device, versions, "
+            "shapes, bytes moved and the error against the oracle), `pytest_*.log`, `table.md`, `peak_memory.md`."]
+    if jsons:
+        out += ["", "## Timings", "", table_from_json(jsons).rstrip()]
+    pm = os.path.join(folder, "peak_memory.md")
+    if os.path.exists(pm):
+        with open(pm, encoding="utf-8") as fh:
+            out += ["", "## Peak memory", "", fh.read().rstrip()]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- quick bench
+
+
+def random_vit(name: str, device: Union[str, torch.device] = "cpu", seed: int = 0) -> torch.nn.Module:
+    """A random-init timm model with explicit attention (``fused_attn=False`` everywhere).
+
+    The qkv weights are scaled ×4 so that attention is not nearly uniform, as it
+    is right after timm's init (the explanations then depend on every term).
+    """
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "qkv.weight" in n:
+                p.mul_(4.0)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return model.eval().to(device)
+
+
+def random_images(model: torch.nn.Module, batch: int, device, seed: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(images, targets)``: random images of the model's input size and fixed random target classes."""
+    g = torch.Generator().manual_seed(seed)
+    size = model.patch_embed.img_size
+    images = torch.randn(batch, 3, *size, generator=g).to(device)
+    target = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
+    return images, target
+
+
+def forward_backward_step(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    """The baseline: a plain training-style step with explicit attention and parameter grads."""
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits = model(images)
+        logits.gather(1, target[:, None]).sum().backward()
+
+    return step
+
+
+def _time_calls(fn: Callable[[], Any], device, repeats: int) -> Tuple[float, float]:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sum(times) / len(times), min(times)
+
+
+def quick_bench(
+    model: str = "vit_base_patch16_224",
+    batch: int = 8,
+    methods: Sequence[str] = ("tokentm",),
+    backends: Sequence[str] = ("reference", "torch"),
+    device: Union[str, torch.device] = "cpu",
+    repeats: int = 3,
+    baseline: bool = True,
+) -> str:
+    """Time ``explain`` per method and backend on a random-init timm model.
+
+    Every (method, backend) is run once as warmup (its map is kept to report the
+    max per-image relative error against the reference backend, if timed), then
+    ``repeats`` times; the device is synchronized around every call. With
+    ``baseline`` the plain forward+backward step (explicit attention, parameter
+    gradients) is timed too and every explain time is also given relative to it.
+
+    Returns the markdown table (it is not printed; ``main`` prints it).
+    """
+    from . import explain
+
+    device = torch.device(device)
+    net = random_vit(model, device)
+    images, target = random_images(net, batch, device)
+    rows = []
+    base_t = None
+    if baseline:
+        step = forward_backward_step(net, images, target)
+        step()
+        base_t, base_min = _time_calls(step, device, repeats)
+        net.zero_grad(set_to_none=True)
+    for method in methods:
+        ref_map, ref_t = None, None
+        results = []
+        for backend in backends:
+            call = lambda: explain(net, images, method=method, target=target, backend=backend)  # noqa: E731
+            out = call()
+            sync(device)
+            mean, best = _time_calls(call, device, repeats)
+            if backend == "reference":
+                ref_map, ref_t = out, mean
+            results.append((backend, mean, best, out))
+        for backend, mean, best, out in results:
+            err = None
+            if ref_map is not None and backend != "reference":
+                err = float(rel_err(out, ref_map).max())
+            rows.append((method, backend, mean, best,
+                         ref_t / mean if ref_t else None, mean / base_t if base_t else None, err))
+    head = (f"{model}, batch {batch}, {device_name(device)}, torch {torch.__version__}"
+            + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
+            + f", mean of {repeats} after 1 warmup")
+    lines = [head, "", "| method | backend | mean (ms) | min (ms) | speedup vs reference | vs fwd+bwd | max rel err |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    if base_t is not None:
+        lines.append(f"| forward+backward | baseline | {_ms(base_t)} | {_ms(base_min)} | – | 1.00× | – |")
+    for method, backend, mean, best, speed, vs_base, err in rows:
+        lines.append(f"| {method} | {backend} | {_ms(mean)} | {_ms(best)} | {_x(speed)} | {_x(vs_base)} | {_err(err)} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tokentm_fast.benchtable",
+        description="Markdown table of pytest-benchmark JSON results of benchmarks/, or a quick explain timing.",
+    )
+    parser.add_argument("json", nargs="*", help="--benchmark-json files (merged into one table)")
+    parser.add_argument("--bandwidth", choices=("auto", "always", "never"), default="auto")
+    parser.add_argument("--quick", action="store_true", help="run quick_bench instead of reading JSON")
+    parser.add_argument("--env", action="store_true", help="print device and versions as markdown")
+    parser.add_argument("--readme", metavar="DIR", help="print the README.md of a run_all.sh results folder")
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=["tokentm"])
+    parser.add_argument("--backends", nargs="+", default=["reference", "torch"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.env:
+        env = {k: v for k, v in environment(args.device).items() if not k.startswith("tf32")}
+        env["copy_bw_GBps"] = round(copy_bandwidth(args.device) / 1e9, 1)
+        print("\n".join(f"- {k}: {v}" for k, v in env.items()))
+        return 0
+    if args.readme:
+        print(readme(args.readme), end="")
+        return 0
+    if args.quick:
+        print(quick_bench(args.model, args.batch, tuple(args.methods), tuple(args.backends),
+                          args.device, args.repeats), end="")
+        return 0
+    if not args.json:
+        parser.error("give one or more --benchmark-json files, or --quick, or --env")
+    print(table_from_json(args.json, bandwidth=args.bandwidth), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,6 +60,17 @@ def test_backends_match_oracle(model_name, method):
     if (model_name, method) == ("avg_pool_cls", "attn_gradcam"):
         # mean pooling never reads the class token: its row of G is zero, so is the map (spec §5)
         assert e_ref.abs().max() == 0
+    elif method == "attn_gradcam" and e_ref.abs().max() == 0:
+        # Grad-CAM clips negative evidence: for some classes every patch is clipped.
+        # Then compare on the classes whose map is not all zero (at least one must exist).
+        nonzero = 0
+        for t in range(7):
+            e_t = oracle(model, images, method, target=t)
+            if e_t.abs().max() > 0:
+                nonzero += 1
+                e = tf.explain(model, images, method, target=t, backend="torch")
+                assert (rel_err(e, e_t.reshape(e.shape)) <= TOL["torch"]).all()
+        assert nonzero > 0
     else:
         assert e_ref.abs().max() > 0  # the comparison is not vacuous
 

@@ -12,7 +12,8 @@ For each (model, batch):
 
 Targets are fixed random classes (the same for every backend; the argmax of a
 random-init model can differ between float32 and float64 when logits nearly
-tie). The qkv weights are scaled ×4 so that attention is not nearly uniform.
+tie). The qkv weights are scaled ×2 so that attention is not nearly uniform
+(see ``tokentm_fast.benchtable.random_vit`` for why not more).
 
 Every torch/triton case first checks its map against the reference map (float64)
 of the same images: per-image relative L2 error ≤ 1e-5 (5e-3 with --bench-tf32).

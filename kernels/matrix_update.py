@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .head_fusion import _fused_tile_sum, fusion_scale
-from .row_update import Weight, _num_splits, _update_epilogue, check_update_args, launch_finalize
+from .row_update import Weight, _num_splits, _scaled_rows, _update_epilogue, check_update_args, launch_finalize
 from ._utils import interpreted, require_triton
 
 
@@ -85,16 +85,7 @@ def _matrix_update_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < N
-        r = tl.load(
-            rows_ptr + b * Q * N + offs_m[:, None] * N + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if W_MLP_TENSOR:
-            wm = tl.load(w_mlp_ptr + b * N + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            s = r * (1.0 + wm[None, :])
-        else:
-            s = r * (1.0 + w_mlp_c)
+        s = _scaled_rows(rows_ptr, w_mlp_ptr, b, offs_m, offs_k, Q, N, w_mlp_c, W_MLP_TENSOR)
         tile = offs_k[:, None] * N + offs_n[None, :]
         fused = _fused_tile_sum(
             attn_ptr + head0 + tile, grad_ptr + head0 + tile,

@@ -43,6 +43,24 @@ Weight = Union[torch.Tensor, float]
 
 
 @triton.jit
+def _scaled_rows(rows_ptr, w_mlp_ptr, b, offs_q, offs_i, Q, N, w_mlp_c, W_MLP_TENSOR: tl.constexpr):
+    """``s_qi = R_qi · (1 + w_mlp_i)`` for one ``(BLOCK_Q, BLOCK_I)`` tile of image b, fp32
+    (the column scaling ``R · U^{mlp}`` of spec §3.1). Masked entries are 0."""
+    mask_i = offs_i < N
+    r = tl.load(
+        rows_ptr + b * Q * N + offs_q[:, None] * N + offs_i[None, :],
+        mask=(offs_q[:, None] < Q) & mask_i[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    if W_MLP_TENSOR:
+        wm = tl.load(w_mlp_ptr + b * N + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+        s = r * (1.0 + wm[None, :])
+    else:
+        s = r * (1.0 + w_mlp_c)
+    return s
+
+
+@triton.jit
 def _update_epilogue(
     acc,  # (BLOCK_Q, BLOCK_J) fp32: Σ_i s_qi · (unnormalised fused sum)_ij
     rows_ptr,
@@ -70,12 +88,7 @@ def _update_epilogue(
     mask_j = offs_j < N
     mask = (offs_q[:, None] < Q) & mask_j[None, :]
     offs = b * Q * N + offs_q[:, None] * N + offs_j[None, :]
-    r = tl.load(rows_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if W_MLP_TENSOR:
-        wm = tl.load(w_mlp_ptr + b * N + offs_j, mask=mask_j, other=0.0).to(tl.float32)
-        s = r * (1.0 + wm[None, :])
-    else:
-        s = r * (1.0 + w_mlp_c)
+    s = _scaled_rows(rows_ptr, w_mlp_ptr, b, offs_q, offs_j, Q, N, w_mlp_c, W_MLP_TENSOR)
     t = acc * scale
     if MODE == 3:  # rollout: Ā = ½ mean_h A + ½ I
         t += 0.5 * s
@@ -139,16 +152,7 @@ def _row_update_kernel(
     for i0 in range(i_start, i_end, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
         mask_i = offs_i < N
-        r = tl.load(
-            rows_ptr + b * Q * N + offs_q[:, None] * N + offs_i[None, :],
-            mask=mask_q[:, None] & mask_i[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if W_MLP_TENSOR:
-            wm = tl.load(w_mlp_ptr + b * N + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-            s = r * (1.0 + wm[None, :])
-        else:
-            s = r * (1.0 + w_mlp_c)
+        s = _scaled_rows(rows_ptr, w_mlp_ptr, b, offs_q, offs_i, Q, N, w_mlp_c, W_MLP_TENSOR)
         tile = offs_i[:, None] * N + offs_j[None, :]
         fused = _fused_tile_sum(
             attn_ptr + head0 + tile, grad_ptr + head0 + tile,

@@ -59,18 +59,18 @@ def _columns(w: Weight, rows: torch.Tensor) -> Union[torch.Tensor, float]:
 
 
 def _heads_folded(attn: torch.Tensor, grad: Optional[torch.Tensor], mode: str, dtype) -> torch.Tensor:
-    """``(B, H·N, N)`` with Σ_h folded into the product: ``s·Ā = (s, …, s)/H · F``.
+    """``(B, H·K, N)`` (K rows of each head) with Σ_h folded into the product: ``s·Ā = (s, …, s)/H · F``.
 
     ``F`` is ``max(A ⊙ G, 0)`` (gae) or ``A`` (mean), stacked over heads, so the
     head mean never needs its own pass over memory.
     """
-    b, h, n, _ = attn.shape
+    b, h, k, n = attn.shape
     a = attn.to(dtype)
     if mode == "gae":
         f = torch.mul(a, grad.to(dtype)).relu_()
     else:
         f = a
-    return f.reshape(b, h * n, n)
+    return f.reshape(b, h * k, n)
 
 
 def row_update(
@@ -101,7 +101,14 @@ def row_update(
     b, q, n = rows.shape
     h = attn.shape[1]
     if mode in ("gae", "mean") and q * 4 <= n:
-        t = torch.bmm(s.repeat(1, 1, h), _heads_folded(attn, grad, mode, rows.dtype)) / h
+        # Only rows i of A and G where some s_qi ≠ 0 contribute to t = s·Ā (at the
+        # top layer s is the one-hot query: one row of A and G instead of N).
+        s_rows = s
+        support = s.ne(0).flatten(0, 1).any(0).nonzero().flatten()
+        if support.numel() * 4 <= n:
+            s_rows, attn = s[..., support], attn[:, :, support]
+            grad = None if grad is None else grad[:, :, support]
+        t = torch.bmm(s_rows.repeat(1, 1, h), _heads_folded(attn, grad, mode, rows.dtype)) / h
     else:
         t = torch.bmm(s, fuse_heads(attn, grad, mode).to(rows.dtype))
     return s + t * _columns(w_attn, rows)

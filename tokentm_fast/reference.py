@@ -43,14 +43,8 @@ def explain_reference(
     x = images.to(torch.float64)
     L, P = vit.num_layers, vit.num_prefix_tokens
     uses_grad = method in ("tokentm", "gae", "attn_gradcam", "legrad")
-    if method in ("tokentm", "rollout"):
-        first = options["start_layer"]
-    elif method == "legrad":
-        first = options["start_layer"]
-    elif method == "gae":
-        first = 0
-    else:
-        first = L - 1
+    # first block used: start_layer where the method has it, all blocks for GAE, the last otherwise
+    first = options.get("start_layer", 0 if method == "gae" else L - 1)
     layers = list(range(first, L))
     recorder = LayerRecorder(vit.blocks, layers, grad_from=first if uses_grad else None)
     with explicit_attention(model) as handles, torch.set_grad_enabled(uses_grad):

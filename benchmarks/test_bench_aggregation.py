@@ -6,10 +6,11 @@ w_attn ~ U(0, 1), w_mlp ~ U(0, ½) (B, N), C⁰ = diag(U(½, 1½)); query = one_
 Suites (``extra_info["suite"]``):
 
 - ``aggregation``: the TokenTM row over all L layers (head fusion "gae").
-  reference = the literal full-matrix aggregation of spec §3 in float32
+  reference = the literal full-matrix aggregation of spec §3
   (Ā, U^attn = I + Ā·diag(w_attn), U^mlp = I + diag(w_mlp), C ← U^mlp·U^attn·C
-  with N×N matmuls, as ``tokentm_fast.reference`` does; the library's reference
-  backend runs it in float64, slower still), torch = the row algorithm
+  with N×N matmuls) in float64 on float64 A and G (converted before timing), as
+  ``backend="reference"`` runs it; ``TOKENTM_BENCH_REF_DTYPE=float32`` times the
+  same products in float32 instead (the conservative comparison), torch = the row algorithm
   ``aggregation.aggregate_layers`` (``aggregation.row_update`` per layer),
   triton = ``kernels.row_update`` per layer. bytes = 2·L·B·H·N²·itemsize (A and G once).
 - ``aggregation_full``: the whole matrix Cᴸ. reference as above, torch =
@@ -25,6 +26,7 @@ the spec (not the code under test), per-image relative L2 error within spec §7.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
@@ -107,7 +109,8 @@ class Case:
         B, H, N, L, D = self.B, self.H, self.N, self.L, self.D
         layer = B * H * N * N
         if self.suite in ("aggregation", "aggregation_full"):
-            return 2 * L * layer * sz + 3 * layer * 8 + 2 * layer * 4 + 8 * B * N * N * 8
+            ref_copy = 2 * L * layer * REF_DTYPE.itemsize if self.backend == "reference" else 0
+            return 2 * L * layer * sz + ref_copy + 3 * layer * 8 + 2 * layer * 4 + 8 * B * N * N * 8
         if self.suite == "head_fusion":
             return 2 * layer * sz + 3 * layer * 8 + 2 * layer * 4
         if self.suite == "transform_weights":
@@ -250,10 +253,14 @@ def make_layers(case: Case, device) -> Dict[str, Any]:
     return dict(attns=attns, grads=grads, w_attn=w_attn, w_mlp=w_mlp, c0=c0, query=query, oracle=oracle)
 
 
+# The reference backend aggregates float64 A and G (spec §7: e_ref in float64).
+REF_DTYPE = getattr(torch, os.environ.get("TOKENTM_BENCH_REF_DTYPE", "float64"))
+
+
 def reference_aggregation(attns, grads, w_attn, w_mlp, query, c0, full: bool) -> torch.Tensor:
-    """The literal full-matrix aggregation of spec §3, as ``tokentm_fast.reference`` does it (float32)."""
+    """The literal full-matrix aggregation of spec §3, as ``tokentm_fast.reference`` does it."""
     b, n = query.shape
-    eye = torch.eye(n, dtype=torch.float32, device=query.device).expand(b, n, n)
+    eye = torch.eye(n, dtype=query.dtype, device=query.device).expand(b, n, n)
     c = torch.diag_embed(c0)
     for l in range(len(attns)):
         a_bar = fusion.fuse_heads(attns[l], grads[l], MODE)
@@ -308,9 +315,20 @@ def _run(bench, benchmark, case: Case, fn, ref, tf32: bool = False, device_time:
 # --------------------------------------------------------------------------- cases
 
 
+def _as_reference_inputs(d: Dict[str, Any]) -> Dict[str, Any]:
+    """The reference's inputs in REF_DTYPE (converted once, outside the timing)."""
+    if "ref_inputs" not in d:
+        cast = lambda xs: [x.to(REF_DTYPE) for x in xs]  # noqa: E731
+        d["ref_inputs"] = dict(attns=cast(d["attns"]), grads=cast(d["grads"]), w_attn=cast(d["w_attn"]),
+                               w_mlp=cast(d["w_mlp"]), query=d["query"].to(REF_DTYPE), c0=d["c0"].to(REF_DTYPE))
+    return {**d, **d["ref_inputs"]}
+
+
 @suite("aggregation")
 def test_aggregation(benchmark, bench, case):
     d = _data(case, bench, make_layers)
+    if case.backend == "reference":
+        d = _as_reference_inputs(d)
     impl = IMPLS[case.backend]
     fn = lambda: impl(d["attns"], d["grads"], d["w_attn"], d["w_mlp"], d["query"], d["c0"], False)  # noqa: E731
     # The torch row update's bmm runs in TF32 on CUDA with --bench-tf32; kernels.row_update never uses tl.dot.
@@ -321,6 +339,8 @@ def test_aggregation(benchmark, bench, case):
 @suite("aggregation_full")
 def test_aggregation_full(benchmark, bench, case):
     d = _data(case, bench, make_layers)
+    if case.backend == "reference":
+        d = _as_reference_inputs(d)
     impl = IMPLS[case.backend]
     fn = lambda: impl(d["attns"], d["grads"], d["w_attn"], d["w_mlp"], d["query"], d["c0"], True)  # noqa: E731
     # kernels.matrix_update multiplies with tl.dot in TF32 by default; the torch bmm does when --bench-tf32.

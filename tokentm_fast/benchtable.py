@@ -43,7 +43,7 @@ __all__ = [
 BACKEND_ORDER = ("baseline", "reference", "torch", "triton")
 FAST_BACKENDS = ("torch", "triton")
 SUITE_TITLES = {
-    "aggregation": "Aggregation, row algorithm over all L layers (spec §3.1); reference = full N×N matrices (fp32)",
+    "aggregation": "Aggregation, row algorithm over all L layers (spec §3.1); reference = full N×N matrices (float64 as backend='reference', or as TOKENTM_BENCH_REF_DTYPE says)",
     "aggregation_full": "Aggregation, full matrix Cᴸ (spec §3); triton = matrix_update (tf32 tl.dot)",
     "head_fusion": "Head fusion Ā = mean_h max(A⊙G, 0), one layer",
     "transform_weights": "Transformation weights (spec §2), one sub-layer",

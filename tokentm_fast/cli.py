@@ -250,15 +250,9 @@ def _setup_threads(args: argparse.Namespace) -> None:
 
 
 def _device(name: str):
-    import torch
+    from .evaluation.runner import resolve_device
 
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise CLIError(f"invalid device {name!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"device {name!r} requested but CUDA is not available")
-    return dev
+    return resolve_device(name)
 
 
 def _load_model(args: argparse.Namespace):

@@ -57,6 +57,17 @@ class EvaluationError(ValueError):
     """A problem with the user's input (model, checkpoint, data, resume state); the message says what."""
 
 
+def resolve_device(name) -> torch.device:
+    """``torch.device(name)``, with a clear error for a bad name or a missing CUDA device."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise EvaluationError(f"invalid device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
 # ----------------------------------------------------------------------------
 # model loading
 # ----------------------------------------------------------------------------
@@ -362,12 +373,7 @@ def evaluate(
         raise EvaluationError(f"limit must be >= 1, got {limit}")
     if int(save_every) < 1:
         raise EvaluationError(f"save_every must be >= 1, got {save_every}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise EvaluationError(f"invalid device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"device {device!r} requested but CUDA is not available")
+    dev = resolve_device(device)
     method_options = {k: dict(v) for k, v in (method_options or {}).items()}
     for k in method_options:
         check_method(k)

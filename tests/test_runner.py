@@ -362,3 +362,45 @@ def test_restart_discards_partial_state(tiny_mat, tiny_ckpt, tmp_path):
     pp.write_text("{ truncated")
     with pytest.raises(EvaluationError, match="cannot read the partial state"):
         evaluate("vit_tiny_patch16_224", f"mat:{tiny_mat}", **common)
+
+
+def test_sigkilled_run_resumes_exactly(tiny_ckpt, tmp_path):
+    """A real SIGKILL in the middle of a run: the partial state is intact and the rerun finishes the job."""
+    import signal
+    import time
+
+    def command(output):
+        return [sys.executable, "-m", "tokentm_fast", "evaluate", "--model", "vit_tiny_patch16_224",
+                "--checkpoint", str(tiny_ckpt), "--model-kwargs", TINY_KWARGS_CLI, "--data", "synthetic",
+                "--size", "400", "--batch-size", "2", "--methods", "rollout", "--metrics", "segmentation",
+                "--workers", "0", "--threads", "1", "--no-progress", "--output", str(output)]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = tmp_path / "killed.json"
+    proc = subprocess.Popen(command(out), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if partial_path(out).exists():
+            done = json.loads(partial_path(out).read_text())["done"]
+            if done >= 6:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not out.exists()
+    state = json.loads(partial_path(out).read_text())  # never half-written (atomic replace)
+    assert 6 <= state["done"] < 400
+
+    r = subprocess.run(command(out), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    resumed = json.loads(out.read_text())
+    assert resumed["run"]["resumed_from"] == state["done"]
+    assert resumed["run"]["images_this_run"] == 400 - state["done"]
+
+    full = tmp_path / "full.json"
+    r = subprocess.run(command(full), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert resumed["records"] == json.loads(full.read_text())["records"]

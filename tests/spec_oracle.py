@@ -66,6 +66,8 @@ def run_vit(model, images):
 def head(m, tokens):
     """final norm → pooling (class token or mean of patch tokens) → fc norm → classifier."""
     z = m.norm(tokens)
+    if getattr(m, "head_dist", None) is not None:  # distilled DeiT: mean of the two heads (eval)
+        return (m.head(z[:, 0]) + m.head_dist(z[:, 1])) / 2
     if m.global_pool == "token":
         z = z[:, 0]
     else:

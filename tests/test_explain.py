@@ -18,6 +18,7 @@ MODELS = {
     "avg_pool_cls": ("vit_tiny_patch16_224", {"global_pool": "avg", "img_size": 64, "depth": 4}, 64, 2),
     "avg_pool_no_cls": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg", "fc_norm": True,
                                                  "reg_tokens": 2, "img_size": 80, "depth": 4}, 80, 3),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 64, "depth": 3}, 64, 2),
     "non_square": ("vit_tiny_patch16_224", {"img_size": (96, 64), "depth": 3}, (96, 64), 2),
 }
 

@@ -13,8 +13,8 @@ The same code runs with two kernel sets: the PyTorch functions
 - LeGrad / attention Grad-CAM: one forward without autograd, then for each
   layer the tail of its block (proj, MLP, head) is re-run from the mixed heads
   ``o = concat_h(A_h V_h)``; a single backward gives ∂s_l/∂o and
-  ``G̃_h[i, j] = ⟨∂s_l/∂o_h[i], V_h[j]⟩``. With class-token pooling only the
-  class row is re-run. No ``create_graph``, no per-layer backward of the model.
+  ``G̃_h[i, j] = ⟨∂s_l/∂o_h[i], V_h[j]⟩``. With token pooling only the
+  prefix rows are re-run. No ``create_graph``, no per-layer backward of the model.
 """
 from __future__ import annotations
 
@@ -181,9 +181,10 @@ def _tail_gradient_method(vit, images, target, method: str, options, kernels: Ke
             logits = vit.model(images)
         target = resolve_target(target, logits)
         recs = recorder.records
-        # Class-token pooling: s_l reads only row 0 of Xˡ, and everything after the
-        # attention mixing is token-wise, so only row 0 of the tail is re-run.
-        rows = slice(0, 1) if vit.pooling == "token" else slice(None)
+        # Token pooling: s_l reads only prefix rows of Xˡ (the class token; distilled
+        # DeiT also its distillation token), and everything after the attention
+        # mixing is token-wise, so only the prefix rows of the tail are re-run.
+        rows = slice(0, P) if vit.pooling == "token" else slice(None)
         with torch.enable_grad():
             leaves = [recs[l]["attn_out"][:, rows].detach().requires_grad_(True) for l in layers]
             score = sum(

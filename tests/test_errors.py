@@ -104,6 +104,8 @@ def test_bad_method_backend_options(model, images, kwargs, err, match):
 
 
 def test_triton_backend_where_it_cannot_run(model, images, monkeypatch):
+    import tokentm_fast.kernels  # noqa: F401  (imported as the rest of the suite sees it, interpreter on)
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' cannot run on cpu"):
         tf.explain(model, images, backend="triton")

@@ -6,7 +6,6 @@ or Triton kernels, and returns a float32 map ``(B, gh, gw)`` of raw values.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
@@ -23,11 +22,9 @@ BACKENDS = ("auto", "reference", "torch", "triton")
 
 def triton_usable(device: torch.device) -> bool:
     """Triton runs on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1``."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    from .kernels import triton_available
+
+    return triton_available(device)
 
 
 class Explainer:

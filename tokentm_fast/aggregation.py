@@ -127,8 +127,9 @@ def finish_rows(rows: torch.Tensor, c0: Optional[torch.Tensor]) -> torch.Tensor:
     return rows if c0 is None else rows * c0.to(rows.dtype)[:, None, :]
 
 
-def _layer(x, l):
-    return None if x is None else x[l]
+def _at(x, l: int):
+    """Layer l of a per-layer argument; None and constant floats are the same for every layer."""
+    return x if x is None or isinstance(x, float) else x[l]
 
 
 def aggregate_layers(
@@ -153,8 +154,7 @@ def aggregate_layers(
         ``(B, N)`` row ``queryᵀ Cᴸ`` or, with ``full``, the ``(B, N, N)`` matrix ``Cᴸ``.
     """
     rows = initial_rows(query, full)
-    per_layer = lambda w, l: w if isinstance(w, float) else w[l]  # noqa: E731
     for l in reversed(range(len(attns))):
-        rows = row_update(rows, attns[l], _layer(grads, l), per_layer(w_attn, l), per_layer(w_mlp, l), mode)
+        rows = row_update(rows, attns[l], _at(grads, l), _at(w_attn, l), _at(w_mlp, l), mode)
     rows = finish_rows(rows, c0)
     return rows if full else rows[:, 0]

@@ -1,0 +1,75 @@
+"""The wheel holds the package the way users import it (issue: offline GPU install).
+
+``kernels/`` and ``bindings/`` of the repository must be installed inside the
+package (``tokentm_fast.kernels``, ``tokentm_fast.bindings``), never as
+top-level modules, and the shipped model must travel with the wheel. The
+wheel is built offline, without build isolation, exactly as on a cluster node.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+           "-w", str(out), str(ROOT)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wheels = list(out.glob("tokentm_fast-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def wheel_names(wheel) -> list:
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.namelist()
+
+
+def _source_packages() -> set:
+    """Every package folder of the source tree, as the dotted name it is installed under."""
+    found = set()
+    for root, prefix in ((ROOT / "tokentm_fast", "tokentm_fast"), (ROOT / "kernels", "tokentm_fast.kernels"),
+                         (ROOT / "bindings", "tokentm_fast.bindings")):
+        for init in root.rglob("__init__.py"):
+            rel = init.parent.relative_to(root).parts
+            found.add(".".join((prefix,) + rel))
+    return found
+
+
+def test_wheel_has_kernels_bindings_and_model_inside_the_package(wheel_names):
+    names = set(wheel_names)
+    for module in ("kernels/__init__.py", "kernels/row_update.py", "kernels/transform_weights.py",
+                   "bindings/__init__.py", "bindings/library.py"):
+        assert f"tokentm_fast/{module}" in names, module
+    assert "tokentm_fast/assets/synthetic_vit.safetensors" in names
+    assert "tokentm_fast/assets/synthetic_vit.json" in names
+    top_level = {n.split("/", 1)[0] for n in names}
+    assert "kernels" not in top_level and "bindings" not in top_level, sorted(top_level)
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+
+def test_wheel_has_every_source_package(wheel_names):
+    installed = {n.rsplit("/", 1)[0].replace("/", ".") for n in wheel_names if n.endswith("/__init__.py")}
+    missing = _source_packages() - installed
+    assert not missing, f"packages missing from the wheel (add them to pyproject.toml): {sorted(missing)}"
+    # every kernel file of the repository is shipped
+    for path in (ROOT / "kernels").glob("*.py"):
+        assert f"tokentm_fast/kernels/{path.name}" in wheel_names, path.name
+
+
+def test_console_script_declared(wheel, wheel_names):
+    entry = [n for n in wheel_names if n.endswith(".dist-info/entry_points.txt")]
+    assert len(entry) == 1, "no entry_points.txt in the wheel"
+    with zipfile.ZipFile(wheel) as zf:
+        text = zf.read(entry[0]).decode()
+    assert "tokentm-fast = tokentm_fast.cli:main" in text, text

@@ -134,14 +134,14 @@ def test_explain_writes_overlays_and_grid(tmp_path, pictures, tiny_ckpt, capsys)
     assert rc == 0, err
     for p in paths:
         for m in ("tokentm", "legrad", "rollout"):
-            f = out / f"{p.stem}_{m}.png"
+            f = out / f"{p.name}_{m}.png"  # the file name, extension kept
             assert f.is_file()
             im = np.asarray(Image.open(f).convert("RGB"))
             assert min(im.shape[:2]) >= 224 and im.std() > 5
     grid = np.asarray(Image.open(out / "grid.png").convert("RGB")).astype(np.float32)
     assert grid.shape[1] > grid.shape[0] * 1.0 and grid.std() > 10  # 4 columns x 3 rows, not blank
     assert sorted(f.name for f in out.iterdir()) == sorted(
-        [f"{p.stem}_{m}.png" for p in paths for m in ("tokentm", "legrad", "rollout")] + ["grid.png"])
+        [f"{p.name}_{m}.png" for p in paths for m in ("tokentm", "legrad", "rollout")] + ["grid.png"])
     assert "predicted" in stdout
 
 

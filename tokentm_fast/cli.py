@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 PROG = "tokentm-fast"
 EXIT_USAGE = 2
@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "explain", help="explain images and write overlay PNGs and a grid",
         description="Explain IMAGE(s) with each method; writes one overlay PNG per image per method "
-                    "(<stem>_<method>.png) and a grid (rows = images, columns = image + methods) to --out.",
+                    "(<image file name>_<method>.png, e.g. photo.jpg_tokentm.png) and a grid (rows = images, "
+                    "columns = image + methods, with a colour bar) to --out. Every map is min-max normalised "
+                    "on its own. Output locations are checked before the model runs.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     _add_model_args(p)
@@ -146,9 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="explain_out", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--target", type=_nonneg_int, default=None, metavar="CLASS",
                    help="class index to explain (default: the predicted class of each image)")
-    p.add_argument("--cmap", default="jet", help="matplotlib colormap (default: %(default)s)")
+    p.add_argument("--cmap", default="inferno",
+                   help="matplotlib colormap; perceptually uniform ones read best (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity in [0, 1] (default: %(default)s)")
-    p.add_argument("--grid-name", default="grid.png", help="file name of the grid (default: %(default)s)")
+    p.add_argument("--grid-name", default="grid.png",
+                   help="file name of the grid inside --out; the suffix picks the format, e.g. grid.pdf "
+                        "(default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images explained at once (default: %(default)s)")
     _add_run_args(p)
     p.set_defaults(func=cmd_explain)
@@ -298,12 +303,148 @@ def _load_images(paths: Sequence[str]):
     return images
 
 
-def _unique_stems(paths: Sequence[str]) -> List[str]:
-    stems = [Path(p).stem for p in paths]
+def output_names(paths: Sequence[str]) -> List[str]:
+    """The name each input image goes by in output files: its file name, extension kept.
+
+    ``photo.png`` and ``photo.jpg`` stay ``photo.png`` / ``photo.jpg`` (their
+    overlays are ``photo.png_<method>.png`` and ``photo.jpg_<method>.png``).
+    Equal file names from different folders get the parent folder in front
+    (``a/photo.png`` -> ``a_photo.png``), and a number if that is still not enough.
+    """
+    files = [Path(p) for p in paths]
+    names = [f.name for f in files]
     out = []
-    for i, s in enumerate(stems):
-        out.append(s if stems.count(s) == 1 else f"{s}_{i}")
-    return out
+    for i, f in enumerate(files):
+        name = names[i]
+        if names.count(name) > 1 and f.parent.name:
+            name = f"{f.parent.name}_{name}"
+        out.append(name)
+    return [n if out.count(n) == 1 else f"{i}_{n}" for i, n in enumerate(out)]
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    """``path`` does not exist: the nearest existing ancestor must be a writable folder."""
+    anc = _nearest_existing(path.parent if str(path.parent) else Path("."))
+    if not anc.is_dir():
+        raise CLIError(f"{option} {path}: cannot create it, {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {path}: cannot create it, the folder {anc} is not writable")
+
+
+def check_output_dir(path: Union[str, os.PathLike], option: str) -> Path:
+    """Check, before any work, that the output folder ``path`` of ``option`` can be used.
+
+    A missing folder (and missing parents) is fine: it is created when the
+    results are written. Refused, with a message naming ``option``: an existing
+    file, a path below a file, a folder that is not writable.
+    """
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise CLIError(f"{option} {p} is an existing file, not a folder")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise CLIError(f"{option} {p}: the folder is not writable")
+    else:
+        _check_creatable(p, option)
+    return p
+
+
+def check_output_file(path: Union[str, os.PathLike], option: str) -> Path:
+    """Check, before any work, that the output file ``path`` of ``option`` can be written.
+
+    Missing parent folders are created when the file is written. Refused, with
+    a message naming ``option``: an existing folder, a path below a file, a
+    location that is not writable.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"{option} {p} is an existing folder, expected a file name")
+    if p.exists():
+        if not os.access(p, os.W_OK) or not os.access(p.parent if str(p.parent) else Path("."), os.W_OK | os.X_OK):
+            raise CLIError(f"{option} {p}: the file or its folder is not writable")
+    else:
+        _check_creatable(p, option)
+    return p
+
+
+def output_inside(folder: Path, name: str, option: str) -> Path:
+    """``folder / name``, refused unless it stays inside ``folder`` (no ``..``, no absolute path).
+
+    Every file the command writes lies in its output folder; a name given on the
+    command line must not escape it (``--grid-name ../../x.png``).
+    """
+    if not name or name in (".", ".."):
+        raise CLIError(f"{option} must name a file inside the output folder, got {name!r}")
+    rel = Path(name)
+    if rel.is_absolute() or rel.drive or ".." in rel.parts:
+        raise CLIError(f"{option} {name!r} must be a file name inside the output folder {folder} "
+                       f"(no absolute path, no '..')")
+    target = folder / rel
+    base = folder.resolve()
+    resolved = target.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise CLIError(f"{option} {name!r} leads outside the output folder {folder} (through a link)")
+    if resolved == base or target.is_dir():
+        raise CLIError(f"{option} {name!r} is a folder, expected a file name")
+    return target
+
+
+def _grid_format(name: str, option: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    suffix = Path(name).suffix.lower().lstrip(".")
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if suffix not in supported:
+        raise CLIError(f"{option} {name!r}: unknown picture format {suffix or '(no extension)'!r}; "
+                       f"use one of {', '.join(sorted(supported))}")
+
+
+def _report_warnings(caught, command: str) -> None:
+    """Print warnings caught during drawing as ``tokentm-fast <command>: warning: …`` lines (once each)."""
+    seen = set()
+    for w in caught:
+        msg = str(w.message)
+        if msg not in seen:
+            seen.add(msg)
+            print(f"{PROG} {command}: warning: {msg}", file=sys.stderr)
+
+
+#: What an ``n/a`` cell of the results table means, by the start of its column title.
+_NA_REASONS = (
+    ("Rand. ρ", "Spearman ρ is undefined for a constant map (e.g. all zeros, as attention Grad-CAM gives on a "
+                "randomized model): a constant map has no ranking to correlate"),
+    ("Pos. AUC tgt", "no true labels for these images, so the target-class variant is undefined"),
+    ("Neg. AUC tgt", "no true labels for these images, so the target-class variant is undefined"),
+    ("mAP", "average precision is undefined when no image has both foreground and background pixels"),
+)
+
+
+def table_footnotes(table: str) -> List[str]:
+    """Footnotes for the ``n/a`` cells of a markdown results table (one per column, empty if none)."""
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    if len(lines) < 3:
+        return []
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    notes = []
+    for col, title in enumerate(header):
+        methods = []
+        for ln in lines[2:]:
+            cells = [c.strip() for c in ln.strip("|").split("|")]
+            if col < len(cells) and cells[col] == "n/a":
+                methods.append(cells[0])
+        if not methods:
+            continue
+        why = next((r for t, r in _NA_REASONS if title.startswith(t)),
+                   "the metric is undefined for these maps and images (it gave NaN)")
+        notes.append(f"n/a in {title} ({', '.join(methods)}): {why}.")
+    return notes
 
 
 def _explain_all(model, x, methods, backend, target=None) -> Dict[str, Any]:
@@ -317,10 +458,12 @@ def _explain_all(model, x, methods, backend, target=None) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    import warnings
+
     import torch
 
     from .evaluation.data import Preprocess, model_data_config
-    from .visualize import save_grid, save_overlay
+    from .visualize import ConstantMapWarning, save_grid, save_overlay
 
     _setup_threads(args)
     images = _load_images(args.images)  # files first: a typo fails fast
@@ -330,6 +473,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     if args.cmap not in matplotlib.colormaps:
         raise CLIError(f"unknown colormap {args.cmap!r}")
+    # every output location is checked before the model runs
+    out = check_output_dir(args.out, "--out")
+    grid_path = output_inside(out, args.grid_name, "--grid-name")
+    _grid_format(args.grid_name, "--grid-name")
+    names = output_names(args.images)
+    overlay_paths = {(i, m): out / f"{name}_{m}.png" for i, name in enumerate(names) for m in args.methods}
+    if grid_path in overlay_paths.values():
+        raise CLIError(f"--grid-name {args.grid_name!r} is also the name of an overlay; choose another name")
     device = _device(args.device)
     model, _ = _load_model(args)
     model = model.to(device)
@@ -346,24 +497,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
         for m, v in _explain_all(model, x, args.methods, args.backend, args.target).items():
             chunks[m].append(v.cpu())
     maps = {m: torch.cat(v) for m, v in chunks.items()}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stems = _unique_stems(args.images)
-    written = []
-    for i, stem in enumerate(stems):
-        for m in args.methods:
-            written.append(save_overlay(x01[i], maps[m][i], out / f"{stem}_{m}.png", cmap=args.cmap, alpha=args.alpha))
-    names = _class_names(args.model, int(getattr(model, "num_classes", 0) or 0))
-    cls = [names[c] if names and c < len(names) else str(c) for c in pred]
+    classes = _class_names(args.model, int(getattr(model, "num_classes", 0) or 0))
+    cls = [classes[c] if classes and c < len(classes) else str(c) for c in pred]
     if args.target is not None:
-        tname = names[args.target] if names and args.target < len(names) else str(args.target)
-        titles = [f"{s}\npred {c}, expl. {tname}" for s, c in zip(stems, cls)]
+        tname = classes[args.target] if classes and args.target < len(classes) else str(args.target)
+        titles = [f"{s}\npred {c}, expl. {tname}" for s, c in zip(names, cls)]
     else:
-        titles = [f"{s}\npred {c}" for s, c in zip(stems, cls)]
-    grid = save_grid(x01, maps, out / args.grid_name, titles=titles, cmap=args.cmap, alpha=args.alpha)
-    for s, c in zip(stems, cls):
-        print(f"{s}: predicted {c}")
-    print(f"wrote {len(written)} overlays and the grid {grid}")
+        titles = [f"{s}\npred {c}" for s, c in zip(names, cls)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConstantMapWarning)
+        with warnings.catch_warnings():  # the grid reports constant maps once per method
+            warnings.simplefilter("ignore", ConstantMapWarning)
+            written = [save_overlay(x01[i], maps[m][i], path, cmap=args.cmap, alpha=args.alpha)
+                       for (i, m), path in overlay_paths.items()]
+        grid = save_grid(x01, maps, grid_path, titles=titles, cmap=args.cmap, alpha=args.alpha, image_names=names)
+    _report_warnings([w for w in caught if issubclass(w.category, ConstantMapWarning)], "explain")
+    for w in caught:
+        if not issubclass(w.category, ConstantMapWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for name, path, c in zip(names, args.images, cls):
+        print(f"{name}: predicted {c}" + ("" if name == Path(path).name else f" ({path})"))
+    print(f"wrote {len(written)} overlays (<image file name>_<method>.png) and the grid {grid} to {out}")
     return 0
 
 
@@ -371,6 +526,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.runner import evaluate
 
     _setup_threads(args)
+    check_output_file(args.output, "--output")  # before any work: a bad location fails fast
+    if args.curves:
+        check_output_file(args.curves, "--curves")
     results = evaluate(
         args.model, args.data, methods=args.methods, metrics=args.metrics,
         checkpoint=args.checkpoint, num_classes=args.num_classes, model_kwargs=args.model_kwargs,
@@ -389,8 +547,11 @@ def _print_results(results: Dict[str, Any], output: Optional[str]) -> None:
     from .evaluation.runner import format_table
 
     c = results["counts"]
+    table = format_table(results)
     print()
-    print(format_table(results))
+    print(table)
+    for note in table_footnotes(table):
+        print(note)
     print()
     extra = f", {c['skipped']} skipped" if c["skipped"] else ""
     run = results["run"]
@@ -442,16 +603,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .evaluation.data import Preprocess, SyntheticSource, model_data_config
     from .evaluation.runner import evaluate, load_model
+    import warnings
+
     from .synthetic import CLASS_NAMES
-    from .visualize import save_grid
+    from .visualize import ConstantMapWarning, save_grid
 
     _setup_threads(args)
     t0 = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(args.out, "--out")
     device = _device(args.device)
     model, info = load_model("synthetic", checkpoint=args.checkpoint)
     model = model.to(device)
+    out.mkdir(parents=True, exist_ok=True)
     print(f"model: synthetic ViT ({info['checkpoint']['path']})")
 
     # 1. the picture: a few test images x every method
@@ -464,8 +627,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         pred = model(x).argmax(dim=1).cpu().tolist()
     maps = {m: v.cpu() for m, v in _explain_all(model, x, args.methods, args.backend).items()}
     titles = [f"{CLASS_NAMES[lab]} (pred {CLASS_NAMES[p]})" for (_, _, lab), p in zip(samples, pred)]
-    grid = save_grid(torch.stack(x01s), maps, out / "demo_grid.png", titles=titles, masks=torch.stack(gt),
-                     image_title="image (mask outlined)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConstantMapWarning)
+        grid = save_grid(torch.stack(x01s), maps, out / "demo_grid.png", titles=titles, masks=torch.stack(gt),
+                         image_title="image (mask outlined)", image_names=[f"test image {i}" for i in range(len(samples))])
+    _report_warnings([w for w in caught if issubclass(w.category, ConstantMapWarning)], "demo")
     print(f"explanation grid: {grid}")
 
     # 2. the evaluation on a synthetic test subset
@@ -480,7 +646,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print_results(results, str(out / "demo_results.json"))
     from .evaluation.runner import format_table
 
-    (out / "demo_table.md").write_text(format_table(results) + "\n", encoding="utf-8")
+    table = format_table(results)
+    notes = "".join(f"\n{n}\n" for n in table_footnotes(table))
+    (out / "demo_table.md").write_text(table + "\n" + notes, encoding="utf-8")
     _plot_curves(results, str(out / "demo_curves.png"))
     print(f"demo finished in {time.time() - t0:.1f} s")
     return 0

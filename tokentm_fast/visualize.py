@@ -7,14 +7,25 @@ needed) and accepts torch tensors or numpy arrays.
 * :func:`overlay` -- an image ``(3, H, W)`` in ``[0, 1]`` blended with the
   bilinearly upsampled, normalized map through a colormap -> ``(H, W, 3)``;
 * :func:`save_overlay` -- one overlay as a PNG;
-* :func:`save_grid` -- rows = images, columns = the image + one per method;
+* :func:`grid_figure` / :func:`save_grid` -- rows = images, columns = the
+  image + one per method, with a colour bar and the normalisation written on
+  the figure;
 * :func:`plot_perturbation_curves` -- accuracy vs. fraction of pixels removed
   (positive and negative perturbation tests), one line per method.
+
+Colours: the default colormap is ``inferno`` (perceptually uniform: equal steps
+in relevance look like equal steps in lightness, and it reads in grayscale).
+Every map is min-max normalised on its own (:data:`NORMALIZATION_NOTE`), so
+colours compare locations within one map, not values across maps. A constant
+map (for example all zeros: attention Grad-CAM on an untrained model) has no
+ranking to show; it is drawn as one flat colour and a
+:class:`ConstantMapWarning` names the method and the image.
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -22,9 +33,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["normalize_map", "overlay", "save_overlay", "save_grid", "plot_perturbation_curves"]
+__all__ = [
+    "DEFAULT_CMAP", "NORMALIZATION_NOTE", "ConstantMapWarning", "is_constant_map", "normalize_map", "overlay",
+    "save_overlay", "grid_figure", "save_grid", "plot_perturbation_curves",
+]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
+
+#: Default colormap: perceptually uniform, dark = low relevance, bright = high.
+DEFAULT_CMAP = "inferno"
+#: How every drawn map is scaled; written on the grid figures.
+NORMALIZATION_NOTE = (
+    "Each map is min–max normalised on its own: 0 = its lowest value, 1 = its highest "
+    "(colours compare locations within a map, not values across maps)."
+)
+
+
+class ConstantMapWarning(UserWarning):
+    """A map to draw is constant (e.g. all zeros): it carries no ranking and is drawn as one flat colour."""
 
 
 def _figure(figsize):
@@ -60,6 +86,33 @@ def normalize_map(m: ArrayLike) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
+def is_constant_map(m: ArrayLike) -> bool:
+    """True when ``m`` has no two different finite values (all equal, all non-finite, or empty)."""
+    a = _np(m)
+    finite = a[np.isfinite(a)]
+    return finite.size == 0 or bool(finite.max() == finite.min())
+
+
+def _constant_value(m: ArrayLike) -> str:
+    a = _np(m)
+    finite = a[np.isfinite(a)]
+    return "no finite value" if finite.size == 0 else f"every value {float(finite.flat[0]):g}"
+
+
+def _warn_constant(method: Optional[str], images: Sequence[str], example: str, total: int) -> None:
+    who = f"{method}: " if method else ""
+    if len(images) == 1 and total == 1:
+        what = f"the map of {images[0]} is constant"
+    else:
+        what = f"{len(images)} of {total} maps are constant ({', '.join(images)})"
+    warnings.warn(
+        f"{who}{what} ({example}); it has no ranking to show and is drawn as one flat colour. The method found "
+        f"no relevance there (e.g. attention Grad-CAM on an untrained model gives all zeros).",
+        ConstantMapWarning,
+        stacklevel=3,
+    )
+
+
 def _image_hwc(image: ArrayLike) -> np.ndarray:
     img = _np(image)
     if img.ndim != 3:
@@ -83,7 +136,7 @@ def _upsample(m: ArrayLike, size) -> np.ndarray:
     return F.interpolate(a[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def overlay(image: ArrayLike, m: ArrayLike, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+def overlay(image: ArrayLike, m: ArrayLike, cmap: str = DEFAULT_CMAP, alpha: float = 0.5) -> np.ndarray:
     """Blend ``image (3, H, W)`` in ``[0, 1]`` with the heat map of ``m (gh, gw)``.
 
     The map is upsampled bilinearly (``align_corners=False``, as the metrics do)
@@ -112,11 +165,20 @@ def _enlarge(image: ArrayLike, scale: int) -> torch.Tensor:
     return F.interpolate(x[None], scale_factor=scale, mode="nearest")[0]
 
 
-def save_overlay(image: ArrayLike, m: ArrayLike, path: Union[str, os.PathLike], cmap: str = "jet",
-                 alpha: float = 0.5, min_side: int = 224) -> Path:
-    """Write the overlay of ``m`` on ``image`` as a PNG (small images are enlarged to ``min_side``)."""
+def save_overlay(image: ArrayLike, m: ArrayLike, path: Union[str, os.PathLike], cmap: str = DEFAULT_CMAP,
+                 alpha: float = 0.5, min_side: int = 224, method: Optional[str] = None,
+                 image_name: Optional[str] = None) -> Path:
+    """Write the overlay of ``m`` on ``image`` as a PNG (small images are enlarged to ``min_side``).
+
+    The map is min-max normalised (:data:`NORMALIZATION_NOTE`). A constant map
+    raises a :class:`ConstantMapWarning` naming ``method`` and ``image_name``
+    (default: the file name of ``path``).
+    """
     from PIL import Image
 
+    if is_constant_map(m):
+        _warn_constant(method, [repr(image_name if image_name is not None else Path(path).name)],
+                       _constant_value(m), 1)
     img = _np(image)
     scale = _display_scale(img.shape[-2], img.shape[-1], min_side)
     ov = overlay(_enlarge(img, scale), m, cmap=cmap, alpha=alpha)
@@ -126,27 +188,29 @@ def save_overlay(image: ArrayLike, m: ArrayLike, path: Union[str, os.PathLike], 
     return p
 
 
-def save_grid(
+def grid_figure(
     images: ArrayLike,
     maps_by_method: Mapping[str, ArrayLike],
-    path: Union[str, os.PathLike],
     titles: Optional[Sequence[str]] = None,
-    cmap: str = "jet",
+    cmap: str = DEFAULT_CMAP,
     alpha: float = 0.5,
     cell_inches: float = 1.9,
-    dpi: int = 110,
     image_title: str = "image",
     masks: Optional[ArrayLike] = None,
-) -> Path:
-    """Save a grid: rows = images, columns = the image itself + one overlay per method.
+    image_names: Optional[Sequence[str]] = None,
+):
+    """The grid as a matplotlib ``Figure`` (see :func:`save_grid` for the arguments).
 
-    Args:
-        images: ``(B, 3, H, W)`` in ``[0, 1]``.
-        maps_by_method: ``{method name: maps (B, gh, gw)}``, columns in dict order.
-        path: the PNG to write (folders are created).
-        titles: optional row labels (one per image), e.g. ``"circle (pred circle)"``.
-        masks: optional ``(B, H, W)`` ground-truth masks, outlined in white on the image column.
+    Besides the cells the figure holds a colour bar (normalised relevance 0 to 1
+    in ``cmap``) and, below the cells, the normalisation (:data:`NORMALIZATION_NOTE`)
+    with the overlay opacity. Constant maps raise one :class:`ConstantMapWarning`
+    per method, naming the images (``image_names``, else the first line of
+    ``titles``, else ``image <i>``).
     """
+    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     imgs = _np(images)
     if imgs.ndim != 4:
         raise ValueError(f"images must be (B, 3, H, W), got shape {imgs.shape}")
@@ -158,13 +222,27 @@ def save_grid(
             raise ValueError(f"maps of {name!r} hold {n} images, expected {b}")
     if titles is not None and len(titles) != b:
         raise ValueError(f"{len(titles)} titles for {b} images")
+    if image_names is not None and len(image_names) != b:
+        raise ValueError(f"{len(image_names)} image names for {b} images")
     if masks is not None:
         masks = _np(masks)
         if masks.shape != (b, *imgs.shape[-2:]):
             raise ValueError(f"masks must be (B, H, W) = {(b, *imgs.shape[-2:])}, got {masks.shape}")
+    if cmap not in matplotlib.colormaps:
+        raise ValueError(f"unknown colormap {cmap!r}")
+    if image_names is None:
+        image_names = ([str(t).split("\n")[0] for t in titles] if titles is not None
+                       else [f"image {i}" for i in range(b)])
+    for name in methods:
+        const = [i for i in range(b) if is_constant_map(maps_by_method[name][i])]
+        if const:
+            _warn_constant(name, [repr(str(image_names[i])) for i in const],
+                           _constant_value(maps_by_method[name][const[0]]), b)
+
     scale = _display_scale(imgs.shape[-2], imgs.shape[-1], 160)
     ncols = 1 + len(methods)
-    fig = _figure((cell_inches * ncols, cell_inches * b + 0.35))
+    fig = _figure((cell_inches * ncols + 0.9, cell_inches * b + 0.75))
+    fig.set_layout_engine("constrained", w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
     axes = fig.subplots(b, ncols, squeeze=False)
     for i in range(b):
         big = _enlarge(imgs[i], scale)
@@ -175,6 +253,10 @@ def save_grid(
         for j, name in enumerate(methods, start=1):
             axes[i, j].imshow(overlay(big, maps_by_method[name][i], cmap=cmap, alpha=alpha),
                               interpolation="nearest")
+            if is_constant_map(maps_by_method[name][i]):
+                axes[i, j].text(0.5, 0.5, "constant map\n(no ranking)", transform=axes[i, j].transAxes,
+                                ha="center", va="center", fontsize=7, color="white",
+                                bbox=dict(boxstyle="round", facecolor="black", alpha=0.6, linewidth=0))
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -182,7 +264,44 @@ def save_grid(
             axes[i, 0].set_ylabel(str(titles[i]), fontsize=8)
     for j, name in enumerate([image_title] + methods):
         axes[0, j].set_title(name, fontsize=10)
-    fig.tight_layout(pad=0.3)
+    mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
+    cbar = fig.colorbar(mappable, ax=axes, location="right", shrink=min(1.0, 0.5 + 0.25 * b), aspect=25, pad=0.01)
+    cbar.set_label("normalised relevance", fontsize=8)
+    cbar.set_ticks([0.0, 0.5, 1.0], labels=["0\nmap min", "0.5", "1\nmap max"])
+    cbar.ax.tick_params(labelsize=7)
+    fig.supxlabel(f"{NORMALIZATION_NOTE}\nOverlay: {1 - alpha:.2g} × image + {alpha:.2g} × colour ({cmap}).",
+                  fontsize=7)
+    return fig
+
+
+def save_grid(
+    images: ArrayLike,
+    maps_by_method: Mapping[str, ArrayLike],
+    path: Union[str, os.PathLike],
+    titles: Optional[Sequence[str]] = None,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = 0.5,
+    cell_inches: float = 1.9,
+    dpi: int = 110,
+    image_title: str = "image",
+    masks: Optional[ArrayLike] = None,
+    image_names: Optional[Sequence[str]] = None,
+) -> Path:
+    """Save a grid: rows = images, columns = the image itself + one overlay per method.
+
+    Every map is min-max normalised on its own; the figure carries a colour bar
+    and states that normalisation. Constant maps raise a :class:`ConstantMapWarning`.
+
+    Args:
+        images: ``(B, 3, H, W)`` in ``[0, 1]``.
+        maps_by_method: ``{method name: maps (B, gh, gw)}``, columns in dict order.
+        path: the image file to write (folders are created); its suffix picks the format (png, pdf, svg...).
+        titles: optional row labels (one per image), e.g. ``"circle (pred circle)"``.
+        masks: optional ``(B, H, W)`` ground-truth masks, outlined in white on the image column.
+        image_names: how warnings name the images (default: first line of each title).
+    """
+    fig = grid_figure(images, maps_by_method, titles=titles, cmap=cmap, alpha=alpha, cell_inches=cell_inches,
+                      image_title=image_title, masks=masks, image_names=image_names)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, dpi=dpi)

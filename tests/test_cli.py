@@ -285,3 +285,188 @@ def test_demo_with_the_shipped_weights(tmp_path, capsys):
 def test_demo_without_weights_is_a_clean_error(tmp_path, capsys):
     rc, _, err = run_main(["demo", "--checkpoint", tmp_path / "none.safetensors", "--out", tmp_path / "d"], capsys)
     assert_clean_error(rc, err, "none.safetensors")
+
+
+# ----------------------------------------------------------------------------- output names and locations (issue 8)
+def _no_model(monkeypatch):
+    """Fail the test if the command gets as far as loading a model or evaluating."""
+    import tokentm_fast.cli as cli
+    import tokentm_fast.evaluation.runner as runner
+
+    def boom(*a, **k):
+        raise AssertionError("the command computed before checking its output location")
+
+    monkeypatch.setattr(cli, "_load_model", boom)
+    monkeypatch.setattr(runner, "evaluate", boom)
+    monkeypatch.setattr(runner, "load_model", boom)
+
+
+def test_output_names_keep_the_extension():
+    from tokentm_fast.cli import output_names
+
+    assert output_names(["d/photo.png", "d/photo.jpg"]) == ["photo.png", "photo.jpg"]
+    assert output_names(["a/photo.png", "b/photo.png"]) == ["a_photo.png", "b_photo.png"]
+    names = output_names(["photo.png", "photo.png", "x/photo.jpg"])
+    assert len(set(names)) == 3 and names[2] == "photo.jpg"
+
+
+def test_explain_same_stem_different_extensions(tmp_path, tiny_ckpt, capsys):
+    rng = np.random.default_rng(3)
+    png, jpg = tmp_path / "photo.png", tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(png)
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(jpg)  # a different picture
+    out = tmp_path / "new" / "deeper" / "out"  # missing parents are created
+    rc, stdout, err = run_main(["explain", png, jpg, *TINY, "--checkpoint", tiny_ckpt, "--methods", "rollout",
+                                "--out", out, "--grid-name", "figs/grid.pdf"], capsys)
+    assert rc == 0, err
+    assert sorted(f.name for f in out.iterdir()) == ["figs", "photo.jpg_rollout.png", "photo.png_rollout.png"]
+    assert (out / "figs" / "grid.pdf").read_bytes().startswith(b"%PDF")
+    assert "photo.png: predicted" in stdout and "photo.jpg: predicted" in stdout
+    a = np.asarray(Image.open(out / "photo.png_rollout.png"))
+    b = np.asarray(Image.open(out / "photo.jpg_rollout.png"))
+    assert np.abs(a.astype(int) - b.astype(int)).max() > 0  # each file holds its own image
+
+
+@pytest.mark.parametrize("name", ["../../escape.png", "../escape.png", "sub/../../escape.png", "ABS"])
+def test_grid_name_cannot_escape_the_output_folder(tmp_path, pictures, name, monkeypatch, capsys):
+    paths, _ = pictures
+    _no_model(monkeypatch)
+    out = tmp_path / "a" / "b" / "out"
+    if name == "ABS":
+        name = str(tmp_path / "escape.png")
+    rc, _, err = run_main(["explain", paths[0], "--out", out, "--grid-name", name], capsys)
+    assert_clean_error(rc, err, "--grid-name", "output folder")
+    assert not list(tmp_path.rglob("escape.png"))
+    assert not out.exists()
+
+
+def test_grid_name_through_a_link_is_refused(tmp_path, pictures, monkeypatch, capsys):
+    paths, _ = pictures
+    _no_model(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link").symlink_to(tmp_path)
+    rc, _, err = run_main(["explain", paths[0], "--out", out, "--grid-name", "link/escape.png"], capsys)
+    assert_clean_error(rc, err, "--grid-name", "outside the output folder")
+    rc, _, err = run_main(["explain", paths[0], "--out", out, "--grid-name", "grid.unknownformat"], capsys)
+    assert_clean_error(rc, err, "--grid-name", "format")
+
+
+def test_output_errors_before_computing(tmp_path, pictures, monkeypatch, capsys):
+    paths, _ = pictures
+    _no_model(monkeypatch)
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    # --out is an existing file
+    for cmd in (["explain", paths[0]], ["demo"]):
+        rc, _, err = run_main([*cmd, "--out", a_file], capsys)
+        assert_clean_error(rc, err, "--out", "a_file.txt", "is an existing file")
+    # a parent that cannot be created: it is a file
+    for cmd in (["explain", paths[0]], ["demo"]):
+        rc, _, err = run_main([*cmd, "--out", a_file / "sub" / "out"], capsys)
+        assert_clean_error(rc, err, "--out", "a_file.txt is a file")
+    rc, _, err = run_main(["evaluate", "--output", a_file / "r.json"], capsys)
+    assert_clean_error(rc, err, "--output", "a_file.txt is a file")
+    rc, _, err = run_main(["evaluate", "--output", tmp_path / "r.json", "--curves", a_file / "c.png"], capsys)
+    assert_clean_error(rc, err, "--curves", "a_file.txt is a file")
+    # a file option given an existing folder
+    rc, _, err = run_main(["evaluate", "--output", a_dir], capsys)
+    assert_clean_error(rc, err, "--output", "is an existing folder")
+    assert a_file.read_text() == "x" and not list(a_dir.iterdir())
+
+
+def test_output_in_a_location_reported_not_writable(tmp_path, pictures, monkeypatch, capsys):
+    """The check itself: a folder that os.access reports unwritable (read-only fs, permissions) is refused."""
+    paths, _ = pictures
+    _no_model(monkeypatch)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+
+    def access(p, mode, *a, **k):
+        if os.path.abspath(p) == str(ro) and mode & os.W_OK:
+            return False
+        return real_access(p, mode, *a, **k)
+
+    monkeypatch.setattr(os, "access", access)
+    for argv, opt in ((["explain", paths[0], "--out", ro], "--out"), (["explain", paths[0], "--out", ro / "x"], "--out"),
+                      (["demo", "--out", ro / "x" / "y"], "--out"), (["evaluate", "--output", ro / "r.json"], "--output")):
+        rc, _, err = run_main(argv, capsys)
+        assert_clean_error(rc, err, opt, "not writable", "ro")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root writes into a chmod 555 folder anyway; the check is covered by "
+                           "test_output_in_a_location_reported_not_writable")
+def test_output_in_a_read_only_folder(tmp_path, pictures, monkeypatch, capsys):
+    paths, _ = pictures
+    _no_model(monkeypatch)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        rc, _, err = run_main(["explain", paths[0], "--out", ro / "out"], capsys)
+        assert_clean_error(rc, err, "--out", "not writable")
+        rc, _, err = run_main(["evaluate", "--output", ro / "r.json"], capsys)
+        assert_clean_error(rc, err, "--output", "not writable")
+    finally:
+        ro.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- constant maps and n/a (issue 8)
+def test_explain_warns_about_a_constant_map(tmp_path, pictures, tiny_ckpt, monkeypatch, capsys):
+    import tokentm_fast.cli as cli
+
+    real = cli._explain_all
+
+    def zero_gradcam(model, x, methods, backend, target=None):
+        maps = real(model, x, methods, backend, target)
+        maps["attn_gradcam"] = torch.zeros_like(maps["attn_gradcam"])  # what a random model often gives
+        return maps
+
+    monkeypatch.setattr(cli, "_explain_all", zero_gradcam)
+    paths, _ = pictures
+    rc, _, err = run_main(["explain", paths[0], paths[2], *TINY, "--checkpoint", tiny_ckpt,
+                           "--methods", "rollout,attn_gradcam", "--out", tmp_path / "o"], capsys)
+    assert rc == 0, err
+    warn = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(warn) == 1, err  # one line for the method, none for rollout
+    assert "attn_gradcam" in warn[0] and "constant" in warn[0]
+    assert paths[0].name in warn[0] and paths[2].name in warn[0]
+    assert "rollout" not in warn[0]
+
+
+def test_na_cells_get_a_footnote():
+    from tokentm_fast.cli import table_footnotes
+    from tokentm_fast.evaluation.runner import format_table
+
+    records = [
+        {"method": "tokentm", "metric": "sanity", "values": {"spearman_full_random": 0.12}},
+        {"method": "attn_gradcam", "metric": "sanity", "values": {"spearman_full_random": None}},
+    ]
+    table = format_table({"records": records})
+    assert "n/a" in table  # the runner prints n/a for an undefined value
+    notes = table_footnotes(table)
+    assert len(notes) == 1
+    assert "attn_gradcam" in notes[0] and "tokentm" not in notes[0]
+    assert "Spearman" in notes[0] and "constant" in notes[0]
+    records[1]["values"]["spearman_full_random"] = 0.3
+    assert table_footnotes(format_table({"records": records})) == []
+
+
+def test_print_results_explains_na(capsys):
+    from tokentm_fast.cli import _print_results
+
+    results = {
+        "records": [{"method": "attn_gradcam", "metric": "sanity", "values": {"spearman_full_random": None}},
+                    {"method": "gae", "metric": "sanity", "values": {"spearman_full_random": 0.5}}],
+        "counts": {"images_evaluated": 2, "skipped": 0}, "run": {"resumed_from": 0},
+        "data": {"kind": "synthetic"}, "model": {"name": "synthetic"},
+    }
+    _print_results(results, None)
+    out = capsys.readouterr().out
+    table_end = out.index("| gae |")
+    assert "n/a" in out[:table_end + 40]
+    assert "n/a in Rand. ρ" in out[table_end:] and "undefined for a constant map" in out

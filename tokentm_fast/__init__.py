@@ -4,8 +4,11 @@
 for timm ViTs with TokenTM, LeGrad, GAE, rollout, raw attention and attention
 Grad-CAM; see ``tokentm_fast.ops`` for the plain-tensor operators.
 """
+from . import targets
 from .api import BACKENDS, Explainer, explain
 from .methods import METHODS
+from .targets import class_logit, cosine_similarity
 
 __version__ = "0.1.0"
-__all__ = ["explain", "Explainer", "METHODS", "BACKENDS", "__version__"]
+__all__ = ["explain", "Explainer", "METHODS", "BACKENDS", "targets", "class_logit", "cosine_similarity",
+           "__version__"]

@@ -2,13 +2,15 @@
 
 Checks everything up front (model, method, options, backend, images, target),
 then dispatches to the literal reference or to the fast path with the PyTorch
-or Triton kernels, and returns a float32 map ``(B, gh, gw)`` of raw values.
+or Triton kernels, and returns a float32 map ``(B, gh, gw)`` of raw values
+(optionally at the input resolution and/or min–max normalised per image).
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .bindings.timm_vit import TimmViT
@@ -37,11 +39,16 @@ class Explainer:
         backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"reference"``,
             ``"torch"`` or ``"triton"``.
         full: return the whole ``(B, N, N)`` contribution matrix (TokenTM, GAE, rollout).
+        upsample: return maps at the input resolution ``(B, H, W)`` (bilinear,
+            ``align_corners=False``) instead of the patch grid ``(B, gh, gw)``.
+        normalize: min–max normalise each image's map to [0, 1] (after
+            ``upsample``; a constant map becomes all zeros). Default: raw values.
         **options: method options (see ``tokentm_fast.methods.DEFAULT_OPTIONS``).
     """
 
     def __init__(self, model: nn.Module, method: str = "tokentm", backend: str = "auto",
-                 full: bool = False, **options: Any) -> None:
+                 full: bool = False, upsample: bool = False, normalize: bool = False,
+                 **options: Any) -> None:
         self.vit = TimmViT(model)
         self.method = check_method(method)
         if backend not in BACKENDS:
@@ -50,6 +57,7 @@ class Explainer:
         if full and method not in FULL_MATRIX_METHODS:
             raise ValueError(f"full=True is available for {FULL_MATRIX_METHODS}, not for {method!r}")
         self.full = bool(full)
+        self.upsample, self.normalize = _check_output_options(upsample, normalize, self.full)
         self.options = resolve_options(method, options, self.vit.num_layers)
 
     def backend_for(self, images: torch.Tensor) -> str:
@@ -66,7 +74,8 @@ class Explainer:
         return self.backend
 
     def __call__(self, images: torch.Tensor, target: Target = None) -> torch.Tensor:
-        """Explain ``images (B, C, H, W)``; returns ``(B, gh, gw)`` float32 (``(B, N, N)`` with full)."""
+        """Explain ``images (B, C, H, W)``; returns ``(B, gh, gw)`` float32 (``(B, N, N)`` with full,
+        ``(B, H, W)`` with upsample). ``target``: see ``tokentm_fast.targets``."""
         gh, gw = self.vit.check_images(images)
         param = next(self.vit.model.parameters())
         if images.device != param.device:
@@ -85,16 +94,49 @@ class Explainer:
                 f"the {self.method} explanation contains NaN or Inf: the model produced non-finite "
                 f"activations or gradients for these images"
             )
-        return out if self.full else out.reshape(out.shape[0], gh, gw)
+        if self.full:
+            return minmax_normalize(out) if self.normalize else out
+        out = out.reshape(out.shape[0], gh, gw)
+        if self.upsample:
+            out = upsample_maps(out, tuple(images.shape[-2:]))
+        return minmax_normalize(out) if self.normalize else out
+
+
+def _check_output_options(upsample: Any, normalize: Any, full: bool) -> tuple:
+    for name, value in (("upsample", upsample), ("normalize", normalize)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if upsample and full:
+        raise ValueError("upsample=True makes image-sized maps; it cannot be combined with full=True")
+    return upsample, normalize
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Bilinear resize of ``(B, gh, gw)`` maps to ``size = (H, W)`` → ``(B, H, W)``."""
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
+    """Per image ``(e − min) / (max − min)`` over all but the batch dimension; constant maps → 0."""
+    flat = maps.reshape(maps.shape[0], -1)
+    lo = flat.min(dim=1, keepdim=True).values
+    span = flat.max(dim=1, keepdim=True).values - lo
+    span = torch.where(span > 0, span, torch.ones_like(span))
+    return ((flat - lo) / span).reshape(maps.shape)
 
 
 def explain(model: nn.Module, images: torch.Tensor, method: str = "tokentm", target: Target = None,
-            backend: str = "auto", full: bool = False, **options: Any) -> torch.Tensor:
+            backend: str = "auto", full: bool = False, upsample: bool = False, normalize: bool = False,
+            **options: Any) -> torch.Tensor:
     """Explain ``images (B, C, H, W)`` for ``target`` with ``method``.
 
     Returns a float32 ``(B, gh, gw)`` map of raw (unnormalized) relevance of
     every patch, or with ``full=True`` (TokenTM, GAE, rollout) the whole
-    ``(B, N, N)`` matrix ``Cᴸ``. ``target``: None (the predicted class), an
-    int, or a ``(B,)`` integer tensor. See ``Explainer`` for the arguments.
+    ``(B, N, N)`` matrix ``Cᴸ``; ``upsample=True``: ``(B, H, W)`` at the input
+    resolution (bilinear); ``normalize=True``: min–max normalised per image.
+    ``target``: None (the predicted class), an int, a ``(B,)`` integer tensor,
+    or a score function of the model output (``tokentm_fast.targets``). See
+    ``Explainer`` for the arguments.
     """
-    return Explainer(model, method=method, backend=backend, full=full, **options)(images, target)
+    return Explainer(model, method=method, backend=backend, full=full, upsample=upsample,
+                     normalize=normalize, **options)(images, target)

@@ -1,19 +1,209 @@
-"""Target classes: ``None`` (the predicted class), an int, or a ``(B,)`` tensor."""
+"""Targets: which score an explanation explains (the score s of every method).
+
+A target is one of
+
+- ``None``: the predicted class, the argmax of each image's logits
+  (classifiers only);
+- an ``int`` or a ``(B,)`` integer tensor: that class's logit;
+- a **score function**: a callable mapping the model output — ``(B, K)``
+  logits, or the ``(B, D')`` embedding of a feature model — to one score per
+  image, a ``(B,)`` floating tensor differentiable in the output. Ready-made:
+  :func:`class_logit` and :func:`cosine_similarity`.
+
+TokenTM, GAE and attention Grad-CAM explain ``s = score(output)``; LeGrad's
+per-layer score is ``s_l = score(head(Xˡ))``, the model's own head applied to
+layer l's tokens and then the same function. Rollout and raw attention do not
+use the target.
+
+A score function must treat the images of the batch independently (image b's
+score reads only row b of the output): the explanation of a batch is computed
+from the sum of its scores. It receives the output in the dtype the backend
+runs in (float64 for ``backend="reference"``), so a function that captures
+tensors should cast them to ``output.dtype`` and ``output.device`` — the
+ready-made ones do.
+"""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
-Target = Optional[Union[int, torch.Tensor]]
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+Target = Optional[Union[int, torch.Tensor, ScoreFn]]
+CheckedTarget = Optional[Union[torch.Tensor, "ScoreFunction"]]
+
+__all__ = [
+    "Target",
+    "ScoreFunction",
+    "class_logit",
+    "cosine_similarity",
+    "check_target",
+    "resolve_target",
+    "target_score",
+]
+
+_KINDS = "None, an int, a (B,) integer tensor or a score function (a callable output -> (B,) scores)"
 
 
-def check_target(target: Target, batch: int, num_classes: int) -> Optional[torch.Tensor]:
-    """Validate a target before any work; ``None`` stays None (resolved after the forward)."""
+class ScoreFunction:
+    """A score function whose every result is checked: ``(B,)``, floating, differentiable.
+
+    ``explain`` wraps any callable target in one; the ready-made targets are
+    subclasses. Calling it on an output ``(B, ...)`` returns the ``(B,)`` scores.
+    """
+
+    def __init__(self, fn: ScoreFn, name: Optional[str] = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"a score function must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def score(self, output: torch.Tensor) -> torch.Tensor:
+        """The unchecked scores of ``output``; subclasses override this."""
+        return self.fn(output)
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        s = self.score(output)
+        batch = output.shape[0]
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(
+                f"the score function {self.name} returned a {type(s).__name__}; it must return a (B,) = "
+                f"({batch},) floating tensor"
+            )
+        if tuple(s.shape) != (batch,):
+            raise ValueError(
+                f"the score function {self.name} returned shape {tuple(s.shape)} for a model output of "
+                f"shape {tuple(output.shape)}; it must return one score per image, shape ({batch},)"
+            )
+        if not s.is_floating_point():
+            raise TypeError(
+                f"the score function {self.name} returned dtype {s.dtype}; it must return a floating "
+                f"tensor (a score, not an index)"
+            )
+        if output.requires_grad and not s.requires_grad:
+            raise ValueError(
+                f"the score function {self.name} returned scores that do not depend differentiably on "
+                f"the model output (detached, or computed without autograd)"
+            )
+        return s
+
+    def __repr__(self) -> str:
+        return f"ScoreFunction({self.name})"
+
+
+class class_logit(ScoreFunction):  # noqa: N801  (a function-like constructor, like the other targets)
+    """The logit of class ``c``: ``output[b, c[b]]``.
+
+    Args:
+        c: an int (the same class for every image) or a ``(B,)`` integer tensor.
+
+    The same score as passing ``target=c``, as a score function (e.g. to pick
+    one channel of an embedding).
+    """
+
+    def __init__(self, c: Union[int, torch.Tensor]) -> None:
+        if isinstance(c, bool) or not isinstance(c, (int, torch.Tensor)):
+            raise TypeError(f"class_logit takes an int or a (B,) integer tensor, got {type(c).__name__}")
+        if isinstance(c, torch.Tensor):
+            if c.is_floating_point() or c.is_complex() or c.dtype == torch.bool or c.dim() > 1:
+                raise TypeError(
+                    f"class_logit takes an int or a (B,) integer tensor, got a {c.dtype} tensor of shape "
+                    f"{tuple(c.shape)}"
+                )
+            c = c.detach().to(torch.long).reshape(-1) if c.dim() == 1 else int(c)
+        if isinstance(c, int) and c < 0:
+            raise ValueError(f"class_logit: class {c} is negative")
+        if isinstance(c, torch.Tensor) and bool((c < 0).any()):
+            raise ValueError(f"class_logit: class {int(c[c < 0][0])} is negative")
+        self.c = c
+        super().__init__(self.score, name=f"class_logit({c if isinstance(c, int) else tuple(c.tolist())})")
+
+    def score(self, output: torch.Tensor) -> torch.Tensor:
+        if output.dim() != 2:
+            raise ValueError(f"class_logit needs a (B, K) model output, got shape {tuple(output.shape)}")
+        b, k = output.shape
+        if isinstance(self.c, int):
+            idx = torch.full((b, 1), self.c, dtype=torch.long, device=output.device)
+        else:
+            if self.c.shape[0] != b:
+                raise ValueError(f"class_logit has {self.c.shape[0]} classes for a batch of {b} images")
+            idx = self.c.to(output.device)[:, None]
+        if int(idx.max()) >= k:
+            raise ValueError(f"class_logit: class {int(idx.max())} out of range for an output with {k} entries")
+        return output.gather(1, idx)[:, 0]
+
+
+class cosine_similarity(ScoreFunction):  # noqa: N801
+    """Cosine similarity of the model output with reference embeddings.
+
+    Args:
+        embeddings: ``(B, D')`` (one reference per image) or ``(D',)`` (one
+            shared by every image), e.g. the text embedding of a CLIP prompt.
+        eps: lower bound on the norms (as ``torch.nn.functional.cosine_similarity``).
+
+    Scores: ``cos(output_b, embeddings_b)``, shape ``(B,)``. The references are
+    cast to the output's dtype and device when called (float64 on the
+    reference backend); they are not differentiated.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, eps: float = 1e-8) -> None:
+        if not isinstance(embeddings, torch.Tensor):
+            raise TypeError(f"cosine_similarity takes a (D',) or (B, D') tensor, got {type(embeddings).__name__}")
+        if not embeddings.is_floating_point():
+            raise TypeError(f"cosine_similarity: embeddings must be floating, got {embeddings.dtype}")
+        if embeddings.dim() not in (1, 2) or embeddings.shape[-1] == 0:
+            raise ValueError(
+                f"cosine_similarity takes embeddings of shape (D',) or (B, D'), got {tuple(embeddings.shape)}"
+            )
+        if not torch.isfinite(embeddings).all():
+            raise ValueError("cosine_similarity: embeddings contain NaN or Inf")
+        self.embeddings = embeddings.detach()
+        self.eps = float(eps)
+        super().__init__(self.score, name=f"cosine_similarity({tuple(embeddings.shape)})")
+
+    def score(self, output: torch.Tensor) -> torch.Tensor:
+        if output.dim() != 2:
+            raise ValueError(f"cosine_similarity needs a (B, D') model output, got shape {tuple(output.shape)}")
+        ref = self.embeddings.to(device=output.device, dtype=output.dtype)
+        if ref.shape[-1] != output.shape[-1]:
+            raise ValueError(
+                f"cosine_similarity: the model output has {output.shape[-1]} features, the reference "
+                f"embeddings {ref.shape[-1]}"
+            )
+        if ref.dim() == 2 and ref.shape[0] != output.shape[0]:
+            raise ValueError(
+                f"cosine_similarity: {ref.shape[0]} reference embeddings for a batch of {output.shape[0]} "
+                f"images (pass one per image, or a single (D',) embedding shared by all)"
+            )
+        return torch.nn.functional.cosine_similarity(output, ref.expand_as(output), dim=-1, eps=self.eps)
+
+
+def check_target(target: Target, batch: int, num_classes: Optional[int]) -> CheckedTarget:
+    """Validate a target before any work.
+
+    Args:
+        target: see the module docstring.
+        batch: B, the number of images.
+        num_classes: K of a classifier; ``None`` or ``0`` for a model whose
+            output is an embedding (it needs a score function).
+
+    Returns:
+        None (resolved to the argmax after the forward), a ``(B,)`` long tensor,
+        or a :class:`ScoreFunction`.
+    """
+    classifier = num_classes is not None and num_classes > 0
+    if callable(target) and not isinstance(target, torch.Tensor):
+        return target if isinstance(target, ScoreFunction) else ScoreFunction(target)
+    if not classifier and (target is None or isinstance(target, (int, torch.Tensor))):
+        raise ValueError(
+            "this model has no classifier head (its output is an embedding): pass a score function as "
+            "target, e.g. tokentm_fast.targets.cosine_similarity(reference_embeddings), or "
+            "class_logit(c) to explain output channel c"
+        )
     if target is None:
         return None
     if isinstance(target, bool):
-        raise TypeError("target must be None, an int or a (B,) integer tensor, got a bool")
+        raise TypeError(f"target must be {_KINDS}, got a bool")
     if isinstance(target, int):
         t = torch.full((batch,), target, dtype=torch.long)
     elif isinstance(target, torch.Tensor):
@@ -25,20 +215,28 @@ def check_target(target: Target, batch: int, num_classes: int) -> Optional[torch
             raise ValueError(f"target must have shape ({batch},) for a batch of {batch}, got {tuple(target.shape)}")
         t = target.to(torch.long)
     else:
-        raise TypeError(f"target must be None, an int or a (B,) integer tensor, got {type(target).__name__}")
+        raise TypeError(f"target must be {_KINDS}, got {type(target).__name__}")
     bad = (t < 0) | (t >= num_classes)
     if bool(bad.any()):
         raise ValueError(f"target {t[bad][0].item()} out of range for a model with {num_classes} classes")
     return t
 
 
-def resolve_target(target: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-    """The checked target on the logits' device, or the argmax of the logits."""
+def resolve_target(target: CheckedTarget, logits: torch.Tensor) -> Union[torch.Tensor, ScoreFunction]:
+    """The checked target on the output's device, the argmax of the logits, or the score function."""
     if target is None:
         return logits.argmax(dim=1)
+    if isinstance(target, ScoreFunction):
+        return target
     return target.to(logits.device)
 
 
-def target_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Sum over the batch of each image's target logit (images are independent)."""
-    return logits.gather(1, target[:, None]).sum()
+def target_score(output: torch.Tensor, target: Union[torch.Tensor, ScoreFunction]) -> torch.Tensor:
+    """Sum over the batch of each image's score (images are independent).
+
+    ``output``: the model output ``(B, K)`` or ``(B, D')`` (or the head applied
+    to an inner layer, for LeGrad); ``target``: a resolved target.
+    """
+    if isinstance(target, ScoreFunction):
+        return target(output).sum()
+    return output.gather(1, target[:, None]).sum()

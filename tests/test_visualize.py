@@ -91,3 +91,65 @@ def test_plot_perturbation_curves(tmp_path):
     assert (sat > 80).sum() > 200
     with pytest.raises(ValueError, match="no 'target' curves"):
         plot_perturbation_curves(curves, tmp_path / "t.png", variant="target")
+
+
+# ----------------------------------------------------------------------------- issue 8: readable pictures
+def _texts(fig):
+    from matplotlib.text import Text
+
+    return " ".join(t.get_text() for t in fig.findobj(Text))
+
+
+def test_grid_has_colorbar_and_states_the_normalisation(tmp_path):
+    import matplotlib
+
+    from tokentm_fast.visualize import DEFAULT_CMAP, NORMALIZATION_NOTE, grid_figure
+
+    # perceptually uniform by default (matplotlib's uniform sequential maps), not jet
+    assert DEFAULT_CMAP in ("viridis", "inferno", "magma", "plasma", "cividis")
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(2, 3, 16, 16, generator=g)
+    maps = {"tokentm": torch.randn(2, 4, 4, generator=g), "legrad": torch.randn(2, 4, 4, generator=g)}
+    fig = grid_figure(images, maps, titles=["a", "b"])
+    cbars = [ax for ax in fig.axes if getattr(ax, "_colorbar", None) is not None]
+    assert len(cbars) == 1
+    cb = cbars[0]._colorbar
+    assert cb.cmap.name == DEFAULT_CMAP and (cb.vmin, cb.vmax) == (0.0, 1.0)
+    assert len(fig.axes) == 2 * 3 + 1  # the cells and the colour bar
+    text = _texts(fig)
+    assert NORMALIZATION_NOTE in text and "min–max normalised" in text
+    assert "normalised relevance" in text and "map min" in text and "map max" in text
+    # the cells use the colormap the bar shows: at alpha 1 every overlay pixel is a colour of the map
+    fig1 = grid_figure(images, maps, alpha=1.0, cmap="viridis")
+    cell = fig1.axes[1].get_images()[0].get_array()
+    lut = matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3]
+    dist = np.abs(cell.reshape(-1, 1, 3) - lut[None]).sum(-1).min(1)
+    assert dist.max() < 1e-5
+    assert [ax for ax in fig1.axes if getattr(ax, "_colorbar", None) is not None][0]._colorbar.cmap.name == "viridis"
+
+
+def test_constant_maps_warn_with_method_and_image(tmp_path):
+    import warnings
+
+    from tokentm_fast.visualize import ConstantMapWarning, is_constant_map
+
+    assert is_constant_map(torch.zeros(3, 3)) and is_constant_map(np.full((2, 2), 4.0))
+    assert is_constant_map(np.array([np.nan, np.inf])) and not is_constant_map(np.array([0.0, 1e-9]))
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 16, 16, generator=g)
+    flat = torch.randn(2, 4, 4, generator=g)
+    flat[1] = 0.0  # image 1: all zeros
+    maps = {"tokentm": torch.randn(2, 4, 4, generator=g), "attn_gradcam": flat}
+    with pytest.warns(ConstantMapWarning) as rec:
+        save_grid(images, maps, tmp_path / "g.png", titles=["cat.png\npred 1", "dog.jpg\npred 2"])
+    msgs = [str(w.message) for w in rec if issubclass(w.category, ConstantMapWarning)]
+    assert len(msgs) == 1
+    assert msgs[0].startswith("attn_gradcam:") and "'dog.jpg'" in msgs[0] and "cat.png" not in msgs[0]
+    assert "every value 0" in msgs[0] and "flat colour" in msgs[0]
+    with pytest.warns(ConstantMapWarning, match=r"legrad: the map of 'x\.png' is constant \(every value 2\.5\)"):
+        save_overlay(images[0], torch.full((4, 4), 2.5), tmp_path / "o.png", method="legrad", image_name="x.png")
+    # no warning for maps that vary
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConstantMapWarning)
+        save_grid(images, {"tokentm": maps["tokentm"]}, tmp_path / "ok.png")
+        save_overlay(images[0], maps["tokentm"][0], tmp_path / "ok1.png", method="tokentm")

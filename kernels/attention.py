@@ -1,0 +1,437 @@
+"""The explanation attention: a FlashAttention-2 style kernel family whose backward
+also computes what the explanation methods read from Aˡ and Gˡ, with no N×N tensor.
+
+PyTorch equivalents (oracles, full matrices): ``tokentm_fast.attention.attention_forward_torch``,
+``attention_backward_torch`` and ``attention_rows_torch``.
+
+Notation per image b and head h (d = head width, ``scale`` = the model's softmax scale)::
+
+    S = scale · Q Kᵀ            ℓ[i] = log Σ_j exp(S[i, j])        P = exp(S − ℓ)   (= Aˡ_h)
+    O = P V                     dP = dO Vᵀ  (= Gˡ_h = ∂s/∂P)       δ[i] = ⟨dO[i], O[i]⟩
+    dS = P ⊙ (dP − δ)           dQ = scale · dS K                  dK = scale · dSᵀ Q      dV = Pᵀ dO
+
+- ``flash_forward``   saves O and ℓ (program: a block of queries, loop over keys, online softmax);
+- ``flash_backward``  recomputes P and dP tile by tile: the dK/dV program owns a block of keys and
+  loops over all queries, which is exactly the loop of the row algorithm, so it also accumulates
+  the TokenTM / GAE column sums ``t_h[j] = Σ_i s[i] · max(P[i, j] · dP[i, j], 0)`` for a given row
+  ``s (B, N)``; a second program family computes dQ (a block of queries, loop over keys);
+- ``attention_rows``  column sums of a row vector against P or max(dP, 0), recomputed from Q, K
+  (and dO, V): ``Σ_i r[i] · P[i, j]`` (rollout) or ``Σ_i r[i] · max(dP[i, j], 0)`` (LeGrad).
+
+Tiles are loaded with the tensors' own strides (the last dimension must be contiguous), tails of
+N and of the head width are masked, inputs are float32 / bfloat16 / float16 and every sum is float32.
+Products use ``tl.dot``; for float32 inputs ``ieee=True`` keeps them in full float32 (otherwise tf32).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+#: accumulator codes of the dK/dV program
+ACC_NONE = 0  # plain attention backward
+ACC_GAE = 1  # t_h[j] += Σ_i s[i] · max(P ⊙ dP, 0)
+
+#: what ``attention_rows`` sums
+ROWS_PROBS = 0  # Σ_i r[i] · P[i, j]
+ROWS_RELU_GRAD = 1  # Σ_i r[i] · max(dP[i, j], 0)
+
+
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(block_m: Tuple[int, ...], block_n: Tuple[int, ...], warps: Tuple[int, ...], stages: Tuple[int, ...]):
+    if _interpreted():  # the interpreter pays per operation: one big tile, nothing to tune
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m in block_m for n in block_n for w in warps for s in stages
+    ]
+
+
+def _prune_for_head_dim(configs, named_args, **kwargs):
+    """Large head widths do not fit 128-wide tiles in registers/shared memory."""
+    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    kept = [c for c in configs if d <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    return kept or configs[:1]
+
+
+_FWD_CONFIGS = _configs((64, 128), (32, 64), (4, 8), (2, 3))
+_BWD_CONFIGS = _configs((32, 64), (64, 128), (4, 8), (2, 3))
+_DQ_CONFIGS = _configs((64, 128), (32, 64), (4, 8), (2, 3))
+_KEY = ["N_CTX", "BLOCK_D", "BH_BUCKET"]
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with a float32 accumulator. IEEE: full float32 products (no tf32); UPCAST: cast
+    the operands to float32 first (Triton's interpreter cannot multiply bfloat16 tiles)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _flash_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+    H, N_CTX, HEAD_D, qk_scale,  # qk_scale = scale · log2(e)
+    BH_BUCKET,
+    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """O and ℓ for a block of queries of one (image, head), online softmax over key blocks:
+
+        m_i ← max(m_i, max_j S_ij);   l_i ← l_i · 2^(m_old − m_i) + Σ_j 2^(S_ij − m_i)
+        acc_i ← acc_i · 2^(m_old − m_i) + Σ_j 2^(S_ij − m_i) v_j
+        O_i = acc_i / l_i,   ℓ_i = (m_i + log2 l_i) · ln 2          (S in log2 units)
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_CTX
+    mask_d = offs_d < HEAD_D
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    m_i = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, N_CTX, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_CTX
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _mm(q, tl.trans(k), IEEE, UPCAST)
+        s = tl.where(mask_n[None, :], s * qk_scale, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
+    tl.store(lse_ptr + bh * N_CTX + offs_m, lse, mask=mask_m)
+
+
+# --------------------------------------------------------------------------- backward
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_n, sd_b, sd_h, sd_n, H, N_CTX, HEAD_D,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """δ[i] = ⟨dO[i], O[i]⟩ in float32, for a block of rows of one (image, head)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N_CTX) & (offs_d[None, :] < HEAD_D)
+    o = tl.load(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_n + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + bh * N_CTX + offs_m, delta, mask=offs_m < N_CTX)
+
+
+@triton.jit
+def _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """P[i, j] of one (BLOCK_M, BLOCK_N) tile from Q_i, K_j and ℓ_i (log2 units); 0 outside N."""
+    s = _mm(q, tl.trans(k), IEEE, UPCAST)
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+
+
+@triton.jit
+def _grad_probs_tile(do, v, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """dP[i, j] = ⟨dO[i], V[j]⟩ of one tile (= ∂s/∂P: the attention gradient Gˡ_h)."""
+    return _mm(do, tl.trans(v), IEEE, UPCAST)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["ACC", "INPUT_GRADS"],
+                 prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _flash_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, row_ptr,
+    dk_ptr, dv_ptr, t_ptr,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, sg_b, sg_h, sg_n,
+    H, N_CTX, HEAD_D, scale, qk_scale,
+    BH_BUCKET,
+    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, INPUT_GRADS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One block of keys j of one (image, head), looping over every query block i:
+
+        dV_j = Σ_i P_ijᵀ dO_i            dK_j = scale · Σ_i (P ⊙ (dP − δ))_ijᵀ Q_i
+        t_h[j] = Σ_i s[i] · max(P_ij · dP_ij, 0)        (ACC = ACC_GAE; s = the row of spec §3.1)
+
+    dK/dV (INPUT_GRADS) and t (ACC) are independent switches: the lowest layer of an explanation
+    needs only t, a plain backward only dK/dV. ``t`` is written per head, ``(B, H, N)``.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N_CTX
+    mask_d = offs_d < HEAD_D
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    do_base = do_ptr + b * sd_b + h * sd_h
+    for m0 in range(0, N_CTX, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N_CTX
+        qm = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=qm, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sd_n + offs_d[None, :], mask=qm, other=0.0)
+        lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        p = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
+        dp = _grad_probs_tile(do, v, IEEE, UPCAST)
+        if ACC == 1:
+            s_row = tl.load(row_ptr + b * N_CTX + offs_m, mask=mask_m, other=0.0)
+            t += tl.sum(s_row[:, None] * tl.maximum(p * dp, 0.0), axis=0)
+        if INPUT_GRADS:
+            delta = tl.load(delta_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0)
+            ds = p * (dp - delta[:, None])
+            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
+    if INPUT_GRADS:
+        tl.store(dk_ptr + b * sg_b + h * sg_h + offs_n[:, None] * sg_n + offs_d[None, :],
+                 (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + b * sg_b + h * sg_h + offs_n[:, None] * sg_n + offs_d[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    if ACC == 1:
+        tl.store(t_ptr + bh * N_CTX + offs_n, t, mask=mask_n)
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _flash_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, sg_b, sg_h, sg_n,
+    H, N_CTX, HEAD_D, scale, qk_scale,
+    BH_BUCKET,
+    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ_i = scale · Σ_j (P ⊙ (dP − δ))_ij K_j for one block of queries, looping over key blocks."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_CTX
+    mask_d = offs_d < HEAD_D
+    qm = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=qm, other=0.0)
+    do = tl.load(do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_n + offs_d[None, :], mask=qm, other=0.0)
+    lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    for n0 in range(0, N_CTX, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_CTX
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        p = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
+        dp = _grad_probs_tile(do, v, IEEE, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, IEEE, UPCAST)
+    tl.store(dq_ptr + b * sg_b + h * sg_h + offs_m[:, None] * sg_n + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=qm)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["MODE"], prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _attention_rows_kernel(
+    q_ptr, k_ptr, lse_ptr, do_ptr, v_ptr, row_ptr, t_ptr,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sd_b, sd_h, sd_n, sv_b, sv_h, sv_n,
+    H, N_CTX, HEAD_D, qk_scale,
+    BH_BUCKET,
+    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Column sums of a row vector r (B, N) against one head's P or max(dP, 0), for a key block j:
+
+        MODE = ROWS_PROBS:      t_h[j] = Σ_i r[i] · P[i, j]          (P from Q, K, ℓ)
+        MODE = ROWS_RELU_GRAD:  t_h[j] = Σ_i r[i] · max(dP[i, j], 0)  (dP from dO, V)
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N_CTX
+    mask_d = offs_d < HEAD_D
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if MODE == 0:
+        k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    else:
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    for m0 in range(0, N_CTX, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N_CTX
+        qm = mask_m[:, None] & mask_d[None, :]
+        r = tl.load(row_ptr + b * N_CTX + offs_m, mask=mask_m, other=0.0)
+        if MODE == 0:
+            q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=qm, other=0.0)
+            lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+            f = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
+        else:
+            do = tl.load(do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_n + offs_d[None, :], mask=qm, other=0.0)
+            f = tl.maximum(_grad_probs_tile(do, v, IEEE, UPCAST), 0.0)
+        t += tl.sum(r[:, None] * f, axis=0)
+    tl.store(t_ptr + bh * N_CTX + offs_n, t, mask=mask_n)
+
+
+# --------------------------------------------------------------------------- wrappers
+def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dot_flags(t: torch.Tensor, ieee: bool) -> dict:
+    """constexpr switches of ``_mm``: full float32 for float32 inputs unless tf32 is allowed; under
+    the interpreter bfloat16 tiles are multiplied as float32 (same values: bf16 ⊂ fp32)."""
+    return {"IEEE": bool(ieee and t.dtype == torch.float32),
+            "UPCAST": bool(t.device.type == "cpu" and t.dtype == torch.bfloat16)}
+
+
+def _shape_args(q: torch.Tensor) -> Tuple[int, int, int, int, int, int]:
+    """``(B, H, N, d, BLOCK_D, BH_BUCKET)`` of a ``(B, H, N, d)`` tensor."""
+    b, h, n, d = q.shape
+    block_d = max(16, triton.next_power_of_2(d))
+    bh_bucket = min(triton.next_power_of_2(b * h), 1024)  # autotune key: the grid's second axis
+    return b, h, n, d, block_d, bh_bucket
+
+
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  ieee: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``O (B, H, N, d)`` in q's dtype and ``ℓ (B, H, N)`` float32 of ``softmax(scale·QKᵀ) V``.
+
+    q, k, v: ``(B, H, N, d)`` on one device, one dtype (float32 / bfloat16 / float16), last dim
+    contiguous (any other strides). Inputs are trusted (checked at the public entry).
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    b, h, n, d, block_d, bucket = _shape_args(q)
+    o = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
+    _flash_fwd_kernel[grid](
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        h, n, d, scale * LOG2E, bucket, BLOCK_D=block_d, **_dot_flags(q, ieee),
+    )
+    return o, lse
+
+
+def flash_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    do: torch.Tensor, scale: float, row: Optional[torch.Tensor] = None, input_grads: bool = True,
+    ieee: bool = True,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Backward of ``flash_forward`` plus the TokenTM/GAE column sums.
+
+    Returns ``(dq, dk, dv, t)``: the input gradients ``(B, H, N, d)`` (None unless ``input_grads``)
+    and, when ``row (B, N)`` float32 is given, ``t (B, H, N)`` float32 with
+    ``t[b, h, j] = Σ_i row[b, i] · max(P[b,h,i,j] · dP[b,h,i,j], 0)`` (None otherwise).
+    """
+    q, k, v, o, do = (_last_dim_contiguous(t) for t in (q, k, v, o, do))
+    b, h, n, d, block_d, bucket = _shape_args(q)
+    flags = _dot_flags(q, ieee)
+    acc = ACC_GAE if row is not None else ACC_NONE
+    dq = dk = dv = t = None
+    delta = lse  # placeholder pointer when no input gradients are computed
+    if input_grads:
+        delta = torch.empty_like(lse)
+        blk = 64 if block_d <= 64 else 32
+        _delta_kernel[(triton.cdiv(n, blk), b * h)](o, do, delta, *_strides(o), *_strides(do), h, n, d,
+                                                    BLOCK_M=blk, BLOCK_D=block_d)
+        dq = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+        dk = torch.empty_like(dq)
+        dv = torch.empty_like(dq)
+    if acc != ACC_NONE:
+        row = row.contiguous()
+        t = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    if not input_grads and acc == ACC_NONE:
+        return dq, dk, dv, t
+    dummy = lse
+    gk = dk if dk is not None else q
+    grid_n = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
+    _flash_bwd_dkdv_kernel[grid_n](
+        q, k, v, do, lse, delta, row if row is not None else dummy,
+        gk, dv if dv is not None else q, t if t is not None else dummy,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(gk),
+        h, n, d, scale, scale * LOG2E, bucket,
+        BLOCK_D=block_d, ACC=acc, INPUT_GRADS=bool(input_grads), **flags,
+    )
+    if input_grads:
+        grid_m = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
+        _flash_bwd_dq_kernel[grid_m](
+            q, k, v, do, lse, delta, dq,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            h, n, d, scale, scale * LOG2E, bucket, BLOCK_D=block_d, **flags,
+        )
+    return dq, dk, dv, t
+
+
+def attention_rows(
+    row: torch.Tensor, scale: float, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None, do: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+    ieee: bool = True,
+) -> torch.Tensor:
+    """``(B, H, N)`` float32 column sums of ``row (B, N)`` against each head's P (give q, k, lse)
+    or against max(dP, 0) (give do, v): ``t[b,h,j] = Σ_i row[b,i] · F[b,h,i,j]``."""
+    probs = q is not None
+    ref = q if probs else do
+    ref_k = k if probs else v
+    ref, ref_k = _last_dim_contiguous(ref), _last_dim_contiguous(ref_k)
+    b, h, n, d, block_d, bucket = _shape_args(ref)
+    row = row.to(torch.float32).contiguous()
+    t = torch.empty((b, h, n), dtype=torch.float32, device=ref.device)
+    dummy = lse if lse is not None else t
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
+    _attention_rows_kernel[grid](
+        ref, ref_k, dummy, ref, ref_k, row, t,
+        *_strides(ref), *_strides(ref_k), *_strides(ref), *_strides(ref_k),
+        h, n, d, scale * LOG2E, bucket,
+        BLOCK_D=block_d, **_dot_flags(ref, ieee),
+        MODE=ROWS_PROBS if probs else ROWS_RELU_GRAD,
+    )
+    return t
+
+
+def default_scale(head_dim: int) -> float:
+    """The usual softmax scale ``d^-½``."""
+    return 1.0 / math.sqrt(head_dim)

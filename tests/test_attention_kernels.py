@@ -1,0 +1,132 @@
+"""The flash attention kernels (``tokentm_fast.kernels.attention``) against their PyTorch
+equivalents in float64 (``tokentm_fast.attention``), under Triton's interpreter.
+
+Inputs come from a ``qkv`` projection reshaped and permuted as timm does, so the
+kernels read strided tensors; N is chosen off the tile sizes (37, 50, 197), head
+widths 32, 64 and 80 (not a power of two), float32 and bfloat16.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokentm_fast.attention import attention_backward_torch, attention_forward_torch, attention_rows_torch
+from tokentm_fast.kernels import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available("cpu"), reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+CASES = [  # (B, H, N, d, dtype)
+    (2, 2, 37, 32, torch.float32),
+    (2, 2, 50, 64, torch.bfloat16),
+    (1, 2, 197, 64, torch.float32),
+    (1, 2, 50, 80, torch.float32),
+    (2, 1, 37, 32, torch.bfloat16),
+]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    assert b.norm() > 0, "vacuous comparison: the oracle is zero"
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _qkv(b, h, n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, n, 3, h, d, generator=g).permute(2, 0, 3, 1, 4).to(dtype)
+    return qkv.unbind(0)  # strided views, last dim contiguous
+
+
+@pytest.mark.parametrize("b,h,n,d,dtype", CASES)
+def test_forward_and_backward_match_full_matrices(b, h, n, d, dtype):
+    from tokentm_fast.kernels.attention import flash_backward, flash_forward
+
+    q, k, v = _qkv(b, h, n, d, dtype)
+    assert not q.is_contiguous()
+    scale = d ** -0.5
+    o, lse = flash_forward(q, k, v, scale)
+    assert o.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (b, h, n)
+    o_ref, lse_ref = attention_forward_torch(q.double(), k.double(), v.double(), scale)
+    assert _rel(o, o_ref) <= TOL[dtype]
+    assert (lse.double() - lse_ref).abs().max() <= 1e-5 * lse_ref.abs().max()
+
+    g = torch.Generator().manual_seed(1)
+    do = torch.randn(b, h, n, d, generator=g).to(dtype)
+    row = torch.rand(b, n, generator=g)
+    dq, dk, dv, t = flash_backward(q, k, v, o, lse, do, scale, row=row)
+    ref = attention_backward_torch(q.double(), k.double(), v.double(), lse_ref, do.double(), scale, row.double())
+    for name, got, want in zip(("dq", "dk", "dv", "t"), (dq, dk, dv, t), ref):
+        assert _rel(got, want) <= TOL[dtype], name
+    # P ⊙ dP has both signs: the clamp must matter, or the test could not tell max(·, 0) from nothing
+    unclamped = attention_backward_torch(q.double(), k.double(), v.double(), lse_ref, do.double(), scale, None)
+    p = torch.exp(scale * q.double() @ k.double().transpose(-1, -2) - lse_ref[..., None])
+    dp = do.double() @ v.double().transpose(-1, -2)
+    assert (p * dp).min() < 0 < (p * dp).max() and unclamped[3] is None
+
+
+@pytest.mark.parametrize("b,h,n,d,dtype", CASES[:2])
+def test_explanation_sums_alone_equal_the_full_backward(b, h, n, d, dtype):
+    """The lowest explained layer computes only t (no dQ, dK, dV): same t, no gradients."""
+    from tokentm_fast.kernels.attention import flash_backward, flash_forward
+
+    q, k, v = _qkv(b, h, n, d, dtype, seed=3)
+    o, lse = flash_forward(q, k, v, d ** -0.5)
+    do = torch.randn_like(o)
+    row = torch.rand(b, n)
+    *_, t_full = flash_backward(q, k, v, o, lse, do, d ** -0.5, row=row)
+    dq, dk, dv, t_only = flash_backward(q, k, v, o, lse, do, d ** -0.5, row=row, input_grads=False)
+    assert dq is None and dk is None and dv is None
+    torch.testing.assert_close(t_only, t_full, rtol=0, atol=0)
+    dq, dk, dv, t_none = flash_backward(q, k, v, o, lse, do, d ** -0.5)
+    assert t_none is None and dq is not None
+
+
+@pytest.mark.parametrize("b,h,n,d,dtype", CASES[:3])
+def test_row_sums_against_probabilities_and_positive_gradients(b, h, n, d, dtype):
+    from tokentm_fast.kernels.attention import attention_rows, flash_forward
+
+    q, k, v = _qkv(b, h, n, d, dtype, seed=5)
+    scale = d ** -0.5
+    _, lse = flash_forward(q, k, v, scale)
+    _, lse_ref = attention_forward_torch(q.double(), k.double(), v.double(), scale)
+    row = torch.rand(b, n)
+    got = attention_rows(row, scale, q=q, k=k, lse=lse)
+    want = attention_rows_torch(row.double(), scale, q=q.double(), k=k.double(), lse=lse_ref)
+    assert _rel(got, want) <= TOL[dtype]
+    # rows of P sum to 1, so Σ_j t[j] = Σ_i row[i] for every head
+    torch.testing.assert_close(got.sum(-1), row.sum(-1, keepdim=True).expand(b, h), rtol=1e-4, atol=1e-4)
+    do = torch.randn(b, h, n, d).to(dtype)
+    got = attention_rows(row, scale, do=do, v=v)
+    want = attention_rows_torch(row.double(), scale, do=do.double(), v=v.double())
+    assert _rel(got, want) <= TOL[dtype]
+
+
+def test_autograd_function_gives_the_gradients_of_plain_attention():
+    """ExplanationAttention's dQ, dK, dV equal autograd through softmax(scale·QKᵀ)V, and its
+    row state advances by s + mean_h(t) ⊙ w_attn with s = r ⊙ (1 + w_mlp)."""
+    from tokentm_fast.attention import ExplanationAttention, RowState, triton_attention
+
+    b, h, n, d = 2, 2, 37, 32
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in _qkv(b, h, n, d, torch.float32, seed=7))
+    anchor = torch.zeros((), requires_grad=True)
+    state = RowState(first=0, last=0)
+    w_attn, w_mlp = torch.rand(b, n), torch.rand(b, n)
+    state.weights[0] = (w_attn, w_mlp)
+    out = ExplanationAttention.apply(q, k, v, anchor, d ** -0.5, 0, state, triton_attention())
+    r0 = torch.rand(b, n)
+    state.start(r0)
+    do = torch.randn(b, h, n, d)
+    grads = torch.autograd.grad(out, (q, k, v, anchor), do)
+
+    q2, k2, v2 = (x.detach().clone().double().requires_grad_(True) for x in (q, k, v))
+    a = torch.softmax(d ** -0.5 * q2 @ k2.transpose(-1, -2), -1)
+    a.retain_grad()
+    (a @ v2).backward(do.double())
+    for got, want in zip(grads[:3], (q2.grad, k2.grad, v2.grad)):
+        assert _rel(got, want) <= 1e-5
+    assert grads[3].item() == 0.0
+    s = r0.double() * (1 + w_mlp.double())
+    t = torch.einsum("bi,bhij->bj", s, (a * a.grad).clamp_min(0)) / h
+    assert _rel(state.rows, s + t * w_attn.double()) <= 1e-5
+    assert state.next == -1

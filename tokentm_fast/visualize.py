@@ -107,7 +107,8 @@ def _warn_constant(method: Optional[str], images: Sequence[str], example: str, t
         what = f"{len(images)} of {total} maps are constant ({', '.join(images)})"
     warnings.warn(
         f"{who}{what} ({example}); it has no ranking to show and is drawn as one flat colour. The method found "
-        f"no relevance there (e.g. attention Grad-CAM on an untrained model gives all zeros).",
+        f"no positive relevance there (attention Grad-CAM, for one, clips negative evidence to 0 and is often "
+        f"all zeros on an untrained model).",
         ConstantMapWarning,
         stacklevel=3,
     )

@@ -19,7 +19,7 @@ kernel tests compare with): ``attention_forward_torch``, ``attention_backward_to
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -112,7 +112,12 @@ class RowState:
         self.next -= 1
 
 
-AttentionKernels = Tuple[Callable, Callable]  # (forward, backward) with the signatures of kernels.attention
+class AttentionKernels(NamedTuple):
+    """One implementation of the explanation attention (signatures of ``kernels.attention``)."""
+
+    forward: Callable  # (q, k, v, scale) -> (o, lse)
+    backward: Callable  # (q, k, v, o, lse, do, scale, row=None, input_grads=True) -> (dq, dk, dv, t)
+    rows: Callable  # (row, scale, q=, k=, lse= | do=, v=) -> t (B, H, N)
 
 
 class ExplanationAttention(torch.autograd.Function):
@@ -126,8 +131,7 @@ class ExplanationAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, anchor, scale: float, layer: int, state: RowState, kernels: AttentionKernels):
-        fwd, _ = kernels
-        o, lse = fwd(q, k, v, scale)
+        o, lse = kernels.forward(q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse, anchor)
         ctx.scale, ctx.layer, ctx.state, ctx.kernels = scale, layer, state, kernels
         return o
@@ -138,8 +142,7 @@ class ExplanationAttention(torch.autograd.Function):
         state: RowState = ctx.state
         input_grads = any(ctx.needs_input_grad[:3])
         row = state.scaled_row(ctx.layer)
-        _, bwd = ctx.kernels
-        dq, dk, dv, t = bwd(q, k, v, o, lse, do, ctx.scale, row=row, input_grads=input_grads)
+        dq, dk, dv, t = ctx.kernels.backward(q, k, v, o, lse, do, ctx.scale, row=row, input_grads=input_grads)
         state.update(ctx.layer, t)
         return dq, dk, dv, torch.zeros_like(anchor), None, None, None, None
 
@@ -150,6 +153,7 @@ def _torch_forward(q, k, v, scale):
 
 def _torch_backward(q, k, v, o, lse, do, scale, row=None, input_grads=True):
     dq, dk, dv, t = attention_backward_torch(q, k, v, lse, do, scale, row)
+    t = None if t is None else t.to(torch.float32)
     if not input_grads:
         dq = dk = dv = None
     else:
@@ -157,12 +161,16 @@ def _torch_backward(q, k, v, o, lse, do, scale, row=None, input_grads=True):
     return dq, dk, dv, t
 
 
-#: the PyTorch pair (full matrices per layer, transient): the CPU stand-in of the kernels
-TORCH_ATTENTION: AttentionKernels = (_torch_forward, _torch_backward)
+def _torch_rows(row, scale, q=None, k=None, lse=None, do=None, v=None):
+    return attention_rows_torch(row, scale, q=q, k=k, lse=lse, do=do, v=v).to(torch.float32)
+
+
+#: the PyTorch equivalents (full matrices of one layer at a time): oracles, not a memory-lean path
+TORCH_ATTENTION = AttentionKernels(_torch_forward, _torch_backward, _torch_rows)
 
 
 def triton_attention() -> AttentionKernels:
-    from .kernels.attention import flash_backward, flash_forward
+    from .kernels.attention import attention_rows, flash_backward, flash_forward
 
     def fwd(q, k, v, scale):
         return flash_forward(q, k, v, scale, ieee=not _tf32_allowed())
@@ -171,7 +179,10 @@ def triton_attention() -> AttentionKernels:
         return flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=input_grads,
                               ieee=not _tf32_allowed())
 
-    return fwd, bwd
+    def rows(row, scale, q=None, k=None, lse=None, do=None, v=None):
+        return attention_rows(row, scale, q=q, k=k, lse=lse, do=do, v=v, ieee=not _tf32_allowed())
+
+    return AttentionKernels(fwd, bwd, rows)
 
 
 def _tf32_allowed() -> bool:

@@ -1,0 +1,252 @@
+"""The flash explanation path: every method without an N×N tensor (docs/methods.md, "Flash formulation").
+
+The adapter's attention call site (``replace_attention``) runs the explanation
+attention instead of ``softmax(scale·QKᵀ)V``; the forward keeps per layer only
+O(N·D) tensors (Q, K, V, O and the row log-sum-exp ℓ), and:
+
+- TokenTM / GAE: the row algorithm runs inside the attention backward
+  (``tokentm_fast.attention.ExplanationAttention``): the dK/dV program adds
+  ``Σ_i s[i] · max(P ⊙ G, 0)`` for the row state s of the layer, and the state
+  moves to the layer below as autograd reaches it. The (B, N) transformation
+  weights are computed in the forward from the layer's tokens, which are then
+  dropped.
+- Rollout: the forward keeps Q, K and ℓ; a top-down pass recomputes P tile by
+  tile: ``r ← ½ Σ_i r[i] · mean_h P[i, :] + ½ r``.
+- Raw attention: row cls of Pᴸ from q_cls, K and ℓ[cls] (or the pooled rows' mean).
+- Attention Grad-CAM and LeGrad: the forward keeps each layer's input, values and
+  mixed heads; the tails of the blocks are re-run from the mixed heads ``o`` in
+  one backward (as on the materialized path), giving ``dO = ∂s_l/∂o``, and
+  ``G[i, j] = ⟨dO[i], v_j⟩`` is reduced without being formed: over the prefix
+  rows with token pooling, by the tiled ``Σ_i max(G[i, j], 0)`` with mean pooling.
+
+Which path runs when is decided in ``tokentm_fast.api`` (``attention=``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .aggregation import finish_rows
+from .attention import AttentionKernels, ExplanationAttention, RowState
+from .capture import explicit_attention
+from .models.protocol import ViTAdapter, merge_heads, split_heads
+from .targets import resolve_target, target_score
+from .transform import token_lengths
+
+#: methods the flash path serves
+FLASH_METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad")
+#: head widths of the attention kernels (wider heads stay on the materialized path)
+MAX_HEAD_DIM = 128
+
+
+class _Taps:
+    """Forward hooks on the blocks: Xˡ⁻¹ (block input), Yˡ and γ₂ ⊙ MLP(LN₂(Yˡ)), then
+    ``on_layer(l, record)`` when block l has finished. Tensors are stored detached."""
+
+    def __init__(self, vit: ViTAdapter, layers, keys, on_layer=None) -> None:
+        self.vit, self.layers, self.keys, self.on_layer = vit, list(layers), set(keys), on_layer
+        self.records: Dict[int, Dict[str, torch.Tensor]] = {l: {} for l in self.layers}
+        self.first_input: Optional[torch.Tensor] = None
+
+    def install(self, handles: List) -> None:
+        vit = self.vit
+        handles.append(vit.blocks[0].register_forward_pre_hook(self._first, with_kwargs=True))
+        for l in self.layers:
+            blk = vit.blocks[l]
+            if "x_in" in self.keys:
+                handles.append(blk.register_forward_pre_hook(self._x_in(l), with_kwargs=True))
+            if "y" in self.keys or "mlp_out" in self.keys:
+                y_at, mlp_at = vit.mlp_points(l)
+                handles.append(y_at.register_forward_pre_hook(self._put(l, "y")))
+                handles.append(mlp_at.register_forward_hook(self._put_out(l, "mlp_out")))
+            if self.on_layer is not None:
+                handles.append(blk.register_forward_hook(self._end(l)))
+
+    def _first(self, module, args, kwargs):
+        self.first_input = self.vit.block_input(args, kwargs).detach()
+
+    def _x_in(self, l):
+        def hook(module, args, kwargs):
+            self.records[l]["x_in"] = self.vit.block_input(args, kwargs).detach()
+        return hook
+
+    def _put(self, l, key):
+        def hook(module, args):
+            self.records[l][key] = args[0].detach()
+        return hook
+
+    def _put_out(self, l, key):
+        def hook(module, args, output):
+            self.records[l][key] = output.detach()
+        return hook
+
+    def _end(self, l):
+        def hook(module, args, output):
+            self.on_layer(l, self.records[l])
+        return hook
+
+
+def explain_flash(vit: ViTAdapter, images: torch.Tensor, method: str, target, options: Dict[str, Any],
+                  kernels, attention: AttentionKernels) -> torch.Tensor:
+    """The explanation over the patch tokens ``(B, N−P)`` float32, without any N×N tensor.
+
+    ``kernels``: the ``fast_path.Kernels`` set (for the transformation weights);
+    ``attention``: the attention kernel pair (``tokentm_fast.attention.triton_attention()``).
+    """
+    if method == "tokentm":
+        return _row_engine(vit, images, target, options, kernels, attention, with_weights=True)
+    if method == "gae":
+        return _row_engine(vit, images, target, {"start_layer": 0, "init": "identity"}, kernels, attention,
+                           with_weights=False)
+    if method == "rollout":
+        return _rollout(vit, images, options["start_layer"], attention)
+    if method == "raw_attention":
+        return _raw_attention(vit, images, attention)
+    if method in ("legrad", "attn_gradcam"):
+        return _tail_gradients(vit, images, target, method, options, attention)
+    raise ValueError(f"the flash path does not serve method {method!r}")
+
+
+def _row_engine(vit, images, target, options, kernels, attention, with_weights: bool):
+    """TokenTM / GAE: the row algorithm inside the flash attention backward."""
+    L, first = vit.num_layers, options["start_layer"]
+    fwd = attention.forward
+    state = RowState(first, L - 1)
+    anchor = torch.zeros((), dtype=torch.float32, device=images.device, requires_grad=True)
+    values: Dict[int, torch.Tensor] = {}
+    use = dict(use_length=options.get("use_length", True), use_necc=options.get("use_necc", True))
+
+    def core(l, q, k, v, scale):
+        if l < first:  # below the aggregation: plain attention, no graph
+            return fwd(q, k, v, scale)[0]
+        if with_weights:
+            values[l] = merge_heads(v.detach())
+        return ExplanationAttention.apply(q, k, v, anchor, scale, l, state, attention)
+
+    def on_layer(l, rec):
+        if with_weights:
+            with torch.no_grad():
+                x_tilde = vit.value_tokens(l, values.pop(l))
+                state.weights[l] = (kernels.transform_weights(rec["x_in"], x_tilde, **use),
+                                    kernels.transform_weights(rec["y"], rec["mlp_out"], **use))
+        else:
+            state.weights[l] = (1.0, 0.0)
+        rec.clear()
+
+    keys = ("x_in", "y", "mlp_out") if with_weights else ()
+    taps = _Taps(vit, range(first, L), keys, on_layer)
+    with explicit_attention(vit.model) as handles, torch.enable_grad():
+        vit.replace_attention(range(L), core, handles)
+        taps.install(handles)
+        output = vit.forward(images)
+        target = resolve_target(target, output)
+        n = taps.first_input.shape[1]
+        state.start(vit.query_vector(images.shape[0], n, device=images.device))
+        torch.autograd.grad(target_score(output, target), [anchor])
+    c0 = token_lengths(taps.first_input) if with_weights and options["init"] == "length" else None
+    return finish_rows(state.rows[:, None], c0)[:, 0, vit.num_prefix_tokens:]
+
+
+def _saving_core(fwd, keep: Dict[int, tuple], layers):
+    """An attention core that runs the flash forward and keeps (q, k, ℓ, scale) of ``layers``."""
+    layers = set(layers)
+
+    def core(l, q, k, v, scale):
+        o, lse = fwd(q, k, v, scale)
+        if l in layers:
+            keep[l] = (q, k, lse, scale)
+        return o
+    return core
+
+
+def _rollout(vit, images, first: int, attention: AttentionKernels):
+    """r ← ½ Σ_i r[i] mean_h P[i, :] + ½ r, top-down from the query row; P recomputed tile by tile."""
+    L = vit.num_layers
+    keep: Dict[int, tuple] = {}
+    with explicit_attention(vit.model) as handles, torch.no_grad():
+        vit.replace_attention(range(L), _saving_core(attention.forward, keep, range(first, L)), handles)
+        vit.forward(images)
+        n = keep[L - 1][0].shape[2]
+        r = vit.query_vector(images.shape[0], n, device=images.device)
+        for l in reversed(range(first, L)):
+            q, k, lse, scale = keep.pop(l)
+            r = 0.5 * attention.rows(r, scale, q=q, k=k, lse=lse).mean(1) + 0.5 * r
+    return r[:, vit.num_prefix_tokens:]
+
+
+def _query_probs(vit, attention: AttentionKernels, q, k, lse, scale) -> torch.Tensor:
+    """``(B, H, N)``: Σ_i query[i] · P[i, :] of one layer — row cls alone when there is a class token."""
+    b, _, n, _ = q.shape
+    if vit.has_class_token:  # one row: (B, H, 1, d) · (B, H, d, N), no tile loop needed
+        s = scale * (q[:, :, :1].float() @ k.float().transpose(-1, -2))[:, :, 0]
+        return torch.exp(s - lse[:, :, :1])
+    return attention.rows(vit.query_vector(b, n, device=q.device), scale, q=q, k=k, lse=lse)
+
+
+def _raw_attention(vit, images, attention: AttentionKernels):
+    """mean_h Aᴸ[cls, P:] from q_cls, K and ℓ[cls]."""
+    keep: Dict[int, tuple] = {}
+    last = vit.num_layers - 1
+    with explicit_attention(vit.model) as handles, torch.no_grad():
+        vit.replace_attention(range(vit.num_layers), _saving_core(attention.forward, keep, [last]), handles)
+        vit.forward(images)
+        e = _query_probs(vit, attention, *keep.pop(last)).mean(1)
+    return e[:, vit.num_prefix_tokens:]
+
+
+def _tail_gradients(vit, images, target, method: str, options, attention: AttentionKernels):
+    """LeGrad (all of its layers in one reduction) and attention Grad-CAM from dO = ∂s_l/∂o."""
+    L, P, heads = vit.num_layers, vit.num_prefix_tokens, vit.num_heads
+    layers = list(range(options["start_layer"], L)) if method == "legrad" else [L - 1]
+    keep: Dict[int, tuple] = {}
+    mixed: Dict[int, tuple] = {}
+    fwd = attention.forward
+    wanted = set(layers)
+
+    def core(l, q, k, v, scale):
+        o, lse = fwd(q, k, v, scale)
+        if l in wanted:
+            mixed[l] = (merge_heads(v), merge_heads(o))
+            if method == "attn_gradcam":
+                keep[l] = (q, k, lse, scale)
+        return o
+
+    taps = _Taps(vit, layers, ("x_in",))
+    with explicit_attention(vit.model) as handles:
+        vit.replace_attention(range(L), core, handles)
+        taps.install(handles)
+        with torch.no_grad():
+            output = vit.forward(images)
+        target = resolve_target(target, output)
+        # Token pooling: s_l reads only the prefix rows of Xˡ, and everything after the attention
+        # mixing is token-wise, so only those rows of the tail are re-run (dO is 0 elsewhere).
+        rows = slice(0, P) if vit.pooling == "token" else slice(None)
+        with torch.enable_grad():
+            leaves = [mixed[l][1][:, rows].detach().requires_grad_(True) for l in layers]
+            score = sum(target_score(vit.head(vit.block_tail(l, taps.records[l]["x_in"][:, rows], o)), target)
+                        for l, o in zip(layers, leaves))
+            d_outs = torch.autograd.grad(score, leaves)
+    b, n = images.shape[0], taps.first_input.shape[1]
+    if method == "attn_gradcam":
+        l = layers[0]
+        q, k, lse, scale = keep.pop(l)
+        v = split_heads(mixed[l][0], heads).float()
+        do = split_heads(d_outs[0].float(), heads)                                  # (B, H, R, d)
+        query = vit.query_vector(b, n, device=images.device)[:, rows]
+        g_q = (torch.einsum("br,bhrd->bhd", query, do)[:, :, None] @ v.transpose(-1, -2))[:, :, 0]  # (B, H, N)
+        alpha = g_q[:, :, P:].mean(-1, keepdim=True)
+        e = (alpha * _query_probs(vit, attention, q, k, lse, scale)).mean(1).clamp_min(0)
+        return e[:, P:]
+    # LeGrad: e_j = Σ_l mean_h (1/N) Σ_i max(⟨dO_l[i], v_j⟩, 0), all layers in one launch
+    v_all = torch.cat([split_heads(mixed[l][0], heads) for l in layers])            # (L'·B, H, N, d)
+    if vit.pooling == "token":
+        do_all = torch.cat([split_heads(d.to(v_all.dtype), heads) for d in d_outs])  # (L'·B, H, P, d)
+        g = (do_all.float() @ v_all.float().transpose(-1, -2)).clamp_min(0)            # (L'·B, H, P, N)
+        t = g.sum(2)
+    else:
+        do_all = torch.cat([split_heads(d.to(v_all.dtype), heads) for d in d_outs])  # (L'·B, H, N, d)
+        ones = torch.ones(do_all.shape[0], n, device=images.device)
+        t = attention.rows(ones, 1.0, do=do_all, v=v_all)                              # (L'·B, H, N)
+    e = (t.mean(1) / n).unflatten(0, (len(layers), b)).sum(0)
+    return e[:, P:]

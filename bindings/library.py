@@ -166,7 +166,7 @@ def update_fake(rows, attn, grad, w_attn, w_mlp, w_attn_const=1.0, w_mlp_const=0
 
 
 def legrad_reduce_torch(grad_rows, num_rows=None):
-    """LeGrad's per-layer map (spec §6) with the PyTorch fallback."""
+    """LeGrad's per-layer map (docs/methods.md §6) with the PyTorch fallback."""
     return _f32(_torch_legrad_reduce(grad_rows, num_rows))
 
 
@@ -197,7 +197,7 @@ def _define_transform_weights():
     @torch.library.custom_op(f"{NAMESPACE}::transform_weights", mutates_args=())
     def transform_weights(x: Tensor, x_tilde: Tensor, use_length: bool = True, use_necc: bool = True,
                           eps: float = EPS) -> Tensor:
-        """Transformation weights of spec §2: ``x, x_tilde (B, N, D) -> w (B, N)`` float32."""
+        """Transformation weights of docs/methods.md §2: ``x, x_tilde (B, N, D) -> w (B, N)`` float32."""
         return transform_weights_torch(x, x_tilde, use_length, use_necc, eps)
 
     _finish(transform_weights, transform_weights_cuda, transform_weights_fake)
@@ -206,7 +206,7 @@ def _define_transform_weights():
 def _define_fuse_heads():
     @torch.library.custom_op(f"{NAMESPACE}::fuse_heads", mutates_args=())
     def fuse_heads(attn: Tensor, grad: Optional[Tensor] = None, mode: str = "gae") -> Tensor:
-        """Head fusion (spec §3/§4): ``attn, grad (B, H, N, N) -> (B, N, N)`` float32."""
+        """Head fusion (docs/methods.md §3/§4): ``attn, grad (B, H, N, N) -> (B, N, N)`` float32."""
         return fuse_heads_torch(attn, grad, mode)
 
     _finish(fuse_heads, fuse_heads_cuda, fuse_heads_fake)
@@ -217,7 +217,7 @@ def _define_row_update():
     def row_update(rows: Tensor, attn: Tensor, grad: Optional[Tensor], w_attn: Optional[Tensor],
                    w_mlp: Optional[Tensor], w_attn_const: float = 1.0, w_mlp_const: float = 0.0,
                    mode: str = "gae") -> Tensor:
-        """One layer of the row engine (spec §3.1): ``rows (B, Q, N) -> (B, Q, N)`` float32."""
+        """One layer of the row engine (docs/methods.md §3.1): ``rows (B, Q, N) -> (B, Q, N)`` float32."""
         return update_torch(rows, attn, grad, w_attn, w_mlp, w_attn_const, w_mlp_const, mode)
 
     _finish(row_update, row_update_cuda, update_fake)

@@ -5,11 +5,11 @@ checks a caller-provided ``out=``) and launches. The PyTorch functions each
 wrapper must match are the oracles in ``tokentm_fast.transform``,
 ``tokentm_fast.fusion`` and ``tokentm_fast.aggregation``.
 
-- ``transform_weights(x, x_tilde, use_length, use_necc, eps, out)``   spec §2
-- ``fuse_heads(attn, grad, mode, out)``                               spec §3, §4
-- ``row_update(rows, attn, grad, w_attn, w_mlp, mode, out)``          spec §3.1 (small Q)
-- ``matrix_update(rows, attn, grad, w_attn, w_mlp, mode, allow_tf32, out)``  spec §3 (Q = N)
-- ``legrad_reduce(grad_rows, num_rows, out, accumulate)``             spec §6
+- ``transform_weights(x, x_tilde, use_length, use_necc, eps, out)``   docs/methods.md §2
+- ``fuse_heads(attn, grad, mode, out)``                               docs/methods.md §3, §4
+- ``row_update(rows, attn, grad, w_attn, w_mlp, mode, out)``          docs/methods.md §3.1 (small Q)
+- ``matrix_update(rows, attn, grad, w_attn, w_mlp, mode, allow_tf32, out)``  docs/methods.md §3 (Q = N)
+- ``legrad_reduce(grad_rows, num_rows, out, accumulate)``             docs/methods.md §6
 
 Dtypes: inputs float32 / bfloat16 / float16, fp32 accumulation, float32
 output; float64 is rejected with a TypeError (use the PyTorch path).

@@ -21,7 +21,7 @@ import torch
 #: dtypes the kernels read (accumulation and output are always float32).
 SUPPORTED_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
-#: head fusion mode -> constexpr code shared by the kernels (spec §3, §4).
+#: head fusion mode -> constexpr code shared by the kernels (docs/methods.md §3, §4).
 MODE_GAE = 0
 MODE_DECOUPLED = 1
 MODE_MEAN = 2

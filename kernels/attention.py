@@ -181,7 +181,7 @@ def _flash_bwd_dkdv_kernel(
     """One block of keys j of one (image, head), looping over every query block i:
 
         dV_j = Σ_i P_ijᵀ dO_i            dK_j = scale · Σ_i (P ⊙ (dP − δ))_ijᵀ Q_i
-        t_h[j] = Σ_i s[i] · max(P_ij · dP_ij, 0)        (ACC = ACC_GAE; s = the row of spec §3.1)
+        t_h[j] = Σ_i s[i] · max(P_ij · dP_ij, 0)        (ACC = ACC_GAE; s = the row of docs/methods.md §3.1)
 
     dK/dV (INPUT_GRADS) and t (ACC) are independent switches: the lowest layer of an explanation
     needs only t, a plain backward only dK/dV. ``t`` is written per head, ``(B, H, N)``.

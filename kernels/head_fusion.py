@@ -1,4 +1,4 @@
-"""Head fusion of attention and gradient (spec METHODS.md §3, §4) as a Triton kernel.
+"""Head fusion of attention and gradient (docs/methods.md §3, §4) as a Triton kernel.
 
 PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.fusion.fuse_heads``.
 
@@ -38,7 +38,7 @@ def _fused_tile_sum(
     NN,  # head stride N*N
     MODE: tl.constexpr,
 ):
-    """Unnormalised head fusion of one ``(BLOCK_I, BLOCK_J)`` tile, fp32 (spec §3, §4).
+    """Unnormalised head fusion of one ``(BLOCK_I, BLOCK_J)`` tile, fp32 (docs/methods.md §3, §4).
 
         gae:        Σ_h max(A_h ⊙ G_h, 0)             (Ā = this / H)
         decoupled:  (Σ_h A_h) ⊙ (Σ_h max(G_h, 0))     (Ā = this / H²)
@@ -89,7 +89,7 @@ def _fuse_heads_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    """One ``(BLOCK_I, BLOCK_J)`` tile of Ā[b] (spec §3 head fusion, §4 rollout):
+    """One ``(BLOCK_I, BLOCK_J)`` tile of Ā[b] (docs/methods.md §3 head fusion, §4 rollout):
 
         gae:        Ā_ij = mean_h max(A_hij · G_hij, 0)
         decoupled:  Ā_ij = mean_h A_hij · mean_h max(G_hij, 0)
@@ -145,7 +145,7 @@ def fuse_heads(
         attn: ``(B, H, N, N)`` attention probabilities (float32 / bfloat16 / float16).
         grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; required for "gae" and
             "decoupled", ignored for "mean" and "rollout".
-        mode: "gae" | "decoupled" | "mean" | "rollout" (spec §3, §4).
+        mode: "gae" | "decoupled" | "mean" | "rollout" (docs/methods.md §3, §4).
         out: optional ``(B, N, N)`` float32 contiguous output, fully overwritten.
 
     Returns:

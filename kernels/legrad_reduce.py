@@ -1,11 +1,11 @@
-"""LeGrad's per-layer gradient reduction (spec METHODS.md §6) as a Triton kernel.
+"""LeGrad's per-layer gradient reduction (docs/methods.md §6) as a Triton kernel.
 
 PyTorch equivalent::
 
     relu(grad_rows).sum(dim=2).mean(dim=1) / num_rows          # (B, H, Q, N) -> (B, N)
 
 summed over layers for a 5-D ``(L, B, H, Q, N)`` input or a list of 4-D inputs.
-Spec §6: ``eˡ_j = mean_h mean_{i=1..N} max(G̃ˡ_h[i, j], 0)``; rows of G̃ that are
+docs/methods.md §6: ``eˡ_j = mean_h mean_{i=1..N} max(G̃ˡ_h[i, j], 0)``; rows of G̃ that are
 identically zero need not be passed (with class-token pooling only row ``cls``
 is non-zero, so Q = 1 and ``num_rows = N``), hence ``num_rows`` is separate
 from Q.
@@ -34,7 +34,7 @@ def _legrad_reduce_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    """Columns ``j ∈ j-block`` of image b (spec §6):
+    """Columns ``j ∈ j-block`` of image b (docs/methods.md §6):
 
         out_j (+)= Σ_l Σ_{h,q} max(G[l, b, h, q, j], 0) / (H · num_rows)
 

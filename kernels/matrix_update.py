@@ -4,7 +4,7 @@ PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.aggregation.row_upd
 (same contract as ``tokentm_fast.kernels.row_update``; this kernel is for large Q,
 typically Q = N for ``explain(full=True)``).
 
-Spec §3 defines ``Cᴸ = Uᴸ ⋯ U¹ · C⁰`` with ``Uˡ = (I + diag(w_mlp))(I + Āˡ diag(w_attn))``.
+docs/methods.md §3 defines ``Cᴸ = Uᴸ ⋯ U¹ · C⁰`` with ``Uˡ = (I + diag(w_mlp))(I + Āˡ diag(w_attn))``.
 Read from the left, starting with ``R = I`` at the top layer, the same product
 streams in backward order (Gᴸ arrives first) as a sequence of right
 multiplications of the rows ``R (B, Q, N)``::
@@ -59,7 +59,7 @@ def _matrix_update_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Output tile ``(m-block, n-block)`` of image b (spec §3, left-multiplication form):
+    """Output tile ``(m-block, n-block)`` of image b (docs/methods.md §3, left-multiplication form):
 
         S_mk   = R_mk (1 + w_mlp_k)                          (prologue)
         Ā_kn   = head fusion of A[b,:,k,n], G[b,:,k,n]        (prologue, registers)
@@ -126,7 +126,7 @@ def matrix_update(
         grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; may be None for "mean" / "rollout".
         w_attn, w_mlp: ``(B, N)`` weights or Python floats.
         mode: head fusion, "gae" | "decoupled" | "mean" (| "rollout", as in the oracle).
-        allow_tf32: True uses tf32 tensor cores (err ≤ 5e-3, spec §7); False keeps
+        allow_tf32: True uses tf32 tensor cores (err ≤ 5e-3, docs/methods.md §7); False keeps
             exact fp32 products (err ≤ 1e-5).
         out: optional ``(B, Q, N)`` float32 contiguous output (must not alias ``rows``).
 

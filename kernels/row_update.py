@@ -1,4 +1,4 @@
-"""One layer of the row algorithm (spec METHODS.md §3.1) as a fused Triton kernel.
+"""One layer of the row algorithm (docs/methods.md §3.1) as a fused Triton kernel.
 
 PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.aggregation.row_update``.
 
@@ -45,7 +45,7 @@ Weight = Union[torch.Tensor, float]
 @triton.jit
 def _scaled_rows(rows_ptr, w_mlp_ptr, b, offs_q, offs_i, Q, N, w_mlp_c, W_MLP_TENSOR: tl.constexpr):
     """``s_qi = R_qi · (1 + w_mlp_i)`` for one ``(BLOCK_Q, BLOCK_I)`` tile of image b, fp32
-    (the column scaling ``R · U^{mlp}`` of spec §3.1). Masked entries are 0."""
+    (the column scaling ``R · U^{mlp}`` of docs/methods.md §3.1). Masked entries are 0."""
     mask_i = offs_i < N
     r = tl.load(
         rows_ptr + b * Q * N + offs_q[:, None] * N + offs_i[None, :],
@@ -79,7 +79,7 @@ def _update_epilogue(
     W_ATTN_TENSOR: tl.constexpr,
     W_MLP_TENSOR: tl.constexpr,
 ):
-    """Residual epilogue shared by the row and matrix kernels (spec §3.1):
+    """Residual epilogue shared by the row and matrix kernels (docs/methods.md §3.1):
 
         s_qj   = R_qj · (1 + w_mlp_j)
         t_qj   = scale · acc_qj  (+ ½ s_qj for rollout's ½ I)
@@ -126,7 +126,7 @@ def _row_update_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    """Rows ``q ∈ q-block`` and columns ``j ∈ j-block`` of image b (spec §3.1):
+    """Rows ``q ∈ q-block`` and columns ``j ∈ j-block`` of image b (docs/methods.md §3.1):
 
         s_qi = R_qi (1 + w_mlp_i)
         t_qj = Σ_{i ∈ split} s_qi · Ā_ij,   Ā_ij = fusion of A[b,:,i,j], G[b,:,i,j] (§3)
@@ -193,7 +193,7 @@ def _update_finalize_kernel(
     BLOCK_J: tl.constexpr,
 ):
     """acc_qj = Σ_split part[split, b, q, j] (fixed order, deterministic), then the
-    residual epilogue ``out = s + scale·acc·w_attn`` of spec §3.1.
+    residual epilogue ``out = s + scale·acc·w_attn`` of docs/methods.md §3.1.
     grid = (B · cdiv(Q, BLOCK_Q), cdiv(N, BLOCK_J))."""
     pid0 = tl.program_id(0)
     b = (pid0 // num_q_blocks).to(tl.int64)

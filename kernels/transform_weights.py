@@ -1,4 +1,4 @@
-"""Token transformation weights (spec METHODS.md §2) as one Triton kernel.
+"""Token transformation weights (docs/methods.md §2) as one Triton kernel.
 
 PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.transform.transform_weights``.
 
@@ -34,7 +34,7 @@ def _transform_weights_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Transformation weight of every token of image ``b = program_id(0)`` (spec §2).
+    """Transformation weight of every token of image ``b = program_id(0)`` (docs/methods.md §2).
 
         len_i  = |x_i|₂,  len~_i = |x̃_i|₂
         cos_i  = <x_i, x̃_i> / (max(len_i, ε) · max(len~_i, ε))
@@ -98,7 +98,7 @@ def transform_weights(
     eps: float = EPS,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Transformation weights ``w`` of spec §2, fused in one kernel launch.
+    """Transformation weights ``w`` of docs/methods.md §2, fused in one kernel launch.
 
     Args:
         x: ``(B, N, D)`` tokens entering the sub-layer (float32 / bfloat16 / float16).

@@ -1,4 +1,4 @@
-"""The aggregation engine shared by TokenTM, GAE and rollout (spec §3, §3.1, §4).
+"""The aggregation engine shared by TokenTM, GAE and rollout (docs/methods.md §3, §3.1, §4).
 
 Every method is the product of per-layer update maps
 ``Uˡ = (I + diag(w_mlp)) · (I + Āˡ · diag(w_attn))`` applied to ``C⁰``::
@@ -6,7 +6,7 @@ Every method is the product of per-layer update maps
     Cᴸ = Uᴸ ⋯ U^{k+1} · C⁰
 
 Only rows of ``Cᴸ`` are needed, so the engine carries a block of rows
-``R (B, Q, N)`` from the top layer down (spec §3.1)::
+``R (B, Q, N)`` from the top layer down (docs/methods.md §3.1)::
 
     s = R ⊙ (1 + w_mlp)          # column scaling: R · U^{mlp}
     R = s + (s · Ā) ⊙ w_attn      # R · U^{attn}

@@ -1,4 +1,4 @@
-"""Capture of per-layer tensors from a timm ViT (spec METHODS.md §1–§2).
+"""Capture of per-layer tensors from a timm ViT (docs/methods.md §1–§2).
 
 ``explicit_attention(model)`` prepares a model for one explanation call and
 puts it back exactly as it was, also when the call raises: eval mode, explicit

@@ -2,7 +2,7 @@
 
 The same code runs with two kernel sets: the PyTorch functions
 (``backend="torch"``, the CPU fallback) and the Triton kernels
-(``backend="triton"``). Differences from the reference (spec §3.1, §6):
+(``backend="triton"``). Differences from the reference (docs/methods.md §3.1, §6):
 
 - TokenTM / GAE: the row algorithm, run *inside the backward pass*. Autograd
   delivers ∂s/∂Aᴸ first and ∂s/∂A¹ last; a hook on each layer's attention
@@ -156,7 +156,7 @@ def _rollout(vit, images, first: int, kernels: Kernels, full: bool):
 
 
 def _raw_attention(vit, images):
-    """mean_h Aᴸ[cls, P:] (spec §4)."""
+    """mean_h Aᴸ[cls, P:] (docs/methods.md §4)."""
     last = vit.num_layers - 1
     recorder = LayerRecorder(vit.blocks, [last], keys=("attn",))
     with explicit_attention(vit.model) as handles, torch.no_grad():
@@ -170,7 +170,7 @@ def _raw_attention(vit, images):
 
 
 def _tail_gradient_method(vit, images, target, method: str, options, kernels: Kernels):
-    """LeGrad (spec §6) and attention Grad-CAM (§5) from ∂s_l/∂o of each layer's block tail."""
+    """LeGrad (docs/methods.md §6) and attention Grad-CAM (§5) from ∂s_l/∂o of each layer's block tail."""
     L, P = vit.num_layers, vit.num_prefix_tokens
     layers = list(range(options["start_layer"], L)) if method == "legrad" else [L - 1]
     keys = ("x_in", "values", "attn_out") + (("attn",) if method == "attn_gradcam" else ())

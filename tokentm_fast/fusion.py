@@ -1,4 +1,4 @@
-"""Head fusion of attention and gradient (spec METHODS.md §3, §4).
+"""Head fusion of attention and gradient (docs/methods.md §3, §4).
 
 ``attn, grad (B, H, N, N) -> Ā (B, N, N)``:
 

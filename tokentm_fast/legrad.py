@@ -1,4 +1,4 @@
-"""LeGrad's per-layer reduction (spec METHODS.md §6).
+"""LeGrad's per-layer reduction (docs/methods.md §6).
 
 ``eˡ_j = mean_h mean_{i=1..N} max(G̃ˡ_h[i, j], 0)``. Fast paths pass only the
 rows of G̃ that can be non-zero (with class-token pooling: the class row), so

@@ -1,4 +1,4 @@
-"""The explanation methods, their options and defaults (spec METHODS.md §3–§6)."""
+"""The explanation methods, their options and defaults (docs/methods.md §3–§6)."""
 from __future__ import annotations
 
 from typing import Any, Dict

@@ -1,7 +1,7 @@
 """Public plain-tensor API: validated entry points to the ``torch.ops.tokentm`` ops.
 
 For libraries that already hold attention maps, their gradients and token
-weights and only want the numbers of spec METHODS.md §2, §3, §3.1 and §6.
+weights and only want the numbers of docs/methods.md §2, §3, §3.1 and §6.
 Everything dispatches through ``torch.ops.tokentm.*``: CPU (and other non-CUDA)
 tensors run the PyTorch fallback, CUDA tensors the Triton kernels. Results are
 float32 tensors on the inputs' device; inputs may be any floating dtype.
@@ -207,7 +207,7 @@ def _prepare(attns, grads, w_attn, w_mlp, init, mode, check_finite):
 
 def transform_weights(x: Tensor, x_tilde: Tensor, use_length: bool = True, use_necc: bool = True,
                       *, check_finite: bool = True) -> Tensor:
-    """Token transformation weights (spec §2).
+    """Token transformation weights (docs/methods.md §2).
 
     Args:
         x: ``(B, N, D)`` tokens entering the sub-layer.
@@ -231,7 +231,7 @@ def transform_weights(x: Tensor, x_tilde: Tensor, use_length: bool = True, use_n
 
 
 def fuse_heads(attn: Tensor, grad: Optional[Tensor], mode: str = "gae", *, check_finite: bool = True) -> Tensor:
-    """Head fusion of one layer (spec §3, §4): ``attn, grad (B, H, N, N) -> Ā (B, N, N)`` float32.
+    """Head fusion of one layer (docs/methods.md §3, §4): ``attn, grad (B, H, N, N) -> Ā (B, N, N)`` float32.
 
     ``mode``: ``"gae"`` mean_h max(A⊙G, 0); ``"decoupled"`` mean_h A ⊙ mean_h max(G, 0);
     ``"mean"`` mean_h A; ``"rollout"`` ½ mean_h A + ½ I (the last two take ``grad=None``).
@@ -257,7 +257,7 @@ def fuse_heads(attn: Tensor, grad: Optional[Tensor], mode: str = "gae", *, check
 def tokentm_rows(attns: Layers, grads: Optional[Layers], w_attn: Weights, w_mlp: Weights,
                  init: Union[Tensor, str], query_index: int = 0, *, mode: str = "gae",
                  check_finite: bool = True) -> Tensor:
-    """One row of the TokenTM aggregate, ``Cᴸ[query_index, :]``, by the row algorithm (spec §3.1).
+    """One row of the TokenTM aggregate, ``Cᴸ[query_index, :]``, by the row algorithm (docs/methods.md §3.1).
 
     Args:
         attns, grads: per-layer ``(B, H, N, N)`` attention and its gradient, bottom-up
@@ -291,11 +291,11 @@ def tokentm_rows(attns: Layers, grads: Optional[Layers], w_attn: Weights, w_mlp:
 def tokentm_matrix(attns: Layers, grads: Optional[Layers], w_attn: Weights, w_mlp: Weights,
                    init: Union[Tensor, str], *, mode: str = "gae", allow_tf32: bool = True,
                    check_finite: bool = True) -> Tensor:
-    """The full TokenTM aggregate ``Cᴸ = Uᴸ ⋯ U¹ · C⁰`` (spec §3), ``(B, N, N)`` float32.
+    """The full TokenTM aggregate ``Cᴸ = Uᴸ ⋯ U¹ · C⁰`` (docs/methods.md §3), ``(B, N, N)`` float32.
 
     Same arguments as ``tokentm_rows``. Starts from identity rows and applies
     ``torch.ops.tokentm.matrix_update`` top-down. On CUDA, ``allow_tf32=True``
-    lets the kernel use tf32 matrix units (spec §7 tolerance 5e-3 instead of 1e-5).
+    lets the kernel use tf32 matrix units (docs/methods.md §7 tolerance 5e-3 instead of 1e-5).
     """
     attn_list, grad_list, wa, wm, c0, b, n = _prepare(attns, grads, w_attn, w_mlp, init, mode, check_finite)
     if not isinstance(allow_tf32, bool):
@@ -311,7 +311,7 @@ def tokentm_matrix(attns: Layers, grads: Optional[Layers], w_attn: Weights, w_ml
 
 
 def legrad_reduce(grads: Layers, *, num_rows: Optional[int] = None, check_finite: bool = True) -> Tensor:
-    """LeGrad map (spec §6): ``Σ_l mean_h mean_i max(G̃ˡ_h[i, j], 0)`` → ``(B, N)`` float32.
+    """LeGrad map (docs/methods.md §6): ``Σ_l mean_h mean_i max(G̃ˡ_h[i, j], 0)`` → ``(B, N)`` float32.
 
     Args:
         grads: per-layer ``(B, H, N, N)`` gradients (list or stacked ``(L, B, H, N, N)``).

@@ -1,4 +1,4 @@
-"""The literal reference: every method exactly as METHODS.md writes it.
+"""The literal reference: every method exactly as docs/methods.md writes it.
 
 Full N×N matrices, every product formed, float64 throughout (a float64 copy of
 the model; the caller's model is never touched). This is the oracle the fast
@@ -73,7 +73,7 @@ def explain_reference(
             alpha = g_q[:, :, P:].mean(-1, keepdim=True)                    # α_h
             return (alpha * a_q).mean(1).clamp_min(0)[:, P:]
 
-        # TokenTM, GAE, rollout: C ← Uˡ C with the full matrices of spec §3/§4.
+        # TokenTM, GAE, rollout: C ← Uˡ C with the full matrices of docs/methods.md §3/§4.
         eye = _eye(b, n, x)
         if method == "tokentm" and options["init"] == "length":
             c = _diag(token_lengths(recorder.first_input))
@@ -101,7 +101,7 @@ def explain_reference(
 
 
 def _legrad(vit: TimmViT, recs, layers, target: torch.Tensor, n: int, P: int) -> torch.Tensor:
-    """Spec §6 literally: one autograd call per layer on the full graph."""
+    """docs/methods.md §6 literally: one autograd call per layer on the full graph."""
     e = 0
     for l in layers:
         s_l = target_score(vit.head_logits(recs[l]["x_out"]), target)

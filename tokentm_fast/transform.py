@@ -1,4 +1,4 @@
-"""Token transformation measurement (spec METHODS.md §2).
+"""Token transformation measurement (docs/methods.md §2).
 
 For a sub-layer that maps token ``x_i`` to ``x̃_i`` (both in the residual
 stream space R^D)::
@@ -37,7 +37,7 @@ def transform_weights(
     use_necc: bool = True,
     eps: float = EPS,
 ) -> torch.Tensor:
-    """Transformation weight ``w`` of spec §2.
+    """Transformation weight ``w`` of docs/methods.md §2.
 
     Args:
         x: tokens entering the sub-layer, ``(B, N, D)``.

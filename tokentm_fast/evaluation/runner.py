@@ -4,7 +4,7 @@
 name + local checkpoint, ``"synthetic"`` for the shipped synthetic ViT, or a
 module), reads the data in a deterministic order with a ``DataLoader``,
 explains each batch **once** per method and feeds that map to every metric
-(EVALUATION.md §1-§4), and writes a results JSON with one record per
+(docs/evaluation.md §1-§4), and writes a results JSON with one record per
 (method, metric).
 
 Resuming: after every ``save_every`` batches the accumulated metric states,

@@ -1,4 +1,4 @@
-"""Evaluation metrics for explanation maps (EVALUATION.md §1–§4).
+"""Evaluation metrics for explanation maps (docs/evaluation.md §1–§4).
 
 Every metric is a streaming accumulator: ``update(...)`` per batch,
 ``compute()`` -> dict, ``state_dict()`` / ``load_state_dict()`` with plain

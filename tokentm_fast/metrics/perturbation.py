@@ -1,4 +1,4 @@
-"""Perturbation test (EVALUATION.md §2) and AOPC / LOdds (§3).
+"""Perturbation test (docs/evaluation.md §2) and AOPC / LOdds (§3).
 
 Per image the map is upsampled bilinearly (``align_corners=False``) to the
 input size and the ``N = H·W`` pixels are ranked by relevance **once**, with a

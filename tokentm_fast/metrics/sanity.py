@@ -1,4 +1,4 @@
-"""Sanity check: cascading model randomization (EVALUATION.md §4, Adebayo et al. 2018).
+"""Sanity check: cascading model randomization (docs/evaluation.md §4, Adebayo et al. 2018).
 
 A deep copy of the model (the caller's model is never touched) is randomized
 from the top down: stage ``k = 1 … L`` re-initializes the head modules (by

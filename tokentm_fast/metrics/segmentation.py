@@ -1,4 +1,4 @@
-"""Localization: the segmentation test (EVALUATION.md §1, Chefer et al. protocol).
+"""Localization: the segmentation test (docs/evaluation.md §1, Chefer et al. protocol).
 
 Per image the patch map ``e (gh, gw)`` is upsampled bilinearly to the mask size
 ``(H, W)`` and min–max normalized to ``[0, 1]`` (a constant map becomes all

@@ -51,9 +51,9 @@ def kernels_interpreted() -> bool:
     ``triton.jit`` chooses between the compiler and the interpreter when the
     kernel modules are imported, so the environment at import time matters.
     """
-    from .transform_weights import _transform_weights_kernel
+    from .transform_weights import _necc_normalize_kernel
 
-    return type(_transform_weights_kernel).__name__ == "InterpretedFunction"
+    return type(_necc_normalize_kernel).__name__ == "InterpretedFunction"
 
 
 def triton_available(device: Union[str, torch.device, torch.Tensor]) -> bool:
@@ -191,12 +191,30 @@ def check_weight(w: object, name: str, batch: int, num_tokens: int, device: torc
 
 
 def interpreted(device: torch.device) -> bool:
-    """True when launches on ``device`` run in Triton's CPU interpreter.
-
-    The interpreter's cost is per operation, not per element, so the wrappers
-    pick much larger tiles there (the GPU sizes are for registers and occupancy).
-    """
+    """True when launches on ``device`` run in Triton's CPU interpreter."""
     return device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- launch settings
+def tuning_configs(gpu: Sequence, interpreter) -> list:
+    """The ``triton.autotune`` configurations of a kernel.
+
+    On the GPU: ``gpu`` (all of them are timed on the first call of each
+    autotune key, the best is kept for the process). Under the interpreter
+    (``TRITON_INTERPRET=1`` when the kernel modules are imported): only
+    ``interpreter``, so nothing is timed and the CPU tests stay fast (the
+    interpreter's cost is per operation, not per element).
+    """
+    return [interpreter] if interpreter_enabled() else list(gpu)
+
+
+def batch_bucket(batch: int) -> int:
+    """Autotune key of a batch size: the next power of two, capped at 256
+    (``1, 2, 4, …, 256``), so nearby batch sizes share one tuning run."""
+    b = 1
+    while b < batch and b < 256:
+        b *= 2
+    return b
 
 
 def num_sms(device: torch.device) -> int:

@@ -1,11 +1,29 @@
-"""Token transformation weights (docs/methods.md §2) as one Triton kernel.
+"""Token transformation weights (docs/methods.md §2) as two Triton kernels.
 
 PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.transform.transform_weights``.
 
-One program per image streams the ``(N, D)`` tokens of ``x`` and ``x̃`` once,
-in ``(BLOCK_N, BLOCK_D)`` tiles, and keeps three fp32 running sums per token
-(``|x|²``, ``|x̃|²``, ``<x, x̃>``). Then the NECC softmax over the N tokens of
-the image is finished with a second, tiny pass over the ``(N,)`` output row.
+The work is spread over ``(image, token block)`` programs, so that even a
+batch of one fills the GPU:
+
+1. ``_transform_weights_kernel``, grid ``(B, cdiv(N, BLOCK_N))``: each program
+   streams its ``(BLOCK_N, D)`` slices of ``x`` and ``x̃`` once, in
+   ``(BLOCK_N, BLOCK_D)`` tiles, with three fp32 running sums per token
+   (``|x|²``, ``|x̃|²``, ``<x, x̃>``), and writes the *unnormalised* weight
+   ``exp(cos_i) · ratio_i`` and ``exp(cos_i)`` itself.
+2. ``_necc_normalize_kernel``, grid ``(B, cdiv(N, BLOCK))``: each program sums
+   ``exp(cos)`` over the N tokens of its image, chunk by chunk in a fixed
+   order (every program of an image gets the same sum, and every run the same
+   bits: no atomics), and divides its block of weights by it.
+
+NECC is a softmax over the tokens of one image, but ``|cos_i| ≤ 1``
+(Cauchy–Schwarz; the ε clamps only shrink it), so ``exp(cos_i) ∈ [1/e, e]``
+needs no running maximum and no rescaling between blocks. With
+``use_necc=False`` the first kernel writes the final weights and the second
+is not launched.
+
+Launch settings: ``triton.autotune`` over tile sizes and warps, keyed on N, D
+and a batch bucket (and the input dtypes); under Triton's interpreter one small
+configuration.
 """
 from __future__ import annotations
 
@@ -15,79 +33,122 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_out, check_shape, check_tensor, contiguous, require_triton
+from ._utils import batch_bucket, contiguous, tuning_configs
 
 EPS = 1e-6
 
+#: (BLOCK_N, BLOCK_D, num_warps, num_stages) timed on the GPU.
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+    for bn, bd, w, s in [
+        (4, 256, 2, 3), (8, 128, 2, 3), (8, 256, 4, 3), (16, 128, 4, 3),
+        (16, 256, 4, 2), (32, 128, 4, 3), (32, 256, 8, 2), (64, 64, 4, 3),
+    ]
+]
+#: The interpreter's configuration: small enough that the tests see several token blocks.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_D": 64}, num_warps=4, num_stages=1)
+#: Tokens per program (and per summed chunk) of the normalisation pass.
+NORM_BLOCK_GPU = 1024
+NORM_BLOCK_INTERPRETER = 64
 
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles wider than D or taller than N (they only add masked lanes)."""
+    n, d = named_args["N"], named_args["D"]
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_D"] <= max(64, triton.next_power_of_2(d))
+        and c.kwargs["BLOCK_N"] <= max(8, triton.next_power_of_2(n))
+    ]
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=tuning_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
+    key=["N", "D", "B_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _transform_weights_kernel(
     x_ptr,  # (B, N, D) tokens entering the sub-layer, contiguous
     t_ptr,  # (B, N, D) transformed tokens x̃, contiguous
-    out_ptr,  # (B, N) float32
+    out_ptr,  # (B, N) float32: final weights, or unnormalised ones when USE_NECC
+    e_ptr,  # (B, N) float32: exp(cos_i) (written only when USE_NECC)
     N,
     D,
     eps,
     inv_n,  # 1 / N, the NECC of the use_necc=False ablation
+    B_BUCKET,  # autotune key only
     USE_LENGTH: tl.constexpr,
     USE_NECC: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Transformation weight of every token of image ``b = program_id(0)`` (docs/methods.md §2).
+    """Tokens ``i ∈ n-block`` of image ``b`` (docs/methods.md §2), grid ``(B, cdiv(N, BLOCK_N))``:
 
         len_i  = |x_i|₂,  len~_i = |x̃_i|₂
         cos_i  = <x_i, x̃_i> / (max(len_i, ε) · max(len~_i, ε))
-        NECC_i = exp(cos_i) / Σ_k exp(cos_k)              (1/N when USE_NECC is off)
-        w_i    = len~_i / max(len_i, ε) · NECC_i          (NECC_i when USE_LENGTH is off)
+        e_i    = exp(cos_i)                                 (USE_NECC)
+        out_i  = e_i · len~_i / max(len_i, ε)               (USE_NECC; e_i when USE_LENGTH is off)
+        out_i  = 1/N · len~_i / max(len_i, ε)               (not USE_NECC: final)
 
-    |cos_i| ≤ 1 (Cauchy–Schwarz; the ε clamps only shrink it), so exp(cos_i)
-    lies in [1/e, e] and the softmax needs no running max: pass 1 writes the
-    unnormalised ``exp(cos_i) · ratio_i`` and sums ``exp(cos_i)``; pass 2
-    divides the row by that sum. All sums are fp32.
+    All sums are fp32, accumulated in ``(BLOCK_N, BLOCK_D)`` registers and
+    reduced over D once at the end.
     """
     b = tl.program_id(0).to(tl.int64)
-    x_base = x_ptr + b * N * D
-    t_base = t_ptr + b * N * D
-    o_base = out_ptr + b * N
-    exp_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        sq_x = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        sq_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask = mask_n[:, None] & (offs_d[None, :] < D)
-            offs = offs_n[:, None] * D + offs_d[None, :]
-            xv = tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)
-            tv = tl.load(t_base + offs, mask=mask, other=0.0).to(tl.float32)
-            sq_x += tl.sum(xv * xv, axis=1)
-            sq_t += tl.sum(tv * tv, axis=1)
-            dot += tl.sum(xv * tv, axis=1)
-        len_x = tl.maximum(tl.sqrt(sq_x), eps)
-        len_t = tl.sqrt(sq_t)
-        if USE_NECC:
-            cos = dot / (len_x * tl.maximum(len_t, eps))
-            val = tl.where(mask_n, tl.exp(cos), 0.0)
-            exp_sum += val
-        else:
-            val = tl.zeros((BLOCK_N,), dtype=tl.float32) + inv_n
-        if USE_LENGTH:
-            val = val * (len_t / len_x)
-        tl.store(o_base + offs_n, val, mask=mask_n)
-
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row = b * N * D + offs_n.to(tl.int64) * D
+    acc_xx = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    acc_tt = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    acc_xt = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_n[:, None] & (offs_d[None, :] < D)
+        offs = row[:, None] + offs_d[None, :]
+        xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tv = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_xx += xv * xv
+        acc_tt += tv * tv
+        acc_xt += xv * tv
+    len_x = tl.maximum(tl.sqrt(tl.sum(acc_xx, axis=1)), eps)
+    len_t = tl.sqrt(tl.sum(acc_tt, axis=1))
+    o_offs = b * N + offs_n
     if USE_NECC:
-        inv_total = 1.0 / tl.sum(exp_sum, axis=0)
-        # Pass 2 reads back what this program wrote (same offsets, same layout).
-        tl.debug_barrier()
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            val = tl.load(o_base + offs_n, mask=mask_n, other=0.0)
-            tl.store(o_base + offs_n, val * inv_total, mask=mask_n)
+        cos = tl.sum(acc_xt, axis=1) / (len_x * tl.maximum(len_t, eps))
+        val = tl.exp(cos)
+        tl.store(e_ptr + o_offs, val, mask=mask_n)
+    else:
+        val = tl.zeros((BLOCK_N,), dtype=tl.float32) + inv_n
+    if USE_LENGTH:
+        val = val * (len_t / len_x)
+    tl.store(out_ptr + o_offs, val, mask=mask_n)
+
+
+@triton.jit
+def _necc_normalize_kernel(
+    e_ptr,  # (B, N) float32 exp(cos_i)
+    out_ptr,  # (B, N) float32 unnormalised weights, divided in place
+    N,
+    BLOCK: tl.constexpr,
+):
+    """``out[b, block] /= Σ_k e[b, k]`` (the NECC softmax denominator), grid ``(B, cdiv(N, BLOCK))``.
+
+    Every program sums the whole row of its image in the same fixed order
+    (chunks of BLOCK, each reduced by ``tl.sum``), so all programs of an image
+    divide by the same number and repeated runs give the same bits.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    base = b * N
+    chunk = tl.zeros((BLOCK,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        chunk += tl.load(e_ptr + base + offs, mask=offs < N, other=0.0)
+    inv_total = 1.0 / tl.sum(chunk, axis=0)
+    offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask_n = offs_n < N
+    val = tl.load(out_ptr + base + offs_n, mask=mask_n, other=0.0)
+    tl.store(out_ptr + base + offs_n, val * inv_total, mask=mask_n)
 
 
 def transform_weights(
@@ -98,11 +159,14 @@ def transform_weights(
     eps: float = EPS,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Transformation weights ``w`` of docs/methods.md §2, fused in one kernel launch.
+    """Transformation weights ``w`` of docs/methods.md §2: two launches (one with ``use_necc=False``).
+
+    Inputs are trusted (checked at the public entries, ``tokentm_fast.ops`` and
+    ``torch.ops.tokentm.transform_weights``).
 
     Args:
         x: ``(B, N, D)`` tokens entering the sub-layer (float32 / bfloat16 / float16).
-        x_tilde: ``(B, N, D)`` transformed tokens (same shape; dtype may differ from ``x``).
+        x_tilde: ``(B, N, D)`` transformed tokens (same shape and device; dtype may differ from ``x``).
         use_length: False replaces the length ratio by 1 (ablation, TokenTM Table 6).
         use_necc: False replaces NECC by 1/N (ablation).
         eps: ε of the norm clamps.
@@ -111,23 +175,20 @@ def transform_weights(
     Returns:
         ``(B, N)`` float32, equal to ``tokentm_fast.transform.transform_weights``.
     """
-    check_tensor(x, "x", 3)
-    check_tensor(x_tilde, "x_tilde", 3)
-    check_shape(x_tilde, "x_tilde", x.shape, "(B, N, D) of x")
-    if x_tilde.device != x.device:
-        raise ValueError(f"x_tilde is on {x_tilde.device} but x is on {x.device}")
-    require_triton(x)
     B, N, D = x.shape
-    out = check_out(out, (B, N), x.device, "(B, N)")
+    if out is None:
+        out = torch.empty((B, N), dtype=torch.float32, device=x.device)
     if out.numel() == 0:
         return out
     x = contiguous(x)
     x_tilde = contiguous(x_tilde)
-    block_d = min(128, triton.next_power_of_2(max(D, 1)))
-    block_n = max(16, min(triton.next_power_of_2(N), 4096 // block_d))
-    _transform_weights_kernel[(B,)](
-        x, x_tilde, out, N, D, float(eps), 1.0 / N,
+    exp_cos = torch.empty((B, N), dtype=torch.float32, device=x.device) if use_necc else out
+    _transform_weights_kernel[lambda meta: (B, triton.cdiv(N, meta["BLOCK_N"]))](
+        x, x_tilde, out, exp_cos, N, D, float(eps), 1.0 / N, batch_bucket(B),
         USE_LENGTH=bool(use_length), USE_NECC=bool(use_necc),
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
     )
+    if use_necc:
+        block = NORM_BLOCK_GPU if x.device.type == "cuda" else NORM_BLOCK_INTERPRETER
+        block = min(block, max(16, triton.next_power_of_2(N)))
+        _necc_normalize_kernel[(B, triton.cdiv(N, block))](exp_cos, out, N, BLOCK=block, num_warps=4)
     return out

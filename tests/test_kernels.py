@@ -102,6 +102,63 @@ def test_transform_weights_switches(use_length, use_necc):
     check(out, got, ref, 1e-5, "switches")
 
 
+def distinct_images(B, N, D, g):
+    """B images whose weights differ in kind: x̃ ≈ x (cos ≈ 1), x̃ ≈ −x (cos ≈ −1), random, ...,
+    with token lengths on different scales, so that weights or sums mixed across images show."""
+    x = torch.randn(B, N, D, generator=g) * torch.logspace(-1, 1, B)[:, None, None]
+    noise = torch.randn(B, N, D, generator=g)
+    sign = torch.tensor([1.0, -1.0, 0.0] * B)[:B, None, None]
+    xt = sign * x * torch.rand(B, N, 1, generator=g) * 3 + 0.2 * noise * x.norm(dim=-1, keepdim=True) / D**0.5
+    return x.to(DEVICE), xt.to(DEVICE)
+
+
+@pytest.mark.parametrize("use_length", [True, False])
+@pytest.mark.parametrize("use_necc", [True, False])
+@pytest.mark.parametrize("N", [50, 145])
+def test_transform_weights_token_blocks_and_images(N, use_length, use_necc):
+    """N not a multiple of the token block, several images that must not mix (both ablations)."""
+    B, D = 3, 24
+    x, xt = distinct_images(B, N, D, gen("tw-images", N, use_length, use_necc))
+    out = poisoned(B, N)
+    got = K.transform_weights(x, xt, use_length=use_length, use_necc=use_necc, out=out)
+    ref = transform.transform_weights(f64(x), f64(xt), use_length=use_length, use_necc=use_necc)
+    check(out, got, ref, 1e-5, "token blocks")
+    # the images really differ: their softmax denominators Σ_k exp(cos_k) are far apart
+    denom = torch.nn.functional.cosine_similarity(f64(x), f64(xt), dim=-1).exp().sum(1)
+    assert denom.max() > 4 * denom.min()
+    if not use_length:  # NECC alone is a distribution over the tokens of each image (spec §2)
+        torch.testing.assert_close(got.sum(1).cpu(), torch.ones(B), rtol=1e-5, atol=0)
+    # each image alone gives its row of the batch; reversing the batch reverses the rows
+    for b in range(B):
+        alone = K.transform_weights(x[b:b + 1], xt[b:b + 1], use_length=use_length, use_necc=use_necc)
+        torch.testing.assert_close(alone[0], got[b], rtol=1e-6, atol=0)
+    flipped = K.transform_weights(x.flip(0), xt.flip(0), use_length=use_length, use_necc=use_necc)
+    torch.testing.assert_close(flipped, got.flip(0), rtol=1e-6, atol=0)
+
+
+def test_transform_weights_deterministic():
+    """No atomics: the same inputs give the same bits."""
+    x, xt = distinct_images(2, 197, 40, gen("tw-det"))
+    first = K.transform_weights(x, xt)
+    for _ in range(2):
+        assert torch.equal(K.transform_weights(x, xt), first)
+
+
+def test_transform_weights_every_gpu_config(monkeypatch):
+    """Each tile configuration the GPU autotuner may pick computes the same weights (run here
+    one at a time under the interpreter: masks, tails, several D tiles)."""
+    tw = importlib.import_module("tokentm_fast.kernels.transform_weights")
+    tuner = tw._transform_weights_kernel
+    B, N, D = 2, 37, 136  # N below and above every BLOCK_N; D over one, two and three BLOCK_D
+    x, xt = distinct_images(B, N, D, gen("tw-configs"))
+    ref = transform.transform_weights(f64(x), f64(xt))
+    for cfg in tw.GPU_CONFIGS:
+        monkeypatch.setattr(tuner, "configs", [cfg])
+        monkeypatch.setattr(tuner, "cache", {})
+        out = poisoned(B, N)
+        check(out, K.transform_weights(x, xt, out=out), ref, 1e-5, f"config {cfg}")
+
+
 def test_transform_weights_fp16_mixed_noncontiguous():
     g = gen("tw-fp16")
     x = torch.randn(2, 40, 145, generator=g).to(torch.float16).to(DEVICE).transpose(1, 2)  # (2, 145, 40) view

@@ -1,4 +1,4 @@
-"""An independent implementation of METHODS.md, for tests only.
+"""An independent implementation of docs/methods.md, for tests only.
 
 It shares no code with the package: it runs the timm ViT by hand from its
 weights (float64), keeps every attention map in the autograd graph, and
@@ -76,7 +76,7 @@ def head(m, tokens):
 
 
 def weights(x, xt, use_length=True, use_necc=True):
-    """Spec §2: w_i = |x̃_i| / max(|x_i|, ε) · exp(cos_i) / Σ_k exp(cos_k)."""
+    """docs/methods.md §2: w_i = |x̃_i| / max(|x_i|, ε) · exp(cos_i) / Σ_k exp(cos_k)."""
     lx = torch.sqrt((x * x).sum(-1))
     lt = torch.sqrt((xt * xt).sum(-1))
     cos = (x * xt).sum(-1) / (torch.maximum(lx, torch.tensor(EPS)) * torch.maximum(lt, torch.tensor(EPS)))

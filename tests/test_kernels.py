@@ -1,4 +1,4 @@
-"""Triton kernels against their PyTorch oracles (spec METHODS.md §2, §3, §3.1, §6, §7).
+"""Triton kernels against their PyTorch oracles (docs/methods.md §2, §3, §3.1, §6, §7).
 
 On a machine without CUDA the kernels run on the CPU under Triton's
 interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before triton
@@ -126,7 +126,7 @@ def test_transform_weights_token_blocks_and_images(N, use_length, use_necc):
     # the images really differ: their softmax denominators Σ_k exp(cos_k) are far apart
     denom = torch.nn.functional.cosine_similarity(f64(x), f64(xt), dim=-1).exp().sum(1)
     assert denom.max() > 4 * denom.min()
-    if not use_length:  # NECC alone is a distribution over the tokens of each image (spec §2)
+    if not use_length:  # NECC alone is a distribution over the tokens of each image (docs/methods.md §2)
         torch.testing.assert_close(got.sum(1).cpu(), torch.ones(B), rtol=1e-5, atol=0)
     # each image alone gives its row of the batch; reversing the batch reverses the rows
     for b in range(B):
@@ -243,7 +243,7 @@ def test_float_constant_weights(update):
         check(out_c, got_c, ref, 1e-5, f"{update} constants {mode}")
         check(out_t, got_t, ref, 1e-5, f"{update} tensors {mode}")
         assert torch.allclose(got_c, got_t, rtol=1e-6, atol=1e-7)
-    # rollout as the engine (1.0 / −0.5 on "mean") is R · (½ I + ½ mean_h A) (spec §4)
+    # rollout as the engine (1.0 / −0.5 on "mean") is R · (½ I + ½ mean_h A) (docs/methods.md §4)
     got = fn(rows, a, None, 1.0, -0.5, mode="mean", **kw)
     ref = torch.bmm(f64(rows), fusion.fuse_heads(f64(a), None, "rollout"))
     assert rel_err(got, ref) <= 1e-5

@@ -1,4 +1,4 @@
-"""Tests of the evaluation metrics (EVALUATION.md §1–§4) against plain-numpy references."""
+"""Tests of the evaluation metrics (docs/evaluation.md §1–§4) against plain-numpy references."""
 import json
 import math
 from decimal import Decimal

@@ -1,8 +1,8 @@
 """Tests of the torch.library bindings and the public API ``tokentm_fast.ops``.
 
 (a) every public function against an independent float64 implementation of
-    spec METHODS.md written here with full N×N matrices (rel. L2 error per
-    image ≤ 1e-5, spec §7), lists and stacked inputs alike;
+    spec docs/methods.md written here with full N×N matrices (rel. L2 error per
+    image ≤ 1e-5, docs/methods.md §7), lists and stacked inputs alike;
 (b) input validation;
 (c) ``torch.library.opcheck`` of every ``tokentm::*`` op on CPU samples;
 (d) ``torch.compile(fullgraph=True)`` through the ops on CPU.
@@ -26,7 +26,7 @@ MODES = ("gae", "decoupled", "mean", "rollout")
 
 
 def ref_transform(x, xt, use_length=True, use_necc=True, eps=1e-6):
-    """Spec §2, token by token."""
+    """docs/methods.md §2, token by token."""
     x, xt = x.double(), xt.double()
     b, n, _ = x.shape
     w = torch.empty(b, n, dtype=torch.float64)
@@ -42,7 +42,7 @@ def ref_transform(x, xt, use_length=True, use_necc=True, eps=1e-6):
 
 
 def ref_fuse(attn, grad, mode):
-    """Spec §3/§4 head fusion, summing heads one at a time."""
+    """docs/methods.md §3/§4 head fusion, summing heads one at a time."""
     a = attn.double()
     g = None if grad is None else grad.double()
     b, h, n, _ = a.shape
@@ -82,7 +82,7 @@ def ref_aggregate(attns, grads, w_attn, w_mlp, c0, mode):
 
 
 def ref_legrad(grads):
-    """Spec §6: Σ_l mean_h mean_i max(G, 0)."""
+    """docs/methods.md §6: Σ_l mean_h mean_i max(G, 0)."""
     return sum(torch.maximum(g.double(), torch.zeros(())).mean(dim=(1, 2)) for g in grads)
 
 
@@ -166,7 +166,7 @@ def test_tokentm_matrix_matches_spec(n, mode):
 
 
 def test_constant_weights_gae_and_rollout():
-    """Numbers as weights (spec §4: GAE w_attn=1, w_mlp=0; rollout via mode="rollout", no grads)."""
+    """Numbers as weights (docs/methods.md §4: GAE w_attn=1, w_mlp=0; rollout via mode="rollout", no grads)."""
     attns, grads, *_ = make_inputs(n=10, layers=3, seed=3)
     ref = ref_aggregate(attns, grads, [1.0] * 3, [0.0] * 3, None, "gae")[:, 0]
     assert rel_err(ops.tokentm_rows(attns, grads, 1.0, 0.0, "identity"), ref) <= TOL
@@ -201,7 +201,7 @@ def test_legrad_reduce_matches_spec(n):
 
 
 def test_half_precision_inputs():
-    """bf16 / fp16 inputs, float32 accumulation: spec §7 tolerance 2e-2 against float64 of the same values."""
+    """bf16 / fp16 inputs, float32 accumulation: docs/methods.md §7 tolerance 2e-2 against float64 of the same values."""
     attns, grads, w_attn, w_mlp, c0 = make_inputs(n=9, layers=2, dtype=torch.bfloat16, seed=7)
     ref = ref_aggregate(attns, grads, w_attn, w_mlp, c0, "gae")[:, 0]
     row = ops.tokentm_rows(attns, grads, w_attn, w_mlp, c0)

@@ -1,7 +1,7 @@
 """Tests of the torch.library bindings and the public API ``tokentm_fast.ops``.
 
 (a) every public function against an independent float64 implementation of
-    spec docs/methods.md written here with full N×N matrices (rel. L2 error per
+    docs/methods.md written here with full N×N matrices (rel. L2 error per
     image ≤ 1e-5, docs/methods.md §7), lists and stacked inputs alike;
 (b) input validation;
 (c) ``torch.library.opcheck`` of every ``tokentm::*`` op on CPU samples;

@@ -246,6 +246,11 @@ def test_evaluate_folder_skips_corrupt_file(tiny_folder, tiny_ckpt, tmp_path):
     vals = _records(res)[("tokentm", "perturbation")]
     assert {"pos_auc_predicted", "neg_auc_predicted", "pos_auc_target", "aopc", "lodds", "curves"} <= set(vals)
     assert not partial_path(out).exists()  # removed once the results are written
+    # 3 class folders against an 8-class model: a warning, and the mapping in the results
+    assert sum("warning: the data has 3 class folders but the model has 8 classes" in l for l in logs) == 1
+    for r in (res, on_disk):
+        assert r["data"]["class_to_idx"] == {"cat": 0, "dog": 1, "emu": 2}
+        assert len(r["warnings"]) == 1 and "cat=0, dog=1, emu=2" in r["warnings"][0]
     table = format_table(res)
     assert "| tokentm |" in table and "Pos. AUC" in table
 
@@ -290,6 +295,14 @@ def test_evaluate_sanity_metric(tiny_mat, tiny_ckpt):
     assert "spearman_full_random" in vals
 
 
+def test_evaluate_folder_with_more_classes_than_the_model(tiny_folder, tmp_path):
+    ckpt = tmp_path / "two.pth"
+    torch.save(tiny_vit(num_classes=2).state_dict(), ckpt)
+    with pytest.raises(EvaluationError, match="3 class folders but the model has 2 classes"):
+        evaluate("vit_tiny_patch16_224", f"folder:{tiny_folder}", methods=["raw_attention"], metrics="perturbation",
+                 checkpoint=ckpt, model_kwargs=TINY_KWARGS, output=None, progress=False, num_workers=0)
+
+
 def test_evaluate_bad_inputs(tiny_folder, tiny_ckpt, tmp_path):
     common = dict(checkpoint=tiny_ckpt, model_kwargs=TINY_KWARGS, output=None, progress=False)
     with pytest.raises(EvaluationError, match="no metric left"):
@@ -309,44 +322,90 @@ def _cli(args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_killed_run_resumes_exactly(tiny_ckpt, tmp_path, capsys):
+def _run_until(cmd, partial, min_done, cwd, sig=None, timeout=240):
+    """Start ``cmd``; once ``partial`` records ``min_done`` samples, send ``sig`` (SIGKILL) and wait."""
+    import signal
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if partial.exists():
+            try:
+                if json.loads(partial.read_text())["done"] >= min_done:
+                    break
+            except (ValueError, KeyError):  # never expected (atomic replace); retry
+                pass
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGKILL if sig is None else sig)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def test_sigkilled_run_resumes_exactly(tiny_ckpt, tmp_path, capsys):
+    """A real SIGKILL mid-run: the state is intact, another configuration is refused, the rerun is exact."""
     from tokentm_fast.cli import main
 
     def command(methods, output):
         return ["evaluate", "--model", "vit_tiny_patch16_224", "--checkpoint", str(tiny_ckpt),
-                "--model-kwargs", TINY_KWARGS_CLI, "--data", "synthetic", "--size", "10", "--batch-size", "3",
+                "--model-kwargs", TINY_KWARGS_CLI, "--data", "synthetic", "--size", "40", "--batch-size", "3",
                 "--methods", methods, "--workers", "0", "--threads", "1", "--no-progress", "--output", str(output)]
 
     killed = tmp_path / "killed.json"
-    # an abrupt end (os._exit) after 2 of 4 batches, as a kill
-    r = _cli(command("tokentm,gae", killed) + ["--stop-after-batches", "2"], tmp_path)
-    assert r.returncode == 75, r.stderr
+    # killed for real (SIGKILL) once some batches are saved
+    rc, _ = _run_until([sys.executable, "-m", "tokentm_fast", *command("tokentm,gae", killed)],
+                       partial_path(killed), 3, tmp_path)
+    assert rc == -9
     assert not killed.exists()
     state = json.loads(partial_path(killed).read_text())
-    assert state["done"] == 6 and state["images"] == 6
+    assert 3 <= state["done"] < 40 and state["done"] % 3 == 0 and state["images"] == state["done"]
 
     # a different configuration refuses to resume, and says how to start over
     assert main(command("tokentm", killed)) == 2
     err = capsys.readouterr().err
     assert "different configuration" in err and "--restart" in err and "Traceback" not in err
-    assert json.loads(partial_path(killed).read_text())["done"] == 6  # untouched
+    assert json.loads(partial_path(killed).read_text())["done"] == state["done"]  # untouched
 
-    # the same command resumes after the 6 samples done
+    # the same command resumes after the samples done
     r = _cli(command("tokentm,gae", killed), tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stderr
     resumed = json.loads(killed.read_text())
-    assert resumed["run"]["resumed_from"] == 6 and resumed["run"]["images_this_run"] == 4
+    assert resumed["run"]["resumed_from"] == state["done"]
+    assert resumed["run"]["images_this_run"] == 40 - state["done"]
     assert not partial_path(killed).exists()
 
     # an uninterrupted run (one thread, as the subprocesses) gives exactly the same numbers
     full = tmp_path / "full.json"
     assert main(command("tokentm,gae", full)) == 0
     uninterrupted = json.loads(full.read_text())
-    assert uninterrupted["run"]["resumed_from"] == 0 and uninterrupted["run"]["images_this_run"] == 10
+    assert uninterrupted["run"]["resumed_from"] == 0 and uninterrupted["run"]["images_this_run"] == 40
     assert resumed["records"] == uninterrupted["records"]  # exactly equal
     assert resumed["counts"] == uninterrupted["counts"]
     assert resumed["fingerprint"] == uninterrupted["fingerprint"]
+    assert uninterrupted["world_size"] == 1 and uninterrupted["ranks"][0]["images"] == 40
+
+
+def test_ctrl_c_says_where_the_state_is_and_how_to_resume(tiny_ckpt, tmp_path):
+    import signal
+
+    out = tmp_path / "ctrlc.json"
+    cmd = [sys.executable, "-m", "tokentm_fast", "evaluate", "--model", "vit_tiny_patch16_224",
+           "--checkpoint", str(tiny_ckpt), "--model-kwargs", TINY_KWARGS_CLI, "--data", "synthetic",
+           "--size", "400", "--batch-size", "2", "--methods", "rollout", "--metrics", "segmentation",
+           "--workers", "0", "--threads", "1", "--no-progress", "--save-every", "5", "--output", str(out)]
+    # Ctrl-C (SIGINT) once the loop runs: the state of the last completed batch is saved, even between saves
+    pp = partial_path(out)
+    rc, err = _run_until(cmd, pp, 10, tmp_path, sig=signal.SIGINT)
+    assert rc == 130, err
+    assert "Traceback" not in err
+    state = json.loads(pp.read_text())
+    assert 10 <= state["done"] < 400 and state["done"] % 2 == 0
+    assert f"the state is saved in {pp}" in err
+    assert "run the same command again to resume it" in err
+    assert f"interrupted after {state['done']} of 400 samples" in err
 
 
 def test_restart_discards_partial_state(tiny_mat, tiny_ckpt, tmp_path):
@@ -362,45 +421,3 @@ def test_restart_discards_partial_state(tiny_mat, tiny_ckpt, tmp_path):
     pp.write_text("{ truncated")
     with pytest.raises(EvaluationError, match="cannot read the partial state"):
         evaluate("vit_tiny_patch16_224", f"mat:{tiny_mat}", **common)
-
-
-def test_sigkilled_run_resumes_exactly(tiny_ckpt, tmp_path):
-    """A real SIGKILL in the middle of a run: the partial state is intact and the rerun finishes the job."""
-    import signal
-    import time
-
-    def command(output):
-        return [sys.executable, "-m", "tokentm_fast", "evaluate", "--model", "vit_tiny_patch16_224",
-                "--checkpoint", str(tiny_ckpt), "--model-kwargs", TINY_KWARGS_CLI, "--data", "synthetic",
-                "--size", "400", "--batch-size", "2", "--methods", "rollout", "--metrics", "segmentation",
-                "--workers", "0", "--threads", "1", "--no-progress", "--output", str(output)]
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    out = tmp_path / "killed.json"
-    proc = subprocess.Popen(command(out), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    done = 0
-    while time.time() < deadline and proc.poll() is None:
-        if partial_path(out).exists():
-            done = json.loads(partial_path(out).read_text())["done"]
-            if done >= 6:
-                break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not out.exists()
-    state = json.loads(partial_path(out).read_text())  # never half-written (atomic replace)
-    assert 6 <= state["done"] < 400
-
-    r = subprocess.run(command(out), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    resumed = json.loads(out.read_text())
-    assert resumed["run"]["resumed_from"] == state["done"]
-    assert resumed["run"]["images_this_run"] == 400 - state["done"]
-
-    full = tmp_path / "full.json"
-    r = subprocess.run(command(full), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert resumed["records"] == json.loads(full.read_text())["records"]

@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="evaluate methods with the segmentation / perturbation / sanity metrics",
         description="Run every method x every metric over a data set, save the results JSON (resumable: "
                     "an interrupted run continues where it stopped when started again with the same "
-                    "arguments) and print the results table.",
+                    "arguments) and print the results table. Several processes: torchrun --nproc_per_node=N "
+                    "-m tokentm_fast evaluate ... (gloo on cpu, nccl on cuda; each rank evaluates a shard, "
+                    "rank 0 merges the results).",
     )
     _add_model_args(p)
     g = p.add_argument_group("data")
@@ -175,8 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=_positive_int, default=1000, help="synthetic data set size (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="synthetic data seed (default: %(default)s)")
     g.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N samples")
-    g.add_argument("--workers", type=_nonneg_int, default=2, help="DataLoader workers (default: %(default)s)")
+    g.add_argument("--workers", type=_nonneg_int, default=None, metavar="N",
+                   help="DataLoader workers per process, decoding and preprocessing the images (default: the CPU "
+                        "cores available to the process, divided among the processes of the machine)")
     g.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (default: %(default)s)")
+    g.add_argument("--max-forward-batch", type=_positive_int, default=256, metavar="N",
+                   help="most images per forward pass of the perturbation test: the clean batch and its 18 "
+                        "perturbed copies go through the model in passes of this size (default: %(default)s)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="cast the model to this dtype for the explanations and the forward passes "
+                        "(default: %(default)s; bfloat16 for GPU runs)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--methods", type=_methods, default=list(METHODS), metavar="M1,M2,...",
                    help="comma-separated methods, or 'all' (default: all)")
@@ -194,7 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=_positive_int, default=1, metavar="K",
                    help="save the resumable partial state every K batches (default: %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--stop-after-batches", type=_positive_int, default=None, help=argparse.SUPPRESS)
     _add_run_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -523,24 +532,46 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.errors import EvaluationInterrupted
     from .evaluation.runner import evaluate
 
     _setup_threads(args)
     check_output_file(args.output, "--output")  # before any work: a bad location fails fast
     if args.curves:
         check_output_file(args.curves, "--curves")
-    results = evaluate(
-        args.model, args.data, methods=args.methods, metrics=args.metrics,
-        checkpoint=args.checkpoint, num_classes=args.num_classes, model_kwargs=args.model_kwargs,
-        split=args.split, size=args.size, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        limit=args.limit, output=args.output, backend=args.backend, num_workers=args.workers,
-        progress=not args.no_progress, restart=args.restart, save_every=args.save_every, target=args.target,
-        sanity_images=args.sanity_images, command=[PROG, *args.argv], stop_after_batches=args.stop_after_batches,
-    )
+    try:
+        results = evaluate(
+            args.model, args.data, methods=args.methods, metrics=args.metrics,
+            checkpoint=args.checkpoint, num_classes=args.num_classes, model_kwargs=args.model_kwargs,
+            split=args.split, size=args.size, seed=args.seed, batch_size=args.batch_size, device=args.device,
+            dtype=args.dtype, limit=args.limit, output=args.output, backend=args.backend, num_workers=args.workers,
+            max_forward_batch=args.max_forward_batch, progress=not args.no_progress, restart=args.restart,
+            save_every=args.save_every, target=args.target, sanity_images=args.sanity_images,
+            command=[PROG, *args.argv],
+        )
+    except EvaluationInterrupted as e:
+        where = ", ".join(str(p) for p in e.partial_paths)
+        if where:
+            msg = (f"interrupted after {e.done} of {e.total} samples; the state is saved in {where}: "
+                   "run the same command again to resume it (or add --restart to start over)")
+        else:
+            msg = f"interrupted after {e.done} of {e.total} samples; nothing was saved (no --output)"
+        print(f"{PROG} evaluate: {msg}", file=sys.stderr, flush=True)
+        return 130
+    if results.get("world_size", 1) > 1 and _rank() != 0:
+        return 0  # rank 0 prints the merged results
     _print_results(results, args.output)
     if args.curves:
         _plot_curves(results, args.curves)
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
 
 
 def _print_results(results: Dict[str, Any], output: Optional[str]) -> None:
@@ -556,8 +587,13 @@ def _print_results(results: Dict[str, Any], output: Optional[str]) -> None:
     extra = f", {c['skipped']} skipped" if c["skipped"] else ""
     run = results["run"]
     resumed = f" (resumed after {run['resumed_from']} samples)" if run["resumed_from"] else ""
-    print(f"{c['images_evaluated']} images evaluated{extra}{resumed}; data: {results['data'].get('kind')}, "
+    ranks = results.get("ranks") or []
+    procs = (f" by {len(ranks)} processes ({', '.join(str(r['images']) for r in ranks)} images)"
+             if len(ranks) > 1 else "")
+    print(f"{c['images_evaluated']} images evaluated{procs}{extra}{resumed}; data: {results['data'].get('kind')}, "
           f"model: {results['model'].get('name')}")
+    for w in results.get("warnings", []):
+        print(f"warning: {w}")
     for name, why in results.get("unavailable", {}).items():
         print(f"{name}: unavailable ({why})")
     for s in results.get("skipped", []):

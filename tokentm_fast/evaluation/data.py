@@ -215,7 +215,12 @@ class FolderSource:
 
     def describe(self) -> Dict[str, Any]:
         return {"kind": self.kind, "path": str(self.root.resolve()), "size": len(self.samples),
-                "classes": len(self.classes)}
+                "classes": len(self.classes), "class_to_idx": self.class_to_idx}
+
+    @property
+    def class_to_idx(self) -> Dict[str, int]:
+        """Folder name -> label (the position of the name in the sorted list, as ``ImageFolder``)."""
+        return {name: i for i, name in enumerate(self.classes)}
 
     def sample_id(self, index: int) -> str:
         return self.samples[index][0].replace(os.sep, "/")
@@ -375,21 +380,24 @@ class EvalDataset(Dataset):
             pil, mask, label = self.source.load(index)
             image, image01, m = self.preprocess(pil, mask)
         except Exception as e:  # a corrupt file: reported and skipped by the runner
-            return {"id": sid, "error": f"{type(e).__name__}: {e}"}
-        return {"image": image, "image01": image01, "mask": m, "label": int(label), "id": sid}
+            return {"id": sid, "index": int(index), "error": f"{type(e).__name__}: {e}"}
+        return {"image": image, "image01": image01, "mask": m, "label": int(label), "id": sid, "index": int(index)}
 
 
 def collate(items: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Stack the good items of a batch; failures go to ``batch["failures"]`` as ``(id, error)``.
 
     ``batch["n"]`` is the number of samples consumed (good and failed), so the
-    runner can count its position in the data set.  ``masks`` is ``None``
+    runner can count its position in the data set; ``indices`` and
+    ``failure_indices`` are the data-set indices of the good and failed items.  ``masks`` is ``None``
     unless every good item has one, ``labels`` is ``None`` unless every good
     item has a known label (``>= 0``).
     """
     good = [it for it in items if "error" not in it]
     failures = [(it["id"], it["error"]) for it in items if "error" in it]
-    batch: Dict[str, Any] = {"n": len(items), "failures": failures, "ids": [it["id"] for it in good]}
+    batch: Dict[str, Any] = {"n": len(items), "failures": failures, "ids": [it["id"] for it in good],
+                             "indices": [it.get("index", -1) for it in good],
+                             "failure_indices": [it.get("index", -1) for it in items if "error" in it]}
     if not good:
         batch.update(images=None, images01=None, masks=None, labels=None)
         return batch

@@ -1,277 +1,77 @@
-"""The evaluation runner: every method x every metric over a data set, resumable.
+"""The evaluation runner: every method x every metric over a data set, resumable, on one or many processes.
 
-``evaluate(model, data, methods, metrics, ...)`` loads the model (a timm model
-name + local checkpoint, ``"synthetic"`` for the shipped synthetic ViT, or a
-module), reads the data in a deterministic order with a ``DataLoader``,
-explains each batch **once** per method and feeds that map to every metric
-(docs/evaluation.md §1-§4), and writes a results JSON with one record per
-(method, metric).
+``evaluate(model, data, methods, metrics, ...)`` loads the model
+(:mod:`.checkpoint`), reads the data (:mod:`.data`) with a ``DataLoader``
+(decoding in the workers), explains each batch **once** per method and feeds
+that map to every metric (:mod:`.loop`), keeps a resumable state
+(:mod:`.state`) and writes a results JSON with one record per (method,
+metric) (:mod:`.report`).
 
-Resuming: after every ``save_every`` batches the accumulated metric states,
-the number of samples done and a fingerprint of the configuration are written
-atomically (tmp file + ``os.replace``) to ``<output>.partial``.  A run started
-again with the same configuration continues after the samples already done
-(``DataLoader`` over a ``Subset`` starting there) and ends with exactly the
-numbers of an uninterrupted run; a different configuration is refused unless
-``restart=True``.  The partial file is removed once the results are written.
+One process, or ``torchrun --nproc_per_node=N -m tokentm_fast evaluate ...``
+(:mod:`.distributed`): each rank evaluates a deterministic shard of the
+global batches and keeps its own resumable state; rank 0 merges the metric
+states (integer counts and exact sums) into exactly the numbers of one
+process and writes the results.
+
+Resuming: after every ``save_every`` batches (and on Ctrl-C) the state of a
+rank is written atomically to ``<output>.partial`` (one process) or
+``<output>.partial.rank<r>-of-<W>``. The same command started again
+continues after the batches already done and ends with exactly the numbers
+of an uninterrupted run; another configuration or another number of
+processes is refused unless ``restart=True``. The partial states are removed
+once the results are written.
 
 A sample that fails to load (a corrupt image) is logged as
 ``skipped <id>: <error>``, left out and listed in the results.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from ..api import Explainer
 from ..methods import METHODS, check_method
-from .data import DataError, EvalDataset, Preprocess, collate, make_source, model_data_config
+from . import distributed
+from .checkpoint import DTYPES, load_model, read_checkpoint, resolve_device, resolve_dtype
+from .data import DataError, EvalDataset, Preprocess, make_source, model_data_config
+from .errors import EvaluationError, EvaluationInterrupted
+from .loop import Schedule, run_loop
+from .report import build_results, format_table, merge_rank_states
+from .state import (
+    STATE_VERSION,
+    RankState,
+    atomic_write_json,
+    check_world_size,
+    config_fingerprint,
+    discard_partials,
+    jsonable,
+    load_state,
+    partial_path,
+    save_state,
+)
 
 __all__ = [
     "EvaluationError",
+    "EvaluationInterrupted",
     "METRICS",
+    "DTYPES",
     "evaluate",
     "load_model",
     "read_checkpoint",
+    "resolve_device",
     "format_table",
     "atomic_write_json",
     "partial_path",
 ]
 
 METRICS = ("segmentation", "perturbation", "sanity")
-STATE_VERSION = 1
-
-
-class EvaluationError(ValueError):
-    """A problem with the user's input (model, checkpoint, data, resume state); the message says what."""
-
-
-def resolve_device(name) -> torch.device:
-    """``torch.device(name)``, with a clear error for a bad name or a missing CUDA device."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise EvaluationError(f"invalid device {name!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"device {name!r} requested but CUDA is not available")
-    return dev
-
-
-# ----------------------------------------------------------------------------
-# model loading
-# ----------------------------------------------------------------------------
-
-def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch ``.pth`` / ``.pt`` file.
-
-    Torch files may wrap the weights in ``{"state_dict": …}``, ``{"model": …}``
-    (or the ``*_ema`` variants); a ``module.`` prefix (DataParallel) is removed.
-    Missing or unreadable files raise :class:`EvaluationError` naming the file.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise EvaluationError(f"checkpoint file not found: {p}")
-    if not p.is_file():
-        raise EvaluationError(f"checkpoint is not a file: {p}")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(p), device="cpu")
-        else:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvaluationError(f"cannot read checkpoint {p}: {msg}") from None
-    if isinstance(state, Mapping):
-        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-            if key in state and isinstance(state[key], Mapping):
-                state = state[key]
-                break
-    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EvaluationError(f"checkpoint {p} does not hold a state dict of tensors")
-    out = {}
-    for k, v in state.items():
-        out[k[len("module."):] if k.startswith("module.") else k] = v
-    return out
-
-
-def _state_dict_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
-    """A short description of how ``state`` does not fit ``expected`` ('' if it fits)."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    parts = []
-    for what, items in (("missing key", missing), ("unexpected key", unexpected), ("shape mismatch", shapes)):
-        if items:
-            eg = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
-            parts.append(f"{len(items)} {what}{'es' if what.endswith('h') and len(items) > 1 else ('s' if len(items) > 1 else '')} ({eg})")
-    return "; ".join(parts)
-
-
-def _file_fingerprint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    p = Path(path).resolve()
-    st = p.stat()
-    return {"path": str(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _module_fingerprint(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(str(tuple(v.shape)).encode())
-        h.update(v.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()
-
-
-def _unknown_model_message(name: str) -> str:
-    import difflib
-
-    import timm
-
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
-    return f"unknown model {name!r}: not 'synthetic' and not a timm model name{hint}"
-
-
-def load_model(
-    model: Union[str, nn.Module] = "synthetic",
-    checkpoint: Optional[Union[str, os.PathLike]] = None,
-    num_classes: Optional[int] = None,
-    model_kwargs: Optional[Mapping[str, Any]] = None,
-) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build the model to explain; returns ``(model in eval mode, description)``.
-
-    * ``"synthetic"``: the shipped synthetic-benchmark ViT (or its architecture
-      with the safetensors weights ``checkpoint``).
-    * a timm model name: ``timm.create_model(name, pretrained=False,
-      num_classes=…, **model_kwargs)`` with the weights of ``checkpoint``
-      (required: nothing is downloaded). ``num_classes`` defaults to the rows
-      of the checkpoint's ``head.weight``.
-    * an ``nn.Module``: used as is.
-    """
-    if isinstance(model, nn.Module):
-        return model.eval(), {"name": type(model).__name__, "checkpoint": None, "sha256": _module_fingerprint(model)}
-    if not isinstance(model, str) or not model:
-        raise EvaluationError(f"model must be 'synthetic', a timm model name or an nn.Module, got {model!r}")
-    kwargs = dict(model_kwargs or {})
-    if model == "synthetic":
-        from ..synthetic.model import WEIGHTS_PATH, create_synthetic_vit
-
-        if kwargs or num_classes is not None:
-            raise EvaluationError("the synthetic model takes no num_classes / model arguments")
-        path = Path(checkpoint) if checkpoint is not None else WEIGHTS_PATH
-        if checkpoint is not None and not path.is_file():
-            raise EvaluationError(f"checkpoint file not found: {path}")
-        try:
-            m = create_synthetic_vit(pretrained=True, weights=checkpoint)
-        except FileNotFoundError as e:
-            raise EvaluationError(str(e)) from None
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EvaluationError(f"cannot load synthetic-model weights from {path}: {msg}") from None
-        return m.eval(), {"name": "synthetic", "checkpoint": _file_fingerprint(path)}
-
-    import timm
-
-    if not timm.is_model(model):
-        raise EvaluationError(_unknown_model_message(model))
-    if checkpoint is None:
-        raise EvaluationError(
-            f"model {model!r} needs a local checkpoint file (--checkpoint FILE): no weights are downloaded"
-        )
-    state = read_checkpoint(checkpoint)
-    if num_classes is None:
-        head = state.get("head.weight")
-        if head is not None and head.dim() == 2:
-            num_classes = int(head.shape[0])
-    if num_classes is not None:
-        kwargs["num_classes"] = int(num_classes)
-    try:
-        m = timm.create_model(model, pretrained=False, **kwargs)
-    except TypeError as e:
-        raise EvaluationError(f"cannot build timm model {model!r} with arguments {kwargs}: {e}") from None
-    problems = _state_dict_mismatch(m.state_dict(), state)
-    if problems:
-        raise EvaluationError(
-            f"checkpoint {checkpoint} does not fit timm model {model!r} (model arguments {kwargs}): "
-            f"{problems}; give the architecture with --model-kwargs (model_kwargs), e.g. img_size=...,depth=..."
-        )
-    m.load_state_dict(state, strict=True)
-    info = {"name": model, "checkpoint": _file_fingerprint(checkpoint), "model_kwargs": kwargs}
-    return m.eval(), info
-
-
-# ----------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------
-
-def partial_path(output: Union[str, os.PathLike]) -> Path:
-    """Where the resumable partial state of ``output`` lives."""
-    return Path(str(output) + ".partial")
-
-
-def _jsonable(x: Any) -> Any:
-    """Plain JSON (NaN / Inf -> None, tuples -> lists, tensors -> numbers)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if hasattr(x, "item") and callable(x.item):  # numpy scalars
-        return _jsonable(x.item())
-    return x
-
-
-def atomic_write_json(path: Union[str, os.PathLike], obj: Any) -> None:
-    """Write JSON to ``path`` atomically (tmp file in the same folder, fsync, ``os.replace``)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-
-
-def _versions() -> Dict[str, str]:
-    import timm
-
-    from .. import __version__
-
-    return {"tokentm_fast": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version()}
-
-
-def _fingerprint(config: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _config_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> List[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += _config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
-    return out
+DEFAULT_MAX_FORWARD_BATCH = 256
 
 
 def _check_list(name: str, values: Union[str, Sequence[str]], allowed: Sequence[str]) -> List[str]:
@@ -288,18 +88,22 @@ def _check_list(name: str, values: Union[str, Sequence[str]], allowed: Sequence[
     return values
 
 
-def _summarize_sanity(values: Dict[str, Any]) -> Dict[str, Any]:
-    stages = values.get("stages") or []
-    out = dict(values)
-    if stages:
-        out["spearman_top_block"] = stages[0]["spearman"]
-        out["spearman_full_random"] = stages[-1]["spearman"]
-    return out
+def _class_mapping_warning(source: Any, net: nn.Module) -> Optional[str]:
+    """A warning if a labelled folder has fewer classes than the model (an error if it has more)."""
+    classes = getattr(source, "classes", None)
+    k = getattr(net, "num_classes", None)
+    if not classes or not isinstance(k, int) or k <= 0 or len(classes) == k:
+        return None
+    shown = ", ".join(f"{c}={i}" for i, c in enumerate(classes[:5])) + (", ..." if len(classes) > 5 else "")
+    if len(classes) > k:
+        raise EvaluationError(
+            f"the data has {len(classes)} class folders but the model has {k} classes: labels {k}..{len(classes) - 1} "
+            f"cannot be right; the labels are the positions of the sorted folder names ({shown})"
+        )
+    return (f"the data has {len(classes)} class folders but the model has {k} classes: label i is the i-th folder "
+            f"name in sorted order ({shown}); the 'target' metrics are right only if these are the model's class "
+            "indices (the mapping is in the results under data.class_to_idx)")
 
-
-# ----------------------------------------------------------------------------
-# the runner
-# ----------------------------------------------------------------------------
 
 def evaluate(
     model: Union[str, nn.Module] = "synthetic",
@@ -315,10 +119,12 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 32,
     device: Union[str, torch.device] = "cpu",
+    dtype: Union[str, torch.dtype] = "float32",
     limit: Optional[int] = None,
     output: Optional[Union[str, os.PathLike]] = "results.json",
     backend: str = "auto",
-    num_workers: int = 0,
+    num_workers: Optional[int] = None,
+    max_forward_batch: Optional[int] = DEFAULT_MAX_FORWARD_BATCH,
     progress: bool = True,
     restart: bool = False,
     save_every: int = 1,
@@ -327,7 +133,6 @@ def evaluate(
     sanity_images: Optional[int] = 32,
     sanity_seed: int = 0,
     command: Optional[Sequence[str]] = None,
-    stop_after_batches: Optional[int] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> Dict[str, Any]:
     """Evaluate ``methods`` x ``metrics`` on a data set; returns (and writes) the results.
@@ -339,30 +144,37 @@ def evaluate(
             object from :mod:`tokentm_fast.evaluation.data`.
         methods: names from ``tokentm_fast.METHODS`` (list or comma-separated string).
         metrics: ``"segmentation"`` (needs masks), ``"perturbation"`` (AUCs, AOPC,
-            LOdds, curves), ``"sanity"`` (model randomization, on the first
-            ``sanity_images`` images; ``None`` = all).
-        batch_size, device, backend, num_workers: batching, where to run, explanation
-            backend, ``DataLoader`` workers.
+            LOdds, curves), ``"sanity"`` (model randomization, on the good images
+            among the first ``sanity_images`` samples; ``None`` = all).
+        batch_size, device, backend: batching, where to run (under ``torchrun``
+            ``"cuda"`` means each rank's ``cuda:LOCAL_RANK``), explanation backend.
+        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``: the model is
+            cast to it (explanations and perturbation forward passes run in it).
+        num_workers: ``DataLoader`` workers (decoding and preprocessing); default:
+            the CPU cores available to the process divided among the local ranks.
+        max_forward_batch: most images per forward pass of the perturbation test
+            (the clean batch and its 18 perturbed copies are packed into passes of
+            this size); ``None``: one pass per perturbation.
         limit: evaluate only the first ``limit`` samples.
         output: results JSON path (``None``: nothing written, no resume).
-        restart: discard a partial state left by an interrupted run of another configuration.
+        restart: discard a partial state left by an interrupted run of another
+            configuration (or another number of processes).
         save_every: save the partial state every this many batches.
         method_options: per-method options, e.g. ``{"tokentm": {"start_layer": 1}}``.
         target: explain the ``"predicted"`` class (default) or the ``"label"``.
-        stop_after_batches: testing aid -- end the process abruptly (``os._exit``)
-            after this many batches of this run, as a kill would.
-        log: where messages go (default: stderr).
+        log: where messages go (default: stderr; ranks other than 0 prefix ``[rank r]``).
 
     Returns:
-        The results dict (also written to ``output``): ``records`` (one per
-        method x metric with its ``values``), ``model``, ``data``, ``command``,
-        ``versions``, ``counts``, ``skipped``, ``unavailable``, ``run``.
+        The results dict (also written to ``output`` by rank 0): ``records`` (one
+        per method x metric with its ``values``), ``model``, ``data``, ``command``,
+        ``versions``, ``counts``, ``skipped``, ``unavailable``, ``warnings``,
+        ``world_size``, ``ranks`` (samples and images per rank), ``run``.
+
+    Raises:
+        EvaluationError: a problem with the arguments, the data or the resume state.
+        EvaluationInterrupted: Ctrl-C; the state was saved and the same call resumes it.
     """
     t_start = time.time()
-    if log is None:
-        def log(msg: str) -> None:
-            print(msg, file=sys.stderr, flush=True)
-
     methods = _check_list("method(s)", methods, METHODS)
     metrics = _check_list("metric(s)", metrics, METRICS)
     if target not in ("predicted", "label"):
@@ -373,13 +185,46 @@ def evaluate(
         raise EvaluationError(f"limit must be >= 1, got {limit}")
     if int(save_every) < 1:
         raise EvaluationError(f"save_every must be >= 1, got {save_every}")
-    dev = resolve_device(device)
+    if max_forward_batch is not None and int(max_forward_batch) < 1:
+        raise EvaluationError(f"max_forward_batch must be >= 1 (or None), got {max_forward_batch}")
+    if num_workers is not None and int(num_workers) < 0:
+        raise EvaluationError(f"num_workers must be >= 0, got {num_workers}")
+    torch_dtype = resolve_dtype(dtype)
+    requested = resolve_device(device)
     method_options = {k: dict(v) for k, v in (method_options or {}).items()}
     for k in method_options:
         check_method(k)
 
+    ctx = distributed.setup(requested)
+    try:
+        return _evaluate(ctx, t_start, requested, torch_dtype, model, data, methods, metrics, checkpoint=checkpoint,
+                         num_classes=num_classes, model_kwargs=model_kwargs, split=split, size=size, seed=seed,
+                         batch_size=int(batch_size), limit=limit, output=output, backend=backend,
+                         num_workers=num_workers, max_forward_batch=max_forward_batch, progress=progress,
+                         restart=restart, save_every=int(save_every), method_options=method_options,
+                         target=target, sanity_images=sanity_images, sanity_seed=sanity_seed, command=command,
+                         log=log)
+    finally:
+        ctx.close()
+
+
+def _evaluate(ctx: distributed.DistContext, t_start: float, requested: torch.device, dtype: torch.dtype,
+              model: Any, data: Any, methods: List[str], metrics: List[str], *, checkpoint, num_classes,
+              model_kwargs, split, size, seed, batch_size: int, limit, output, backend, num_workers,
+              max_forward_batch, progress, restart, save_every: int, method_options, target, sanity_images,
+              sanity_seed, command, log) -> Dict[str, Any]:
+    if log is None:
+        prefix = f"[rank {ctx.rank}] " if ctx.distributed else ""
+
+        def log(msg: str) -> None:
+            print(prefix + msg, file=sys.stderr, flush=True)
+
+    info: Callable[[str], None] = log if ctx.is_main else (lambda msg: None)  # said once, by rank 0
+    dev = ctx.device
+
+    # ---------------- model, data, metrics ----------------
     net, model_info = load_model(model, checkpoint=checkpoint, num_classes=num_classes, model_kwargs=model_kwargs)
-    net = net.to(dev).eval()
+    net = net.to(device=dev, dtype=dtype).eval()
     explainers = {m: Explainer(net, method=m, backend=backend, **method_options.get(m, {})) for m in methods}
     data_config = model_data_config(net)
     preprocess = Preprocess(data_config)
@@ -390,15 +235,20 @@ def evaluate(
     n_total = len(source)
     n_eval = min(n_total, int(limit)) if limit is not None else n_total
 
+    warnings: List[str] = []
     unavailable: Dict[str, str] = {}
     if "segmentation" in metrics and not source.has_masks:
         unavailable["segmentation"] = f"the {source.kind} data source has no masks"
-        log(f"segmentation metric unavailable: the {source.kind} data source has no masks; skipping it")
+        info(f"segmentation metric unavailable: the {source.kind} data source has no masks; skipping it")
         metrics = [m for m in metrics if m != "segmentation"]
     if target == "label" and not source.has_labels:
         raise EvaluationError(f"target='label' needs labels, and the {source.kind} data source has none")
     if not metrics:
         raise EvaluationError("no metric left to compute: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
+    warning = _class_mapping_warning(source, net)
+    if warning:
+        warnings.append(warning)
+        info(f"warning: {warning}")
 
     from ..metrics import PerturbationMetric, SanityMetric, SegmentationMetric
 
@@ -406,7 +256,7 @@ def evaluate(
         if metric == "segmentation":
             return SegmentationMetric()
         if metric == "perturbation":
-            return PerturbationMetric(net, preprocess.normalize)
+            return PerturbationMetric(net, preprocess.normalize, max_forward_batch=max_forward_batch)
         opts = method_options.get(method, {})
 
         def explain_fn(m: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -416,237 +266,105 @@ def evaluate(
 
     accs = {m: {k: make_metric(m, k) for k in metrics} for m in methods}
 
-    config = {
+    config = jsonable({
         "version": STATE_VERSION,
-        "model": {k: v for k, v in model_info.items()},
+        "model": dict(model_info),
         "data": source.describe(),
-        "data_config": {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in data_config},
+        "data_config": {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct",
+                                                    "crop_mode") if k in data_config},
         "methods": list(methods),
         "method_options": {m: explainers[m].options for m in methods},
         "metrics": list(metrics),
         "backend": backend,
-        "batch_size": int(batch_size),
-        "device": str(dev),
+        "batch_size": batch_size,
+        "device": str(requested),
+        "dtype": str(dtype).replace("torch.", ""),
         "target": target,
         "sanity": {"images": sanity_images, "seed": sanity_seed} if "sanity" in metrics else None,
-    }
-    config = _jsonable(config)
-    fingerprint = _fingerprint(config)
+    })
+    fingerprint = config_fingerprint(config)
 
-    # ---------------- resume ----------------
-    done, images_done, sanity_done, batches_done = 0, 0, 0, 0
-    skipped: List[Dict[str, str]] = []
-    elapsed_before = 0.0
-    ppath = partial_path(output) if output is not None else None
-    resumed_from = 0
-    if ppath is not None and ppath.exists():
+    # ---------------- resume state ----------------
+    schedule = Schedule(n_eval, batch_size, ctx.rank, ctx.world_size)
+    ppath = partial_path(output, ctx.rank, ctx.world_size) if output is not None else None
+    state: Optional[RankState] = None
+    error: Optional[str] = None
+    if output is not None:
         if restart:
-            ppath.unlink()
-            log(f"--restart: discarded the partial state {ppath}")
+            removed = discard_partials(output)
+            if removed:
+                log(f"--restart: discarded the partial state {', '.join(map(str, removed))}")
+            ctx.barrier()  # nobody writes a new state before every old one is gone
         else:
-            try:
-                state = json.loads(ppath.read_text(encoding="utf-8"))
-                ok = isinstance(state, dict) and "fingerprint" in state
-            except Exception as e:
-                raise EvaluationError(
-                    f"cannot read the partial state {ppath} ({e}); remove it or use --restart"
-                ) from None
-            if not ok:
-                raise EvaluationError(f"{ppath} is not a partial state of this runner; remove it or use --restart")
-            if state["fingerprint"] != fingerprint:
-                diff = _config_diff(state.get("config", {}), config)
-                raise EvaluationError(
-                    f"refusing to resume from {ppath}: it was written by a different configuration"
-                    + (f" ({'; '.join(diff[:6])})" if diff else "")
-                    + ". Use --restart (restart=True) to discard it and start over, or run the original configuration"
-                )
-            if int(state["done"]) > n_eval:
-                raise EvaluationError(
-                    f"refusing to resume from {ppath}: it has already evaluated {state['done']} samples, "
-                    f"more than the {n_eval} asked for now (--limit); use --restart to start over"
-                )
-            done = int(state["done"])
-            images_done = int(state["images"])
-            sanity_done = int(state.get("sanity_images_done", 0))
-            batches_done = int(state.get("batches", 0))
-            skipped = list(state.get("skipped", []))
-            elapsed_before = float(state.get("elapsed_s", 0.0))
+            error = check_world_size(output, ctx.world_size)
+            if error is None:
+                state, error = load_state(ppath, fingerprint, config, ctx.rank, ctx.world_size)
+            if state is not None and (state.batches > len(schedule.batches())
+                                      or schedule.samples(state.batches) != state.done):
+                error = (f"refusing to resume from {ppath}: it has already evaluated {state.done} samples, "
+                         f"more than (or not the batches of) the {n_eval} asked for now (--limit); "
+                         "use --restart to start over")
+    ctx.agree(error)
+    resumed = state is not None
+    if state is None:
+        state = RankState()
+        state.states = {m: {k: accs[m][k].state_dict() for k in metrics} for m in methods}
+    else:
+        try:
             for m in methods:
                 for k in metrics:
-                    accs[m][k].load_state_dict(state["states"][m][k])
-            resumed_from = done
-            log(f"resuming from {ppath}: {done} of {n_eval} samples already done ({images_done} images evaluated)")
+                    accs[m][k].load_state_dict(state.states[m][k])
+            error = None
+        except (KeyError, TypeError, ValueError) as e:
+            error = f"the partial state {ppath} does not fit this run ({type(e).__name__}: {e}); use --restart"
+        ctx.agree(error)
+    done_before = ctx.all_sum([state.done, state.images])
+    if ctx.all_max(int(resumed)):
+        where = ppath if not ctx.distributed else f"{output}.partial.rank*-of-{ctx.world_size}"
+        info(f"resuming from {where}: {done_before[0]} of {n_eval} samples already done "
+             f"({done_before[1]} images evaluated)")
 
-    def save_partial() -> None:
-        if ppath is None:
-            return
-        atomic_write_json(ppath, _jsonable({
-            "fingerprint": fingerprint,
-            "config": config,
-            "done": done,
-            "images": images_done,
-            "sanity_images_done": sanity_done,
-            "batches": batches_done,
-            "skipped": skipped,
-            "elapsed_s": elapsed_before + (time.time() - t_start),
-            "states": {m: {k: accs[m][k].state_dict() for k in metrics} for m in methods},
-        }))
+    def save() -> None:
+        if ppath is not None:
+            save_state(ppath, fingerprint, config, ctx.rank, ctx.world_size, state)
 
     # ---------------- the loop ----------------
-    dataset = EvalDataset(source, preprocess)
-    remaining = Subset(dataset, range(done, n_eval))
-    loader = DataLoader(remaining, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers),
-                        collate_fn=collate, drop_last=False)
-    images_this_run = 0
-    batches_this_run = 0
-    t_loop = time.time()
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
+    elapsed_before = state.elapsed_s
+    workers = distributed.default_workers(ctx.local_world_size) if num_workers is None else int(num_workers)
+    stats = run_loop(
+        ctx=ctx, schedule=schedule, state=state, dataset=EvalDataset(source, preprocess), methods=methods,
+        metrics=metrics, explainers=explainers, accs=accs, target=target,
+        sanity_limit=None if sanity_images is None else int(sanity_images), num_workers=workers,
+        save_every=save_every, save=save, partial_paths=[ppath] if ppath is not None else [], log=log,
+        progress=progress,
+    )
 
-        pbar = tqdm(total=n_eval, initial=done, unit="img", desc="evaluate", dynamic_ncols=True,
-                    file=sys.stderr, smoothing=0.1)
-    try:
-        if done < n_eval:
-            for batch in loader:
-                for sid, err in batch["failures"]:
-                    log(f"skipped {sid}: {err}")
-                    skipped.append({"id": sid, "error": err})
-                if batch["images"] is not None:
-                    x = batch["images"].to(dev)
-                    x01 = batch["images01"].to(dev)
-                    masks = batch["masks"].to(dev) if batch["masks"] is not None else None
-                    labels = batch["labels"].to(dev) if batch["labels"] is not None else None
-                    if target == "label" and labels is None:
-                        raise EvaluationError("target='label' but a batch has samples without a label")
-                    b = x.shape[0]
-                    n_sanity = 0
-                    if "sanity" in metrics:
-                        n_sanity = b if sanity_images is None else max(0, min(b, int(sanity_images) - sanity_done))
-                    for m in methods:
-                        maps = explainers[m](x, labels if target == "label" else None)
-                        for k in metrics:
-                            acc = accs[m][k]
-                            if k == "segmentation":
-                                acc.update(maps, masks)
-                            elif k == "perturbation":
-                                acc.update(x01, maps, labels)
-                            elif n_sanity:
-                                acc.update(x[:n_sanity])
-                    sanity_done += n_sanity
-                    images_done += b
-                    images_this_run += b
-                done += batch["n"]
-                batches_done += 1
-                batches_this_run += 1
-                if batches_this_run % int(save_every) == 0 or done >= n_eval:
-                    save_partial()
-                if pbar is not None:
-                    pbar.update(batch["n"])
-                    if skipped:
-                        pbar.set_postfix(skipped=len(skipped))
-                if stop_after_batches is not None and batches_this_run >= int(stop_after_batches) and done < n_eval:
-                    if pbar is not None:
-                        pbar.close()
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(75)  # testing aid: an abrupt end, as a kill
-    finally:
-        if pbar is not None:
-            pbar.close()
-    loop_s = time.time() - t_loop
-
-    # ---------------- results ----------------
-    records = []
-    for m in methods:
-        for k in metrics:
-            values = accs[m][k].compute()
-            if k == "sanity":
-                values = _summarize_sanity(values)
-            records.append({"method": m, "metric": k, "values": values})
-    data_info = dict(source.describe())
-    results = {
-        "records": records,
-        "model": model_info,
-        "data": data_info,
-        "data_config": config["data_config"],
-        "methods": list(methods),
-        "metrics": list(metrics),
-        "unavailable": unavailable,
-        "method_options": config["method_options"],
-        "backend": backend,
-        "device": str(dev),
-        "batch_size": int(batch_size),
-        "target": target,
-        "command": list(command) if command is not None else list(sys.argv),
-        "versions": _versions(),
-        "counts": {
-            "samples_in_data": n_total,
-            "samples": n_eval,
-            "images_evaluated": images_done,
-            "skipped": len(skipped),
-            "sanity_images": sanity_done if "sanity" in metrics else 0,
-        },
-        "skipped": skipped,
-        "fingerprint": fingerprint,
-        "run": {
-            "resumed_from": resumed_from,
-            "images_this_run": images_this_run,
-            "batches_this_run": batches_this_run,
-            "elapsed_s": time.time() - t_start,
-            "total_elapsed_s": elapsed_before + (time.time() - t_start),
-            "images_per_s": images_this_run / loop_s if loop_s > 0 else None,
-        },
+    # ---------------- merge and report ----------------
+    mine = {"states": state.states, "samples": state.done, "images": state.images,
+            "sanity_images": state.sanity_images, "skipped": state.skipped, "device": str(dev),
+            "elapsed_before_s": elapsed_before, "batches_this_run": stats.batches}
+    ranks = ctx.all_gather(mine)
+    merged = merge_rank_states(make_metric, methods, metrics, [r["states"] for r in ranks])
+    elapsed = time.time() - t_start
+    run = {
+        "resumed_from": done_before[0],
+        "images_this_run": stats.images,
+        "batches_this_run": sum(r["batches_this_run"] for r in ranks),
+        "elapsed_s": elapsed,
+        "total_elapsed_s": elapsed + max(r["elapsed_before_s"] for r in ranks),
+        "images_per_s": stats.images / stats.seconds if stats.seconds > 0 else None,
+        "workers_per_rank": workers,
     }
-    results = _jsonable(results)
+    results = build_results(
+        accs=merged, methods=methods, metrics=metrics, config=config, fingerprint=fingerprint,
+        model_info=model_info, data_info=source.describe(), unavailable=unavailable, warnings=warnings,
+        ranks=ranks, n_total=n_total, command=command, run=run,
+        extra={"max_forward_batch": max_forward_batch},
+    )
     if output is not None:
-        atomic_write_json(output, results)
+        if ctx.is_main:
+            atomic_write_json(output, results)
+        ctx.barrier()  # the results are on disk before any state is removed
         if ppath is not None and ppath.exists():
             ppath.unlink()
     return results
-
-
-# ----------------------------------------------------------------------------
-# table
-# ----------------------------------------------------------------------------
-
-_COLUMNS = (
-    ("segmentation", "pixel_accuracy", "Pixel acc ↑"),
-    ("segmentation", "miou", "mIoU ↑"),
-    ("segmentation", "map", "mAP ↑"),
-    ("perturbation", "pos_auc_predicted", "Pos. AUC ↓"),
-    ("perturbation", "neg_auc_predicted", "Neg. AUC ↑"),
-    ("perturbation", "pos_auc_target", "Pos. AUC tgt ↓"),
-    ("perturbation", "neg_auc_target", "Neg. AUC tgt ↑"),
-    ("perturbation", "aopc", "AOPC ↑"),
-    ("perturbation", "lodds", "LOdds ↓"),
-    ("sanity", "spearman_full_random", "Rand. ρ ↓"),
-)
-
-
-def format_table(results: Mapping[str, Any], digits: int = 4) -> str:
-    """A markdown table (methods x metric values) of a results dict."""
-    records = results["records"]
-    methods: List[str] = []
-    values: Dict[Tuple[str, str], Dict[str, Any]] = {}
-    for r in records:
-        if r["method"] not in methods:
-            methods.append(r["method"])
-        values[(r["method"], r["metric"])] = r["values"]
-    cols = [(metric, key, title) for metric, key, title in _COLUMNS
-            if any(key in values.get((m, metric), {}) for m in methods)]
-
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "n/a"
-        if isinstance(v, float):
-            return f"{v:.{digits}f}"
-        return str(v)
-
-    header = "| Method | " + " | ".join(t for _, _, t in cols) + " |"
-    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
-    rows = [header, sep]
-    for m in methods:
-        cells = [fmt(values.get((m, metric), {}).get(key)) for metric, key, _ in cols]
-        rows.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)

@@ -17,7 +17,9 @@ classified.
   (for custom fractions, the trapezoid over ``x = [0, *fractions]``).
 * AOPC = mean over images of mean_f (p₀ − p_f), LOdds = mean over images of
   mean_f log(p_f / p₀), probabilities clamped to ≥ 1e-12; p is the softmax
-  probability of the clean predicted class, p_f after the positive test.
+  probability of the clean predicted class, p_f after the positive test. The
+  per-image sums over f are accumulated exactly, and the mean is the correctly
+  rounded quotient (so any split of the images gives the same number).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .exact import ExactSum
 from .segmentation import upsample_maps
 
 __all__ = ["PerturbationMetric", "DEFAULT_FRACTIONS", "num_removed", "relevance_ranks", "auc"]
@@ -68,12 +71,20 @@ class PerturbationMetric:
         classifier: normalized images ``(B, C, H, W)`` -> logits ``(B, K)``.
         normalize: ``[0, 1]`` images -> the classifier's input normalization.
         fractions: removed fractions ``f`` (default 0.1 … 0.9).
+        max_forward_batch: most images per forward pass. The clean batch and
+            its ``2·len(fractions)`` perturbed copies are packed into as few
+            passes of at most this many images as possible; ``None`` (default)
+            gives one pass per perturbation of the ``B`` images.
+        dtype: dtype of the classifier's input (default: the dtype of the
+            classifier's first floating parameter if it is a module, else the
+            images' dtype). Masking and normalization run in float32 first.
 
     ``update(images01 (B, C, H, W), maps (B, gh, gw), labels (B,) or None)``;
     ``compute()`` returns AUCs, ``aopc``, ``lodds`` and the accuracy ``curves``
-    (``[acc(0), acc(f₁), …]``). Forward passes run under ``torch.no_grad`` with
-    one batch of ``B`` images at a time (clean, then per fraction positive and
-    negative), so memory is bounded by the caller's batch size.
+    (``[acc(0), acc(f₁), …]``). Forward passes run under ``torch.no_grad``.
+    The accumulated state is integers and exact sums
+    (:class:`~tokentm_fast.metrics.exact.ExactSum`), so ``merge_state_dict``
+    of the states of disjoint shards gives exactly the single-pass numbers.
     """
 
     def __init__(
@@ -81,10 +92,18 @@ class PerturbationMetric:
         classifier: Callable[[torch.Tensor], torch.Tensor],
         normalize: Callable[[torch.Tensor], torch.Tensor],
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
+        max_forward_batch: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
+        if max_forward_batch is not None and int(max_forward_batch) < 1:
+            raise ValueError(f"max_forward_batch must be >= 1 or None, got {max_forward_batch}")
         self.classifier = classifier
         self.normalize = normalize
         self.fractions = tuple(float(f) for f in fractions)
+        self.max_forward_batch = None if max_forward_batch is None else int(max_forward_batch)
+        if dtype is None and isinstance(classifier, torch.nn.Module):
+            dtype = next((p.dtype for p in classifier.parameters() if p.is_floating_point()), None)
+        self.dtype = dtype
         self.reset()
 
     def reset(self) -> None:
@@ -93,12 +112,43 @@ class PerturbationMetric:
         self.n = 0
         self.n_target = 0
         self.correct = {k: [0] * m for k in ("positive_predicted", "negative_predicted", "positive_target", "negative_target")}
-        self.aopc_sum = 0.0
-        self.lodds_sum = 0.0
+        self.aopc_sum = ExactSum()  # Σ over images of Σ_f (p0 − p_f)
+        self.lodds_sum = ExactSum()  # Σ over images of Σ_f log(p_f / p0)
 
     def _classify(self, images01: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(self.normalize(images01))
+        x = self.normalize(images01)
+        if self.dtype is not None and x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        logits = self.classifier(x)
         return logits if logits.is_floating_point() and logits.element_size() >= 4 else logits.float()
+
+    def _all_logits(self, images01: torch.Tensor, ranks: torch.Tensor, kept: List[Optional[tuple]]) -> List[torch.Tensor]:
+        """Logits ``(B, K)`` of every variant of the batch, in the order of ``kept``.
+
+        ``kept[v]`` is ``None`` (the clean images) or ``(lo, hi)``: the pixels whose
+        rank ``r`` has ``lo <= r < hi`` are kept, the others zeroed. The
+        ``len(kept) · B`` rows go through the classifier in passes of at most
+        ``max_forward_batch`` rows (variant-major, then image); the masked copies
+        are built per pass, so memory is bounded by the budget.
+        """
+        b = images01.shape[0]
+        budget = self.max_forward_batch or b
+        rows = len(kept) * b
+        out: List[torch.Tensor] = []
+        for start in range(0, rows, budget):
+            stop = min(start + budget, rows)
+            parts = []
+            for v in range(start // b, (stop - 1) // b + 1):
+                i0, i1 = max(start - v * b, 0), min(stop - v * b, b)
+                x = images01[i0:i1]
+                if kept[v] is not None:
+                    lo, hi = kept[v]
+                    r = ranks[i0:i1]
+                    x = x * ((r >= lo) & (r < hi)).to(x.dtype)
+                parts.append(x)
+            out.append(self._classify(parts[0] if len(parts) == 1 else torch.cat(parts)))
+        logits = out[0] if len(out) == 1 else torch.cat(out)
+        return list(logits.split(b))
 
     @torch.no_grad()
     def update(self, images01: torch.Tensor, maps: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
@@ -110,7 +160,17 @@ class PerturbationMetric:
         rel = upsample_maps(maps.to(images01.device), (h, w)).reshape(b, n_pix)
         ranks = relevance_ranks(rel).reshape(b, 1, h, w)
 
-        logits0 = self._classify(images01)
+        kept: List[Optional[tuple]] = [None]
+        variants = []
+        for i, f in enumerate(self.fractions, start=1):
+            k = num_removed(f, n_pix)
+            # positive: the k most relevant pixels (ranks < k) removed; negative: the k least relevant
+            for test, keep in (("positive", (k, n_pix)), ("negative", (0, n_pix - k))):
+                kept.append(keep)
+                variants.append((i, test))
+        logits_all = self._all_logits(images01, ranks, kept)
+
+        logits0 = logits_all[0]
         pred = logits0.argmax(dim=1)
         p0 = torch.softmax(logits0.double(), dim=1).gather(1, pred[:, None])[:, 0]
         has_target = labels is not None
@@ -124,21 +184,17 @@ class PerturbationMetric:
 
         aopc = torch.zeros(b, dtype=torch.float64, device=pred.device)
         lodds = torch.zeros_like(aopc)
-        for i, f in enumerate(self.fractions, start=1):
-            k = num_removed(f, n_pix)
-            for test, removed in (("positive", ranks < k), ("negative", ranks >= n_pix - k)):
-                logits = self._classify(images01 * (~removed).to(images01.dtype))
-                pred_f = logits.argmax(dim=1)
-                self.correct[f"{test}_predicted"][i] += int((pred_f == pred).sum())
-                if has_target:
-                    self.correct[f"{test}_target"][i] += int((pred_f == labels).sum())
-                if test == "positive":
-                    pf = torch.softmax(logits.double(), dim=1).gather(1, pred[:, None])[:, 0]
-                    aopc += p0 - pf
-                    lodds += torch.log(pf.clamp_min(_EPS) / p0.clamp_min(_EPS))
-        m = max(len(self.fractions), 1)
-        self.aopc_sum += float(aopc.sum()) / m
-        self.lodds_sum += float(lodds.sum()) / m
+        for (i, test), logits in zip(variants, logits_all[1:]):
+            pred_f = logits.argmax(dim=1)
+            self.correct[f"{test}_predicted"][i] += int((pred_f == pred).sum())
+            if has_target:
+                self.correct[f"{test}_target"][i] += int((pred_f == labels).sum())
+            if test == "positive":
+                pf = torch.softmax(logits.double(), dim=1).gather(1, pred[:, None])[:, 0]
+                aopc += p0 - pf
+                lodds += torch.log(pf.clamp_min(_EPS) / p0.clamp_min(_EPS))
+        self.aopc_sum.add(aopc)
+        self.lodds_sum.add(lodds)
         self.n += b
         if has_target:
             self.n_target += b
@@ -156,8 +212,9 @@ class PerturbationMetric:
                 acc = [c / n if n else nan for c in self.correct[key]]
                 curves[key] = acc
                 out[f"{test[:3]}_auc_{v}"] = auc(acc, self.fractions)
-        out["aopc"] = self.aopc_sum / self.n if self.n else nan
-        out["lodds"] = self.lodds_sum / self.n if self.n else nan
+        m = max(len(self.fractions), 1)
+        out["aopc"] = self.aopc_sum.mean(self.n * m) if self.n else nan
+        out["lodds"] = self.lodds_sum.mean(self.n * m) if self.n else nan
         out["curves"] = curves
         return out
 
@@ -168,8 +225,8 @@ class PerturbationMetric:
             "n": self.n,
             "n_target": self.n_target,
             "correct": {k: list(v) for k, v in self.correct.items()},
-            "aopc_sum": self.aopc_sum,
-            "lodds_sum": self.lodds_sum,
+            "aopc_sum": self.aopc_sum.to_state(),
+            "lodds_sum": self.lodds_sum.to_state(),
         }
 
     def load_state_dict(self, d: Dict[str, object]) -> None:
@@ -179,5 +236,16 @@ class PerturbationMetric:
         self.n = int(d["n"])
         self.n_target = int(d["n_target"])
         self.correct = {k: [int(c) for c in v] for k, v in d["correct"].items()}
-        self.aopc_sum = float(d["aopc_sum"])
-        self.lodds_sum = float(d["lodds_sum"])
+        self.aopc_sum = ExactSum.from_state(d["aopc_sum"])
+        self.lodds_sum = ExactSum.from_state(d["lodds_sum"])
+
+    def merge_state_dict(self, d: Dict[str, object]) -> None:
+        """Add the state of another shard (same fractions): counts and exact sums add up."""
+        if tuple(float(f) for f in d["fractions"]) != self.fractions:
+            raise ValueError(f"state fractions {d['fractions']} != metric fractions {list(self.fractions)}")
+        self.n += int(d["n"])
+        self.n_target += int(d["n_target"])
+        for k, v in d["correct"].items():
+            self.correct[k] = [a + int(c) for a, c in zip(self.correct[k], v)]
+        self.aopc_sum.merge(ExactSum.from_state(d["aopc_sum"]))
+        self.lodds_sum.merge(ExactSum.from_state(d["lodds_sum"]))

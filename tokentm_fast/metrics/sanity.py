@@ -22,6 +22,8 @@ from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .exact import ExactSum
+
 __all__ = ["spearman", "rankdata", "model_randomization_check", "SanityMetric"]
 
 ExplainFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -181,7 +183,7 @@ class SanityMetric:
     def reset(self) -> None:
         """Forget everything accumulated."""
         self.stages: List[Dict[str, object]] = []
-        self.sums: List[float] = []
+        self.sums: List[ExactSum] = []  # per stage: Σ of the per-image correlations, exact
         self.counts: List[int] = []
 
     def update(self, images: torch.Tensor) -> None:
@@ -189,30 +191,46 @@ class SanityMetric:
         results = _per_image_correlations(self.model, images, self.explain_fn, self.blocks_attr, self.head_attrs, self.seed)
         if not self.stages:
             self.stages = [dict(info) for info, _ in results]
-            self.sums = [0.0] * len(results)
+            self.sums = [ExactSum() for _ in results]
             self.counts = [0] * len(results)
         for i, (_, r) in enumerate(results):
             ok = ~torch.isnan(r)
-            self.sums[i] += float(r[ok].sum())
+            self.sums[i].add(r[ok])
             self.counts[i] += int(ok.sum())
 
     def compute(self) -> Dict[str, object]:
         """Mean correlation per stage."""
         return {
             "stages": [
-                {**info, "spearman": s / c if c else float("nan")}
+                {**info, "spearman": s.mean(c) if c else float("nan")}
                 for info, s, c in zip(self.stages, self.sums, self.counts)
             ]
         }
 
     def state_dict(self) -> Dict[str, object]:
         """Plain-python (JSON-serialisable) accumulator state."""
-        return {"seed": self.seed, "stages": [dict(s) for s in self.stages], "sums": list(self.sums), "counts": list(self.counts)}
+        return {"seed": self.seed, "stages": [dict(s) for s in self.stages], "sums": [s.to_state() for s in self.sums],
+                "counts": list(self.counts)}
 
     def load_state_dict(self, d: Dict[str, object]) -> None:
         """Restore a state from :meth:`state_dict` (the seed must match)."""
         if int(d["seed"]) != self.seed:
             raise ValueError(f"state seed {d['seed']} != metric seed {self.seed}")
         self.stages = [dict(s) for s in d["stages"]]
-        self.sums = [float(v) for v in d["sums"]]
+        self.sums = [ExactSum.from_state(v) for v in d["sums"]]
         self.counts = [int(v) for v in d["counts"]]
+
+    def merge_state_dict(self, d: Dict[str, object]) -> None:
+        """Add the state of another shard (same seed): per-stage counts and exact sums add up."""
+        if int(d["seed"]) != self.seed:
+            raise ValueError(f"state seed {d['seed']} != metric seed {self.seed}")
+        if not d["stages"]:
+            return
+        if not self.stages:
+            self.load_state_dict(d)
+            return
+        if [dict(s) for s in d["stages"]] != self.stages:
+            raise ValueError("cannot merge sanity states of different randomization stages")
+        for s, v in zip(self.sums, d["sums"]):
+            s.merge(ExactSum.from_state(v))
+        self.counts = [a + int(c) for a, c in zip(self.counts, d["counts"])]

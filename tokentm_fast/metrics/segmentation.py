@@ -16,7 +16,9 @@ zeros). Foreground is predicted where ``e > mean(e)``.
   image**, whose AP is then the AP of the other class alone.
 
 Everything is batched torch on the tensors' device; the accumulator keeps only
-scalars, so a data set of any size streams through in constant memory.
+integers and an exact sum of the per-image APs, so a data set of any size
+streams through in constant memory, and the states of disjoint shards merge
+(``merge_state_dict``) into exactly the numbers of one pass.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .exact import ExactSum
 
 __all__ = ["SegmentationMetric", "upsample_maps", "minmax_normalize", "average_precision"]
 
@@ -98,7 +102,7 @@ class SegmentationMetric:
         self.labeled = 0
         self.intersection = [0, 0]  # background, foreground
         self.union = [0, 0]
-        self.ap_sum = 0.0
+        self.ap_sum = ExactSum()  # per-image APs, summed exactly (mergeable)
         self.ap_count = 0
 
     @torch.no_grad()
@@ -126,7 +130,7 @@ class SegmentationMetric:
         valid = ~torch.isnan(ap)
         per_image = torch.where(valid, ap, torch.zeros_like(ap)).sum(1) / valid.sum(1).clamp_min(1)
         has_any = valid.any(dim=1)
-        self.ap_sum += float(per_image[has_any].sum())
+        self.ap_sum.add(per_image[has_any])
         self.ap_count += int(has_any.sum())
 
     def compute(self) -> Dict[str, float]:
@@ -138,7 +142,7 @@ class SegmentationMetric:
             "iou_background": iou[0],
             "iou_foreground": iou[1],
             "miou": (iou[0] + iou[1]) / 2,
-            "map": self.ap_sum / self.ap_count if self.ap_count else nan,
+            "map": self.ap_sum.mean(self.ap_count) if self.ap_count else nan,
         }
 
     def state_dict(self) -> Dict[str, object]:
@@ -148,7 +152,7 @@ class SegmentationMetric:
             "labeled": self.labeled,
             "intersection": list(self.intersection),
             "union": list(self.union),
-            "ap_sum": self.ap_sum,
+            "ap_sum": self.ap_sum.to_state(),
             "ap_count": self.ap_count,
         }
 
@@ -158,5 +162,14 @@ class SegmentationMetric:
         self.labeled = int(d["labeled"])
         self.intersection = [int(v) for v in d["intersection"]]
         self.union = [int(v) for v in d["union"]]
-        self.ap_sum = float(d["ap_sum"])
+        self.ap_sum = ExactSum.from_state(d["ap_sum"])
         self.ap_count = int(d["ap_count"])
+
+    def merge_state_dict(self, d: Dict[str, object]) -> None:
+        """Add the state of another shard: integer counts and exact sums add up."""
+        self.correct += int(d["correct"])
+        self.labeled += int(d["labeled"])
+        self.intersection = [a + int(v) for a, v in zip(self.intersection, d["intersection"])]
+        self.union = [a + int(v) for a, v in zip(self.union, d["union"])]
+        self.ap_sum.merge(ExactSum.from_state(d["ap_sum"]))
+        self.ap_count += int(d["ap_count"])

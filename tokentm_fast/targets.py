@@ -12,7 +12,9 @@ A target is one of
 
 TokenTM, GAE and attention Grad-CAM explain ``s = score(output)``; LeGrad's
 per-layer score is ``s_l = score(head(Xˡ))``, the model's own head applied to
-layer l's tokens and then the same function. Rollout and raw attention do not
+layer l's tokens and then the same function (so a function that picks a class
+from its input, e.g. its argmax, picks it per layer, whereas ``target=None``
+uses the final prediction for every layer). Rollout and raw attention do not
 use the target.
 
 A score function must treat the images of the batch independently (image b's

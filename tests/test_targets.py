@@ -1,0 +1,179 @@
+"""Targets: score functions (callables of the model output), class_logit, cosine_similarity."""
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import tokentm_fast as tf
+from spec_oracle import head as oracle_head
+from spec_oracle import rel_err, run_vit
+from tokentm_fast.targets import ScoreFunction, class_logit, cosine_similarity
+
+TARGET_METHODS = ("tokentm", "gae", "attn_gradcam", "legrad")   # the methods whose map depends on s
+BACKENDS = ("torch", "reference")
+
+
+def tiny_vit(seed=0, num_classes=5, depth=3):
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2,
+                              num_classes=num_classes).eval()
+    with torch.no_grad():  # sharper attention and a larger head than timm's init: every term matters
+        for n, p in model.named_parameters():
+            if "qkv.weight" in n:
+                p.mul_(2.0)
+            elif n == "head.weight":
+                p.mul_(10.0)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
+    return model, images
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return tiny_vit(seed=5)   # a seed where Grad-CAM (a clamped mean) is non-zero for the targets used
+
+
+def _nonzero(e):
+    return bool((e.flatten(1).abs().amax(1) > 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", tf.METHODS)
+def test_callable_returning_the_logit_equals_the_integer_target(vit, method, backend):
+    model, images = vit
+    c = torch.tensor([1, 4])
+    by_int = tf.explain(model, images, method, target=c, backend=backend)
+    assert torch.isfinite(by_int).all() and _nonzero(by_int)
+    for target in (lambda out: out[torch.arange(out.shape[0]), c.to(out.device)], class_logit(c)):
+        e = tf.explain(model, images, method, target=target, backend=backend)
+        torch.testing.assert_close(e, by_int, rtol=1e-6, atol=0)
+    e_int = tf.explain(model, images, method, target=4, backend=backend)
+    assert _nonzero(e_int)
+    torch.testing.assert_close(tf.explain(model, images, method, target=lambda o: o[:, 4], backend=backend), e_int,
+                               rtol=1e-6, atol=0)
+    if method != "legrad":  # (LeGrad applies a score function per layer: its argmax would be per layer)
+        # the predicted class, chosen inside the score function, equals target=None
+        pred = lambda o: o.gather(1, o.detach().argmax(1, keepdim=True))[:, 0]   # noqa: E731
+        by_none = tf.explain(model, images, method, backend=backend)
+        assert _nonzero(by_none)
+        torch.testing.assert_close(tf.explain(model, images, method, target=pred, backend=backend), by_none,
+                                   rtol=1e-6, atol=0)
+    if method in TARGET_METHODS:  # non-vacuous: the target changes the map
+        assert not torch.allclose(e_int, by_int, rtol=1e-3, atol=0)
+
+
+def test_callable_target_on_triton(vit):
+    pytest.importorskip("triton")
+    model, images = vit
+    for method in ("tokentm", "legrad"):
+        by_int = tf.explain(model, images, method, target=3, backend="triton")
+        e = tf.explain(model, images, method, target=lambda o: o[:, 3], backend="triton")
+        assert _nonzero(by_int)
+        torch.testing.assert_close(e, by_int, rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------- cosine similarity
+
+
+def test_cosine_similarity_scores():
+    out = torch.randn(3, 6, dtype=torch.float64)
+    ref = torch.randn(3, 6)
+    expected = (out * ref.double()).sum(1) / (out.norm(dim=1) * ref.double().norm(dim=1))
+    s = cosine_similarity(ref)(out)
+    assert s.dtype == torch.float64 and s.shape == (3,)
+    torch.testing.assert_close(s, expected)
+    shared = cosine_similarity(ref[1])(out)
+    torch.testing.assert_close(shared, cosine_similarity(ref[1].expand(3, 6).clone())(out))
+    assert not torch.allclose(shared, s)
+
+
+def literal_legrad(model, images, score, start_layer=-2):
+    """Spec §6 by hand (float64): per layer, s_l = score(head(Xˡ)) and one autograd.grad w.r.t. Aˡ."""
+    _, layers, _, m = run_vit(model, images)
+    e = 0
+    for l in range(start_layer % len(layers), len(layers)):
+        s_l = score(oracle_head(m, layers[l]["x_out"])).sum()
+        (g,) = torch.autograd.grad(s_l, layers[l]["attn"], retain_graph=True)   # (B, H, N, N)
+        e = e + g.clamp(min=0).mean(dim=2).mean(dim=1)
+    return e[:, m.num_prefix_tokens:]
+
+
+@pytest.mark.parametrize("start_layer", [-2, 0])
+def test_cosine_similarity_legrad_matches_literal_autograd(vit, start_layer):
+    # The classifier's logits serve as the embedding (timm feature models: see below).
+    model, images = vit
+    ref = torch.randn(2, 5, generator=torch.Generator().manual_seed(7))
+    target = cosine_similarity(ref)
+    e_ref = literal_legrad(model, images, lambda out: torch.nn.functional.cosine_similarity(
+        out, ref.double(), dim=-1), start_layer)
+    assert _nonzero(e_ref)
+    for backend in BACKENDS:
+        e = tf.explain(model, images, "legrad", target=target, backend=backend, start_layer=start_layer)
+        err = rel_err(e, e_ref.reshape(e.shape))
+        assert (err <= 1e-5).all(), (backend, err)
+    # a different reference embedding gives a different map
+    other = tf.explain(model, images, "legrad", target=cosine_similarity(-ref), start_layer=start_layer)
+    assert rel_err(other, e_ref.reshape(other.shape)).min() > 1e-2
+
+
+@pytest.mark.parametrize("method", TARGET_METHODS)
+def test_cosine_similarity_torch_matches_reference(vit, method):
+    model, images = vit
+    target = cosine_similarity(torch.randn(5, generator=torch.Generator().manual_seed(4)))
+    e_ref = tf.explain(model, images, method, target=target, backend="reference")
+    e = tf.explain(model, images, method, target=target, backend="torch")
+    assert _nonzero(e_ref)
+    assert (rel_err(e, e_ref) <= 1e-5).all()
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@pytest.mark.parametrize("fn,error,match", [
+    (lambda o: o[:, :1], ValueError, r"returned shape \(2, 1\).*shape \(2,\)"),
+    (lambda o: o, ValueError, r"returned shape \(2, 5\)"),
+    (lambda o: o.sum(), ValueError, r"returned shape \(\)"),
+    (lambda o: o.argmax(1), TypeError, "dtype torch.int64"),
+    (lambda o: o.detach()[:, 0], ValueError, "do not depend differentiably"),
+    (lambda o: 1.0, TypeError, "returned a float"),
+])
+def test_bad_score_function_is_named(vit, fn, error, match):
+    model, images = vit
+    for method in ("tokentm", "legrad"):
+        with pytest.raises(error, match=match):
+            tf.explain(model, images, method, target=fn)
+
+
+def test_ready_made_targets_check_their_arguments(vit):
+    model, images = vit
+    with pytest.raises(ValueError, match="out of range for an output with 5"):
+        tf.explain(model, images, "tokentm", target=class_logit(5))
+    with pytest.raises(ValueError, match="3 classes for a batch of 2"):
+        tf.explain(model, images, "tokentm", target=class_logit(torch.tensor([0, 1, 2])))
+    with pytest.raises(TypeError, match="integer tensor"):
+        class_logit(torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="negative"):
+        class_logit(-1)
+    with pytest.raises(ValueError, match="output has 5 features, the reference embeddings 4"):
+        tf.explain(model, images, "legrad", target=cosine_similarity(torch.randn(4)))
+    with pytest.raises(ValueError, match="3 reference embeddings for a batch of 2"):
+        tf.explain(model, images, "gae", target=cosine_similarity(torch.randn(3, 5)))
+    with pytest.raises(TypeError, match="floating"):
+        cosine_similarity(torch.ones(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(D',\) or \(B, D'\)"):
+        cosine_similarity(torch.randn(1, 2, 5))
+    with pytest.raises(TypeError, match="score function"):
+        tf.explain(model, images, "tokentm", target="cat")
+    with pytest.raises(TypeError, match="bool"):
+        tf.explain(model, images, "tokentm", target=True)
+
+
+def test_score_function_wrapper_keeps_user_callable(vit):
+    model, images = vit
+    wrapped = ScoreFunction(lambda o: o[:, 4], name="logit 4")
+    assert "logit 4" in repr(wrapped)
+    torch.testing.assert_close(tf.explain(model, images, "legrad", target=wrapped),
+                               tf.explain(model, images, "legrad", target=4), rtol=1e-6, atol=0)
+
+
+def test_exports():
+    assert tf.cosine_similarity is cosine_similarity and tf.class_logit is class_logit
+    assert {"cosine_similarity", "class_logit"} <= set(tf.__all__)

@@ -666,7 +666,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConstantMapWarning)
         grid = save_grid(torch.stack(x01s), maps, out / "demo_grid.png", titles=titles, masks=torch.stack(gt),
-                         image_title="image (mask outlined)", image_names=[f"test image {i}" for i in range(len(samples))])
+                         image_title="image (mask outlined)",
+                         image_names=[f"test image {i}" for i in range(len(samples))])
     _report_warnings([w for w in caught if issubclass(w.category, ConstantMapWarning)], "demo")
     print(f"explanation grid: {grid}")
 

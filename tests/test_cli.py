@@ -391,10 +391,11 @@ def test_output_in_a_location_reported_not_writable(tmp_path, pictures, monkeypa
         return real_access(p, mode, *a, **k)
 
     monkeypatch.setattr(os, "access", access)
-    for argv, opt in ((["explain", paths[0], "--out", ro], "--out"), (["explain", paths[0], "--out", ro / "x"], "--out"),
-                      (["demo", "--out", ro / "x" / "y"], "--out"), (["evaluate", "--output", ro / "r.json"], "--output")):
+    cases = ((["explain", paths[0], "--out", ro], "--out"), (["explain", paths[0], "--out", ro / "x"], "--out"),
+             (["demo", "--out", ro / "x" / "y"], "--out"), (["evaluate", "--output", ro / "r.json"], "--output"))
+    for argv, opt in cases:
         rc, _, err = run_main(argv, capsys)
-        assert_clean_error(rc, err, opt, "not writable", "ro")
+        assert_clean_error(rc, err, opt, "not writable", str(ro))
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,

@@ -1,8 +1,12 @@
 """The row algorithm (spec §3.1) equals the full-matrix product (spec §3), on plain tensors."""
+import sys
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokentm_fast import aggregation
 from tokentm_fast.aggregation import GAE, ROLLOUT, aggregate_layers, initial_rows, row_update
 
 
@@ -74,3 +78,96 @@ def test_gae_and_rollout_are_engine_configurations(seed, layers, n):
         rows = row_update(rows, a, None, ROLLOUT.w_attn, ROLLOUT.w_mlp, ROLLOUT.fusion)
     torch.testing.assert_close(rows, r, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(rows.sum(-1), torch.ones(2, n, dtype=torch.float64))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), layers=st.integers(1, 3), n=st.integers(4, 23),
+       mode=st.sampled_from(["gae", "mean", "decoupled"]), lo=st.integers(0, 22), width=st.integers(1, 6))
+def test_support_hint_changes_nothing(seed, layers, n, mode, lo, width):
+    """Rows zero outside ``support``: reading only those rows of A and G gives the dense result."""
+    attns, grads, w_attn, w_mlp, c0 = random_layers(seed, layers, 2, 3, n)
+    lo = lo % n
+    hi = min(n, lo + width)
+    g = torch.Generator().manual_seed(seed)
+    query = torch.zeros(2, n, dtype=torch.float64)
+    query[:, lo:hi] = torch.rand(2, hi - lo, generator=g, dtype=torch.float64) + 0.1
+    dense = aggregate_layers(attns, grads, w_attn, w_mlp, query, c0, mode)
+    hinted = aggregate_layers(attns, grads, w_attn, w_mlp, query, c0, mode, support=slice(lo, hi))
+    torch.testing.assert_close(hinted, dense, rtol=1e-12, atol=1e-14)
+    full = full_product(attns, grads, w_attn, w_mlp, c0, mode)
+    torch.testing.assert_close(hinted, torch.einsum("bi,bij->bj", query, full), rtol=1e-10, atol=1e-12)
+    # the hint really narrows the read: rows of A and G outside it are never used at the top layer
+    poisoned = [a.clone() for a in attns]
+    poisoned[-1][:, :, :lo] = float("nan")
+    poisoned[-1][:, :, hi:] = float("nan")
+    rows = row_update(query[:, None], poisoned[-1], grads[-1], w_attn[-1], w_mlp[-1], mode, support=slice(lo, hi))
+    if mode != "decoupled" and (hi - lo) * 4 <= n:
+        assert torch.isfinite(rows).all()
+
+
+def test_support_must_be_a_step_one_slice():
+    attns, grads, w_attn, w_mlp, _ = random_layers(0, 1, 1, 2, 8)
+    rows = torch.zeros(1, 1, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="support must be a slice"):
+        row_update(rows, attns[0], grads[0], 1.0, 0.0, "gae", support=[0])
+    with pytest.raises(ValueError, match="step-1 slice"):
+        row_update(rows, attns[0], grads[0], 1.0, 0.0, "gae", support=slice(0, 8, 2))
+
+
+class _SyncTrap:
+    """Makes ``Tensor.nonzero`` / ``.item`` / ``.tolist`` / ``.cpu`` / ``__bool__`` raise while
+    ``aggregation.row_update`` is on the stack (the host reads that would synchronise a GPU),
+    and counts the calls of ``row_update`` seen there."""
+
+    NAMES = ("nonzero", "item", "tolist", "cpu", "__bool__")
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        code = aggregation.row_update.__code__
+
+        def inside() -> bool:
+            frame = sys._getframe(2)
+            while frame is not None:
+                if frame.f_code is code:
+                    return True
+                frame = frame.f_back
+            return False
+
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def trapped(self_, *args, _original=original, _name=name, **kwargs):
+                if inside():
+                    raise AssertionError(f"Tensor.{_name} (a host synchronisation on a GPU) inside row_update")
+                return _original(self_, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, trapped)
+
+    def profile(self, frame, event, arg):
+        if event == "call" and frame.f_code is aggregation.row_update.__code__:
+            self.calls += 1
+
+
+@pytest.mark.parametrize("method", ["tokentm", "gae"])
+def test_row_update_in_backward_hooks_does_not_synchronise(monkeypatch, method):
+    """The torch row update runs inside the backward hooks of an explain call without reading
+    anything back to the host (on CUDA each read would stall the backward once per layer)."""
+    import timm
+
+    import tokentm_fast as tf
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,
+                              depth=3).eval()
+    images = torch.randn(2, 3, 32, 32)
+    expected = tf.explain(model, images, method=method, target=1, backend="torch")
+    trap = _SyncTrap(monkeypatch)
+    sys.setprofile(trap.profile)
+    try:
+        got = tf.explain(model, images, method=method, target=1, backend="torch")
+    finally:
+        sys.setprofile(None)
+    monkeypatch.undo()
+    assert trap.calls >= 3, "row_update did not run in the explain call (the trap saw nothing)"
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got.abs().sum() > 0

@@ -73,6 +73,18 @@ def _heads_folded(attn: torch.Tensor, grad: Optional[torch.Tensor], mode: str, d
     return f.reshape(b, h * k, n)
 
 
+def support_bounds(support: Optional[slice], n: int):
+    """``(lo, hi)`` of a step-1 row ``slice`` clipped to ``[0, n)``; ``(0, n)`` for None (dense)."""
+    if support is None:
+        return 0, n
+    if not isinstance(support, slice):
+        raise TypeError(f"support must be a slice of token rows or None, got {type(support).__name__}")
+    lo, hi, step = support.indices(n)
+    if step != 1:
+        raise ValueError(f"support must be a step-1 slice, got {support}")
+    return lo, max(lo, hi)
+
+
 def row_update(
     rows: torch.Tensor,
     attn: torch.Tensor,
@@ -80,6 +92,7 @@ def row_update(
     w_attn: Weight,
     w_mlp: Weight,
     mode: str = "gae",
+    support: Optional[slice] = None,
 ) -> torch.Tensor:
     """One layer of the engine: ``R ← s + (s·Ā) ⊙ w_attn`` with ``s = R ⊙ (1 + w_mlp)``.
 
@@ -89,25 +102,31 @@ def row_update(
             for ``mode="mean"``).
         w_attn, w_mlp: ``(B, N)`` weights or Python floats.
         mode: head fusion mode (see ``tokentm_fast.fusion``).
+        support: the columns ``lo:hi`` (a step-1 ``slice``) outside which every
+            row of ``rows`` is zero, as the caller knows it (at the top layer the
+            query: ``slice(0, 1)`` for a class token, the pooled rows for mean
+            pooling); None: dense. Only rows ``lo:hi`` of A and G are read then.
 
     Returns:
         new ``(B, Q, N)`` rows, same dtype as ``rows``.
 
     For a few rows (the row algorithm) the head mean is folded into one
     ``(B, Q, H·N) × (B, H·N, N)`` product, so Ā is never formed; for many rows
-    (the full matrix) Ā is formed once and multiplied.
+    (the full matrix) Ā is formed once and multiplied. Nothing here reads a
+    value back to the host (no ``.nonzero()`` / ``.item()``): it runs inside
+    backward hooks, where a device synchronisation would stall every layer.
     """
     s = rows * (1.0 + _columns(w_mlp, rows))
     b, q, n = rows.shape
     h = attn.shape[1]
     if mode in ("gae", "mean") and q * 4 <= n:
-        # Only rows i of A and G where some s_qi ≠ 0 contribute to t = s·Ā (at the
-        # top layer s is the one-hot query: one row of A and G instead of N).
+        # Only rows i of A and G where s_qi can be non-zero contribute to t = s·Ā
+        # (at the top layer s is the query: one row of A and G instead of N).
         s_rows = s
-        support = s.ne(0).flatten(0, 1).any(0).nonzero().flatten()
-        if support.numel() * 4 <= n:
-            s_rows, attn = s[..., support], attn[:, :, support]
-            grad = None if grad is None else grad[:, :, support]
+        lo, hi = support_bounds(support, n)
+        if (hi - lo) * 4 <= n:
+            s_rows, attn = s[..., lo:hi], attn[:, :, lo:hi]
+            grad = None if grad is None else grad[:, :, lo:hi]
         t = torch.bmm(s_rows.repeat(1, 1, h), _heads_folded(attn, grad, mode, rows.dtype)) / h
     else:
         t = torch.bmm(s, fuse_heads(attn, grad, mode).to(rows.dtype))
@@ -141,6 +160,7 @@ def aggregate_layers(
     c0: Optional[torch.Tensor] = None,
     mode: str = "gae",
     full: bool = False,
+    support: Optional[slice] = None,
 ) -> torch.Tensor:
     """Run the engine over layers given bottom-up (index 0 = block 1).
 
@@ -149,12 +169,16 @@ def aggregate_layers(
         w_attn, w_mlp: per-layer ``(B, N)`` weights (lists or ``(L, B, N)``) or floats.
         query: ``(B, N)`` weights of the rows to read (e.g. one-hot cls); ignored for ``full``.
         c0: ``(B, N)`` diagonal of ``C⁰`` or None for the identity.
+        support: the tokens ``lo:hi`` outside which ``query`` is zero, if known
+            (then the top layer reads only those rows of A and G; see ``row_update``).
 
     Returns:
         ``(B, N)`` row ``queryᵀ Cᴸ`` or, with ``full``, the ``(B, N, N)`` matrix ``Cᴸ``.
     """
     rows = initial_rows(query, full)
+    top = len(attns) - 1
     for l in reversed(range(len(attns))):
-        rows = row_update(rows, attns[l], _at(grads, l), _at(w_attn, l), _at(w_mlp, l), mode)
+        sup = support if (l == top and not full) else None
+        rows = row_update(rows, attns[l], _at(grads, l), _at(w_attn, l), _at(w_mlp, l), mode, support=sup)
     rows = finish_rows(rows, c0)
     return rows if full else rows[:, 0]

@@ -94,6 +94,7 @@ def explain_flash(vit: ViTAdapter, images: torch.Tensor, method: str, target, op
     ``kernels``: the ``fast_path.Kernels`` set (for the transformation weights);
     ``attention``: the attention kernel pair (``tokentm_fast.attention.triton_attention()``).
     """
+    attention = _head_width_checked(attention)
     if method == "tokentm":
         return _row_engine(vit, images, target, options, kernels, attention, with_weights=True)
     if method == "gae":
@@ -106,6 +107,16 @@ def explain_flash(vit: ViTAdapter, images: torch.Tensor, method: str, target, op
     if method in ("legrad", "attn_gradcam"):
         return _tail_gradients(vit, images, target, method, options, attention)
     raise ValueError(f"the flash path does not serve method {method!r}")
+
+
+def _head_width_checked(attention: AttentionKernels) -> AttentionKernels:
+    """The kernels take heads up to ``MAX_HEAD_DIM`` wide (tails of 80, 96, ... are masked)."""
+    def forward(q, k, v, scale):
+        if q.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(f"the flash attention kernels take heads up to {MAX_HEAD_DIM} wide; this model's "
+                             f"heads are {q.shape[-1]} wide: use attention='materialized'")
+        return attention.forward(q, k, v, scale)
+    return attention._replace(forward=forward)
 
 
 def _row_engine(vit, images, target, options, kernels, attention, with_weights: bool):

@@ -1,0 +1,200 @@
+"""The flash explanation path (``attention="flash"``) end to end under Triton's interpreter.
+
+Every method against the independent float64 oracle of ``tests/spec_oracle.py``
+(docs/methods.md tolerances: 1e-5 for float32 — the interpreter multiplies in
+full float32 —, 2e-2 for bfloat16), on small timm models that cover what the
+kernels must handle: odd N (37, 49, 197), head widths 32 and 64, register
+tokens, LayerScale, mean pooling without a class token. Then: no tensor with
+two trailing dimensions of size N exists during a flash call (recorded with a
+``TorchDispatchMode``), and the model is left exactly as it was.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import tokentm_fast as tf
+from spec_oracle import explain as oracle
+from spec_oracle import rel_err
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs CUDA or the Triton interpreter",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# name -> (create_model kwargs, image size, batch); N = tokens per image
+MODELS = {
+    # N = 37 (6×6 + cls), heads 32 wide
+    "n37_d32": (dict(img_size=48, patch_size=8, embed_dim=64, num_heads=2, depth=3), 48, 2),
+    # N = 54 (7×7 + cls + 4 registers), heads 64 wide
+    "n54_d64_registers": (dict(img_size=56, patch_size=8, embed_dim=128, num_heads=2, depth=2, reg_tokens=4), 56, 2),
+    # N = 197 (14×14 + cls), LayerScale
+    "n197_layerscale": (dict(img_size=112, patch_size=8, embed_dim=64, num_heads=2, depth=2, init_values=0.3),
+                        112, 1),
+    # N = 49, mean pooling, no class token (LeGrad's tiled reduction over all rows)
+    "n49_avg_pool": (dict(img_size=56, patch_size=8, embed_dim=64, num_heads=2, depth=2, class_token=False,
+                          global_pool="avg", fc_norm=True), 56, 2),
+}
+
+
+def make(name: str, seed: int = 0):
+    kwargs, size, batch = MODELS[name]
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, **kwargs).eval()
+    with torch.no_grad():  # spread the weights so every term of every method matters
+        for n, p in model.named_parameters():
+            if n.endswith("gamma"):
+                p.copy_(torch.rand_like(p) * 0.5 + 0.1)
+            elif "qkv.weight" in n:
+                p.mul_(2.0)
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    return model, images
+
+
+def flash(model, images, method, **options):
+    return tf.explain(model.to(DEVICE), images.to(DEVICE), method, backend="triton", attention="flash",
+                      **options).cpu()
+
+
+def _check(e, e_ref, tol):
+    assert torch.isfinite(e).all()
+    assert e_ref.abs().max() > 0, "vacuous: the oracle map is zero"
+    err = rel_err(e, e_ref.reshape(e.shape))
+    assert (err <= tol).all(), err
+
+
+TOKENTM_OPTIONS = [
+    {},
+    {"use_length": False},
+    {"use_necc": False},
+    {"init": "identity"},
+    {"start_layer": 1},
+]
+
+
+@pytest.mark.parametrize("options", TOKENTM_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_tokentm_options_match_oracle(options):
+    model, images = make("n37_d32")
+    _check(flash(model, images, "tokentm", **options), oracle(model, images, "tokentm", **options), 1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("method", ["tokentm", "gae"])
+def test_row_methods_match_oracle(name, method):
+    model, images = make(name)
+    _check(flash(model, images, method), oracle(model, images, method), 1e-5)
+
+
+@pytest.mark.parametrize("name", ["n37_d32", "n49_avg_pool"])
+@pytest.mark.parametrize("method", ["rollout", "raw_attention", "attn_gradcam", "legrad"])
+def test_other_methods_match_oracle(name, method):
+    model, images = make(name)
+    if method == "attn_gradcam":  # Grad-CAM clamps at 0: pick a target whose map is not all zero
+        target = _gradcam_target(model, images)
+        _check(flash(model, images, method, target=target), oracle(model, images, method, target=target), 1e-5)
+        return
+    _check(flash(model, images, method), oracle(model, images, method), 1e-5)
+
+
+def _gradcam_target(model, images) -> torch.Tensor:
+    b = images.shape[0]
+    norms = torch.stack([oracle(model, images, "attn_gradcam", target=torch.full((b,), c)).norm(dim=1)
+                         for c in range(5)])  # (classes, B)
+    return norms.argmax(0)
+
+
+def test_rollout_start_layer_and_legrad_all_layers():
+    model, images = make("n37_d32")
+    _check(flash(model, images, "rollout", start_layer=1), oracle(model, images, "rollout", start_layer=1), 1e-5)
+    _check(flash(model, images, "legrad", start_layer=0), oracle(model, images, "legrad", start_layer=0), 1e-5)
+
+
+@pytest.mark.parametrize("method", ["tokentm", "gae"])
+def test_bfloat16_model(method):
+    """bf16 Q, K, V, dO and tokens into the kernels, float32 sums (tolerance 2e-2)."""
+    model, images = make("n37_d32", seed=3)
+    e_ref = oracle(model, images, method)
+    _check(flash(model.to(torch.bfloat16), images, method), e_ref, 2e-2)
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Every tensor shape an operator returns during the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def _tokens(model) -> int:
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+def _square(shapes, n):
+    return [s for s in shapes if len(s) >= 2 and s[-1] == n and s[-2] == n]
+
+
+@pytest.mark.parametrize("method", tf.METHODS)
+def test_no_n_by_n_tensor_on_the_flash_path(method):
+    model, images = make("n54_d64_registers")
+    n = _tokens(model)
+    assert n == 54
+    with ShapeRecorder() as rec:
+        flash(model, images, method)
+    assert len(rec.shapes) > 50, "the recorder saw nothing: the test would be vacuous"
+    assert not _square(rec.shapes, n), _square(rec.shapes, n)[:5]
+
+
+def test_the_recorder_sees_the_materialized_attention():
+    """The same recorder on the materialized path finds (B, H, N, N): the check above can fail."""
+    model, images = make("n54_d64_registers")
+    with ShapeRecorder() as rec:
+        tf.explain(model.to(DEVICE), images.to(DEVICE), "tokentm", backend="triton", attention="materialized")
+    assert _square(rec.shapes, _tokens(model))
+
+
+def test_model_restored_after_flash_calls():
+    model, images = make("n54_d64_registers")
+    model.train()
+    model.blocks[0].attn.fused_attn = True
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for method in ("tokentm", "legrad", "rollout"):
+        flash(model, images, method)
+    assert model.training and all(m.training for m in model.modules())
+    assert model.blocks[0].attn.fused_attn is True
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    for blk in model.blocks:
+        assert "forward" not in blk.attn.__dict__, "the attention forward override was not removed"
+        assert not blk._forward_hooks and not blk._forward_pre_hooks
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_flash_choice_and_refusals():
+    model, images = make("n37_d32")
+    with pytest.raises(ValueError, match="full=True"):
+        tf.explain(model, images, "tokentm", backend="triton", attention="flash", full=True)
+    with pytest.raises(ValueError, match="decoupled"):
+        tf.explain(model, images, "tokentm", backend="triton", attention="flash", head_fusion="decoupled")
+    with pytest.raises(ValueError, match="backend='torch'"):
+        tf.explain(model, images, "tokentm", backend="torch", attention="flash")
+    with pytest.raises(ValueError, match="unknown attention"):
+        tf.explain(model, images, "tokentm", attention="fast")
+    explainer = tf.Explainer(model, "tokentm", backend="triton")
+    cuda_like = images.is_cuda
+    assert explainer.attention_for(images, "triton") == ("flash" if cuda_like else "materialized")
+    assert tf.Explainer(model, "tokentm", backend="triton", full=True).attention_for(images, "triton") == "materialized"
+    assert explainer.attention_for(images, "torch") == "materialized"

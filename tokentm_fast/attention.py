@@ -1,7 +1,7 @@
 """The explanation attention: an autograd Function around the flash kernels that
 carries the row state of the row algorithm from one layer's backward to the next.
 
-The math (docs/methods.md, "Flash formulation"): per layer l and head h,
+The math (docs/methods.md §8): per layer l and head h,
 ``P = softmax(scale·QKᵀ)`` is never stored; the forward keeps Q, K, V, O and the
 row log-sum-exp ℓ, and the backward recomputes P and G = dP = dO Vᵀ tile by tile.
 While doing so, the dK/dV program of the kernel accumulates

@@ -1,4 +1,4 @@
-"""The flash explanation path: every method without an N×N tensor (docs/methods.md, "Flash formulation").
+"""The flash explanation path: every method without an N×N tensor (docs/methods.md §8).
 
 The adapter's attention call site (``replace_attention``) runs the explanation
 attention instead of ``softmax(scale·QKᵀ)V``; the forward keeps per layer only

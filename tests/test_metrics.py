@@ -437,3 +437,49 @@ def test_model_randomization_check_tiny_vit():
     restored = SanityMetric(model, grad_explain, seed=0)
     restored.load_state_dict(json.loads(json.dumps(metric.state_dict())))
     assert restored.compute() == metric.compute()
+
+
+# --------------------------------------------------------------------------- exact, mergeable states
+def test_exact_sum_is_order_independent_and_correctly_rounded():
+    from fractions import Fraction
+
+    from tokentm_fast.metrics import ExactSum
+
+    g = torch.Generator().manual_seed(0)
+    vals = (torch.randn(200, generator=g, dtype=torch.float64) * torch.logspace(-12, 12, 200, dtype=torch.float64)).tolist()
+    vals += [1e16, 1.0, -1e16, 5e-324]  # cancellation and a subnormal: naive float sums get these wrong
+    exact = sum(Fraction(v) for v in vals)
+    fwd, rev = ExactSum().add(vals), ExactSum().add(vals[::-1])
+    a, b = ExactSum().add(vals[:77]), ExactSum().add(torch.tensor(vals[77:], dtype=torch.float64))
+    merged = ExactSum.from_state(json.loads(json.dumps(a.to_state()))).merge(b)
+    assert fwd == rev == merged
+    assert fwd.value == float(exact) and merged.mean(7) == float(exact / 7)
+    assert sum(vals) != float(exact)  # the naive float sum is wrong on these values
+    with pytest.raises(ValueError, match="non-finite"):
+        ExactSum().add(float("nan"))
+
+
+def test_states_of_shards_merge_exactly():
+    """Two shards of the same batches, merged in either order == one pass (state dicts equal)."""
+    images, maps, labels = pert_data(7, n=10)
+    clf = LinearClassifier(3, 12, 10, 5, seed=3)
+    whole = PerturbationMetric(clf, normalize)
+    shard_a, shard_b = PerturbationMetric(clf, normalize), PerturbationMetric(clf, normalize)
+    for s, shard in zip((slice(0, 4), slice(4, 10)), (shard_a, shard_b)):
+        whole.update(images[s], maps[s], labels[s])
+        shard.update(images[s], maps[s], labels[s])
+    for first, second in ((shard_a, shard_b), (shard_b, shard_a)):
+        merged = PerturbationMetric(clf, normalize)
+        merged.merge_state_dict(json.loads(json.dumps(first.state_dict())))
+        merged.merge_state_dict(second.state_dict())
+        assert merged.state_dict() == whole.state_dict()
+        assert merged.compute() == whole.compute()
+    assert whole.compute()["aopc"] != 0 and min(whole.compute()["curves"]["positive_predicted"]) < 1
+
+    smaps, masks = seg_data(3)
+    seg_whole, seg_a, seg_b = SegmentationMetric(), SegmentationMetric(), SegmentationMetric()
+    for s, shard in ((slice(0, 5), seg_a), (slice(5, None), seg_b)):
+        seg_whole.update(smaps[s], masks[s])
+        shard.update(smaps[s], masks[s])
+    seg_b.merge_state_dict(seg_a.state_dict())
+    assert seg_b.state_dict() == seg_whole.state_dict() and 0 < seg_whole.compute()["map"] < 1

@@ -33,9 +33,9 @@ MODELS = {
     "n37_d32": (dict(img_size=48, patch_size=8, embed_dim=64, num_heads=2, depth=3), 48, 2),
     # N = 54 (7×7 + cls + 4 registers), heads 64 wide
     "n54_d64_registers": (dict(img_size=56, patch_size=8, embed_dim=128, num_heads=2, depth=2, reg_tokens=4), 56, 2),
-    # N = 197 (14×14 + cls), LayerScale
-    "n197_layerscale": (dict(img_size=112, patch_size=8, embed_dim=64, num_heads=2, depth=2, init_values=0.3),
-                        112, 1),
+    # N = 197 (14×14 + cls), LayerScale, q/k norms
+    "n197_layerscale": (dict(img_size=112, patch_size=8, embed_dim=64, num_heads=2, depth=2, init_values=0.3,
+                             qk_norm=True), 112, 1),
     # N = 49, mean pooling, no class token (LeGrad's tiled reduction over all rows)
     "n49_avg_pool": (dict(img_size=56, patch_size=8, embed_dim=64, num_heads=2, depth=2, class_token=False,
                           global_pool="avg", fc_norm=True), 56, 2),
@@ -114,12 +114,13 @@ def test_rollout_start_layer_and_legrad_all_layers():
     _check(flash(model, images, "legrad", start_layer=0), oracle(model, images, "legrad", start_layer=0), 1e-5)
 
 
-@pytest.mark.parametrize("method", ["tokentm", "gae"])
-def test_bfloat16_model(method):
-    """bf16 Q, K, V, dO and tokens into the kernels, float32 sums (tolerance 2e-2)."""
+@pytest.mark.parametrize("method,dtype", [("tokentm", torch.bfloat16), ("gae", torch.bfloat16),
+                                          ("tokentm", torch.float16)])
+def test_half_precision_model(method, dtype):
+    """bf16 / fp16 Q, K, V, dO and tokens into the kernels, float32 sums (tolerance 2e-2)."""
     model, images = make("n37_d32", seed=3)
     e_ref = oracle(model, images, method)
-    _check(flash(model.to(torch.bfloat16), images, method), e_ref, 2e-2)
+    _check(flash(model.to(dtype), images, method), e_ref, 2e-2)
 
 
 class ShapeRecorder(TorchDispatchMode):

@@ -114,6 +114,34 @@ def test_cosine_similarity_legrad_matches_literal_autograd(vit, start_layer):
     assert rel_err(other, e_ref.reshape(other.shape)).min() > 1e-2
 
 
+def test_cosine_similarity_on_a_feature_model_matches_literal_autograd():
+    """A timm feature model (num_classes=0, the output is the pooled embedding), one reference per image."""
+    pytest.importorskip("tokentm_fast.models")   # feature-model support lives in the model adapters
+    torch.manual_seed(2)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=0).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "qkv.weight" in n:
+                p.mul_(2.0)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    ref = torch.randn(2, 32, generator=torch.Generator().manual_seed(4))
+    e_ref = literal_legrad(model, images, lambda out: torch.nn.functional.cosine_similarity(
+        out, ref.double(), dim=-1), start_layer=0)
+    assert _nonzero(e_ref)
+    for backend in BACKENDS:
+        e = tf.explain(model, images, "legrad", target=cosine_similarity(ref), backend=backend, start_layer=0)
+        assert e.shape == (2, 4, 4)
+        assert (rel_err(e, e_ref.reshape(e.shape)) <= 1e-5).all(), backend
+    for method in ("tokentm", "gae"):
+        e_ref = tf.explain(model, images, method, target=cosine_similarity(ref), backend="reference")
+        e = tf.explain(model, images, method, target=cosine_similarity(ref), backend="torch")
+        assert _nonzero(e_ref) and (rel_err(e, e_ref) <= 1e-5).all(), method
+    with pytest.raises(ValueError, match="no classifier"):
+        tf.explain(model, images, "tokentm")
+    with pytest.raises(ValueError, match="no classifier"):
+        tf.explain(model, images, "tokentm", target=3)
+
+
 @pytest.mark.parametrize("method", TARGET_METHODS)
 def test_cosine_similarity_torch_matches_reference(vit, method):
     model, images = vit

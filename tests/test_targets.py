@@ -142,6 +142,68 @@ def test_cosine_similarity_on_a_feature_model_matches_literal_autograd():
         tf.explain(model, images, "tokentm", target=3)
 
 
+def open_clip_layers(visual, images):
+    """Manual float64 forward of an open_clip VisionTransformer (class-token pooling, no attention pool).
+
+    Returns (output embedding, per-layer attention probabilities (B, H, N, N) and block outputs, head).
+    """
+    import copy
+    import math
+
+    m = copy.deepcopy(visual).double().eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = m.conv1(images.double()).flatten(2).transpose(1, 2)
+    x = torch.cat([m.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + m.positional_embedding
+    x = m.ln_pre(x)
+    attns, outs = [], []
+    for blk in m.transformer.resblocks:
+        mha = blk.attn
+        b, n, dim = x.shape
+        h = mha.num_heads
+        qkv = blk.ln_1(x) @ mha.in_proj_weight.T + mha.in_proj_bias
+        q, k, v = (t.reshape(b, n, h, dim // h).transpose(1, 2) for t in qkv.split(dim, dim=-1))
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim // h), dim=-1)
+        y = x + blk.ls_1(mha.out_proj((a @ v).transpose(1, 2).reshape(b, n, dim)))
+        x = y + blk.ls_2(blk.mlp(blk.ln_2(y)))
+        attns.append(a)
+        outs.append(x)
+
+    def head(tokens):   # ln_post, class token, projection
+        return m.ln_post(tokens)[:, 0] @ m.proj
+
+    return head(x), attns, outs, head
+
+
+def test_cosine_similarity_legrad_on_open_clip_matches_literal_autograd():
+    """LeGrad's home: open-vocabulary CLIP, s_l = cos(proj(ln_post(Xˡ)[cls]), text embedding)."""
+    pytest.importorskip("tokentm_fast.models.open_clip")   # the open_clip adapter
+    from open_clip.transformer import VisionTransformer as ClipViT
+
+    torch.manual_seed(0)
+    visual = ClipViT(image_size=32, patch_size=8, width=64, layers=3, heads=2, mlp_ratio=2, output_dim=16).eval()
+    with torch.no_grad():
+        for blk in visual.transformer.resblocks:
+            blk.attn.in_proj_weight.mul_(2.0)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(16, generator=torch.Generator().manual_seed(2))            # one shared "prompt"
+    out, attns, outs, head = open_clip_layers(visual, images)
+    torch.testing.assert_close(out.float(), visual(images), rtol=1e-4, atol=1e-5)  # the manual forward is the model
+    for start_layer in (-2, 0):
+        e_ref = 0
+        for l in range(start_layer % 3, 3):
+            s_l = torch.nn.functional.cosine_similarity(head(outs[l]), text.double(), dim=-1).sum()
+            (g,) = torch.autograd.grad(s_l, attns[l], retain_graph=True)
+            e_ref = e_ref + g.clamp(min=0).mean(dim=2).mean(dim=1)
+        e_ref = e_ref[:, 1:]
+        assert _nonzero(e_ref)
+        for backend in BACKENDS:
+            e = tf.explain(visual, images, "legrad", target=cosine_similarity(text), backend=backend,
+                           start_layer=start_layer)
+            assert e.shape == (2, 4, 4)
+            assert (rel_err(e, e_ref.reshape(e.shape)) <= 1e-5).all(), (backend, start_layer)
+
+
 @pytest.mark.parametrize("method", TARGET_METHODS)
 def test_cosine_similarity_torch_matches_reference(vit, method):
     model, images = vit

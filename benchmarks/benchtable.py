@@ -1,20 +1,21 @@
-"""Benchmark tables: pytest-benchmark JSON → markdown, and a quick explain timer.
+"""Benchmark tables: pytest-benchmark JSON → markdown, results-folder README, environment.
+
+Tooling of the benchmark suite (not part of the library):
 
 - ``table_from_json(path)``: the markdown table of a ``pytest benchmarks/
   --benchmark-json=...`` run: mean time of every case per backend
   (reference / torch / triton, plus the plain forward+backward baseline of the
-  explain cases), the speedups, and on CUDA the achieved memory bandwidth of
-  the kernels (the bytes a kernel must move at least, divided by its time) as
-  a percentage of the device's measured copy bandwidth. Ends with the issue
-  targets that the run covers (met / not met).
-- ``quick_bench(...)``: times ``explain`` per backend on a random-init timm
-  model (used by ``tokentm-fast bench``).
-- ``python -m tokentm_fast.benchtable results.json [more.json ...]`` prints the
-  table; ``python -m tokentm_fast.benchtable --quick [--model ...]`` runs
-  ``quick_bench``; ``--env [--device cuda]`` prints the environment.
+  explain cases), the speedups, on CUDA the achieved memory bandwidth of the
+  kernels (the bytes a kernel must move at least, divided by its time) as a
+  percentage of the device's measured copy bandwidth, the PERFORMANCE.md
+  cases (``perf`` suite: explain ÷ training step, literal ÷ explain, peak
+  memory), and the issue targets that the run covers (met / not met).
+- ``readme(folder)``: the README.md of a ``run_all.sh`` results folder.
+- ``python benchmarks/benchtable.py results.json [more.json ...]`` prints the
+  table; ``--readme DIR``, ``--env [--device cuda]``, ``--slug DEVICE``.
 
 The helpers ``environment``, ``copy_bandwidth``, ``rel_err`` and ``sync`` are
-shared with the benchmark suite in ``benchmarks/``.
+shared with the suite's ``conftest.py``.
 """
 from __future__ import annotations
 
@@ -25,13 +26,12 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
     "table_from_json",
-    "quick_bench",
     "main",
     "environment",
     "copy_bandwidth",
@@ -49,6 +49,7 @@ SUITE_TITLES = {
     "transform_weights": "Transformation weights (spec §2), one sub-layer",
     "legrad_reduce": "LeGrad reduction (spec §6), one layer",
     "explain": "Whole explain() on a random-init timm model (baseline = plain forward+backward)",
+    "perf": "PERFORMANCE.md sizes: explain against the training step and the literal implementation (time and peak memory)",
 }
 
 
@@ -98,7 +99,7 @@ def _version(module: str) -> Optional[str]:
 def environment(device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """Device and library versions, as stored in every benchmark's ``extra_info``."""
     device = torch.device(device)
-    from . import __version__
+    from tokentm_fast import __version__
 
     env = {
         "device": device.type,
@@ -322,6 +323,43 @@ def _suite_table(suite: str, rows: Dict[Tuple[str, str], Dict[str, dict]], bandw
     return "\n".join(lines)
 
 
+def _mib(nbytes: Optional[float]) -> str:
+    return "–" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
+def _perf_table(benches: List[dict]) -> str:
+    """One row per (size, method, variant) of the ``perf`` suite, with the PERFORMANCE.md ratios.
+
+    ``÷ step`` = time (peak memory) over the training step of the same size and
+    dtype; ``literal ÷`` = the literal implementation's time over this row's.
+    """
+    by_case: Dict[str, List[dict]] = {}
+    for b in benches:
+        info = b.get("extra_info", {})
+        if info.get("suite") == "perf" and b.get("stats"):
+            by_case.setdefault(info["case"], []).append(b)
+    header = ["case", "method", "variant", "time (ms)", "peak (MiB)", "÷ step time", "÷ step peak", "literal ÷ this", "err"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
+    kind_order = {"step": 0, "literal": 1, "reference": 2, "explain": 3}
+    for case in sorted(by_case, key=lambda c: (by_case[c][0]["extra_info"].get("N", 0), c)):
+        rows = by_case[case]
+        step = next((b for b in rows if b["extra_info"].get("kind") == "step"), None)
+        st = _bench_time(step) if step else None
+        sp = step["extra_info"].get("peak_bytes") if step else None
+        literal = {b["extra_info"].get("method"): b for b in rows if b["extra_info"].get("kind") == "literal"}
+        for b in sorted(rows, key=lambda b: (b["extra_info"].get("method", ""), kind_order.get(b["extra_info"].get("kind"), 9),
+                                              b["extra_info"].get("variant", ""))):
+            info = b["extra_info"]
+            t, peak = _bench_time(b), info.get("peak_bytes")
+            lit = literal.get(info.get("method"))
+            cells = [case, info.get("method") or "–", info.get("variant", info.get("kind", "?")), _ms(t), _mib(peak),
+                     _x(t / st) if st else "–", _x(peak / sp) if peak and sp else "–",
+                     _x(_bench_time(lit) / t) if lit is not None and info.get("kind") == "explain" else "–",
+                     _err(info.get("max_rel_err"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # Issue targets: (description, suite, selector on extra_info, kind, threshold).
 TARGETS = [
     ("CPU: aggregation ViT-B/16 (L=12,H=12,N=197) batch 8, torch ≥ 3× faster than reference",
@@ -427,7 +465,10 @@ def table_from_json(path: Union[str, os.PathLike, Sequence[Union[str, os.PathLik
         out.append("")
         out.append(f"### {SUITE_TITLES.get(suite, suite)}")
         out.append("")
-        out.append(_suite_table(suite, groups[suite], show_bw, copy_bw if show_bw else None))
+        if suite == "perf":
+            out.append(_perf_table(benches))
+        else:
+            out.append(_suite_table(suite, groups[suite], show_bw, copy_bw if show_bw else None))
     targets = _targets(benches, device, copy_bw)
     if targets:
         out += ["", "### Issue targets", ""] + targets
@@ -492,143 +533,25 @@ def readme(folder: Union[str, os.PathLike]) -> str:
     return "\n".join(out) + "\n"
 
 
-# --------------------------------------------------------------------------- quick bench
-
-
-def random_vit(name: str, device: Union[str, torch.device] = "cpu", seed: int = 0) -> torch.nn.Module:
-    """A random-init timm model with explicit attention (``fused_attn=False`` everywhere).
-
-    The qkv weights are scaled ×2 so that attention is not nearly uniform, as it
-    is right after timm's init (the explanations then depend on every term).
-    Much sharper attention (×4: attention logits ×16) makes the model's *own*
-    float32 forward differ from its float64 forward by ~5e-4 at ViT-B depth,
-    which no float32 path can beat (a float64 model gives exactly the reference).
-    """
-    import timm
-
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "qkv.weight" in n:
-                p.mul_(2.0)
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
-    return model.eval().to(device)
-
-
-def random_images(model: torch.nn.Module, batch: int, device, seed: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(images, targets)``: random images of the model's input size and fixed random target classes."""
-    g = torch.Generator().manual_seed(seed)
-    size = model.patch_embed.img_size
-    images = torch.randn(batch, 3, *size, generator=g).to(device)
-    target = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
-    return images, target
-
-
-def forward_backward_step(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
-    """The baseline: a plain training-style step with explicit attention and parameter grads."""
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        logits = model(images)
-        logits.gather(1, target[:, None]).sum().backward()
-
-    return step
-
-
-def _time_calls(fn: Callable[[], Any], device, repeats: int) -> Tuple[float, float]:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sum(times) / len(times), min(times)
-
-
-def quick_bench(
-    model: str = "vit_base_patch16_224",
-    batch: int = 8,
-    methods: Sequence[str] = ("tokentm",),
-    backends: Sequence[str] = ("reference", "torch"),
-    device: Union[str, torch.device] = "cpu",
-    repeats: int = 3,
-    baseline: bool = True,
-) -> str:
-    """Time ``explain`` per method and backend on a random-init timm model.
-
-    Every (method, backend) is run once as warmup (its map is kept to report the
-    max per-image relative error against the reference backend, if timed), then
-    ``repeats`` times; the device is synchronized around every call. With
-    ``baseline`` the plain forward+backward step (explicit attention, parameter
-    gradients) is timed too and every explain time is also given relative to it.
-
-    Returns the markdown table (it is not printed; ``main`` prints it).
-    """
-    from . import explain
-
-    device = torch.device(device)
-    net = random_vit(model, device)
-    images, target = random_images(net, batch, device)
-    rows = []
-    base_t = None
-    if baseline:
-        step = forward_backward_step(net, images, target)
-        step()
-        base_t, base_min = _time_calls(step, device, repeats)
-        net.zero_grad(set_to_none=True)
-    for method in methods:
-        ref_map, ref_t = None, None
-        results = []
-        for backend in backends:
-            call = lambda: explain(net, images, method=method, target=target, backend=backend)  # noqa: E731
-            out = call()
-            sync(device)
-            mean, best = _time_calls(call, device, repeats)
-            if backend == "reference":
-                ref_map, ref_t = out, mean
-            results.append((backend, mean, best, out))
-        for backend, mean, best, out in results:
-            err = None
-            if ref_map is not None and backend != "reference":
-                err = float(rel_err(out, ref_map).max())
-            rows.append((method, backend, mean, best,
-                         ref_t / mean if ref_t else None, mean / base_t if base_t else None, err))
-    head = (f"{model}, batch {batch}, {device_name(device)}, torch {torch.__version__}"
-            + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
-            + f", mean of {repeats} after 1 warmup")
-    lines = [head, "", "| method | backend | mean (ms) | min (ms) | speedup vs reference | vs fwd+bwd | max rel err |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    if base_t is not None:
-        lines.append(f"| forward+backward | baseline | {_ms(base_t)} | {_ms(base_min)} | – | 1.00× | – |")
-    for method, backend, mean, best, speed, vs_base, err in rows:
-        lines.append(f"| {method} | {backend} | {_ms(mean)} | {_ms(best)} | {_x(speed)} | {_x(vs_base)} | {_err(err)} |")
-    return "\n".join(lines) + "\n"
-
-
 # --------------------------------------------------------------------------- CLI
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tokentm_fast.benchtable",
-        description="Markdown table of pytest-benchmark JSON results of benchmarks/, or a quick explain timing.",
+        prog="python benchmarks/benchtable.py",
+        description="Markdown table of pytest-benchmark JSON results of benchmarks/, a results README, "
+                    "or the environment.",
     )
     parser.add_argument("json", nargs="*", help="--benchmark-json files (merged into one table)")
     parser.add_argument("--bandwidth", choices=("auto", "always", "never"), default="auto")
-    parser.add_argument("--quick", action="store_true", help="run quick_bench instead of reading JSON")
     parser.add_argument("--env", action="store_true", help="print device and versions as markdown")
     parser.add_argument("--readme", metavar="DIR", help="print the README.md of a run_all.sh results folder")
-    parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--methods", nargs="+", default=["tokentm"])
-    parser.add_argument("--backends", nargs="+", default=["reference", "torch"])
+    parser.add_argument("--slug", metavar="DEVICE", help="print the results folder name of DEVICE (cpu, cuda)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.slug:
+        print(device_slug(args.slug))
+        return 0
     if args.env:
         env = {k: v for k, v in environment(args.device).items() if not k.startswith("tf32")}
         env["copy_bw_GBps"] = round(copy_bandwidth(args.device) / 1e9, 1)
@@ -637,12 +560,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.readme:
         print(readme(args.readme), end="")
         return 0
-    if args.quick:
-        print(quick_bench(args.model, args.batch, tuple(args.methods), tuple(args.backends),
-                          args.device, args.repeats), end="")
-        return 0
     if not args.json:
-        parser.error("give one or more --benchmark-json files, or --quick, or --env")
+        parser.error("give one or more --benchmark-json files, or --readme DIR, --env, --slug DEVICE")
     print(table_from_json(args.json, bandwidth=args.bandwidth), end="")
     return 0
 

@@ -13,9 +13,20 @@ Options (also settable through environment variables, handy for scripts):
 --bench-budget SECONDS           (TOKENTM_BENCH_BUDGET) target timed seconds per case.
 --bench-no-assert                (TOKENTM_BENCH_NO_ASSERT=1) record the errors against the
     oracle (extra_info["max_rel_err"]) but warn instead of failing.
---bench-mem-fraction F           (TOKENTM_BENCH_MEM_FRACTION, default 0.7 on CUDA,
-    0.5 on CPU) sizes whose estimated memory exceeds F × the free memory (at start)
-    are not generated at all.
+--bench-mem-fraction F           (TOKENTM_BENCH_MEM_FRACTION, default 0.8 on CUDA,
+    0.5 on CPU) sizes whose estimated peak (``bench_memory``: formulas of what each
+    path allocates, checked against measured peaks) exceeds F × the free memory
+    (at start) are not generated at all.
+--bench-methods M1,M2            (TOKENTM_BENCH_METHODS) explanation methods of the
+    explain and perf suites (default: each suite's own list).
+
+Memory: every case frees what it made. Data shared by the cases of one size
+(a model, synthetic layers) lives in one declared slot (``bench.cache``, one
+entry at a time); after each case the exception pytest keeps for post-mortem
+debugging (``sys.last_*``, which holds the failed case's frames and tensors) is
+dropped, garbage cycles are collected and the CUDA cache is emptied
+(``tests/test_bench_cleanup.py`` checks that the memory held after each case
+returns to the level before it).
 
 Every case first runs the code under test once and checks it against a float64
 oracle within spec §7 (per-image relative L2 error), then times it with
@@ -33,10 +44,11 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 if os.environ.get("TOKENTM_BENCH_TRITON_INTERPRET") == "1":  # development only; before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
@@ -44,7 +56,8 @@ if os.environ.get("TOKENTM_BENCH_TRITON_INTERPRET") == "1":  # development only;
 import pytest
 import torch
 
-from tokentm_fast.benchtable import copy_bandwidth, environment, rel_err, sync
+from bench_memory import release
+from benchtable import copy_bandwidth, environment, rel_err, sync
 
 SCALES = ("tiny", "small", "full")
 
@@ -73,7 +86,10 @@ def pytest_addoption(parser):
     group.addoption("--bench-budget", type=float, default=_float_env("TOKENTM_BENCH_BUDGET"),
                     help="target timed seconds per case (default depends on scale and device)")
     group.addoption("--bench-mem-fraction", type=float, default=_float_env("TOKENTM_BENCH_MEM_FRACTION"),
-                    help="largest fraction of the free memory a case may need (estimate); default 0.7 cuda, 0.5 cpu")
+                    help="largest fraction of the free memory a case may need (estimate); default 0.8 cuda, 0.5 cpu")
+    group.addoption("--bench-methods", default=os.environ.get("TOKENTM_BENCH_METHODS"),
+                    help="comma-separated explanation methods of the explain and perf suites "
+                         "(default: tokentm,legrad,rollout for explain, tokentm,gae for perf)")
 
 
 def _float_env(name: str) -> Optional[float]:
@@ -115,7 +131,10 @@ class BenchContext:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.cuda = self.device.type == "cuda"
         self.tf32: bool = config.getoption("--bench-tf32")
-        self.mem_fraction: float = config.getoption("--bench-mem-fraction") or (0.7 if self.cuda else 0.5)
+        self.mem_fraction: float = config.getoption("--bench-mem-fraction") or (0.8 if self.cuda else 0.5)
+        methods = config.getoption("--bench-methods")
+        self.methods_filter: Optional[List[str]] = (
+            [m.strip() for m in methods.split(",") if m.strip()] if methods else None)
         self.assert_errors: bool = not config.getoption("--bench-no-assert")
         budget = config.getoption("--bench-budget")
         k, e = BUDGETS[(self.scale, self.device.type)]
@@ -127,11 +146,16 @@ class BenchContext:
         self.interpreted = self.triton and not self.cuda
         self.free_bytes = torch.cuda.mem_get_info(self.device)[0] if self.cuda else _available_ram()
         self.left_out: List[str] = []
+        self.cache = CaseCache(self.device)
         self._env: Optional[Dict[str, Any]] = None
 
     # ----------------------------------------------------------------- parametrization
     def backends(self, with_reference: bool = True) -> List[str]:
         return (["reference"] if with_reference else []) + ["torch"] + (["triton"] if self.triton else [])
+
+    def methods(self, default: Tuple[str, ...]) -> List[str]:
+        """Explanation methods to run: ``--bench-methods`` (any method of the library) or ``default``."""
+        return list(self.methods_filter) if self.methods_filter else list(default)
 
     def dtypes(self) -> List[str]:
         """float32 everywhere; bfloat16 inputs too on CUDA (where the kernels read half the bytes)."""
@@ -227,11 +251,55 @@ class BenchContext:
             benchmark.extra_info["device_time_s"] = start.elapsed_time(end) / 1e3 / k
 
     def release(self) -> None:
-        import gc
+        """Collect garbage cycles and empty the CUDA cache (what the cases dropped is freed now)."""
+        release(self.device)
 
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
+
+class CaseCache:
+    """One slot for data shared by consecutive cases of one size (a model, synthetic layers).
+
+    ``get(key, make)`` returns the cached value when ``key`` matches; otherwise it
+    drops the old value, releases the memory, and stores ``make()``. The slot
+    holds at most one value, so the suite never keeps two sizes alive; it is
+    cleared at the end of every test module.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.key: Any = None
+        self.value: Any = None
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        if self.key != key or self.value is None:
+            self.clear()
+            self.value = make()
+            self.key = key
+        return self.value
+
+    def clear(self) -> None:
+        self.key, self.value = None, None
+        release(self.device)
+
+    def nbytes(self) -> int:
+        """Bytes of the distinct tensor storages in the slot (parameters and buffers of modules too)."""
+        seen: Dict[int, int] = {}
+
+        def visit(v: Any) -> None:
+            if isinstance(v, torch.Tensor):
+                st = v.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+            elif isinstance(v, torch.nn.Module):
+                for t in list(v.parameters()) + list(v.buffers()):
+                    visit(t)
+            elif isinstance(v, dict):
+                for x in v.values():
+                    visit(x)
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    visit(x)
+
+        visit(self.value)
+        return sum(seen.values())
 
 
 _CTX: Optional[BenchContext] = None
@@ -244,6 +312,8 @@ def pytest_configure(config):
     torch.backends.cuda.matmul.allow_tf32 = _CTX.tf32  # recorded in every case's extra_info
     torch.backends.cudnn.allow_tf32 = _CTX.tf32
     config.addinivalue_line("markers", "tokentm_bench: tokentm_fast benchmark case")
+    config.addinivalue_line("markers", "bench_cuda: case generated only with --bench-device cuda "
+                                       "(explain with attention='flash' | 'materialized')")
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -296,3 +366,29 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 def bench(request) -> BenchContext:
     """The suite's ``BenchContext``."""
     return request.config.tokentm_bench
+
+
+def _drop_last_exception() -> None:
+    """Forget the exception pytest keeps for post-mortem debugging (it holds the failed case's frames)."""
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            try:
+                delattr(sys, name)
+            except AttributeError:
+                pass
+
+
+@pytest.fixture(autouse=True)
+def _free_after_case(request):
+    """After every case: drop ``sys.last_*``, collect garbage cycles, empty the CUDA cache."""
+    yield
+    _drop_last_exception()
+    request.config.tokentm_bench.release()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clear_cache_after_module(request):
+    """The shared slot never outlives a test module."""
+    yield
+    _drop_last_exception()
+    request.config.tokentm_bench.cache.clear()

@@ -35,7 +35,7 @@ def child(args) -> Dict[str, float]:
     import torch
 
     import tokentm_fast as tf
-    from tokentm_fast.benchtable import forward_backward_step, random_images, random_vit
+    from bench_models import explicit_step, random_images, random_vit
 
     device = torch.device(args.device)
     if args.threads:
@@ -43,7 +43,7 @@ def child(args) -> Dict[str, float]:
     model = random_vit(args.model, device)
     images, target = random_images(model, args.batch, device)
     if args.backend == "baseline":
-        run = forward_backward_step(model, images, target)
+        run = explicit_step(model, images, target)
     else:
         def run():
             return tf.explain(model, images, method=args.method, target=target, backend=args.backend)
@@ -86,7 +86,7 @@ def _mib(v: float) -> str:
 def table(model: str, batch: int, device: str, results: List[Dict]) -> str:
     import torch
 
-    from tokentm_fast.benchtable import device_name
+    from benchtable import device_name
 
     how = ("torch.cuda.max_memory_allocated − allocated before" if device.startswith("cuda")
            else "ru_maxrss after the call − after model creation")

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 import torch
 
+from bench_memory import aggregation_peak
 from tokentm_fast import aggregation, fusion, legrad, transform
 
 # ViT configurations: layers, heads, width.
@@ -104,20 +105,10 @@ class Case:
         raise ValueError(self.suite)
 
     def memory(self) -> int:
-        """Estimated peak bytes: inputs + the float64 oracle's and the reference's temporaries."""
-        sz = ITEMSIZE[self.dtype]
-        B, H, N, L, D = self.B, self.H, self.N, self.L, self.D
-        layer = B * H * N * N
-        if self.suite in ("aggregation", "aggregation_full"):
-            ref_copy = 2 * L * layer * REF_DTYPE.itemsize if self.backend == "reference" else 0
-            return 2 * L * layer * sz + ref_copy + 3 * layer * 8 + 2 * layer * 4 + 8 * B * N * N * 8
-        if self.suite == "head_fusion":
-            return 2 * layer * sz + 3 * layer * 8 + 2 * layer * 4
-        if self.suite == "transform_weights":
-            return 8 * B * N * D * 8
-        if self.suite == "legrad_reduce":
-            return 4 * B * H * self.Q * N * 8
-        raise ValueError(self.suite)
+        """Estimated peak bytes of this case: its data, the float64 oracle, and the backend's call
+        (``bench_memory.aggregation_peak``; the reference adds its float64 copy of A and G)."""
+        return aggregation_peak(self.suite, self.backend, L=self.L, H=self.H, N=self.N, B=self.B, D=self.D,
+                                itemsize=ITEMSIZE[self.dtype], ref_itemsize=REF_DTYPE.itemsize, Q=self.Q)
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -162,11 +153,10 @@ def build_cases(suite: str, ctx) -> List[Case]:
         qs = (1, n) if suite == "legrad_reduce" else (1,)
         for dtype in dtypes:
             for q in qs:
-                probe = Case(suite, config, n, b, dtype, "torch", q)
-                if not ctx.fits(probe.memory(), f"{suite} {probe.label}"):
-                    continue
-                for backend in backends:
-                    cases.append(Case(suite, config, n, b, dtype, backend, q))
+                for backend in backends:  # each backend's own peak (the reference's float64 copy included)
+                    case = Case(suite, config, n, b, dtype, backend, q)
+                    if ctx.fits(case.memory(), f"{suite} {case.label} {backend}"):
+                        cases.append(case)
     return cases
 
 
@@ -189,24 +179,10 @@ def suite(name: str):
 
 # --------------------------------------------------------------------------- data (one shape alive at a time)
 
-_SLOT: Dict[str, Any] = {"key": None, "data": None}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_slot(bench):
-    yield
-    _SLOT["key"], _SLOT["data"] = None, None
-    bench.release()
-
 
 def _data(case: Case, ctx, make):
-    key = case.data_key()
-    if _SLOT["key"] != key:
-        _SLOT["key"], _SLOT["data"] = None, None
-        ctx.release()
-        _SLOT["data"] = make(case, ctx.device)
-        _SLOT["key"] = key
-    return _SLOT["data"]
+    """The synthetic data of the case's size, shared with the other backends of that size (``bench.cache``)."""
+    return ctx.cache.get(case.data_key(), lambda: make(case, ctx.device))
 
 
 def _gen(seed: int, device) -> torch.Generator:
@@ -316,12 +292,10 @@ def _run(bench, benchmark, case: Case, fn, ref, tf32: bool = False, device_time:
 
 
 def _as_reference_inputs(d: Dict[str, Any]) -> Dict[str, Any]:
-    """The reference's inputs in REF_DTYPE (converted once, outside the timing)."""
-    if "ref_inputs" not in d:
-        cast = lambda xs: [x.to(REF_DTYPE) for x in xs]  # noqa: E731
-        d["ref_inputs"] = dict(attns=cast(d["attns"]), grads=cast(d["grads"]), w_attn=cast(d["w_attn"]),
-                               w_mlp=cast(d["w_mlp"]), query=d["query"].to(REF_DTYPE), c0=d["c0"].to(REF_DTYPE))
-    return {**d, **d["ref_inputs"]}
+    """The reference's inputs in REF_DTYPE, made for this case only (freed when it ends; never cached)."""
+    cast = lambda xs: [x.to(REF_DTYPE) for x in xs]  # noqa: E731
+    return {**d, "attns": cast(d["attns"]), "grads": cast(d["grads"]), "w_attn": cast(d["w_attn"]),
+            "w_mlp": cast(d["w_mlp"]), "query": d["query"].to(REF_DTYPE), "c0": d["c0"].to(REF_DTYPE)}
 
 
 @suite("aggregation")

@@ -13,7 +13,11 @@ For each (model, batch):
 Targets are fixed random classes (the same for every backend; the argmax of a
 random-init model can differ between float32 and float64 when logits nearly
 tie). The qkv weights are scaled ×2 so that attention is not nearly uniform
-(see ``tokentm_fast.benchtable.random_vit`` for why not more).
+(see ``bench_models.random_vit`` for why not more).
+
+``--bench-methods`` (``TOKENTM_BENCH_METHODS``) replaces the methods. The size
+filter uses ``bench_memory.explain_peak`` (the reference: float64 model copy,
+its graph and every layer's A and G in float64) per backend.
 
 Every torch/triton case first checks its map against the reference map (float64)
 of the same images: per-image relative L2 error ≤ 1e-5 (5e-3 with --bench-tf32).
@@ -30,7 +34,8 @@ import pytest
 import torch
 
 import tokentm_fast as tf
-from tokentm_fast.benchtable import forward_backward_step, random_images, random_vit
+from bench_memory import explain_peak, step_peak
+from bench_models import explicit_step, random_images, random_vit
 
 # name -> (L, H, D, parameters); all at 224 px with 16 px patches: N = 197.
 MODELS = {
@@ -67,14 +72,15 @@ class ECase:
                     model=self.model, B=self.B, L=L, H=H, D=D, N=N_TOKENS, dtype="float32")
 
 
-def memory(model: str, batch: int, backend: str) -> float:
-    """Rough peak bytes: activations of a step with explicit attention (float64 for the reference)."""
+def memory(model: str, batch: int, backend: str, method: str = "tokentm") -> float:
+    """Estimated peak bytes of one case (``bench_memory``): the model (params, float32) plus the call."""
     L, H, D, params = MODELS[model]
-    n = N_TOKENS
-    if backend == "reference":
-        act = L * batch * (16 * n * D + 4 * H * n * n) * 8
-        return act + 3 * params * 8 + 6 * batch * n * n * 8
-    return L * batch * (16 * n * D + 2 * H * n * n) * 4 + 3 * params * 4
+    shape = dict(L=L, H=H, N=N_TOKENS, D=D, B=batch, params=int(params), image_pixels=224 * 224, itemsize=4)
+    if backend == "baseline":
+        need = step_peak(**shape, fused=False)
+    else:
+        need = explain_peak(method, backend, **shape)
+    return 4 * params + need
 
 
 def _sweep(scale: str, cuda: bool) -> List[Tuple[str, int]]:
@@ -93,16 +99,15 @@ def _sweep(scale: str, cuda: bool) -> List[Tuple[str, int]]:
 
 def build_cases(ctx) -> List[ECase]:
     cases = []
+    methods = ctx.methods(METHODS)
     for model, b in _sweep(ctx.scale, ctx.cuda):
-        if not ctx.fits(memory(model, b, "torch"), f"explain {model} B={b}"):
+        if not ctx.fits(memory(model, b, "baseline"), f"explain {model} B={b}"):
             continue
         cases.append(ECase(model, b, "baseline"))
-        for method in METHODS:
+        for method in methods:
             for backend in ctx.backends():
-                if backend == "reference" and not ctx.fits(memory(model, b, "reference"),
-                                                           f"explain reference {model} B={b} {method}"):
-                    continue
-                cases.append(ECase(model, b, backend, method))
+                if ctx.fits(memory(model, b, backend, method), f"explain {backend} {model} B={b} {method}"):
+                    cases.append(ECase(model, b, backend, method))
     return cases
 
 
@@ -114,53 +119,40 @@ def pytest_generate_tests(metafunc):
 
 # --------------------------------------------------------------------------- model / images / reference maps
 
-_STATE: Dict[str, Any] = {"model_name": None, "model": None, "inputs": {}, "refs": {}}
+def _state(name: str, batch: int, ctx) -> Dict[str, Any]:
+    """The model, images, targets and reference maps of one (model, batch), shared through ``bench.cache``."""
+
+    def make():
+        model = random_vit(name, ctx.device)
+        images, target = random_images(model, batch, ctx.device)
+        return dict(model=model, images=images, target=target, refs={})
+
+    return ctx.cache.get((name, batch), make)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _free_state(bench):
-    yield
-    _STATE.update(model_name=None, model=None, inputs={}, refs={})
-    bench.release()
-
-
-def _model(name: str, ctx) -> torch.nn.Module:
-    if _STATE["model_name"] != name:
-        _STATE.update(model_name=None, model=None, inputs={}, refs={})
-        ctx.release()
-        _STATE["model"] = random_vit(name, ctx.device)
-        _STATE["model_name"] = name
-    return _STATE["model"]
-
-
-def _inputs(model: torch.nn.Module, batch: int, ctx) -> Tuple[torch.Tensor, torch.Tensor]:
-    if batch not in _STATE["inputs"]:
-        _STATE["inputs"] = {batch: random_images(model, batch, ctx.device)}
-    return _STATE["inputs"][batch]
-
-
-def _reference_map(case: ECase, model, images, target, ctx) -> torch.Tensor:
-    """Reference map of the case's images (cached), or of its first few images when the batch does not fit."""
-    key = (case.model, case.B, case.method)
-    if key not in _STATE["refs"]:
+def _reference_map(case: ECase, state: Dict[str, Any], ctx) -> torch.Tensor:
+    """Reference map of the case's images (kept with the size), or of its first few images when
+    the batch does not fit."""
+    if case.method not in state["refs"]:
         k = case.B
-        if not ctx.fits(memory(case.model, k, "reference")):
+        if not ctx.fits(memory(case.model, k, "reference", case.method)):
             k = min(case.B, CHECK_BATCH[ctx.device.type])
-        _STATE["refs"][key] = tf.explain(model, images[:k], method=case.method, target=target[:k],
-                                         backend="reference")
-    return _STATE["refs"][key]
+        state["refs"][case.method] = tf.explain(state["model"], state["images"][:k], method=case.method,
+                                                target=state["target"][:k], backend="reference").clone()
+    return state["refs"][case.method]
 
 
 # --------------------------------------------------------------------------- the case
 
 
 def test_explain(benchmark, bench, ecase: ECase):
-    model = _model(ecase.model, bench)
-    images, target = _inputs(model, ecase.B, bench)
+    state = _state(ecase.model, ecase.B, bench)
+    model, images, target = state["model"], state["images"], state["target"]
     benchmark.group = f"explain {ecase.label} {ecase.method or 'fwd+bwd'}"
+    oom = None
     try:
         if ecase.backend == "baseline":
-            fn = forward_backward_step(model, images, target)
+            fn = explicit_step(model, images, target)
             t0 = time.perf_counter()
             fn()
             bench.sync()
@@ -176,17 +168,18 @@ def test_explain(benchmark, bench, ecase: ECase):
             bench.sync()
             first = time.perf_counter() - t0
             if ecase.backend == "reference":
-                _STATE["refs"][(ecase.model, ecase.B, ecase.method)] = out
+                state["refs"][ecase.method] = out.clone()  # a copy: never a view of a larger tensor
                 bench.check(benchmark, out, out, None, ecase.id)
             else:
-                ref = _reference_map(ecase, model, images, target, bench)
+                ref = _reference_map(ecase, state, bench)
                 tol = bench.tolerance("float32", tf32=bench.tf32 and bench.cuda)
                 bench.check(benchmark, out[: ref.shape[0]], ref, tol, f"explain {ecase.id}")
             del out
         bench.measure(benchmark, fn, ecase.extra(), explain=True, first_call_s=first)
-    except _OOM:  # the estimate is rough; never let one size take the run down
-        bench.release()
-        pytest.skip(f"out of memory at {ecase.id}")
+    except _OOM as e:  # the estimate is an estimate: never let one size take the run down
+        oom = f"out of memory at {ecase.id}: {str(e).splitlines()[0][:200]}"
     finally:
-        if ecase.backend == "baseline":
-            model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+    if oom is not None:  # outside the except block: the error's frames (and tensors) are gone by now
+        bench.release()
+        pytest.skip(oom)

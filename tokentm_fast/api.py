@@ -13,13 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bindings.timm_vit import TimmViT
+from .models import adapt
+from .attention import triton_attention
 from .fast_path import TORCH_KERNELS, explain_fast, triton_kernels
+from .flash import explain_flash
 from .methods import FULL_MATRIX_METHODS, check_method, resolve_options
 from .reference import explain_reference
 from .targets import Target, check_target
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+ATTENTION_PATHS = ("auto", "flash", "materialized")
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -33,7 +36,9 @@ class Explainer:
     """Explain many batches with one model, method and backend.
 
     Args:
-        model: a timm ``VisionTransformer``.
+        model: a supported ViT: timm ``VisionTransformer``, Hugging Face ViT / DeiT / CLIP vision
+            models, torchvision ``VisionTransformer`` or open_clip ``VisionTransformer``
+            (``tokentm_fast.models.adapt`` picks the adapter).
         method: ``"tokentm"``, ``"gae"``, ``"rollout"``, ``"raw_attention"``,
             ``"attn_gradcam"`` or ``"legrad"``.
         backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"reference"``,
@@ -43,13 +48,19 @@ class Explainer:
             ``align_corners=False``) instead of the patch grid ``(B, gh, gw)``.
         normalize: min–max normalise each image's map to [0, 1] (after
             ``upsample``; a constant map becomes all zeros). Default: raw values.
+        attention: which attention path the Triton backend takes (docs/methods.md §8, the flash
+            formulation): ``"flash"`` (the explanation attention kernels, no N×N tensor),
+            ``"materialized"`` (attention probabilities and gradients captured as tensors, then the
+            fused aggregation kernels) or ``"auto"``: flash on CUDA, materialized otherwise and for
+            ``full=True`` and ``head_fusion="decoupled"`` (which need whole matrices). The
+            ``reference`` and ``torch`` backends always materialize.
         **options: method options (see ``tokentm_fast.methods.DEFAULT_OPTIONS``).
     """
 
     def __init__(self, model: nn.Module, method: str = "tokentm", backend: str = "auto",
                  full: bool = False, upsample: bool = False, normalize: bool = False,
-                 **options: Any) -> None:
-        self.vit = TimmViT(model)
+                 attention: str = "auto", **options: Any) -> None:
+        self.vit = adapt(model)
         self.method = check_method(method)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -59,6 +70,7 @@ class Explainer:
         self.full = bool(full)
         self.upsample, self.normalize = _check_output_options(upsample, normalize, self.full)
         self.options = resolve_options(method, options, self.vit.num_layers)
+        self.attention = _check_attention(attention, backend, self.full, self.options)
 
     def backend_for(self, images: torch.Tensor) -> str:
         """The concrete backend used for ``images`` (resolves ``"auto"``)."""
@@ -73,18 +85,52 @@ class Explainer:
             raise ValueError("backend='triton' takes float32/bfloat16/float16 models; use backend='torch' for float64")
         return self.backend
 
+    def attention_for(self, images: torch.Tensor, backend: str) -> str:
+        """The attention path (``"flash"`` or ``"materialized"``) of a call on ``backend``."""
+        if self.attention == "flash":
+            if backend != "triton":
+                raise ValueError(f"attention='flash' runs on the Triton kernels, but these images take "
+                                 f"backend={backend!r} (Triton needs CUDA tensors, or TRITON_INTERPRET=1 on CPU)")
+            return "flash"
+        if backend != "triton" or self.attention == "materialized":
+            return "materialized"
+        return "flash" if images.is_cuda and not self.full and _flash_serves(self.options) else "materialized"
+
     def __call__(self, images: torch.Tensor, target: Target = None) -> torch.Tensor:
         """Explain ``images (B, C, H, W)``; returns ``(B, gh, gw)`` float32 (``(B, N, N)`` with full,
         ``(B, H, W)`` with upsample). ``target``: see ``tokentm_fast.targets``."""
+        if torch.is_inference_mode_enabled():
+            # Explanations need autograd, which inference mode switches off: run with it
+            # switched back on, on copies of the (inference) input tensors.
+            with torch.inference_mode(False):
+                images = images.clone() if isinstance(images, torch.Tensor) else images
+                target = target.clone() if isinstance(target, torch.Tensor) else target
+                return self(images, target)
         gh, gw = self.vit.check_images(images)
         param = next(self.vit.model.parameters())
+        if param.device.type == "meta":
+            raise ValueError("the model's parameters are on the meta device (no data): load its weights first")
         if images.device != param.device:
-            raise ValueError(f"images are on {images.device}, the model is on {param.device}")
+            raise ValueError(
+                f"images must be on the model's device: images are on {images.device}, the model is on "
+                f"{param.device} (move them with images.to({str(param.device)!r}))"
+            )
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or Inf values")
         images = images.to(param.dtype)
+        if self.vit.num_classes is None and not callable(target):
+            raise ValueError(
+                f"{type(self.vit.model).__name__} has no classifier (e.g. timm num_classes=0, a feature or CLIP "
+                f"vision model): its output is an embedding, so target must be a callable mapping that output "
+                f"to a (B,) score (e.g. tokentm_fast.targets.cosine_similarity(embeddings)), got {target!r}"
+            )
         target = check_target(target, images.shape[0], self.vit.num_classes)
         backend = self.backend_for(images)
         if backend == "reference":
             out = explain_reference(self.vit, images, self.method, target, self.options, self.full)
+        elif self.attention_for(images, backend) == "flash":
+            out = explain_flash(self.vit, images, self.method, target, self.options, triton_kernels(),
+                                triton_attention())
         else:
             kernels = TORCH_KERNELS if backend == "torch" else triton_kernels()
             out = explain_fast(self.vit, images, self.method, target, self.options, kernels, self.full)
@@ -100,6 +146,27 @@ class Explainer:
         if self.upsample:
             out = upsample_maps(out, tuple(images.shape[-2:]))
         return minmax_normalize(out) if self.normalize else out
+
+
+def _flash_serves(options: dict) -> bool:
+    """``head_fusion="decoupled"`` multiplies two head means per entry: it does not factor per head."""
+    return options.get("head_fusion", "gae") != "decoupled"
+
+
+def _check_attention(attention: Any, backend: str, full: bool, options: dict) -> str:
+    if attention not in ATTENTION_PATHS:
+        raise ValueError(f"unknown attention={attention!r}; expected one of {ATTENTION_PATHS}")
+    if attention == "flash":
+        if backend not in ("auto", "triton"):
+            raise ValueError(f"attention='flash' runs on the Triton kernels; backend={backend!r} always "
+                             f"materializes the attention (use backend='triton')")
+        if full:
+            raise ValueError("attention='flash' gives the explanation row; full=True needs the whole matrix "
+                             "(use attention='materialized' or 'auto')")
+        if not _flash_serves(options):
+            raise ValueError("head_fusion='decoupled' needs mean_h A and mean_h max(G, 0) per entry, which the "
+                             "flash path does not form: use attention='materialized' or 'auto'")
+    return attention
 
 
 def _check_output_options(upsample: Any, normalize: Any, full: bool) -> tuple:
@@ -127,7 +194,7 @@ def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
 
 def explain(model: nn.Module, images: torch.Tensor, method: str = "tokentm", target: Target = None,
             backend: str = "auto", full: bool = False, upsample: bool = False, normalize: bool = False,
-            **options: Any) -> torch.Tensor:
+            attention: str = "auto", **options: Any) -> torch.Tensor:
     """Explain ``images (B, C, H, W)`` for ``target`` with ``method``.
 
     Returns a float32 ``(B, gh, gw)`` map of raw (unnormalized) relevance of
@@ -139,4 +206,4 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "tokentm", tar
     ``Explainer`` for the arguments.
     """
     return Explainer(model, method=method, backend=backend, full=full, upsample=upsample,
-                     normalize=normalize, **options)(images, target)
+                     normalize=normalize, attention=attention, **options)(images, target)

@@ -1,12 +1,12 @@
-"""Capture of per-layer tensors from a timm ViT (docs/methods.md §1–§2).
+"""Capture of per-layer tensors through the adapter protocol (family-free).
 
-``explicit_attention(model)`` prepares a model for one explanation call and
-puts it back exactly as it was, also when the call raises: eval mode, explicit
-(non-fused) attention so that the probabilities exist as tensors, parameters
-frozen so that no parameter gradient is ever computed, hooks removed.
+``explicit_attention(vit)`` prepares a model for one explanation call and
+puts it back exactly as it was, also when the call raises: eval mode,
+parameters frozen so that no parameter gradient is ever computed, fused
+attention flags off, and every hook or patched forward that callers add to
+the yielded ``handles`` list removed.
 
-``LayerRecorder`` installs forward hooks that record, for each chosen block l
-(0-based), a ``dict`` with
+``LayerRecorder`` records, for each chosen block l (0-based), a ``dict`` with
 
 ====================  ============  ==========================================
 key                   shape         meaning
@@ -14,7 +14,7 @@ key                   shape         meaning
 ``x_in``              (B, N, D)     Xˡ⁻¹, the residual stream entering the block
 ``values``            (B, N, H·d)   v_j = concat_h V_h[j]
 ``attn``              (B, H, N, N)  Aˡ, post-softmax (graph-attached)
-``attn_out``          (B, N, H·d)   o = concat_h(A_h V_h), before norm/proj
+``attn_out``          (B, N, H·d)   o = concat_h(A_h V_h), before proj
 ``y``                 (B, N, D)     Yˡ
 ``mlp_out``           (B, N, D)     γ₂ ⊙ MLP(LN₂(Yˡ))
 ``x_out``             (B, N, D)     Xˡ (graph-attached)
@@ -24,6 +24,9 @@ and calls ``on_layer(l, record)`` when block l has finished, so that a fast
 path can reduce the record (e.g. to the (B, N) transformation weights) and
 drop the large tensors at once. ``grad_from=k`` makes the input of block k a
 leaf that requires grad: the graph (and the backward pass) then starts there.
+The attention of the recorded blocks runs through the adapter's
+``replace_attention`` with an explicit softmax (so that ``attn`` exists), or
+through a caller's ``core`` (then ``attn`` is not recorded).
 """
 from __future__ import annotations
 
@@ -33,19 +36,28 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .models.protocol import AttentionCore, ViTAdapter, merge_heads
+
 LayerRecord = Dict[str, torch.Tensor]
 
 
-@contextmanager
-def explicit_attention(model: nn.Module) -> Iterator[List[torch.utils.hooks.RemovableHandle]]:
-    """Eval mode, explicit attention, frozen parameters; restore everything on exit.
+def _model_of(vit) -> nn.Module:
+    return vit.model if isinstance(vit, ViTAdapter) else vit
 
-    Yields a list to which callers append hook handles; they are removed on exit.
+
+@contextmanager
+def explicit_attention(vit) -> Iterator[list]:
+    """Eval mode, frozen parameters, fused attention off; restore everything on exit.
+
+    ``vit``: an adapter (or a bare ``nn.Module``). Yields a list to which
+    callers append handles (hooks, ``replace_attention`` patches); each is
+    ``.remove()``-d on exit, last added first.
     """
+    model = _model_of(vit)
     modes = [(m, m.training) for m in model.modules()]
     fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    handles: List[torch.utils.hooks.RemovableHandle] = []
+    handles: list = []
     try:
         model.eval()
         for m, _ in fused:
@@ -54,7 +66,7 @@ def explicit_attention(model: nn.Module) -> Iterator[List[torch.utils.hooks.Remo
             p.requires_grad_(False)
         yield handles
     finally:
-        for h in handles:
+        for h in reversed(handles):
             h.remove()
         for m, flag in modes:
             m.training = flag
@@ -65,68 +77,92 @@ def explicit_attention(model: nn.Module) -> Iterator[List[torch.utils.hooks.Remo
 
 
 class LayerRecorder:
-    """Forward hooks recording the tensors of chosen blocks (see module docstring).
+    """Hooks recording the tensors of chosen blocks (see module docstring).
 
     Args:
-        blocks: the model's blocks, in order.
+        vit: the model's adapter.
         layers: 0-based indices of the blocks to record.
         grad_from: 0-based block whose input becomes a grad-requiring leaf, or None
             (no graph is built: use under ``torch.no_grad``).
         on_layer: called as ``on_layer(l, record)`` after block l; may drop keys.
         keys: which record keys to keep (default: all).
+        core: attention core of the recorded blocks (default: explicit softmax, which
+            records ``attn``); with another core ``attn`` is not recorded.
     """
 
     ALL_KEYS = ("x_in", "values", "attn", "attn_out", "y", "mlp_out", "x_out")
 
     def __init__(
         self,
-        blocks: Sequence[nn.Module],
+        vit: ViTAdapter,
         layers: Sequence[int],
         grad_from: Optional[int] = None,
         on_layer: Optional[Callable[[int, LayerRecord], None]] = None,
         keys: Sequence[str] = ALL_KEYS,
+        core: Optional[AttentionCore] = None,
     ) -> None:
-        self.blocks = list(blocks)
+        self.vit = vit
+        self.blocks = list(vit.blocks)
         self.layers = sorted(set(layers))
         self.grad_from = grad_from
         self.on_layer = on_layer
         self.keys = set(keys)
+        self.core = core
+        if core is not None and "attn" in self.keys:
+            raise ValueError("a custom attention core does not expose the attention probabilities ('attn')")
         self.records: Dict[int, LayerRecord] = {}
         self.first_input: Optional[torch.Tensor] = None
 
-    def install(self, handles: List[torch.utils.hooks.RemovableHandle]) -> None:
-        """Register the hooks; the handles go into ``handles`` (removed by the caller)."""
-        handles.append(self.blocks[0].register_forward_pre_hook(self._first_input))
+    def install(self, handles: list) -> None:
+        """Register the hooks and the attention core; the handles go into ``handles``."""
+        vit = self.vit
+        handles.append(self.blocks[0].register_forward_pre_hook(self._first_input, with_kwargs=True))
         if self.grad_from is not None:
-            handles.append(self.blocks[self.grad_from].register_forward_pre_hook(self._make_leaf))
+            handles.append(self.blocks[self.grad_from].register_forward_pre_hook(self._make_leaf, with_kwargs=True))
         for l in self.layers:
             blk = self.blocks[l]
-            attn = blk.attn
-            hooks = [
-                (blk, "pre", "x_in"), (attn.qkv, "post", "values"), (attn.attn_drop, "post", "attn"),
-                (attn.norm, "pre", "attn_out"), (blk.norm2, "pre", "y"), (blk.ls2, "post", "mlp_out"),
-            ]
-            for module, kind, key in hooks:
-                if key not in self.keys:
-                    continue
-                if kind == "pre":
-                    handles.append(module.register_forward_pre_hook(self._pre(l, key)))
-                else:
-                    handles.append(module.register_forward_hook(self._post(l, key)))
+            if "x_in" in self.keys:
+                handles.append(blk.register_forward_pre_hook(self._x_in(l), with_kwargs=True))
+            y_at, mlp_out_at = vit.mlp_points(l)
+            if "y" in self.keys:
+                handles.append(y_at.register_forward_pre_hook(self._pre(l, "y")))
+            if "mlp_out" in self.keys:
+                handles.append(mlp_out_at.register_forward_hook(self._post(l, "mlp_out")))
             handles.append(blk.register_forward_hook(self._block_end(l)))
+        if self.keys & {"values", "attn", "attn_out"} or self.core is not None:
+            vit.replace_attention(self.layers, self._core, handles)
+
+    # -- attention core ------------------------------------------------------
+    def _core(self, l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if "values" in self.keys:
+            self._store(l, "values", merge_heads(v))
+        if self.core is not None:
+            o = self.core(l, q, k, v, scale)
+        else:
+            attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            if "attn" in self.keys:
+                self._store(l, "attn", attn)
+            o = attn @ v
+        if "attn_out" in self.keys:
+            self._store(l, "attn_out", merge_heads(o))
+        return o
 
     # -- hooks -------------------------------------------------------------
-    def _first_input(self, module, args):
-        self.first_input = args[0].detach()
+    def _first_input(self, module, args, kwargs):
+        self.first_input = self.vit.block_input(args, kwargs).detach()
 
-    def _make_leaf(self, module, args):
-        return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
+    def _make_leaf(self, module, args, kwargs):
+        x = self.vit.block_input(args, kwargs).detach().requires_grad_(True)
+        return self.vit.with_block_input(args, kwargs, x)
 
     def _store(self, l: int, key: str, tensor: torch.Tensor) -> None:
-        if key == "values":  # qkv output (B, N, 3·H·d): the values are the last third
-            tensor = tensor[..., 2 * (tensor.shape[-1] // 3):]
         keep_graph = key in ("attn", "x_out")
         self.records.setdefault(l, {})[key] = tensor if keep_graph else tensor.detach()
+
+    def _x_in(self, l: int):
+        def hook(module, args, kwargs):
+            self._store(l, "x_in", self.vit.block_input(args, kwargs))
+        return hook
 
     def _pre(self, l: int, key: str):
         def hook(module, args):
@@ -142,7 +178,7 @@ class LayerRecorder:
         def hook(module, args, output):
             rec = self.records.setdefault(l, {})
             if "x_out" in self.keys:
-                rec["x_out"] = output
+                rec["x_out"] = self.vit.block_output(output)
             if self.on_layer is not None:
                 self.on_layer(l, rec)
         return hook

@@ -25,7 +25,7 @@ import torch
 
 from . import aggregation, fusion, legrad, transform
 from .aggregation import GAE, ROLLOUT, EngineConstants, finish_rows, initial_rows
-from .bindings.timm_vit import TimmViT
+from .models.protocol import ViTAdapter
 from .capture import LayerRecorder, explicit_attention
 from .targets import resolve_target, target_score
 from .transform import compute_dtype
@@ -58,7 +58,7 @@ def triton_kernels() -> Kernels:
 
 
 def explain_fast(
-    vit: TimmViT,
+    vit: ViTAdapter,
     images: torch.Tensor,
     method: str,
     target: Optional[torch.Tensor],
@@ -81,7 +81,7 @@ def explain_fast(
     raise ValueError(f"unknown method {method!r}")
 
 
-def _patch_part(vit: TimmViT, rows: torch.Tensor, full: bool) -> torch.Tensor:
+def _patch_part(vit: ViTAdapter, rows: torch.Tensor, full: bool) -> torch.Tensor:
     return rows if full else rows[:, 0, vit.num_prefix_tokens:]
 
 
@@ -98,7 +98,7 @@ def _gradient_engine(vit, images, target, consts: EngineConstants, options, kern
         if with_weights:
             use = dict(use_length=options["use_length"], use_necc=options["use_necc"])
             with torch.no_grad():
-                x_tilde = vit.value_tokens(vit.blocks[l], rec["values"])
+                x_tilde = vit.value_tokens(l, rec["values"])
                 weights[l] = (
                     kernels.transform_weights(rec["x_in"], x_tilde, **use),
                     kernels.transform_weights(rec["y"], rec["mlp_out"], **use),
@@ -108,11 +108,11 @@ def _gradient_engine(vit, images, target, consts: EngineConstants, options, kern
         rec.clear()
 
     keys = ("x_in", "values", "attn", "y", "mlp_out") if with_weights else ("attn",)
-    recorder = LayerRecorder(vit.blocks, layers, grad_from=first, on_layer=on_layer, keys=keys)
+    recorder = LayerRecorder(vit, layers, grad_from=first, on_layer=on_layer, keys=keys)
     update = kernels.matrix_update if full else kernels.row_update
-    with explicit_attention(vit.model) as handles, torch.enable_grad():
+    with explicit_attention(vit) as handles, torch.enable_grad():
         recorder.install(handles)
-        logits = vit.model(images)
+        logits = vit.forward(images)
         target = resolve_target(target, logits)
         b, n = logits.shape[0], attns[L - 1].shape[-1]
         query = vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device)
@@ -143,10 +143,10 @@ def _rollout(vit, images, first: int, kernels: Kernels, full: bool):
     def on_layer(l, rec):
         fused[l] = kernels.fuse_heads(rec.pop("attn"), None, "mean")[:, None]  # (B, 1, N, N)
 
-    recorder = LayerRecorder(vit.blocks, range(first, vit.num_layers), on_layer=on_layer, keys=("attn",))
-    with explicit_attention(vit.model) as handles, torch.no_grad():
+    recorder = LayerRecorder(vit, range(first, vit.num_layers), on_layer=on_layer, keys=("attn",))
+    with explicit_attention(vit) as handles, torch.no_grad():
         recorder.install(handles)
-        vit.model(images)
+        vit.forward(images)
         b, n = images.shape[0], fused[vit.num_layers - 1].shape[-1]
         rows = initial_rows(vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device), full)
         update = kernels.matrix_update if full else kernels.row_update
@@ -158,10 +158,10 @@ def _rollout(vit, images, first: int, kernels: Kernels, full: bool):
 def _raw_attention(vit, images):
     """mean_h Aᴸ[cls, P:] (docs/methods.md §4)."""
     last = vit.num_layers - 1
-    recorder = LayerRecorder(vit.blocks, [last], keys=("attn",))
-    with explicit_attention(vit.model) as handles, torch.no_grad():
+    recorder = LayerRecorder(vit, [last], keys=("attn",))
+    with explicit_attention(vit) as handles, torch.no_grad():
         recorder.install(handles)
-        vit.model(images)
+        vit.forward(images)
         a = recorder.records[last]["attn"]
         acc = compute_dtype(a)
         q = vit.query_vector(a.shape[0], a.shape[-1], dtype=acc, device=a.device)
@@ -174,11 +174,11 @@ def _tail_gradient_method(vit, images, target, method: str, options, kernels: Ke
     L, P = vit.num_layers, vit.num_prefix_tokens
     layers = list(range(options["start_layer"], L)) if method == "legrad" else [L - 1]
     keys = ("x_in", "values", "attn_out") + (("attn",) if method == "attn_gradcam" else ())
-    recorder = LayerRecorder(vit.blocks, layers, keys=keys)
-    with explicit_attention(vit.model) as handles:
+    recorder = LayerRecorder(vit, layers, keys=keys)
+    with explicit_attention(vit) as handles:
         recorder.install(handles)
         with torch.no_grad():
-            logits = vit.model(images)
+            logits = vit.forward(images)
         target = resolve_target(target, logits)
         recs = recorder.records
         # Token pooling: s_l reads only prefix rows of Xˡ (the class token; distilled
@@ -188,7 +188,7 @@ def _tail_gradient_method(vit, images, target, method: str, options, kernels: Ke
         with torch.enable_grad():
             leaves = [recs[l]["attn_out"][:, rows].detach().requires_grad_(True) for l in layers]
             score = sum(
-                target_score(vit.head_logits(vit.block_tail(vit.blocks[l], recs[l]["x_in"][:, rows], o)), target)
+                target_score(vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)), target)
                 for l, o in zip(layers, leaves)
             )
             d_outs = torch.autograd.grad(score, leaves)

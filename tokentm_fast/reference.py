@@ -18,7 +18,7 @@ from .capture import LayerRecorder, explicit_attention
 from .fusion import fuse_heads
 from .targets import resolve_target, target_score
 from .transform import token_lengths, transform_weights
-from .bindings.timm_vit import TimmViT
+from .models.protocol import ViTAdapter
 
 
 def _eye(b: int, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -30,7 +30,7 @@ def _diag(w: torch.Tensor) -> torch.Tensor:
 
 
 def explain_reference(
-    vit: TimmViT,
+    vit: ViTAdapter,
     images: torch.Tensor,
     method: str,
     target: Optional[torch.Tensor],
@@ -39,17 +39,17 @@ def explain_reference(
 ) -> torch.Tensor:
     """Reference explanation of ``images (B, C, H, W)``; float64 result."""
     model = copy.deepcopy(vit.model).double()
-    vit = TimmViT(model)
+    vit = vit.with_model(model)
     x = images.to(torch.float64)
     L, P = vit.num_layers, vit.num_prefix_tokens
     uses_grad = method in ("tokentm", "gae", "attn_gradcam", "legrad")
     # first block used: start_layer where the method has it, all blocks for GAE, the last otherwise
     first = options.get("start_layer", 0 if method == "gae" else L - 1)
     layers = list(range(first, L))
-    recorder = LayerRecorder(vit.blocks, layers, grad_from=first if uses_grad else None)
-    with explicit_attention(model) as handles, torch.set_grad_enabled(uses_grad):
+    recorder = LayerRecorder(vit, layers, grad_from=first if uses_grad else None)
+    with explicit_attention(vit) as handles, torch.set_grad_enabled(uses_grad):
         recorder.install(handles)
-        logits = model(x)
+        logits = vit.forward(x)
         target = resolve_target(target, logits)
         recs = recorder.records
         b, n = x.shape[0], recs[L - 1]["attn"].shape[-1]
@@ -87,9 +87,8 @@ def explain_reference(
             if method == "gae":
                 c = c + fuse_heads(rec["attn"], grads[l], "gae") @ c
                 continue
-            blk = vit.blocks[l]
             use = dict(use_length=options["use_length"], use_necc=options["use_necc"])
-            w_attn = transform_weights(rec["x_in"], vit.value_tokens(blk, rec["values"]), **use)
+            w_attn = transform_weights(rec["x_in"], vit.value_tokens(l, rec["values"]), **use)
             w_mlp = transform_weights(rec["y"], rec["mlp_out"], **use)
             a_bar = fuse_heads(rec["attn"], grads[l], options["head_fusion"])
             u_attn = eye + a_bar @ _diag(w_attn)
@@ -100,11 +99,11 @@ def explain_reference(
         return torch.einsum("bi,bij->bj", q, c)[:, P:]
 
 
-def _legrad(vit: TimmViT, recs, layers, target: torch.Tensor, n: int, P: int) -> torch.Tensor:
+def _legrad(vit: ViTAdapter, recs, layers, target: torch.Tensor, n: int, P: int) -> torch.Tensor:
     """docs/methods.md §6 literally: one autograd call per layer on the full graph."""
     e = 0
     for l in layers:
-        s_l = target_score(vit.head_logits(recs[l]["x_out"]), target)
+        s_l = target_score(vit.head(recs[l]["x_out"]), target)
         (g,) = torch.autograd.grad(s_l, recs[l]["attn"], retain_graph=True)  # (B, H, N, N)
         e = e + g.clamp_min(0).mean(2).mean(1)
     return e.detach()[:, P:]

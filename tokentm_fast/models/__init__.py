@@ -1,0 +1,97 @@
+"""Model adapters: each supported ViT family mapped onto one protocol (``protocol.ViTAdapter``).
+
+``adapt(model)`` picks the adapter by the model's class:
+
+==============  ==========================================================  ===============================
+family          classes                                                     install
+==============  ==========================================================  ===============================
+timm            ``timm.models.vision_transformer.VisionTransformer``         (a dependency)
+hf              ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,  ``pip install "tokentm_fast[hf]"``
+                ``DeiTForImageClassification(WithTeacher)``,
+                ``CLIPVisionModel(WithProjection)``
+torchvision     ``torchvision.models.VisionTransformer`` (``vit_b_16``, ...)  ``pip install "tokentm_fast[torchvision]"``
+open_clip       ``open_clip.transformer.VisionTransformer`` (``model.visual``)  ``pip install "tokentm_fast[clip]"``
+==============  ==========================================================  ===============================
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from typing import List, NamedTuple
+
+from torch import nn
+
+from .protocol import AttentionCore, PatchedForward, ViTAdapter, explicit_core, merge_heads, split_heads
+
+
+class Family(NamedTuple):
+    name: str
+    package: str      # the module the family's classes come from
+    module: str       # our adapter module
+    extra: str        # pip extra
+    classes: str      # for error messages
+
+
+FAMILIES: List[Family] = [
+    Family("timm", "timm", "timm", "", "timm VisionTransformer"),
+    Family("hf", "transformers", "hf", "hf",
+           "transformers ViTModel / ViTForImageClassification / DeiTModel / DeiTForImageClassification"
+           "(WithTeacher) / CLIPVisionModel(WithProjection)"),
+    Family("torchvision", "torchvision", "torchvision", "torchvision",
+           "torchvision VisionTransformer (vit_b_16, vit_l_16, ...)"),
+    Family("open_clip", "open_clip", "open_clip", "clip", "open_clip VisionTransformer (clip_model.visual)"),
+]
+
+
+def supported_classes() -> str:
+    """One line naming every supported model class."""
+    return "; ".join(f.classes for f in FAMILIES)
+
+
+def install_hint(family: Family) -> str:
+    return f'pip install "tokentm_fast[{family.extra}]"' if family.extra else f"pip install {family.package}"
+
+
+def adapt(model: nn.Module) -> ViTAdapter:
+    """The adapter of ``model``'s family (``model`` itself if it already is an adapter).
+
+    Raises:
+        TypeError: the model's class is not supported (the message names the supported classes).
+        ImportError: the model comes from a family whose package cannot be imported.
+    """
+    if isinstance(model, ViTAdapter):
+        return model
+    root = type(model).__module__.split(".")[0]
+    missing = []
+    for fam in FAMILIES:
+        if fam.package not in sys.modules:
+            # A model of that family cannot exist without its package being imported.
+            if importlib.util.find_spec(fam.package) is None:
+                missing.append(fam)
+            continue
+        try:
+            mod = importlib.import_module(f"{__name__}.{fam.module}")
+            adapter_cls = mod.adapter_class(model)
+        except ImportError as e:
+            if root == fam.package:
+                raise ImportError(
+                    f"{type(model).__name__} is a {fam.package} model but the {fam.name} adapter cannot load "
+                    f"({e}); install a supported version: {install_hint(fam)}"
+                ) from e
+            continue
+        if adapter_cls is not None:
+            return adapter_cls(model)
+    not_installed = "".join(
+        f"; {f.package} is not installed ({install_hint(f)})" for f in missing
+    )
+    raise TypeError(
+        f"unsupported model class {type(model).__module__}.{type(model).__qualname__}: expected one of "
+        f"{supported_classes()}{not_installed}"
+    )
+
+
+__all__ = [
+    "AttentionCore", "FAMILIES", "PatchedForward", "ViTAdapter", "adapt", "explicit_core", "merge_heads",
+    "split_heads", "supported_classes",
+]

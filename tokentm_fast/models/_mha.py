@@ -1,0 +1,45 @@
+"""``nn.MultiheadAttention`` self-attention with a replaceable core (torchvision, open_clip)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .protocol import AttentionCore
+
+
+def check_mha(mha: nn.Module, where: str) -> None:
+    """Refuse the ``nn.MultiheadAttention`` options the explanation does not model."""
+    if not isinstance(mha, nn.MultiheadAttention):
+        raise ValueError(f"unsupported model: {where} is a {type(mha).__name__}, not nn.MultiheadAttention")
+    if not mha._qkv_same_embed_dim:
+        raise ValueError(f"unsupported model: {where} has separate kdim/vdim projections")
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise ValueError(f"unsupported model: {where} uses add_bias_kv / add_zero_attn")
+
+
+def mha_forward(core: AttentionCore, l: int):
+    """Instance ``forward`` of an ``nn.MultiheadAttention`` used as self-attention, with ``core`` inside."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise ValueError("explanations take unmasked self-attention (a mask was given)")
+        if not (key is query and value is query):
+            raise ValueError("explanations take self-attention (query, key and value must be the same tensor)")
+        x = query if self.batch_first else query.transpose(0, 1)               # (B, N, D)
+        b, n, _ = x.shape
+        heads = self.num_heads
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.reshape(b, n, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = core(l, q, k, v, float(self.head_dim) ** -0.5)
+        out = self.out_proj(o.transpose(1, 2).reshape(b, n, heads * self.head_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+    return forward

@@ -1,0 +1,171 @@
+"""Adapter for Hugging Face ``transformers`` vision models (pixel_values in).
+
+Supported classes (transformers 5 layout: ``q_proj/k_proj/v_proj`` and
+``o_proj``/``out_proj`` attention, an ``mlp`` per layer):
+
+- ``ViTModel``, ``DeiTModel``: output the ``pooler_output`` (or the
+  normalised class token when built without a pooler), an embedding;
+- ``ViTForImageClassification``, ``DeiTForImageClassification``: logits of
+  the class token; ``DeiTForImageClassificationWithTeacher``: the mean of the
+  class-token and distillation-token classifiers;
+- ``CLIPVisionModel`` (``pooler_output``), ``CLIPVisionModelWithProjection``
+  (``image_embeds``): embeddings.
+
+Install with ``pip install "tokentm_fast[hf]"``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .protocol import AttentionCore, PatchedForward, ViTAdapter
+
+
+def hf_classes():
+    try:
+        from transformers import (
+            CLIPVisionModel,
+            CLIPVisionModelWithProjection,
+            DeiTForImageClassification,
+            DeiTForImageClassificationWithTeacher,
+            DeiTModel,
+            ViTForImageClassification,
+            ViTModel,
+        )
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f'Hugging Face models need transformers: pip install "tokentm_fast[hf]" ({e})') from e
+    return dict(
+        vit=ViTModel, vit_cls=ViTForImageClassification, deit=DeiTModel, deit_cls=DeiTForImageClassification,
+        deit_teacher=DeiTForImageClassificationWithTeacher, clip=CLIPVisionModel,
+        clip_proj=CLIPVisionModelWithProjection,
+    )
+
+
+def _attention_forward(core: AttentionCore, l: int, out_name: str, scale_name: str):
+    """transformers' ViT / CLIP attention ``forward`` with ``core`` in place of the attention interface."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("explanations take unmasked attention (an attention_mask was given)")
+        b, n, _ = hidden_states.shape
+        shape = (b, n, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        o = core(l, q, k, v, float(getattr(self, scale_name)))
+        out = getattr(self, out_name)(o.transpose(1, 2).reshape(b, n, -1))
+        return out, None
+
+    return forward
+
+
+class HFViT(ViTAdapter):
+    """Adapter over a Hugging Face ViT / DeiT / CLIP vision model (see the module docstring)."""
+
+    family = "hf"
+    block_input_kwarg = "hidden_states"
+
+    def __init__(self, model: nn.Module) -> None:
+        c = hf_classes()
+        kinds = [k for k, cls in c.items() if isinstance(model, cls)]
+        if not kinds:
+            names = ", ".join(cls.__name__ for cls in c.values())
+            raise TypeError(f"expected one of the transformers classes {names}, got {type(model).__name__}")
+        self.kind = kinds[0]
+        self.model = model
+        self.clip = self.kind.startswith("clip")
+        if self.clip:
+            base = model
+            while hasattr(base, "vision_model"):
+                base = base.vision_model
+            self.base = base
+            layers = base.encoder.layers
+            self.final_norm = base.post_layernorm
+        else:
+            base = getattr(model, "vit", None) or getattr(model, "deit", None) or model
+            self.base = base
+            layers = getattr(base, "layers", None)
+            self.final_norm = base.layernorm
+        if layers is None or not len(layers):
+            raise ValueError(
+                f"unsupported {type(model).__name__} layout: no list of layers found (this adapter follows the "
+                f"transformers 5 layout, `model.layers`)"
+            )
+        self.blocks = list(layers)
+        names = ("layer_norm1", "self_attn", "layer_norm2", "mlp") if self.clip else \
+            ("layernorm_before", "attention", "layernorm_after", "mlp")
+        self._ln1, self._attn, self._ln2, self._mlp = names
+        for i, blk in enumerate(self.blocks):
+            missing = [n for n in names if not hasattr(blk, n)]
+            attn = getattr(blk, self._attn, None)
+            if attn is not None:
+                missing += [n for n in ("q_proj", "k_proj", "v_proj") if not hasattr(attn, n)]
+            if missing:
+                raise ValueError(
+                    f"unsupported {type(model).__name__} layout: block {i} has no {missing} (this adapter "
+                    f"follows the transformers 5 layout)"
+                )
+        attn0 = getattr(self.blocks[0], self._attn)
+        self._out_name = "out_proj" if self.clip else "o_proj"
+        self._scale_name = "scale" if self.clip else "scaling"
+        self.num_heads = int(getattr(attn0, "num_heads", None) or attn0.num_attention_heads)
+        config = model.config
+        self.num_prefix_tokens = 2 if self.kind.startswith("deit") else 1
+        self.has_class_token = True
+        self.pooling = "token"
+        self.in_chans = int(config.num_channels)
+        size = config.image_size
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        p = config.patch_size
+        self.patch_size = tuple(p) if isinstance(p, (tuple, list)) else (p, p)
+        self.num_classes = int(config.num_labels) if self.kind in ("vit_cls", "deit_cls", "deit_teacher") else None
+
+    # -- protocol ------------------------------------------------------------
+    def replace_attention(self, layers: Sequence[int], core: AttentionCore, handles: list) -> None:
+        for l in layers:
+            attn = getattr(self.blocks[l], self._attn)
+            handles.append(PatchedForward(attn, _attention_forward(core, l, self._out_name, self._scale_name)))
+
+    def attn_output(self, l: int, o: torch.Tensor) -> torch.Tensor:
+        return getattr(getattr(self.blocks[l], self._attn), self._out_name)(o)
+
+    def mlp_branch(self, l: int, y: torch.Tensor) -> torch.Tensor:
+        blk = self.blocks[l]
+        return getattr(blk, self._mlp)(getattr(blk, self._ln2)(y))
+
+    def mlp_points(self, l: int) -> Tuple[nn.Module, nn.Module]:
+        blk = self.blocks[l]
+        return getattr(blk, self._ln2), getattr(blk, self._mlp)
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        m, kind = self.model, self.kind
+        if self.clip:
+            pooled = self.final_norm(tokens[:, 0])
+            return m.visual_projection(pooled) if kind == "clip_proj" else pooled
+        x = self.final_norm(tokens)
+        if kind in ("vit_cls", "deit_cls"):
+            return m.classifier(x[:, 0])
+        if kind == "deit_teacher":
+            return (m.cls_classifier(x[:, 0]) + m.distillation_classifier(x[:, 1])) / 2
+        return self.base.pooler(x) if self.base.pooler is not None else x[:, 0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=images)
+        if self.kind == "clip_proj":
+            return out.image_embeds
+        if self.kind in ("vit_cls", "deit_cls", "deit_teacher"):
+            return out.logits
+        if self.clip or self.base.pooler is not None:
+            return out.pooler_output
+        return out.last_hidden_state[:, 0]
+
+    def check_image_size(self, h: int, w: int) -> Tuple[int, int]:
+        if (h, w) != self.image_size:
+            raise ValueError(f"images are {h}x{w}, the model expects {self.image_size[0]}x{self.image_size[1]}")
+        return h // self.patch_size[0], w // self.patch_size[1]
+
+
+def adapter_class(model: nn.Module):
+    return HFViT if isinstance(model, tuple(hf_classes().values())) else None

@@ -1,0 +1,213 @@
+"""The adapter protocol: one family of ViTs mapped onto the notation of the method docs.
+
+Every explanation method sees a model only through a ``ViTAdapter``. The
+capture, the reference and the fast path are family-free: what differs
+between timm, Hugging Face, torchvision and open_clip is which module plays
+which part of a pre-norm block
+
+    Yˡ = Xˡ⁻¹ + γ₁ ⊙ proj(concat_h(Aˡ_h V_h)),   Aˡ_h = softmax(scale · Q_h K_hᵀ)
+    Xˡ = Yˡ + γ₂ ⊙ MLP(LN₂(Yˡ))
+
+and how the model's head maps the last tokens ``Xᴸ`` to its output. An
+adapter provides exactly that:
+
+====================================  =========================================================
+``blocks``                            the L blocks in order (their input is Xˡ⁻¹, output Xˡ)
+``replace_attention(layers, core)``   the attention call site: ``o = core(l, q, k, v, scale)``
+``attn_output(l, o)``                 γ₁ ⊙ proj(o) for mixed heads ``o`` (B, N, H·d)
+``mlp_branch(l, y)``                  γ₂ ⊙ MLP(LN₂(y)) (no residual)
+``mlp_points(l)``                     (module whose first input is Yˡ, module whose output is γ₂ ⊙ MLP)
+``head(tokens)``                      the model's head on (B, N, D) tokens → output (B, K) or (B, D')
+``forward(images)``                   the model's output for (B, C, H, W) images
+``check_image_size(h, w)``            the patch grid (gh, gw) of an accepted image size
+====================================  =========================================================
+
+plus the token layout (``num_prefix_tokens``, ``has_class_token``,
+``pooling``) and ``num_classes`` (``None`` when the output is an embedding).
+"""
+from __future__ import annotations
+
+import abc
+import types
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+#: ``core(l, q, k, v, scale) -> o``; q, k, v, o: (B, H, N, d).
+AttentionCore = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+_MISSING = object()
+
+
+class PatchedForward:
+    """Handle of an instance-level ``forward`` override; ``remove()`` puts the old one back."""
+
+    def __init__(self, module: nn.Module, forward: Callable) -> None:
+        self.module = module
+        self.previous = module.__dict__.get("forward", _MISSING)
+        module.forward = types.MethodType(forward, module)
+
+    def remove(self) -> None:
+        if self.module is None:
+            return
+        if self.previous is _MISSING:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self.previous
+        self.module = None
+
+
+def explicit_core(l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(scale · q kᵀ) v`` with the probabilities as an explicit tensor."""
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+
+def merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, d) -> (B, N, H·d)``."""
+    b, h, n, d = o.shape
+    return o.transpose(1, 2).reshape(b, n, h * d)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, N, H·d) -> (B, H, N, d)``."""
+    b, n, _ = x.shape
+    return x.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+class ViTAdapter(abc.ABC):
+    """One model family in the notation of the method docs (see the module docstring).
+
+    Subclasses set, in ``__init__``: ``model``, ``blocks``, ``num_heads``,
+    ``num_prefix_tokens``, ``has_class_token``, ``pooling`` (``"token"`` or
+    ``"avg"``), ``pool_include_prefix``, ``num_classes`` (``None``: the output
+    is an embedding), ``in_chans``; and implement the abstract methods.
+    """
+
+    family: str = ""
+    #: keyword under which a block may receive its input tokens instead of positionally
+    block_input_kwarg: str = "hidden_states"
+
+    model: nn.Module
+    blocks: List[nn.Module]
+    num_heads: int
+    num_prefix_tokens: int
+    has_class_token: bool
+    pooling: str
+    pool_include_prefix: bool = False
+    num_classes: Optional[int]
+    in_chans: int
+
+    # -- the parts of a block ------------------------------------------------
+    @abc.abstractmethod
+    def replace_attention(self, layers: Sequence[int], core: AttentionCore, handles: list) -> None:
+        """Make block l's attention (for each l in layers) compute ``o = core(l, q, k, v, scale)``
+        instead of ``softmax(scale · q kᵀ) v``.
+
+        q, k, v: ``(B, H, N, d)`` after any q/k normalisation and before scaling;
+        scale: the model's own softmax scale (float); o: ``(B, H, N, d)`` in q's
+        dtype. Everything else (merging heads, any output norm, proj,
+        LayerScale, MLP) is unchanged. Appends to ``handles`` objects with a
+        ``.remove()`` method that undo the change.
+        """
+
+    @abc.abstractmethod
+    def attn_output(self, l: int, o: torch.Tensor) -> torch.Tensor:
+        """``γ₁ ⊙ proj(o)`` of block l for mixed heads ``o (B, N, H·d)`` → ``(B, N, D)``."""
+
+    @abc.abstractmethod
+    def mlp_branch(self, l: int, y: torch.Tensor) -> torch.Tensor:
+        """``γ₂ ⊙ MLP(LN₂(y))`` of block l, ``(B, N, D) → (B, N, D)`` (no residual)."""
+
+    @abc.abstractmethod
+    def mlp_points(self, l: int) -> Tuple[nn.Module, nn.Module]:
+        """Hook points of block l: (module whose first input is Yˡ, module whose output is γ₂ ⊙ MLP)."""
+
+    @abc.abstractmethod
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's head on ``(B, N, D)`` tokens of any layer → output ``(B, K)`` (or ``(B, D')``)."""
+
+    @abc.abstractmethod
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's output (logits or embedding) for ``images (B, C, H, W)``."""
+
+    @abc.abstractmethod
+    def check_image_size(self, h: int, w: int) -> Tuple[int, int]:
+        """Raise ``ValueError`` if the model does not take ``h × w`` images; else the grid ``(gh, gw)``."""
+
+    # -- shared ----------------------------------------------------------------
+    def with_model(self, model: nn.Module) -> "ViTAdapter":
+        """The same adapter over another instance (e.g. a float64 copy) of the model."""
+        return type(self)(model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def value_tokens(self, l: int, values: torch.Tensor) -> torch.Tensor:
+        """x̃ of the attention sub-layer: ``γ₁ ⊙ proj(v_j)`` for values ``(B, N, H·d)``."""
+        return self.attn_output(l, values)
+
+    def block_tail(self, l: int, x_in: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Block output ``Xˡ`` from its input ``Xˡ⁻¹`` and the mixed heads ``o (B, N, H·d)``."""
+        y = x_in + self.attn_output(l, o)
+        return y + self.mlp_branch(l, y)
+
+    def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Alias of ``head``."""
+        return self.head(tokens)
+
+    def block_input(self, args: tuple, kwargs: Dict[str, Any]) -> torch.Tensor:
+        """The tokens ``Xˡ⁻¹`` among a block's call arguments."""
+        return args[0] if args else kwargs[self.block_input_kwarg]
+
+    def with_block_input(self, args: tuple, kwargs: Dict[str, Any], x: torch.Tensor) -> Tuple[tuple, Dict[str, Any]]:
+        """The call arguments with the tokens replaced by ``x``."""
+        if args:
+            return (x,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, self.block_input_kwarg: x}
+
+    @staticmethod
+    def block_output(output: Any) -> torch.Tensor:
+        """The tokens ``Xˡ`` in a block's return value (a tensor, or a tuple starting with it)."""
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    def check_images(self, images: torch.Tensor) -> Tuple[int, int]:
+        """Validate the layout of an image batch ``(B, C, H, W)`` (no data read); the grid ``(gh, gw)``."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+        if images.dim() != 4:
+            raise ValueError(f"images must have rank 4 (B, C, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating point tensor, got dtype {images.dtype}")
+        b, c, h, w = images.shape
+        if b == 0:
+            raise ValueError("images is an empty batch (B = 0)")
+        if c != self.in_chans:
+            hint = ""
+            if images.shape[-1] == self.in_chans:
+                hint = (f" (are they channels-last (B, H, W, C)? shape {tuple(images.shape)}: "
+                        f"pass images.permute(0, 3, 1, 2))")
+            raise ValueError(f"images have {c} channels, the model expects {self.in_chans}{hint}")
+        return tuple(int(g) for g in self.check_image_size(h, w))
+
+    def pooled_rows(self, num_tokens: int) -> slice:
+        """Rows of the last layer the head reads (token pooling: the class token)."""
+        if self.pooling == "token":
+            return slice(0, 1)
+        return slice(0 if self.pool_include_prefix else self.num_prefix_tokens, num_tokens)
+
+    def query_vector(self, batch: int, num_tokens: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        """``(B, N)`` weights of the output rows an explanation reads.
+
+        With a class token: ``one_hot(cls = 0)`` (whatever the pooling).
+        Without one, the mean over the rows the pooling reads (documented choice: ``cls`` does not exist
+        there, and those rows are what the head sees).
+        """
+        q = torch.zeros(batch, num_tokens, dtype=dtype, device=device)
+        if self.has_class_token:
+            q[:, 0] = 1.0
+        else:
+            rows = self.pooled_rows(num_tokens)
+            q[:, rows] = 1.0 / (rows.stop - rows.start)
+        return q

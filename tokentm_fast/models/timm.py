@@ -1,0 +1,145 @@
+"""Adapter for timm ``VisionTransformer`` (classifiers and ``num_classes=0`` feature models).
+
+Block ``timm.models.vision_transformer.Block``:
+``x + ls1(attn(norm1(x)))``, then ``+ ls2(mlp(norm2(x)))``; attention
+``timm.layers.Attention`` (fused qkv, optional q/k norm, optional ``attn.norm``
+before ``proj``). Patch embeddings: ``PatchEmbed`` or a CNN ``HybridEmbed``
+(the patch grid is then the backbone's feature map).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .protocol import AttentionCore, PatchedForward, ViTAdapter
+
+SUPPORTED_POOLING = ("token", "avg")
+
+
+def timm_classes():
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    return VisionTransformer, Block, Attention
+
+
+def _attention_forward(core: AttentionCore, l: int):
+    """``timm.layers.Attention.forward`` (timm 1.0) with ``core`` in place of softmax(q kᵀ) v."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("explanations take unmasked, non-causal attention (attn_mask / is_causal given)")
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        o = core(l, q, k, v, float(self.scale))
+        x = o.transpose(1, 2).reshape(b, n, self.attn_dim)
+        x = self.norm(x)
+        x = self.proj(x)
+        return self.proj_drop(x)
+
+    return forward
+
+
+class TimmViT(ViTAdapter):
+    """Adapter over a timm ``VisionTransformer``.
+
+    Raises:
+        TypeError: ``model`` is not a timm VisionTransformer.
+        ValueError: a part of the model is not supported (the message names it).
+    """
+
+    family = "timm"
+    block_input_kwarg = "x"
+
+    def __init__(self, model: nn.Module) -> None:
+        VisionTransformer, Block, Attention = timm_classes()
+        if not isinstance(model, VisionTransformer):
+            raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+        self.model = model
+        self.blocks = list(model.blocks)
+        if not self.blocks:
+            raise ValueError("model has no transformer blocks")
+        for i, blk in enumerate(self.blocks):
+            if type(blk).forward is not Block.forward:
+                raise ValueError(
+                    f"unsupported model: block {i} is a {type(blk).__name__}; only timm's pre-norm "
+                    f"`Block` (x + ls1(attn(norm1(x))), then + ls2(mlp(norm2(x)))) is supported"
+                )
+            attn = blk.attn
+            if type(attn).forward is not Attention.forward:
+                raise ValueError(
+                    f"unsupported model: block {i} attention is a {type(attn).__name__}; only timm's "
+                    f"`Attention` (fused qkv, softmax attention) is supported"
+                )
+            if getattr(attn, "gate", None) is not None:
+                raise ValueError(f"unsupported model: block {i} uses gated attention (attn.gate)")
+            if attn.proj.out_features != attn.qkv.in_features:
+                raise ValueError(f"unsupported model: block {i} attention changes the width (dim_out != dim)")
+        if getattr(model, "attn_pool", None) is not None:
+            raise ValueError("unsupported model: attention-pooling head (global_pool='map')")
+        if model.global_pool not in SUPPORTED_POOLING:
+            raise ValueError(
+                f"unsupported model: global_pool={model.global_pool!r}; supported: {SUPPORTED_POOLING}"
+            )
+        self.num_heads = self.blocks[0].attn.num_heads
+        self.has_class_token = bool(getattr(model, "has_class_token", model.cls_token is not None))
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.pooling = model.global_pool
+        self.pool_include_prefix = bool(getattr(model, "pool_include_prefix", False))
+        pe = model.patch_embed
+        self.in_chans = int(getattr(pe, "in_chans", None) or pe.proj.in_channels)
+        self.patch_size = tuple(pe.patch_size)
+        self.num_classes = int(model.num_classes) if model.num_classes > 0 else None
+
+    # -- protocol ------------------------------------------------------------
+    def replace_attention(self, layers: Sequence[int], core: AttentionCore, handles: list) -> None:
+        for l in layers:
+            handles.append(PatchedForward(self.blocks[l].attn, _attention_forward(core, l)))
+
+    def attn_output(self, l: int, o: torch.Tensor) -> torch.Tensor:
+        blk = self.blocks[l]
+        return blk.ls1(blk.attn.proj(blk.attn.norm(o)))
+
+    def mlp_branch(self, l: int, y: torch.Tensor) -> torch.Tensor:
+        blk = self.blocks[l]
+        return blk.ls2(blk.mlp(blk.norm2(y)))
+
+    def mlp_points(self, l: int) -> Tuple[nn.Module, nn.Module]:
+        blk = self.blocks[l]
+        return blk.norm2, blk.ls2
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.norm(tokens))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def check_image_size(self, h: int, w: int) -> Tuple[int, int]:
+        pe = self.model.patch_embed
+        dynamic = bool(getattr(self.model, "dynamic_img_size", False))
+        if pe.img_size is not None and getattr(pe, "strict_img_size", True) and not dynamic:
+            if (h, w) != tuple(pe.img_size):
+                raise ValueError(
+                    f"images are {h}x{w}, the model expects {pe.img_size[0]}x{pe.img_size[1]} "
+                    f"(create it with img_size=... or dynamic_img_size=True for other sizes)"
+                )
+        elif not getattr(pe, "dynamic_img_pad", False):
+            if hasattr(pe, "feat_ratio"):
+                ph, pw = pe.feat_ratio(as_scalar=False)
+            else:
+                ph, pw = self.patch_size
+            if h % ph or w % pw:
+                raise ValueError(f"image size {h}x{w} is not divisible by the patch size {ph}x{pw}")
+        if hasattr(pe, "dynamic_feat_size"):
+            return tuple(pe.dynamic_feat_size((h, w)))
+        return h // self.patch_size[0], w // self.patch_size[1]
+
+
+def adapter_class(model: nn.Module):
+    """``TimmViT`` if ``model`` is a timm ``VisionTransformer`` (exact class or subclass), else None."""
+    VisionTransformer, _, _ = timm_classes()
+    return TimmViT if isinstance(model, VisionTransformer) else None

@@ -150,9 +150,7 @@ def open_clip_layers(visual, images):
     import copy
     import math
 
-    m = copy.deepcopy(visual).double().eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
+    m = copy.deepcopy(visual).double().eval()   # parameters keep requires_grad: Aˡ stays in the graph
     x = m.conv1(images.double()).flatten(2).transpose(1, 2)
     x = torch.cat([m.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + m.positional_embedding
     x = m.ln_pre(x)

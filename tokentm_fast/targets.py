@@ -26,6 +26,7 @@ ready-made ones do.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional, Union
 
 import torch
@@ -37,6 +38,8 @@ CheckedTarget = Optional[Union[torch.Tensor, "ScoreFunction"]]
 __all__ = [
     "Target",
     "ScoreFunction",
+    "ClassLogit",
+    "CosineSimilarity",
     "class_logit",
     "cosine_similarity",
     "check_target",
@@ -54,11 +57,13 @@ class ScoreFunction:
     subclasses. Calling it on an output ``(B, ...)`` returns the ``(B,)`` scores.
     """
 
-    def __init__(self, fn: ScoreFn, name: Optional[str] = None) -> None:
-        if not callable(fn):
+    def __init__(self, fn: Optional[ScoreFn] = None, name: Optional[str] = None) -> None:
+        if fn is None and type(self).score is ScoreFunction.score:
+            raise TypeError("ScoreFunction needs a callable (or a subclass that defines score)")
+        if fn is not None and not callable(fn):
             raise TypeError(f"a score function must be callable, got {type(fn).__name__}")
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.name = name or getattr(fn, "__name__", type(fn if fn is not None else self).__name__)
 
     def score(self, output: torch.Tensor) -> torch.Tensor:
         """The unchecked scores of ``output``; subclasses override this."""
@@ -90,22 +95,17 @@ class ScoreFunction:
         return s
 
     def __repr__(self) -> str:
-        return f"ScoreFunction({self.name})"
+        return f"ScoreFunction({self.name})" if type(self) is ScoreFunction else self.name
 
 
-class class_logit(ScoreFunction):  # noqa: N801  (a function-like constructor, like the other targets)
-    """The logit of class ``c``: ``output[b, c[b]]``.
-
-    Args:
-        c: an int (the same class for every image) or a ``(B,)`` integer tensor.
-
-    The same score as passing ``target=c``, as a score function (e.g. to pick
-    one channel of an embedding).
-    """
+class ClassLogit(ScoreFunction):
+    """The logit of class ``c``: ``output[b, c[b]]`` (see :func:`class_logit`)."""
 
     def __init__(self, c: Union[int, torch.Tensor]) -> None:
-        if isinstance(c, bool) or not isinstance(c, (int, torch.Tensor)):
+        if isinstance(c, bool) or not isinstance(c, (numbers.Integral, torch.Tensor)):
             raise TypeError(f"class_logit takes an int or a (B,) integer tensor, got {type(c).__name__}")
+        if isinstance(c, numbers.Integral):
+            c = int(c)
         if isinstance(c, torch.Tensor):
             if c.is_floating_point() or c.is_complex() or c.dtype == torch.bool or c.dim() > 1:
                 raise TypeError(
@@ -118,7 +118,12 @@ class class_logit(ScoreFunction):  # noqa: N801  (a function-like constructor, l
         if isinstance(c, torch.Tensor) and bool((c < 0).any()):
             raise ValueError(f"class_logit: class {int(c[c < 0][0])} is negative")
         self.c = c
-        super().__init__(self.score, name=f"class_logit({c if isinstance(c, int) else tuple(c.tolist())})")
+        self.c_max = c if isinstance(c, int) else int(c.max())   # checked against K at each call, no device sync
+        if isinstance(c, int):
+            shown = str(c)
+        else:
+            shown = str(tuple(c.tolist())) if c.numel() <= 8 else f"a tensor of shape {tuple(c.shape)}"
+        super().__init__(name=f"class_logit({shown})")
 
     def score(self, output: torch.Tensor) -> torch.Tensor:
         if output.dim() != 2:
@@ -130,23 +135,13 @@ class class_logit(ScoreFunction):  # noqa: N801  (a function-like constructor, l
             if self.c.shape[0] != b:
                 raise ValueError(f"class_logit has {self.c.shape[0]} classes for a batch of {b} images")
             idx = self.c.to(output.device)[:, None]
-        if int(idx.max()) >= k:
-            raise ValueError(f"class_logit: class {int(idx.max())} out of range for an output with {k} entries")
+        if self.c_max >= k:
+            raise ValueError(f"class_logit: class {self.c_max} out of range for an output with {k} entries")
         return output.gather(1, idx)[:, 0]
 
 
-class cosine_similarity(ScoreFunction):  # noqa: N801
-    """Cosine similarity of the model output with reference embeddings.
-
-    Args:
-        embeddings: ``(B, D')`` (one reference per image) or ``(D',)`` (one
-            shared by every image), e.g. the text embedding of a CLIP prompt.
-        eps: lower bound on the norms (as ``torch.nn.functional.cosine_similarity``).
-
-    Scores: ``cos(output_b, embeddings_b)``, shape ``(B,)``. The references are
-    cast to the output's dtype and device when called (float64 on the
-    reference backend); they are not differentiated.
-    """
+class CosineSimilarity(ScoreFunction):
+    """Cosine similarity of the output with reference embeddings (see :func:`cosine_similarity`)."""
 
     def __init__(self, embeddings: torch.Tensor, eps: float = 1e-8) -> None:
         if not isinstance(embeddings, torch.Tensor):
@@ -161,7 +156,7 @@ class cosine_similarity(ScoreFunction):  # noqa: N801
             raise ValueError("cosine_similarity: embeddings contain NaN or Inf")
         self.embeddings = embeddings.detach()
         self.eps = float(eps)
-        super().__init__(self.score, name=f"cosine_similarity({tuple(embeddings.shape)})")
+        super().__init__(name=f"cosine_similarity(shape {tuple(embeddings.shape)})")
 
     def score(self, output: torch.Tensor) -> torch.Tensor:
         if output.dim() != 2:
@@ -180,6 +175,33 @@ class cosine_similarity(ScoreFunction):  # noqa: N801
         return torch.nn.functional.cosine_similarity(output, ref.expand_as(output), dim=-1, eps=self.eps)
 
 
+def class_logit(c: Union[int, torch.Tensor]) -> ClassLogit:
+    """Score function: the logit of class ``c``, ``output[b, c[b]]``.
+
+    Args:
+        c: an int (the same class for every image) or a ``(B,)`` integer tensor.
+
+    The same score as ``target=c``, as a function (e.g. to combine with
+    others, or to pick one channel of an embedding).
+    """
+    return ClassLogit(c)
+
+
+def cosine_similarity(embeddings: torch.Tensor, eps: float = 1e-8) -> CosineSimilarity:
+    """Score function: cosine similarity of the model output with reference embeddings.
+
+    Args:
+        embeddings: ``(B, D')`` (one reference per image) or ``(D',)`` (one
+            shared by every image), e.g. the text embedding of a CLIP prompt.
+        eps: lower bound on the norms (as ``torch.nn.functional.cosine_similarity``).
+
+    Scores: ``cos(output_b, embeddings_b)``, shape ``(B,)``. The references are
+    cast to the output's dtype and device when called (float64 on the
+    reference backend); no gradient flows into them.
+    """
+    return CosineSimilarity(embeddings, eps)
+
+
 def check_target(target: Target, batch: int, num_classes: Optional[int]) -> CheckedTarget:
     """Validate a target before any work.
 
@@ -196,7 +218,7 @@ def check_target(target: Target, batch: int, num_classes: Optional[int]) -> Chec
     classifier = num_classes is not None and num_classes > 0
     if callable(target) and not isinstance(target, torch.Tensor):
         return target if isinstance(target, ScoreFunction) else ScoreFunction(target)
-    if not classifier and (target is None or isinstance(target, (int, torch.Tensor))):
+    if not classifier and (target is None or isinstance(target, (numbers.Integral, torch.Tensor))):
         raise ValueError(
             "this model has no classifier head (its output is an embedding): pass a score function as "
             "target, e.g. tokentm_fast.targets.cosine_similarity(reference_embeddings), or "
@@ -206,8 +228,8 @@ def check_target(target: Target, batch: int, num_classes: Optional[int]) -> Chec
         return None
     if isinstance(target, bool):
         raise TypeError(f"target must be {_KINDS}, got a bool")
-    if isinstance(target, int):
-        t = torch.full((batch,), target, dtype=torch.long)
+    if isinstance(target, numbers.Integral):
+        t = torch.full((batch,), int(target), dtype=torch.long)
     elif isinstance(target, torch.Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"target tensor must have an integer dtype, got {target.dtype}")

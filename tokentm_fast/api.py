@@ -118,12 +118,6 @@ class Explainer:
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or Inf values")
         images = images.to(param.dtype)
-        if self.vit.num_classes is None and not callable(target):
-            raise ValueError(
-                f"{type(self.vit.model).__name__} has no classifier (e.g. timm num_classes=0, a feature or CLIP "
-                f"vision model): its output is an embedding, so target must be a callable mapping that output "
-                f"to a (B,) score (e.g. tokentm_fast.targets.cosine_similarity(embeddings)), got {target!r}"
-            )
         target = check_target(target, images.shape[0], self.vit.num_classes)
         backend = self.backend_for(images)
         if backend == "reference":

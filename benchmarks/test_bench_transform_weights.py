@@ -14,8 +14,8 @@ time). The target on an H100/H200 is ``copy_fraction ≥ 0.7``
 (timings are never assertions). Backends: ``torch`` (the PyTorch function)
 and ``triton`` (the kernel, where it runs).
 
-Every case first checks its output against the spec's formula in float64,
-written here (per-image relative L2 error within spec §7).
+Every case first checks its output against the formula of docs/methods.md §2 in float64,
+written here (per-image relative L2 error within docs/methods.md §7).
 
     python -m pytest benchmarks/test_bench_transform_weights.py --benchmark-only -q
 """
@@ -95,7 +95,7 @@ def pytest_generate_tests(metafunc):
 
 
 def oracle(x: torch.Tensor, xt: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Spec §2 in float64: w_i = |x̃_i| / max(|x_i|, ε) · exp(cos_i) / Σ_k exp(cos_k)."""
+    """docs/methods.md §2 in float64: w_i = |x̃_i| / max(|x_i|, ε) · exp(cos_i) / Σ_k exp(cos_k)."""
     x, xt = x.double(), xt.double()
     lx, lt = x.norm(dim=-1), xt.norm(dim=-1)
     cos = (x * xt).sum(-1) / (lx.clamp_min(eps) * lt.clamp_min(eps))

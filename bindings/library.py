@@ -33,6 +33,13 @@ implementations give shape, dtype and device only, so the ops trace under
 ``torch.compile`` without graph breaks. No autograd formula is registered: the
 ops are for explanations computed after (or inside) the backward pass.
 
+Argument checks: every op checks its arguments once, on entry, with one
+validator shared by its CPU, CUDA and fake implementations (``check_*`` below:
+``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong rank, shape,
+device or mode). What they pass on is trusted: the Triton wrappers of
+``tokentm_fast.kernels`` do not check again (internal callers such as the fast
+path call those wrappers directly, with tensors they built themselves).
+
 Importing the module twice (or reloading it) is harmless: ops already defined
 in this process are reused, not redefined.
 """
@@ -42,7 +49,7 @@ import torch
 from torch import Tensor
 
 from tokentm_fast.aggregation import row_update as _torch_row_update
-from tokentm_fast.fusion import check_fusion_mode
+from tokentm_fast.fusion import FUSION_MODES, GRADIENT_MODES
 from tokentm_fast.fusion import fuse_heads as _torch_fuse_heads
 from tokentm_fast.legrad import legrad_reduce as _torch_legrad_reduce
 from tokentm_fast.transform import EPS, compute_dtype
@@ -78,16 +85,114 @@ def _f32(t: Tensor) -> Tensor:
     return t if t.dtype == _F32 else t.to(_F32)
 
 
-def _check_rank(name: str, t: Optional[Tensor], rank: int) -> None:
-    if t is not None:
-        torch._check(t.dim() == rank, lambda: f"tokentm: {name} must have rank {rank}, got shape {tuple(t.shape)}")
+# --------------------------------------------------------------------------- argument checks
+#
+# Shape, dtype, device and mode only (never values: no host synchronisation, and
+# they run on fake tensors while torch.compile traces).
+
+#: dtypes the ops take (float64 runs the PyTorch path on every device).
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _tensor(name: str, t, ranks) -> Tensor:
+    """``t`` is a tensor of a supported floating dtype and of rank ``ranks`` (an int or a tuple)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"tokentm: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in DTYPES:
+        allowed = ", ".join(_dtype_name(d) for d in DTYPES)
+        raise TypeError(f"tokentm: {name} must be a floating-point tensor ({allowed}), got {_dtype_name(t.dtype)}")
+    ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
+    if t.dim() not in ranks:
+        want = " or ".join(str(r) for r in ranks)
+        raise ValueError(f"tokentm: {name} must be {want}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _same_shape(name: str, t: Tensor, shape, what: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"tokentm: {name} must have shape {what} = {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _same_device(ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"tokentm: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _mode(mode) -> None:
+    if mode not in FUSION_MODES:
+        raise ValueError(f"tokentm: unknown head fusion mode {mode!r}; expected one of {FUSION_MODES}")
+
+
+def check_transform_weights(x, x_tilde) -> None:
+    """``x, x_tilde``: ``(B, N, D)`` tensors of one shape, on one device."""
+    _tensor("x", x, 3)
+    _tensor("x_tilde", x_tilde, 3)
+    _same_shape("x_tilde", x_tilde, x.shape, "(B, N, D) of x")
+    _same_device("x", x, x_tilde=x_tilde)
+
+
+def check_fuse_heads(attn, grad, mode) -> None:
+    """``attn (B, H, N, N)`` with H ≥ 1; ``grad`` of the same shape, required by "gae" / "decoupled"."""
+    _mode(mode)
+    _tensor("attn", attn, 4)
+    b, h, n, n2 = attn.shape
+    if n != n2:
+        raise ValueError(f"tokentm: attn must be (B, H, N, N) with square N x N maps, got {tuple(attn.shape)}")
+    if h == 0:
+        raise ValueError("tokentm: attn has no heads (H = 0); the head mean is undefined")
+    if grad is None:
+        if mode in GRADIENT_MODES:
+            raise ValueError(f"tokentm: head fusion {mode!r} needs the attention gradient, got grad=None")
+        return
+    _tensor("grad", grad, 4)
+    _same_shape("grad", grad, attn.shape, "(B, H, N, N) of attn")
+    _same_device("attn", attn, grad=grad)
+
+
+def check_update(rows, attn, grad, w_attn, w_mlp, mode) -> None:
+    """``rows (B, Q, N)``, ``attn / grad`` as for ``fuse_heads``, ``w_* (B, N)`` or None."""
+    check_fuse_heads(attn, grad, mode)
+    b, _, n, _ = attn.shape
+    _tensor("rows", rows, 3)
+    if rows.shape[0] != b or rows.shape[2] != n:
+        raise ValueError(
+            f"tokentm: rows must be (B, Q, N) = ({b}, Q, {n}) to match attn {tuple(attn.shape)}, "
+            f"got {tuple(rows.shape)}"
+        )
+    for name, w in (("w_attn", w_attn), ("w_mlp", w_mlp)):
+        if w is not None:
+            _tensor(name, w, 2)
+            _same_shape(name, w, (b, n), "(B, N)")
+    _same_device("attn", attn, rows=rows, w_attn=w_attn, w_mlp=w_mlp)
+
+
+def check_legrad_reduce(grad_rows, num_rows) -> None:
+    """``grad_rows (B, H, Q, N)``; ``num_rows`` None or a positive int."""
+    _tensor("grad_rows", grad_rows, 4)
+    if num_rows is not None and (isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows <= 0):
+        raise ValueError(f"tokentm: num_rows must be a positive int (the rows the mean runs over), got {num_rows!r}")
 
 
 # --------------------------------------------------------------------------- implementations
 #
 # ``*_torch``: the PyTorch path (every device but CUDA, and CUDA float64 inputs,
 # which the kernels refuse). ``*_cuda``: the Triton wrappers, imported lazily.
-# ``*_fake``: shape, dtype and device only.
+# ``*_fake``: shape, dtype and device only. The op bodies, ``*_cuda`` and
+# ``*_fake`` check their arguments (one of them runs per call); ``*_torch``
+# takes checked arguments.
+
+
+def _kernels(t: Tensor):
+    """``tokentm_fast.kernels``, after checking that it can run on ``t``'s device."""
+    from tokentm_fast import kernels
+
+    kernels.require_triton(t)
+    return kernels
 
 
 def transform_weights_torch(x, x_tilde, use_length=True, use_necc=True, eps=EPS):
@@ -95,16 +200,14 @@ def transform_weights_torch(x, x_tilde, use_length=True, use_necc=True, eps=EPS)
 
 
 def transform_weights_cuda(x, x_tilde, use_length=True, use_necc=True, eps=EPS):
+    check_transform_weights(x, x_tilde)
     if _any_f64(x, x_tilde):
         return transform_weights_torch(x, x_tilde, use_length, use_necc, eps)
-    from tokentm_fast.kernels import transform_weights as kernel
-
-    return _f32(kernel(x, x_tilde, use_length=use_length, use_necc=use_necc, eps=eps))
+    return _kernels(x).transform_weights(x, x_tilde, use_length=use_length, use_necc=use_necc, eps=eps)
 
 
 def transform_weights_fake(x, x_tilde, use_length=True, use_necc=True, eps=EPS):
-    _check_rank("x", x, 3)
-    _check_rank("x_tilde", x_tilde, 3)
+    check_transform_weights(x, x_tilde)
     return x.new_empty(x.shape[:-1], dtype=_F32)
 
 
@@ -113,17 +216,14 @@ def fuse_heads_torch(attn, grad=None, mode="gae"):
 
 
 def fuse_heads_cuda(attn, grad=None, mode="gae"):
+    check_fuse_heads(attn, grad, mode)
     if _any_f64(attn, grad):
         return fuse_heads_torch(attn, grad, mode)
-    from tokentm_fast.kernels import fuse_heads as kernel
-
-    return _f32(kernel(attn, grad, mode=mode))
+    return _kernels(attn).fuse_heads(attn, grad, mode=mode)
 
 
 def fuse_heads_fake(attn, grad=None, mode="gae"):
-    check_fusion_mode(mode)
-    _check_rank("attn", attn, 4)
-    _check_rank("grad", grad, 4)
+    check_fuse_heads(attn, grad, mode)
     b, _, n, _ = attn.shape
     return attn.new_empty((b, n, n), dtype=_F32)
 
@@ -136,32 +236,24 @@ def update_torch(rows, attn, grad, w_attn, w_mlp, w_attn_const=1.0, w_mlp_const=
 
 
 def row_update_cuda(rows, attn, grad, w_attn, w_mlp, w_attn_const=1.0, w_mlp_const=0.0, mode="gae"):
+    check_update(rows, attn, grad, w_attn, w_mlp, mode)
     if _any_f64(rows, attn, grad, w_attn, w_mlp):
         return update_torch(rows, attn, grad, w_attn, w_mlp, w_attn_const, w_mlp_const, mode)
-    from tokentm_fast.kernels import row_update as kernel
-
-    return _f32(kernel(rows, attn, grad, _weight(w_attn, w_attn_const), _weight(w_mlp, w_mlp_const), mode=mode))
+    return _kernels(attn).row_update(rows, attn, grad, _weight(w_attn, w_attn_const), _weight(w_mlp, w_mlp_const),
+                                     mode=mode)
 
 
 def matrix_update_cuda(rows, attn, grad, w_attn, w_mlp, w_attn_const=1.0, w_mlp_const=0.0, mode="gae",
                        allow_tf32=True):
+    check_update(rows, attn, grad, w_attn, w_mlp, mode)
     if _any_f64(rows, attn, grad, w_attn, w_mlp):
         return update_torch(rows, attn, grad, w_attn, w_mlp, w_attn_const, w_mlp_const, mode)
-    from tokentm_fast.kernels import matrix_update as kernel
-
-    return _f32(kernel(rows, attn, grad, _weight(w_attn, w_attn_const), _weight(w_mlp, w_mlp_const), mode=mode,
-                       allow_tf32=allow_tf32))
+    return _kernels(attn).matrix_update(rows, attn, grad, _weight(w_attn, w_attn_const),
+                                        _weight(w_mlp, w_mlp_const), mode=mode, allow_tf32=allow_tf32)
 
 
 def update_fake(rows, attn, grad, w_attn, w_mlp, w_attn_const=1.0, w_mlp_const=0.0, mode="gae", allow_tf32=True):
-    check_fusion_mode(mode)
-    _check_rank("rows", rows, 3)
-    _check_rank("attn", attn, 4)
-    _check_rank("grad", grad, 4)
-    _check_rank("w_attn", w_attn, 2)
-    _check_rank("w_mlp", w_mlp, 2)
-    torch._check(rows.shape[0] == attn.shape[0], lambda: "tokentm: rows and attn differ in batch size")
-    torch._check(rows.shape[2] == attn.shape[3], lambda: "tokentm: rows and attn differ in token count")
+    check_update(rows, attn, grad, w_attn, w_mlp, mode)
     return rows.new_empty(rows.shape, dtype=_F32)
 
 
@@ -171,15 +263,14 @@ def legrad_reduce_torch(grad_rows, num_rows=None):
 
 
 def legrad_reduce_cuda(grad_rows, num_rows=None):
+    check_legrad_reduce(grad_rows, num_rows)
     if _any_f64(grad_rows):
         return legrad_reduce_torch(grad_rows, num_rows)
-    from tokentm_fast.kernels import legrad_reduce as kernel
-
-    return _f32(kernel(grad_rows, num_rows=num_rows))
+    return _kernels(grad_rows).legrad_reduce(grad_rows, num_rows=num_rows)
 
 
 def legrad_reduce_fake(grad_rows, num_rows=None):
-    _check_rank("grad_rows", grad_rows, 4)
+    check_legrad_reduce(grad_rows, num_rows)
     b, _, _, n = grad_rows.shape
     return grad_rows.new_empty((b, n), dtype=_F32)
 
@@ -198,6 +289,7 @@ def _define_transform_weights():
     def transform_weights(x: Tensor, x_tilde: Tensor, use_length: bool = True, use_necc: bool = True,
                           eps: float = EPS) -> Tensor:
         """Transformation weights of docs/methods.md §2: ``x, x_tilde (B, N, D) -> w (B, N)`` float32."""
+        check_transform_weights(x, x_tilde)
         return transform_weights_torch(x, x_tilde, use_length, use_necc, eps)
 
     _finish(transform_weights, transform_weights_cuda, transform_weights_fake)
@@ -207,6 +299,7 @@ def _define_fuse_heads():
     @torch.library.custom_op(f"{NAMESPACE}::fuse_heads", mutates_args=())
     def fuse_heads(attn: Tensor, grad: Optional[Tensor] = None, mode: str = "gae") -> Tensor:
         """Head fusion (docs/methods.md §3/§4): ``attn, grad (B, H, N, N) -> (B, N, N)`` float32."""
+        check_fuse_heads(attn, grad, mode)
         return fuse_heads_torch(attn, grad, mode)
 
     _finish(fuse_heads, fuse_heads_cuda, fuse_heads_fake)
@@ -218,6 +311,7 @@ def _define_row_update():
                    w_mlp: Optional[Tensor], w_attn_const: float = 1.0, w_mlp_const: float = 0.0,
                    mode: str = "gae") -> Tensor:
         """One layer of the row engine (docs/methods.md §3.1): ``rows (B, Q, N) -> (B, Q, N)`` float32."""
+        check_update(rows, attn, grad, w_attn, w_mlp, mode)
         return update_torch(rows, attn, grad, w_attn, w_mlp, w_attn_const, w_mlp_const, mode)
 
     _finish(row_update, row_update_cuda, update_fake)
@@ -229,6 +323,7 @@ def _define_matrix_update():
                       w_mlp: Optional[Tensor], w_attn_const: float = 1.0, w_mlp_const: float = 0.0,
                       mode: str = "gae", allow_tf32: bool = True) -> Tensor:
         """One layer of the engine on ``Q = N`` rows (tl.dot on CUDA): ``(B, N, N) -> (B, N, N)`` float32."""
+        check_update(rows, attn, grad, w_attn, w_mlp, mode)
         return update_torch(rows, attn, grad, w_attn, w_mlp, w_attn_const, w_mlp_const, mode, allow_tf32)
 
     _finish(matrix_update, matrix_update_cuda, update_fake)
@@ -238,6 +333,7 @@ def _define_legrad_reduce():
     @torch.library.custom_op(f"{NAMESPACE}::legrad_reduce", mutates_args=())
     def legrad_reduce(grad_rows: Tensor, num_rows: Optional[int] = None) -> Tensor:
         """``grad_rows (B, H, Q, N) -> (B, N)`` = ``relu(g).sum(2).mean(1) / num_rows`` float32."""
+        check_legrad_reduce(grad_rows, num_rows)
         return legrad_reduce_torch(grad_rows, num_rows)
 
     _finish(legrad_reduce, legrad_reduce_cuda, legrad_reduce_fake)
@@ -267,4 +363,7 @@ row_update = torch.ops.tokentm.row_update
 matrix_update = torch.ops.tokentm.matrix_update
 legrad_reduce = torch.ops.tokentm.legrad_reduce
 
-__all__ = ["NAMESPACE", "OP_NAMES", "register", *OP_NAMES]
+__all__ = [
+    "NAMESPACE", "OP_NAMES", "register", "check_transform_weights", "check_fuse_heads", "check_update",
+    "check_legrad_reduce", *OP_NAMES,
+]

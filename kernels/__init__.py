@@ -1,18 +1,21 @@
 """Triton kernels of tokentm_fast (installed as ``tokentm_fast.kernels``).
 
-Each kernel has a thin wrapper that validates its arguments, allocates (or
-checks a caller-provided ``out=``) and launches. The PyTorch functions each
+Each kernel has a thin wrapper that allocates (or takes a caller-provided
+``out=``) and launches. The wrappers trust their arguments: they are checked
+once, at the public entries (``tokentm_fast.ops``, ``torch.ops.tokentm.*``),
+and internal callers pass tensors they built. The PyTorch functions each
 wrapper must match are the oracles in ``tokentm_fast.transform``,
 ``tokentm_fast.fusion`` and ``tokentm_fast.aggregation``.
 
 - ``transform_weights(x, x_tilde, use_length, use_necc, eps, out)``   docs/methods.md §2
 - ``fuse_heads(attn, grad, mode, out)``                               docs/methods.md §3, §4
-- ``row_update(rows, attn, grad, w_attn, w_mlp, mode, out)``          docs/methods.md §3.1 (small Q)
+- ``row_update(rows, attn, grad, w_attn, w_mlp, mode, out, support)`` docs/methods.md §3.1 (small Q)
 - ``matrix_update(rows, attn, grad, w_attn, w_mlp, mode, allow_tf32, out)``  docs/methods.md §3 (Q = N)
 - ``legrad_reduce(grad_rows, num_rows, out, accumulate)``             docs/methods.md §6
 
 Dtypes: inputs float32 / bfloat16 / float16, fp32 accumulation, float32
-output; float64 is rejected with a TypeError (use the PyTorch path).
+output; float64 belongs to the PyTorch path. Launch settings are autotuned
+per shape on the GPU (one small configuration under the interpreter).
 On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``
 set before triton is imported); ``triton_available`` / ``require_triton`` tell.
 If triton is not importable at all, the wrappers exist but raise RuntimeError.

@@ -1,20 +1,26 @@
-"""Shared argument checks and launch helpers of the Triton kernels.
+"""Availability, argument forms and launch settings shared by the Triton kernels.
 
-Every wrapper in ``tokentm_fast.kernels`` validates its arguments here so the
-error messages are uniform: a ``TypeError`` for a wrong type or dtype, a
-``ValueError`` for a wrong rank, shape, device or layout, and a
-``RuntimeError`` when Triton cannot run on the tensors' device.
+The wrappers in ``tokentm_fast.kernels`` trust their arguments: they are
+checked once, at the public entries (``tokentm_fast.ops`` and the
+``torch.ops.tokentm`` operators of ``tokentm_fast.bindings``), and internal
+callers (the fast path) pass tensors they built themselves. The wrappers only
+bring them into launch form (contiguous, weights as pointer or constant,
+``out`` allocated) and never read device memory back to the host.
 
 Dtype policy (all kernels): inputs may be float32, bfloat16 or float16; the
 kernels load them and accumulate in float32 and always write float32.
-float64 is *rejected* with a ``TypeError``: float64 is the dtype of the
-reference computations, which belong to the PyTorch path
-(``tokentm_fast.transform`` / ``.fusion`` / ``.aggregation``).
+float64 belongs to the PyTorch path (``tokentm_fast.transform`` / ``.fusion`` /
+``.aggregation``); the operators route it there.
+
+Launch settings: each kernel is wrapped in ``triton.autotune`` with a list of
+GPU configurations keyed on its shape (N, heads or width, a batch bucket) and
+the input dtypes; under Triton's interpreter a single configuration
+(``tuning_configs``).
 """
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -105,89 +111,18 @@ def require_triton(t: torch.Tensor) -> None:
     raise RuntimeError(f"Triton kernels do not run on device type {device.type!r}")
 
 
-# --------------------------------------------------------------------------- argument checks
-def check_tensor(
-    t: object,
-    name: str,
-    ndim: Union[int, Sequence[int]],
-    dtypes: Iterable[torch.dtype] = SUPPORTED_DTYPES,
-) -> torch.Tensor:
-    """Type, dtype and rank check of one input; returns it unchanged."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    dtypes = tuple(dtypes)
-    if t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        hint = " (float64 is served by the PyTorch path, not the kernels)" if t.dtype == torch.float64 else ""
-        raise TypeError(f"{name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}{hint}")
-    ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-    if t.dim() not in ranks:
-        want = " or ".join(str(r) for r in ranks)
-        raise ValueError(f"{name} must be {want}-D, got shape {tuple(t.shape)} ({t.dim()}-D)")
-    return t
-
-
-def check_shape(t: torch.Tensor, name: str, shape: Sequence[int], what: str) -> None:
-    """``t.shape == shape`` or a ValueError that names both (``what`` spells the expected layout)."""
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got {tuple(t.shape)}")
-
-
-def check_same_device(ref: torch.Tensor, ref_name: str, **others: Optional[torch.Tensor]) -> None:
-    for name, t in others.items():
-        if isinstance(t, torch.Tensor) and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; put them on one device")
-
-
+# --------------------------------------------------------------------------- argument forms
 def contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when already contiguous (no copy), else a contiguous copy."""
     return t if t.is_contiguous() else t.contiguous()
 
 
-def check_out(
-    out: Optional[torch.Tensor], shape: Sequence[int], device: torch.device, what: str
-) -> torch.Tensor:
-    """Validate a caller-provided output (float32, contiguous, right shape and device) or allocate one."""
-    if out is None:
-        return torch.empty(tuple(shape), dtype=torch.float32, device=device)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-    if out.dtype != torch.float32:
-        raise TypeError(f"out must be float32, got {str(out.dtype).replace('torch.', '')}")
-    check_shape(out, "out", shape, what)
-    if out.device != device:
-        raise ValueError(f"out is on {out.device} but the inputs are on {device}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous (the kernels write it with dense row-major offsets)")
-    return out
-
-
-def check_mode(mode: object, allowed: Sequence[str] = tuple(MODE_CODES)) -> int:
-    if mode not in allowed:
-        raise ValueError(f"unknown head fusion mode {mode!r}; expected one of {tuple(allowed)}")
-    return MODE_CODES[mode]
-
-
-def is_scalar(w: object) -> bool:
-    """A Python (or numpy) real number used as a constant weight; bools are refused."""
-    return isinstance(w, (int, float)) and not isinstance(w, bool)
-
-
-def check_weight(w: object, name: str, batch: int, num_tokens: int, device: torch.device):
-    """A ``(B, N)`` weight tensor (made contiguous) or a Python float constant.
-
-    Returns ``(tensor_or_None, constant)``: the kernels take a pointer plus a
-    constexpr flag, and a float scalar used when the flag is off.
-    """
-    if is_scalar(w):
-        return None, float(w)
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{name} must be a (B, N) tensor or a Python float, got {type(w).__name__}")
-    check_tensor(w, name, 2)
-    check_shape(w, name, (batch, num_tokens), "(B, N)")
-    if w.device != device:
-        raise ValueError(f"{name} is on {w.device} but the inputs are on {device}")
-    return contiguous(w), 0.0
+def weight_arg(w: Union[torch.Tensor, float]) -> Tuple[Optional[torch.Tensor], float]:
+    """A trusted weight as the kernels take it: ``(contiguous (B, N) tensor, 0.0)`` or
+    ``(None, float constant)`` (a pointer plus a constexpr flag, and the scalar used when it is off)."""
+    if isinstance(w, torch.Tensor):
+        return contiguous(w), 0.0
+    return None, float(w)
 
 
 def interpreted(device: torch.device) -> bool:

@@ -15,18 +15,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
-    GRADIENT_MODES,
-    MODE_DECOUPLED,
-    MODE_ROLLOUT,
-    check_mode,
-    check_out,
-    check_shape,
-    check_tensor,
-    contiguous,
-    interpreted,
-    require_triton,
-)
+from ._utils import MODE_CODES, MODE_DECOUPLED, MODE_ROLLOUT, GRADIENT_MODES, batch_bucket, contiguous, tuning_configs
+
+#: (BLOCK_I, BLOCK_J, num_warps, num_stages) timed on the GPU.
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_I": bi, "BLOCK_J": bj}, num_warps=w, num_stages=st)
+    for bi, bj, w, st in [
+        (32, 64, 4, 2), (16, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2),
+        (64, 128, 8, 2), (16, 64, 2, 3), (32, 256, 8, 2),
+    ]
+]
+INTERPRETER_CONFIG = triton.Config({"BLOCK_I": 128, "BLOCK_J": 128}, num_warps=4, num_stages=1)
+
+
+def _prune(configs, named_args, **kwargs):
+    """No tile wider or taller than the N×N map needs."""
+    n = max(32, triton.next_power_of_2(named_args["N"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_I"] <= n and c.kwargs["BLOCK_J"] <= n]
+    return kept or configs[:1]
 
 
 @triton.jit
@@ -77,6 +83,11 @@ def fusion_scale(mode_code: int, num_heads: int) -> float:
     return 1.0 / num_heads
 
 
+@triton.autotune(
+    configs=tuning_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
+    key=["N", "H", "B_BUCKET", "MODE"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _fuse_heads_kernel(
     attn_ptr,  # (B, H, N, N) contiguous
@@ -84,6 +95,7 @@ def _fuse_heads_kernel(
     out_ptr,  # (B, N, N) float32
     N,
     H,
+    B_BUCKET,  # autotune key only
     scale,
     MODE: tl.constexpr,
     BLOCK_I: tl.constexpr,
@@ -111,28 +123,6 @@ def _fuse_heads_kernel(
     tl.store(out_ptr + b * NN + tile, fused, mask=mask)
 
 
-def check_attn_grad(attn: torch.Tensor, grad: Optional[torch.Tensor], mode: str):
-    """Shared checks of ``(B, H, N, N)`` attention / gradient; returns (attn, grad, mode_code)."""
-    code = check_mode(mode)
-    check_tensor(attn, "attn", 4)
-    B, H, N, N2 = attn.shape
-    if N != N2:
-        raise ValueError(f"attn must be (B, H, N, N) with square N x N maps, got {tuple(attn.shape)}")
-    if mode in GRADIENT_MODES:
-        if grad is None:
-            raise ValueError(f"head fusion {mode!r} needs the attention gradient, got grad=None")
-    if grad is not None:
-        check_tensor(grad, "grad", 4)
-        check_shape(grad, "grad", attn.shape, "(B, H, N, N) of attn")
-        if grad.device != attn.device:
-            raise ValueError(f"grad is on {grad.device} but attn is on {attn.device}")
-    if mode not in GRADIENT_MODES:
-        grad = None  # mean / rollout never read it
-    attn = contiguous(attn)
-    grad = contiguous(grad) if grad is not None else None
-    return attn, grad, code
-
-
 def fuse_heads(
     attn: torch.Tensor,
     grad: Optional[torch.Tensor] = None,
@@ -141,8 +131,11 @@ def fuse_heads(
 ) -> torch.Tensor:
     """Fuse the heads of one layer: ``(B, H, N, N) -> (B, N, N)`` float32.
 
+    Inputs are trusted (checked at the public entries, ``tokentm_fast.ops`` and
+    ``torch.ops.tokentm.fuse_heads``).
+
     Args:
-        attn: ``(B, H, N, N)`` attention probabilities (float32 / bfloat16 / float16).
+        attn: ``(B, H, N, N)`` attention probabilities (float32 / bfloat16 / float16), H ≥ 1.
         grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; required for "gae" and
             "decoupled", ignored for "mean" and "rollout".
         mode: "gae" | "decoupled" | "mean" | "rollout" (docs/methods.md §3, §4).
@@ -151,21 +144,20 @@ def fuse_heads(
     Returns:
         ``(B, N, N)`` float32 Ā, equal to ``tokentm_fast.fusion.fuse_heads``.
     """
-    attn, grad, code = check_attn_grad(attn, grad, mode)
-    require_triton(attn)
+    code = MODE_CODES[mode]
     B, H, N, _ = attn.shape
-    out = check_out(out, (B, N, N), attn.device, "(B, N, N)")
+    if out is None:
+        out = torch.empty((B, N, N), dtype=torch.float32, device=attn.device)
     if out.numel() == 0:
         return out
-    if H == 0:
-        raise ValueError("attn has no heads (H = 0); the head mean is undefined")
-    block_i, block_j = (128, 128) if interpreted(attn.device) else (32, 64)
-    grid = (B, triton.cdiv(N, block_i), triton.cdiv(N, block_j))
-    _fuse_heads_kernel[grid](
-        attn, grad if grad is not None else attn, out, N, H, fusion_scale(code, H),
-        MODE=code, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=4,
-    )
+    attn = contiguous(attn)
+    grad = contiguous(grad) if mode in GRADIENT_MODES else attn  # mean / rollout never read it
+
+    def grid(meta):
+        return (B, triton.cdiv(N, meta["BLOCK_I"]), triton.cdiv(N, meta["BLOCK_J"]))
+
+    _fuse_heads_kernel[grid](attn, grad, out, N, H, batch_bucket(B), fusion_scale(code, H), MODE=code)
     return out
 
 
-__all__ = ["fuse_heads", "fusion_scale", "check_attn_grad"]
+__all__ = ["fuse_heads", "fusion_scale"]

@@ -18,9 +18,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_out, check_tensor, contiguous, require_triton
+from ._utils import batch_bucket, contiguous, tuning_configs
+
+#: (BLOCK_R, BLOCK_J, num_warps) timed on the GPU.
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_R": br, "BLOCK_J": bj}, num_warps=w, num_stages=2)
+    for br, bj, w in [(4, 128, 2), (8, 128, 4), (16, 64, 4), (16, 128, 4), (32, 128, 8), (8, 256, 4), (4, 512, 4)]
+]
+INTERPRETER_CONFIG = triton.Config({"BLOCK_R": 16, "BLOCK_J": 128}, num_warps=4, num_stages=1)
 
 
+def _prune(configs, named_args, **kwargs):
+    """No row tile taller than the rows of a layer, no column tile wider than N."""
+    r, n = named_args["R"], named_args["N"]
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_R"] <= max(4, triton.next_power_of_2(r))
+        and c.kwargs["BLOCK_J"] <= max(128, triton.next_power_of_2(n))
+    ]
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=tuning_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
+    key=["N", "R", "L", "B_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune},
+    restore_value=["out_ptr"],  # ACCUMULATE adds into out: every timed run must start from it
+)
 @triton.jit
 def _legrad_reduce_kernel(
     g_ptr,  # (L, B, R, N) contiguous, R = H·Q rows per (layer, image)
@@ -29,6 +53,7 @@ def _legrad_reduce_kernel(
     B,
     R,
     N,
+    B_BUCKET,  # autotune key only
     scale,  # 1 / (H · num_rows)
     ACCUMULATE: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -58,16 +83,13 @@ def _legrad_reduce_kernel(
     tl.store(out_ptr + b * N + offs_j, res, mask=mask_j)
 
 
-def _launch(g: torch.Tensor, num_rows: Optional[int], out: Optional[torch.Tensor], accumulate: bool, name: str):
+def _launch(g: torch.Tensor, num_rows: Optional[int], out: Optional[torch.Tensor], accumulate: bool):
     """One launch over a 5-D ``(L, B, H, Q, N)`` tensor."""
     L, B, H, Q, N = g.shape
     if num_rows is None:
         num_rows = Q
-    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows <= 0:
-        raise ValueError(f"num_rows for {name} must be a positive int (rows of G̃ the mean runs over), got {num_rows!r}")
-    if accumulate and out is None:
-        raise ValueError("accumulate=True adds into out, so out must be given")
-    out = check_out(out, (B, N), g.device, "(B, N)")
+    if out is None:
+        out = torch.empty((B, N), dtype=torch.float32, device=g.device)
     if out.numel() == 0:
         return out
     if H == 0 or Q == 0 or L == 0:
@@ -76,11 +98,8 @@ def _launch(g: torch.Tensor, num_rows: Optional[int], out: Optional[torch.Tensor
         return out
     g = contiguous(g)
     R = H * Q
-    block_j = 128 if N > 64 else 64
-    block_r = min(triton.next_power_of_2(R), 16)
-    _legrad_reduce_kernel[(B, triton.cdiv(N, block_j))](
-        g, out, L, B, R, N, 1.0 / (H * num_rows),
-        ACCUMULATE=bool(accumulate), BLOCK_R=block_r, BLOCK_J=block_j, num_warps=4,
+    _legrad_reduce_kernel[lambda meta: (B, triton.cdiv(N, meta["BLOCK_J"]))](
+        g, out, L, B, R, N, batch_bucket(B), 1.0 / (H * num_rows), ACCUMULATE=bool(accumulate),
     )
     return out
 
@@ -93,12 +112,15 @@ def legrad_reduce(
 ) -> torch.Tensor:
     """LeGrad map of one or several layers: ``Σ_l relu(G̃ˡ).sum(2).mean(1) / num_rows``.
 
+    Inputs are trusted (checked at the public entries, ``tokentm_fast.ops`` and
+    ``torch.ops.tokentm.legrad_reduce``).
+
     Args:
         grad_rows: ``(B, H, Q, N)`` gradient rows of one layer, a stacked
             ``(L, B, H, Q, N)`` tensor (one launch), or a list of ``(B, H_l, Q_l, N)``
             tensors (one launch per layer, accumulating). float32 / bfloat16 / float16.
-        num_rows: the divisor of the row mean (default Q: the rows passed); an int,
-            or for a list one int per layer.
+        num_rows: the divisor of the row mean (default Q: the rows passed); a positive
+            int, or for a list one int per layer.
         out: optional ``(B, N)`` float32 contiguous output.
         accumulate: True adds into ``out`` (summing layers over several calls)
             instead of overwriting it; needs ``out``.
@@ -107,36 +129,9 @@ def legrad_reduce(
         ``(B, N)`` float32.
     """
     if isinstance(grad_rows, torch.Tensor):
-        check_tensor(grad_rows, "grad_rows", (4, 5))
-        require_triton(grad_rows)
-        if isinstance(num_rows, (list, tuple)):
-            raise TypeError("num_rows must be an int or None for a tensor grad_rows (a list is for a list of layers)")
         g = grad_rows if grad_rows.dim() == 5 else grad_rows.unsqueeze(0)
-        return _launch(g, num_rows, out, accumulate, "grad_rows")
-    if not isinstance(grad_rows, (list, tuple)):
-        raise TypeError(f"grad_rows must be a tensor or a list of tensors, got {type(grad_rows).__name__}")
-    if len(grad_rows) == 0:
-        raise ValueError("grad_rows is an empty list; pass at least one layer")
-    if num_rows is None or isinstance(num_rows, int):
-        per_layer = [num_rows] * len(grad_rows)
-    else:
-        per_layer = list(num_rows)
-        if len(per_layer) != len(grad_rows):
-            raise ValueError(f"num_rows has {len(per_layer)} entries but grad_rows has {len(grad_rows)} layers")
-    first = None
+        return _launch(g, num_rows, out, accumulate)
+    per_layer = list(num_rows) if isinstance(num_rows, (list, tuple)) else [num_rows] * len(grad_rows)
     for idx, g in enumerate(grad_rows):
-        check_tensor(g, f"grad_rows[{idx}]", 4)
-        if first is None:
-            first = g
-            require_triton(g)
-        else:
-            if g.shape[0] != first.shape[0] or g.shape[3] != first.shape[3]:
-                raise ValueError(
-                    f"grad_rows[{idx}] has shape {tuple(g.shape)}, which does not match (B, ·, ·, N) = "
-                    f"({first.shape[0]}, ·, ·, {first.shape[3]}) of grad_rows[0]"
-                )
-            if g.device != first.device:
-                raise ValueError(f"grad_rows[{idx}] is on {g.device} but grad_rows[0] is on {first.device}")
-    for idx, g in enumerate(grad_rows):
-        out = _launch(g.unsqueeze(0), per_layer[idx], out, accumulate or idx > 0, f"grad_rows[{idx}]")
+        out = _launch(g.unsqueeze(0), per_layer[idx], out, accumulate or idx > 0)
     return out

@@ -27,11 +27,38 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import batch_bucket, tuning_configs
 from .head_fusion import _fused_tile_sum, fusion_scale
-from .row_update import Weight, _num_splits, _scaled_rows, _update_epilogue, check_update_args, launch_finalize
-from ._utils import interpreted, require_triton
+from .row_update import Weight, _scaled_rows, _update_epilogue, launch_finalize, plan_split, prepare_update_args
+
+#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) timed on the GPU; every BLOCK_K divides
+#: ``row_update.SPLIT_UNIT``.
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in [
+        (16, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 64, 64, 4, 2),
+        (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 2),
+    ]
+]
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=1)
 
 
+def _prune(configs, named_args, **kwargs):
+    """No row tile taller than Q, no column tile wider than N (beyond tl.dot's minimum of 16)."""
+    q, n = named_args["Q"], named_args["N"]
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(q))
+        and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
+    ]
+    return kept or configs[:1]
+
+
+@triton.autotune(
+    configs=tuning_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
+    key=["N", "H", "Q", "B_BUCKET", "MODE", "ALLOW_TF32"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _matrix_update_kernel(
     rows_ptr,  # (B, Q, N) contiguous
@@ -45,8 +72,8 @@ def _matrix_update_kernel(
     Q,
     N,
     H,
-    num_m_blocks,
     k_per_split,  # multiple of BLOCK_K
+    B_BUCKET,  # autotune key only
     scale,
     w_attn_c,
     w_mlp_c,
@@ -69,6 +96,7 @@ def _matrix_update_kernel(
     grid = (B · cdiv(Q, BLOCK_M), cdiv(N, BLOCK_N), SPLIT). ALLOW_TF32 picks
     ``input_precision="tf32"`` (tensor cores) or ``"ieee"`` (exact fp32).
     """
+    num_m_blocks = tl.cdiv(Q, BLOCK_M)
     pid0 = tl.program_id(0)
     b = (pid0 // num_m_blocks).to(tl.int64)
     offs_m = (pid0 % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -118,48 +146,42 @@ def matrix_update(
 ) -> torch.Tensor:
     """One layer of the engine for many rows: ``R ← S + (S·Ā) ⊙ w_attn``, ``S = R ⊙ (1 + w_mlp)``.
 
-    Same contract as ``row_update`` but for large Q (Q = N: the full matrix).
+    Same contract as ``row_update`` but for large Q (Q = N: the full matrix, whose
+    rows are dense, so there is no ``support``). Inputs are trusted (checked at the
+    public entries, ``tokentm_fast.ops`` and ``torch.ops.tokentm.matrix_update``).
 
     Args:
         rows: ``(B, Q, N)`` rows of the running product (float32; bfloat16 / float16 read as float32).
-        attn: ``(B, H, N, N)`` attention probabilities of the layer.
+        attn: ``(B, H, N, N)`` attention probabilities of the layer, H ≥ 1.
         grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; may be None for "mean" / "rollout".
         w_attn, w_mlp: ``(B, N)`` weights or Python floats.
         mode: head fusion, "gae" | "decoupled" | "mean" (| "rollout", as in the oracle).
         allow_tf32: True uses tf32 tensor cores (err ≤ 5e-3, docs/methods.md §7); False keeps
             exact fp32 products (err ≤ 1e-5).
-        out: optional ``(B, Q, N)`` float32 contiguous output (must not alias ``rows``).
+        out: optional ``(B, Q, N)`` float32 contiguous output; must not overlap ``rows``.
 
     Returns:
         ``(B, Q, N)`` float32, equal to ``tokentm_fast.aggregation.row_update``.
     """
-    rows, attn, grad, wa, wm, code, out = check_update_args(rows, attn, grad, w_attn, w_mlp, mode, out)
-    require_triton(attn)
+    rows, attn, grad, wa, wm, code, out = prepare_update_args(rows, attn, grad, w_attn, w_mlp, mode, out)
     B, H, N, _ = attn.shape
     Q = rows.shape[1]
     if out.numel() == 0:
         return out
-    if interpreted(attn.device):
-        block_m = min(max(triton.next_power_of_2(Q), 16), 128)
-        block_n, block_k = 128, 128
-    else:
-        block_m = 16 if Q <= 16 else (32 if Q <= 32 else 64)
-        block_n, block_k = 64, 32
-    num_m_blocks = triton.cdiv(Q, block_m)
-    num_n_blocks = triton.cdiv(N, block_n)
-    num_k_blocks = triton.cdiv(N, block_k)
-    split = _num_splits(B * num_m_blocks * num_n_blocks, num_k_blocks, attn.device)
-    k_per_split = triton.cdiv(num_k_blocks, split) * block_k
-    split = triton.cdiv(N, k_per_split)
+    ref_tiles = B * triton.cdiv(Q, 64) * triton.cdiv(N, 64)
+    split, k_per_split = plan_split(ref_tiles, N, attn.device)
     part = torch.empty((split, B, Q, N), dtype=torch.float32, device=attn.device) if split > 1 else out
     scale = fusion_scale(code, H)
-    _matrix_update_kernel[(B * num_m_blocks, num_n_blocks, split)](
+
+    def grid(meta):
+        return (B * triton.cdiv(Q, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)
+
+    _matrix_update_kernel[grid](
         rows, attn, grad if grad is not None else attn,
         wa[0] if wa[0] is not None else rows, wm[0] if wm[0] is not None else rows,
-        out, part, B, Q, N, H, num_m_blocks, k_per_split, scale, wa[1], wm[1],
+        out, part, B, Q, N, H, k_per_split, batch_bucket(B), scale, wa[1], wm[1],
         MODE=code, W_ATTN_TENSOR=wa[0] is not None, W_MLP_TENSOR=wm[0] is not None,
         SPLIT_OUT=split > 1, ALLOW_TF32=bool(allow_tf32),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
     if split > 1:
         launch_finalize(part, rows, wa, wm, out, split, B, Q, N, scale, code)

@@ -28,16 +28,19 @@ import torch
 import triton
 import triton.language as tl
 
+from tokentm_fast.aggregation import support_bounds
+
 from ._utils import (
-    check_out,
-    check_tensor,
-    check_weight,
+    GRADIENT_MODES,
+    MODE_CODES,
+    batch_bucket,
     contiguous,
     interpreted,
     num_sms,
-    require_triton,
+    tuning_configs,
+    weight_arg,
 )
-from .head_fusion import _fused_tile_sum, check_attn_grad, fusion_scale
+from .head_fusion import _fused_tile_sum, fusion_scale
 
 Weight = Union[torch.Tensor, float]
 
@@ -100,6 +103,38 @@ def _update_epilogue(
     tl.store(out_ptr + offs, res, mask=mask)
 
 
+def _prune_row_configs(configs, named_args, **kwargs):
+    """Keep tiles whose ``(BLOCK_Q, BLOCK_I, BLOCK_J)`` product fits the registers and whose
+    BLOCK_J is not wider than N."""
+    n = named_args["N"]
+    bq = kwargs.get("BLOCK_Q", 1)
+    kept = [
+        c for c in configs
+        if bq * c.kwargs["BLOCK_I"] * c.kwargs["BLOCK_J"] <= 8192
+        and c.kwargs["BLOCK_J"] <= max(32, triton.next_power_of_2(n))
+    ]
+    return kept or configs[:1]
+
+
+#: (BLOCK_I, BLOCK_J, num_warps, num_stages) timed on the GPU; every BLOCK_I divides SPLIT_UNIT.
+ROW_GPU_CONFIGS = [
+    triton.Config({"BLOCK_I": bi, "BLOCK_J": bj}, num_warps=w, num_stages=st)
+    for bi, bj, w, st in [
+        (32, 64, 4, 2), (16, 64, 2, 3), (16, 128, 4, 2), (32, 128, 4, 2),
+        (64, 64, 4, 2), (8, 128, 4, 3), (64, 128, 8, 2), (32, 256, 8, 2),
+    ]
+]
+ROW_INTERPRETER_CONFIG = triton.Config({"BLOCK_I": 128, "BLOCK_J": 256}, num_warps=4, num_stages=1)
+#: Granularity of the split of the i range over programs (split-K): a multiple of every BLOCK_I /
+#: BLOCK_K, so that tiles never straddle two splits whatever configuration the autotuner picks.
+SPLIT_UNIT = 128
+
+
+@triton.autotune(
+    configs=tuning_configs(ROW_GPU_CONFIGS, ROW_INTERPRETER_CONFIG),
+    key=["N", "H", "Q", "B_BUCKET", "SPAN", "MODE"],
+    prune_configs_by={"early_config_prune": _prune_row_configs},
+)
 @triton.jit
 def _row_update_kernel(
     rows_ptr,  # (B, Q, N) contiguous
@@ -113,8 +148,10 @@ def _row_update_kernel(
     Q,
     N,
     H,
-    num_q_blocks,
-    i_per_split,  # multiple of BLOCK_I
+    i_lo,  # rows i_lo:i_lo+SPAN of A and G are read (the support of the rows)
+    SPAN,
+    i_per_split,  # multiple of SPLIT_UNIT
+    B_BUCKET,  # autotune key only
     scale,
     w_attn_c,
     w_mlp_c,
@@ -132,10 +169,13 @@ def _row_update_kernel(
         t_qj = Σ_{i ∈ split} s_qi · Ā_ij,   Ā_ij = fusion of A[b,:,i,j], G[b,:,i,j] (§3)
         out_qj = s_qj + t_qj · w_attn_j    (or the partial Σ to the workspace)
 
-    grid = (B · cdiv(Q, BLOCK_Q), cdiv(N, BLOCK_J), SPLIT). Ā_ij is built per
-    ``(BLOCK_I, BLOCK_J)`` tile in registers by ``_fused_tile_sum`` (head loop
-    inside) and consumed at once; nothing of size N×N is stored.
+    grid = (B · cdiv(Q, BLOCK_Q), cdiv(N, BLOCK_J), SPLIT); the i range of split
+    k is ``i_lo + k·i_per_split`` onwards, clipped to the support ``i_lo + SPAN``.
+    Ā_ij is built per ``(BLOCK_I, BLOCK_J)`` tile in registers by
+    ``_fused_tile_sum`` (head loop inside) and consumed at once; nothing of size
+    N×N is stored.
     """
+    num_q_blocks = tl.cdiv(Q, BLOCK_Q)
     pid0 = tl.program_id(0)
     b = (pid0 // num_q_blocks).to(tl.int64)
     offs_q = (pid0 % num_q_blocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -145,13 +185,13 @@ def _row_update_kernel(
     mask_j = offs_j < N
     NN = N * N
     head0 = b * H * NN
-    i_start = split * i_per_split
-    i_end = tl.minimum(i_start + i_per_split, N)
+    i_start = i_lo + split * i_per_split
+    i_end = tl.minimum(i_start + i_per_split, i_lo + SPAN)
 
     acc = tl.zeros((BLOCK_Q, BLOCK_J), dtype=tl.float32)
     for i0 in range(i_start, i_end, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
-        mask_i = offs_i < N
+        mask_i = offs_i < i_end
         s = _scaled_rows(rows_ptr, w_mlp_ptr, b, offs_q, offs_i, Q, N, w_mlp_c, W_MLP_TENSOR)
         tile = offs_i[:, None] * N + offs_j[None, :]
         fused = _fused_tile_sum(
@@ -211,44 +251,19 @@ def _update_finalize_kernel(
     )
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory spans of two tensors intersect (conservative for strided views)."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
+def prepare_update_args(rows, attn, grad, w_attn, w_mlp, mode, out):
+    """Launch form of trusted ``row_update`` / ``matrix_update`` arguments (no checks: the public
+    entries check them): tensors made contiguous where they are not, the weights as
+    ``(tensor or None, constant)``, the mode as its code, ``out`` allocated if None.
 
-    def span(t):
-        lo = t.data_ptr()
-        extent = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1
-        return lo, lo + extent * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
-
-
-def check_update_args(rows, attn, grad, w_attn, w_mlp, mode, out):
-    """Shared validation of ``row_update`` / ``matrix_update`` arguments.
-
-    Returns ``(rows, attn, grad, (wa, wa_c), (wm, wm_c), code, out)`` with the
-    tensors made contiguous where needed and ``out`` validated or allocated.
+    Returns ``(rows, attn, grad, (wa, wa_c), (wm, wm_c), code, out)``.
     """
-    attn, grad, code = check_attn_grad(attn, grad, mode)
-    B, H, N, _ = attn.shape
-    check_tensor(rows, "rows", 3)
-    if rows.shape[0] != B or rows.shape[2] != N:
-        raise ValueError(
-            f"rows must be (B, Q, N) = ({B}, Q, {N}) to match attn {tuple(attn.shape)}, got {tuple(rows.shape)}"
-        )
-    if rows.device != attn.device:
-        raise ValueError(f"rows is on {rows.device} but attn is on {attn.device}")
-    if H == 0:
-        raise ValueError("attn has no heads (H = 0); the head mean is undefined")
-    wa = check_weight(w_attn, "w_attn", B, N, attn.device)
-    wm = check_weight(w_mlp, "w_mlp", B, N, attn.device)
-    Q = rows.shape[1]
-    if isinstance(out, torch.Tensor) and _overlap(out, rows):
-        raise ValueError("out must not alias rows: every program reads all of rows while others write out")
-    out = check_out(out, (B, Q, N), attn.device, "(B, Q, N)")
-    return contiguous(rows), attn, grad, wa, wm, code, out
+    code = MODE_CODES[mode]
+    grad = contiguous(grad) if (grad is not None and mode in GRADIENT_MODES) else None
+    B, _, N, _ = attn.shape
+    if out is None:
+        out = torch.empty((B, rows.shape[1], N), dtype=torch.float32, device=attn.device)
+    return contiguous(rows), contiguous(attn), grad, weight_arg(w_attn), weight_arg(w_mlp), code, out
 
 
 def _num_splits(num_tiles: int, num_k_blocks: int, device: torch.device) -> int:
@@ -265,7 +280,18 @@ def _num_splits(num_tiles: int, num_k_blocks: int, device: torch.device) -> int:
     return max(1, min(num_k_blocks, triton.cdiv(target, num_tiles), 64))
 
 
+def plan_split(num_tiles: int, span: int, device: torch.device):
+    """``(split, i_per_split)`` for a reduction over ``span`` rows: ``i_per_split`` is a multiple
+    of ``SPLIT_UNIT`` (so any autotuned tile divides it) and ``split · i_per_split ≥ span``.
+    ``num_tiles``: output tiles of the launch at the reference width 64 (what fills the device)."""
+    units = max(1, triton.cdiv(span, SPLIT_UNIT))
+    split = _num_splits(num_tiles, units, device)
+    i_per_split = triton.cdiv(units, split) * SPLIT_UNIT
+    return max(1, triton.cdiv(span, i_per_split)), i_per_split
+
+
 def launch_finalize(part, rows, wa, wm, out, split, B, Q, N, scale, code):
+    """Σ over the split-K partials (fixed order) and the residual epilogue."""
     block_q = min(triton.next_power_of_2(Q), 16)
     block_j = 512 if interpreted(rows.device) else 128
     num_q_blocks = triton.cdiv(Q, block_q)
@@ -285,47 +311,52 @@ def row_update(
     w_mlp: Weight,
     mode: str = "gae",
     out: Optional[torch.Tensor] = None,
+    support: Optional[slice] = None,
 ) -> torch.Tensor:
     """One layer of the engine for a few rows: ``R ← s + (s·Ā) ⊙ w_attn``, ``s = R ⊙ (1 + w_mlp)``.
+
+    Inputs are trusted (checked at the public entries, ``tokentm_fast.ops`` and
+    ``torch.ops.tokentm.row_update``); nothing here reads device memory back to
+    the host, so it can run inside backward hooks without a synchronisation.
 
     Args:
         rows: ``(B, Q, N)`` rows of the running product, small Q (typically 1).
             float32 (bfloat16 / float16 accepted, read as float32).
-        attn: ``(B, H, N, N)`` attention probabilities of the layer.
+        attn: ``(B, H, N, N)`` attention probabilities of the layer, H ≥ 1.
         grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; may be None for "mean" / "rollout".
         w_attn, w_mlp: ``(B, N)`` weights (any supported float dtype) or Python floats
             (GAE: 1.0 / 0.0, rollout: 1.0 / -0.5); floats are passed as kernel scalars.
         mode: head fusion, "gae" | "decoupled" | "mean" (| "rollout", as in the oracle).
-        out: optional ``(B, Q, N)`` float32 contiguous output (must not alias ``rows``).
+        out: optional ``(B, Q, N)`` float32 contiguous output; must not overlap ``rows``.
+        support: step-1 ``slice`` of the columns outside which ``rows`` is zero, known to
+            the caller (the query at the top layer); only rows ``lo:hi`` of A and G are
+            read. None: all N.
 
     Returns:
         ``(B, Q, N)`` float32, equal to ``tokentm_fast.aggregation.row_update``.
     """
-    rows, attn, grad, wa, wm, code, out = check_update_args(rows, attn, grad, w_attn, w_mlp, mode, out)
-    require_triton(attn)
+    rows, attn, grad, wa, wm, code, out = prepare_update_args(rows, attn, grad, w_attn, w_mlp, mode, out)
     B, H, N, _ = attn.shape
     Q = rows.shape[1]
     if out.numel() == 0:
         return out
+    lo, hi = support_bounds(support, N)
+    span = hi - lo
     block_q = min(triton.next_power_of_2(Q), 4)
-    if interpreted(attn.device):
-        block_i, block_j = 128, 256
-    else:
-        block_i, block_j = max(8, 32 // block_q), 64
     num_q_blocks = triton.cdiv(Q, block_q)
-    num_j_blocks = triton.cdiv(N, block_j)
-    num_i_blocks = triton.cdiv(N, block_i)
-    split = _num_splits(B * num_q_blocks * num_j_blocks, num_i_blocks, attn.device)
-    i_per_split = triton.cdiv(num_i_blocks, split) * block_i
-    split = triton.cdiv(N, i_per_split)
+    split, i_per_split = plan_split(B * num_q_blocks * triton.cdiv(N, 64), span, attn.device)
     part = torch.empty((split, B, Q, N), dtype=torch.float32, device=attn.device) if split > 1 else out
     scale = fusion_scale(code, H)
-    _row_update_kernel[(B * num_q_blocks, num_j_blocks, split)](
+
+    def grid(meta):
+        return (B * num_q_blocks, triton.cdiv(N, meta["BLOCK_J"]), split)
+
+    _row_update_kernel[grid](
         rows, attn, grad if grad is not None else attn,
         wa[0] if wa[0] is not None else rows, wm[0] if wm[0] is not None else rows,
-        out, part, B, Q, N, H, num_q_blocks, i_per_split, scale, wa[1], wm[1],
+        out, part, B, Q, N, H, lo, span, i_per_split, batch_bucket(B), scale, wa[1], wm[1],
         MODE=code, W_ATTN_TENSOR=wa[0] is not None, W_MLP_TENSOR=wm[0] is not None,
-        SPLIT_OUT=split > 1, BLOCK_Q=block_q, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=4,
+        SPLIT_OUT=split > 1, BLOCK_Q=block_q,
     )
     if split > 1:
         launch_finalize(part, rows, wa, wm, out, split, B, Q, N, scale, code)

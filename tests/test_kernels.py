@@ -253,10 +253,7 @@ def test_float_constant_weights(update):
 def test_split_k_paths(monkeypatch, N, B, H):
     """The deterministic split-K path (used on GPUs when the batch is small) matches too."""
     ru_mod = importlib.import_module("tokentm_fast.kernels.row_update")
-    mu_mod = importlib.import_module("tokentm_fast.kernels.matrix_update")
-
-    monkeypatch.setattr(ru_mod, "_num_splits", lambda *a: 3)
-    monkeypatch.setattr(mu_mod, "_num_splits", lambda *a: 3)
+    monkeypatch.setattr(ru_mod, "_num_splits", lambda *a: 3)  # plans the splits of both kernels
     g = gen("split", N)
     a, gr = attn_grad(B, H, N, torch.float32, g)
     wa, wm = weights(B, N, g)
@@ -363,71 +360,8 @@ def test_legrad_reduce_layers():
     check(out, out, ref, 1e-5, "accumulate")
 
 
-# --------------------------------------------------------------------------- errors
-def test_bad_inputs_raise_clear_errors():
-    B, H, N = 1, 2, 50
-    a, gr = attn_grad(B, H, N, torch.float32, gen("bad"))
-    rows = torch.rand(B, 1, N, device=DEVICE)
-    w = torch.rand(B, N, device=DEVICE)
-    x = torch.randn(B, N, 8, device=DEVICE)
-
-    with pytest.raises(ValueError, match="x must be 3-D"):
-        K.transform_weights(x[0], x[0])
-    with pytest.raises(ValueError, match="x_tilde must have shape"):
-        K.transform_weights(x, x[:, :10])
-    with pytest.raises(TypeError, match="float64"):
-        K.transform_weights(x.double(), x)
-    with pytest.raises(TypeError, match="x must have dtype"):
-        K.transform_weights(x.int(), x)
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        K.transform_weights(x.tolist(), x)
-
-    with pytest.raises(ValueError, match="attn must be 4-D"):
-        K.fuse_heads(a[0], gr[0])
-    with pytest.raises(ValueError, match="square"):
-        K.fuse_heads(a[..., :10], gr[..., :10])
-    with pytest.raises(ValueError, match="grad must have shape"):
-        K.fuse_heads(a, gr[:, :1])
-    with pytest.raises(ValueError, match="needs the attention gradient"):
-        K.fuse_heads(a, None, mode="gae")
-    with pytest.raises(ValueError, match="unknown head fusion mode"):
-        K.fuse_heads(a, gr, mode="max")
-    with pytest.raises(TypeError, match="grad must have dtype"):
-        K.fuse_heads(a, gr.double())
-
-    with pytest.raises(ValueError, match="rows must be"):
-        K.row_update(rows[:, :, :10], a, gr, w, w)
-    with pytest.raises(ValueError, match="rows must be 3-D"):
-        K.row_update(rows[0], a, gr, w, w)
-    with pytest.raises(ValueError, match="w_attn must have shape"):
-        K.row_update(rows, a, gr, w[:, :10], w)
-    with pytest.raises(TypeError, match="w_mlp must be a"):
-        K.row_update(rows, a, gr, w, "zero")
-    with pytest.raises(TypeError, match="w_mlp must have dtype"):
-        K.row_update(rows, a, gr, w, w.double())
-    with pytest.raises(ValueError, match="out must not alias rows"):
-        K.row_update(rows, a, gr, w, w, out=rows)
-    with pytest.raises(ValueError, match="unknown head fusion mode"):
-        K.matrix_update(rows, a, gr, w, w, mode="sum")
-    with pytest.raises(ValueError, match="out must have shape"):
-        K.matrix_update(rows, a, gr, w, w, out=poisoned(B, 2, N))
-    with pytest.raises(TypeError, match="out must be float32"):
-        K.row_update(rows, a, gr, w, w, out=torch.empty(B, 1, N, dtype=torch.float16, device=DEVICE))
-    with pytest.raises(ValueError, match="out must be contiguous"):
-        K.fuse_heads(a, gr, out=poisoned(B, N, N).transpose(1, 2))
-
-    with pytest.raises(ValueError, match="grad_rows must be 4 or 5-D"):
-        K.legrad_reduce(gr[0])
-    with pytest.raises(ValueError, match="out must be given"):
-        K.legrad_reduce(gr, accumulate=True)
-    with pytest.raises(ValueError, match="num_rows"):
-        K.legrad_reduce(gr, num_rows=0)
-    with pytest.raises(ValueError, match=r"grad_rows\[1\] has shape"):
-        K.legrad_reduce([gr, gr[..., :10]])
-    with pytest.raises(ValueError, match="empty"):
-        K.legrad_reduce([])
-
-
+# --------------------------------------------------------------------------- availability
+# (argument errors are the public entries' job: tests/test_ops.py checks them on the operators)
 def test_require_triton(monkeypatch):
     t = torch.zeros(2, device=DEVICE)
     K.require_triton(t)  # fine where the tests run at all
@@ -438,8 +372,10 @@ def test_require_triton(monkeypatch):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             K.require_triton(t)
         x = torch.randn(1, 50, 8)
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            K.transform_weights(x, x)
+        from tokentm_fast.bindings import library
+
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):  # the operator's kernel path says so
+            library.transform_weights_cuda(x, x)
         monkeypatch.undo()
     monkeypatch.setattr(_utils, "triton_importable", lambda: False)
     assert not K.triton_available(DEVICE)
@@ -447,23 +383,77 @@ def test_require_triton(monkeypatch):
         K.require_triton(t)
 
 
-def test_gpu_tile_sizes(monkeypatch):
-    """The GPU launch configurations (small tiles, Q blocks of 4) also run and match."""
-    for name in ("head_fusion", "row_update", "matrix_update"):
-        monkeypatch.setattr(importlib.import_module(f"tokentm_fast.kernels.{name}"), "interpreted", lambda d: False)
-    B, H, N = 2, 2, 145
-    g = gen("gpu-tiles")
+def force_configs(monkeypatch, module: str, kernel: str):
+    """Yield each GPU configuration of an autotuned kernel, made the only one (run here under the
+    interpreter): every tile the GPU autotuner may pick must give the same numbers."""
+    mod = importlib.import_module(f"tokentm_fast.kernels.{module}")
+    tuner = getattr(mod, kernel)
+    configs = {"row_update": "ROW_GPU_CONFIGS"}.get(module, "GPU_CONFIGS")
+    for cfg in getattr(mod, configs):
+        monkeypatch.setattr(tuner, "configs", [cfg])
+        monkeypatch.setattr(tuner, "cache", {})
+        yield cfg
+
+
+def test_every_gpu_config(monkeypatch):
+    """The GPU launch configurations (small tiles, Q blocks of 4, tails in every dimension) match."""
+    B, H, N = 2, 2, 75
+    g = gen("gpu-configs")
     a, gr = attn_grad(B, H, N, torch.float32, g)
     wa, wm = weights(B, N, g)
-    out = poisoned(B, N, N)
-    check(out, K.fuse_heads(a, gr, "decoupled", out=out), fusion.fuse_heads(f64(a), f64(gr), "decoupled"), 1e-5, "fuse")
+    ref = fusion.fuse_heads(f64(a), f64(gr), "decoupled")
+    for cfg in force_configs(monkeypatch, "head_fusion", "_fuse_heads_kernel"):
+        out = poisoned(B, N, N)
+        check(out, K.fuse_heads(a, gr, "decoupled", out=out), ref, 1e-5, f"fuse {cfg}")
     for Q in (1, 6):
         rows = torch.rand(B, Q, N, generator=g).to(DEVICE)
         ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa), f64(wm), "gae")
-        out = poisoned(B, Q, N)
-        check(out, K.row_update(rows, a, gr, wa, wm, out=out), ref, 1e-5, f"row Q={Q}")
-        out = poisoned(B, Q, N)
-        check(out, K.matrix_update(rows, a, gr, wa, wm, allow_tf32=False, out=out), ref, 1e-5, f"matrix Q={Q}")
+        for cfg in force_configs(monkeypatch, "row_update", "_row_update_kernel"):
+            out = poisoned(B, Q, N)
+            check(out, K.row_update(rows, a, gr, wa, wm, out=out), ref, 1e-5, f"row Q={Q} {cfg}")
+        for cfg in force_configs(monkeypatch, "matrix_update", "_matrix_update_kernel"):
+            out = poisoned(B, Q, N)
+            got = K.matrix_update(rows, a, gr, wa, wm, allow_tf32=False, out=out)
+            check(out, got, ref, 1e-5, f"matrix Q={Q} {cfg}")
+    rows_g = torch.randn(B, H, 3, N, generator=g).to(DEVICE)
+    for cfg in force_configs(monkeypatch, "legrad_reduce", "_legrad_reduce_kernel"):
+        out = poisoned(B, N)
+        check(out, K.legrad_reduce(rows_g, num_rows=N, out=out), legrad_ref(rows_g, N), 1e-5, f"legrad {cfg}")
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 1), (7, 9), (1, 145)])
+def test_row_update_support(lo, hi):
+    """Rows zero outside ``support``: only rows lo:hi of A and G are read (NaN elsewhere stays
+    unread), with and without split-K, and the result is the dense one."""
+    B, H, N = 2, 2, 145
+    g = gen("support", lo, hi)
+    a, gr = attn_grad(B, H, N, torch.float32, g)
+    wa, wm = weights(B, N, g)
+    rows = torch.zeros(B, 1, N, device=DEVICE)
+    rows[..., lo:hi] = torch.rand(B, 1, hi - lo, generator=g).to(DEVICE) + 0.1
+    ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa), f64(wm), "gae")
+    a_nan, g_nan = a.clone(), gr.clone()
+    for t in (a_nan, g_nan):
+        t[:, :, :lo] = float("nan")
+        t[:, :, hi:] = float("nan")
+    out = poisoned(B, 1, N)
+    check(out, K.row_update(rows, a_nan, g_nan, wa, wm, out=out, support=slice(lo, hi)), ref, 1e-5, "support")
+    ru_mod = importlib.import_module("tokentm_fast.kernels.row_update")
+    orig = ru_mod._num_splits
+    try:
+        ru_mod._num_splits = lambda *args: 2
+        out = poisoned(B, 1, N)
+        check(out, K.row_update(rows, a_nan, g_nan, wa, wm, out=out, support=slice(lo, hi)), ref, 1e-5,
+              "support split")
+    finally:
+        ru_mod._num_splits = orig
+    ref = aggregation.row_update(f64(rows), f64(a), None, f64(wa), f64(wm), "mean")
+    out = poisoned(B, 1, N)
+    check(out, K.row_update(rows, a_nan, None, wa, wm, "mean", out=out, support=slice(lo, hi)), ref, 1e-5,
+          "support mean")
+    # without the hint every row is read: the NaN rows show (the checks above are not vacuous)
+    if hi - lo < N:
+        assert not torch.isfinite(K.row_update(rows, a_nan, None, wa, wm, "mean")).all()
 
 
 def test_out_may_share_a_buffer_with_rows_without_overlap():

@@ -335,6 +335,74 @@ def test_legrad_reduce_validation(args, kwargs, exc, match):
         ops.legrad_reduce(*args, **kwargs)
 
 
+def _op_error_cases():
+    """(op name, args, kwargs, exception, message) of bad operator calls (one validator per op)."""
+    attns, grads, _, _, _ = make_inputs(b=1, h=2, n=6, layers=1)
+    a, g = attns[0], grads[0]
+    rows, w, x = torch.rand(1, 1, 6), torch.rand(1, 6), torch.randn(1, 6, 8)
+    return [
+        pytest.param("transform_weights", (x[0], x[0]), {}, ValueError, "x must be 3-D", id="tw-rank"),
+        pytest.param("transform_weights", (x, x[:, :4]), {}, ValueError, "x_tilde must have shape", id="tw-shape"),
+        pytest.param("transform_weights", (x.int(), x), {}, TypeError, "x must be a floating-point", id="tw-int"),
+        pytest.param("transform_weights", (x, x.to("meta")), {}, ValueError, "x_tilde is on meta", id="tw-device"),
+        pytest.param("fuse_heads", (a[0], g[0]), {}, ValueError, "attn must be 4-D", id="fuse-rank"),
+        pytest.param("fuse_heads", (a[..., :4], g[..., :4]), {}, ValueError, "square", id="fuse-square"),
+        pytest.param("fuse_heads", (a, g[:, :1]), {}, ValueError, "grad must have shape", id="fuse-grad-shape"),
+        pytest.param("fuse_heads", (a, None), {"mode": "gae"}, ValueError, "needs the attention gradient",
+                     id="fuse-no-grad"),
+        pytest.param("fuse_heads", (a, g), {"mode": "max"}, ValueError, "unknown head fusion mode", id="fuse-mode"),
+        pytest.param("fuse_heads", (a, g.to(torch.int32)), {}, TypeError, "grad must be a floating-point",
+                     id="fuse-grad-int"),
+        pytest.param("fuse_heads", (a[:, :0], g[:, :0]), {}, ValueError, "no heads", id="fuse-no-heads"),
+        pytest.param("row_update", (rows[..., :4], a, g, w, w), {}, ValueError, "rows must be", id="row-rows-n"),
+        pytest.param("row_update", (rows[0], a, g, w, w), {}, ValueError, "rows must be 3-D", id="row-rows-rank"),
+        pytest.param("row_update", (rows, a, g, w[:, :4], w), {}, ValueError, "w_attn must have shape",
+                     id="row-w_attn"),
+        pytest.param("row_update", (rows, a, g, w, w.to(torch.int64)), {}, TypeError, "w_mlp must be a floating",
+                     id="row-w_mlp-int"),
+        pytest.param("row_update", (rows, a, g, w, w.to("meta")), {}, ValueError, "w_mlp is on meta",
+                     id="row-device"),
+        pytest.param("matrix_update", (rows, a, g, w, w), {"mode": "sum"}, ValueError, "unknown head fusion mode",
+                     id="matrix-mode"),
+        pytest.param("matrix_update", (rows, a, None, w, w), {"mode": "decoupled"}, ValueError,
+                     "needs the attention gradient", id="matrix-no-grad"),
+        pytest.param("legrad_reduce", (g[0],), {}, ValueError, "grad_rows must be 4-D", id="legrad-rank"),
+        pytest.param("legrad_reduce", (g,), {"num_rows": 0}, ValueError, "num_rows must be a positive int",
+                     id="legrad-num_rows"),
+    ]
+
+
+_IMPLS = {"transform_weights": "transform_weights", "fuse_heads": "fuse_heads", "row_update": "update",
+          "matrix_update": "update", "legrad_reduce": "legrad_reduce"}
+
+
+@pytest.mark.parametrize("impl", ["op", "cuda", "fake"])
+@pytest.mark.parametrize("name,args,kwargs,exc,match", _op_error_cases())
+def test_operator_argument_errors(impl, name, args, kwargs, exc, match):
+    """Each operator checks its arguments on entry, with the same validator on every path: the op
+    (CPU path here), the CUDA implementation (which then trusts them and launches the Triton
+    wrappers) and the fake implementation used while torch.compile traces."""
+    lib = bindings.library
+    if impl == "op":
+        fn = getattr(torch.ops.tokentm, name)
+    elif impl == "cuda":
+        fn = getattr(lib, f"{name}_cuda")
+    else:
+        fn = getattr(lib, f"{_IMPLS[name]}_fake")
+    with pytest.raises(exc, match=match):
+        fn(*args, **kwargs)
+
+
+def test_operator_argument_types_before_dispatch():
+    """Arguments the schema cannot bind never reach an implementation; the implementations'
+    own check names a non-tensor argument."""
+    x = torch.randn(1, 6, 8)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        bindings.library.transform_weights_cuda(x.tolist(), x)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        bindings.library.check_transform_weights(x.tolist(), x)
+
+
 # --------------------------------------------------------------------------- (c) the registered ops
 
 

@@ -219,10 +219,12 @@ def check_target(target: Target, batch: int, num_classes: Optional[int]) -> Chec
     if callable(target) and not isinstance(target, torch.Tensor):
         return target if isinstance(target, ScoreFunction) else ScoreFunction(target)
     if not classifier and (target is None or isinstance(target, (numbers.Integral, torch.Tensor))):
+        given = "no target" if target is None else f"target {target!r}"
         raise ValueError(
-            "this model has no classifier head (its output is an embedding): pass a score function as "
-            "target, e.g. tokentm_fast.targets.cosine_similarity(reference_embeddings), or "
-            "class_logit(c) to explain output channel c"
+            f"the model has no classifier (e.g. timm num_classes=0, a feature or CLIP vision model): its "
+            f"output is an embedding, so the target must be a score function mapping it to (B,) scores, "
+            f"e.g. tokentm_fast.targets.cosine_similarity(reference_embeddings), or class_logit(c) for "
+            f"output channel c; got {given}"
         )
     if target is None:
         return None

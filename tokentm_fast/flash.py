@@ -23,14 +23,14 @@ Which path runs when is decided in ``tokentm_fast.api`` (``attention=``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
 import torch
 
 from .aggregation import finish_rows
 from .attention import AttentionKernels, ExplanationAttention, RowState
-from .capture import explicit_attention
-from .models.protocol import ViTAdapter, merge_heads, split_heads
+from .capture import LayerRecorder, explicit_attention
+from .models.protocol import ViTAdapter, split_heads
 from .targets import resolve_target, target_score
 from .transform import token_lengths
 
@@ -38,53 +38,6 @@ from .transform import token_lengths
 FLASH_METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad")
 #: head widths of the attention kernels (wider heads stay on the materialized path)
 MAX_HEAD_DIM = 128
-
-
-class _Taps:
-    """Forward hooks on the blocks: Xˡ⁻¹ (block input), Yˡ and γ₂ ⊙ MLP(LN₂(Yˡ)), then
-    ``on_layer(l, record)`` when block l has finished. Tensors are stored detached."""
-
-    def __init__(self, vit: ViTAdapter, layers, keys, on_layer=None) -> None:
-        self.vit, self.layers, self.keys, self.on_layer = vit, list(layers), set(keys), on_layer
-        self.records: Dict[int, Dict[str, torch.Tensor]] = {l: {} for l in self.layers}
-        self.first_input: Optional[torch.Tensor] = None
-
-    def install(self, handles: List) -> None:
-        vit = self.vit
-        handles.append(vit.blocks[0].register_forward_pre_hook(self._first, with_kwargs=True))
-        for l in self.layers:
-            blk = vit.blocks[l]
-            if "x_in" in self.keys:
-                handles.append(blk.register_forward_pre_hook(self._x_in(l), with_kwargs=True))
-            if "y" in self.keys or "mlp_out" in self.keys:
-                y_at, mlp_at = vit.mlp_points(l)
-                handles.append(y_at.register_forward_pre_hook(self._put(l, "y")))
-                handles.append(mlp_at.register_forward_hook(self._put_out(l, "mlp_out")))
-            if self.on_layer is not None:
-                handles.append(blk.register_forward_hook(self._end(l)))
-
-    def _first(self, module, args, kwargs):
-        self.first_input = self.vit.block_input(args, kwargs).detach()
-
-    def _x_in(self, l):
-        def hook(module, args, kwargs):
-            self.records[l]["x_in"] = self.vit.block_input(args, kwargs).detach()
-        return hook
-
-    def _put(self, l, key):
-        def hook(module, args):
-            self.records[l][key] = args[0].detach()
-        return hook
-
-    def _put_out(self, l, key):
-        def hook(module, args, output):
-            self.records[l][key] = output.detach()
-        return hook
-
-    def _end(self, l):
-        def hook(module, args, output):
-            self.on_layer(l, self.records[l])
-        return hook
 
 
 def explain_flash(vit: ViTAdapter, images: torch.Tensor, method: str, target, options: Dict[str, Any],
@@ -122,41 +75,42 @@ def _head_width_checked(attention: AttentionKernels) -> AttentionKernels:
 def _row_engine(vit, images, target, options, kernels, attention, with_weights: bool):
     """TokenTM / GAE: the row algorithm inside the flash attention backward."""
     L, first = vit.num_layers, options["start_layer"]
-    fwd = attention.forward
     state = RowState(first, L - 1)
     anchor = torch.zeros((), dtype=torch.float32, device=images.device, requires_grad=True)
-    values: Dict[int, torch.Tensor] = {}
     use = dict(use_length=options.get("use_length", True), use_necc=options.get("use_necc", True))
 
     def core(l, q, k, v, scale):
-        if l < first:  # below the aggregation: plain attention, no graph
-            return fwd(q, k, v, scale)[0]
-        if with_weights:
-            values[l] = merge_heads(v.detach())
         return ExplanationAttention.apply(q, k, v, anchor, scale, l, state, attention)
 
     def on_layer(l, rec):
         if with_weights:
             with torch.no_grad():
-                x_tilde = vit.value_tokens(l, values.pop(l))
+                x_tilde = vit.value_tokens(l, rec["values"])
                 state.weights[l] = (kernels.transform_weights(rec["x_in"], x_tilde, **use),
                                     kernels.transform_weights(rec["y"], rec["mlp_out"], **use))
         else:
             state.weights[l] = (1.0, 0.0)
         rec.clear()
 
-    keys = ("x_in", "y", "mlp_out") if with_weights else ()
-    taps = _Taps(vit, range(first, L), keys, on_layer)
-    with explicit_attention(vit.model) as handles, torch.enable_grad():
-        vit.replace_attention(range(L), core, handles)
-        taps.install(handles)
+    keys = ("x_in", "values", "y", "mlp_out") if with_weights else ()
+    recorder = LayerRecorder(vit, range(first, L), on_layer=on_layer, keys=keys, core=core)
+    with explicit_attention(vit) as handles, torch.enable_grad():
+        vit.replace_attention(range(first), _plain_core(attention), handles)  # below the aggregation
+        recorder.install(handles)
         output = vit.forward(images)
         target = resolve_target(target, output)
-        n = taps.first_input.shape[1]
+        n = recorder.first_input.shape[1]
         state.start(vit.query_vector(images.shape[0], n, device=images.device))
         torch.autograd.grad(target_score(output, target), [anchor])
-    c0 = token_lengths(taps.first_input) if with_weights and options["init"] == "length" else None
+    c0 = token_lengths(recorder.first_input) if with_weights and options["init"] == "length" else None
     return finish_rows(state.rows[:, None], c0)[:, 0, vit.num_prefix_tokens:]
+
+
+def _plain_core(attention: AttentionKernels):
+    """The flash forward alone (layers whose attention the method does not read)."""
+    def core(l, q, k, v, scale):
+        return attention.forward(q, k, v, scale)[0]
+    return core
 
 
 def _saving_core(fwd, keep: Dict[int, tuple], layers):
@@ -211,38 +165,29 @@ def _tail_gradients(vit, images, target, method: str, options, attention: Attent
     L, P, heads = vit.num_layers, vit.num_prefix_tokens, vit.num_heads
     layers = list(range(options["start_layer"], L)) if method == "legrad" else [L - 1]
     keep: Dict[int, tuple] = {}
-    mixed: Dict[int, tuple] = {}
-    fwd = attention.forward
-    wanted = set(layers)
-
-    def core(l, q, k, v, scale):
-        o, lse = fwd(q, k, v, scale)
-        if l in wanted:
-            mixed[l] = (merge_heads(v), merge_heads(o))
-            if method == "attn_gradcam":
-                keep[l] = (q, k, lse, scale)
-        return o
-
-    taps = _Taps(vit, layers, ("x_in",))
-    with explicit_attention(vit.model) as handles:
-        vit.replace_attention(range(L), core, handles)
-        taps.install(handles)
+    core = _saving_core(attention.forward, keep, layers if method == "attn_gradcam" else ())
+    recorder = LayerRecorder(vit, layers, keys=("x_in", "values", "attn_out"), core=core)
+    others = [l for l in range(L) if l not in set(layers)]
+    with explicit_attention(vit) as handles:
+        vit.replace_attention(others, _plain_core(attention), handles)
+        recorder.install(handles)
         with torch.no_grad():
             output = vit.forward(images)
         target = resolve_target(target, output)
+        recs = recorder.records
         # Token pooling: s_l reads only the prefix rows of Xˡ, and everything after the attention
         # mixing is token-wise, so only those rows of the tail are re-run (dO is 0 elsewhere).
         rows = slice(0, P) if vit.pooling == "token" else slice(None)
         with torch.enable_grad():
-            leaves = [mixed[l][1][:, rows].detach().requires_grad_(True) for l in layers]
-            score = sum(target_score(vit.head(vit.block_tail(l, taps.records[l]["x_in"][:, rows], o)), target)
+            leaves = [recs[l]["attn_out"][:, rows].detach().requires_grad_(True) for l in layers]
+            score = sum(target_score(vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)), target)
                         for l, o in zip(layers, leaves))
             d_outs = torch.autograd.grad(score, leaves)
-    b, n = images.shape[0], taps.first_input.shape[1]
+    b, n = images.shape[0], recorder.first_input.shape[1]
     if method == "attn_gradcam":
         l = layers[0]
         q, k, lse, scale = keep.pop(l)
-        v = split_heads(mixed[l][0], heads).float()
+        v = split_heads(recs[l]["values"], heads).float()
         do = split_heads(d_outs[0].float(), heads)                                  # (B, H, R, d)
         query = vit.query_vector(b, n, device=images.device)[:, rows]
         g_q = (torch.einsum("br,bhrd->bhd", query, do)[:, :, None] @ v.transpose(-1, -2))[:, :, 0]  # (B, H, N)
@@ -250,7 +195,7 @@ def _tail_gradients(vit, images, target, method: str, options, attention: Attent
         e = (alpha * _query_probs(vit, attention, q, k, lse, scale)).mean(1).clamp_min(0)
         return e[:, P:]
     # LeGrad: e_j = Σ_l mean_h (1/N) Σ_i max(⟨dO_l[i], v_j⟩, 0), all layers in one launch
-    v_all = torch.cat([split_heads(mixed[l][0], heads) for l in layers])            # (L'·B, H, N, d)
+    v_all = torch.cat([split_heads(recs[l]["values"], heads) for l in layers])            # (L'·B, H, N, d)
     if vit.pooling == "token":
         do_all = torch.cat([split_heads(d.to(v_all.dtype), heads) for d in d_outs])  # (L'·B, H, P, d)
         g = (do_all.float() @ v_all.float().transpose(-1, -2)).clamp_min(0)            # (L'·B, H, P, N)

@@ -70,6 +70,18 @@ def test_callable_target_on_triton(vit):
         torch.testing.assert_close(e, by_int, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("family", ["hf_vit_classifier", "torchvision_vit"])
+def test_callable_equals_integer_target_on_other_families(family):
+    """The score function sees the family's logits tensor (not its output object)."""
+    mf = pytest.importorskip("model_families")
+    model, images = getattr(mf, family)().eval(), mf.images()
+    for method in ("tokentm", "legrad", "attn_gradcam"):
+        by_int = tf.explain(model, images, method, target=torch.tensor([1, 3]))
+        e = tf.explain(model, images, method, target=lambda out: out[:, [1, 3]].diagonal())
+        torch.testing.assert_close(e, by_int, rtol=1e-6, atol=0)
+        assert _nonzero(by_int)
+
+
 # --------------------------------------------------------------------------- cosine similarity
 
 

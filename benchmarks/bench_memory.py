@@ -202,13 +202,14 @@ def step_peak(*, L: int, H: int, N: int, D: int, B: int, params: int, image_pixe
               fused: bool) -> int:
     """Estimated peak of one training step (forward, backward with parameter gradients).
 
-    Parameter gradients (params·itemsize) plus the autograd graph: about 16 stream
-    tensors per block (LN, qkv, attention output, proj, MLP hidden ×2) and, with
-    explicit attention, the stored probabilities and their gradient (2 layers).
+    Parameter gradients (params·itemsize) plus the autograd graph: about 12 stream
+    tensors per block with fused attention (LN, qkv, attention output, proj, MLP
+    hidden ×2) and, with explicit attention, a few more and the stored
+    probabilities and their gradient (2 layers).
     """
     s = itemsize
     act, layer = B * N * D * s, B * H * N * N * s
-    per_block = 16 * act + (0 if fused else 2 * layer)
+    per_block = (12 if fused else 16) * act + (0 if fused else 2 * layer)
     # fused attention (SDPA) keeps the log-sum-exp (B·H·N floats) and its backward scratch
     lse = B * H * N * 4 * (3 if fused else 0)
     return int(params * s + L * (per_block + lse) + 8 * act + 2 * layer * (0 if fused else 1)

@@ -37,14 +37,14 @@ import tokentm_fast as tf
 from bench_memory import explain_peak, step_peak
 from bench_models import explicit_step, random_images, random_vit
 
-# name -> (L, H, D, parameters); all at 224 px with 16 px patches: N = 197.
+# name -> (L, H, D, parameters at 224 px); 16 px patches: N = 197 at 224 px (the tiny scale: 64 px, N = 17).
 MODELS = {
     "vit_tiny_patch16_224": (12, 3, 192, 5.7e6),
     "vit_small_patch16_224": (12, 6, 384, 22.1e6),
     "vit_base_patch16_224": (12, 12, 768, 86.6e6),
     "vit_large_patch16_224": (24, 16, 1024, 304.3e6),
 }
-N_TOKENS = 197
+TINY_IMG = 64  # the tiny scale's image size (N = 17): a smoke test of every case kind in seconds
 METHODS = ("tokentm", "legrad", "rollout")
 CHECK_BATCH = {"cpu": 2, "cuda": 8}
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -56,26 +56,32 @@ class ECase:
     B: int
     backend: str  # baseline | reference | torch | triton
     method: str = ""
+    img: int = 224
+
+    @property
+    def N(self) -> int:
+        return (self.img // 16) ** 2 + 1
 
     @property
     def label(self) -> str:
-        return f"{self.model} B={self.B}"
+        return f"{self.model} B={self.B}" + ("" if self.img == 224 else f" {self.img}px")
 
     @property
     def id(self) -> str:
         what = "fwd_bwd" if self.backend == "baseline" else f"{self.method}-{self.backend}"
-        return f"{self.model}-B{self.B}-{what}"
+        return f"{self.model}-B{self.B}" + ("" if self.img == 224 else f"-{self.img}px") + f"-{what}"
 
     def extra(self) -> Dict[str, Any]:
         L, H, D, _ = MODELS[self.model]
         return dict(suite="explain", case=self.label, backend=self.backend, method=self.method,
-                    model=self.model, B=self.B, L=L, H=H, D=D, N=N_TOKENS, dtype="float32")
+                    model=self.model, B=self.B, L=L, H=H, D=D, N=self.N, img_size=self.img, dtype="float32")
 
 
-def memory(model: str, batch: int, backend: str, method: str = "tokentm") -> float:
+def memory(model: str, batch: int, backend: str, method: str = "tokentm", img: int = 224) -> float:
     """Estimated peak bytes of one case (``bench_memory``): the model (params, float32) plus the call."""
     L, H, D, params = MODELS[model]
-    shape = dict(L=L, H=H, N=N_TOKENS, D=D, B=batch, params=int(params), image_pixels=224 * 224, itemsize=4)
+    shape = dict(L=L, H=H, N=(img // 16) ** 2 + 1, D=D, B=batch, params=int(params), image_pixels=img * img,
+                 itemsize=4)
     if backend == "baseline":
         need = step_peak(**shape, fused=False)
     else:
@@ -85,7 +91,7 @@ def memory(model: str, batch: int, backend: str, method: str = "tokentm") -> flo
 
 def _sweep(scale: str, cuda: bool) -> List[Tuple[str, int]]:
     if scale == "tiny":
-        return [("vit_tiny_patch16_224", 2)]
+        return [("vit_tiny_patch16_224", 2)]  # at TINY_IMG px
     if scale == "small":
         if cuda:
             return [("vit_base_patch16_224", 8), ("vit_base_patch16_224", 64)]
@@ -100,14 +106,15 @@ def _sweep(scale: str, cuda: bool) -> List[Tuple[str, int]]:
 def build_cases(ctx) -> List[ECase]:
     cases = []
     methods = ctx.methods(METHODS)
+    img = TINY_IMG if ctx.scale == "tiny" else 224
     for model, b in _sweep(ctx.scale, ctx.cuda):
-        if not ctx.fits(memory(model, b, "baseline"), f"explain {model} B={b}"):
+        if not ctx.fits(memory(model, b, "baseline", img=img), f"explain {model} B={b}"):
             continue
-        cases.append(ECase(model, b, "baseline"))
+        cases.append(ECase(model, b, "baseline", img=img))
         for method in methods:
             for backend in ctx.backends():
-                if ctx.fits(memory(model, b, backend, method), f"explain {backend} {model} B={b} {method}"):
-                    cases.append(ECase(model, b, backend, method))
+                if ctx.fits(memory(model, b, backend, method, img), f"explain {backend} {model} B={b} {method}"):
+                    cases.append(ECase(model, b, backend, method, img))
     return cases
 
 
@@ -119,15 +126,15 @@ def pytest_generate_tests(metafunc):
 
 # --------------------------------------------------------------------------- model / images / reference maps
 
-def _state(name: str, batch: int, ctx) -> Dict[str, Any]:
+def _state(case: ECase, ctx) -> Dict[str, Any]:
     """The model, images, targets and reference maps of one (model, batch), shared through ``bench.cache``."""
 
     def make():
-        model = random_vit(name, ctx.device)
-        images, target = random_images(model, batch, ctx.device)
+        model = random_vit(case.model, ctx.device, img_size=case.img)
+        images, target = random_images(model, case.B, ctx.device)
         return dict(model=model, images=images, target=target, refs={})
 
-    return ctx.cache.get((name, batch), make)
+    return ctx.cache.get((case.model, case.B, case.img), make)
 
 
 def _reference_map(case: ECase, state: Dict[str, Any], ctx) -> torch.Tensor:
@@ -135,7 +142,7 @@ def _reference_map(case: ECase, state: Dict[str, Any], ctx) -> torch.Tensor:
     the batch does not fit."""
     if case.method not in state["refs"]:
         k = case.B
-        if not ctx.fits(memory(case.model, k, "reference", case.method)):
+        if not ctx.fits(memory(case.model, k, "reference", case.method, case.img)):
             k = min(case.B, CHECK_BATCH[ctx.device.type])
         state["refs"][case.method] = tf.explain(state["model"], state["images"][:k], method=case.method,
                                                 target=state["target"][:k], backend="reference").clone()
@@ -146,7 +153,7 @@ def _reference_map(case: ECase, state: Dict[str, Any], ctx) -> torch.Tensor:
 
 
 def test_explain(benchmark, bench, ecase: ECase):
-    state = _state(ecase.model, ecase.B, bench)
+    state = _state(ecase, bench)
     model, images, target = state["model"], state["images"], state["target"]
     benchmark.group = f"explain {ecase.label} {ecase.method or 'fwd+bwd'}"
     oom = None

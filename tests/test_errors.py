@@ -36,8 +36,60 @@ def test_unsupported_parts(images):
         tf.explain(mapped, images)
     headless = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
                                  depth=2)
-    with pytest.raises(ValueError, match="num_classes=0"):
+    with pytest.raises(ValueError, match="no classifier"):  # a feature model needs a score function
         tf.explain(headless, images)
+
+
+def test_unsupported_class_names_the_supported_classes(images):
+    relpos = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, num_classes=5, img_size=32,
+                               patch_size=8, depth=2)
+    with pytest.raises(TypeError, match="VisionTransformerRelPos") as err:
+        tf.explain(relpos, images)
+    for name in ("timm VisionTransformer", "ViTForImageClassification", "CLIPVisionModel", "torchvision",
+                 "open_clip"):
+        assert name in str(err.value)
+
+
+def test_hybrid_vit_is_supported():
+    """vit_tiny_r_s16_p8_224 (HybridEmbed: a ResNet stem, then the projection): 3-channel images in, the
+    patch grid is the backbone's feature map."""
+    torch.manual_seed(0)
+    hybrid = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, num_classes=5, img_size=64, depth=2)
+    x = torch.randn(1, 3, 64, 64)
+    grid = tuple(hybrid.patch_embed.grid_size)
+    for method in ("tokentm", "legrad"):
+        ref = tf.explain(hybrid, x, method, backend="reference")
+        fast = tf.explain(hybrid, x, method, backend="torch")
+        assert ref.shape == (1, *grid) and ref.abs().max() > 0
+        assert (fast - ref).abs().max() <= 1e-4 * ref.abs().max()
+    with pytest.raises(ValueError, match="expects 64x64"):
+        tf.explain(hybrid, torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("method", ["tokentm", "legrad", "rollout"])
+def test_works_under_inference_mode(model, images, method):
+    expected = tf.explain(model, images, method, target=torch.tensor([1, 2]) if method == "legrad" else None)
+    with torch.inference_mode():
+        x = images.clone()  # an inference tensor
+        target = torch.tensor([1, 2]) if method == "legrad" else None
+        got = tf.explain(model, x, method, target=target)
+        assert torch.is_inference_mode_enabled()
+    assert torch.equal(got, expected)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_meta_images(model, images):
+    with pytest.raises(ValueError, match="images must be on the model's device"):
+        tf.explain(model, images.to("meta"))
+    meta_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32,
+                                   patch_size=8, depth=2).to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        tf.explain(meta_model, images.to("meta"))
+
+
+def test_channels_last_images_get_a_hint(model):
+    with pytest.raises(ValueError, match=r"32 channels, the model expects 3 \(are they channels-last"):
+        tf.explain(model, torch.randn(2, 32, 32, 3))
 
 
 @pytest.mark.parametrize("bad,err,match", [

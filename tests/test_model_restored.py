@@ -14,6 +14,8 @@ def snapshot(model):
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
                   for n, m in model.named_modules()},
+        # instance-level forward overrides (the attention call-site hook) must all be gone
+        "patched": {n: m.__dict__.get("forward") for n, m in model.named_modules() if "forward" in m.__dict__},
     }
 
 
@@ -23,6 +25,7 @@ def assert_same(model, snap):
     assert now["fused"] == snap["fused"]
     assert now["requires_grad"] == snap["requires_grad"]
     assert now["hooks"] == snap["hooks"]
+    assert now["patched"] == snap["patched"]
     for k, v in snap["state"].items():
         assert torch.equal(now["state"][k], v), k
     assert all(p.grad is None for p in model.parameters()), "parameter gradients were computed"
@@ -92,3 +95,26 @@ def test_works_under_no_grad_and_inference_of_caller():
     with torch.no_grad():
         assert torch.equal(tf.explain(model, images, "tokentm", backend="torch"), ref)
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("method", ["tokentm", "legrad"])
+def test_a_users_own_forward_override_is_put_back(method):
+    """The attention call-site hook replaces an instance-level forward and restores the one that was there."""
+    import types
+
+    model = make_model(False)
+    attn = model.blocks[1].attn
+    calls = []
+
+    def user_forward(self, x, **kwargs):
+        calls.append(1)
+        return type(self).forward(self, x, **kwargs)
+
+    attn.forward = types.MethodType(user_forward, attn)
+    own = attn.__dict__["forward"]
+    snap = snapshot(model)
+    tf.explain(model, torch.randn(1, 3, 64, 64), method, backend="torch")
+    assert_same(model, snap)
+    assert attn.__dict__["forward"] is own
+    model(torch.randn(1, 3, 64, 64))
+    assert calls == [1]

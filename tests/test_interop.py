@@ -185,3 +185,25 @@ def test_quantus_pointing_game_on_the_shipped_model():
         return rng.random((inputs.shape[0], 1) + inputs.shape[2:]).astype(np.float32)
 
     assert pointing_game(random_explain).mean() <= 0.5
+
+
+# --------------------------------------------------------------------------- the README examples
+
+
+def test_readme_section_runs():
+    """The examples of README's "Using tokentm_fast from other libraries" run as written."""
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("quantus")
+    pytest.importorskip("open_clip")
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Using tokentm_fast from other libraries", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 3
+    ns = {}
+    exec(compile("\n".join(blocks), "README.md", "exec"), ns)   # noqa: S102 - our own documentation
+    torch.testing.assert_close(ns["a"], ns["b"])                # the callable and the integer target agree
+    assert ns["d"].shape == ns["e"].shape == (2, 4, 4)
+    assert ns["maps"].shape == (2, 64, 64) and float(ns["maps"].min()) == 0.0 and float(ns["maps"].max()) == 1.0
+    assert len(ns["hits"]) == 8 and ns["attr"].shape == (8, 1, 64, 64)

@@ -167,11 +167,11 @@ def test_peak_tracker_counts_what_operators_allocate(bench_modules):
     assert peak == 12000
 
 
-@pytest.mark.parametrize("img,patch,depth,batch,width,heads", [(64, 8, 3, 2, 64, 4), (96, 16, 2, 2, 128, 2)])
-def test_estimates_bound_the_measured_peaks(bench_modules, img, patch, depth, batch, width, heads):
+def test_estimates_bound_the_measured_peaks(bench_modules):
+    """One small configuration here (N=65, L=3); ``benchmarks/calibrate_memory.py`` checks eight."""
     _, cal = bench_modules
-    torch.manual_seed(0)
-    model = cal.tiny_vit(img, patch, depth, width, heads)
+    batch = 2
+    model = cal.tiny_vit(64, 8, 3, 64, 4)
     res = cal.explain_ratios(model, batch, ("tokentm", "gae", "rollout", "legrad"),
                              ("reference", "torch", "literal", "step"))
     assert len(res) == 4 + 4 + 2 + 1

@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -95,7 +94,7 @@ def test_help(sub, capsys):
         "explain": ("IMAGE", "--methods", "--out", "--model", "--checkpoint"),
         "evaluate": ("--data", "--methods", "--metrics", "--limit", "--output", "--restart", "--workers",
                      "--batch-size", "--device"),
-        "bench": ("--json", "--model", "--batch", "--device"),
+        "bench": ("--model", "--batch", "--backends", "--device"),
         "demo": ("--num-images", "--out"),
     }[sub]
     for word in expected:
@@ -217,29 +216,43 @@ def test_evaluate_cli_errors(tmp_path, tiny_ckpt, capsys):
 
 
 # ----------------------------------------------------------------------------- bench
-def test_bench_missing_module(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "tokentm_fast.benchtable", None)  # import fails
-    rc, _, err = run_main(["bench"], capsys)
-    assert_clean_error(rc, err, "tokentm_fast.benchtable")
+def _bench_table(out):
+    """The rows of ``tokentm-fast bench``: {(run, backend): (ms, ratio to forward+backward)}."""
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0] in ("forward+backward", *METHODS):
+            rows[(parts[0], parts[1])] = (float(parts[2]), float(parts[3]))
+    return rows
 
 
-def test_bench_calls_the_table_module(monkeypatch, tmp_path, capsys):
-    calls = {}
-    fake = types.ModuleType("tokentm_fast.benchtable")
-    fake.table_from_json = lambda path: calls.setdefault("json", path) and "| from json |"
-    fake.quick_bench = lambda **kw: calls.setdefault("quick", kw) and "| quick |"
-    monkeypatch.setitem(sys.modules, "tokentm_fast.benchtable", fake)
-    bj = tmp_path / "bench.json"
-    bj.write_text("{}")
-    rc, out, _ = run_main(["bench", "--json", bj], capsys)
-    assert rc == 0 and "| from json |" in out and calls["json"] == str(bj)
-    rc, out, _ = run_main(["bench", "--model", "vit_small_patch16_224", "--batch", "2", "--device", "cpu",
-                           "--backends", "torch", "--methods", "tokentm,legrad"], capsys)
-    assert rc == 0 and "| quick |" in out
-    assert calls["quick"] == dict(model="vit_small_patch16_224", batch=2, methods=("tokentm", "legrad"),
-                                  backends=("torch",), device="cpu", repeats=3)
-    rc, _, err = run_main(["bench", "--json", tmp_path / "missing.json"], capsys)
-    assert_clean_error(rc, err, "missing.json")
+def test_bench_times_explain_against_forward_backward(capsys):
+    rc, out, _ = run_main(["bench", *TINY, "--batch", "2", "--methods", "tokentm,rollout", "--backends", "reference,torch",
+                           "--repeats", "1", "--threads", "1"], capsys)
+    assert rc == 0, out
+    rows = _bench_table(out)
+    assert set(rows) == {("forward+backward", "-"), ("tokentm", "reference"), ("tokentm", "torch"),
+                         ("rollout", "reference"), ("rollout", "torch")}
+    base_ms = rows[("forward+backward", "-")][0]
+    assert rows[("forward+backward", "-")][1] == 1.0
+    for (run, backend), (ms, ratio) in rows.items():
+        assert ms > 0
+        assert abs(ratio - ms / base_ms) <= 0.02 * ratio + 0.01, (run, backend, ms, ratio)
+    assert "vit_tiny_patch16_224 (random init), batch 2, float32" in out and "median of 1 calls" in out
+
+
+def test_bench_is_not_tooling():
+    """The benchmark tables (git calls, issue targets) live in benchmarks/, not in the package."""
+    import importlib.util
+
+    assert importlib.util.find_spec("tokentm_fast.benchtable") is None
+
+
+def test_bench_errors(capsys):
+    rc, _, err = run_main(["bench", *TINY, "--backends", "torch,cuda_magic"], capsys)
+    assert_clean_error(rc, err, "cuda_magic", "reference")
+    rc, _, err = run_main(["bench", "--model", "not_a_model"], capsys)
+    assert_clean_error(rc, err, "unknown model")
 
 
 # ----------------------------------------------------------------------------- demo

@@ -4,7 +4,7 @@ Subcommands::
 
     tokentm-fast explain IMAGE [IMAGE ...] --model synthetic --methods tokentm,legrad --out DIR
     tokentm-fast evaluate --data synthetic|folder:PATH|mat:PATH --model NAME --checkpoint FILE ...
-    tokentm-fast bench [--json FILE]
+    tokentm-fast bench --model vit_base_patch16_224 --batch 8 --backends torch,triton --device cuda
     tokentm-fast demo [--num-images 64] [--out demo_out]
 
 Errors in what the user gave (missing file, unreadable image or checkpoint,
@@ -209,19 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- bench
     p = sub.add_parser(
-        "bench", help="print the benchmark speed-up table",
-        description="Print the speed-up table: from a pytest-benchmark JSON (--json) or by timing the "
-                    "backends now (quick benchmark).",
+        "bench", help="time explain per method and backend against a forward+backward",
+        description="Time explain() per method and backend on a random-init timm model (or the shipped "
+                    "synthetic model) and batch, against one forward+backward step with parameter gradients; "
+                    "prints a plain table (median of --repeats calls after one warm-up call). "
+                    "The benchmark suite with its tables lives in the repository's benchmarks/ folder.",
     )
-    p.add_argument("--json", metavar="FILE", nargs="+",
-                   help="pytest-benchmark JSON file(s) (pytest benchmarks/ --benchmark-json=FILE) to turn into the table")
-    p.add_argument("--model", default="vit_base_patch16_224", help="timm model for the quick benchmark (default: %(default)s)")
+    p.add_argument("--model", default="vit_base_patch16_224",
+                   help="timm model name (random init) or 'synthetic' (default: %(default)s)")
+    p.add_argument("--model-kwargs", type=_model_kwargs, default=None, metavar="K=V,...",
+                   help="extra timm.create_model arguments, e.g. img_size=384")
     p.add_argument("--batch", type=_positive_int, default=8, help="batch size (default: %(default)s)")
     p.add_argument("--methods", type=_methods, default=["tokentm"], metavar="M1,M2,...", help="methods (default: tokentm)")
-    p.add_argument("--backends", default="reference,torch", metavar="B1,B2,...",
-                   help="comma-separated backends (default: %(default)s)")
+    p.add_argument("--backends", default="torch", metavar="B1,B2,...",
+                   help="comma-separated backends among reference, torch, triton, auto (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model and image dtype (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed calls per row (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
     p.set_defaults(func=cmd_bench)
 
@@ -615,22 +620,67 @@ def _plot_curves(results: Dict[str, Any], path: str) -> Optional[Path]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    _setup_threads(args)
-    import importlib
+    """``tokentm-fast bench``: median time of explain per (method, backend) and of a forward+backward."""
+    import statistics
 
-    try:
-        benchtable = importlib.import_module("tokentm_fast.benchtable")
-    except ImportError as e:
-        raise CLIError(f"the benchmark table module tokentm_fast.benchtable is not available ({e})") from None
-    if args.json:
-        for f in args.json:
-            if not Path(f).is_file():
-                raise CLIError(f"benchmark JSON not found: {f}")
-        print(benchtable.table_from_json(args.json[0] if len(args.json) == 1 else list(args.json)))
-        return 0
-    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
-    print(benchtable.quick_bench(model=args.model, batch=args.batch, methods=tuple(args.methods),
-                                 backends=backends, device=args.device, repeats=args.repeats))
+    import torch
+
+    from . import BACKENDS, explain
+
+    _setup_threads(args)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = [b for b in backends if b not in BACKENDS]
+    if not backends or bad:
+        raise CLIError(f"unknown backend(s) {', '.join(bad) or repr(args.backends)}; choose from {', '.join(BACKENDS)}")
+    device = _device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.model == "synthetic":
+        from .synthetic import create_synthetic_vit
+
+        model, weights = create_synthetic_vit(), "shipped weights"
+    else:
+        import timm
+
+        if not timm.is_model(args.model):
+            raise CLIError(f"unknown model {args.model!r}: not 'synthetic' and not a timm model name")
+        torch.manual_seed(0)
+        model, weights = timm.create_model(args.model, pretrained=False, **(args.model_kwargs or {})), "random init"
+    model = model.eval().to(device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, *model.patch_embed.img_size, generator=gen).to(device=device, dtype=dtype)
+    target = torch.randint(0, model.num_classes, (args.batch,), generator=gen).to(device)
+
+    def timed(fn) -> float:
+        """Median seconds of ``args.repeats`` calls after one warm-up call (device synchronized)."""
+        times = []
+        for i in range(args.repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def step():
+        logits = model(images)
+        logits.gather(1, target[:, None]).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    base = timed(step)
+    rows = [("forward+backward", "-", base)]
+    for method in args.methods:
+        for backend in backends:
+            rows.append((method, backend, timed(lambda: explain(model, images, method=method, target=target,
+                                                                backend=backend))))
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"{args.model} ({weights}), batch {args.batch}, {args.dtype}, {device}{threads}, torch {torch.__version__}; "
+          f"median of {args.repeats} calls after 1 warm-up")
+    print(f"{'run':<18} {'backend':<10} {'ms':>10} {'x fwd+bwd':>10}")
+    for what, backend, t in rows:
+        print(f"{what:<18} {backend:<10} {t * 1e3:>10.1f} {t / base:>10.2f}")
     return 0
 
 

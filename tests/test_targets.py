@@ -60,12 +60,13 @@ def test_callable_returning_the_logit_equals_the_integer_target(vit, method, bac
         assert not torch.allclose(e_int, by_int, rtol=1e-3, atol=0)
 
 
-def test_callable_target_on_triton(vit):
+@pytest.mark.parametrize("attention", ["materialized", "flash"])
+def test_callable_target_on_triton(vit, attention):
     pytest.importorskip("triton")
     model, images = vit
     for method in ("tokentm", "legrad"):
-        by_int = tf.explain(model, images, method, target=3, backend="triton")
-        e = tf.explain(model, images, method, target=lambda o: o[:, 3], backend="triton")
+        by_int = tf.explain(model, images, method, target=3, backend="triton", attention=attention)
+        e = tf.explain(model, images, method, target=lambda o: o[:, 3], backend="triton", attention=attention)
         assert _nonzero(by_int)
         torch.testing.assert_close(e, by_int, rtol=1e-6, atol=0)
 

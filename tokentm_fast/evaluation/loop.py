@@ -8,8 +8,9 @@ numbers are the same, and the merged metric states (integer counts, exact
 sums) equal those of one process.
 
 The loop runs in lock-step steps (one batch per rank per step) with one
-``all_reduce`` of two integers per step, which gives rank 0 the global count
-for its progress bar; a rank whose shard is done takes part with zeros.
+``all_reduce`` of three integers per step (samples, images, skipped), which
+gives rank 0 the global counts for its progress bar; a rank whose shard is
+done takes part with zeros.
 """
 from __future__ import annotations
 

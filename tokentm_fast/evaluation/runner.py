@@ -26,6 +26,7 @@ A sample that fails to load (a corrupt image) is logged as
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -119,7 +120,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 32,
     device: Union[str, torch.device] = "cpu",
-    dtype: Union[str, torch.dtype] = "float32",
+    dtype: Optional[Union[str, torch.dtype]] = None,
     limit: Optional[int] = None,
     output: Optional[Union[str, os.PathLike]] = "results.json",
     backend: str = "auto",
@@ -148,8 +149,10 @@ def evaluate(
             among the first ``sanity_images`` samples; ``None`` = all).
         batch_size, device, backend: batching, where to run (under ``torchrun``
             ``"cuda"`` means each rank's ``cuda:LOCAL_RANK``), explanation backend.
-        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``: the model is
-            cast to it (explanations and perturbation forward passes run in it).
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the model is cast to
+            it (explanations and perturbation forward passes run in it; a module
+            passed as ``model`` is copied first). ``None`` (default): the model's own
+            dtype (float32 for a loaded checkpoint).
         num_workers: ``DataLoader`` workers (decoding and preprocessing); default:
             the CPU cores available to the process divided among the local ranks.
         max_forward_batch: most images per forward pass of the perturbation test
@@ -189,7 +192,7 @@ def evaluate(
         raise EvaluationError(f"max_forward_batch must be >= 1 (or None), got {max_forward_batch}")
     if num_workers is not None and int(num_workers) < 0:
         raise EvaluationError(f"num_workers must be >= 0, got {num_workers}")
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = None if dtype is None else resolve_dtype(dtype)
     requested = resolve_device(device)
     method_options = {k: dict(v) for k, v in (method_options or {}).items()}
     for k in method_options:
@@ -208,7 +211,7 @@ def evaluate(
         ctx.close()
 
 
-def _evaluate(ctx: distributed.DistContext, t_start: float, requested: torch.device, dtype: torch.dtype,
+def _evaluate(ctx: distributed.DistContext, t_start: float, requested: torch.device, dtype: Optional[torch.dtype],
               model: Any, data: Any, methods: List[str], metrics: List[str], *, checkpoint, num_classes,
               model_kwargs, split, size, seed, batch_size: int, limit, output, backend, num_workers,
               max_forward_batch, progress, restart, save_every: int, method_options, target, sanity_images,
@@ -224,7 +227,13 @@ def _evaluate(ctx: distributed.DistContext, t_start: float, requested: torch.dev
 
     # ---------------- model, data, metrics ----------------
     net, model_info = load_model(model, checkpoint=checkpoint, num_classes=num_classes, model_kwargs=model_kwargs)
-    net = net.to(device=dev, dtype=dtype).eval()
+    own = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    if dtype is not None and dtype != own:
+        if isinstance(model, nn.Module):
+            net = copy.deepcopy(net)  # never change the caller's module
+        net = net.to(dtype)
+    dtype = dtype or own
+    net = net.to(dev).eval()
     explainers = {m: Explainer(net, method=m, backend=backend, **method_options.get(m, {})) for m in methods}
     data_config = model_data_config(net)
     preprocess = Preprocess(data_config)

@@ -522,6 +522,10 @@ def readme(folder: Union[str, os.PathLike]) -> str:
             cmds += [line.rstrip() for line in fh if line.strip()]
     if cmds:
         out += ["", "## Commands", "", "```"] + cmds + ["```"]
+    times = os.path.join(folder, "part_times.txt")
+    if os.path.exists(times):
+        with open(times, encoding="utf-8") as fh:
+            out += ["", "## Wall time of each part", "", "```"] + [line.rstrip() for line in fh if line.strip()] + ["```"]
     out += ["", "Files: `bench_*.json` (pytest-benchmark; every case's `extra_info` holds the device, versions, "
             "shapes, bytes moved and the error against the oracle), `pytest_*.log`, `table.md`, `peak_memory.md`."]
     if jsons:

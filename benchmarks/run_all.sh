@@ -2,12 +2,14 @@
 # Run the benchmark suite, the peak-memory script and the table; write everything to
 # benchmarks/results/<device-name>/ (README.md with device, versions and commands).
 #
-#   benchmarks/run_all.sh                 # all parts: agg ops explain memory table
-#   benchmarks/run_all.sh agg             # one part (each is meant to fit in < 10 min on one GPU)
+#   benchmarks/run_all.sh                 # all parts: agg ops explain perf hires memory table
+#   benchmarks/run_all.sh agg             # one part (each is designed to fit in < 10 min on one H100)
 #   benchmarks/run_all.sh explain memory table
 #
 # Parts: agg (row + full-matrix aggregation), ops (head fusion, transform weights,
 # legrad reduce), kernels (= agg ops), explain (whole explain vs forward+backward),
+# perf (PERFORMANCE.md sizes at 224/384 px: training step, literal, explain, peak memory),
+# hires (PERFORMANCE.md high-resolution sizes, N = 4097 / 9217 / 16385),
 # memory (peak memory per backend, fresh processes), table (table.md + README.md
 # from the folder's files only: bench_*.json, peak_memory.md, commands_*.txt; so the
 # parts may run on a remote GPU machine and `table` here after copying the files back).
@@ -18,8 +20,9 @@
 #   BENCH_OUT     output folder         (default: benchmarks/results/<device-slug>)
 #   BENCH_ARGS    extra pytest arguments (e.g. "--bench-tf32" or "-k vit_b16")
 #   BENCH_TAG     suffix of the JSON/log names (to split a part: BENCH_TAG=large BENCH_ARGS="-k large")
+#   BENCH_METHODS explanation methods of explain/perf/hires (e.g. tokentm,gae,rollout,legrad)
 #   BENCH_MEM_MODEL / BENCH_MEM_BATCH   peak-memory case (default vit_base_patch16_224,
-#                                        batch 8 on cpu, 64 on cuda)
+#                                        batch 8 on cpu, 64 on cuda; vit_tiny_patch16_224 batch 2 at tiny)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,11 +31,12 @@ DEV=${BENCH_DEVICE:-$($PY -c "import torch; print('cuda' if torch.cuda.is_availa
 if [ "$DEV" = cuda ]; then SCALE=${BENCH_SCALE:-full}; MEM_BATCH=${BENCH_MEM_BATCH:-64}
 else SCALE=${BENCH_SCALE:-small}; MEM_BATCH=${BENCH_MEM_BATCH:-8}; fi
 MEM_MODEL=${BENCH_MEM_MODEL:-vit_base_patch16_224}
-SLUG=$($PY -c "from tokentm_fast.benchtable import device_slug; print(device_slug('$DEV'))")
+if [ "$SCALE" = tiny ]; then MEM_MODEL=${BENCH_MEM_MODEL:-vit_tiny_patch16_224}; MEM_BATCH=${BENCH_MEM_BATCH:-2}; fi
+SLUG=$($PY benchmarks/benchtable.py --slug "$DEV")
 OUT=${BENCH_OUT:-benchmarks/results/$SLUG}
 mkdir -p "$OUT"
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(agg ops explain memory table)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(agg ops explain perf hires memory table)
 EXPANDED=()
 for part in "${PARTS[@]}"; do
   if [ "$part" = kernels ]; then EXPANDED+=(agg ops); else EXPANDED+=("$part"); fi
@@ -48,6 +52,7 @@ run_pytest() {  # $1 = part name, then the test files / node ids
   local cmd=("$PY" -m pytest "$@" --benchmark-only -q -p no:cacheprovider
              --bench-device "$DEV" --bench-scale "$SCALE" --benchmark-json "$OUT/bench_$name.json"
              --benchmark-columns=min,mean,median,stddev,rounds,iterations)
+  [ -n "${BENCH_METHODS:-}" ] && cmd+=(--bench-methods "$BENCH_METHODS")
   # shellcheck disable=SC2206
   [ -n "${BENCH_ARGS:-}" ] && cmd+=(${BENCH_ARGS})
   log_cmd "$name" "${cmd[*]}"
@@ -57,10 +62,14 @@ run_pytest() {  # $1 = part name, then the test files / node ids
 }
 
 for part in "${PARTS[@]}"; do
+  t0=$SECONDS
   case "$part" in
     agg) run_pytest agg "$AGG::test_aggregation" "$AGG::test_aggregation_full" ;;
-    ops) run_pytest ops "$AGG::test_head_fusion" "$AGG::test_transform_weights" "$AGG::test_legrad_reduce" ;;
+    ops) run_pytest ops "$AGG::test_head_fusion" "$AGG::test_transform_weights" "$AGG::test_legrad_reduce"
+         benchmarks/test_bench_transform_weights.py ;;
     explain) run_pytest explain benchmarks/test_bench_explain.py ;;
+    perf) run_pytest perf benchmarks/test_bench_perf.py -k "not hires" ;;
+    hires) run_pytest hires benchmarks/test_bench_perf.py -k hires ;;
     memory)
       cmd=("$PY" benchmarks/peak_memory.py --model "$MEM_MODEL" --batch "$MEM_BATCH" --device "$DEV"
            --methods tokentm legrad rollout --json "$OUT/peak_memory.json")
@@ -71,12 +80,14 @@ for part in "${PARTS[@]}"; do
       shopt -s nullglob
       jsons=("$OUT"/bench_*.json)
       if [ ${#jsons[@]} -gt 0 ]; then
-        log_cmd table "$PY -m tokentm_fast.benchtable ${jsons[*]} > $OUT/table.md"
-        $PY -m tokentm_fast.benchtable "${jsons[@]}" > "$OUT/table.md" || STATUS=1
+        log_cmd table "$PY benchmarks/benchtable.py ${jsons[*]} > $OUT/table.md"
+        $PY benchmarks/benchtable.py "${jsons[@]}" > "$OUT/table.md" || STATUS=1
       fi
-      $PY -m tokentm_fast.benchtable --readme "$OUT" > "$OUT/README.md" || STATUS=1
+      $PY benchmarks/benchtable.py --readme "$OUT" > "$OUT/README.md" || STATUS=1
       echo "wrote $OUT/README.md" ;;
-    *) echo "unknown part '$part' (agg | ops | kernels | explain | memory | table)"; exit 2 ;;
+    *) echo "unknown part '$part' (agg | ops | kernels | explain | perf | hires | memory | table)"; exit 2 ;;
   esac
+  # wall time of each part (benchtable.py --readme lists them)
+  [ "$part" != table ] && echo "$part${BENCH_TAG:+_$BENCH_TAG} $((SECONDS - t0)) s (scale $SCALE)" | tee -a "$OUT/part_times.txt"
 done
 exit $STATUS

@@ -83,7 +83,8 @@ def probe_records(tmp_path_factory):
     (tmp / "bench_probe.py").write_text(PROBE)
     out = tmp / "records.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp), str(BENCH), os.environ.get("PYTHONPATH", "")]),
-               PROBE_OUT=str(out), PROBE_LEAK="B1-float32-torch", PROBE_FAIL="B1-float32-reference")
+               PROBE_OUT=str(out), PROBE_LEAK="B1-float32-torch", PROBE_FAIL="B1-float32-reference",
+               OMP_NUM_THREADS="1")  # tiny shapes: one thread is fastest (and robust on a busy machine)
     env.pop("TOKENTM_BENCH_TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "pytest", "-p", "bench_probe", "-p", "no:cacheprovider", "-q",
            "benchmarks/test_bench_aggregation.py::test_aggregation", "benchmarks/test_bench_explain.py",

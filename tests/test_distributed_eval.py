@@ -121,3 +121,23 @@ def test_sigkilled_rank_resumes_and_equals_one_process(single, tmp_path, capsys)
     assert dist["run"]["images_this_run"] == 14 - dist["run"]["resumed_from"]
     _assert_same_results(dist, single)
     assert not list(tmp_path.glob("dist.json.partial*"))
+
+
+def test_shards_cover_the_batches_of_one_process_once():
+    from tokentm_fast.evaluation.loop import Schedule
+
+    one = Schedule(23, 4)
+    assert [one.bounds(j) for j in one.batches()] == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 23)]
+    for world in (2, 3, 7):
+        shards = [Schedule(23, 4, r, world) for r in range(world)]
+        got = sorted(j for s in shards for j in s.batches())
+        assert got == one.batches()  # every global batch exactly once, with the one-process bounds
+        assert sum(s.samples() for s in shards) == 23
+    assert Schedule(23, 4, 1, 2).batches() == [1, 3, 5] and Schedule(23, 4, 1, 2).samples(2) == 8
+
+
+def test_default_workers_divide_the_cores_among_local_ranks(monkeypatch):
+    from tokentm_fast.evaluation.distributed import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert default_workers(1) == 16 and default_workers(8) == 2 and default_workers(32) == 1

@@ -303,6 +303,16 @@ def test_evaluate_folder_with_more_classes_than_the_model(tiny_folder, tmp_path)
                  checkpoint=ckpt, model_kwargs=TINY_KWARGS, output=None, progress=False, num_workers=0)
 
 
+def test_evaluate_dtype_casts_a_copy_of_a_module(tiny_mat):
+    model = tiny_vit()
+    res = evaluate(model, f"mat:{tiny_mat}", methods=["rollout"], metrics="perturbation", dtype="bfloat16",
+                   batch_size=2, limit=2, output=None, progress=False, num_workers=0)
+    assert res["dtype"] == "bfloat16" and res["counts"]["images_evaluated"] == 2
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the caller's module is untouched
+    with pytest.raises(EvaluationError, match="dtype must be one of"):
+        evaluate(model, f"mat:{tiny_mat}", dtype="float8", output=None, progress=False)
+
+
 def test_evaluate_bad_inputs(tiny_folder, tiny_ckpt, tmp_path):
     common = dict(checkpoint=tiny_ckpt, model_kwargs=TINY_KWARGS, output=None, progress=False)
     with pytest.raises(EvaluationError, match="no metric left"):
@@ -350,7 +360,7 @@ def test_sigkilled_run_resumes_exactly(tiny_ckpt, tmp_path, capsys):
 
     def command(methods, output):
         return ["evaluate", "--model", "vit_tiny_patch16_224", "--checkpoint", str(tiny_ckpt),
-                "--model-kwargs", TINY_KWARGS_CLI, "--data", "synthetic", "--size", "40", "--batch-size", "3",
+                "--model-kwargs", TINY_KWARGS_CLI, "--data", "synthetic", "--size", "24", "--batch-size", "3",
                 "--methods", methods, "--workers", "0", "--threads", "1", "--no-progress", "--output", str(output)]
 
     killed = tmp_path / "killed.json"
@@ -360,7 +370,7 @@ def test_sigkilled_run_resumes_exactly(tiny_ckpt, tmp_path, capsys):
     assert rc == -9
     assert not killed.exists()
     state = json.loads(partial_path(killed).read_text())
-    assert 3 <= state["done"] < 40 and state["done"] % 3 == 0 and state["images"] == state["done"]
+    assert 3 <= state["done"] < 24 and state["done"] % 3 == 0 and state["images"] == state["done"]
 
     # a different configuration refuses to resume, and says how to start over
     assert main(command("tokentm", killed)) == 2
@@ -374,18 +384,18 @@ def test_sigkilled_run_resumes_exactly(tiny_ckpt, tmp_path, capsys):
     assert "resuming from" in r.stderr
     resumed = json.loads(killed.read_text())
     assert resumed["run"]["resumed_from"] == state["done"]
-    assert resumed["run"]["images_this_run"] == 40 - state["done"]
+    assert resumed["run"]["images_this_run"] == 24 - state["done"]
     assert not partial_path(killed).exists()
 
     # an uninterrupted run (one thread, as the subprocesses) gives exactly the same numbers
     full = tmp_path / "full.json"
     assert main(command("tokentm,gae", full)) == 0
     uninterrupted = json.loads(full.read_text())
-    assert uninterrupted["run"]["resumed_from"] == 0 and uninterrupted["run"]["images_this_run"] == 40
+    assert uninterrupted["run"]["resumed_from"] == 0 and uninterrupted["run"]["images_this_run"] == 24
     assert resumed["records"] == uninterrupted["records"]  # exactly equal
     assert resumed["counts"] == uninterrupted["counts"]
     assert resumed["fingerprint"] == uninterrupted["fingerprint"]
-    assert uninterrupted["world_size"] == 1 and uninterrupted["ranks"][0]["images"] == 40
+    assert uninterrupted["world_size"] == 1 and uninterrupted["ranks"][0]["images"] == 24
 
 
 def test_ctrl_c_says_where_the_state_is_and_how_to_resume(tiny_ckpt, tmp_path):

@@ -171,3 +171,21 @@ def test_row_update_in_backward_hooks_does_not_synchronise(monkeypatch, method):
     assert trap.calls >= 3, "row_update did not run in the explain call (the trap saw nothing)"
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert got.abs().sum() > 0
+
+
+def test_query_support():
+    """The span of the non-zero columns of a host-side query; refused off the CPU."""
+    from tokentm_fast.aggregation import query_support
+
+    q = torch.zeros(2, 9)
+    q[:, 0] = 1.0
+    assert query_support(q) == slice(0, 1)
+    q = torch.zeros(2, 9)
+    q[:, 2:] = 1 / 7
+    assert query_support(q) == slice(2, 9)
+    q = torch.zeros(2, 9)
+    q[0, 3], q[1, 6] = 1.0, 2.0  # a span over all images
+    assert query_support(q) == slice(3, 7)
+    assert query_support(torch.zeros(1, 9)) == slice(0, 0)
+    with pytest.raises(ValueError, match="CPU tensor"):
+        query_support(torch.zeros(1, 9, device="meta"))

@@ -85,6 +85,18 @@ def support_bounds(support: Optional[slice], n: int):
     return lo, max(lo, hi)
 
 
+def query_support(query: torch.Tensor) -> slice:
+    """``lo:hi`` around the non-zero columns of a host-side ``(B, N)`` query (what ``support``
+    of the top layer's ``row_update`` takes). ``query`` must be a CPU tensor: reading it is
+    host arithmetic, never a device synchronisation (build it on the CPU for CUDA runs)."""
+    if query.device.type != "cpu":
+        raise ValueError(f"query_support reads the query on the host; pass a CPU tensor, got {query.device}")
+    cols = query.ne(0).any(0).nonzero().flatten()
+    if cols.numel() == 0:
+        return slice(0, 0)
+    return slice(int(cols[0]), int(cols[-1]) + 1)
+
+
 def row_update(
     rows: torch.Tensor,
     attn: torch.Tensor,

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from . import aggregation, fusion, legrad, transform
-from .aggregation import GAE, ROLLOUT, EngineConstants, finish_rows, initial_rows
+from .aggregation import GAE, ROLLOUT, EngineConstants, finish_rows, initial_rows, query_support
 from .models.protocol import ViTAdapter
 from .capture import LayerRecorder, explicit_attention
 from .targets import resolve_target, target_score
@@ -117,13 +117,15 @@ def _gradient_engine(vit, images, target, consts: EngineConstants, options, kern
         b, n = logits.shape[0], attns[L - 1].shape[-1]
         query = vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device)
         state = {"rows": initial_rows(query, full), "next": L - 1}
+        top = {} if full else {"support": query_support(vit.query_vector(1, n))}  # host-side: no sync
 
         def layer_hook(l: int):
             def hook(grad: torch.Tensor) -> None:
                 if state["next"] != l:
                     raise RuntimeError(f"attention gradients arrived out of order (layer {l}, expected {state['next']})")
                 w_attn, w_mlp = weights.pop(l)
-                state["rows"] = update(state["rows"], attns.pop(l), grad, w_attn, w_mlp, mode=consts.fusion)
+                state["rows"] = update(state["rows"], attns.pop(l), grad, w_attn, w_mlp, mode=consts.fusion,
+                                       **(top if l == L - 1 else {}))
                 state["next"] -= 1
             return hook
 
@@ -150,8 +152,10 @@ def _rollout(vit, images, first: int, kernels: Kernels, full: bool):
         b, n = images.shape[0], fused[vit.num_layers - 1].shape[-1]
         rows = initial_rows(vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device), full)
         update = kernels.matrix_update if full else kernels.row_update
+        top = {} if full else {"support": query_support(vit.query_vector(1, n))}
         for l in reversed(range(first, vit.num_layers)):
-            rows = update(rows, fused.pop(l), None, ROLLOUT.w_attn, ROLLOUT.w_mlp, mode=ROLLOUT.fusion)
+            rows = update(rows, fused.pop(l), None, ROLLOUT.w_attn, ROLLOUT.w_mlp, mode=ROLLOUT.fusion,
+                          **(top if l == vit.num_layers - 1 else {}))
     return _patch_part(vit, rows, full)
 
 

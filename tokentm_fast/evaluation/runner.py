@@ -211,6 +211,50 @@ def evaluate(
         ctx.close()
 
 
+def _resume(ctx: distributed.DistContext, output, ppath: Optional[Path], restart: bool, fingerprint: str,
+            config: Mapping[str, Any], schedule: Schedule, accs: Mapping[str, Mapping[str, Any]],
+            log: Callable[[str], None], info: Callable[[str], None]) -> RankState:
+    """This rank's state: resumed from its partial file (metric states loaded into ``accs``) or a new one.
+
+    Every rank checks its own file; an error on any rank (another configuration,
+    another world size, a shorter ``--limit``, an unreadable file) is raised on all.
+    """
+    state: Optional[RankState] = None
+    error: Optional[str] = None
+    if output is not None:
+        if restart:
+            removed = discard_partials(output)
+            if removed:
+                log(f"--restart: discarded the partial state {', '.join(map(str, removed))}")
+            ctx.barrier()  # nobody writes a new state before every old one is gone
+        else:
+            error = check_world_size(output, ctx.world_size)
+            if error is None:
+                state, error = load_state(ppath, fingerprint, config, ctx.rank, ctx.world_size)
+            if state is not None and (state.batches > len(schedule.batches())
+                                      or schedule.samples(state.batches) != state.done):
+                error = (f"refusing to resume from {ppath}: it has already evaluated {state.done} samples, "
+                         f"more than (or not the batches of) the {schedule.n} asked for now (--limit); "
+                         "use --restart to start over")
+    ctx.agree(error)
+    if state is not None:
+        try:
+            for m, per_metric in accs.items():
+                for k, acc in per_metric.items():
+                    acc.load_state_dict(state.states[m][k])
+        except (KeyError, TypeError, ValueError) as e:
+            error = f"the partial state {ppath} does not fit this run ({type(e).__name__}: {e}); use --restart"
+    ctx.agree(error)
+    resumed = state is not None
+    if state is None:
+        state = RankState(states={m: {k: acc.state_dict() for k, acc in pm.items()} for m, pm in accs.items()})
+    done, images = ctx.all_sum([state.done, state.images])
+    if ctx.all_max(int(resumed)):
+        where = ppath if not ctx.distributed else f"{output}.partial.rank*-of-{ctx.world_size}"
+        info(f"resuming from {where}: {done} of {schedule.n} samples already done ({images} images evaluated)")
+    return state
+
+
 def _evaluate(ctx: distributed.DistContext, t_start: float, requested: torch.device, dtype: Optional[torch.dtype],
               model: Any, data: Any, methods: List[str], metrics: List[str], *, checkpoint, num_classes,
               model_kwargs, split, size, seed, batch_size: int, limit, output, backend, num_workers,
@@ -296,42 +340,7 @@ def _evaluate(ctx: distributed.DistContext, t_start: float, requested: torch.dev
     # ---------------- resume state ----------------
     schedule = Schedule(n_eval, batch_size, ctx.rank, ctx.world_size)
     ppath = partial_path(output, ctx.rank, ctx.world_size) if output is not None else None
-    state: Optional[RankState] = None
-    error: Optional[str] = None
-    if output is not None:
-        if restart:
-            removed = discard_partials(output)
-            if removed:
-                log(f"--restart: discarded the partial state {', '.join(map(str, removed))}")
-            ctx.barrier()  # nobody writes a new state before every old one is gone
-        else:
-            error = check_world_size(output, ctx.world_size)
-            if error is None:
-                state, error = load_state(ppath, fingerprint, config, ctx.rank, ctx.world_size)
-            if state is not None and (state.batches > len(schedule.batches())
-                                      or schedule.samples(state.batches) != state.done):
-                error = (f"refusing to resume from {ppath}: it has already evaluated {state.done} samples, "
-                         f"more than (or not the batches of) the {n_eval} asked for now (--limit); "
-                         "use --restart to start over")
-    ctx.agree(error)
-    resumed = state is not None
-    if state is None:
-        state = RankState()
-        state.states = {m: {k: accs[m][k].state_dict() for k in metrics} for m in methods}
-    else:
-        try:
-            for m in methods:
-                for k in metrics:
-                    accs[m][k].load_state_dict(state.states[m][k])
-            error = None
-        except (KeyError, TypeError, ValueError) as e:
-            error = f"the partial state {ppath} does not fit this run ({type(e).__name__}: {e}); use --restart"
-        ctx.agree(error)
-    done_before = ctx.all_sum([state.done, state.images])
-    if ctx.all_max(int(resumed)):
-        where = ppath if not ctx.distributed else f"{output}.partial.rank*-of-{ctx.world_size}"
-        info(f"resuming from {where}: {done_before[0]} of {n_eval} samples already done "
-             f"({done_before[1]} images evaluated)")
+    state = _resume(ctx, output, ppath, restart, fingerprint, config, schedule, accs, log, info)
 
     def save() -> None:
         if ppath is not None:
@@ -339,6 +348,7 @@ def _evaluate(ctx: distributed.DistContext, t_start: float, requested: torch.dev
 
     # ---------------- the loop ----------------
     elapsed_before = state.elapsed_s
+    resumed_from = ctx.all_sum([state.done])[0]
     workers = distributed.default_workers(ctx.local_world_size) if num_workers is None else int(num_workers)
     stats = run_loop(
         ctx=ctx, schedule=schedule, state=state, dataset=EvalDataset(source, preprocess), methods=methods,
@@ -356,7 +366,7 @@ def _evaluate(ctx: distributed.DistContext, t_start: float, requested: torch.dev
     merged = merge_rank_states(make_metric, methods, metrics, [r["states"] for r in ranks])
     elapsed = time.time() - t_start
     run = {
-        "resumed_from": done_before[0],
+        "resumed_from": resumed_from,
         "images_this_run": stats.images,
         "batches_this_run": sum(r["batches_this_run"] for r in ranks),
         "elapsed_s": elapsed,

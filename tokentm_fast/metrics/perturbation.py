@@ -176,23 +176,31 @@ class PerturbationMetric:
         has_target = labels is not None
         if has_target:
             labels = labels.to(pred.device).long().reshape(b)
-            clean_ok = int((pred == labels).sum())
-            self.correct["positive_target"][0] += clean_ok
-            self.correct["negative_target"][0] += clean_ok
-        self.correct["positive_predicted"][0] += b
-        self.correct["negative_predicted"][0] += b
-
         aopc = torch.zeros(b, dtype=torch.float64, device=pred.device)
         lodds = torch.zeros_like(aopc)
+        hits = []  # per variant: still the clean prediction, (still the label); counted on the device
         for (i, test), logits in zip(variants, logits_all[1:]):
             pred_f = logits.argmax(dim=1)
-            self.correct[f"{test}_predicted"][i] += int((pred_f == pred).sum())
+            hits.append((pred_f == pred).sum())
             if has_target:
-                self.correct[f"{test}_target"][i] += int((pred_f == labels).sum())
+                hits.append((pred_f == labels).sum())
             if test == "positive":
                 pf = torch.softmax(logits.double(), dim=1).gather(1, pred[:, None])[:, 0]
                 aopc += p0 - pf
                 lodds += torch.log(pf.clamp_min(_EPS) / p0.clamp_min(_EPS))
+        if has_target:
+            hits.append((pred == labels).sum())
+        counts = torch.stack(hits).tolist() if hits else []  # one device -> host copy per batch
+        per = 2 if has_target else 1
+        for v, (i, test) in enumerate(variants):
+            self.correct[f"{test}_predicted"][i] += int(counts[per * v])
+            if has_target:
+                self.correct[f"{test}_target"][i] += int(counts[per * v + 1])
+        self.correct["positive_predicted"][0] += b
+        self.correct["negative_predicted"][0] += b
+        if has_target:
+            self.correct["positive_target"][0] += int(counts[-1])
+            self.correct["negative_target"][0] += int(counts[-1])
         self.aopc_sum.add(aopc)
         self.lodds_sum.add(lodds)
         self.n += b

@@ -6,7 +6,8 @@
   fixed random target classes.
 - ``explicit_step``: forward + backward with parameter gradients and explicit
   attention (``fused_attn=False``), the baseline of ``test_bench_explain.py``.
-- ``training_step``: the training-step baseline of PERFORMANCE.md: forward,
+- ``training_step``: the training-step baseline of the performance protocol
+  (``benchmarks/README.md``): forward,
   target logit summed, backward with parameter gradients, fused attention on
   (timm's default), then ``zero_grad(set_to_none=True)``.
 - ``literal_explain``: TokenTM / GAE written the way the authors' code is
@@ -97,7 +98,7 @@ def _fused(model: nn.Module, flag: bool) -> Iterator[None]:
 
 
 def training_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
-    """PERFORMANCE.md baseline 2: forward, target logit summed, backward with parameter gradients
+    """The training-step baseline of the performance protocol: forward, target logit summed, backward with parameter gradients
     (fused attention on), then ``zero_grad(set_to_none=True)``; the model's flags are restored."""
 
     def step():

@@ -7,7 +7,7 @@ Tooling of the benchmark suite (not part of the library):
   (reference / torch / triton, plus the plain forward+backward baseline of the
   explain cases), the speedups, on CUDA the achieved memory bandwidth of the
   kernels (the bytes a kernel must move at least, divided by its time) as a
-  percentage of the device's measured copy bandwidth, the PERFORMANCE.md
+  percentage of the device's measured copy bandwidth, the performance-protocol
   cases (``perf`` suite: explain ÷ training step, literal ÷ explain, peak
   memory), and the issue targets that the run covers (met / not met).
 - ``readme(folder)``: the README.md of a ``run_all.sh`` results folder.
@@ -49,7 +49,7 @@ SUITE_TITLES = {
     "transform_weights": "Transformation weights (spec §2), one sub-layer",
     "legrad_reduce": "LeGrad reduction (spec §6), one layer",
     "explain": "Whole explain() on a random-init timm model (baseline = plain forward+backward)",
-    "perf": "PERFORMANCE.md sizes: explain against the training step and the literal implementation (time and peak memory)",
+    "perf": "Sizes that matter to users: explain against the training step and the literal implementation (time and peak memory)",
 }
 
 
@@ -328,7 +328,7 @@ def _mib(nbytes: Optional[float]) -> str:
 
 
 def _perf_table(benches: List[dict]) -> str:
-    """One row per (size, method, variant) of the ``perf`` suite, with the PERFORMANCE.md ratios.
+    """One row per (size, method, variant) of the ``perf`` suite, with the protocol's ratios.
 
     ``÷ step`` = time (peak memory) over the training step of the same size and
     dtype; ``literal ÷`` = the literal implementation's time over this row's.

@@ -8,8 +8,8 @@
 #
 # Parts: agg (row + full-matrix aggregation), ops (head fusion, transform weights,
 # legrad reduce), kernels (= agg ops), explain (whole explain vs forward+backward),
-# perf (PERFORMANCE.md sizes at 224/384 px: training step, literal, explain, peak memory),
-# hires (PERFORMANCE.md high-resolution sizes, N = 4097 / 9217 / 16385),
+# perf (the performance protocol's sizes at 224/384 px: training step, literal, explain, peak memory),
+# hires (the protocol's high-resolution sizes, N = 4097 / 9217 / 16385),
 # memory (peak memory per backend, fresh processes), table (table.md + README.md
 # from the folder's files only: bench_*.json, peak_memory.md, commands_*.txt; so the
 # parts may run on a remote GPU machine and `table` here after copying the files back).
@@ -65,8 +65,8 @@ for part in "${PARTS[@]}"; do
   t0=$SECONDS
   case "$part" in
     agg) run_pytest agg "$AGG::test_aggregation" "$AGG::test_aggregation_full" ;;
-    ops) run_pytest ops "$AGG::test_head_fusion" "$AGG::test_transform_weights" "$AGG::test_legrad_reduce"
-         benchmarks/test_bench_transform_weights.py ;;
+    ops) run_pytest ops "$AGG::test_head_fusion" "$AGG::test_transform_weights" "$AGG::test_legrad_reduce" \
+           benchmarks/test_bench_transform_weights.py ;;
     explain) run_pytest explain benchmarks/test_bench_explain.py ;;
     perf) run_pytest perf benchmarks/test_bench_perf.py -k "not hires" ;;
     hires) run_pytest hires benchmarks/test_bench_perf.py -k hires ;;

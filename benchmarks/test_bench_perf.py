@@ -1,6 +1,6 @@
-"""The cases of PERFORMANCE.md: explain against the training step and the literal implementation.
+"""The performance protocol (benchmarks/README.md): explain against the training step and the literal implementation.
 
-Per size of the table "Sizes that matter to users" (``extra_info["case"]``):
+Per size of the protocol's table "Sizes that matter to users" (``extra_info["case"]``):
 
 - ``step`` (variant ``training step``): forward, target logit summed, backward
   with parameter gradients, fused attention on (timm's default), then
@@ -58,7 +58,7 @@ MODELS = {
 
 @dataclass(frozen=True)
 class Size:
-    """One row of PERFORMANCE.md's size table."""
+    """One row of the protocol's table of sizes that matter to users."""
 
     tag: str  # imagenet | large | hires (| tiny)
     model: str
@@ -130,7 +130,7 @@ class PCase:
 
 
 def sizes(scale: str, cuda: bool) -> List[Size]:
-    """PERFORMANCE.md sizes per scale; the CPU runs scaled-down stand-ins (same kinds of case)."""
+    """The sizes per scale; the CPU runs scaled-down stand-ins (same kinds of case)."""
     if scale == "tiny":
         dts = ("float32", "bfloat16") if cuda else ("float32",)
         return ([Size("tiny", "vit_tiny_patch16_224", 64, 2, d) for d in dts]

@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra timm.create_model arguments, e.g. img_size=384")
     p.add_argument("--batch", type=_positive_int, default=8, help="batch size (default: %(default)s)")
     p.add_argument("--methods", type=_methods, default=["tokentm"], metavar="M1,M2,...", help="methods (default: tokentm)")
-    p.add_argument("--backends", default="torch", metavar="B1,B2,...",
+    p.add_argument("--backends", default="reference,torch", metavar="B1,B2,...",
                    help="comma-separated backends among reference, torch, triton, auto (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="model and image dtype (default: %(default)s)")

@@ -131,7 +131,8 @@ def run_loop(
 
     ``state.states`` always holds the metric states of the last completed
     batch, so Ctrl-C (``KeyboardInterrupt``) at any moment saves a consistent
-    state and raises :class:`EvaluationInterrupted`.
+    state and raises :class:`EvaluationInterrupted`; any other exception saves
+    it too before it propagates.
     """
     stats = LoopStats()
     mine = schedule.batches()[state.batches:]
@@ -191,6 +192,13 @@ def run_loop(
             pbar.close()
             pbar = None
         raise EvaluationInterrupted(partial_paths, state.done, schedule.samples()) from None
+    except BaseException:  # e.g. a peer rank gone: keep the batches completed here
+        if unsaved:
+            try:
+                save()
+            except Exception:
+                pass
+        raise
     finally:
         if pbar is not None:
             pbar.close()

@@ -141,3 +141,25 @@ def test_default_workers_divide_the_cores_among_local_ranks(monkeypatch):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert default_workers(1) == 16 and default_workers(8) == 2 and default_workers(32) == 1
+
+
+def test_restart_discards_the_states_of_another_world_size(tmp_path):
+    from tokentm_fast.evaluation import evaluate
+    from tokentm_fast.evaluation.state import check_world_size, find_partials
+
+    out = tmp_path / "r.json"
+    for r in range(2):
+        partial_path(out, r, 2).write_text(json.dumps({"fingerprint": "x", "rank": r, "world_size": 2}))
+    (tmp_path / "r.json.partial.rank0-of-2.bak").write_text("not a state of this output")
+    assert [(p.name, r, w) for p, r, w in find_partials(out)] == [
+        ("r.json.partial.rank0-of-2", 0, 2), ("r.json.partial.rank1-of-2", 1, 2)]
+    assert check_world_size(out, 2) is None
+    msg = check_world_size(out, 1)
+    assert "2 processes" in msg and "this run has 1 process" in msg and "--restart" in msg
+    common = dict(methods=["raw_attention"], metrics="perturbation", size=2, batch_size=2, output=out,
+                  progress=False, num_workers=0)
+    with pytest.raises(ValueError, match="written by a run of 2 processes"):
+        evaluate("synthetic", "synthetic", **common)
+    res = evaluate("synthetic", "synthetic", restart=True, **common)
+    assert res["counts"]["images_evaluated"] == 2 and res["world_size"] == 1
+    assert find_partials(out) == [] and (tmp_path / "r.json.partial.rank0-of-2.bak").exists()

@@ -151,12 +151,18 @@ def release(device: torch.device) -> None:
 #
 # The coefficients come from reading the code (what each path keeps alive per
 # block and the transients of the last block and of the aggregation) and are set
-# as upper bounds of the peaks measured with ``PeakTracker`` on 24 small CPU
-# configurations (L 2–12, N 10–401, D 32–768, H 2–12, B 1–4;
-# ``python benchmarks/calibrate_memory.py`` re-measures them). Per block, the
+# as upper bounds of the peaks measured with ``PeakTracker`` on 20 small CPU
+# configurations (L 2–12, N 10–401, D 32–768, H 2–12, B 1–4); with MARGIN the
+# estimates are 1.1–2.0 × the measured peaks (``python benchmarks/calibrate_memory.py``
+# re-measures eight of them). Per block, the
 # float64 reference keeps about 13 stream tensors of its autograd graph and records
 # (LN, qkv, q·scale, head outputs, proj, MLP hidden ×2 (4 each), ...) and, for the
 # gradient methods, the attention and its gradient: 2 layers + their products.
+
+# Every estimate is multiplied by MARGIN: the tightest measured ratios (float64
+# copies of parameter-dominated models) are 1.00–1.03, and a CUDA allocator rounds
+# blocks up and fragments.
+MARGIN = 1.1
 
 _EXPLAIN_COEFFS: Dict[Tuple[str, str], Dict[str, float]] = {
     # (method, path): per-recorded-block terms (ell_*) and one-off terms
@@ -195,7 +201,7 @@ def explain_peak(method: str, backend: str, *, L: int, H: int, N: int, D: int, B
     img = B * 3 * image_pixels * s
     total = (ell * (c["ell_layer"] * layer + c["ell_act"] * act) + c["layer"] * layer + c["act"] * act
              + c["bn2"] * bn2 + c["img"] * img)
-    return int(total + (8 * params if ref else 0))
+    return int(MARGIN * (total + (8 * params if ref else 0)))
 
 
 def step_peak(*, L: int, H: int, N: int, D: int, B: int, params: int, image_pixels: int, itemsize: int,
@@ -212,8 +218,8 @@ def step_peak(*, L: int, H: int, N: int, D: int, B: int, params: int, image_pixe
     per_block = (12 if fused else 16) * act + (0 if fused else 2 * layer)
     # fused attention (SDPA) keeps the log-sum-exp (B·H·N floats) and its backward scratch
     lse = B * H * N * 4 * (3 if fused else 0)
-    return int(params * s + L * (per_block + lse) + 8 * act + 2 * layer * (0 if fused else 1)
-               + 2 * B * 3 * image_pixels * s)
+    return int(MARGIN * (params * s + L * (per_block + lse) + 8 * act + 2 * layer * (0 if fused else 1)
+                         + 2 * B * 3 * image_pixels * s))
 
 
 def aggregation_peak(suite: str, backend: str, *, L: int, H: int, N: int, B: int, D: int, itemsize: int,
@@ -238,12 +244,12 @@ def aggregation_peak(suite: str, backend: str, *, L: int, H: int, N: int, B: int
             "triton": 4 * bn2 * 4 + B * N * 16,
         }[backend]
         oracle = (bn2 if suite == "aggregation_full" else B * N) * 8
-        return int(max(make, data + oracle + run))
+        return int(MARGIN * max(make, data + oracle + run))
     if suite == "head_fusion":
         data = 2 * layer * s
-        return int(data + max(4 * layer * 8 + bn2 * 8, bn2 * 8 + 3 * layer * 4 + bn2 * 4))
+        return int(MARGIN * (data + max(4 * layer * 8 + bn2 * 8, bn2 * 8 + 3 * layer * 4 + bn2 * 4)))
     if suite == "transform_weights":
-        return int(2 * B * N * D * s + 8 * B * N * D * 8)
+        return int(MARGIN * (2 * B * N * D * s + 8 * B * N * D * 8))
     if suite == "legrad_reduce":
-        return int(B * H * Q * N * s + 3 * B * H * Q * N * 8)
+        return int(MARGIN * (B * H * Q * N * s + 3 * B * H * Q * N * 8))
     raise ValueError(f"unknown suite {suite!r}")

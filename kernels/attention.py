@@ -72,6 +72,19 @@ _KEY = ["N_CTX", "BLOCK_D", "BH_BUCKET"]
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
+def _image_head(H):
+    """``(b·H + h, b, h)`` of the program's (image, head), as int64 for the offsets."""
+    bh = tl.program_id(1).to(tl.int64)
+    return bh, bh // H, bh % H
+
+
+@triton.jit
+def _tile(base, offs_r, stride_r, offs_d, mask):
+    """Rows ``offs_r`` (all ``BLOCK_D`` columns) of one (image, head)'s ``(N, d)`` matrix at ``base``; 0 outside."""
+    return tl.load(base + offs_r[:, None] * stride_r + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` with a float32 accumulator. IEEE: full float32 products (no tf32); UPCAST: cast
     the operands to float32 first (Triton's interpreter cannot multiply bfloat16 tiles)."""
@@ -99,15 +112,12 @@ def _flash_fwd_kernel(
         O_i = acc_i / l_i,   ℓ_i = (m_i + log2 l_i) · ln 2          (S in log2 units)
     """
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = _image_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_CTX
     mask_d = offs_d < HEAD_D
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = _tile(q_ptr + b * sq_b + h * sq_h, offs_m, sq_n, offs_d, mask_m[:, None] & mask_d[None, :])
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
     m_i = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
@@ -117,8 +127,8 @@ def _flash_fwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_CTX
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _tile(k_base, offs_n, sk_n, offs_d, kv_mask)
+        v = _tile(v_base, offs_n, sv_n, offs_d, kv_mask)
         s = _mm(q, tl.trans(k), IEEE, UPCAST)
         s = tl.where(mask_n[None, :], s * qk_scale, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -140,14 +150,12 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_n, sd_b, sd_h, sd_n, 
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """δ[i] = ⟨dO[i], O[i]⟩ in float32, for a block of rows of one (image, head)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = _image_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < N_CTX) & (offs_d[None, :] < HEAD_D)
-    o = tl.load(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_n + offs_d[None, :], mask=mask, other=0.0)
+    o = _tile(o_ptr + b * so_b + h * so_h, offs_m, so_n, offs_d, mask)
+    do = _tile(do_ptr + b * sd_b + h * sd_h, offs_m, sd_n, offs_d, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + bh * N_CTX + offs_m, delta, mask=offs_m < N_CTX)
 
@@ -187,16 +195,14 @@ def _flash_bwd_dkdv_kernel(
     needs only t, a plain backward only dK/dV. ``t`` is written per head, ``(B, H, N)``.
     """
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = _image_head(H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N_CTX
     mask_d = offs_d < HEAD_D
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _tile(k_ptr + b * sk_b + h * sk_h, offs_n, sk_n, offs_d, kv_mask)
+    v = _tile(v_ptr + b * sv_b + h * sv_h, offs_n, sv_n, offs_d, kv_mask)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -206,8 +212,8 @@ def _flash_bwd_dkdv_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N_CTX
         qm = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :], mask=qm, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sd_n + offs_d[None, :], mask=qm, other=0.0)
+        q = _tile(q_base, offs_m, sq_n, offs_d, qm)
+        do = _tile(do_base, offs_m, sd_n, offs_d, qm)
         lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
         p = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
         dp = _grad_probs_tile(do, v, IEEE, UPCAST)
@@ -239,16 +245,14 @@ def _flash_bwd_dq_kernel(
 ):
     """dQ_i = scale · Σ_j (P ⊙ (dP − δ))_ij K_j for one block of queries, looping over key blocks."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = _image_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_CTX
     mask_d = offs_d < HEAD_D
     qm = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=qm, other=0.0)
-    do = tl.load(do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_n + offs_d[None, :], mask=qm, other=0.0)
+    q = _tile(q_ptr + b * sq_b + h * sq_h, offs_m, sq_n, offs_d, qm)
+    do = _tile(do_ptr + b * sd_b + h * sd_h, offs_m, sd_n, offs_d, qm)
     lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -258,8 +262,8 @@ def _flash_bwd_dq_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_CTX
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _tile(k_base, offs_n, sk_n, offs_d, kv_mask)
+        v = _tile(v_base, offs_n, sv_n, offs_d, kv_mask)
         p = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
         dp = _grad_probs_tile(do, v, IEEE, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -284,9 +288,7 @@ def _attention_rows_kernel(
         MODE = ROWS_RELU_GRAD:  t_h[j] = Σ_i r[i] · max(dP[i, j], 0)  (dP from dO, V)
     """
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    bh, b, h = _image_head(H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N_CTX
@@ -294,20 +296,20 @@ def _attention_rows_kernel(
     kv_mask = mask_n[:, None] & mask_d[None, :]
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if MODE == 0:
-        k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _tile(k_ptr + b * sk_b + h * sk_h, offs_n, sk_n, offs_d, kv_mask)
     else:
-        v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = _tile(v_ptr + b * sv_b + h * sv_h, offs_n, sv_n, offs_d, kv_mask)
     for m0 in range(0, N_CTX, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N_CTX
         qm = mask_m[:, None] & mask_d[None, :]
         r = tl.load(row_ptr + b * N_CTX + offs_m, mask=mask_m, other=0.0)
         if MODE == 0:
-            q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :], mask=qm, other=0.0)
+            q = _tile(q_ptr + b * sq_b + h * sq_h, offs_m, sq_n, offs_d, qm)
             lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
             f = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
         else:
-            do = tl.load(do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_n + offs_d[None, :], mask=qm, other=0.0)
+            do = _tile(do_ptr + b * sd_b + h * sd_h, offs_m, sd_n, offs_d, qm)
             f = tl.maximum(_grad_probs_tile(do, v, IEEE, UPCAST), 0.0)
         t += tl.sum(r[:, None] * f, axis=0)
     tl.store(t_ptr + bh * N_CTX + offs_n, t, mask=mask_n)

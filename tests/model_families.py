@@ -51,6 +51,13 @@ def hf_vit_classifier(seed=0):
     return spread(ViTForImageClassification(hf_vit_config()), seed)
 
 
+def hf_vit_model(seed=0):
+    from transformers import ViTModel
+
+    torch.manual_seed(seed)
+    return spread(ViTModel(hf_vit_config()), seed)
+
+
 def hf_deit_teacher(seed=0):
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 

@@ -16,6 +16,7 @@ CLASSIFIERS = {
 }
 EMBEDDERS = {
     "timm_headless": lambda: mf.timm_vit(num_classes=0),
+    "hf_vit_model": mf.hf_vit_model,
     "hf_clip_proj": mf.hf_clip_vision,
     "hf_clip": lambda: mf.hf_clip_vision(projection=False),
     "open_clip": mf.open_clip_visual,
@@ -85,7 +86,8 @@ def test_every_method_runs(name, backend):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_reference_equals_torch(name):
     """The reference (float64, family-free) and the fast path agree for every family."""
-    model = FAMILIES[name]()
+    model = FAMILIES[name]().train()
+    snap = snapshot(model)
     x = mf.images()
     head = adapt(model).head
     target = None if name in CLASSIFIERS else (lambda out: out[:, 0] - out[:, 1])
@@ -96,6 +98,7 @@ def test_reference_equals_torch(name):
             assert ref.abs().max() > 0, method
         scale = ref.abs().max().clamp_min(1e-12)
         assert ((fast - ref).abs().max() / scale) <= 1e-5, (method, head)
+    assert_same(model, snap)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -103,9 +106,13 @@ def test_triton_backend(name):
     model = FAMILIES[name]()
     x = mf.images(batch=1)
     target = None if name in CLASSIFIERS else (lambda out: out[:, 0] - out[:, 1])
-    for method in ("tokentm", "legrad"):
+    for method in tf.METHODS:
         tri = tf.explain(model, x, method, backend="triton", target=target)
         ref = tf.explain(model, x, method, backend="torch", target=target)
+        assert tri.shape == ref.shape and torch.isfinite(tri).all(), method
+        if method == "attn_gradcam" and ref.abs().max() == 0:
+            assert tri.abs().max() == 0
+            continue
         assert ref.abs().max() > 0, method
         assert ((tri - ref).abs().max() / ref.abs().max()) <= 1e-4, method
 
@@ -168,3 +175,21 @@ def test_restored_when_the_call_raises():
             tf.explain(model, mf.images(), method, target=bad_score)
         assert_same(model, snap)
         assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_missing_extra_is_named(monkeypatch):
+    """A family whose package is not installed is named with its pip extra; a model of a family whose
+    adapter cannot load gives an ImportError naming the extra."""
+    import sys
+    import types
+
+    import tokentm_fast.models as models
+
+    fake = models.Family("fake", "tokentm_fake_family_pkg", "no_such_adapter_module", "fake", "fake ViT")
+    monkeypatch.setattr(models, "FAMILIES", models.FAMILIES + [fake])
+    with pytest.raises(TypeError, match=r'tokentm_fake_family_pkg is not installed \(pip install "tokentm_fast\[fake\]"'):
+        adapt(torch.nn.Linear(2, 2))
+    monkeypatch.setitem(sys.modules, "tokentm_fake_family_pkg", types.ModuleType("tokentm_fake_family_pkg"))
+    FakeViT = type("FakeViT", (torch.nn.Module,), {"__module__": "tokentm_fake_family_pkg.models"})
+    with pytest.raises(ImportError, match=r'pip install "tokentm_fast\[fake\]"'):
+        adapt(FakeViT())

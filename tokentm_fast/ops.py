@@ -15,6 +15,12 @@ its inputs, and raises ``TypeError`` / ``ValueError`` naming the argument.
 The NaN/Inf check reads every input once more (one host sync per call); pass
 ``check_finite=False`` to skip it. It is skipped while ``torch.compile`` traces
 (a data-dependent branch would break the graph).
+
+Where the checks live: these functions check the multi-layer arguments (lists or
+stacked layers, per-layer names in the messages, values); each
+``torch.ops.tokentm.*`` operator checks the shapes, dtypes and devices of its
+own call (``tokentm_fast.bindings.library.check_*``: metadata only, no device
+access); the Triton wrappers behind the operators check nothing.
 """
 from __future__ import annotations
 

@@ -2,16 +2,17 @@
 
 ``adapt(model)`` picks the adapter by the model's class:
 
-==============  ==========================================================  ===============================
-family          classes                                                     install
-==============  ==========================================================  ===============================
-timm            ``timm.models.vision_transformer.VisionTransformer``         (a dependency)
-hf              ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,  ``pip install "tokentm_fast[hf]"``
-                ``DeiTForImageClassification(WithTeacher)``,
-                ``CLIPVisionModel(WithProjection)``
-torchvision     ``torchvision.models.VisionTransformer`` (``vit_b_16``, ...)  ``pip install "tokentm_fast[torchvision]"``
-open_clip       ``open_clip.transformer.VisionTransformer`` (``model.visual``)  ``pip install "tokentm_fast[clip]"``
-==============  ==========================================================  ===============================
+- timm: ``timm.models.vision_transformer.VisionTransformer`` (a dependency);
+- hf: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
+  ``DeiTForImageClassification(WithTeacher)``, ``CLIPVisionModel(WithProjection)``
+  (``pip install "tokentm_fast[hf]"``);
+- torchvision: ``torchvision.models.VisionTransformer``, ``vit_b_16`` etc.
+  (``pip install "tokentm_fast[torchvision]"``);
+- open_clip: ``open_clip.transformer.VisionTransformer``, a CLIP model's ``.visual``
+  (``pip install "tokentm_fast[clip]"``).
+
+Subclasses are accepted; any other class is refused with a ``TypeError`` naming
+the supported ones (and the packages that are not installed, with their extra).
 """
 from __future__ import annotations
 

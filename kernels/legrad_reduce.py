@@ -9,6 +9,11 @@ docs/methods.md §6: ``eˡ_j = mean_h mean_{i=1..N} max(G̃ˡ_h[i, j], 0)``; row
 identically zero need not be passed (with class-token pooling only row ``cls``
 is non-zero, so Q = 1 and ``num_rows = N``), hence ``num_rows`` is separate
 from Q.
+
+Grid: ``(B, cdiv(N, BLOCK_J))`` column blocks; when they are too few to fill
+the GPU (one image, many rows: mean pooling, Q = N) the rows are split over
+more programs, whose partial sums a small kernel adds in a fixed order
+(deterministic, no atomics). Tiles and warps are autotuned per shape.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import batch_bucket, contiguous, tuning_configs
+from ._utils import batch_bucket, contiguous, num_sms, tuning_configs
 
 #: (BLOCK_R, BLOCK_J, num_warps) timed on the GPU.
 GPU_CONFIGS = [
@@ -49,13 +54,16 @@ def _prune(configs, named_args, **kwargs):
 def _legrad_reduce_kernel(
     g_ptr,  # (L, B, R, N) contiguous, R = H·Q rows per (layer, image)
     out_ptr,  # (B, N) float32
+    part_ptr,  # (SPLIT, B, N) float32 workspace (dummy unless SPLIT_OUT)
     L,
     B,
     R,
     N,
+    r_per_split,  # rows of each layer per split, a multiple of ROW_UNIT
     B_BUCKET,  # autotune key only
     scale,  # 1 / (H · num_rows)
     ACCUMULATE: tl.constexpr,
+    SPLIT_OUT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
@@ -63,24 +71,61 @@ def _legrad_reduce_kernel(
 
         out_j (+)= Σ_l Σ_{h,q} max(G[l, b, h, q, j], 0) / (H · num_rows)
 
-    i.e. Σ_l mean_h (Σ_q relu(G) / num_rows). grid = (B, cdiv(N, BLOCK_J));
-    fp32 ``(BLOCK_R, BLOCK_J)`` accumulator reduced over rows once at the end.
+    i.e. Σ_l mean_h (Σ_q relu(G) / num_rows). grid = (B, cdiv(N, BLOCK_J), SPLIT):
+    split k sums rows ``k·r_per_split`` onwards of every layer into an fp32
+    ``(BLOCK_R, BLOCK_J)`` accumulator, reduced over rows once at the end, and
+    writes out (SPLIT = 1) or its partial sum (the finalize kernel adds them).
     """
     b = tl.program_id(0).to(tl.int64)
     offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_j = offs_j < N
+    r_start = tl.program_id(2) * r_per_split
+    r_end = tl.minimum(r_start + r_per_split, R)
     acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)
     for l in range(L):
         base = g_ptr + (l * B + b) * R * N
-        for r0 in range(0, R, BLOCK_R):
+        for r0 in range(r_start, r_end, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask = (offs_r[:, None] < R) & mask_j[None, :]
+            mask = (offs_r[:, None] < r_end) & mask_j[None, :]
             g = tl.load(base + offs_r[:, None] * N + offs_j[None, :], mask=mask, other=0.0).to(tl.float32)
             acc += tl.maximum(g, 0.0)
     res = tl.sum(acc, axis=0) * scale
+    if SPLIT_OUT:
+        tl.store(part_ptr + (tl.program_id(2) * B + b) * N + offs_j, res, mask=mask_j)
+    else:
+        if ACCUMULATE:
+            res += tl.load(out_ptr + b * N + offs_j, mask=mask_j, other=0.0)
+        tl.store(out_ptr + b * N + offs_j, res, mask=mask_j)
+
+
+@triton.jit
+def _legrad_finalize_kernel(part_ptr, out_ptr, B, N, SPLIT, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[b, j] (+)= Σ_k part[k, b, j]``, splits summed in order (deterministic);
+    grid = (B, cdiv(N, BLOCK))."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    res = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(SPLIT):
+        res += tl.load(part_ptr + (k * B + b) * N + offs, mask=mask, other=0.0)
     if ACCUMULATE:
-        res += tl.load(out_ptr + b * N + offs_j, mask=mask_j, other=0.0)
-    tl.store(out_ptr + b * N + offs_j, res, mask=mask_j)
+        res += tl.load(out_ptr + b * N + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + b * N + offs, res, mask=mask)
+
+
+#: Granularity of the row split: a multiple of every BLOCK_R.
+ROW_UNIT = 64
+
+
+def _num_splits(num_tiles: int, num_row_units: int, device: torch.device) -> int:
+    """Programs that share the rows of one column block: 1 under the interpreter or when
+    ``num_tiles`` (at the reference width 128) already gives about 2 programs per SM."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * num_sms(device)
+    if num_tiles >= target:
+        return 1
+    return max(1, min(num_row_units, triton.cdiv(target, num_tiles), 64))
 
 
 def _launch(g: torch.Tensor, num_rows: Optional[int], out: Optional[torch.Tensor], accumulate: bool):
@@ -98,9 +143,20 @@ def _launch(g: torch.Tensor, num_rows: Optional[int], out: Optional[torch.Tensor
         return out
     g = contiguous(g)
     R = H * Q
-    _legrad_reduce_kernel[lambda meta: (B, triton.cdiv(N, meta["BLOCK_J"]))](
-        g, out, L, B, R, N, batch_bucket(B), 1.0 / (H * num_rows), ACCUMULATE=bool(accumulate),
+    units = triton.cdiv(R, ROW_UNIT)
+    split = _num_splits(B * triton.cdiv(N, 128), units, g.device)
+    r_per_split = triton.cdiv(units, split) * ROW_UNIT
+    split = triton.cdiv(R, r_per_split)
+    part = torch.empty((split, B, N), dtype=torch.float32, device=g.device) if split > 1 else out
+    _legrad_reduce_kernel[lambda meta: (B, triton.cdiv(N, meta["BLOCK_J"]), split)](
+        g, out, part, L, B, R, N, r_per_split, batch_bucket(B), 1.0 / (H * num_rows),
+        ACCUMULATE=bool(accumulate), SPLIT_OUT=split > 1,
     )
+    if split > 1:
+        block = 128 if g.device.type == "cuda" else 512
+        _legrad_finalize_kernel[(B, triton.cdiv(N, block))](
+            part, out, B, N, split, ACCUMULATE=bool(accumulate), BLOCK=block, num_warps=4,
+        )
     return out
 
 

@@ -360,6 +360,24 @@ def test_legrad_reduce_layers():
     check(out, out, ref, 1e-5, "accumulate")
 
 
+def test_legrad_reduce_row_split(monkeypatch):
+    """The split of the rows over several programs (used on GPUs when the column blocks are few)
+    sums the same, deterministically, also accumulating and over stacked layers."""
+    lr_mod = importlib.import_module("tokentm_fast.kernels.legrad_reduce")
+    monkeypatch.setattr(lr_mod, "_num_splits", lambda *a: 3)
+    B, H, Q, N, L = 2, 3, 50, 77, 2  # R = 150 rows per layer: three splits, the last one partial
+    g = gen("legrad-split")
+    stacked = torch.randn(L, B, H, Q, N, generator=g).to(DEVICE)
+    ref = sum(legrad_ref(stacked[l], N) for l in range(L))
+    out = poisoned(B, N)
+    check(out, K.legrad_reduce(stacked, num_rows=N, out=out), ref, 1e-5, "split 5-D")
+    assert torch.equal(K.legrad_reduce(stacked, num_rows=N), out)
+    base = torch.rand(B, N, generator=g).to(DEVICE)
+    out = base.clone()
+    K.legrad_reduce(stacked[0], num_rows=N, out=out, accumulate=True)
+    check(out, out, base.double().cpu() + legrad_ref(stacked[0], N), 1e-5, "split accumulate")
+
+
 # --------------------------------------------------------------------------- availability
 # (argument errors are the public entries' job: tests/test_ops.py checks them on the operators)
 def test_require_triton(monkeypatch):

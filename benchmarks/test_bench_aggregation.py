@@ -30,7 +30,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
-import pytest
 import torch
 
 from bench_memory import aggregation_peak

@@ -39,7 +39,7 @@ import torch
 
 import tokentm_fast as tf
 from bench_memory import explain_peak, measure_peak, step_peak
-from bench_models import literal_explain, model_shape, random_images, random_vit, training_step
+from bench_models import literal_explain, random_images, random_vit, training_step
 
 METHODS = ("tokentm", "gae")
 LITERAL_METHODS = ("tokentm", "gae")

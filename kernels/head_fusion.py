@@ -5,7 +5,7 @@ PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.fusion.fuse_heads``
 The tile helper ``_fused_tile_sum`` is shared with the aggregation kernels
 (``row_update``, ``matrix_update``), which build Ā tiles in registers and
 never write Ā to memory; ``fuse_heads`` itself materialises Ā for callers
-that want the ``(B, N, N)`` map.
+that want the ``(B, N, N)`` map (tiles and warps autotuned per shape).
 """
 from __future__ import annotations
 

@@ -13,12 +13,16 @@ block of output columns j, streams the column strip ``A[b, :, :, j-block]``
 and ``G[b, :, :, j-block]`` once in ``(BLOCK_I, BLOCK_J)`` tiles, fuses the
 product, clamp and head sum in registers and accumulates Σ_i s_qi Ā_ij with
 plain fp32 FMAs (no ``tl.dot``, so the result is within 1e-5 of fp32). The
-cost is one read of A and G: O(H·N²) per layer.
+cost is one read of A and G: O(H·N²) per layer; when the caller knows that
+the rows are zero outside columns ``lo:hi`` (``support``: the query at the top
+layer), only rows ``lo:hi`` of A and G are read.
 
 When the batch gives too few column strips to fill a GPU, the i range is
 split over several programs (deterministic split-K): each writes its partial
 ``Σ_i`` to a workspace and a small finalize kernel sums the partials in a
-fixed order and applies the epilogue.
+fixed order and applies the epilogue. The split is planned in units of
+``SPLIT_UNIT`` rows, so the tiles and warps can be autotuned per shape
+(keyed on N, H, Q, the batch bucket, the support width and the mode).
 """
 from __future__ import annotations
 

@@ -173,6 +173,27 @@ def _raw_attention(vit, images):
     return e[:, vit.num_prefix_tokens:]
 
 
+def block_tail_grads(vit, images, target, layers, recs):
+    """The model's forward without autograd, then ``dO_l = ∂s_l/∂o_l`` of every layer in ``layers``
+    from one backward through the re-run block tails (proj, MLP, head; docs/methods.md §6).
+
+    ``recs[l]`` must hold ``x_in`` and ``attn_out`` (a ``LayerRecorder`` installed for the forward).
+    Returns the list of ``(B, R, H·d)`` gradients and the slice of rows R they cover: with token
+    pooling s_l reads only the prefix rows of Xˡ (the class token; distilled DeiT also its
+    distillation token), and everything after the attention mixing is token-wise, so only those
+    rows of the tails are re-run (dO is zero elsewhere).
+    """
+    with torch.no_grad():
+        output = vit.forward(images)
+    target = resolve_target(target, output)
+    rows = slice(0, vit.num_prefix_tokens) if vit.pooling == "token" else slice(None)
+    with torch.enable_grad():
+        leaves = [recs[l]["attn_out"][:, rows].detach().requires_grad_(True) for l in layers]
+        score = sum(target_score(vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)), target)
+                    for l, o in zip(layers, leaves))
+        return list(torch.autograd.grad(score, leaves)), rows
+
+
 def _tail_gradient_method(vit, images, target, method: str, options, kernels: Kernels):
     """LeGrad (docs/methods.md §6) and attention Grad-CAM (§5) from ∂s_l/∂o of each layer's block tail."""
     L, P = vit.num_layers, vit.num_prefix_tokens
@@ -181,21 +202,8 @@ def _tail_gradient_method(vit, images, target, method: str, options, kernels: Ke
     recorder = LayerRecorder(vit, layers, keys=keys)
     with explicit_attention(vit) as handles:
         recorder.install(handles)
-        with torch.no_grad():
-            logits = vit.forward(images)
-        target = resolve_target(target, logits)
-        recs = recorder.records
-        # Token pooling: s_l reads only prefix rows of Xˡ (the class token; distilled
-        # DeiT also its distillation token), and everything after the attention
-        # mixing is token-wise, so only the prefix rows of the tail are re-run.
-        rows = slice(0, P) if vit.pooling == "token" else slice(None)
-        with torch.enable_grad():
-            leaves = [recs[l]["attn_out"][:, rows].detach().requires_grad_(True) for l in layers]
-            score = sum(
-                target_score(vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)), target)
-                for l, o in zip(layers, leaves)
-            )
-            d_outs = torch.autograd.grad(score, leaves)
+        d_outs, rows = block_tail_grads(vit, images, target, layers, recorder.records)
+    recs = recorder.records
     b, n = images.shape[0], recs[layers[0]]["values"].shape[1]
     heads, acc = vit.num_heads, compute_dtype(images)
     e = torch.zeros(b, n, dtype=acc, device=images.device)

@@ -30,6 +30,7 @@ import torch
 from .aggregation import finish_rows
 from .attention import AttentionKernels, ExplanationAttention, RowState
 from .capture import LayerRecorder, explicit_attention
+from .fast_path import block_tail_grads
 from .models.protocol import ViTAdapter, split_heads
 from .targets import resolve_target, target_score
 from .transform import token_lengths
@@ -171,18 +172,8 @@ def _tail_gradients(vit, images, target, method: str, options, attention: Attent
     with explicit_attention(vit) as handles:
         vit.replace_attention(others, _plain_core(attention), handles)
         recorder.install(handles)
-        with torch.no_grad():
-            output = vit.forward(images)
-        target = resolve_target(target, output)
-        recs = recorder.records
-        # Token pooling: s_l reads only the prefix rows of Xˡ, and everything after the attention
-        # mixing is token-wise, so only those rows of the tail are re-run (dO is 0 elsewhere).
-        rows = slice(0, P) if vit.pooling == "token" else slice(None)
-        with torch.enable_grad():
-            leaves = [recs[l]["attn_out"][:, rows].detach().requires_grad_(True) for l in layers]
-            score = sum(target_score(vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)), target)
-                        for l, o in zip(layers, leaves))
-            d_outs = torch.autograd.grad(score, leaves)
+        d_outs, rows = block_tail_grads(vit, images, target, layers, recorder.records)
+    recs = recorder.records
     b, n = images.shape[0], recorder.first_input.shape[1]
     if method == "attn_gradcam":
         l = layers[0]

@@ -73,3 +73,35 @@ def test_console_script_declared(wheel, wheel_names):
     with zipfile.ZipFile(wheel) as zf:
         text = zf.read(entry[0]).decode()
     assert "tokentm-fast = tokentm_fast.cli:main" in text, text
+
+
+def test_offline_editable_install_in_a_fresh_venv(tmp_path):
+    """`pip install --no-index --no-deps --no-build-isolation -e .` in a new venv that already has the
+    dependencies (made visible through a .pth file, as on a cluster node) and no package index."""
+    import site
+    import venv
+
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        dst = src / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes((ROOT / rel).read_bytes())
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    py = env_dir / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    deps = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (Path(purelib) / "deps.pth").write_text("\n".join(deps) + "\n")
+    proc = subprocess.run([str(py), "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
+                           "-e", str(src)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code = ("import tokentm_fast, tokentm_fast.kernels, tokentm_fast.bindings, tokentm_fast.models; "
+            "print(tokentm_fast.__file__); print(tokentm_fast.kernels.__file__)")
+    out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    pkg, kern = out.stdout.split()
+    assert Path(pkg).parent == src / "tokentm_fast" and Path(kern).parent == src / "kernels"
+    bad = subprocess.run([str(py), "-c", "import kernels"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode != 0, "a top-level `kernels` module is importable"

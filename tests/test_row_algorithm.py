@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokentm_fast import aggregation
-from tokentm_fast.aggregation import GAE, ROLLOUT, aggregate_layers, initial_rows, row_update
+from tokentm_fast.aggregation import GAE, ROLLOUT, aggregate_layers, finish_rows, initial_rows, row_update
 
 
 def full_product(attns, grads, w_attn, w_mlp, c0, mode):
@@ -91,9 +91,15 @@ def test_support_hint_changes_nothing(seed, layers, n, mode, lo, width):
     g = torch.Generator().manual_seed(seed)
     query = torch.zeros(2, n, dtype=torch.float64)
     query[:, lo:hi] = torch.rand(2, hi - lo, generator=g, dtype=torch.float64) + 0.1
-    dense = aggregate_layers(attns, grads, w_attn, w_mlp, query, c0, mode)
+    rows = initial_rows(query, full=False)
+    for l in reversed(range(layers)):  # every row of A and G read
+        rows = row_update(rows, attns[l], grads[l], w_attn[l], w_mlp[l], mode)
+    dense = finish_rows(rows, c0)[:, 0]
     hinted = aggregate_layers(attns, grads, w_attn, w_mlp, query, c0, mode, support=slice(lo, hi))
     torch.testing.assert_close(hinted, dense, rtol=1e-12, atol=1e-14)
+    # a CPU query gives its own support
+    torch.testing.assert_close(aggregate_layers(attns, grads, w_attn, w_mlp, query, c0, mode), hinted,
+                               rtol=0, atol=0)
     full = full_product(attns, grads, w_attn, w_mlp, c0, mode)
     torch.testing.assert_close(hinted, torch.einsum("bi,bij->bj", query, full), rtol=1e-10, atol=1e-12)
     # the hint really narrows the read: rows of A and G outside it are never used at the top layer

@@ -183,10 +183,13 @@ def aggregate_layers(
         c0: ``(B, N)`` diagonal of ``C⁰`` or None for the identity.
         support: the tokens ``lo:hi`` outside which ``query`` is zero, if known
             (then the top layer reads only those rows of A and G; see ``row_update``).
+            None: read off ``query`` when it is a CPU tensor (host arithmetic), else dense.
 
     Returns:
         ``(B, N)`` row ``queryᵀ Cᴸ`` or, with ``full``, the ``(B, N, N)`` matrix ``Cᴸ``.
     """
+    if support is None and not full and query.device.type == "cpu":
+        support = query_support(query)
     rows = initial_rows(query, full)
     top = len(attns) - 1
     for l in reversed(range(len(attns))):

@@ -133,3 +133,53 @@ def test_autograd_function_gives_the_gradients_of_plain_attention():
     t = torch.einsum("bi,bhij->bj", s, (a * a.grad).clamp_min(0)) / h
     assert _rel(state.rows, s + t * w_attn.double()) <= 1e-5
     assert state.next == -1
+
+
+_SM90_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tokentm_fast.kernels import attention as A
+
+FP32_PTRS = ("lse_ptr", "delta_ptr", "row_ptr", "t_ptr")
+
+
+def compile_for_h100(kernel, configs, constants, ptr):
+    fn = kernel.fn
+    cfg = configs[0]
+    c = {**constants, **cfg.kwargs}
+    sig = {a: "constexpr" if a in c else (("*fp32" if a in FP32_PTRS else ptr) if a.endswith("_ptr") else
+           "fp32" if a in ("qk_scale", "scale") else "i32") for a in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, c), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+BF16 = dict(IEEE=False, UPCAST=False, BLOCK_D=128)   # tensor-core products, the widest heads
+FP32 = dict(IEEE=True, UPCAST=False, BLOCK_D=64)     # full float32 products
+n = 0
+for ptr, flags in (("*bf16", BF16), ("*fp32", FP32)):
+    compile_for_h100(A._flash_fwd_kernel, A._FWD_CONFIGS, flags, ptr)
+    compile_for_h100(A._flash_bwd_dkdv_kernel, A._BWD_CONFIGS, {**flags, "ACC": 1, "INPUT_GRADS": ptr == "*bf16"}, ptr)
+    compile_for_h100(A._flash_bwd_dq_kernel, A._DQ_CONFIGS, flags, ptr)
+    compile_for_h100(A._attention_rows_kernel, A._BWD_CONFIGS, {**flags, "MODE": 0 if ptr == "*bf16" else 1}, ptr)
+    n += 4
+print("compiled", n)
+"""
+
+
+def test_kernels_compile_for_an_h100(tmp_path):
+    """The interpreter never sees the GPU compiler: compile each kernel (both dtypes' code paths: bf16
+    tensor-core tiles with 128-wide heads, exact float32 products) for sm_90 with Triton's own ptxas."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "compiled 8" in proc.stdout, proc.stdout

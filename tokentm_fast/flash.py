@@ -27,7 +27,7 @@ from typing import Any, Dict
 
 import torch
 
-from .aggregation import finish_rows
+from .aggregation import GAE, ROLLOUT, finish_rows
 from .attention import AttentionKernels, ExplanationAttention, RowState
 from .capture import LayerRecorder, explicit_attention
 from .fast_path import block_tail_grads
@@ -35,8 +35,6 @@ from .models.protocol import ViTAdapter, split_heads
 from .targets import resolve_target, target_score
 from .transform import token_lengths
 
-#: methods the flash path serves
-FLASH_METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad")
 #: head widths of the attention kernels (wider heads stay on the materialized path)
 MAX_HEAD_DIM = 128
 
@@ -90,7 +88,7 @@ def _row_engine(vit, images, target, options, kernels, attention, with_weights: 
                 state.weights[l] = (kernels.transform_weights(rec["x_in"], x_tilde, **use),
                                     kernels.transform_weights(rec["y"], rec["mlp_out"], **use))
         else:
-            state.weights[l] = (1.0, 0.0)
+            state.weights[l] = (GAE.w_attn, GAE.w_mlp)
         rec.clear()
 
     keys = ("x_in", "values", "y", "mlp_out") if with_weights else ()
@@ -127,17 +125,19 @@ def _saving_core(fwd, keep: Dict[int, tuple], layers):
 
 
 def _rollout(vit, images, first: int, attention: AttentionKernels):
-    """r ← ½ Σ_i r[i] mean_h P[i, :] + ½ r, top-down from the query row; P recomputed tile by tile."""
+    """The engine's update with rollout's constants (s = ½ r, r ← s + Σ_i s[i] mean_h P[i, :]), top-down
+    from the query row, P recomputed tile by tile from the saved Q, K and ℓ."""
     L = vit.num_layers
     keep: Dict[int, tuple] = {}
-    with explicit_attention(vit.model) as handles, torch.no_grad():
+    with explicit_attention(vit) as handles, torch.no_grad():
         vit.replace_attention(range(L), _saving_core(attention.forward, keep, range(first, L)), handles)
         vit.forward(images)
         n = keep[L - 1][0].shape[2]
         r = vit.query_vector(images.shape[0], n, device=images.device)
         for l in reversed(range(first, L)):
             q, k, lse, scale = keep.pop(l)
-            r = 0.5 * attention.rows(r, scale, q=q, k=k, lse=lse).mean(1) + 0.5 * r
+            s = r * (1.0 + ROLLOUT.w_mlp)
+            r = s + attention.rows(s, scale, q=q, k=k, lse=lse).mean(1) * ROLLOUT.w_attn
     return r[:, vit.num_prefix_tokens:]
 
 
@@ -154,7 +154,7 @@ def _raw_attention(vit, images, attention: AttentionKernels):
     """mean_h Aᴸ[cls, P:] from q_cls, K and ℓ[cls]."""
     keep: Dict[int, tuple] = {}
     last = vit.num_layers - 1
-    with explicit_attention(vit.model) as handles, torch.no_grad():
+    with explicit_attention(vit) as handles, torch.no_grad():
         vit.replace_attention(range(vit.num_layers), _saving_core(attention.forward, keep, [last]), handles)
         vit.forward(images)
         e = _query_probs(vit, attention, *keep.pop(last)).mean(1)

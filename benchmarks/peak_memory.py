@@ -35,6 +35,7 @@ def child(args) -> Dict[str, float]:
     import torch
 
     import tokentm_fast as tf
+    from bench_memory import measure_peak
     from bench_models import explicit_step, random_images, random_vit
 
     device = torch.device(args.device)
@@ -51,12 +52,9 @@ def child(args) -> Dict[str, float]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = run()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
+        out, extra = measure_peak(run, device)
         del out
-        return {"before": before, "peak": peak, "extra": peak - before}
+        return {"before": before, "peak": before + extra, "extra": extra}
     before = _rss_peak_bytes()
     out = run()
     peak = _rss_peak_bytes()

@@ -1,13 +1,77 @@
 """Test configuration shared by every test module.
 
-Triton kernels are tested on the CPU with Triton's interpreter, which must be
-switched on before triton is imported anywhere: this file is loaded first.
+The device the suite runs on comes from one place: ``--device cpu|cuda`` on the
+pytest command line, or the environment variable ``TOKENTM_TEST_DEVICE``
+(default ``cpu``). On ``cpu`` the Triton kernels run under Triton's interpreter,
+which must be switched on before triton is imported anywhere: ``pytest_configure``
+runs before any test module is collected, and nothing imported here imports triton.
+On ``cuda`` the kernels run on the GPU and float32 products use full float32
+(TF32 switched off), so that float32 tolerances mean what they say.
+
+Tests ask for the ``device`` fixture; module-level code (parametrisation, skip
+marks) reads ``os.environ["TOKENTM_TEST_DEVICE"]``, which holds the same name.
 """
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE_ENV = "TOKENTM_TEST_DEVICE"
+DEVICES = ("cpu", "cuda")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=DEVICES, default=None,
+                     help=f"device of the test suite (default: ${DEVICE_ENV} or cpu); "
+                          f"cpu runs the Triton kernels under TRITON_INTERPRET=1")
+
+
+def choose_device(option, environ) -> str:
+    """The suite's device from the ``--device`` option or the environment; refuses unknown names."""
+    name = option or environ.get(DEVICE_ENV) or "cpu"
+    if name not in DEVICES:
+        raise pytest.UsageError(f"{DEVICE_ENV}={name!r}: expected one of {DEVICES}")
+    return name
+
+
+def configure_device(name: str, environ, cuda_available: bool) -> None:
+    """Set up the process for ``name``: the interpreter on the CPU, TF32 off on CUDA."""
+    if name == "cuda":
+        if not cuda_available:
+            raise pytest.UsageError("--device cuda (or TOKENTM_TEST_DEVICE=cuda) but torch sees no CUDA device")
+        if environ.get("TRITON_INTERPRET") == "1":
+            raise pytest.UsageError("--device cuda runs the Triton kernels on the GPU: unset TRITON_INTERPRET")
+    else:
+        environ.setdefault("TRITON_INTERPRET", "1")
+    environ[DEVICE_ENV] = name
+
+
+def pytest_configure(config):
+    configure_device(choose_device(config.getoption("--device"), os.environ), os.environ,
+                     torch.cuda.is_available())
+    if os.environ[DEVICE_ENV] == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def suite_device() -> torch.device:
+    """The device every test runs on. Module-level code (parametrisation, skip marks) reads
+    ``torch.device(os.environ["TOKENTM_TEST_DEVICE"])``, which ``pytest_configure`` has set;
+    tests take the ``device`` fixture."""
+    return torch.device(os.environ.get(DEVICE_ENV, "cpu"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return suite_device()
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_on_cuda():
+    """A test that switches TF32 on for itself does not leak it into the next one."""
+    yield
+    if suite_device().type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False

@@ -12,9 +12,18 @@ Tests ask for the ``device`` fixture; module-level code (parametrisation, skip
 marks) reads ``os.environ["TOKENTM_TEST_DEVICE"]``, which holds the same name.
 """
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the working directory on sys.path. From the repository root that makes the
+# repository's kernels/ folder importable as a top-level `kernels`, which shadows the `kernels`
+# distribution that transformers imports (Hugging Face's hub kernels): every HF model would then fail
+# to build. The package is tested as installed (tokentm_fast.kernels), so the root is taken off the path.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 DEVICE_ENV = "TOKENTM_TEST_DEVICE"
 DEVICES = ("cpu", "cuda")

@@ -75,6 +75,41 @@ def test_console_script_declared(wheel, wheel_names):
     assert "tokentm-fast = tokentm_fast.cli:main" in text, text
 
 
+#: what an install reads: the build files and the three source folders (no git needed: an sdist or an
+#: archive of the repository has them too)
+INSTALL_SOURCES = ("pyproject.toml", "setup.py", "README.md", "tokentm_fast", "kernels", "bindings")
+
+
+def _copy_install_sources(dst: Path) -> None:
+    import shutil
+
+    for name in INSTALL_SOURCES:
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dst / name)
+
+
+def test_setup_py_defers_to_pyproject():
+    """The top-level ``setup.py`` declares nothing itself: name, version and packages come from
+    pyproject.toml (a second source of metadata would drift)."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup"]
+    assert len(calls) == 1 and not calls[0].args and not calls[0].keywords, "setup() must take no arguments"
+    proc = subprocess.run([sys.executable, "setup.py", "--name", "--version"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+
+    project = (ROOT / "pyproject.toml").read_text()
+    declared = [re.search(rf'^{key} = "([^"]+)"', project, re.M).group(1) for key in ("name", "version")]
+    assert proc.stdout.split()[-2:] == declared, proc.stdout
+
+
 def test_offline_editable_install_in_a_fresh_venv(tmp_path):
     """`pip install --no-index --no-deps --no-build-isolation -e .` in a new venv that already has the
     dependencies (made visible through a .pth file, as on a cluster node) and no package index."""
@@ -82,11 +117,7 @@ def test_offline_editable_install_in_a_fresh_venv(tmp_path):
     import venv
 
     src = tmp_path / "src"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        dst = src / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes((ROOT / rel).read_bytes())
+    _copy_install_sources(src)
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -103,5 +134,23 @@ def test_offline_editable_install_in_a_fresh_venv(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     pkg, kern = out.stdout.split()
     assert Path(pkg).parent == src / "tokentm_fast" and Path(kern).parent == src / "kernels"
-    bad = subprocess.run([str(py), "-c", "import kernels"], cwd=tmp_path, capture_output=True, text=True)
-    assert bad.returncode != 0, "a top-level `kernels` module is importable"
+    # The repository's kernels/ folder is not importable as a top-level module. (A `kernels` distribution
+    # of its own may be installed: Hugging Face's, which transformers pulls in; that one is not ours.)
+    probe = ("import importlib.util as u; s = u.find_spec('kernels'); "
+             "print(s.origin if s and s.origin else (list(s.submodule_search_locations) if s else None))")
+    found = subprocess.run([str(py), "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert str(src) not in found.stdout, f"the repository's kernels/ is importable as `kernels`: {found.stdout}"
+
+
+def test_repository_folders_do_not_shadow_installed_modules():
+    """Run from the repository root (`python -m pytest` puts it on sys.path), the repository's kernels/
+    would be imported as a top-level `kernels` — the name of the Hugging Face distribution that
+    transformers imports — and every HF model would fail to build. tests/conftest.py takes the root
+    off the path; nothing of the repository is importable except through the installed package."""
+    import importlib.util
+
+    for name in ("kernels", "bindings"):
+        spec = importlib.util.find_spec(name)
+        where = [] if spec is None else [spec.origin or "", *(spec.submodule_search_locations or [])]
+        assert not any(str(ROOT / name) in str(w) for w in where), f"`import {name}` finds the repository's {name}/"

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -149,3 +150,40 @@ def test_the_checks_catch_what_they_should(tmp_path):
     assert {m.group(1).rstrip(".,") for m in PATH.finditer(md.read_text())} == {"tokentm_fast/nothing_here.py"}
     assert "tolerances" in anchors(ROOT / "docs" / "methods.md")
     assert "nope" not in anchors(ROOT / "docs" / "methods.md")
+
+
+# --------------------------------------------------------------------------- the README's code
+
+
+def readme_scripts(text: str) -> List[str]:
+    """The README's Python blocks as a user runs them: a block with an import starts a new script; a
+    block without one continues the script before it (it uses that block's names)."""
+    scripts: List[str] = []
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        if re.search(r"^(import|from) \w", block, re.M) or not scripts:
+            scripts.append(block)
+        else:
+            scripts[-1] += "\n" + block
+    return scripts
+
+
+README_SCRIPTS = readme_scripts((ROOT / "README.md").read_text(encoding="utf-8"))
+
+
+def test_readme_scripts_are_split_as_a_user_reads_them():
+    text = "```python\nimport torch\nx = torch.ones(1)\n```\n```python\ny = x\n```\n```python\nfrom a import b\n```\n"
+    assert readme_scripts(text) == ["import torch\nx = torch.ones(1)\n\ny = x\n", "from a import b\n"]
+    assert len(README_SCRIPTS) >= 4
+
+
+@pytest.mark.parametrize("index", range(len(README_SCRIPTS)))
+def test_readme_python_runs_as_written(index, tmp_path):
+    """Each README script runs on its own, in a fresh interpreter (a name it forgets to import fails)."""
+    import sys
+
+    script = tmp_path / "readme_snippet.py"
+    script.write_text(README_SCRIPTS[index], encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"README script {index}:\n{README_SCRIPTS[index]}\n{proc.stderr[-3000:]}"

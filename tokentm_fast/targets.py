@@ -19,7 +19,11 @@ use the target.
 
 A score function must treat the images of the batch independently (image b's
 score reads only row b of the output): the explanation of a batch is computed
-from the sum of its scores. It receives the output in the dtype the backend
+from the sum of its scores. This is checked at the first call of each score
+function on a batch of B > 1 images (one extra backward of the first and the
+last image's score to the model output, whose gradient on every other row must
+be exactly zero); a function that mixes images is refused with a ``ValueError``.
+The ready-made functions are independent by construction and are not checked. It receives the output in the dtype the backend
 runs in (float64 for ``backend="reference"``), so a function that captures
 tensors should cast them to ``output.dtype`` and ``output.device`` — the
 ready-made ones do.
@@ -63,11 +67,35 @@ class ScoreFunction:
         if fn is not None and not callable(fn):
             raise TypeError(f"a score function must be callable, got {type(fn).__name__}")
         self.fn = fn
+        self._rows_checked = False
         self.name = name or getattr(fn, "__name__", type(fn if fn is not None else self).__name__)
+
+    #: True for functions that treat the images independently by construction (not checked per call).
+    independent_rows = False
 
     def score(self, output: torch.Tensor) -> torch.Tensor:
         """The unchecked scores of ``output``; subclasses override this."""
         return self.fn(output)
+
+    def _check_rows(self, output: torch.Tensor, s: torch.Tensor) -> None:
+        """Image b's score must read only row b of ``output``: the gradient of the first (and the
+        last) image's score on every other row is exactly zero. One small backward each, to the
+        output only (not into the model); done once per score function."""
+        batch = output.shape[0]
+        for b in sorted({0, batch - 1}):
+            (g,) = torch.autograd.grad(s[b], output, retain_graph=True, allow_unused=True)
+            if g is None:
+                continue
+            others = torch.cat([g[:b], g[b + 1:]])
+            if bool((others != 0).any()):
+                raise ValueError(
+                    f"the score function {self.name} mixes the images of the batch: image {b}'s score "
+                    f"depends on other images' outputs (its gradient on rows other than {b} is not zero). "
+                    f"A score function must treat the images independently — image b's score reads only "
+                    f"row b of the output (e.g. lambda o: o[:, 3], not o[:, 3] + o[:, 3].sum()); the "
+                    f"explanation of a batch is computed from the sum of its scores"
+                )
+        self._rows_checked = True
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
         s = self.score(output)
@@ -92,6 +120,9 @@ class ScoreFunction:
                 f"the score function {self.name} returned scores that do not depend differentiably on "
                 f"the model output (detached, or computed without autograd)"
             )
+        if (batch > 1 and not self.independent_rows and not getattr(self, "_rows_checked", False) and output.requires_grad
+                and s.requires_grad and torch.is_grad_enabled()):
+            self._check_rows(output, s)
         return s
 
     def __repr__(self) -> str:
@@ -100,6 +131,8 @@ class ScoreFunction:
 
 class ClassLogit(ScoreFunction):
     """The logit of class ``c``: ``output[b, c[b]]`` (see :func:`class_logit`)."""
+
+    independent_rows = True
 
     def __init__(self, c: Union[int, torch.Tensor]) -> None:
         if isinstance(c, bool) or not isinstance(c, (numbers.Integral, torch.Tensor)):
@@ -142,6 +175,8 @@ class ClassLogit(ScoreFunction):
 
 class CosineSimilarity(ScoreFunction):
     """Cosine similarity of the output with reference embeddings (see :func:`cosine_similarity`)."""
+
+    independent_rows = True
 
     def __init__(self, embeddings: torch.Tensor, eps: float = 1e-8) -> None:
         if not isinstance(embeddings, torch.Tensor):
@@ -235,6 +270,11 @@ def check_target(target: Target, batch: int, num_classes: Optional[int]) -> Chec
     elif isinstance(target, torch.Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"target tensor must have an integer dtype, got {target.dtype}")
+        if target.device.type == "meta":
+            raise ValueError(
+                "target is a tensor on the meta device (a shape without data): pass class indices with "
+                "values, e.g. torch.tensor([...]) on the CPU or on the model's device"
+            )
         if target.dim() == 0:
             target = target.expand(batch)
         if tuple(target.shape) != (batch,):

@@ -54,8 +54,28 @@ def install_hint(family: Family) -> str:
     return f'pip install "tokentm_fast[{family.extra}]"' if family.extra else f"pip install {family.package}"
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers that do not change what it computes: ``torch.compile``'s
+    ``OptimizedModule`` (``._orig_mod``), ``nn.DataParallel`` and ``DistributedDataParallel``
+    (``.module``), nested in any order."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model
+
+
 def adapt(model: nn.Module) -> ViTAdapter:
     """The adapter of ``model``'s family (``model`` itself if it already is an adapter).
+
+    A ``torch.compile``d model (``._orig_mod``) and a ``DataParallel`` / ``DistributedDataParallel``
+    wrapper (``.module``) are unwrapped: the underlying model is explained, eagerly (the explanation
+    hooks into every block, which a compiled graph would not run) and on the one device its
+    parameters are on (the batch is not scattered over replicas).
 
     Raises:
         TypeError: the model's class is not supported (the message names the supported classes).
@@ -63,6 +83,7 @@ def adapt(model: nn.Module) -> ViTAdapter:
     """
     if isinstance(model, ViTAdapter):
         return model
+    model = unwrap(model)
     root = type(model).__module__.split(".")[0]
     missing = []
     for fam in FAMILIES:
@@ -94,5 +115,5 @@ def adapt(model: nn.Module) -> ViTAdapter:
 
 __all__ = [
     "AttentionCore", "FAMILIES", "PatchedForward", "ViTAdapter", "adapt", "explicit_core", "merge_heads",
-    "split_heads", "supported_classes",
+    "split_heads", "supported_classes", "unwrap",
 ]

@@ -7,6 +7,7 @@ or Triton kernels, and returns a float32 map ``(B, gh, gw)`` of raw values
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from .models import adapt
 from .attention import triton_attention
 from .fast_path import TORCH_KERNELS, explain_fast, triton_kernels
-from .flash import explain_flash
+from .flash import MAX_HEAD_DIM, explain_flash, head_width, heads_fit
 from .methods import FULL_MATRIX_METHODS, check_method, resolve_options
 from .reference import explain_reference
 from .targets import Target, check_target
@@ -32,6 +33,25 @@ def triton_usable(device: torch.device) -> bool:
     return triton_available(device)
 
 
+def triton_unusable_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device`` (``None`` when they can)."""
+    if triton_usable(device):
+        return None
+    from .kernels._utils import interpreter_enabled, triton_importable
+
+    if not triton_importable():
+        return "Triton is not installed (or fails to import)"
+    if device.type == "cuda":
+        if interpreter_enabled():
+            return "TRITON_INTERPRET=1 is set, and Triton's interpreter runs on CPU tensors only"
+        if not torch.cuda.is_available():
+            return "torch sees no working CUDA runtime"
+        return "the Triton kernels were imported for the interpreter (TRITON_INTERPRET=1 at import time)"
+    if device.type == "cpu":
+        return "Triton runs on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1, for testing)"
+    return f"Triton does not run on {device.type} tensors"
+
+
 class Explainer:
     """Explain many batches with one model, method and backend.
 
@@ -41,7 +61,8 @@ class Explainer:
             (``tokentm_fast.models.adapt`` picks the adapter).
         method: ``"tokentm"``, ``"gae"``, ``"rollout"``, ``"raw_attention"``,
             ``"attn_gradcam"`` or ``"legrad"``.
-        backend: ``"auto"`` (Triton on CUDA, else PyTorch), ``"reference"``,
+        backend: ``"auto"`` (Triton for float32/bfloat16/float16 models on CUDA, else PyTorch;
+            a ``UserWarning``, once per Explainer, when a CUDA call cannot use Triton), ``"reference"``,
             ``"torch"`` or ``"triton"``.
         full: return the whole ``(B, N, N)`` contribution matrix (TokenTM, GAE, rollout).
         upsample: return maps at the input resolution ``(B, H, W)`` (bilinear,
@@ -52,7 +73,8 @@ class Explainer:
             formulation): ``"flash"`` (the explanation attention kernels, no N×N tensor),
             ``"materialized"`` (attention probabilities and gradients captured as tensors, then the
             fused aggregation kernels) or ``"auto"``: flash on CUDA, materialized otherwise and for
-            ``full=True`` and ``head_fusion="decoupled"`` (which need whole matrices). The
+            ``full=True``, ``head_fusion="decoupled"`` (which need whole matrices) and heads wider
+            than 128 (``tokentm_fast.flash.MAX_HEAD_DIM``). The
             ``reference`` and ``torch`` backends always materialize.
         **options: method options (see ``tokentm_fast.methods.DEFAULT_OPTIONS``).
     """
@@ -70,16 +92,28 @@ class Explainer:
         self.full = bool(full)
         self.upsample, self.normalize = _check_output_options(upsample, normalize, self.full)
         self.options = resolve_options(method, options, self.vit.num_layers)
-        self.attention = _check_attention(attention, backend, self.full, self.options)
+        self.head_width = head_width(self.vit)
+        self.attention = _check_attention(attention, backend, self.full, self.options, self.head_width)
+        self._warned_no_triton = False
 
     def backend_for(self, images: torch.Tensor) -> str:
         """The concrete backend used for ``images`` (resolves ``"auto"``)."""
         if self.backend == "auto":
-            return "triton" if images.is_cuda and triton_usable(images.device) else "torch"
+            # float64 has no Triton kernels; CPU tensors take PyTorch (the interpreter is for tests)
+            if not images.is_cuda or images.dtype == torch.float64:
+                return "torch"
+            if triton_usable(images.device):
+                return "triton"
+            if not self._warned_no_triton:
+                self._warned_no_triton = True
+                warnings.warn(f"backend='auto' runs this CUDA call on the PyTorch backend (materialized "
+                              f"attention, slower and larger): {triton_unusable_reason(images.device)}",
+                              UserWarning, stacklevel=3)
+            return "torch"
         if self.backend == "triton" and not triton_usable(images.device):
             raise ValueError(
-                f"backend='triton' cannot run on {images.device.type} tensors: Triton needs a CUDA device "
-                f"(or TRITON_INTERPRET=1 set before triton is imported, for testing); use backend='torch'"
+                f"backend='triton' cannot run on {images.device.type} tensors: "
+                f"{triton_unusable_reason(images.device)}; use backend='torch'"
             )
         if self.backend == "triton" and images.dtype == torch.float64:
             raise ValueError("backend='triton' takes float32/bfloat16/float16 models; use backend='torch' for float64")
@@ -89,12 +123,16 @@ class Explainer:
         """The attention path (``"flash"`` or ``"materialized"``) of a call on ``backend``."""
         if self.attention == "flash":
             if backend != "triton":
+                why = ("float64 has no Triton kernels" if images.dtype == torch.float64
+                       else triton_unusable_reason(images.device) or "backend='auto' chose PyTorch")
                 raise ValueError(f"attention='flash' runs on the Triton kernels, but these images take "
-                                 f"backend={backend!r} (Triton needs CUDA tensors, or TRITON_INTERPRET=1 on CPU)")
+                                 f"backend={backend!r} ({why})")
             return "flash"
         if backend != "triton" or self.attention == "materialized":
             return "materialized"
-        return "flash" if images.is_cuda and not self.full and _flash_serves(self.options) else "materialized"
+        flash_ok = (images.is_cuda and not self.full and _flash_serves(self.options)
+                    and heads_fit(self.head_width))
+        return "flash" if flash_ok else "materialized"
 
     def __call__(self, images: torch.Tensor, target: Target = None) -> torch.Tensor:
         """Explain ``images (B, C, H, W)``; returns ``(B, gh, gw)`` float32 (``(B, N, N)`` with full,
@@ -147,7 +185,8 @@ def _flash_serves(options: dict) -> bool:
     return options.get("head_fusion", "gae") != "decoupled"
 
 
-def _check_attention(attention: Any, backend: str, full: bool, options: dict) -> str:
+def _check_attention(attention: Any, backend: str, full: bool, options: dict,
+                     width: Optional[int] = None) -> str:
     if attention not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention={attention!r}; expected one of {ATTENTION_PATHS}")
     if attention == "flash":
@@ -169,6 +208,9 @@ def _check_output_options(upsample: Any, normalize: Any, full: bool) -> tuple:
             raise TypeError(f"{name} must be True or False, got {value!r}")
     if upsample and full:
         raise ValueError("upsample=True makes image-sized maps; it cannot be combined with full=True")
+        if not heads_fit(width):
+            raise ValueError(f"attention='flash': the flash attention kernels take heads up to {MAX_HEAD_DIM} "
+                             f"wide; this model's heads are {width} wide: use attention='materialized' or 'auto'")
     return upsample, normalize
 
 

@@ -23,7 +23,7 @@ Which path runs when is decided in ``tokentm_fast.api`` (``attention=``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -37,6 +37,30 @@ from .transform import token_lengths
 
 #: head widths of the attention kernels (wider heads stay on the materialized path)
 MAX_HEAD_DIM = 128
+
+
+def head_width(vit: ViTAdapter) -> Optional[int]:
+    """The widest attention head of the model (``None`` when a block's attention does not say).
+
+    The supported attention modules name it ``head_dim`` (timm ``Attention``, Hugging Face CLIP,
+    ``nn.MultiheadAttention`` of torchvision and open_clip) or ``attention_head_size`` (Hugging Face
+    ViT / DeiT); the entry (``tokentm_fast.api``) routes heads wider than ``MAX_HEAD_DIM`` to the
+    materialized path before the call.
+    """
+    widths = []
+    for blk in vit.blocks:
+        width = next((w for m in blk.modules() for w in (getattr(m, "head_dim", None),
+                                                          getattr(m, "attention_head_size", None))
+                      if isinstance(w, int) and w > 0), None)
+        if width is None:
+            return None
+        widths.append(width)
+    return max(widths) if widths else None
+
+
+def heads_fit(width: Optional[int]) -> bool:
+    """Whether the flash kernels take heads ``width`` wide (unknown: yes, the call checks them)."""
+    return width is None or width <= MAX_HEAD_DIM
 
 
 def explain_flash(vit: ViTAdapter, images: torch.Tensor, method: str, target, options: Dict[str, Any],
@@ -62,7 +86,8 @@ def explain_flash(vit: ViTAdapter, images: torch.Tensor, method: str, target, op
 
 
 def _head_width_checked(attention: AttentionKernels) -> AttentionKernels:
-    """The kernels take heads up to ``MAX_HEAD_DIM`` wide (tails of 80, 96, ... are masked)."""
+    """The kernels take heads up to ``MAX_HEAD_DIM`` wide (tails of 80, 96, ... are masked). The entry
+    routes wider heads away (``head_width``); this check guards models whose width it cannot read."""
     def forward(q, k, v, scale):
         if q.shape[-1] > MAX_HEAD_DIM:
             raise ValueError(f"the flash attention kernels take heads up to {MAX_HEAD_DIM} wide; this model's "

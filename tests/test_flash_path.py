@@ -7,9 +7,14 @@ kernels must handle: odd N (37, 49, 197), head widths 32 and 64, register
 tokens, LayerScale, mean pooling without a class token. Then: no tensor with
 two trailing dimensions of size N exists during a flash call (recorded with a
 ``TorchDispatchMode``), and the model is left exactly as it was.
+
+The device is the suite's (``device`` fixture, tests/conftest.py): the models and images are built on the
+CPU, the float64 oracle runs there on them, and the flash call gets a copy of the model and the images on
+the device (CPU: the interpreter; CUDA: the compiled kernels, with TF32 off so that 1e-5 still holds).
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -20,12 +25,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tokentm_fast as tf
 from spec_oracle import explain as oracle
 from spec_oracle import rel_err
+from tokentm_fast.kernels import triton_available
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs CUDA or the Triton interpreter",
-)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_SUITE_DEVICE = os.environ.get("TOKENTM_TEST_DEVICE", "cpu")  # set by tests/conftest.py
+pytestmark = pytest.mark.skipif(not triton_available(_SUITE_DEVICE),
+                                reason=f"Triton cannot run on {_SUITE_DEVICE} here (cpu: TRITON_INTERPRET=1)")
 
 # name -> (create_model kwargs, image size, batch); N = tokens per image
 MODELS = {
@@ -56,9 +60,14 @@ def make(name: str, seed: int = 0):
     return model, images
 
 
-def flash(model, images, method, **options):
-    return tf.explain(model.to(DEVICE), images.to(DEVICE), method, backend="triton", attention="flash",
-                      **options).cpu()
+def on_device(model, device, dtype=None):
+    """A copy of ``model`` on ``device`` (the CPU original stays the oracle's input)."""
+    return copy.deepcopy(model).to(device=device, dtype=dtype)
+
+
+def flash(model, images, method, device, dtype=None, **options):
+    return tf.explain(on_device(model, device, dtype), images.to(device), method, backend="triton",
+                      attention="flash", **options).cpu()
 
 
 def _check(e, e_ref, tol):
@@ -78,27 +87,28 @@ TOKENTM_OPTIONS = [
 
 
 @pytest.mark.parametrize("options", TOKENTM_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_tokentm_options_match_oracle(options):
+def test_tokentm_options_match_oracle(options, device):
     model, images = make("n37_d32")
-    _check(flash(model, images, "tokentm", **options), oracle(model, images, "tokentm", **options), 1e-5)
+    _check(flash(model, images, "tokentm", device, **options), oracle(model, images, "tokentm", **options), 1e-5)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("method", ["tokentm", "gae"])
-def test_row_methods_match_oracle(name, method):
+def test_row_methods_match_oracle(name, method, device):
     model, images = make(name)
-    _check(flash(model, images, method), oracle(model, images, method), 1e-5)
+    _check(flash(model, images, method, device), oracle(model, images, method), 1e-5)
 
 
 @pytest.mark.parametrize("name", ["n37_d32", "n49_avg_pool"])
 @pytest.mark.parametrize("method", ["rollout", "raw_attention", "attn_gradcam", "legrad"])
-def test_other_methods_match_oracle(name, method):
+def test_other_methods_match_oracle(name, method, device):
     model, images = make(name)
     if method == "attn_gradcam":  # Grad-CAM clamps at 0: pick a target whose map is not all zero
         target = _gradcam_target(model, images)
-        _check(flash(model, images, method, target=target), oracle(model, images, method, target=target), 1e-5)
+        _check(flash(model, images, method, device, target=target.to(device)),
+               oracle(model, images, method, target=target), 1e-5)
         return
-    _check(flash(model, images, method), oracle(model, images, method), 1e-5)
+    _check(flash(model, images, method, device), oracle(model, images, method), 1e-5)
 
 
 def _gradcam_target(model, images) -> torch.Tensor:
@@ -108,19 +118,21 @@ def _gradcam_target(model, images) -> torch.Tensor:
     return norms.argmax(0)
 
 
-def test_rollout_start_layer_and_legrad_all_layers():
+def test_rollout_start_layer_and_legrad_all_layers(device):
     model, images = make("n37_d32")
-    _check(flash(model, images, "rollout", start_layer=1), oracle(model, images, "rollout", start_layer=1), 1e-5)
-    _check(flash(model, images, "legrad", start_layer=0), oracle(model, images, "legrad", start_layer=0), 1e-5)
+    _check(flash(model, images, "rollout", device, start_layer=1),
+           oracle(model, images, "rollout", start_layer=1), 1e-5)
+    _check(flash(model, images, "legrad", device, start_layer=0),
+           oracle(model, images, "legrad", start_layer=0), 1e-5)
 
 
 @pytest.mark.parametrize("method,dtype", [("tokentm", torch.bfloat16), ("gae", torch.bfloat16),
                                           ("tokentm", torch.float16)])
-def test_half_precision_model(method, dtype):
+def test_half_precision_model(method, dtype, device):
     """bf16 / fp16 Q, K, V, dO and tokens into the kernels, float32 sums (tolerance 2e-2)."""
     model, images = make("n37_d32", seed=3)
     e_ref = oracle(model, images, method)
-    _check(flash(model.to(dtype), images, method), e_ref, 2e-2)
+    _check(flash(model, images, method, device, dtype=dtype), e_ref, 2e-2)
 
 
 class ShapeRecorder(TorchDispatchMode):
@@ -147,32 +159,35 @@ def _square(shapes, n):
 
 
 @pytest.mark.parametrize("method", tf.METHODS)
-def test_no_n_by_n_tensor_on_the_flash_path(method):
+def test_no_n_by_n_tensor_on_the_flash_path(method, device):
     model, images = make("n54_d64_registers")
     n = _tokens(model)
     assert n == 54
+    model, images = on_device(model, device), images.to(device)  # copies made outside the recorder
     with ShapeRecorder() as rec:
-        flash(model, images, method)
+        tf.explain(model, images, method, backend="triton", attention="flash")
     assert len(rec.shapes) > 50, "the recorder saw nothing: the test would be vacuous"
     assert not _square(rec.shapes, n), _square(rec.shapes, n)[:5]
 
 
-def test_the_recorder_sees_the_materialized_attention():
+def test_the_recorder_sees_the_materialized_attention(device):
     """The same recorder on the materialized path finds (B, H, N, N): the check above can fail."""
     model, images = make("n54_d64_registers")
+    model, images = on_device(model, device), images.to(device)
     with ShapeRecorder() as rec:
-        tf.explain(model.to(DEVICE), images.to(DEVICE), "tokentm", backend="triton", attention="materialized")
+        tf.explain(model, images, "tokentm", backend="triton", attention="materialized")
     assert _square(rec.shapes, _tokens(model))
 
 
-def test_model_restored_after_flash_calls():
+def test_model_restored_after_flash_calls(device):
     model, images = make("n54_d64_registers")
+    model, images = model.to(device), images.to(device)  # in place: the calls must restore this very model
     model.train()
     model.blocks[0].attn.fused_attn = True
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for method in ("tokentm", "legrad", "rollout"):
-        flash(model, images, method)
+        tf.explain(model, images, method, backend="triton", attention="flash")
     assert model.training and all(m.training for m in model.modules())
     assert model.blocks[0].attn.fused_attn is True
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
@@ -184,8 +199,9 @@ def test_model_restored_after_flash_calls():
         assert torch.equal(v, state[k]), k
 
 
-def test_flash_choice_and_refusals():
+def test_flash_choice_and_refusals(device):
     model, images = make("n37_d32")
+    model, images = model.to(device), images.to(device)
     with pytest.raises(ValueError, match="full=True"):
         tf.explain(model, images, "tokentm", backend="triton", attention="flash", full=True)
     with pytest.raises(ValueError, match="decoupled"):
@@ -195,15 +211,14 @@ def test_flash_choice_and_refusals():
     with pytest.raises(ValueError, match="unknown attention"):
         tf.explain(model, images, "tokentm", attention="fast")
     explainer = tf.Explainer(model, "tokentm", backend="triton")
-    cuda_like = images.is_cuda
-    assert explainer.attention_for(images, "triton") == ("flash" if cuda_like else "materialized")
+    assert explainer.attention_for(images, "triton") == ("flash" if device.type == "cuda" else "materialized")
     assert tf.Explainer(model, "tokentm", backend="triton", full=True).attention_for(images, "triton") == "materialized"
     assert explainer.attention_for(images, "torch") == "materialized"
 
 
 @pytest.mark.parametrize("family", ["hf_vit", "hf_deit_teacher", "torchvision", "hf_clip_proj", "open_clip",
                                     "open_clip_avg_ls", "timm_headless"])
-def test_flash_path_serves_every_model_family(family):
+def test_flash_path_serves_every_model_family(family, device):
     """Through each adapter's attention call site: the flash maps equal the materialized torch maps."""
     from test_models_families import CLASSIFIERS, FAMILIES
     import model_families as mf
@@ -212,7 +227,7 @@ def test_flash_path_serves_every_model_family(family):
     x = mf.images(batch=1)
     target = None if family in CLASSIFIERS else (lambda out: out[:, 0] - out[:, 1])
     for method in ("tokentm", "legrad"):  # the attention backward, and the forward + block tails
-        got = tf.explain(model.to(DEVICE), x.to(DEVICE), method, backend="triton", attention="flash",
+        got = tf.explain(on_device(model, device), x.to(device), method, backend="triton", attention="flash",
                          target=target).cpu()
         ref = tf.explain(model, x, method, backend="torch", target=target)
         assert ref.abs().max() > 0, method

@@ -54,7 +54,16 @@ TORCH_KERNELS = Kernels(
 def triton_kernels() -> Kernels:
     from . import kernels as k
 
-    return Kernels(k.transform_weights, k.fuse_heads, k.row_update, k.matrix_update, k.legrad_reduce)
+    return Kernels(k.transform_weights, k.fuse_heads, k.row_update, _matrix_update_as_torch, k.legrad_reduce)
+
+
+def _matrix_update_as_torch(*args, **kwargs):
+    """``kernels.matrix_update`` with TF32 products only where torch's own switch allows them
+    (``torch.backends.cuda.matmul.allow_tf32``, off by default), as the flash attention kernels do."""
+    from . import kernels as k
+
+    kwargs.setdefault("allow_tf32", bool(torch.backends.cuda.matmul.allow_tf32))
+    return k.matrix_update(*args, **kwargs)
 
 
 def explain_fast(

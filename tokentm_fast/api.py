@@ -134,9 +134,18 @@ class Explainer:
                     and heads_fit(self.head_width))
         return "flash" if flash_ok else "materialized"
 
-    def __call__(self, images: torch.Tensor, target: Target = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, target: Target = None, batch_size: Optional[int] = None,
+                 progress: Optional[bool] = None) -> torch.Tensor:
         """Explain ``images (B, C, H, W)``; returns ``(B, gh, gw)`` float32 (``(B, N, N)`` with full,
-        ``(B, H, W)`` with upsample). ``target``: see ``tokentm_fast.targets``."""
+        ``(B, H, W)`` with upsample). ``target``: see ``tokentm_fast.targets``.
+
+        ``batch_size=k``: explain ``k`` images (and their targets) at a time and concatenate (the
+        same maps as one call; peak memory of ``k`` images). ``progress``: a tqdm bar over the
+        chunks; ``None`` (default) shows it when there is more than one chunk and stderr is a
+        terminal."""
+        if batch_size is not None or progress:
+            from .batching import explain_in_chunks
+            return explain_in_chunks(self, images, target, batch_size, progress)
         if torch.is_inference_mode_enabled():
             # Explanations need autograd, which inference mode switches off: run with it
             # switched back on, on copies of the (inference) input tensors.
@@ -230,7 +239,8 @@ def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
 
 def explain(model: nn.Module, images: torch.Tensor, method: str = "tokentm", target: Target = None,
             backend: str = "auto", full: bool = False, upsample: bool = False, normalize: bool = False,
-            attention: str = "auto", **options: Any) -> torch.Tensor:
+            attention: str = "auto", batch_size: Optional[int] = None, progress: Optional[bool] = None,
+            **options: Any) -> torch.Tensor:
     """Explain ``images (B, C, H, W)`` for ``target`` with ``method``.
 
     Returns a float32 ``(B, gh, gw)`` map of raw (unnormalized) relevance of
@@ -238,8 +248,11 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "tokentm", tar
     ``(B, N, N)`` matrix ``Cᴸ``; ``upsample=True``: ``(B, H, W)`` at the input
     resolution (bilinear); ``normalize=True``: min–max normalised per image.
     ``target``: None (the predicted class), an int, a ``(B,)`` integer tensor,
-    or a score function of the model output (``tokentm_fast.targets``). See
-    ``Explainer`` for the arguments.
+    or a score function of the model output (``tokentm_fast.targets``).
+    ``batch_size=k``: ``k`` images at a time, results concatenated (equal to
+    one call); ``progress``: a tqdm bar over the chunks (None: shown when there
+    is more than one chunk and stderr is a terminal). See ``Explainer`` for the
+    other arguments.
     """
     return Explainer(model, method=method, backend=backend, full=full, upsample=upsample,
-                     normalize=normalize, attention=attention, **options)(images, target)
+                     normalize=normalize, attention=attention, **options)(images, target, batch_size, progress)

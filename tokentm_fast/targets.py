@@ -48,6 +48,7 @@ __all__ = [
     "cosine_similarity",
     "check_target",
     "resolve_target",
+    "target_rows",
     "target_score",
 ]
 
@@ -286,6 +287,24 @@ def check_target(target: Target, batch: int, num_classes: Optional[int]) -> Chec
     if bool(bad.any()):
         raise ValueError(f"target {t[bad][0].item()} out of range for a model with {num_classes} classes")
     return t
+
+
+def target_rows(target: CheckedTarget, start: int, stop: int) -> CheckedTarget:
+    """The checked target of images ``start:stop`` (for ``explain(..., batch_size=k)``).
+
+    None stays None; class indices are sliced; ``class_logit`` of a ``(B,)`` tensor and
+    ``cosine_similarity`` of ``(B, D')`` references are sliced too. Any other score function is
+    applied to each chunk's output as it is (it must not hold per-image data of the whole batch).
+    """
+    if target is None:
+        return None
+    if isinstance(target, torch.Tensor):
+        return target[start:stop]
+    if type(target) is ClassLogit and isinstance(target.c, torch.Tensor):
+        return ClassLogit(target.c[start:stop])
+    if type(target) is CosineSimilarity and target.embeddings.dim() == 2:
+        return CosineSimilarity(target.embeddings[start:stop], target.eps)
+    return target
 
 
 def resolve_target(target: CheckedTarget, logits: torch.Tensor) -> Union[torch.Tensor, ScoreFunction]:

@@ -55,6 +55,14 @@ def gpu_triton(monkeypatch):
     monkeypatch.setattr(api, "triton_usable", lambda d: torch.device(d).type == "cuda" or real(d))
 
 
+@pytest.fixture
+def interpreter_on(monkeypatch):
+    """The process as the CPU suite has it (TRITON_INTERPRET=1: Triton runs on CPU tensors only), on any
+    machine: on a GPU run of the suite the real check would let CUDA through."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(api, "triton_usable", lambda d: torch.device(d).type == "cpu")
+
+
 # --------------------------------------------------------------------------- float64 under auto
 @pytest.mark.parametrize("dtype,want", [(torch.float32, "triton"), (torch.bfloat16, "triton"),
                                         (torch.float16, "triton"), (torch.float64, "torch")])
@@ -69,11 +77,14 @@ def test_explicit_triton_refuses_float64(model, gpu_triton):
         tf.Explainer(model, backend="triton").backend_for(on("cuda", torch.float64))
 
 
-def test_float64_model_on_auto_runs_the_torch_path(model):
-    """The float64 call itself (CPU here): auto gives the PyTorch map, equal to backend='torch'."""
-    m64 = vit().double()
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    got = tf.explain(m64, x, "tokentm", backend="auto")
+def test_float64_model_on_auto_runs_the_torch_path(device):
+    """The float64 call itself on the suite's device (on CUDA: the case that used to reach the flash
+    kernels): auto gives the PyTorch map, equal to backend='torch', without a warning."""
+    m64 = vit().double().to(device)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tf.explain(m64, x, "tokentm", backend="auto")
     assert torch.equal(got, tf.explain(m64, x, "tokentm", backend="torch"))
 
 
@@ -96,7 +107,7 @@ def test_interpreter_is_never_used_for_cuda_tensors():
     assert not api.triton_unusable_reason(torch.device("cpu"))
 
 
-def test_auto_on_cuda_with_the_interpreter_warns_once_per_explainer(model):
+def test_auto_on_cuda_with_the_interpreter_warns_once_per_explainer(model, interpreter_on):
     ex = tf.Explainer(model, backend="auto")
     with pytest.warns(UserWarning, match=r"PyTorch backend .*TRITON_INTERPRET=1") as rec:
         assert ex.backend_for(on("cuda")) == "torch"
@@ -107,7 +118,7 @@ def test_auto_on_cuda_with_the_interpreter_warns_once_per_explainer(model):
         tf.Explainer(model, backend="auto").backend_for(on("cuda"))
 
 
-def test_explicit_triton_on_cuda_with_the_interpreter_is_refused(model):
+def test_explicit_triton_on_cuda_with_the_interpreter_is_refused(model, interpreter_on):
     with pytest.raises(ValueError, match=r"backend='triton' cannot run on cuda tensors: .*TRITON_INTERPRET"):
         tf.Explainer(model, backend="triton").backend_for(on("cuda"))
 
@@ -170,11 +181,17 @@ def test_flash_refuses_wide_heads_when_built():
     tf.Explainer(vit(256, 2), backend="triton", attention="flash")  # 128 is served
 
 
-def test_wide_heads_explained_under_auto_on_the_triton_backend():
-    """End to end (CPU, interpreter): a 160-wide model on backend='triton' equals the torch map."""
+def test_wide_heads_explained_under_auto_on_the_triton_backend(device):
+    """End to end on the suite's device (CPU: the interpreter; CUDA: where the 160-wide heads used to reach
+    the flash kernels and raise mid-call): backend='triton' takes the materialized path and equals the torch
+    map (computed on the CPU)."""
+    import copy
+
     m = vit(320, 2)
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    got = tf.explain(m, x, "tokentm", backend="triton")
+    m_dev, x_dev = copy.deepcopy(m).to(device), x.to(device)
+    assert tf.Explainer(m_dev, backend="triton").attention_for(x_dev, "triton") == "materialized"
+    got = tf.explain(m_dev, x_dev, "tokentm", backend="triton").cpu()
     ref = tf.explain(m, x, "tokentm", backend="torch")
     assert ref.abs().max() > 0
     assert ((got - ref).abs().max() / ref.abs().max()) <= 1e-5

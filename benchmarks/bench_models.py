@@ -4,12 +4,12 @@
   ViT (qkv weights ×2 so that attention is not nearly uniform).
 - ``random_images(model, batch, device)``: images of the model's input size and
   fixed random target classes.
-- ``explicit_step``: forward + backward with parameter gradients and explicit
-  attention (``fused_attn=False``), the baseline of ``test_bench_explain.py``.
 - ``training_step``: the training-step baseline of the performance protocol
-  (``benchmarks/README.md``): forward,
-  target logit summed, backward with parameter gradients, fused attention on
-  (timm's default), then ``zero_grad(set_to_none=True)``.
+  (``../shared/spec/PERFORMANCE.md``, ``benchmarks/README.md``) and of every suite
+  that compares with a step (``test_bench_perf.py``, ``test_bench_explain.py``,
+  ``peak_memory.py``): forward, target logit summed, backward with parameter
+  gradients, fused attention on (timm's default: SDPA), then
+  ``zero_grad(set_to_none=True)``.
 - ``literal_explain``: TokenTM / GAE written the way the authors' code is
   written, in the model's own dtype: hooks record every layer's full
   ``(B, H, N, N)`` attention and its gradient, then the recursion
@@ -75,16 +75,6 @@ def _score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, target[:, None]).sum()
 
 
-def explicit_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
-    """Forward + backward with parameter gradients as the model is set (explicit attention in this suite)."""
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        _score(model(images), target).backward()
-
-    return step
-
-
 @contextmanager
 def _fused(model: nn.Module, flag: bool) -> Iterator[None]:
     mods = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
@@ -97,14 +87,17 @@ def _fused(model: nn.Module, flag: bool) -> Iterator[None]:
             m.fused_attn = old
 
 
-def training_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
-    """The training-step baseline of the performance protocol: forward, target logit summed, backward with parameter gradients
-    (fused attention on), then ``zero_grad(set_to_none=True)``; the model's flags are restored."""
+def training_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The training-step baseline of the performance protocol: forward, target logit summed, backward with
+    parameter gradients (fused attention on, whatever the model's flags; they are restored), then
+    ``zero_grad(set_to_none=True)``. Each call returns the (detached) score, for a finiteness check."""
 
     def step():
         with _fused(model, True):
-            _score(model(images), target).backward()
+            score = _score(model(images), target)
+            score.backward()
         model.zero_grad(set_to_none=True)
+        return score.detach()
 
     return step
 

@@ -11,21 +11,25 @@ Per size of the protocol's table "Sizes that matter to users" (``extra_info["cas
   (``bench_models.literal_explain``);
 - ``explain`` per method: on CUDA ``backend="triton"`` with
   ``attention="flash"`` and ``attention="materialized"`` (marked
-  ``bench_cuda``: generated only with ``--bench-device cuda``) and
+  ``bench_cuda``: generated with ``--bench-device cuda``, and on the CPU only
+  under ``TOKENTM_BENCH_TRITON_INTERPRET=1``, to check their code path) and
   ``backend="torch"``; on the CPU ``backend="torch"`` (no ``attention=``).
 
-Every case records its peak memory (``extra_info["peak_bytes"]``: CUDA
-``max_memory_allocated`` minus the memory allocated before the call, after
-``reset_peak_memory_stats``; CPU: ``bench_memory.PeakTracker``); the table
-(``benchtable.py``) gives explain ÷ training step (time and peak) and
-literal ÷ explain. Each explain / literal map is first checked against the
+Every case records, for its first call (Triton compiles and autotunes there on
+CUDA) and for a warm call: the peak memory (``extra_info["first_peak_bytes"]``,
+``extra_info["peak_bytes"]``: CUDA ``max_memory_allocated`` minus the memory
+allocated before the call, after ``reset_peak_memory_stats``; CPU:
+``bench_memory.PeakTracker``) and the first call's wall time
+(``extra_info["first_call_s"]``, device synchronized; on the CPU the calls run
+under the ``PeakTracker``, so the first call's time there is an upper bound); the table
+(``benchtable.py``) gives explain ÷ training step (time and warm peak),
+literal ÷ explain, the first call's time and peak. Each explain / literal map is first checked against the
 float64 reference of the first images (spec §7 tolerances) where that fits in
 memory, else against the ``torch`` backend's map (itself checked at the smaller
 sizes), else recorded as unchecked (``extra_info["checked_against"]``).
 
-Methods: tokentm and gae by default; ``--bench-methods`` /
-``TOKENTM_BENCH_METHODS=tokentm,gae,rollout,legrad`` adds the others (issue 10's
-sizes: N = 4097 / 9217). Sizes whose estimated peak does not fit are not
+Methods: all six (tokentm, gae, rollout, raw_attention, attn_gradcam, legrad) by
+default; ``--bench-methods`` / ``TOKENTM_BENCH_METHODS=tokentm,gae`` selects some. Sizes whose estimated peak does not fit are not
 generated (listed at the start of the run).
 """
 from __future__ import annotations
@@ -41,7 +45,7 @@ import tokentm_fast as tf
 from bench_memory import explain_peak, measure_peak, step_peak
 from bench_models import literal_explain, random_images, random_vit, training_step
 
-METHODS = ("tokentm", "gae")
+METHODS = tuple(tf.METHODS)  # tokentm, gae, rollout, raw_attention, attn_gradcam, legrad
 LITERAL_METHODS = ("tokentm", "gae")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
@@ -158,7 +162,7 @@ def build_cases(ctx) -> List[Any]:
         cases = [PCase(size, "step")]
         cases += [PCase(size, "literal", m) for m in methods if m in LITERAL_METHODS]
         for m in methods:
-            if ctx.cuda and ctx.triton:
+            if ctx.triton:  # CUDA; on the CPU only with TOKENTM_BENCH_TRITON_INTERPRET=1 (checks the code path)
                 cases += [PCase(size, "explain", m, "triton", a) for a in ("flash", "materialized")]
             cases.append(PCase(size, "explain", m, "torch"))
         for c in cases:
@@ -228,18 +232,16 @@ def test_perf(benchmark, bench, pcase: PCase):
     fn = _call(pcase, state)
     oom = None
     try:
+        # the first call (on CUDA Triton compiles and autotunes there), then a warm call: time and peak of each
         t0 = time.perf_counter()
-        if bench.cuda:  # first call (Triton compiles and may autotune), then the peak of a warm call
-            out = fn()
-            bench.sync()
-            first = time.perf_counter() - t0
-            out2, peak = measure_peak(fn, bench.device)
-            del out2
-        else:
-            out, peak = measure_peak(fn, bench.device)
-            first = time.perf_counter() - t0
-        benchmark.extra_info["peak_bytes"] = peak
+        out, first_peak = measure_peak(fn, bench.device)
+        bench.sync()
+        first = time.perf_counter() - t0
+        out2, peak = measure_peak(fn, bench.device)
+        del out2
+        benchmark.extra_info.update(first_call_s=first, first_peak_bytes=first_peak, peak_bytes=peak)
         if pcase.kind == "step":
+            assert torch.isfinite(out), f"perf {pcase.id}: the training step's score is not finite"
             grads = [p.grad for p in state["model"].parameters() if p.grad is not None]
             assert not grads, "the training step must leave no parameter gradient (zero_grad(set_to_none=True))"
         else:

@@ -102,12 +102,16 @@ def test_reference_equals_torch(name):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_triton_backend(name):
+def test_triton_backend(name, device):
+    """The Triton backend on the suite's device (a copy of the model there) against the torch map on the CPU."""
+    import copy
+
     model = FAMILIES[name]()
     x = mf.images(batch=1)
+    on_device = copy.deepcopy(model).to(device)
     target = None if name in CLASSIFIERS else (lambda out: out[:, 0] - out[:, 1])
     for method in tf.METHODS:
-        tri = tf.explain(model, x, method, backend="triton", target=target)
+        tri = tf.explain(on_device, x.to(device), method, backend="triton", target=target).cpu()
         ref = tf.explain(model, x, method, backend="torch", target=target)
         assert tri.shape == ref.shape and torch.isfinite(tri).all(), method
         if method == "attn_gradcam" and ref.abs().max() == 0:

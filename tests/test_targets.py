@@ -61,9 +61,11 @@ def test_callable_returning_the_logit_equals_the_integer_target(vit, method, bac
 
 
 @pytest.mark.parametrize("attention", ["materialized", "flash"])
-def test_callable_target_on_triton(vit, attention):
+def test_callable_target_on_triton(vit, attention, device):
     pytest.importorskip("triton")
-    model, images = vit
+    import copy
+
+    model, images = copy.deepcopy(vit[0]).to(device), vit[1].to(device)  # the suite's device
     for method in ("tokentm", "legrad"):
         by_int = tf.explain(model, images, method, target=3, backend="triton", attention=attention)
         e = tf.explain(model, images, method, target=lambda o: o[:, 3], backend="triton", attention=attention)

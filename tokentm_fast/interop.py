@@ -117,6 +117,17 @@ def explain_func(model: nn.Module, inputs: ArrayLike, targets: Any = None, *, me
     return maps.cpu().numpy().astype(np.float32, copy=False)
 
 
+def _check_no_forward_args(args: Any, model: nn.Module) -> None:
+    if args is None or (isinstance(args, (tuple, list)) and len(args) == 0):
+        return
+    n = len(args) if isinstance(args, (tuple, list)) else 1
+    raise ValueError(
+        f"additional_forward_args: {type(model).__name__} is explained through its forward called with the "
+        f"images only (model(images)); {n} extra forward argument(s) cannot be passed through. Pass None, or "
+        f"fix them in the model before explaining it (e.g. set the option on the model)"
+    )
+
+
 class TokenTMAttribution:
     """Captum-style attribution: ``TokenTMAttribution(model, method=...).attribute(inputs, target=...)``.
 
@@ -135,13 +146,22 @@ class TokenTMAttribution:
         self.method = method
         self.explainer = Explainer(model, method=method, backend=backend, upsample=True, **options)
 
-    def attribute(self, inputs: torch.Tensor, target: Any = None, normalize: bool = False) -> torch.Tensor:
+    def attribute(self, inputs: torch.Tensor, target: Any = None, additional_forward_args: Any = None,
+                  normalize: bool = False) -> torch.Tensor:
         """Explain ``inputs (B, C, H, W)`` for ``target`` → ``(B, 1, H, W)``.
 
         ``target``: None (the predicted class), an int, ``B`` class indices
         (tensor, list or tuple) or a score function; ``normalize``: min–max
         normalise each map to [0, 1].
+
+        ``additional_forward_args``: Captum's extra arguments of the model's forward. The supported
+        ViTs are called as ``model(images)`` (timm, torchvision and open_clip forwards take only the
+        images; Hugging Face models are called with ``pixel_values`` alone, since their other
+        arguments change what the forward returns or which attention it runs), so only ``None`` or
+        an empty tuple / list is accepted; anything else is refused with a ``ValueError`` rather
+        than silently ignored.
         """
+        _check_no_forward_args(additional_forward_args, self.forward_func)
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(f"inputs must be a torch.Tensor (B, C, H, W), got {type(inputs).__name__}")
         if not isinstance(normalize, bool):

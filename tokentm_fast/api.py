@@ -208,6 +208,9 @@ def _check_attention(attention: Any, backend: str, full: bool, options: dict,
         if not _flash_serves(options):
             raise ValueError("head_fusion='decoupled' needs mean_h A and mean_h max(G, 0) per entry, which the "
                              "flash path does not form: use attention='materialized' or 'auto'")
+        if not heads_fit(width):
+            raise ValueError(f"attention='flash': the flash attention kernels take heads up to {MAX_HEAD_DIM} "
+                             f"wide; this model's heads are {width} wide: use attention='materialized' or 'auto'")
     return attention
 
 
@@ -217,9 +220,6 @@ def _check_output_options(upsample: Any, normalize: Any, full: bool) -> tuple:
             raise TypeError(f"{name} must be True or False, got {value!r}")
     if upsample and full:
         raise ValueError("upsample=True makes image-sized maps; it cannot be combined with full=True")
-        if not heads_fit(width):
-            raise ValueError(f"attention='flash': the flash attention kernels take heads up to {MAX_HEAD_DIM} "
-                             f"wide; this model's heads are {width} wide: use attention='materialized' or 'auto'")
     return upsample, normalize
 
 

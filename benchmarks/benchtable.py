@@ -335,31 +335,32 @@ def _perf_table(benches: List[dict]) -> str:
     """One row per (size, method, variant) of the ``perf`` suite, with the protocol's ratios.
 
     ``÷ step`` = time (peak memory) over the training step of the same size and
-    dtype; ``literal ÷`` = the literal implementation's time over this row's.
+    dtype; ``literal ÷`` = the literal implementation's time over this row's. Times are medians
+    (the protocol: the median of ≥ 7 synchronized calls on CUDA).
     """
     by_case: Dict[str, List[dict]] = {}
     for b in benches:
         info = b.get("extra_info", {})
         if info.get("suite") == "perf" and b.get("stats"):
             by_case.setdefault(info["case"], []).append(b)
-    header = ["case", "method", "variant", "time (ms)", "peak (MiB)", "÷ step time", "÷ step peak", "literal ÷ this",
+    header = ["case", "method", "variant", "median (ms)", "peak (MiB)", "÷ step time", "÷ step peak", "literal ÷ this",
               "first call (s)", "first-call peak (MiB)", "err"]
     lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
     kind_order = {"step": 0, "literal": 1, "reference": 2, "explain": 3}
     for case in sorted(by_case, key=lambda c: (by_case[c][0]["extra_info"].get("N", 0), c)):
         rows = by_case[case]
         step = next((b for b in rows if b["extra_info"].get("kind") == "step"), None)
-        st = _bench_time(step) if step else None
+        st = _bench_time(step, "median") if step else None
         sp = step["extra_info"].get("peak_bytes") if step else None
         literal = {b["extra_info"].get("method"): b for b in rows if b["extra_info"].get("kind") == "literal"}
         for b in sorted(rows, key=lambda b: (b["extra_info"].get("method", ""), kind_order.get(b["extra_info"].get("kind"), 9),
                                               b["extra_info"].get("variant", ""))):
             info = b["extra_info"]
-            t, peak = _bench_time(b), info.get("peak_bytes")
+            t, peak = _bench_time(b, "median"), info.get("peak_bytes")
             lit = literal.get(info.get("method"))
             cells = [case, info.get("method") or "–", info.get("variant", info.get("kind", "?")), _ms(t), _mib(peak),
                      _x(t / st) if st else "–", _x(peak / sp) if peak and sp else "–",
-                     _x(_bench_time(lit) / t) if lit is not None and info.get("kind") == "explain" else "–",
+                     _x(_bench_time(lit, "median") / t) if lit is not None and info.get("kind") == "explain" else "–",
                      _s(info.get("first_call_s")), _mib(info.get("first_peak_bytes")), _err(info.get("max_rel_err"))]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -416,7 +417,7 @@ def _perf_targets(benches: List[dict]) -> List[str]:
             continue
         if step is None:
             continue
-        t = _bench_time(flash) / _bench_time(step)
+        t = _bench_time(flash, "median") / _bench_time(step, "median")
         fp, sp = flash["extra_info"].get("peak_bytes"), step["extra_info"].get("peak_bytes")
         m = fp / sp if fp and sp else None
         if n <= 577:

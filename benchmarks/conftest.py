@@ -211,7 +211,8 @@ class BenchContext:
         """Time ``fn`` (already called once by the check) with ``benchmark.pedantic``.
 
         Rounds are chosen so that the timed calls take about the budget (at least
-        ``min_rounds``; 3 when one call takes more than 0.5 s, 2 above 5 s). Very short calls are
+        ``min_rounds``; on the CPU 3 when one call takes more than 0.5 s, 2 above 5 s; on CUDA at
+        least 7 up to 2 s per call — the protocol's median of ≥ 7 calls — and 3 above). Very short calls are
         repeated inside a round so that a round lasts ≥ 1 ms. ``device_time`` (CUDA)
         also records the CUDA-event time per call of back-to-back calls without
         host synchronization in ``extra_info["device_time_s"]``.
@@ -236,7 +237,10 @@ class BenchContext:
             t = time.perf_counter() - t0
         t = max(t, 1e-7)
         iterations = 1 if t >= 1e-3 else int(min(1000, math.ceil(1e-3 / t)))
-        min_rounds = 2 if t > 5.0 else (3 if t > 0.5 else self.min_rounds)
+        if self.cuda and self.scale != "tiny":
+            min_rounds = self.min_rounds if t <= 0.5 else (7 if t <= 2.0 else 3)
+        else:
+            min_rounds = 2 if t > 5.0 else (3 if t > 0.5 else self.min_rounds)
         rounds = int(min(self.max_rounds, max(min_rounds, math.ceil(budget / (t * iterations)))))
         benchmark.extra_info["probe_s"] = t
         benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=0)

@@ -1,0 +1,95 @@
+"""The benchmark harness follows the performance protocol (../shared/spec/PERFORMANCE.md, issue 16 item 6).
+
+- the training-step baseline is timm's default step: fused attention (SDPA) whatever the model's flag,
+  parameter gradients computed, then ``zero_grad(set_to_none=True)``; the flags are restored;
+- the perf suite runs all six methods by default and records the first call's time and peak besides a warm
+  call's peak;
+- the table reads medians and states issue 16's flash-vs-step targets (met or not) from the figures.
+The suites themselves run at tiny sizes in ``tests/test_bench_cleanup.py``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokentm_fast as tf
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_models  # noqa: E402
+import benchtable  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vit():
+    model = bench_models.random_vit("vit_tiny_patch16_224", "cpu", img_size=32, depth=2, fused_attn=False)
+    images, target = bench_models.random_images(model, 2, "cpu")
+    return model, images, target
+
+
+def test_training_step_is_the_timm_default_step(vit, monkeypatch):
+    model, images, target = vit
+    calls, grads = [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    weight = model.blocks[0].attn.qkv.weight
+    handle = weight.register_hook(lambda g: grads.append(g.abs().sum().item()))
+    try:
+        score = bench_models.training_step(model, images, target)()
+    finally:
+        handle.remove()
+    assert len(calls) == len(model.blocks), "every block's attention must be fused (SDPA)"
+    assert grads and grads[0] > 0, "parameter gradients are part of the step"
+    assert all(p.grad is None for p in model.parameters()), "zero_grad(set_to_none=True)"
+    assert not any(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")), "flags restored"
+    logits = model(images)
+    torch.testing.assert_close(score, logits.gather(1, target[:, None]).sum().detach())
+
+
+def test_perf_suite_runs_all_six_methods():
+    import test_bench_perf
+
+    assert set(test_bench_perf.METHODS) == set(tf.METHODS) and len(tf.METHODS) == 6
+
+
+def _bench(case, n, kind, median, peak, method="", backend="", attention="", first=None):
+    info = dict(suite="perf", case=case, N=n, kind=kind, method=method, backend=backend or kind,
+                attention=attention, variant=kind, peak_bytes=peak, first_call_s=first, first_peak_bytes=peak)
+    return {"extra_info": info, "stats": {"mean": 10 * median, "median": median}}
+
+
+def _flash(case, n, median, peak, first=3.0):
+    return _bench(case, n, "explain", median, peak, "tokentm", "triton", "flash", first)
+
+
+def test_perf_targets_from_medians():
+    benches = [
+        _bench("a", 197, "step", 0.010, 100), _flash("a", 197, 0.009, 80),       # 0.9× ≤ 1.0: met
+        _bench("b", 577, "step", 0.010, 100), _flash("b", 577, 0.011, 80),       # 1.1× > 1.0: not met
+        _bench("c", 4097, "step", 0.010, 100), _flash("c", 4097, 0.011, 130),    # time ok, peak 1.3×: not met
+        _bench("d", 9217, "step", 0.010, 100), _flash("d", 9217, 0.012, 110),    # 1.2×, 1.1×: met
+        _flash("e", 16385, 0.5, 100),                                             # runs: met
+        _bench("f", 197, "step", 0.010, 100),                                     # no flash row: nothing
+    ]
+    lines = benchtable._perf_targets(benches)
+    assert [ln.split(":")[0] for ln in lines] == ["- met", "- NOT met", "- NOT met", "- met", "- met"]
+    assert "0.90× time" in lines[0] and "1.30× peak" in lines[2]
+    assert all("NOT" not in ln for ln in benchtable._perf_targets(benches[:2] + benches[6:8] + benches[8:9]))
+
+
+def test_perf_table_shows_the_first_call():
+    benches = [_bench("a", 197, "step", 0.010, 2 << 20, first=0.5), _flash("a", 197, 0.020, 1 << 20, first=12.0)]
+    table = benchtable._perf_table(benches)
+    head = table.splitlines()[0]
+    assert "first call (s)" in head and "first-call peak (MiB)" in head and "median (ms)" in head
+    row = next(ln for ln in table.splitlines() if "tokentm" in ln)
+    assert "| 12.0 |" in row and "| 20.0 |" in row and "2.00×" in row  # median, not the mean (200 ms)

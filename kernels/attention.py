@@ -20,7 +20,20 @@ Notation per image b and head h (d = head width, ``scale`` = the model's softmax
 
 Tiles are loaded with the tensors' own strides (the last dimension must be contiguous), tails of
 N and of the head width are masked, inputs are float32 / bfloat16 / float16 and every sum is float32.
-Products use ``tl.dot``; for float32 inputs ``ieee=True`` keeps them in full float32 (otherwise tf32).
+Products use ``tl.dot``. Float32 rule: TF32 tensor-core products only where torch's own switch
+allows them (``torch.backends.cuda.matmul.allow_tf32``, off by default): the callers pass
+``ieee=not allow_tf32`` and ``_dot_flags`` turns that into the ``IEEE`` constexpr (full float32
+products, ``input_precision="ieee"``) for float32 inputs; bfloat16 / float16 tiles always use the
+tensor cores.
+
+Launch configurations: an explicit table (``CONFIG_TABLE``) per kernel kind, dtype class (16-bit,
+float32) and ``BLOCK_D`` (the head width padded to a power of two), at most 4 entries each, chosen
+from the sm_90 compile audit (``benchmarks/compile_audit.py``, results in
+``benchmarks/results/compile-sm90/``): no entry spills registers or exceeds shared memory on an
+H100. The autotuners' pruning hook picks the entries of the call's class; tuning results are cached
+on disk (Triton's ``cache_results``, in Triton's cache dir) and keyed on a power-of-two bucket of N,
+so a second process or a nearby sequence length benchmarks nothing. The grid's second axis (images
+x heads) is kept <= 65535 by launching slices of at most ``MAX_GRID_Y // H`` images.
 """
 from __future__ import annotations
 
@@ -48,26 +61,71 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(block_m: Tuple[int, ...], block_n: Tuple[int, ...], warps: Tuple[int, ...], stages: Tuple[int, ...]):
+#: (kind, dtype class, BLOCK_D) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)], from the sm_90 audit.
+#: kind: "fwd" (forward), "bwd" (dK/dV and attention_rows: a key block per program), "dq".
+CONFIG_TABLE = {
+    ("fwd", "16", 32): [(128, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2)],
+    ("fwd", "16", 64): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3)],
+    ("fwd", "16", 128): [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+    ("bwd", "16", 32): [(64, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3)],
+    ("bwd", "16", 64): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3)],
+    ("bwd", "16", 128): [(32, 32, 4, 2), (64, 32, 4, 2)],
+    ("dq", "16", 32): [(128, 64, 4, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3)],
+    ("dq", "16", 64): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+    ("dq", "16", 128): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    ("fwd", "32", 32): [(64, 32, 4, 1), (32, 32, 4, 1), (32, 64, 4, 2)],
+    ("fwd", "32", 64): [(32, 32, 4, 1), (64, 32, 8, 1), (32, 32, 4, 2)],
+    ("fwd", "32", 128): [(32, 16, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)],
+    ("bwd", "32", 32): [(32, 32, 4, 1), (32, 64, 4, 1), (16, 64, 4, 1)],
+    ("bwd", "32", 64): [(32, 32, 4, 1), (16, 32, 4, 1), (16, 64, 4, 1)],
+    ("bwd", "32", 128): [(16, 32, 4, 1), (32, 32, 8, 1), (16, 16, 4, 1), (32, 16, 4, 1)],
+    ("dq", "32", 32): [(64, 32, 4, 1), (32, 32, 4, 1), (32, 64, 4, 1), (32, 32, 4, 2)],
+    ("dq", "32", 64): [(32, 32, 4, 1), (64, 32, 8, 1), (32, 16, 4, 1)],
+    ("dq", "32", 128): [(32, 32, 4, 1), (32, 16, 4, 1), (16, 32, 4, 1)],
+}
+#: the largest second grid axis CUDA accepts
+MAX_GRID_Y = 65535
+
+
+def _dtype_class(dtype) -> str:
+    return "32" if str(dtype) in ("torch.float32", "fp32") else "16"
+
+
+def table_configs(kind: str, dtype, block_d: int):
+    """``[(BLOCK_M, BLOCK_N, num_warps, num_stages)]`` the autotuner may choose for a call of this
+    class (``dtype``: a torch dtype or "bf16" / "fp16" / "fp32"; ``block_d``: 32, 64 or 128)."""
+    return CONFIG_TABLE[(kind, _dtype_class(dtype), min(max(block_d, 32), 128))]
+
+
+def _configs(kind: str):
     if _interpreted():  # the interpreter pays per operation: one big tile, nothing to tune
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m in block_m for n in block_n for w in warps for s in stages
-    ]
+    seen = {}
+    for (k, _, _), entries in CONFIG_TABLE.items():
+        if k == kind:
+            for m, n, w, st in entries:
+                seen.setdefault((m, n, w, st), triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st))
+    return list(seen.values())
 
 
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Large head widths do not fit 128-wide tiles in registers/shared memory."""
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    kept = [c for c in configs if d <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
-    return kept or configs[:1]
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        """Keep the table's entries for the call's (dtype class, BLOCK_D)."""
+        if _interpreted():
+            return configs
+        d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+        ref = named_args.get("q_ptr", named_args.get("do_ptr"))
+        wanted = set(table_configs(kind, ref.dtype, d))
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        return kept or configs[:1]
+    return prune
 
 
-_FWD_CONFIGS = _configs((64, 128), (32, 64), (4, 8), (2, 3))
-_BWD_CONFIGS = _configs((32, 64), (64, 128), (4, 8), (2, 3))
-_DQ_CONFIGS = _configs((64, 128), (32, 64), (4, 8), (2, 3))
-_KEY = ["N_CTX", "BLOCK_D", "BH_BUCKET"]
+_FWD_CONFIGS = _configs("fwd")
+_BWD_CONFIGS = _configs("bwd")
+_DQ_CONFIGS = _configs("dq")
+#: autotune key: N bucketed to a power of two (a new sequence length in the bucket re-uses the tuning)
+_KEY = ["N_BUCKET", "BLOCK_D", "BH_BUCKET"]
 
 
 # --------------------------------------------------------------------------- forward
@@ -96,13 +154,14 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")},
+                 cache_results=True)
 @triton.jit
 def _flash_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
     H, N_CTX, HEAD_D, qk_scale,  # qk_scale = scale · log2(e)
-    BH_BUCKET,
+    BH_BUCKET, N_BUCKET,  # autotune keys only
     BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O and ℓ for a block of queries of one (image, head), online softmax over key blocks:
@@ -175,14 +234,14 @@ def _grad_probs_tile(do, v, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["ACC", "INPUT_GRADS"],
-                 prune_configs_by={"early_config_prune": _prune_for_head_dim})
+                 prune_configs_by={"early_config_prune": _pruner("bwd")}, cache_results=True)
 @triton.jit
 def _flash_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, row_ptr,
     dk_ptr, dv_ptr, t_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, sg_b, sg_h, sg_n,
     H, N_CTX, HEAD_D, scale, qk_scale,
-    BH_BUCKET,
+    BH_BUCKET, N_BUCKET,  # autotune keys only
     BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, INPUT_GRADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -234,13 +293,14 @@ def _flash_bwd_dkdv_kernel(
         tl.store(t_ptr + bh * N_CTX + offs_n, t, mask=mask_n)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")},
+                 cache_results=True)
 @triton.jit
 def _flash_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, sg_b, sg_h, sg_n,
     H, N_CTX, HEAD_D, scale, qk_scale,
-    BH_BUCKET,
+    BH_BUCKET, N_BUCKET,  # autotune keys only
     BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ_i = scale · Σ_j (P ⊙ (dP − δ))_ij K_j for one block of queries, looping over key blocks."""
@@ -272,13 +332,14 @@ def _flash_bwd_dq_kernel(
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=qm)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["MODE"], prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["MODE"], prune_configs_by={"early_config_prune": _pruner("bwd")},
+                 cache_results=True)
 @triton.jit
 def _attention_rows_kernel(
     q_ptr, k_ptr, lse_ptr, do_ptr, v_ptr, row_ptr, t_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sd_b, sd_h, sd_n, sv_b, sv_h, sv_n,
     H, N_CTX, HEAD_D, qk_scale,
-    BH_BUCKET,
+    BH_BUCKET, N_BUCKET,  # autotune keys only
     BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -331,12 +392,19 @@ def _dot_flags(t: torch.Tensor, ieee: bool) -> dict:
             "UPCAST": bool(t.device.type == "cpu" and t.dtype == torch.bfloat16)}
 
 
-def _shape_args(q: torch.Tensor) -> Tuple[int, int, int, int, int, int]:
-    """``(B, H, N, d, BLOCK_D, BH_BUCKET)`` of a ``(B, H, N, d)`` tensor."""
+def _shape_args(q: torch.Tensor) -> Tuple[int, int, int, int, int, Tuple[int, int]]:
+    """``(B, H, N, d, BLOCK_D, (BH_BUCKET, N_BUCKET))`` of a ``(B, H, N, d)`` tensor."""
     b, h, n, d = q.shape
     block_d = max(16, triton.next_power_of_2(d))
     bh_bucket = min(triton.next_power_of_2(b * h), 1024)  # autotune key: the grid's second axis
-    return b, h, n, d, block_d, bh_bucket
+    n_bucket = triton.next_power_of_2(max(n, 1))  # autotune key: N rounded up to a power of two
+    return b, h, n, d, block_d, (bh_bucket, n_bucket)
+
+
+def _image_slices(b: int, h: int):
+    """Image ranges ``[b0, b1)`` whose launches keep the grid's second axis ``(b1 − b0)·H ≤ MAX_GRID_Y``."""
+    step = max(1, MAX_GRID_Y // max(h, 1))
+    return [(b0, min(b, b0 + step)) for b0 in range(0, b, step)] or [(0, 0)]
 
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -347,13 +415,16 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     contiguous (any other strides). Inputs are trusted (checked at the public entry).
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        parts = [flash_forward(q[b0:b1], k[b0:b1], v[b0:b1], scale, ieee) for b0, b1 in _image_slices(*q.shape[:2])]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     b, h, n, d, block_d, bucket = _shape_args(q)
     o = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
     _flash_fwd_kernel[grid](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        h, n, d, scale * LOG2E, bucket, BLOCK_D=block_d, **_dot_flags(q, ieee),
+        h, n, d, scale * LOG2E, *bucket, BLOCK_D=block_d, **_dot_flags(q, ieee),
     )
     return o, lse
 
@@ -370,6 +441,11 @@ def flash_backward(
     ``t[b, h, j] = Σ_i row[b, i] · max(P[b,h,i,j] · dP[b,h,i,j], 0)`` (None otherwise).
     """
     q, k, v, o, do = (_last_dim_contiguous(t) for t in (q, k, v, o, do))
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        parts = [flash_backward(q[b0:b1], k[b0:b1], v[b0:b1], o[b0:b1], lse[b0:b1], do[b0:b1], scale,
+                                None if row is None else row[b0:b1], input_grads, ieee)
+                 for b0, b1 in _image_slices(*q.shape[:2])]
+        return tuple(None if p[0] is None else torch.cat(list(p)) for p in zip(*parts))
     b, h, n, d, block_d, bucket = _shape_args(q)
     flags = _dot_flags(q, ieee)
     acc = ACC_GAE if row is not None else ACC_NONE
@@ -395,7 +471,7 @@ def flash_backward(
         q, k, v, do, lse, delta, row if row is not None else dummy,
         gk, dv if dv is not None else q, t if t is not None else dummy,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(gk),
-        h, n, d, scale, scale * LOG2E, bucket,
+        h, n, d, scale, scale * LOG2E, *bucket,
         BLOCK_D=block_d, ACC=acc, INPUT_GRADS=bool(input_grads), **flags,
     )
     if input_grads:
@@ -403,7 +479,7 @@ def flash_backward(
         _flash_bwd_dq_kernel[grid_m](
             q, k, v, do, lse, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            h, n, d, scale, scale * LOG2E, bucket, BLOCK_D=block_d, **flags,
+            h, n, d, scale, scale * LOG2E, *bucket, BLOCK_D=block_d, **flags,
         )
     return dq, dk, dv, t
 
@@ -419,6 +495,12 @@ def attention_rows(
     ref = q if probs else do
     ref_k = k if probs else v
     ref, ref_k = _last_dim_contiguous(ref), _last_dim_contiguous(ref_k)
+    if ref.shape[0] * ref.shape[1] > MAX_GRID_Y:
+        def part(x, b0, b1):
+            return None if x is None else x[b0:b1]
+        return torch.cat([attention_rows(row[b0:b1], scale, q=part(q, b0, b1), k=part(k, b0, b1), lse=part(lse, b0, b1),
+                                         do=part(do, b0, b1), v=part(v, b0, b1), ieee=ieee)
+                          for b0, b1 in _image_slices(*ref.shape[:2])])
     b, h, n, d, block_d, bucket = _shape_args(ref)
     row = row.to(torch.float32).contiguous()
     t = torch.empty((b, h, n), dtype=torch.float32, device=ref.device)
@@ -427,7 +509,7 @@ def attention_rows(
     _attention_rows_kernel[grid](
         ref, ref_k, dummy, ref, ref_k, row, t,
         *_strides(ref), *_strides(ref_k), *_strides(ref), *_strides(ref_k),
-        h, n, d, scale * LOG2E, bucket,
+        h, n, d, scale * LOG2E, *bucket,
         BLOCK_D=block_d, **_dot_flags(ref, ieee),
         MODE=ROWS_PROBS if probs else ROWS_RELU_GRAD,
     )

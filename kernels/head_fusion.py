@@ -84,6 +84,7 @@ def fusion_scale(mode_code: int, num_heads: int) -> float:
 
 
 @triton.autotune(
+    cache_results=True,  # the chosen config is stored in Triton's cache dir: a second process benchmarks nothing
     configs=tuning_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
     key=["N", "H", "B_BUCKET", "MODE"],
     prune_configs_by={"early_config_prune": _prune},

@@ -45,6 +45,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(
+    cache_results=True,  # the chosen config is stored in Triton's cache dir: a second process benchmarks nothing
     configs=tuning_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
     key=["N", "R", "L", "B_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
@@ -83,9 +84,9 @@ def _legrad_reduce_kernel(
     r_end = tl.minimum(r_start + r_per_split, R)
     acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)
     for l in range(L):
-        base = g_ptr + (l * B + b) * R * N
+        base = g_ptr + (l * B + b) * R * N  # int64: b is
         for r0 in range(r_start, r_end, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
+            offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)  # R·N may exceed 2³¹
             mask = (offs_r[:, None] < r_end) & mask_j[None, :]
             g = tl.load(base + offs_r[:, None] * N + offs_j[None, :], mask=mask, other=0.0).to(tl.float32)
             acc += tl.maximum(g, 0.0)

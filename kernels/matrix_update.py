@@ -57,6 +57,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(
+    cache_results=True,  # the chosen config is stored in Triton's cache dir: a second process benchmarks nothing
     configs=tuning_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
     key=["N", "H", "Q", "B_BUCKET", "MODE", "ALLOW_TF32"],
     prune_configs_by={"early_config_prune": _prune},

@@ -64,6 +64,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(
+    cache_results=True,  # the chosen config is stored in Triton's cache dir: a second process benchmarks nothing
     configs=tuning_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
     key=["N", "D", "B_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},

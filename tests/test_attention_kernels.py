@@ -7,13 +7,18 @@ widths 32, 64 and 80 (not a power of two), float32 and bfloat16.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from tokentm_fast.attention import attention_backward_torch, attention_forward_torch, attention_rows_torch
 from tokentm_fast.kernels import triton_available
 
-pytestmark = pytest.mark.skipif(not triton_available("cpu"), reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
+#: the suite's device (tests/conftest.py: ``--device`` / TOKENTM_TEST_DEVICE; CPU with the interpreter by default)
+DEVICE = torch.device(os.environ.get("TOKENTM_TEST_DEVICE", "cpu"))
+pytestmark = pytest.mark.skipif(not triton_available(DEVICE.type),
+                                reason=f"the Triton kernels cannot run on {DEVICE.type} (CPU: TRITON_INTERPRET=1)")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 CASES = [  # (B, H, N, d, dtype)
@@ -37,7 +42,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _qkv(b, h, n, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(b, n, 3, h, d, generator=g).permute(2, 0, 3, 1, 4).to(dtype)
+    qkv = torch.randn(b, n, 3, h, d, generator=g).to(DEVICE, dtype).permute(2, 0, 3, 1, 4)
     return qkv.unbind(0)  # strided views, last dim contiguous
 
 
@@ -55,8 +60,8 @@ def test_forward_and_backward_match_full_matrices(b, h, n, d, dtype):
     assert (lse.double() - lse_ref).abs().max() <= 1e-5 * lse_ref.abs().max()
 
     g = torch.Generator().manual_seed(1)
-    do = torch.randn(b, h, n, d, generator=g).to(dtype)
-    row = torch.rand(b, n, generator=g)
+    do = torch.randn(b, h, n, d, generator=g).to(DEVICE, dtype)
+    row = torch.rand(b, n, generator=g).to(DEVICE)
     dq, dk, dv, t = flash_backward(q, k, v, o, lse, do, scale, row=row)
     ref = attention_backward_torch(q.double(), k.double(), v.double(), lse_ref, do.double(), scale, row.double())
     for name, got, want in zip(("dq", "dk", "dv", "t"), (dq, dk, dv, t), ref):
@@ -76,7 +81,7 @@ def test_explanation_sums_alone_equal_the_full_backward(b, h, n, d, dtype):
     q, k, v = _qkv(b, h, n, d, dtype, seed=3)
     o, lse = flash_forward(q, k, v, d ** -0.5)
     do = torch.randn_like(o)
-    row = torch.rand(b, n)
+    row = torch.rand(b, n, device=DEVICE)
     *_, t_full = flash_backward(q, k, v, o, lse, do, d ** -0.5, row=row)
     dq, dk, dv, t_only = flash_backward(q, k, v, o, lse, do, d ** -0.5, row=row, input_grads=False)
     assert dq is None and dk is None and dv is None
@@ -93,13 +98,13 @@ def test_row_sums_against_probabilities_and_positive_gradients(b, h, n, d, dtype
     scale = d ** -0.5
     _, lse = flash_forward(q, k, v, scale)
     _, lse_ref = attention_forward_torch(q.double(), k.double(), v.double(), scale)
-    row = torch.rand(b, n)
+    row = torch.rand(b, n, device=DEVICE)
     got = attention_rows(row, scale, q=q, k=k, lse=lse)
     want = attention_rows_torch(row.double(), scale, q=q.double(), k=k.double(), lse=lse_ref)
     assert _rel(got, want) <= TOL[dtype]
     # rows of P sum to 1, so Σ_j t[j] = Σ_i row[i] for every head
     torch.testing.assert_close(got.sum(-1), row.sum(-1, keepdim=True).expand(b, h), rtol=1e-4, atol=1e-4)
-    do = torch.randn(b, h, n, d).to(dtype)
+    do = torch.randn(b, h, n, d).to(DEVICE, dtype)
     got = attention_rows(row, scale, do=do, v=v)
     want = attention_rows_torch(row.double(), scale, do=do.double(), v=v.double())
     assert _rel(got, want) <= TOL[dtype]
@@ -114,12 +119,12 @@ def test_autograd_function_gives_the_gradients_of_plain_attention():
     q, k, v = (x.detach().clone().requires_grad_(True) for x in _qkv(b, h, n, d, torch.float32, seed=7))
     anchor = torch.zeros((), requires_grad=True)
     state = RowState(first=0, last=0)
-    w_attn, w_mlp = torch.rand(b, n), torch.rand(b, n)
+    w_attn, w_mlp = torch.rand(b, n, device=DEVICE), torch.rand(b, n, device=DEVICE)
     state.weights[0] = (w_attn, w_mlp)
     out = ExplanationAttention.apply(q, k, v, anchor, d ** -0.5, 0, state, triton_attention())
-    r0 = torch.rand(b, n)
+    r0 = torch.rand(b, n, device=DEVICE)
     state.start(r0)
-    do = torch.randn(b, h, n, d)
+    do = torch.randn(b, h, n, d, device=DEVICE)
     grads = torch.autograd.grad(out, (q, k, v, anchor), do)
 
     q2, k2, v2 = (x.detach().clone().double().requires_grad_(True) for x in (q, k, v))
@@ -135,51 +140,30 @@ def test_autograd_function_gives_the_gradients_of_plain_attention():
     assert state.next == -1
 
 
-_SM90_COMPILE = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from tokentm_fast.kernels import attention as A
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_float32_products_follow_torchs_tf32_switch(monkeypatch, allow_tf32):
+    """Float32 ``tl.dot``: TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` allows it. The library's
+    wrappers pass ``ieee = not allow_tf32`` and the kernels get ``IEEE`` for float32 inputs only."""
+    import tokentm_fast.attention as TA
+    from tokentm_fast.kernels import attention as A
 
-FP32_PTRS = ("lse_ptr", "delta_ptr", "row_ptr", "t_ptr")
-
-
-def compile_for_h100(kernel, configs, constants, ptr):
-    fn = kernel.fn
-    cfg = configs[0]
-    c = {**constants, **cfg.kwargs}
-    sig = {a: "constexpr" if a in c else (("*fp32" if a in FP32_PTRS else ptr) if a.endswith("_ptr") else
-           "fp32" if a in ("qk_scale", "scale") else "i32") for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, c), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-
-
-BF16 = dict(IEEE=False, UPCAST=False, BLOCK_D=128)   # tensor-core products, the widest heads
-FP32 = dict(IEEE=True, UPCAST=False, BLOCK_D=64)     # full float32 products
-n = 0
-for ptr, flags in (("*bf16", BF16), ("*fp32", FP32)):
-    compile_for_h100(A._flash_fwd_kernel, A._FWD_CONFIGS, flags, ptr)
-    compile_for_h100(A._flash_bwd_dkdv_kernel, A._BWD_CONFIGS, {**flags, "ACC": 1, "INPUT_GRADS": ptr == "*bf16"}, ptr)
-    compile_for_h100(A._flash_bwd_dq_kernel, A._DQ_CONFIGS, flags, ptr)
-    compile_for_h100(A._attention_rows_kernel, A._BWD_CONFIGS, {**flags, "MODE": 0 if ptr == "*bf16" else 1}, ptr)
-    n += 4
-print("compiled", n)
-"""
-
-
-def test_kernels_compile_for_an_h100(tmp_path):
-    """The interpreter never sees the GPU compiler: compile each kernel (both dtypes' code paths: bf16
-    tensor-core tiles with 128-wide heads, exact float32 products) for sm_90 with Triton's own ptxas."""
-    import os
-    import subprocess
-    import sys
-
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled 8" in proc.stdout, proc.stdout
+        seen = []
+        for name in ("flash_forward", "flash_backward", "attention_rows"):
+            monkeypatch.setattr(A, name, lambda *a, **kw: seen.append(kw["ieee"]))
+        fwd, bwd, rows = tuple(TA.triton_attention())[:3]
+        q, k, v = _qkv(1, 1, 8, 16, torch.float32)
+        fwd(q, k, v, 0.25)
+        bwd(q, k, v, q, q[..., 0], q, 0.25)
+        rows(q[:, 0, :, 0], 0.25, q=q, k=k, lse=q[..., 0])
+        assert seen == [not allow_tf32] * 3
+        assert TA._tf32_allowed() is allow_tf32
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            t = torch.empty(1, dtype=dtype, device=DEVICE)
+            flags = A._dot_flags(t, ieee=not TA._tf32_allowed())
+            assert flags["IEEE"] is (dtype == torch.float32 and not allow_tf32)
+            assert flags["UPCAST"] is (DEVICE.type == "cpu" and dtype == torch.bfloat16)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -19,6 +19,10 @@ Options (also settable through environment variables, handy for scripts):
     (at start) are not generated at all.
 --bench-methods M1,M2            (TOKENTM_BENCH_METHODS) explanation methods of the
     explain and perf suites (default: each suite's own list).
+--bench-deadline SECONDS         (TOKENTM_BENCH_DEADLINE) cases that would start later than
+    this after the session began are skipped (listed in the JSON's
+    ``machine_info.tokentm_bench.left_out_for_time``): a guard that keeps a part within a
+    machine's per-command limit (e.g. 540 for 10 minutes), not a substitute for sizing it.
 
 Memory: every case frees what it made. Data shared by the cases of one size
 (a model, synthetic layers) lives in one declared slot (``bench.cache``, one
@@ -87,6 +91,8 @@ def pytest_addoption(parser):
                     help="target timed seconds per case (default depends on scale and device)")
     group.addoption("--bench-mem-fraction", type=float, default=_float_env("TOKENTM_BENCH_MEM_FRACTION"),
                     help="largest fraction of the free memory a case may need (estimate); default 0.8 cuda, 0.5 cpu")
+    group.addoption("--bench-deadline", type=float, default=_float_env("TOKENTM_BENCH_DEADLINE"),
+                    help="skip the cases that would start more than this many seconds after the session began")
     group.addoption("--bench-methods", default=os.environ.get("TOKENTM_BENCH_METHODS"),
                     help="comma-separated explanation methods of the explain and perf suites "
                          "(default: tokentm,legrad,rollout for explain, tokentm,gae for perf)")
@@ -146,6 +152,9 @@ class BenchContext:
         self.interpreted = self.triton and not self.cuda
         self.free_bytes = torch.cuda.mem_get_info(self.device)[0] if self.cuda else _available_ram()
         self.left_out: List[str] = []
+        self.deadline: Optional[float] = config.getoption("--bench-deadline")
+        self.started = time.monotonic()
+        self.left_out_for_time: List[str] = []
         self.cache = CaseCache(self.device)
         self._env: Optional[Dict[str, Any]] = None
 
@@ -359,12 +368,31 @@ def pytest_collection_finish(session):
                 rep.write_line(f"  - {what}")
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    ctx: BenchContext = config.tokentm_bench
+    if ctx.left_out_for_time:
+        terminalreporter.write_line(f"tokentm bench: {len(ctx.left_out_for_time)} case(s) left out for time "
+                                    f"(--bench-deadline {ctx.deadline:g} s):")
+        for nodeid in ctx.left_out_for_time:
+            terminalreporter.write_line(f"  - {nodeid}")
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     ctx: BenchContext = config.tokentm_bench
     info = dict(ctx.env)
     info["left_out_for_memory"] = list(ctx.left_out)
+    info["left_out_for_time"] = list(ctx.left_out_for_time)
+    info["deadline_s"] = ctx.deadline
     info["tf32"] = ctx.tf32
     machine_info["tokentm_bench"] = info
+
+
+def pytest_runtest_setup(item):
+    """``--bench-deadline``: a case that would start after the deadline is skipped and listed."""
+    ctx: BenchContext = item.config.tokentm_bench
+    if ctx.deadline is not None and time.monotonic() - ctx.started > ctx.deadline:
+        ctx.left_out_for_time.append(item.nodeid)
+        pytest.skip(f"the part's time budget is spent (--bench-deadline {ctx.deadline:g} s)")
 
 
 @pytest.fixture(scope="session")

@@ -93,3 +93,20 @@ def test_perf_table_shows_the_first_call():
     assert "first call (s)" in head and "first-call peak (MiB)" in head and "median (ms)" in head
     row = next(ln for ln in table.splitlines() if "tokentm" in ln)
     assert "| 12.0 |" in row and "| 20.0 |" in row and "2.00×" in row  # median, not the mean (200 ms)
+
+
+def test_a_deadline_skips_the_cases_after_it_and_lists_them(tmp_path):
+    """``--bench-deadline 0``: no case starts, every one is listed as left out for time (the guard that keeps
+    a part within a machine's per-command limit)."""
+    import subprocess
+
+    out = tmp_path / "b.json"
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "benchmarks/test_bench_perf.py",
+           "-k", "not tiny-hires", "--benchmark-only", "--bench-scale", "tiny", "--bench-device", "cpu",
+           "--bench-methods", "tokentm", "--bench-deadline", "0", "--benchmark-json", str(out)]
+    proc = subprocess.run(cmd, cwd=BENCH.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "3 skipped" in proc.stdout and "passed" not in proc.stdout, proc.stdout[-2000:]
+    assert "3 case(s) left out for time (--bench-deadline 0 s)" in proc.stdout
+    assert proc.stdout.count("  - benchmarks/test_bench_perf.py::test_perf[tiny-") == 3  # step, literal, torch
+    assert not out.exists()  # nothing was timed (pytest-benchmark writes no JSON then)

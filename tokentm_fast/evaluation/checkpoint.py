@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import EvaluationError
 
-__all__ = ["resolve_device", "read_checkpoint", "load_model", "resolve_dtype", "DTYPES"]
+__all__ = ["resolve_device", "read_checkpoint", "checkpoint_format", "load_model", "resolve_dtype", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,28 +43,82 @@ def resolve_device(name) -> torch.device:
     return dev
 
 
+_EXPECTED = "expected a .safetensors file or a state dict saved with torch.save (.pth / .pt)"
+
+
+def checkpoint_format(path: Union[str, os.PathLike]) -> Optional[str]:
+    """``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"`` by the file's first bytes, or None (neither)."""
+    import struct
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    if zipfile.is_zipfile(path):
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle (torch's legacy format)
+        return "torch-legacy"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch ``.pth`` / ``.pt`` file.
 
     Torch files may wrap the weights in ``{"state_dict": …}``, ``{"model": …}``
     (or the ``*_ema`` variants); a ``module.`` prefix (DataParallel) is removed.
-    Missing or unreadable files raise :class:`EvaluationError` naming the file.
+    Missing or unreadable files raise :class:`EvaluationError` naming the file
+    and the format expected. Torch files are read with ``weights_only=True``: a
+    file holding other Python objects (a whole pickled model) is refused, never
+    unpickled (that could run code from it).
     """
+    import warnings
+
     p = Path(path)
     if not p.exists():
         raise EvaluationError(f"checkpoint file not found: {p}")
     if not p.is_file():
         raise EvaluationError(f"checkpoint is not a file: {p}")
     try:
-        if p.suffix == ".safetensors":
+        kind = checkpoint_format(p)
+    except OSError as e:
+        raise EvaluationError(f"cannot read checkpoint {p} (--checkpoint): {e.strerror or e}") from None
+    if kind is None:
+        raise EvaluationError(f"cannot read checkpoint {p} (--checkpoint): it is not a readable checkpoint, its "
+                              "content is neither safetensors nor a complete torch.save file (random, corrupt or "
+                              f"truncated); {_EXPECTED}")
+    try:
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             state: Any = load_file(str(p), device="cpu")
         else:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's business
+                warnings.simplefilter("ignore")
+                state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvaluationError(f"cannot read checkpoint {p}: {msg}") from None
+        text = str(e)
+        detail = next((ln.split("WeightsUnpickler error:", 1)[1].strip() for ln in text.splitlines()
+                       if "WeightsUnpickler error:" in ln), "")
+        if "Unsupported global" in text:
+            import re
+
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f"a {found.group(1)}" if found else "not only tensors"
+            raise EvaluationError(
+                f"cannot read checkpoint {p} (--checkpoint): it holds Python objects besides tensors ({what}), for example a "
+                "whole pickled model; it is not loaded, since unpickling it could run code from the file. Save "
+                "the weights alone (torch.save(model.state_dict(), ...) or safetensors) and give that file"
+            ) from None
+        why = detail or ("" if "weights_only" in text else _first_line(e))
+        raise EvaluationError(f"cannot read checkpoint {p} (--checkpoint): it is not a readable checkpoint"
+                              f"{f' ({why})' if why else ' (corrupt or truncated)'}; {_EXPECTED}") from None
     if isinstance(state, Mapping):
         for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
             if key in state and isinstance(state[key], Mapping):
@@ -146,13 +200,15 @@ def load_model(
         path = Path(checkpoint) if checkpoint is not None else WEIGHTS_PATH
         if checkpoint is not None and not path.is_file():
             raise EvaluationError(f"checkpoint file not found: {path}")
+        if checkpoint is not None and checkpoint_format(path) != "safetensors":
+            raise EvaluationError(f"cannot read checkpoint {path} (--checkpoint): it is not a readable checkpoint for "
+                                  "the synthetic model, expected the synthetic ViT's weights as a .safetensors file")
         try:
             m = create_synthetic_vit(pretrained=True, weights=checkpoint)
         except FileNotFoundError as e:
             raise EvaluationError(str(e)) from None
         except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EvaluationError(f"cannot load synthetic-model weights from {path}: {msg}") from None
+            raise EvaluationError(f"cannot load synthetic-model weights from {path}: {_first_line(e)}") from None
         return m.eval(), {"name": "synthetic", "checkpoint": _file_fingerprint(path)}
 
     import timm

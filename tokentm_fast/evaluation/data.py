@@ -46,6 +46,9 @@ __all__ = [
     "make_source",
     "collate",
     "IMG_EXTENSIONS",
+    "PREPROCESS_MODES",
+    "to_rgb",
+    "load_image",
 ]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -53,6 +56,46 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 class DataError(ValueError):
     """A data source cannot be used (missing path, wrong layout...); the message says why."""
+
+
+# ----------------------------------------------------------------------------
+# reading pictures (one code path for ``explain`` and every data source)
+# ----------------------------------------------------------------------------
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image):
+    """A PIL image as 8-bit RGB, rescaled by its bit depth.
+
+    PIL's own ``convert("RGB")`` clips 16-bit pictures (modes ``I;16*``, and
+    ``I``, which is how some PIL versions open a 16-bit grayscale PNG or TIFF)
+    at 255: almost every pixel becomes white. Here integer pictures are scaled
+    by their range, ``v / 65535`` (then to 8 bits: ``round(v / 65535 * 255)``),
+    and float pictures (mode ``F``) are taken as values in ``[0, 1]`` (clipped).
+    16-bit RGB PNGs are already scaled by PIL (it keeps the high byte).
+    Everything else goes through ``convert("RGB")``.
+    """
+    from PIL import Image
+
+    if image.mode in _SIXTEEN_BIT or image.mode == "I":
+        a = np.asarray(image).astype(np.float64) / 65535.0
+    elif image.mode == "F":
+        a = np.asarray(image).astype(np.float64)
+    else:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
+    g = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(np.repeat(g[..., None], 3, axis=-1)))
+
+
+def load_image(path: Union[str, os.PathLike]):
+    """Open the picture at ``path`` as 8-bit RGB (see :func:`to_rgb`); PIL's errors propagate."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
 
 
 # ----------------------------------------------------------------------------
@@ -82,31 +125,120 @@ def model_data_config(model: torch.nn.Module) -> Dict[str, Any]:
     return cfg
 
 
+PREPROCESS_MODES = ("crop", "resize")
+
+
 class Preprocess:
     """The model's evaluation transform, split into geometry and normalization.
 
     ``__call__(pil_image, mask=None)`` -> ``(image, image01, mask)`` with the
-    picture resized / center-cropped as ``timm.data.create_transform(**cfg,
-    is_training=False)`` does it, ``image01`` in ``[0, 1]``, ``image`` normalized
-    with the config's mean / std, and the mask (a bool / 0-1 array ``(H, W)``)
-    resized with nearest interpolation and the same geometry.
+    picture brought to the model's input size, ``image01`` in ``[0, 1]``,
+    ``image`` normalized with the config's mean / std, and the mask (a bool /
+    0-1 array ``(H, W)``) resized with nearest interpolation and the same geometry.
+
+    ``mode="crop"`` (default): as ``timm.data.create_transform(**cfg,
+    is_training=False)`` does it (the shorter side resized to ``input / crop_pct``,
+    then the centre cropped: the borders are not seen by the model).
+    ``mode="resize"``: the whole picture resized to the input size (the aspect
+    ratio is not kept, nothing is cut off). :meth:`plan` says where the model's
+    input lies in a picture of a given size, :meth:`describe` says it in words.
     """
 
-    def __init__(self, data_config: Dict[str, Any]) -> None:
+    def __init__(self, data_config: Dict[str, Any], mode: str = "crop") -> None:
         from timm.data import create_transform
 
+        if mode not in PREPROCESS_MODES:
+            raise DataError(f"preprocessing mode must be one of {', '.join(PREPROCESS_MODES)}, got {mode!r}")
+        self.mode = mode
         self.config = dict(data_config)
-        common = dict(
-            input_size=tuple(self.config["input_size"]),
-            crop_pct=self.config.get("crop_pct"),
-            crop_mode=self.config.get("crop_mode", "center"),
-            is_training=False,
-            normalize=False,
-        )
-        self.geometry = create_transform(interpolation=self.config.get("interpolation", "bilinear"), **common)
-        self.mask_geometry = create_transform(interpolation="nearest", **common)
+        interpolation = self.config.get("interpolation", "bilinear")
+        if mode == "resize":
+            from timm.data.transforms import MaybePILToTensor, str_to_interp_mode
+            from torchvision import transforms
+
+            size = list(self.input_size)
+            self.geometry = transforms.Compose([
+                transforms.Resize(size, interpolation=str_to_interp_mode(interpolation)), MaybePILToTensor()])
+            self.mask_geometry = transforms.Compose([
+                transforms.Resize(size, interpolation=str_to_interp_mode("nearest")), MaybePILToTensor()])
+        else:
+            common = dict(
+                input_size=tuple(self.config["input_size"]),
+                crop_pct=self.config.get("crop_pct"),
+                crop_mode=self.config.get("crop_mode", "center"),
+                is_training=False,
+                normalize=False,
+            )
+            self.geometry = create_transform(interpolation=interpolation, **common)
+            self.mask_geometry = create_transform(interpolation="nearest", **common)
         self.mean = torch.tensor(self.config["mean"], dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(self.config["std"], dtype=torch.float32).view(-1, 1, 1)
+
+    def _crop_pct(self) -> float:
+        from timm.data import DEFAULT_CROP_PCT
+
+        return float(self.config.get("crop_pct") or DEFAULT_CROP_PCT)
+
+    def plan(self, width: int, height: int) -> Dict[str, Any]:
+        """Where the model's input lies in a picture of ``width x height`` pixels.
+
+        Returns ``mode``, ``original`` ``(H, W)``, ``model`` ``(h, w)``,
+        ``resized`` ``(H', W')`` (the picture after the resize step), ``crop``
+        ``(top, left)`` of the ``h x w`` window in the resized picture (negative:
+        padding) and ``box`` ``(x0, y0, x1, y1)``: that window in the original
+        picture's pixel coordinates (floats; the whole picture for ``resize``).
+        The arithmetic is timm's / torchvision's (checked against the transform
+        in the tests).
+        """
+        import math
+
+        H, W = int(height), int(width)
+        h, w = self.input_size
+        if self.mode == "resize":
+            rh, rw, top, left = h, w, 0, 0
+        else:
+            pct = self._crop_pct()
+            sh, sw = math.floor(h / pct), math.floor(w / pct)
+            crop_mode = self.config.get("crop_mode") or "center"
+            if crop_mode == "squash":
+                rh, rw = sh, sw
+            elif crop_mode == "border" or sh != sw:  # timm's ResizeKeepRatio (longest edge for 'border')
+                ratio = max(H / sh, W / sw) if crop_mode == "border" else min(H / sh, W / sw)
+                rh, rw = round(H / ratio), round(W / ratio)
+            elif W <= H:  # torchvision Resize(int): the shorter side to sh
+                rw, rh = sh, int(sh * H / W)
+            else:
+                rh, rw = sh, int(sh * W / H)
+            top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))
+        sx, sy = W / rw, H / rh
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        return {"mode": self.mode, "original": (H, W), "model": (h, w), "resized": (rh, rw), "crop": (top, left),
+                "box": box}
+
+    def describe(self, width: Optional[int] = None, height: Optional[int] = None) -> str:
+        """The preprocessing in words: in general, or what happens to a ``width x height`` picture."""
+        h, w = self.input_size
+        interp = self.config.get("interpolation", "bilinear")
+        if width is None or height is None:
+            if self.mode == "resize":
+                return (f"resize: every image resized to the model's {w}×{h} px ({interp}); the aspect ratio is not "
+                        "kept, nothing is cut off")
+            import math
+
+            pct = self._crop_pct()
+            return (f"crop: the shorter side of every image resized ({interp}) to {math.floor(min(h, w) / pct)} px, "
+                    f"then the centre {w}×{h} px (the model's input) cropped (crop_pct {pct:g}, timm's evaluation "
+                    "transform): what lies outside that centre is not seen by the model (--resize: the whole image "
+                    "instead)")
+        p = self.plan(width, height)
+        rh, rw = p["resized"]
+        if self.mode == "resize":
+            return f"{width}×{height} px resized to the model's {w}×{h} px ({interp}, aspect ratio not kept)"
+        x0, y0, x1, y1 = p["box"]
+        pad = " (padded)" if p["crop"][0] < 0 or p["crop"][1] < 0 else ""
+        return (f"{width}×{height} px resized to {rw}×{rh} px ({interp}), centre {w}×{h} px cropped{pad}: the model "
+                f"sees the region x {x0:.0f}–{x1:.0f}, y {y0:.0f}–{y1:.0f} of the original (--resize: the whole "
+                "image)")
 
     @property
     def input_size(self) -> Tuple[int, int]:
@@ -119,8 +251,7 @@ class Preprocess:
     def __call__(self, image, mask: Optional[np.ndarray] = None):
         from PIL import Image
 
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
         x = self.geometry(image)
         if x.dtype == torch.uint8:
             x01 = x.to(torch.float32) / 255.0
@@ -226,12 +357,8 @@ class FolderSource:
         return self.samples[index][0].replace(os.sep, "/")
 
     def load(self, index: int):
-        from PIL import Image
-
         rel, label = self.samples[index]
-        with Image.open(self.root / rel) as im:
-            im.load()
-            return im.convert("RGB"), None, label
+        return load_image(self.root / rel), None, label
 
 
 class MatSource:
@@ -327,7 +454,9 @@ class MatSource:
         if img.ndim != 3 or img.shape[0] != 3:
             raise ValueError(f"image array has shape {img.shape}, expected (3, W, H)")
         img = np.ascontiguousarray(img.transpose(2, 1, 0))  # (H, W, 3)
-        if img.dtype != np.uint8:
+        if img.dtype == np.uint16:  # 16-bit: scaled by its range, as to_rgb does
+            img = np.round(img.astype(np.float64) / 65535.0 * 255.0).astype(np.uint8)
+        elif img.dtype != np.uint8:
             img = np.clip(img, 0, 255).astype(np.uint8)
         mask = np.ascontiguousarray(gt.T) > 0  # (H, W)
         if mask.shape != img.shape[:2]:

@@ -92,7 +92,9 @@ class DistContext:
         bad = [(r, e) for r, e in enumerate(errors) if e]
         if bad:
             r, e = bad[0]
-            raise EvaluationError(e if not self.distributed or r == self.rank else f"rank {r}: {e}")
+            err = EvaluationError(e if not self.distributed or r == 0 else f"rank {r}: {e}")
+            err.every_rank = True  # the same message on every rank: rank 0 alone needs to say it
+            raise err
 
     def barrier(self) -> None:
         if self.distributed:

@@ -8,7 +8,14 @@ __all__ = ["EvaluationError", "EvaluationInterrupted"]
 
 
 class EvaluationError(ValueError):
-    """A problem with the user's input (model, checkpoint, data, resume state); the message says what."""
+    """A problem with the user's input (model, checkpoint, data, resume state); the message says what.
+
+    ``every_rank`` is True when every process of a ``torchrun`` run raises the
+    same error (an argument, a missing device, an error the ranks agreed on):
+    the command line then lets rank 0 alone report it.
+    """
+
+    every_rank: bool = False
 
 
 class EvaluationInterrupted(KeyboardInterrupt):

@@ -15,7 +15,8 @@ import torch
 
 from .state import jsonable
 
-__all__ = ["summarize_sanity", "merge_rank_states", "build_results", "format_table", "versions"]
+__all__ = ["summarize_sanity", "merge_rank_states", "build_results", "format_table", "table_footnotes",
+           "NA_REASONS", "versions"]
 
 
 def versions() -> Dict[str, str]:
@@ -158,3 +159,34 @@ def format_table(results: Mapping[str, Any], digits: int = 4) -> str:
         cells = [fmt(values.get((m, metric), {}).get(key)) for metric, key, _ in cols]
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+#: What an ``n/a`` cell of the results table means, by the start of its column title.
+NA_REASONS = (
+    ("Rand. ρ", "Spearman ρ is undefined for a constant map (e.g. all zeros, as attention Grad-CAM gives on a "
+                "randomized model): a constant map has no ranking to correlate"),
+    ("Pos. AUC tgt", "no true labels for these images, so the target-class variant is undefined"),
+    ("Neg. AUC tgt", "no true labels for these images, so the target-class variant is undefined"),
+    ("mAP", "average precision is undefined when no image has both foreground and background pixels"),
+)
+
+
+def table_footnotes(table: str) -> List[str]:
+    """Footnotes for the ``n/a`` cells of a markdown results table (one per column, empty if none)."""
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    if len(lines) < 3:
+        return []
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    notes = []
+    for col, title in enumerate(header):
+        methods = []
+        for ln in lines[2:]:
+            cells = [c.strip() for c in ln.strip("|").split("|")]
+            if col < len(cells) and cells[col] == "n/a":
+                methods.append(cells[0])
+        if not methods:
+            continue
+        why = next((r for t, r in NA_REASONS if title.startswith(t)),
+                   "the metric is undefined for these maps and images (it gave NaN)")
+        notes.append(f"n/a in {title} ({', '.join(methods)}): {why}.")
+    return notes

@@ -40,9 +40,10 @@ from ..api import Explainer
 from ..methods import METHODS, check_method
 from . import distributed
 from .checkpoint import DTYPES, load_model, read_checkpoint, resolve_device, resolve_dtype
-from .data import DataError, EvalDataset, Preprocess, make_source, model_data_config
+from .data import PREPROCESS_MODES, DataError, EvalDataset, Preprocess, make_source, model_data_config
 from .errors import EvaluationError, EvaluationInterrupted
 from .loop import Schedule, run_loop
+from .outputs import OutputError, OutputLock, refuse_link
 from .report import build_results, format_table, merge_rank_states
 from .state import (
     STATE_VERSION,
@@ -135,6 +136,7 @@ def evaluate(
     sanity_seed: int = 0,
     command: Optional[Sequence[str]] = None,
     log: Optional[Callable[[str], None]] = None,
+    preprocess: str = "crop",
 ) -> Dict[str, Any]:
     """Evaluate ``methods`` x ``metrics`` on a data set; returns (and writes) the results.
 
@@ -165,6 +167,9 @@ def evaluate(
         save_every: save the partial state every this many batches.
         method_options: per-method options, e.g. ``{"tokentm": {"start_layer": 1}}``.
         target: explain the ``"predicted"`` class (default) or the ``"label"``.
+        preprocess: ``"crop"`` (default: timm's evaluation transform, resize and centre
+            crop) or ``"resize"`` (the whole image resized to the model's input size);
+            recorded in the results under ``preprocessing``.
         log: where messages go (default: stderr; ranks other than 0 prefix ``[rank r]``).
 
     Returns:
@@ -173,11 +178,69 @@ def evaluate(
         ``versions``, ``counts``, ``skipped``, ``unavailable``, ``warnings``,
         ``world_size``, ``ranks`` (samples and images per rank), ``run``.
 
+    Output files: a symbolic link at ``output``, at a partial-state file or at the
+    lock file is refused; every file is written to a temporary file and renamed
+    over the target (:mod:`.outputs`). While it runs, the evaluation holds an
+    exclusive lock on ``<output>.lock`` (rank 0 under ``torchrun``): a second
+    evaluation of the same ``output`` stops at once, naming the process that
+    holds it.
+
     Raises:
-        EvaluationError: a problem with the arguments, the data or the resume state.
+        EvaluationError: a problem with the arguments, the data or the resume state,
+            or another evaluation holding the lock of ``output``.
+        OutputError: an output file cannot be written (a full disk...); the
+            message names the file, the last saved state is intact.
         EvaluationInterrupted: Ctrl-C; the state was saved and the same call resumes it.
     """
     t_start = time.time()
+    try:
+        return _checked_evaluate(t_start, model, data, methods, metrics, checkpoint=checkpoint,
+                                 num_classes=num_classes, model_kwargs=model_kwargs, split=split, size=size,
+                                 seed=seed, batch_size=batch_size, device=device, dtype=dtype, limit=limit,
+                                 output=output, backend=backend, num_workers=num_workers,
+                                 max_forward_batch=max_forward_batch, progress=progress, restart=restart,
+                                 save_every=save_every, method_options=method_options, target=target,
+                                 sanity_images=sanity_images, sanity_seed=sanity_seed, command=command, log=log,
+                                 preprocess=preprocess)
+    except _EveryRank as e:  # raised before the ranks could talk: the same on every rank
+        err = e.error
+        err.every_rank = True
+        raise err from None
+
+
+class _EveryRank(Exception):
+    """Carries an error that every rank raises alike (checks of the arguments, the device, joining the group)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _checked_evaluate(t_start, model, data, methods, metrics, *, checkpoint, num_classes, model_kwargs, split, size,
+                      seed, batch_size, device, dtype, limit, output, backend, num_workers, max_forward_batch,
+                      progress, restart, save_every, method_options, target, sanity_images, sanity_seed, command,
+                      log, preprocess) -> Dict[str, Any]:
+    try:
+        methods, metrics, torch_dtype, requested, method_options = _check_arguments(
+            methods, metrics, target, batch_size, limit, save_every, max_forward_batch, num_workers, dtype, device,
+            method_options, preprocess)
+        ctx = distributed.setup(requested)
+    except ValueError as e:
+        raise _EveryRank(e) from None
+    try:
+        return _evaluate(ctx, t_start, requested, torch_dtype, model, data, methods, metrics, checkpoint=checkpoint,
+                         num_classes=num_classes, model_kwargs=model_kwargs, split=split, size=size, seed=seed,
+                         batch_size=int(batch_size), limit=limit, output=output, backend=backend,
+                         num_workers=num_workers, max_forward_batch=max_forward_batch, progress=progress,
+                         restart=restart, save_every=int(save_every), method_options=method_options,
+                         target=target, sanity_images=sanity_images, sanity_seed=sanity_seed, command=command,
+                         log=log, preprocess=preprocess)
+    finally:
+        ctx.close()
+
+
+def _check_arguments(methods, metrics, target, batch_size, limit, save_every, max_forward_batch, num_workers, dtype,
+                     device, method_options, preprocess):
     methods = _check_list("method(s)", methods, METHODS)
     metrics = _check_list("metric(s)", metrics, METRICS)
     if target not in ("predicted", "label"):
@@ -192,23 +255,14 @@ def evaluate(
         raise EvaluationError(f"max_forward_batch must be >= 1 (or None), got {max_forward_batch}")
     if num_workers is not None and int(num_workers) < 0:
         raise EvaluationError(f"num_workers must be >= 0, got {num_workers}")
+    if preprocess not in PREPROCESS_MODES:
+        raise EvaluationError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
     torch_dtype = None if dtype is None else resolve_dtype(dtype)
     requested = resolve_device(device)
     method_options = {k: dict(v) for k, v in (method_options or {}).items()}
     for k in method_options:
         check_method(k)
-
-    ctx = distributed.setup(requested)
-    try:
-        return _evaluate(ctx, t_start, requested, torch_dtype, model, data, methods, metrics, checkpoint=checkpoint,
-                         num_classes=num_classes, model_kwargs=model_kwargs, split=split, size=size, seed=seed,
-                         batch_size=int(batch_size), limit=limit, output=output, backend=backend,
-                         num_workers=num_workers, max_forward_batch=max_forward_batch, progress=progress,
-                         restart=restart, save_every=int(save_every), method_options=method_options,
-                         target=target, sanity_images=sanity_images, sanity_seed=sanity_seed, command=command,
-                         log=log)
-    finally:
-        ctx.close()
+    return methods, metrics, torch_dtype, requested, method_options
 
 
 def _resume(ctx: distributed.DistContext, output, ppath: Optional[Path], restart: bool, fingerprint: str,
@@ -221,7 +275,10 @@ def _resume(ctx: distributed.DistContext, output, ppath: Optional[Path], restart
     """
     state: Optional[RankState] = None
     error: Optional[str] = None
-    if output is not None:
+    if ppath is not None and ppath.is_symlink():
+        error = str(OutputError(f"the resumable state {ppath} (--output) is a symbolic link to {os.readlink(ppath)}; "
+                                "refusing to use it: remove the link"))
+    elif output is not None:
         if restart:
             removed = discard_partials(output)
             if removed:
@@ -259,83 +316,134 @@ def _evaluate(ctx: distributed.DistContext, t_start: float, requested: torch.dev
               model: Any, data: Any, methods: List[str], metrics: List[str], *, checkpoint, num_classes,
               model_kwargs, split, size, seed, batch_size: int, limit, output, backend, num_workers,
               max_forward_batch, progress, restart, save_every: int, method_options, target, sanity_images,
-              sanity_seed, command, log) -> Dict[str, Any]:
+              sanity_seed, command, log, preprocess) -> Dict[str, Any]:
     if log is None:
         prefix = f"[rank {ctx.rank}] " if ctx.distributed else ""
 
         def log(msg: str) -> None:
             print(prefix + msg, file=sys.stderr, flush=True)
 
+    # ---------------- the lock of the output (rank 0 takes it for the run) ----------------
+    lock: Optional[OutputLock] = None
+    error: Optional[str] = None
+    if output is not None and ctx.is_main:
+        try:
+            refuse_link(output, "--output", "results file")
+            lock = OutputLock(output, "--output").acquire()
+            if lock.unsupported:
+                log(f"note: {output} is not locked against a second evaluation: {lock.unsupported}")
+        except OutputError as e:
+            error = str(e)
+    try:
+        ctx.agree(error)
+        return _evaluate_locked(ctx, t_start, requested, dtype, model, data, methods, metrics,
+                                checkpoint=checkpoint, num_classes=num_classes, model_kwargs=model_kwargs,
+                                split=split, size=size, seed=seed, batch_size=batch_size, limit=limit, output=output,
+                                backend=backend, num_workers=num_workers, max_forward_batch=max_forward_batch,
+                                progress=progress, restart=restart, save_every=save_every,
+                                method_options=method_options, target=target, sanity_images=sanity_images,
+                                sanity_seed=sanity_seed, command=command, log=log, preprocess=preprocess)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate_locked(ctx: distributed.DistContext, t_start: float, requested: torch.device,
+                     dtype: Optional[torch.dtype], model: Any, data: Any, methods: List[str], metrics: List[str], *,
+                     checkpoint, num_classes, model_kwargs, split, size, seed, batch_size: int, limit, output,
+                     backend, num_workers, max_forward_batch, progress, restart, save_every: int, method_options,
+                     target, sanity_images, sanity_seed, command, log, preprocess) -> Dict[str, Any]:
     info: Callable[[str], None] = log if ctx.is_main else (lambda msg: None)  # said once, by rank 0
     dev = ctx.device
 
-    # ---------------- model, data, metrics ----------------
-    net, model_info = load_model(model, checkpoint=checkpoint, num_classes=num_classes, model_kwargs=model_kwargs)
-    own = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
-    if dtype is not None and dtype != own:
-        if isinstance(model, nn.Module):
-            net = copy.deepcopy(net)  # never change the caller's module
-        net = net.to(dtype)
-    dtype = dtype or own
-    net = net.to(dev).eval()
-    explainers = {m: Explainer(net, method=m, backend=backend, **method_options.get(m, {})) for m in methods}
-    data_config = model_data_config(net)
-    preprocess = Preprocess(data_config)
-    try:
-        source = make_source(data, split=split, size=size, seed=seed)
-    except DataError as e:
-        raise EvaluationError(str(e)) from None
-    n_total = len(source)
-    n_eval = min(n_total, int(limit)) if limit is not None else n_total
+    def prepare():
+        # ---------------- model, data, metrics ----------------
+        nonlocal dtype, metrics
+        net, model_info = load_model(model, checkpoint=checkpoint, num_classes=num_classes,
+                                     model_kwargs=model_kwargs)
+        own = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+        if dtype is not None and dtype != own:
+            if isinstance(model, nn.Module):
+                net = copy.deepcopy(net)  # never change the caller's module
+            net = net.to(dtype)
+        dtype = dtype or own
+        net = net.to(dev).eval()
+        explainers = {m: Explainer(net, method=m, backend=backend, **method_options.get(m, {})) for m in methods}
+        data_config = model_data_config(net)
+        pre = Preprocess(data_config, preprocess)
+        try:
+            source = make_source(data, split=split, size=size, seed=seed)
+        except DataError as e:
+            raise EvaluationError(str(e)) from None
+        n_total = len(source)
+        n_eval = min(n_total, int(limit)) if limit is not None else n_total
 
-    warnings: List[str] = []
-    unavailable: Dict[str, str] = {}
-    if "segmentation" in metrics and not source.has_masks:
-        unavailable["segmentation"] = f"the {source.kind} data source has no masks"
-        info(f"segmentation metric unavailable: the {source.kind} data source has no masks; skipping it")
-        metrics = [m for m in metrics if m != "segmentation"]
-    if target == "label" and not source.has_labels:
-        raise EvaluationError(f"target='label' needs labels, and the {source.kind} data source has none")
-    if not metrics:
-        raise EvaluationError("no metric left to compute: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
-    warning = _class_mapping_warning(source, net)
-    if warning:
-        warnings.append(warning)
-        info(f"warning: {warning}")
+        warnings: List[str] = []
+        unavailable: Dict[str, str] = {}
+        if "segmentation" in metrics and not source.has_masks:
+            unavailable["segmentation"] = f"the {source.kind} data source has no masks"
+            info(f"segmentation metric unavailable: the {source.kind} data source has no masks; skipping it")
+            metrics = [m for m in metrics if m != "segmentation"]
+        if target == "label" and not source.has_labels:
+            raise EvaluationError(f"target='label' needs labels, and the {source.kind} data source has none")
+        if not metrics:
+            raise EvaluationError("no metric left to compute: "
+                                  + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
+        warning = _class_mapping_warning(source, net)
+        if warning:
+            warnings.append(warning)
+            info(f"warning: {warning}")
 
-    from ..metrics import PerturbationMetric, SanityMetric, SegmentationMetric
+        from ..metrics import PerturbationMetric, SanityMetric, SegmentationMetric
 
-    def make_metric(method: str, metric: str):
-        if metric == "segmentation":
-            return SegmentationMetric()
-        if metric == "perturbation":
-            return PerturbationMetric(net, preprocess.normalize, max_forward_batch=max_forward_batch)
-        opts = method_options.get(method, {})
+        def make_metric(method: str, metric: str):
+            if metric == "segmentation":
+                return SegmentationMetric()
+            if metric == "perturbation":
+                return PerturbationMetric(net, pre.normalize, max_forward_batch=max_forward_batch)
+            opts = method_options.get(method, {})
 
-        def explain_fn(m: nn.Module, images: torch.Tensor) -> torch.Tensor:
-            return Explainer(m, method=method, backend=backend, **opts)(images)
+            def explain_fn(m: nn.Module, images: torch.Tensor) -> torch.Tensor:
+                return Explainer(m, method=method, backend=backend, **opts)(images)
 
-        return SanityMetric(net, explain_fn, seed=sanity_seed)
+            return SanityMetric(net, explain_fn, seed=sanity_seed)
 
-    accs = {m: {k: make_metric(m, k) for k in metrics} for m in methods}
+        accs = {m: {k: make_metric(m, k) for k in metrics} for m in methods}
 
-    config = jsonable({
-        "version": STATE_VERSION,
-        "model": dict(model_info),
-        "data": source.describe(),
-        "data_config": {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct",
-                                                    "crop_mode") if k in data_config},
-        "methods": list(methods),
-        "method_options": {m: explainers[m].options for m in methods},
-        "metrics": list(metrics),
-        "backend": backend,
-        "batch_size": batch_size,
-        "device": str(requested),
-        "dtype": str(dtype).replace("torch.", ""),
-        "target": target,
-        "sanity": {"images": sanity_images, "seed": sanity_seed} if "sanity" in metrics else None,
-    })
-    fingerprint = config_fingerprint(config)
+        config = jsonable({
+            "version": STATE_VERSION,
+            "model": dict(model_info),
+            "data": source.describe(),
+            "data_config": {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct",
+                                                        "crop_mode") if k in data_config},
+            "methods": list(methods),
+            "method_options": {m: explainers[m].options for m in methods},
+            "metrics": list(metrics),
+            "backend": backend,
+            "batch_size": batch_size,
+            "device": str(requested),
+            "dtype": str(dtype).replace("torch.", ""),
+            "target": target,
+            "sanity": {"images": sanity_images, "seed": sanity_seed} if "sanity" in metrics else None,
+            # only when not the default, so that the states of earlier versions still resume
+            **({"preprocess": preprocess} if preprocess != "crop" else {}),
+        })
+        fingerprint = config_fingerprint(config)
+        return (net, model_info, dtype, explainers, data_config, pre, source, n_total, n_eval, metrics, warnings,
+                unavailable, make_metric, accs, config, fingerprint)
+
+    if ctx.distributed:
+        # an error of the set-up (a corrupt checkpoint, a missing folder) is agreed on by every rank, so that
+        # rank 0 alone reports it and no rank waits for the others in a collective
+        try:
+            prepared, error = prepare(), None
+        except Exception as e:
+            prepared, error = None, (str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}")
+        ctx.agree(error)
+    else:
+        prepared = prepare()
+    (net, model_info, dtype, explainers, data_config, pre, source, n_total, n_eval, metrics, warnings, unavailable,
+     make_metric, accs, config, fingerprint) = prepared
 
     # ---------------- resume state ----------------
     schedule = Schedule(n_eval, batch_size, ctx.rank, ctx.world_size)
@@ -351,7 +459,7 @@ def _evaluate(ctx: distributed.DistContext, t_start: float, requested: torch.dev
     resumed_from = ctx.all_sum([state.done])[0]
     workers = distributed.default_workers(ctx.local_world_size) if num_workers is None else int(num_workers)
     stats = run_loop(
-        ctx=ctx, schedule=schedule, state=state, dataset=EvalDataset(source, preprocess), methods=methods,
+        ctx=ctx, schedule=schedule, state=state, dataset=EvalDataset(source, pre), methods=methods,
         metrics=metrics, explainers=explainers, accs=accs, target=target,
         sanity_limit=None if sanity_images is None else int(sanity_images), num_workers=workers,
         save_every=save_every, save=save, partial_paths=[ppath] if ppath is not None else [], log=log,
@@ -378,11 +486,11 @@ def _evaluate(ctx: distributed.DistContext, t_start: float, requested: torch.dev
         accs=merged, methods=methods, metrics=metrics, config=config, fingerprint=fingerprint,
         model_info=model_info, data_info=source.describe(), unavailable=unavailable, warnings=warnings,
         ranks=ranks, n_total=n_total, command=command, run=run,
-        extra={"max_forward_batch": max_forward_batch},
+        extra={"max_forward_batch": max_forward_batch, "preprocessing": pre.describe()},
     )
     if output is not None:
         if ctx.is_main:
-            atomic_write_json(output, results)
+            atomic_write_json(output, results, option="--output", what="results")
         ctx.barrier()  # the results are on disk before any state is removed
         if ppath is not None and ppath.exists():
             ppath.unlink()

@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from .outputs import write_json
+
 __all__ = [
     "STATE_VERSION",
     "RankState",
@@ -60,16 +62,15 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (tmp file in the same folder, fsync, ``os.replace``)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+def atomic_write_json(path: PathLike, obj: Any, option: Optional[str] = None, what: str = "output file") -> None:
+    """Write JSON to ``path`` atomically (tmp file in the same folder, fsync, ``os.replace``).
+
+    A symbolic link at ``path`` is refused and a failed write (a full disk)
+    leaves the previous file intact and no temporary file behind; both raise
+    an :class:`~tokentm_fast.evaluation.outputs.OutputError` naming the file
+    (see :mod:`.outputs`).
+    """
+    write_json(path, obj, option=option, what=what)
 
 
 def config_fingerprint(config: Mapping[str, Any]) -> str:
@@ -167,7 +168,7 @@ class RankState:
 
 def save_state(path: Path, fingerprint: str, config: Mapping[str, Any], rank: int, world_size: int,
                state: RankState) -> None:
-    """Write ``state`` atomically to ``path``."""
+    """Write ``state`` atomically to ``path`` (a link there is refused; a failed write keeps the old state)."""
     atomic_write_json(path, jsonable({
         "fingerprint": fingerprint,
         "config": config,
@@ -181,7 +182,7 @@ def save_state(path: Path, fingerprint: str, config: Mapping[str, Any], rank: in
         "skipped": state.skipped,
         "elapsed_s": state.elapsed_s,
         "states": state.states,
-    }))
+    }), option="--output", what="resumable state")
 
 
 def load_state(path: Path, fingerprint: str, config: Mapping[str, Any],

@@ -9,7 +9,16 @@ Subcommands::
 
 Errors in what the user gave (missing file, unreadable image or checkpoint,
 unknown model...) print one line ``tokentm-fast: error: …`` on stderr and exit
-with code 2 (set ``TOKENTM_FAST_DEBUG=1`` to see the traceback).
+with code 2 (set ``TOKENTM_FAST_DEBUG=1`` to see the traceback). Under
+``torchrun`` an error that every process meets alike (an argument, a missing
+device, a corrupt checkpoint) is printed by rank 0 alone; the other ranks exit
+with the same code without a word.
+
+Every file is written through :mod:`tokentm_fast.evaluation.outputs`: a
+symbolic link at an output path is refused (naming the file and the option),
+files are written to a temporary file in the same folder and renamed over the
+target, and a failed write (a full disk) names the file and leaves the last
+good state in place.
 """
 from __future__ import annotations
 
@@ -122,10 +131,27 @@ def _add_run_args(p: argparse.ArgumentParser, default_threads: Optional[int] = N
                             "gain little and cost a lot on a busy CPU)")
 
 
+def _add_resize_arg(p) -> None:
+    p.add_argument("--resize", action="store_true",
+                   help="resize the whole image to the model's input size (the aspect ratio is not kept) instead "
+                        "of the default: timm's evaluation transform, a resize and a centre crop that cuts off "
+                        "the borders of a non-square image")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Under ``torchrun`` only rank 0 prints a usage error (every rank has the same arguments)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        if _quiet_rank():
+            _wait_for_rank0()
+            self.exit(EXIT_USAGE)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Fast, faithful explanations for Vision Transformers: explain images, evaluate "
                     "explanation methods (segmentation, perturbation AUC, AOPC, LOdds, sanity), benchmark.",
@@ -155,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file name of the grid inside --out; the suffix picks the format, e.g. grid.pdf "
                         "(default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images explained at once (default: %(default)s)")
+    _add_resize_arg(p)
+    p.add_argument("--save-maps", metavar="FILE.npz",
+                   help="also save the raw maps (float32, one (images, gh, gw) array per method, named by the "
+                        "method) with the image names, sizes, classes and the method options (key 'info', JSON) "
+                        "to this .npz file (numpy.load reads it)")
     _add_run_args(p)
     p.set_defaults(func=cmd_explain)
 
@@ -187,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="cast the model to this dtype for the explanations and the forward passes "
                         "(default: %(default)s; bfloat16 for GPU runs)")
+    _add_resize_arg(g)
     g = p.add_argument_group("evaluation")
     g.add_argument("--methods", type=_methods, default=list(METHODS), metavar="M1,M2,...",
                    help="comma-separated methods, or 'all' (default: all)")
@@ -197,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sanity-images", type=_positive_int, default=32, metavar="N",
                    help="images used by the (costly) sanity metric (default: %(default)s)")
     g = p.add_argument_group("output")
-    g.add_argument("--output", default="results.json", metavar="FILE", help="results JSON (default: %(default)s)")
+    g.add_argument("--output", default="results.json", metavar="FILE",
+                   help="results JSON (default: %(default)s); while the run lasts it holds an exclusive lock on "
+                        "FILE.lock: a second evaluate of the same FILE stops at once, naming the process")
     g.add_argument("--curves", metavar="PNG", help="also plot the perturbation curves to this PNG")
     g.add_argument("--restart", action="store_true",
                    help="discard a partial state left by an interrupted run instead of resuming it")
@@ -299,7 +333,8 @@ def _class_names(model_name: str, num_classes: int) -> Optional[List[str]]:
 
 
 def _load_images(paths: Sequence[str]):
-    from PIL import Image
+    """The pictures as 8-bit RGB PIL images, read as the evaluation's data sources read them (16-bit rescaled)."""
+    from .evaluation.data import load_image
 
     images = []
     for p in paths:
@@ -309,9 +344,7 @@ def _load_images(paths: Sequence[str]):
         if not path.is_file():
             raise CLIError(f"not an image file: {p}")
         try:
-            with Image.open(path) as im:
-                im.load()
-                images.append(im.convert("RGB"))
+            images.append(load_image(path))
         except Exception as e:
             raise CLIError(f"cannot read image {p}: {e}") from None
     return images
@@ -377,7 +410,9 @@ def check_output_file(path: Union[str, os.PathLike], option: str) -> Path:
     a message naming ``option``: an existing folder, a path below a file, a
     location that is not writable.
     """
-    p = Path(path)
+    from .evaluation.outputs import refuse_link
+
+    p = refuse_link(path, option)
     if p.is_dir():
         raise CLIError(f"{option} {p} is an existing folder, expected a file name")
     if p.exists():
@@ -407,7 +442,9 @@ def output_inside(folder: Path, name: str, option: str) -> Path:
         raise CLIError(f"{option} {name!r} leads outside the output folder {folder} (through a link)")
     if resolved == base or target.is_dir():
         raise CLIError(f"{option} {name!r} is a folder, expected a file name")
-    return target
+    from .evaluation.outputs import refuse_link
+
+    return refuse_link(target, option)
 
 
 def _grid_format(name: str, option: str) -> None:
@@ -430,35 +467,11 @@ def _report_warnings(caught, command: str) -> None:
             print(f"{PROG} {command}: warning: {msg}", file=sys.stderr)
 
 
-#: What an ``n/a`` cell of the results table means, by the start of its column title.
-_NA_REASONS = (
-    ("Rand. ρ", "Spearman ρ is undefined for a constant map (e.g. all zeros, as attention Grad-CAM gives on a "
-                "randomized model): a constant map has no ranking to correlate"),
-    ("Pos. AUC tgt", "no true labels for these images, so the target-class variant is undefined"),
-    ("Neg. AUC tgt", "no true labels for these images, so the target-class variant is undefined"),
-    ("mAP", "average precision is undefined when no image has both foreground and background pixels"),
-)
-
-
 def table_footnotes(table: str) -> List[str]:
-    """Footnotes for the ``n/a`` cells of a markdown results table (one per column, empty if none)."""
-    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
-    if len(lines) < 3:
-        return []
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    notes = []
-    for col, title in enumerate(header):
-        methods = []
-        for ln in lines[2:]:
-            cells = [c.strip() for c in ln.strip("|").split("|")]
-            if col < len(cells) and cells[col] == "n/a":
-                methods.append(cells[0])
-        if not methods:
-            continue
-        why = next((r for t, r in _NA_REASONS if title.startswith(t)),
-                   "the metric is undefined for these maps and images (it gave NaN)")
-        notes.append(f"n/a in {title} ({', '.join(methods)}): {why}.")
-    return notes
+    """Footnotes for the ``n/a`` cells of a results table (see :func:`tokentm_fast.evaluation.report.table_footnotes`)."""
+    from .evaluation.report import table_footnotes as footnotes
+
+    return footnotes(table)
 
 
 def _explain_all(model, x, methods, backend, target=None) -> Dict[str, Any]:
@@ -474,10 +487,12 @@ def _explain_all(model, x, methods, backend, target=None) -> Dict[str, Any]:
 def cmd_explain(args: argparse.Namespace) -> int:
     import warnings
 
+    import numpy as np
     import torch
 
     from .evaluation.data import Preprocess, model_data_config
-    from .visualize import ConstantMapWarning, save_grid, save_overlay
+    from .evaluation.outputs import refuse_link
+    from .visualize import ConstantMapWarning, save_grid, save_overlay_figure
 
     _setup_threads(args)
     images = _load_images(args.images)  # files first: a typo fails fast
@@ -487,7 +502,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     if args.cmap not in matplotlib.colormaps:
         raise CLIError(f"unknown colormap {args.cmap!r}")
-    # every output location is checked before the model runs
+    # every output location is checked before the model runs (a symbolic link at any of them is refused)
     out = check_output_dir(args.out, "--out")
     grid_path = output_inside(out, args.grid_name, "--grid-name")
     _grid_format(args.grid_name, "--grid-name")
@@ -495,13 +510,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
     overlay_paths = {(i, m): out / f"{name}_{m}.png" for i, name in enumerate(names) for m in args.methods}
     if grid_path in overlay_paths.values():
         raise CLIError(f"--grid-name {args.grid_name!r} is also the name of an overlay; choose another name")
+    for path in overlay_paths.values():
+        refuse_link(path, "--out", "overlay")
+    maps_path = None
+    if args.save_maps:
+        maps_path = check_output_file(args.save_maps, "--save-maps")
+        if maps_path.suffix.lower() != ".npz":
+            raise CLIError(f"--save-maps {args.save_maps!r}: expected a file name ending in .npz")
     device = _device(args.device)
-    model, _ = _load_model(args)
+    model, model_info = _load_model(args)
     model = model.to(device)
-    pre = Preprocess(model_data_config(model))
+    pre = Preprocess(model_data_config(model), "resize" if args.resize else "crop")
+    plans = [pre.plan(*im.size) for im in images]
+    _say_preprocessing(pre, images, names, plans)
     xs, x01s = zip(*[pre(im)[:2] for im in images])
     x_all = torch.stack(xs)
-    x01 = torch.stack(x01s)
     pred: List[int] = []
     chunks: Dict[str, List[Any]] = {m: [] for m in args.methods}
     for start in range(0, len(images), args.batch_size):
@@ -523,17 +546,83 @@ def cmd_explain(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", ConstantMapWarning)
         with warnings.catch_warnings():  # the grid reports constant maps once per method
             warnings.simplefilter("ignore", ConstantMapWarning)
-            written = [save_overlay(x01[i], maps[m][i], path, cmap=args.cmap, alpha=args.alpha)
-                       for (i, m), path in overlay_paths.items()]
-        grid = save_grid(x01, maps, grid_path, titles=titles, cmap=args.cmap, alpha=args.alpha, image_names=names)
+            written = []
+            for (i, m), path in overlay_paths.items():
+                original = torch.from_numpy(np.asarray(images[i], dtype=np.float32) / 255.0).permute(2, 0, 1)
+                written.append(save_overlay_figure(
+                    original, maps[m][i], path, box=plans[i]["box"], cmap=args.cmap, alpha=args.alpha,
+                    title=f"{m} — {names[i]} (pred {cls[i]})", option="--out"))
+        grid = save_grid(torch.stack(x01s), maps, grid_path, titles=titles, cmap=args.cmap, alpha=args.alpha,
+                         image_names=names, option="--grid-name")
     _report_warnings([w for w in caught if issubclass(w.category, ConstantMapWarning)], "explain")
     for w in caught:
         if not issubclass(w.category, ConstantMapWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    for name, path, c in zip(names, args.images, cls):
-        print(f"{name}: predicted {c}" + ("" if name == Path(path).name else f" ({path})"))
-    print(f"wrote {len(written)} overlays (<image file name>_<method>.png) and the grid {grid} to {out}")
+    if maps_path is not None:
+        _save_maps(maps_path, args, model, model_info, pre, maps, names, plans, pred)
+    h, w = pre.input_size
+    for name, path, c, plan in zip(names, args.images, cls, plans):
+        H, W = plan["original"]
+        how = "resized" if pre.mode == "resize" else "resized and centre-cropped"
+        geometry = "" if (H, W) == (h, w) and plan["resized"] == (h, w) else f"; {W}×{H} px {how} to {w}×{h}"
+        print(f"{name}: predicted {c}" + ("" if name == Path(path).name else f" ({path})") + geometry)
+    print(f"wrote {len(written)} overlays (<image file name>_<method>.png, at the images' own size) and the grid "
+          f"{grid} (the model's {w}×{h} px inputs) to {out}" + (f"; raw maps: {maps_path}" if maps_path else ""))
     return 0
+
+
+def _say_preprocessing(pre, images, names, plans) -> None:
+    """Say on stderr, once, what the first image that is resized / cropped went through."""
+    h, w = pre.input_size
+    for im, name, plan in zip(images, names, plans):
+        if plan["original"] != (h, w) or plan["resized"] != (h, w):
+            W, H = im.size
+            more = " (the other images alike, each by its size)" if len(images) > 1 else ""
+            print(f"{PROG} explain: preprocessing: {name}: {pre.describe(W, H)}{more}", file=sys.stderr)
+            return
+
+
+def _save_maps(path: Path, args: argparse.Namespace, model, model_info, pre, maps, names, plans, pred) -> Path:
+    """``--save-maps``: the raw maps and what produced them, as an .npz written through the safe writer."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from . import __version__
+    from .api import Explainer
+    from .evaluation.outputs import open_output
+    from .evaluation.state import jsonable
+
+    explained = [args.target if args.target is not None else p for p in pred]
+    info = {
+        "format": "tokentm-fast explain --save-maps, version 1",
+        "methods": list(args.methods),
+        "method_options": {m: Explainer(model, method=m, backend=args.backend).options for m in args.methods},
+        "backend": args.backend,
+        "device": str(args.device),
+        "model": model_info,
+        "target": "predicted class" if args.target is None else int(args.target),
+        "preprocessing": pre.describe(),
+        "data_config": {k: v for k, v in pre.config.items() if k in ("input_size", "interpolation", "mean", "std",
+                                                                    "crop_pct", "crop_mode")},
+        "maps": "raw, unnormalised relevance of each patch: one float32 array (images, gh, gw) per method",
+        "versions": {"tokentm_fast": __version__, "torch": torch.__version__},
+    }
+    arrays: Dict[str, Any] = {m: maps[m].detach().to("cpu", torch.float32).numpy() for m in args.methods}
+    arrays.update(
+        methods=np.array(list(args.methods)),
+        image_names=np.array(list(names)),
+        image_paths=np.array([str(p) for p in args.images]),
+        original_sizes=np.array([p["original"] for p in plans], dtype=np.int64),
+        boxes=np.array([p["box"] for p in plans], dtype=np.float64),
+        predicted=np.array(pred, dtype=np.int64),
+        explained=np.array(explained, dtype=np.int64),
+        info=np.array(json.dumps(jsonable(info), sort_keys=True)),
+    )
+    with open_output(path, "--save-maps", "maps file") as f:
+        np.savez(f, **arrays)
+    return path
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -552,7 +641,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             dtype=args.dtype, limit=args.limit, output=args.output, backend=args.backend, num_workers=args.workers,
             max_forward_batch=args.max_forward_batch, progress=not args.no_progress, restart=args.restart,
             save_every=args.save_every, target=args.target, sanity_images=args.sanity_images,
-            command=[PROG, *args.argv],
+            command=[PROG, *args.argv], preprocess="resize" if args.resize else "crop",
         )
     except EvaluationInterrupted as e:
         where = ", ".join(str(p) for p in e.partial_paths)
@@ -597,8 +686,9 @@ def _print_results(results: Dict[str, Any], output: Optional[str]) -> None:
              if len(ranks) > 1 else "")
     print(f"{c['images_evaluated']} images evaluated{procs}{extra}{resumed}; data: {results['data'].get('kind')}, "
           f"model: {results['model'].get('name')}")
-    for w in results.get("warnings", []):
-        print(f"warning: {w}")
+    if results.get("preprocessing"):
+        print(f"preprocessing: {results['preprocessing']}")
+    # the run's warnings were said once when it started (stderr) and are in the results JSON under "warnings"
     for name, why in results.get("unavailable", {}).items():
         print(f"{name}: unavailable ({why})")
     for s in results.get("skipped", []):
@@ -607,14 +697,15 @@ def _print_results(results: Dict[str, Any], output: Optional[str]) -> None:
         print(f"results: {output}")
 
 
-def _plot_curves(results: Dict[str, Any], path: str) -> Optional[Path]:
+def _plot_curves(results: Dict[str, Any], path: str, option: str = "--curves") -> Optional[Path]:
     from .visualize import plot_perturbation_curves
 
     curves = {r["method"]: r["values"]["curves"] for r in results["records"] if r["metric"] == "perturbation"}
     if not curves:
         print("no perturbation curves to plot (the perturbation metric was not computed)", file=sys.stderr)
         return None
-    p = plot_perturbation_curves(curves, path, title=f"perturbation test, {results['counts']['images_evaluated']} images")
+    p = plot_perturbation_curves(curves, path, title=f"perturbation test, {results['counts']['images_evaluated']} images",
+                                 option=option)
     print(f"perturbation curves: {p}")
     return p
 
@@ -694,9 +785,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .synthetic import CLASS_NAMES
     from .visualize import ConstantMapWarning, save_grid
 
+    from .evaluation.outputs import refuse_link, write_text
+
     _setup_threads(args)
     t0 = time.time()
     out = check_output_dir(args.out, "--out")
+    for name in ("demo_grid.png", "demo_results.json", "demo_table.md", "demo_curves.png"):
+        refuse_link(out / name, "--out")  # before any work
     device = _device(args.device)
     model, info = load_model("synthetic", checkpoint=args.checkpoint)
     model = model.to(device)
@@ -717,7 +812,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", ConstantMapWarning)
         grid = save_grid(torch.stack(x01s), maps, out / "demo_grid.png", titles=titles, masks=torch.stack(gt),
                          image_title="image (mask outlined)",
-                         image_names=[f"test image {i}" for i in range(len(samples))])
+                         image_names=[f"test image {i}" for i in range(len(samples))], option="--out")
     _report_warnings([w for w in caught if issubclass(w.category, ConstantMapWarning)], "demo")
     print(f"explanation grid: {grid}")
 
@@ -735,8 +830,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     table = format_table(results)
     notes = "".join(f"\n{n}\n" for n in table_footnotes(table))
-    (out / "demo_table.md").write_text(table + "\n" + notes, encoding="utf-8")
-    _plot_curves(results, str(out / "demo_curves.png"))
+    write_text(out / "demo_table.md", table + "\n" + notes, option="--out", what="results table", durable=False)
+    _plot_curves(results, str(out / "demo_curves.png"), option="--out")
     print(f"demo finished in {time.time() - t0:.1f} s")
     return 0
 
@@ -762,9 +857,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CLIError, EvaluationError, DataError, FileNotFoundError, ValueError, TypeError, OSError) as e:
         if os.environ.get("TOKENTM_FAST_DEBUG"):
             raise
+        if not reports_error(e):
+            _wait_for_rank0()
+            return EXIT_USAGE
         msg = str(e) or type(e).__name__
-        print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
+        where = f" [rank {_rank()}]" if _world_size() > 1 else ""
+        print(f"{PROG} {args.command}{where}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _world_size() -> int:
+    """The number of processes under torchrun (1 otherwise)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
+def _quiet_rank() -> bool:
+    """True in the ranks other than 0 of a torchrun run: they leave the errors all ranks share to rank 0."""
+    return _world_size() > 1 and _rank() != 0
+
+
+#: Seconds a quiet rank waits before it exits, so that torchrun (which stops every rank as soon as one fails)
+#: does not stop rank 0 before it has printed the message.
+QUIET_RANK_DELAY_S = 3.0
+
+
+def _wait_for_rank0() -> None:
+    time.sleep(QUIET_RANK_DELAY_S)
+
+
+def reports_error(e: BaseException) -> bool:
+    """Whether this process prints the error ``e``.
+
+    One process: always. Under ``torchrun``: rank 0 always; another rank only
+    an error of its own (its shard, its partial file), not one that every rank
+    meets alike: a usage error of the command line (:class:`CLIError`), or an
+    evaluation error marked ``every_rank`` (the arguments, the device, joining
+    the group, and every error the ranks agree on before the loop: a corrupt
+    checkpoint, a missing folder, a lock held by another run...).
+    """
+    if not _quiet_rank():
+        return True
+    return not (isinstance(e, CLIError) or getattr(e, "every_rank", False))
 
 
 if __name__ == "__main__":  # pragma: no cover

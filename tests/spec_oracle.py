@@ -97,8 +97,11 @@ def query(m, b, n):
 
 
 def explain(model, images, method, target=None, full=False, head_fusion="gae", use_length=True,
-            use_necc=True, init="length", start_layer=None):
-    """Oracle explanation: ``(B, N−P)`` float64 (or ``(B, N, N)`` with full)."""
+            use_necc=True, init="length", start_layer=None, chosen=None):
+    """Oracle explanation: ``(B, N−P)`` float64 (or ``(B, N, N)`` with full).
+
+    ``chosen`` (LeGrad, rollout; the option ``layers``, docs/methods.md "Layer choice"): the blocks
+    summed / multiplied, in increasing order; overrides ``start_layer``."""
     logits, layers, x0, m = run_vit(model, images)
     b = images.shape[0]
     if target is None:
@@ -115,7 +118,7 @@ def explain(model, images, method, target=None, full=False, head_fusion="gae", u
     if method == "legrad":
         k = (-2 if start_layer is None else start_layer) % L
         e = 0
-        for l in range(k, L):
+        for l in (range(k, L) if chosen is None else sorted(x % L for x in chosen)):
             s_l = head(m, layers[l]["x_out"])[torch.arange(b), target].sum()
             (g,) = torch.autograd.grad(s_l, layers[l]["attn"], retain_graph=True)
             e = e + g.clamp(min=0).mean(dim=2).mean(dim=1)
@@ -136,7 +139,7 @@ def explain(model, images, method, target=None, full=False, head_fusion="gae", u
     if method == "rollout":
         k = start_layer or 0
         r = eye.clone()
-        for l in range(k, L):
+        for l in (range(k, L) if chosen is None else sorted(x % L for x in chosen)):
             r = (0.5 * A[l].mean(1) + 0.5 * eye) @ r
         c = r
     elif method == "gae":

@@ -27,6 +27,7 @@ from . import aggregation, fusion, legrad, transform
 from .aggregation import GAE, ROLLOUT, EngineConstants, finish_rows, initial_rows, query_support
 from .models.protocol import ViTAdapter
 from .capture import LayerRecorder, explicit_attention
+from .methods import chosen_layers
 from .targets import resolve_target, target_score
 from .transform import compute_dtype
 
@@ -82,7 +83,7 @@ def explain_fast(
     if method == "gae":
         return _gradient_engine(vit, images, target, GAE, {"start_layer": 0, "init": "identity"}, kernels, full)
     if method == "rollout":
-        return _rollout(vit, images, options["start_layer"], kernels, full)
+        return _rollout(vit, images, chosen_layers(options, vit.num_layers), kernels, full)
     if method == "raw_attention":
         return _raw_attention(vit, images)
     if method in ("legrad", "attn_gradcam"):
@@ -147,24 +148,24 @@ def _gradient_engine(vit, images, target, consts: EngineConstants, options, kern
     return _patch_part(vit, finish_rows(state["rows"], c0), full)
 
 
-def _rollout(vit, images, first: int, kernels: Kernels, full: bool):
-    """Rollout: mean_h Aˡ per layer in the forward, then the engine with rollout's constants."""
+def _rollout(vit, images, layers, kernels: Kernels, full: bool):
+    """Rollout: mean_h Aˡ per chosen layer in the forward, then the engine with rollout's constants."""
     fused: Dict[int, torch.Tensor] = {}
 
     def on_layer(l, rec):
         fused[l] = kernels.fuse_heads(rec.pop("attn"), None, "mean")[:, None]  # (B, 1, N, N)
 
-    recorder = LayerRecorder(vit, range(first, vit.num_layers), on_layer=on_layer, keys=("attn",))
+    recorder = LayerRecorder(vit, layers, on_layer=on_layer, keys=("attn",))
     with explicit_attention(vit) as handles, torch.no_grad():
         recorder.install(handles)
         vit.forward(images)
-        b, n = images.shape[0], fused[vit.num_layers - 1].shape[-1]
+        b, n = images.shape[0], fused[layers[-1]].shape[-1]
         rows = initial_rows(vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device), full)
         update = kernels.matrix_update if full else kernels.row_update
         top = {} if full else {"support": query_support(vit.query_vector(1, n))}
-        for l in reversed(range(first, vit.num_layers)):
+        for l in reversed(layers):
             rows = update(rows, fused.pop(l), None, ROLLOUT.w_attn, ROLLOUT.w_mlp, mode=ROLLOUT.fusion,
-                          **(top if l == vit.num_layers - 1 else {}))
+                          **(top if l == layers[-1] else {}))
     return _patch_part(vit, rows, full)
 
 
@@ -206,7 +207,7 @@ def block_tail_grads(vit, images, target, layers, recs):
 def _tail_gradient_method(vit, images, target, method: str, options, kernels: Kernels):
     """LeGrad (docs/methods.md §6) and attention Grad-CAM (§5) from ∂s_l/∂o of each layer's block tail."""
     L, P = vit.num_layers, vit.num_prefix_tokens
-    layers = list(range(options["start_layer"], L)) if method == "legrad" else [L - 1]
+    layers = chosen_layers(options, L) if method == "legrad" else [L - 1]
     keys = ("x_in", "values", "attn_out") + (("attn",) if method == "attn_gradcam" else ())
     recorder = LayerRecorder(vit, layers, keys=keys)
     with explicit_attention(vit) as handles:

@@ -31,6 +31,7 @@ from .aggregation import GAE, ROLLOUT, finish_rows
 from .attention import AttentionKernels, ExplanationAttention, RowState
 from .capture import LayerRecorder, explicit_attention
 from .fast_path import block_tail_grads
+from .methods import chosen_layers
 from .models.protocol import ViTAdapter, split_heads
 from .targets import resolve_target, target_score
 from .transform import token_lengths
@@ -77,7 +78,7 @@ def explain_flash(vit: ViTAdapter, images: torch.Tensor, method: str, target, op
         return _row_engine(vit, images, target, {"start_layer": 0, "init": "identity"}, kernels, attention,
                            with_weights=False)
     if method == "rollout":
-        return _rollout(vit, images, options["start_layer"], attention)
+        return _rollout(vit, images, chosen_layers(options, vit.num_layers), attention)
     if method == "raw_attention":
         return _raw_attention(vit, images, attention)
     if method in ("legrad", "attn_gradcam"):
@@ -149,17 +150,17 @@ def _saving_core(fwd, keep: Dict[int, tuple], layers):
     return core
 
 
-def _rollout(vit, images, first: int, attention: AttentionKernels):
+def _rollout(vit, images, layers, attention: AttentionKernels):
     """The engine's update with rollout's constants (s = ½ r, r ← s + Σ_i s[i] mean_h P[i, :]), top-down
     from the query row, P recomputed tile by tile from the saved Q, K and ℓ."""
     L = vit.num_layers
     keep: Dict[int, tuple] = {}
     with explicit_attention(vit) as handles, torch.no_grad():
-        vit.replace_attention(range(L), _saving_core(attention.forward, keep, range(first, L)), handles)
+        vit.replace_attention(range(L), _saving_core(attention.forward, keep, layers), handles)
         vit.forward(images)
-        n = keep[L - 1][0].shape[2]
+        n = keep[layers[-1]][0].shape[2]
         r = vit.query_vector(images.shape[0], n, device=images.device)
-        for l in reversed(range(first, L)):
+        for l in reversed(layers):
             q, k, lse, scale = keep.pop(l)
             s = r * (1.0 + ROLLOUT.w_mlp)
             r = s + attention.rows(s, scale, q=q, k=k, lse=lse).mean(1) * ROLLOUT.w_attn
@@ -189,7 +190,7 @@ def _raw_attention(vit, images, attention: AttentionKernels):
 def _tail_gradients(vit, images, target, method: str, options, attention: AttentionKernels):
     """LeGrad (all of its layers in one reduction) and attention Grad-CAM from dO = ∂s_l/∂o."""
     L, P, heads = vit.num_layers, vit.num_prefix_tokens, vit.num_heads
-    layers = list(range(options["start_layer"], L)) if method == "legrad" else [L - 1]
+    layers = chosen_layers(options, L) if method == "legrad" else [L - 1]
     keep: Dict[int, tuple] = {}
     core = _saving_core(attention.forward, keep, layers if method == "attn_gradcam" else ())
     recorder = LayerRecorder(vit, layers, keys=("x_in", "values", "attn_out"), core=core)

@@ -15,6 +15,10 @@ DEFAULT_OPTIONS: Dict[str, Dict[str, Any]] = {
     "legrad": {"start_layer": -2},
 }
 
+#: methods that aggregate over a chosen set of blocks (LeGrad's sum, rollout's product): besides
+#: ``start_layer`` they take ``end_layer`` (exclusive) or an explicit ``layers`` list
+LAYER_CHOICE_METHODS = ("legrad", "rollout")
+
 _CHOICES = {"head_fusion": ("gae", "decoupled"), "init": ("length", "identity")}
 
 
@@ -32,7 +36,8 @@ def resolve_options(method: str, options: Dict[str, Any], num_layers: int) -> Di
     first block used (negative values count from the end, as in Python).
     """
     defaults = DEFAULT_OPTIONS[check_method(method)]
-    unknown = sorted(set(options) - set(defaults))
+    extra = ("end_layer", "layers") if method in LAYER_CHOICE_METHODS else ()
+    unknown = sorted(set(options) - set(defaults) - set(extra))
     if unknown:
         valid = ", ".join(defaults) or "none"
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
@@ -52,4 +57,47 @@ def resolve_options(method: str, options: Dict[str, Any], num_layers: int) -> Di
                     f"(expected {low} <= start_layer < {num_layers})"
                 )
             resolved[name] = value % num_layers
+    if "end_layer" in options or "layers" in options:
+        resolved["layers"] = _resolve_layers(method, options, resolved["start_layer"], num_layers)
+        resolved.pop("end_layer", None)
     return resolved
+
+
+def _resolve_layers(method: str, options: Dict[str, Any], start: int, num_layers: int) -> tuple:
+    """The sorted blocks a method aggregates over: ``layers`` as given (negative counting from the
+    end), or ``start_layer <= l < end_layer``."""
+    if "layers" in options:
+        if "end_layer" in options or "start_layer" in options:
+            raise ValueError(f"give either layers=[...] or start_layer/end_layer for {method!r}, not both")
+        value = options["layers"]
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise TypeError(f"option layers must be a list of block indices, got {value!r}")
+        value = list(value)
+        if not value:
+            raise ValueError(f"option layers is empty: {method!r} needs at least one block")
+        for l in value:
+            if isinstance(l, bool) or not isinstance(l, int):
+                raise TypeError(f"option layers must hold ints (block indices), got {l!r}")
+            if not -num_layers <= l < num_layers:
+                raise ValueError(f"option layers: block {l} out of range for a model with {num_layers} blocks "
+                                 f"(expected {-num_layers} <= l < {num_layers})")
+        chosen = [l % num_layers for l in value]
+        if len(set(chosen)) != len(chosen):
+            dup = sorted({l for l in chosen if chosen.count(l) > 1})
+            raise ValueError(f"option layers names block(s) {dup} more than once")
+        return tuple(sorted(chosen))
+    end = options["end_layer"]
+    if isinstance(end, bool) or not isinstance(end, int):
+        raise TypeError(f"option end_layer must be an int, got {end!r}")
+    if not -num_layers < end <= num_layers:
+        raise ValueError(f"option end_layer={end} out of range for a model with {num_layers} blocks "
+                         f"(expected {-num_layers} < end_layer <= {num_layers}; exclusive, as in Python)")
+    end = end % num_layers if end < 0 else end
+    if end <= start:
+        raise ValueError(f"end_layer={end} must be greater than start_layer={start}: no block would be used")
+    return tuple(range(start, end))
+
+
+def chosen_layers(options: Dict[str, Any], num_layers: int) -> list:
+    """The blocks LeGrad / rollout aggregate over: ``options["layers"]`` or ``start_layer .. L-1``."""
+    return list(options["layers"]) if "layers" in options else list(range(options["start_layer"], num_layers))

@@ -16,6 +16,7 @@ import torch
 
 from .capture import LayerRecorder, explicit_attention
 from .fusion import fuse_heads
+from .methods import LAYER_CHOICE_METHODS, chosen_layers
 from .targets import resolve_target, target_score
 from .transform import token_lengths, transform_weights
 from .models.protocol import ViTAdapter
@@ -46,13 +47,16 @@ def explain_reference(
     # first block used: start_layer where the method has it, all blocks for GAE, the last otherwise
     first = options.get("start_layer", 0 if method == "gae" else L - 1)
     layers = list(range(first, L))
+    if method in LAYER_CHOICE_METHODS:     # LeGrad's sum / rollout's product over the chosen blocks only
+        layers = chosen_layers(options, L)
+        first = layers[0]
     recorder = LayerRecorder(vit, layers, grad_from=first if uses_grad else None)
     with explicit_attention(vit) as handles, torch.set_grad_enabled(uses_grad):
         recorder.install(handles)
         logits = vit.forward(x)
         target = resolve_target(target, logits)
         recs = recorder.records
-        b, n = x.shape[0], recs[L - 1]["attn"].shape[-1]
+        b, n = x.shape[0], recs[layers[-1]]["attn"].shape[-1]
         q = vit.query_vector(b, n, dtype=torch.float64, device=x.device)
         if method == "legrad":
             return _legrad(vit, recs, layers, target, n, P)

@@ -436,15 +436,16 @@ def output_inside(folder: Path, name: str, option: str) -> Path:
         raise CLIError(f"{option} {name!r} must be a file name inside the output folder {folder} "
                        f"(no absolute path, no '..')")
     target = folder / rel
+    from .evaluation.outputs import refuse_link
+
+    refuse_link(target, option)  # a link at the file itself: said as such
     base = folder.resolve()
     resolved = target.resolve()
     if resolved != base and base not in resolved.parents:
         raise CLIError(f"{option} {name!r} leads outside the output folder {folder} (through a link)")
     if resolved == base or target.is_dir():
         raise CLIError(f"{option} {name!r} is a folder, expected a file name")
-    from .evaluation.outputs import refuse_link
-
-    return refuse_link(target, option)
+    return target
 
 
 def _grid_format(name: str, option: str) -> None:

@@ -20,7 +20,8 @@ from .fast_path import TORCH_KERNELS, explain_fast, triton_kernels
 from .flash import MAX_HEAD_DIM, explain_flash, head_width, heads_fit
 from .methods import FULL_MATRIX_METHODS, check_method, resolve_options
 from .reference import explain_reference
-from .targets import Target, check_target
+from .multi_target import explain_targets
+from .targets import Target, TargetList, check_target, check_targets
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 ATTENTION_PATHS = ("auto", "flash", "materialized")
@@ -137,7 +138,8 @@ class Explainer:
     def __call__(self, images: torch.Tensor, target: Target = None, batch_size: Optional[int] = None,
                  progress: Optional[bool] = None) -> torch.Tensor:
         """Explain ``images (B, C, H, W)``; returns ``(B, gh, gw)`` float32 (``(B, N, N)`` with full,
-        ``(B, H, W)`` with upsample). ``target``: see ``tokentm_fast.targets``.
+        ``(B, H, W)`` with upsample). ``target``: see ``tokentm_fast.targets``; a ``(B, K)`` integer
+        tensor or a list of K score functions gives ``(B, K, ...)`` (``tokentm_fast.multi_target``).
 
         ``batch_size=k``: explain ``k`` images (and their targets) at a time and concatenate (the
         same maps as one call; peak memory of ``k`` images). ``progress``: a tqdm bar over the
@@ -152,6 +154,8 @@ class Explainer:
             with torch.inference_mode(False):
                 images = images.clone() if isinstance(images, torch.Tensor) else images
                 target = target.clone() if isinstance(target, torch.Tensor) else target
+                if isinstance(target, TargetList):
+                    target = TargetList(t.clone() if isinstance(t, torch.Tensor) else t for t in target)
                 return self(images, target)
         gh, gw = self.vit.check_images(images)
         param = next(self.vit.model.parameters())
@@ -165,28 +169,32 @@ class Explainer:
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or Inf values")
         images = images.to(param.dtype)
-        target = check_target(target, images.shape[0], self.vit.num_classes)
+        target = check_targets(target, images.shape[0], self.vit.num_classes)
         backend = self.backend_for(images)
-        if backend == "reference":
-            out = explain_reference(self.vit, images, self.method, target, self.options, self.full)
-        elif self.attention_for(images, backend) == "flash":
-            out = explain_flash(self.vit, images, self.method, target, self.options, triton_kernels(),
-                                triton_attention())
-        else:
-            kernels = TORCH_KERNELS if backend == "torch" else triton_kernels()
-            out = explain_fast(self.vit, images, self.method, target, self.options, kernels, self.full)
+        path = "reference" if backend == "reference" else self.attention_for(images, backend)
+        kernels = TORCH_KERNELS if backend == "torch" else triton_kernels() if backend == "triton" else None
+
+        def one(t):
+            if path == "reference":
+                return explain_reference(self.vit, images, self.method, t, self.options, self.full)
+            if path == "flash":
+                return explain_flash(self.vit, images, self.method, t, self.options, kernels, triton_attention())
+            return explain_fast(self.vit, images, self.method, t, self.options, kernels, self.full)
+
+        many = isinstance(target, TargetList)   # K targets: (B·K, ...) image-major, (B, K, ...) at the end
+        out = explain_targets(self.method, path, target, one, one) if many else one(target)
         out = out.detach().to(torch.float32)
         if not torch.isfinite(out).all():
             raise FloatingPointError(
                 f"the {self.method} explanation contains NaN or Inf: the model produced non-finite "
                 f"activations or gradients for these images"
             )
-        if self.full:
-            return minmax_normalize(out) if self.normalize else out
-        out = out.reshape(out.shape[0], gh, gw)
-        if self.upsample:
-            out = upsample_maps(out, tuple(images.shape[-2:]))
-        return minmax_normalize(out) if self.normalize else out
+        if not self.full:
+            out = out.reshape(out.shape[0], gh, gw)
+            if self.upsample:
+                out = upsample_maps(out, tuple(images.shape[-2:]))
+        out = minmax_normalize(out) if self.normalize else out
+        return out.unflatten(0, (images.shape[0], len(target))) if many else out
 
 
 def _flash_serves(options: dict) -> bool:
@@ -248,7 +256,11 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "tokentm", tar
     ``(B, N, N)`` matrix ``Cᴸ``; ``upsample=True``: ``(B, H, W)`` at the input
     resolution (bilinear); ``normalize=True``: min–max normalised per image.
     ``target``: None (the predicted class), an int, a ``(B,)`` integer tensor,
-    or a score function of the model output (``tokentm_fast.targets``).
+    or a score function of the model output (``tokentm_fast.targets``);
+    several targets per image — a ``(B, K)`` integer tensor or a list of K
+    score functions — give ``(B, K, gh, gw)`` (``(B, K, ...)`` with the other
+    options), map ``[:, k]`` for target k, from one forward pass where the path
+    allows (``tokentm_fast.multi_target``).
     ``batch_size=k``: ``k`` images at a time, results concatenated (equal to
     one call); ``progress``: a tqdm bar over the chunks (None: shown when there
     is more than one chunk and stderr is a terminal). See ``Explainer`` for the

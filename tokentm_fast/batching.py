@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from .targets import check_target, target_rows
+from .targets import check_targets, target_rows
 
 
 def check_batch_size(batch_size: Any) -> Optional[int]:
@@ -29,7 +29,7 @@ def explain_in_chunks(explainer, images: torch.Tensor, target: Any, batch_size: 
     b = images.shape[0]
     k = b if batch_size is None else batch_size
     # the whole batch's target is checked once, before any work, then sliced per chunk
-    checked = check_target(target, b, explainer.vit.num_classes)
+    checked = check_targets(target, b, explainer.vit.num_classes)
     starts = list(range(0, b, k)) or [0]
     show = (len(starts) > 1 and sys.stderr.isatty()) if progress is None else progress
     from tqdm.auto import tqdm

@@ -28,7 +28,7 @@ from .aggregation import GAE, ROLLOUT, EngineConstants, finish_rows, initial_row
 from .models.protocol import ViTAdapter
 from .capture import LayerRecorder, explicit_attention
 from .methods import chosen_layers
-from .targets import resolve_target, target_score
+from .targets import TargetList, resolve_target, target_score
 from .transform import compute_dtype
 
 
@@ -76,7 +76,10 @@ def explain_fast(
     kernels: Kernels,
     full: bool = False,
 ) -> torch.Tensor:
-    """Explanation over the patch tokens ``(B, N−P)`` (or ``(B, N, N)`` with ``full``)."""
+    """Explanation over the patch tokens ``(B, N−P)`` (or ``(B, N, N)`` with ``full``).
+
+    ``target`` a ``TargetList`` of K targets (TokenTM, GAE, LeGrad, attention Grad-CAM): the list of
+    the K explanations from one forward pass (``tokentm_fast.multi_target``)."""
     if method == "tokentm":
         consts = EngineConstants(options["head_fusion"], None, None)
         return _gradient_engine(vit, images, target, consts, options, kernels, full)
@@ -123,29 +126,40 @@ def _gradient_engine(vit, images, target, consts: EngineConstants, options, kern
     with explicit_attention(vit) as handles, torch.enable_grad():
         recorder.install(handles)
         logits = vit.forward(images)
-        target = resolve_target(target, logits)
+        # several targets (a TargetList): one forward, one backward per target through the kept graph
+        many = isinstance(target, TargetList)
+        targets = [resolve_target(t, logits) for t in (target if many else [target])]
+        keep = len(targets) > 1          # the attentions and weights serve every backward
         b, n = logits.shape[0], attns[L - 1].shape[-1]
         query = vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device)
-        state = {"rows": initial_rows(query, full), "next": L - 1}
+        state: Dict[str, Any] = {}
         top = {} if full else {"support": query_support(vit.query_vector(1, n))}  # host-side: no sync
 
         def layer_hook(l: int):
             def hook(grad: torch.Tensor) -> None:
                 if state["next"] != l:
                     raise RuntimeError(f"attention gradients arrived out of order (layer {l}, expected {state['next']})")
-                w_attn, w_mlp = weights.pop(l)
-                state["rows"] = update(state["rows"], attns.pop(l), grad, w_attn, w_mlp, mode=consts.fusion,
-                                       **(top if l == L - 1 else {}))
+                w_attn, w_mlp = weights[l] if keep else weights.pop(l)
+                state["rows"] = update(state["rows"], attns[l] if keep else attns.pop(l), grad, w_attn, w_mlp,
+                                       mode=consts.fusion, **(top if l == L - 1 else {}))
                 state["next"] -= 1
             return hook
 
         for l in layers:
             attns[l].register_hook(layer_hook(l))
-        torch.autograd.grad(target_score(logits, target), [attns[first]])
+        leaf = attns[first]
+        finished = []
+        for k, t in enumerate(targets):
+            state.update(rows=initial_rows(query, full), next=L - 1)
+            torch.autograd.grad(target_score(logits, t), [leaf], retain_graph=k < len(targets) - 1)
+            finished.append(state["rows"])
+    attns.clear()
+    weights.clear()
     c0 = None
     if with_weights and options["init"] == "length":
         c0 = transform.token_lengths(recorder.first_input)
-    return _patch_part(vit, finish_rows(state["rows"], c0), full)
+    out = [_patch_part(vit, finish_rows(rows, c0), full) for rows in finished]
+    return out if many else out[0]
 
 
 def _rollout(vit, images, layers, kernels: Kernels, full: bool):
@@ -192,16 +206,27 @@ def block_tail_grads(vit, images, target, layers, recs):
     pooling s_l reads only the prefix rows of Xˡ (the class token; distilled DeiT also its
     distillation token), and everything after the attention mixing is token-wise, so only those
     rows of the tails are re-run (dO is zero elsewhere).
+
+    Several targets (a ``TargetList``): the one forward serves them all; the block tails are re-run
+    once and back-propagated once per target (``retain_graph``), and the first result is the list
+    over the targets of the gradient lists.
     """
     with torch.no_grad():
         output = vit.forward(images)
-    target = resolve_target(target, output)
+    many = isinstance(target, TargetList)
+    targets = [resolve_target(t, output) for t in (target if many else [target])]
     rows = slice(0, vit.num_prefix_tokens) if vit.pooling == "token" else slice(None)
     with torch.enable_grad():
         leaves = [recs[l]["attn_out"][:, rows].detach().requires_grad_(True) for l in layers]
-        score = sum(target_score(vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)), target)
-                    for l, o in zip(layers, leaves))
-        return list(torch.autograd.grad(score, leaves)), rows
+        if not many:
+            score = sum(target_score(vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)), targets[0])
+                        for l, o in zip(layers, leaves))
+            return list(torch.autograd.grad(score, leaves)), rows
+        outs = [vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)) for l, o in zip(layers, leaves)]
+        grads = [list(torch.autograd.grad(sum(target_score(out, t) for out in outs), leaves,
+                                          retain_graph=k < len(targets) - 1))
+                 for k, t in enumerate(targets)]
+        return grads, rows
 
 
 def _tail_gradient_method(vit, images, target, method: str, options, kernels: Kernels):
@@ -216,18 +241,23 @@ def _tail_gradient_method(vit, images, target, method: str, options, kernels: Ke
     recs = recorder.records
     b, n = images.shape[0], recs[layers[0]]["values"].shape[1]
     heads, acc = vit.num_heads, compute_dtype(images)
-    e = torch.zeros(b, n, dtype=acc, device=images.device)
-    for l, d_out in zip(layers, d_outs):
-        v = recs[l]["values"].to(acc).unflatten(-1, (heads, -1)).transpose(1, 2)    # (B, H, N, d)
-        d = d_out.to(acc).unflatten(-1, (heads, -1)).transpose(1, 2)                 # (B, H, Q, d)
-        g_rows = d @ v.transpose(-1, -2)                                             # (B, H, Q, N)
-        if method == "legrad":
-            e += kernels.legrad_reduce(g_rows, n).to(acc)
-            continue
-        a = recs[l]["attn"].to(acc)
-        q = vit.query_vector(b, n, dtype=acc, device=images.device)
-        a_q = torch.einsum("bi,bhij->bhj", q, a)
-        g_q = torch.einsum("bi,bhij->bhj", q[:, rows], g_rows)
-        alpha = g_q[:, :, P:].mean(-1, keepdim=True)
-        e = (alpha * a_q).mean(1).clamp_min(0)
-    return e[:, P:]
+
+    def reduce(d_outs):
+        e = torch.zeros(b, n, dtype=acc, device=images.device)
+        for l, d_out in zip(layers, d_outs):
+            v = recs[l]["values"].to(acc).unflatten(-1, (heads, -1)).transpose(1, 2)    # (B, H, N, d)
+            d = d_out.to(acc).unflatten(-1, (heads, -1)).transpose(1, 2)                 # (B, H, Q, d)
+            g_rows = d @ v.transpose(-1, -2)                                             # (B, H, Q, N)
+            if method == "legrad":
+                e += kernels.legrad_reduce(g_rows, n).to(acc)
+                continue
+            a = recs[l]["attn"].to(acc)
+            q = vit.query_vector(b, n, dtype=acc, device=images.device)
+            a_q = torch.einsum("bi,bhij->bhj", q, a)
+            g_q = torch.einsum("bi,bhij->bhj", q[:, rows], g_rows)
+            alpha = g_q[:, :, P:].mean(-1, keepdim=True)
+            e = (alpha * a_q).mean(1).clamp_min(0)
+        return e[:, P:]
+
+    # several targets: one gradient list per target, from the one forward (block_tail_grads)
+    return [reduce(d) for d in d_outs] if isinstance(target, TargetList) else reduce(d_outs)

@@ -75,7 +75,13 @@ def as_target(targets: Any) -> Target:
     if isinstance(targets, torch.Tensor):
         if targets.dim() == 0:
             return int(targets) if not targets.is_floating_point() else targets
-        return targets.reshape(-1) if targets.dim() == 2 and targets.shape[1] == 1 else targets
+        if targets.dim() == 2 and targets.shape[1] != 1:
+            raise ValueError(
+                f"targets of shape {tuple(targets.shape)}: Captum and Quantus take one target per image; for "
+                f"K targets per image call tokentm_fast.explain(model, images, target=<(B, K) tensor>), "
+                f"which returns (B, K, ...) maps"
+            )
+        return targets.reshape(-1) if targets.dim() == 2 else targets
     raise TypeError(f"targets must be None, an int, B class indices or a score function, got {type(targets).__name__}")
 
 

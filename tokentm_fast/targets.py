@@ -8,7 +8,10 @@ A target is one of
 - a **score function**: a callable mapping the model output — ``(B, K)``
   logits, or the ``(B, D')`` embedding of a feature model — to one score per
   image, a ``(B,)`` floating tensor differentiable in the output. Ready-made:
-  :func:`class_logit` and :func:`cosine_similarity`.
+  :func:`class_logit` and :func:`cosine_similarity`;
+- **several targets per image** (one call, ``(B, K, ...)`` maps, map ``[:, k]``
+  for target k): a ``(B, K)`` integer tensor (K classes per image) or a list of
+  K score functions (:func:`check_targets`).
 
 TokenTM, GAE and attention Grad-CAM explain ``s = score(output)``; LeGrad's
 per-layer score is ``s_l = score(head(Xˡ))``, the model's own head applied to
@@ -38,6 +41,9 @@ import torch
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 Target = Optional[Union[int, torch.Tensor, ScoreFn]]
 CheckedTarget = Optional[Union[torch.Tensor, "ScoreFunction"]]
+#: several targets per image (``explain`` returns ``(B, K, ...)``): a ``(B, K)`` integer tensor or a
+#: list / tuple of K score functions
+Targets = Union[Target, torch.Tensor, "list", "tuple"]
 
 __all__ = [
     "Target",
@@ -47,6 +53,8 @@ __all__ = [
     "class_logit",
     "cosine_similarity",
     "check_target",
+    "check_targets",
+    "TargetList",
     "resolve_target",
     "target_rows",
     "target_score",
@@ -289,6 +297,46 @@ def check_target(target: Target, batch: int, num_classes: Optional[int]) -> Chec
     return t
 
 
+class TargetList(tuple):
+    """K checked targets of one batch (see :func:`check_targets`): the explanation of target k is
+    map ``[:, k]`` of the ``(B, K, ...)`` result."""
+
+    def __repr__(self) -> str:
+        return f"TargetList({list(self)!r})"
+
+
+def check_targets(target: Targets, batch: int, num_classes: Optional[int]) -> Union[CheckedTarget, TargetList]:
+    """:func:`check_target`, and several targets per image in one call.
+
+    - a ``(B, K)`` integer tensor: column k holds target k's class of every image;
+    - a list or tuple of K score functions (each as for one target).
+
+    Both give a :class:`TargetList` of K checked targets (``K >= 1``; a ``(B, 1)`` tensor or a list
+    of one function still gives ``(B, 1, ...)`` maps). Every target is checked before any work.
+    """
+    if isinstance(target, TargetList):
+        return target
+    if isinstance(target, torch.Tensor) and target.dim() == 2:
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"target tensor must have an integer dtype, got {target.dtype}")
+        if target.shape[0] != batch or target.shape[1] == 0:
+            raise ValueError(f"a 2-D target holds K >= 1 classes per image and must have shape ({batch}, K) for "
+                             f"a batch of {batch}, got {tuple(target.shape)}")
+        return TargetList(check_target(target[:, k], batch, num_classes) for k in range(target.shape[1]))
+    if isinstance(target, (list, tuple)):
+        if not target:
+            raise ValueError("target is an empty list: give K >= 1 score functions, or a (B, K) integer tensor")
+        for i, t in enumerate(target):
+            if not callable(t) or isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"a list target holds K score functions (one map per function), but element {i} is a "
+                    f"{type(t).__name__}: for K classes per image pass a (B, K) integer tensor, for one "
+                    f"class per image an int or a (B,) tensor"
+                )
+        return TargetList(check_target(t, batch, num_classes) for t in target)
+    return check_target(target, batch, num_classes)
+
+
 def target_rows(target: CheckedTarget, start: int, stop: int) -> CheckedTarget:
     """The checked target of images ``start:stop`` (for ``explain(..., batch_size=k)``).
 
@@ -298,6 +346,8 @@ def target_rows(target: CheckedTarget, start: int, stop: int) -> CheckedTarget:
     """
     if target is None:
         return None
+    if isinstance(target, TargetList):
+        return TargetList(target_rows(t, start, stop) for t in target)
     if isinstance(target, torch.Tensor):
         return target[start:stop]
     if type(target) is ClassLogit and isinstance(target.c, torch.Tensor):

@@ -1,0 +1,48 @@
+"""Several targets per image in one call: ``explain(model, images, target=T)`` with ``T`` a ``(B, K)``
+integer tensor or a list of K score functions returns ``(B, K, ...)`` maps, map ``[:, k]`` being
+target k's (``tokentm_fast.targets.check_targets``).
+
+How the K explanations share the work, per path:
+
+- rollout and raw attention do not use the target: computed once, the map repeated K times;
+- ``backend="torch"`` and ``"triton"`` with materialized attention: one forward pass; TokenTM and
+  GAE then run K backward passes through the kept graph (``retain_graph``), each carrying its own
+  row update; LeGrad and attention Grad-CAM re-run the (prefix-row) block tails once and
+  back-propagate them K times (``tokentm_fast.fast_path``). The graph and the per-layer attention
+  stay alive until the K-th backward, so the peak memory is that of one call plus K small maps;
+- the flash path (``attention="flash"``) and ``backend="reference"``: one call per target (K
+  forward passes). The flash kernels free each layer's saved tiles in its one backward and the
+  reference is the literal oracle; neither is restructured for this.
+
+Every path gives, for each k, the map of a separate call with target k (the same arithmetic).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .targets import TargetList
+
+#: methods whose explanation does not depend on the target
+TARGET_FREE = ("rollout", "raw_attention")
+
+
+def explain_targets(method: str, path: str, targets: TargetList,
+                    one: Callable[[object], torch.Tensor],
+                    shared: Callable[[TargetList], list]) -> torch.Tensor:
+    """The K explanations stacked image-major, ``(B·K, ...)`` (image b's targets are rows
+    ``b·K .. b·K+K−1``), so the caller's per-image post-processing applies unchanged.
+
+    ``path``: ``"reference"``, ``"flash"`` or ``"materialized"``; ``one(target)``: one
+    explanation; ``shared(targets)``: the K explanations of the materialized path from one forward.
+    """
+    k = len(targets)
+    if method in TARGET_FREE:
+        e = one(targets[0])
+        outs = [e] * k
+    elif path == "materialized":
+        outs = shared(targets)
+    else:
+        outs = [one(t) for t in targets]
+    return torch.stack(outs, dim=1).flatten(0, 1)

@@ -125,14 +125,15 @@ def test_compile_audit_sm90_live(tmp_path):
 
 def test_compile_audit_catches_a_spilling_config(tmp_path):
     """The audit's failure criterion on real compiler output: a configuration from the old list that spilled
-    (float32 IEEE dK/dV, 64×128 tiles, 4 warps, 3 stages, BLOCK_D = 128) is reported as failing."""
+    (bf16 dK/dV with the GAE accumulator, 32×64 tiles, 4 warps, 2 stages, BLOCK_D = 128: 252 B of spills
+    in the audit run) is reported as failing."""
     _nvidia_backend()
     code = r"""
 import json
 import compile_audit as C
-job = dict(kernel="dkdv+gae", attr="_flash_bwd_dkdv_kernel", dtype="fp32 ieee", ptr="*fp32", BLOCK_D=128,
-           widths=[128], consts={"ACC": 1, "INPUT_GRADS": True, "IEEE": True, "UPCAST": False, "BLOCK_D": 128},
-           config=(64, 128, 4, 3))
+job = dict(kernel="dkdv+gae", attr="_flash_bwd_dkdv_kernel", dtype="bf16", ptr="*bf16", BLOCK_D=128,
+           widths=[128], consts={"ACC": 1, "INPUT_GRADS": True, "IEEE": False, "UPCAST": False, "BLOCK_D": 128},
+           config=(32, 64, 4, 2))
 print(json.dumps(C.failures([C.compile_one(job)])))
 """
     import json

@@ -169,7 +169,8 @@ def test_explain_says_the_preprocessing_and_resize_changes_it(tmp_path, capsys):
     x = pre(Image.open(wide).convert("RGB"))[0][None]
     torch.testing.assert_close(torch.from_numpy(resized["rollout"][1:]), explain(model, x, method="rollout"))
     info = json.loads(str(resized["info"]))
-    assert info["preprocessing"].startswith("resize") and json.loads(str(crop["info"]))["preprocessing"].startswith("crop")
+    assert info["preprocessing"].startswith("resize")
+    assert json.loads(str(crop["info"]))["preprocessing"].startswith("crop")
 
 
 def test_evaluate_records_the_preprocessing(tmp_path):

@@ -121,7 +121,8 @@ def test_the_picture_writers_refuse_a_link_when_they_write(tmp_path, victim):
 # ----------------------------------------------------------------------------- links: evaluate and demo
 def test_evaluate_refuses_a_link_at_the_results_curves_and_partial_state(tmp_path, victim, capsys):
     out = tmp_path / "r.json"
-    for link, extra, option in ((out, [], "--output"), (tmp_path / "c.png", ["--curves", tmp_path / "c.png"], "--curves"),
+    curves = tmp_path / "c.png"
+    for link, extra, option in ((out, [], "--output"), (curves, ["--curves", curves], "--curves"),
                                 (partial_path(out), [], "--output")):
         link.symlink_to(victim)
         rc, _, err = run_main([*EVAL, "--output", out, *extra], capsys)

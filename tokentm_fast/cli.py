@@ -469,7 +469,7 @@ def _report_warnings(caught, command: str) -> None:
 
 
 def table_footnotes(table: str) -> List[str]:
-    """Footnotes for the ``n/a`` cells of a results table (see :func:`tokentm_fast.evaluation.report.table_footnotes`)."""
+    """Footnotes for the ``n/a`` cells of a results table (:func:`.evaluation.report.table_footnotes`)."""
     from .evaluation.report import table_footnotes as footnotes
 
     return footnotes(table)
@@ -705,8 +705,8 @@ def _plot_curves(results: Dict[str, Any], path: str, option: str = "--curves") -
     if not curves:
         print("no perturbation curves to plot (the perturbation metric was not computed)", file=sys.stderr)
         return None
-    p = plot_perturbation_curves(curves, path, title=f"perturbation test, {results['counts']['images_evaluated']} images",
-                                 option=option)
+    title = f"perturbation test, {results['counts']['images_evaluated']} images"
+    p = plot_perturbation_curves(curves, path, title=title, option=option)
     print(f"perturbation curves: {p}")
     return p
 

@@ -58,7 +58,7 @@ NORMALIZATION_NOTE = (
 )
 
 
-#: The ``gid`` of the normalisation note on the figures (to find it: ``fig.findobj(lambda a: a.get_gid() == NOTE_GID)``).
+#: The ``gid`` of the normalisation note on the figures: ``fig.findobj(lambda a: a.get_gid() == NOTE_GID)``.
 NOTE_GID = "normalization-note"
 
 

@@ -112,9 +112,9 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
             what = f"a {found.group(1)}" if found else "not only tensors"
             raise EvaluationError(
-                f"cannot read checkpoint {p} (--checkpoint): it holds Python objects besides tensors ({what}), for example a "
-                "whole pickled model; it is not loaded, since unpickling it could run code from the file. Save "
-                "the weights alone (torch.save(model.state_dict(), ...) or safetensors) and give that file"
+                f"cannot read checkpoint {p} (--checkpoint): it holds Python objects besides tensors ({what}), "
+                "for example a whole pickled model; it is not loaded, since unpickling it could run code from the "
+                "file. Save the weights alone (torch.save(model.state_dict(), ...) or safetensors) and give that file"
             ) from None
         why = detail or ("" if "weights_only" in text else _first_line(e))
         raise EvaluationError(f"cannot read checkpoint {p} (--checkpoint): it is not a readable checkpoint"

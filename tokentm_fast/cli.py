@@ -369,6 +369,19 @@ def output_names(paths: Sequence[str]) -> List[str]:
     return [n if out.count(n) == 1 else f"{i}_{n}" for i, n in enumerate(out)]
 
 
+def refuse_link(path: Union[str, os.PathLike], option: str, what: str = "output file") -> Path:
+    """Before any work: a symbolic link at an output path is a usage error naming the file and ``option``.
+
+    (The writers refuse it again when they write: :mod:`tokentm_fast.evaluation.outputs`.)
+    """
+    from .evaluation.outputs import OutputError, refuse_link as refuse
+
+    try:
+        return refuse(path, option, what)
+    except OutputError as e:
+        raise CLIError(str(e)) from None
+
+
 def _nearest_existing(path: Path) -> Path:
     p = path
     while not p.exists() and p != p.parent:
@@ -410,8 +423,6 @@ def check_output_file(path: Union[str, os.PathLike], option: str) -> Path:
     a message naming ``option``: an existing folder, a path below a file, a
     location that is not writable.
     """
-    from .evaluation.outputs import refuse_link
-
     p = refuse_link(path, option)
     if p.is_dir():
         raise CLIError(f"{option} {p} is an existing folder, expected a file name")
@@ -436,8 +447,6 @@ def output_inside(folder: Path, name: str, option: str) -> Path:
         raise CLIError(f"{option} {name!r} must be a file name inside the output folder {folder} "
                        f"(no absolute path, no '..')")
     target = folder / rel
-    from .evaluation.outputs import refuse_link
-
     refuse_link(target, option)  # a link at the file itself: said as such
     base = folder.resolve()
     resolved = target.resolve()
@@ -492,7 +501,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluation.data import Preprocess, model_data_config
-    from .evaluation.outputs import refuse_link
     from .visualize import ConstantMapWarning, save_grid, save_overlay_figure
 
     _setup_threads(args)
@@ -786,7 +794,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .synthetic import CLASS_NAMES
     from .visualize import ConstantMapWarning, save_grid
 
-    from .evaluation.outputs import refuse_link, write_text
+    from .evaluation.outputs import write_text
 
     _setup_threads(args)
     t0 = time.time()

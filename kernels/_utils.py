@@ -111,6 +111,29 @@ def require_triton(t: torch.Tensor) -> None:
     raise RuntimeError(f"Triton kernels do not run on device type {device.type!r}")
 
 
+# --------------------------------------------------------------------------- float32 products
+def tf32_allowed() -> bool:
+    """Whether torch's own switch lets float32 matmuls use TF32 tensor cores: the rule every float32
+    ``tl.dot`` of the kernels follows (TF32 when allowed, full float32 / IEEE otherwise).
+
+    torch ≥ 2.9 keeps the switch in ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" / "ieee", or
+    "none": inherit ``torch.backends.fp32_precision``, whose "none" is the default, IEEE); the legacy
+    ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.set_float32_matmul_precision("high")`` set it
+    too. Reading the legacy flag after the new API was used raises in torch 2.14, so the new attribute is
+    read first; older torch falls back to ``allow_tf32`` (``get_float32_matmul_precision() != "highest"``).
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    if precision in ("tf32", "ieee", "none"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 # --------------------------------------------------------------------------- argument forms
 def contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when already contiguous (no copy), else a contiguous copy."""

@@ -21,19 +21,22 @@ Notation per image b and head h (d = head width, ``scale`` = the model's softmax
 Tiles are loaded with the tensors' own strides (the last dimension must be contiguous), tails of
 N and of the head width are masked, inputs are float32 / bfloat16 / float16 and every sum is float32.
 Products use ``tl.dot``. Float32 rule: TF32 tensor-core products only where torch's own switch
-allows them (``torch.backends.cuda.matmul.allow_tf32``, off by default): the callers pass
-``ieee=not allow_tf32`` and ``_dot_flags`` turns that into the ``IEEE`` constexpr (full float32
-products, ``input_precision="ieee"``) for float32 inputs; bfloat16 / float16 tiles always use the
-tensor cores.
+allows them for float32 matmuls (``torch.backends.cuda.matmul.allow_tf32`` /
+``torch.set_float32_matmul_precision("high")`` / ``torch.backends.cuda.matmul.fp32_precision = "tf32"``;
+off by default, see ``kernels._utils.tf32_allowed``), full float32 otherwise: the callers pass
+``ieee=not allowed`` and ``_dot_flags`` turns that into the ``IEEE`` constexpr (``input_precision="ieee"``)
+for float32 inputs; bfloat16 / float16 tiles always use the tensor cores. (``matrix_update`` follows
+the same rule through its ``allow_tf32`` argument.)
 
 Launch configurations: an explicit table (``CONFIG_TABLE``) per kernel kind, dtype class (16-bit,
-float32) and ``BLOCK_D`` (the head width padded to a power of two), at most 4 entries each, chosen
-from the sm_90 compile audit (``benchmarks/compile_audit.py``, results in
-``benchmarks/results/compile-sm90/``): no entry spills registers or exceeds shared memory on an
-H100. The autotuners' pruning hook picks the entries of the call's class; tuning results are cached
-on disk (Triton's ``cache_results``, in Triton's cache dir) and keyed on a power-of-two bucket of N,
-so a second process or a nearby sequence length benchmarks nothing. The grid's second axis (images
-x heads) is kept <= 65535 by launching slices of at most ``MAX_GRID_Y // H`` images.
+float32) and ``BLOCK_D`` (the head width padded to a power of two), at most 4 entries each (2–3: a
+first call benchmarks few), chosen from the sm_90 compile audit (``benchmarks/compile_audit.py``,
+results in ``benchmarks/results/compile-sm90/``): no entry spills registers or exceeds shared memory
+on an H100; float32 gets smaller tiles and one stage. The autotuners' pruning hook picks the entries
+of the call's class; tuning results are cached on disk (Triton's ``cache_results``, in Triton's cache
+dir) and keyed on a power-of-two bucket of N, so a second process or a nearby sequence length
+benchmarks nothing. The grid's second axis (images x heads) is kept <= 65535 by launching slices of
+at most ``MAX_GRID_Y // H`` images.
 """
 from __future__ import annotations
 
@@ -64,24 +67,24 @@ def _interpreted() -> bool:
 #: (kind, dtype class, BLOCK_D) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)], from the sm_90 audit.
 #: kind: "fwd" (forward), "bwd" (dK/dV and attention_rows: a key block per program), "dq".
 CONFIG_TABLE = {
-    ("fwd", "16", 32): [(128, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 2)],
-    ("fwd", "16", 64): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3)],
-    ("fwd", "16", 128): [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
-    ("bwd", "16", 32): [(64, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3)],
-    ("bwd", "16", 64): [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3)],
+    ("fwd", "16", 32): [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 4, 3)],
+    ("fwd", "16", 64): [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
+    ("fwd", "16", 128): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    ("bwd", "16", 32): [(64, 64, 4, 2), (32, 64, 4, 2)],
+    ("bwd", "16", 64): [(64, 64, 4, 2), (32, 64, 4, 2)],
     ("bwd", "16", 128): [(32, 32, 4, 2), (64, 32, 4, 2)],
-    ("dq", "16", 32): [(128, 64, 4, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3)],
-    ("dq", "16", 64): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
-    ("dq", "16", 128): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-    ("fwd", "32", 32): [(64, 32, 4, 1), (32, 32, 4, 1), (32, 64, 4, 2)],
-    ("fwd", "32", 64): [(32, 32, 4, 1), (64, 32, 8, 1), (32, 32, 4, 2)],
-    ("fwd", "32", 128): [(32, 16, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)],
-    ("bwd", "32", 32): [(32, 32, 4, 1), (32, 64, 4, 1), (16, 64, 4, 1)],
-    ("bwd", "32", 64): [(32, 32, 4, 1), (16, 32, 4, 1), (16, 64, 4, 1)],
+    ("dq", "16", 32): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    ("dq", "16", 64): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    ("dq", "16", 128): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    ("fwd", "32", 32): [(32, 32, 4, 1), (64, 32, 4, 1)],
+    ("fwd", "32", 64): [(32, 32, 4, 1), (64, 32, 8, 1)],
+    ("fwd", "32", 128): [(16, 16, 4, 1), (32, 16, 8, 1)],
+    ("bwd", "32", 32): [(32, 32, 4, 1), (16, 64, 4, 1)],
+    ("bwd", "32", 64): [(32, 32, 4, 1), (16, 32, 4, 1)],
     ("bwd", "32", 128): [(16, 16, 4, 1), (32, 16, 4, 1)],
-    ("dq", "32", 32): [(64, 32, 4, 1), (32, 32, 4, 1), (32, 64, 4, 1), (32, 32, 4, 2)],
-    ("dq", "32", 64): [(32, 32, 4, 1), (64, 32, 8, 1), (32, 16, 4, 1)],
-    ("dq", "32", 128): [(32, 32, 4, 1), (32, 16, 4, 1), (16, 32, 4, 1)],
+    ("dq", "32", 32): [(32, 32, 4, 1), (64, 32, 4, 1)],
+    ("dq", "32", 64): [(32, 32, 4, 1), (32, 16, 4, 1)],
+    ("dq", "32", 128): [(32, 16, 4, 1), (16, 32, 4, 1)],
 }
 #: the largest second grid axis CUDA accepts
 MAX_GRID_Y = 65535

@@ -28,7 +28,7 @@ from ._utils import batch_bucket, contiguous, num_sms, tuning_configs
 #: (BLOCK_R, BLOCK_J, num_warps) timed on the GPU.
 GPU_CONFIGS = [
     triton.Config({"BLOCK_R": br, "BLOCK_J": bj}, num_warps=w, num_stages=2)
-    for br, bj, w in [(4, 128, 2), (8, 128, 4), (16, 64, 4), (16, 128, 4), (32, 128, 8), (8, 256, 4), (4, 512, 4)]
+    for br, bj, w in [(8, 128, 4), (16, 128, 4), (32, 128, 8), (8, 256, 4)]
 ]
 INTERPRETER_CONFIG = triton.Config({"BLOCK_R": 16, "BLOCK_J": 128}, num_warps=4, num_stages=1)
 
@@ -47,7 +47,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(
     cache_results=True,  # the chosen config is stored in Triton's cache dir: a second process benchmarks nothing
     configs=tuning_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
-    key=["N", "R", "L", "B_BUCKET"],
+    key=["N_BUCKET", "R", "L", "B_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["out_ptr"],  # ACCUMULATE adds into out: every timed run must start from it
 )
@@ -62,6 +62,7 @@ def _legrad_reduce_kernel(
     N,
     r_per_split,  # rows of each layer per split, a multiple of ROW_UNIT
     B_BUCKET,  # autotune key only
+    N_BUCKET,  # autotune key only: N rounded up to a power of two (a new N in the bucket re-uses the tuning)
     scale,  # 1 / (H · num_rows)
     ACCUMULATE: tl.constexpr,
     SPLIT_OUT: tl.constexpr,
@@ -84,7 +85,7 @@ def _legrad_reduce_kernel(
     r_end = tl.minimum(r_start + r_per_split, R)
     acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)
     for l in range(L):
-        base = g_ptr + (l * B + b) * R * N  # int64: b is
+        base = g_ptr + (l * B + b) * R * N  # int64 (b is): L·B·H·Q·N may exceed 2³¹
         for r0 in range(r_start, r_end, BLOCK_R):
             offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)  # R·N may exceed 2³¹
             mask = (offs_r[:, None] < r_end) & mask_j[None, :]
@@ -150,7 +151,7 @@ def _launch(g: torch.Tensor, num_rows: Optional[int], out: Optional[torch.Tensor
     split = triton.cdiv(R, r_per_split)
     part = torch.empty((split, B, N), dtype=torch.float32, device=g.device) if split > 1 else out
     _legrad_reduce_kernel[lambda meta: (B, triton.cdiv(N, meta["BLOCK_J"]), split)](
-        g, out, part, L, B, R, N, r_per_split, batch_bucket(B), 1.0 / (H * num_rows),
+        g, out, part, L, B, R, N, r_per_split, batch_bucket(B), triton.next_power_of_2(N), 1.0 / (H * num_rows),
         ACCUMULATE=bool(accumulate), SPLIT_OUT=split > 1,
     )
     if split > 1:

@@ -37,10 +37,7 @@ from .row_update import Weight, _scaled_rows, _update_epilogue, launch_finalize,
 #: ``row_update.SPLIT_UNIT``.
 GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-    for bm, bn, bk, w, st in [
-        (16, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 64, 64, 4, 2),
-        (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 2),
-    ]
+    for bm, bn, bk, w, st in [(32, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 64, 32, 8, 2), (128, 64, 32, 8, 2)]
 ]
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=1)
 
@@ -59,7 +56,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(
     cache_results=True,  # the chosen config is stored in Triton's cache dir: a second process benchmarks nothing
     configs=tuning_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
-    key=["N", "H", "Q", "B_BUCKET", "MODE", "ALLOW_TF32"],
+    key=["N_BUCKET", "H", "Q", "B_BUCKET", "MODE", "ALLOW_TF32"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -77,6 +74,7 @@ def _matrix_update_kernel(
     H,
     k_per_split,  # multiple of BLOCK_K
     B_BUCKET,  # autotune key only
+    N_BUCKET,  # autotune key only: N rounded up to a power of two (a new N in the bucket re-uses the tuning)
     scale,
     w_attn_c,
     w_mlp_c,
@@ -182,7 +180,7 @@ def matrix_update(
     _matrix_update_kernel[grid](
         rows, attn, grad if grad is not None else attn,
         wa[0] if wa[0] is not None else rows, wm[0] if wm[0] is not None else rows,
-        out, part, B, Q, N, H, k_per_split, batch_bucket(B), scale, wa[1], wm[1],
+        out, part, B, Q, N, H, k_per_split, batch_bucket(B), triton.next_power_of_2(N), scale, wa[1], wm[1],
         MODE=code, W_ATTN_TENSOR=wa[0] is not None, W_MLP_TENSOR=wm[0] is not None,
         SPLIT_OUT=split > 1, ALLOW_TF32=bool(allow_tf32),
     )

@@ -123,10 +123,7 @@ def _prune_row_configs(configs, named_args, **kwargs):
 #: (BLOCK_I, BLOCK_J, num_warps, num_stages) timed on the GPU; every BLOCK_I divides SPLIT_UNIT.
 ROW_GPU_CONFIGS = [
     triton.Config({"BLOCK_I": bi, "BLOCK_J": bj}, num_warps=w, num_stages=st)
-    for bi, bj, w, st in [
-        (32, 64, 4, 2), (16, 64, 2, 3), (16, 128, 4, 2), (32, 128, 4, 2),
-        (64, 64, 4, 2), (8, 128, 4, 3), (64, 128, 8, 2), (32, 256, 8, 2),
-    ]
+    for bi, bj, w, st in [(32, 64, 4, 2), (16, 128, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)]
 ]
 ROW_INTERPRETER_CONFIG = triton.Config({"BLOCK_I": 128, "BLOCK_J": 256}, num_warps=4, num_stages=1)
 #: Granularity of the split of the i range over programs (split-K): a multiple of every BLOCK_I /
@@ -137,7 +134,7 @@ SPLIT_UNIT = 128
 @triton.autotune(
     cache_results=True,  # the chosen config is stored in Triton's cache dir: a second process benchmarks nothing
     configs=tuning_configs(ROW_GPU_CONFIGS, ROW_INTERPRETER_CONFIG),
-    key=["N", "H", "Q", "B_BUCKET", "SPAN", "MODE"],
+    key=["N_BUCKET", "H", "Q", "B_BUCKET", "SPAN", "MODE"],
     prune_configs_by={"early_config_prune": _prune_row_configs},
 )
 @triton.jit
@@ -157,6 +154,7 @@ def _row_update_kernel(
     SPAN,
     i_per_split,  # multiple of SPLIT_UNIT
     B_BUCKET,  # autotune key only
+    N_BUCKET,  # autotune key only: N rounded up to a power of two (a new N in the bucket re-uses the tuning)
     scale,
     w_attn_c,
     w_mlp_c,
@@ -359,7 +357,7 @@ def row_update(
     _row_update_kernel[grid](
         rows, attn, grad if grad is not None else attn,
         wa[0] if wa[0] is not None else rows, wm[0] if wm[0] is not None else rows,
-        out, part, B, Q, N, H, lo, span, i_per_split, batch_bucket(B), scale, wa[1], wm[1],
+        out, part, B, Q, N, H, lo, span, i_per_split, batch_bucket(B), triton.next_power_of_2(N), scale, wa[1], wm[1],
         MODE=code, W_ATTN_TENSOR=wa[0] is not None, W_MLP_TENSOR=wm[0] is not None,
         SPLIT_OUT=split > 1, BLOCK_Q=block_q,
     )

@@ -140,15 +140,30 @@ def test_autograd_function_gives_the_gradients_of_plain_attention():
     assert state.next == -1
 
 
-@pytest.mark.parametrize("allow_tf32", [False, True])
-def test_float32_products_follow_torchs_tf32_switch(monkeypatch, allow_tf32):
-    """Float32 ``tl.dot``: TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` allows it. The library's
-    wrappers pass ``ieee = not allow_tf32`` and the kernels get ``IEEE`` for float32 inputs only."""
+def _set_tf32(setting: str):
+    """Switch float32 matmul TF32 through torch's legacy entry points (the new ``fp32_precision`` API is
+    tried in a subprocess below: mixing the two makes torch 2.14 raise on the legacy getters)."""
+    if setting == "precision_high":
+        torch.set_float32_matmul_precision("high")
+    elif setting == "precision_highest":
+        torch.set_float32_matmul_precision("highest")
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = setting == "allow_tf32"
+
+
+@pytest.mark.parametrize("setting,allowed", [("default", False), ("allow_tf32", True), ("precision_high", True),
+                                             ("precision_highest", False)])
+def test_float32_products_follow_torchs_tf32_switch(monkeypatch, setting, allowed):
+    """Float32 ``tl.dot``: TF32 only where torch's own switch allows it (``allow_tf32`` /
+    ``set_float32_matmul_precision``). The library's wrappers pass ``ieee = not allowed`` and the kernels
+    get ``IEEE`` for float32 inputs only; ``kernels._utils.tf32_allowed`` states the same rule."""
     import tokentm_fast.attention as TA
+    from tokentm_fast.kernels import _utils
     from tokentm_fast.kernels import attention as A
 
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    before_flag, before_precision = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    if setting != "default":
+        _set_tf32(setting)
     try:
         seen = []
         for name in ("flash_forward", "flash_backward", "attention_rows"):
@@ -158,12 +173,51 @@ def test_float32_products_follow_torchs_tf32_switch(monkeypatch, allow_tf32):
         fwd(q, k, v, 0.25)
         bwd(q, k, v, q, q[..., 0], q, 0.25)
         rows(q[:, 0, :, 0], 0.25, q=q, k=k, lse=q[..., 0])
-        assert seen == [not allow_tf32] * 3
-        assert TA._tf32_allowed() is allow_tf32
+        assert seen == [not allowed] * 3
+        assert TA._tf32_allowed() is allowed
+        assert _utils.tf32_allowed() is allowed
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             t = torch.empty(1, dtype=dtype, device=DEVICE)
             flags = A._dot_flags(t, ieee=not TA._tf32_allowed())
-            assert flags["IEEE"] is (dtype == torch.float32 and not allow_tf32)
+            assert flags["IEEE"] is (dtype == torch.float32 and not allowed)
             assert flags["UPCAST"] is (DEVICE.type == "cpu" and dtype == torch.bfloat16)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        torch.set_float32_matmul_precision(before_precision)
+        torch.backends.cuda.matmul.allow_tf32 = before_flag
+
+
+def test_tf32_rule_reads_torchs_new_precision_api():
+    """``torch.backends.cuda.matmul.fp32_precision`` (torch ≥ 2.9; "none" inherits
+    ``torch.backends.fp32_precision``) decides too, also after the legacy flag was used (then torch 2.14's
+    legacy getters raise). In a subprocess: the suite's own torch state stays on the legacy API."""
+    import subprocess
+    import sys
+
+    code = r"""
+import warnings
+warnings.simplefilter("ignore")
+import torch
+from tokentm_fast.kernels._utils import tf32_allowed
+if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+    print("old torch"); raise SystemExit
+out = [tf32_allowed()]
+torch.backends.cuda.matmul.allow_tf32 = True          # legacy on
+out.append(tf32_allowed())
+torch.backends.cuda.matmul.fp32_precision = "ieee"    # new API off
+out.append(tf32_allowed())
+torch.backends.cuda.matmul.fp32_precision = "tf32"    # new API on (legacy getters now raise)
+out.append(tf32_allowed())
+torch.backends.cuda.matmul.fp32_precision = "none"    # inherit the global switch
+torch.backends.fp32_precision = "tf32"
+out.append(tf32_allowed())
+torch.backends.fp32_precision = "ieee"
+out.append(tf32_allowed())
+print(out)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    if last == "old torch":
+        pytest.skip("torch without fp32_precision")
+    assert last == "[False, True, False, True, True, False]", last

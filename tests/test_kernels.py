@@ -379,60 +379,8 @@ def test_legrad_reduce_row_split(monkeypatch):
     check(out, out, base.double().cpu() + legrad_ref(stacked[0], N), 1e-5, "split accumulate")
 
 
-_SM90_COMPILE = r"""
-import importlib
-
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-HALF = {"x_ptr": "*bf16", "t_ptr": "*bf16", "attn_ptr": "*bf16", "grad_ptr": "*bf16", "g_ptr": "*bf16"}
-KERNELS = [  # module, autotuned kernel, its GPU configurations, the constexprs that cost the most registers
-    ("transform_weights", "_transform_weights_kernel", "GPU_CONFIGS", dict(USE_LENGTH=True, USE_NECC=True)),
-    ("row_update", "_row_update_kernel", "ROW_GPU_CONFIGS",
-     dict(MODE=1, W_ATTN_TENSOR=True, W_MLP_TENSOR=True, SPLIT_OUT=True, BLOCK_Q=4)),
-    ("matrix_update", "_matrix_update_kernel", "GPU_CONFIGS",
-     dict(MODE=0, W_ATTN_TENSOR=True, W_MLP_TENSOR=True, SPLIT_OUT=True, ALLOW_TF32=True)),
-    ("head_fusion", "_fuse_heads_kernel", "GPU_CONFIGS", dict(MODE=1)),
-    ("legrad_reduce", "_legrad_reduce_kernel", "GPU_CONFIGS", dict(ACCUMULATE=True, SPLIT_OUT=True)),
-]
-n = 0
-for module, kernel, configs, const in KERNELS:
-    mod = importlib.import_module("tokentm_fast.kernels." + module)
-    fn = getattr(mod, kernel).fn
-    assert type(fn).__name__ == "JITFunction", type(fn)
-    for cfg in getattr(mod, configs):
-        c = {**const, **cfg.kwargs}
-        sig = {a: "constexpr" if a in c else (HALF.get(a, "*fp32") if a.endswith("_ptr") else
-               "fp32" if a in ("eps", "inv_n", "scale", "w_attn_c", "w_mlp_c") else "i32") for a in fn.arg_names}
-        triton.compile(ASTSource(fn, sig, c), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        n += 1
-print("compiled", n)
-"""
-
-
-def test_every_gpu_config_compiles_for_sm90(tmp_path):
-    """Every configuration the GPU autotuner may time compiles for an H100 (sm_90; Triton's own
-    ptxas, no GPU needed): the interpreter runs them but never sees the GPU compiler's limits."""
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    expected = sum(
-        len(getattr(importlib.import_module(f"tokentm_fast.kernels.{m}"), c))
-        for m, c in [("transform_weights", "GPU_CONFIGS"), ("row_update", "ROW_GPU_CONFIGS"),
-                     ("matrix_update", "GPU_CONFIGS"), ("head_fusion", "GPU_CONFIGS"), ("legrad_reduce", "GPU_CONFIGS")]
-    )
-    assert f"compiled {expected}" in proc.stdout, proc.stdout
+# The sm_90 compile check of every GPU configuration (registers, spills, shared memory) is the compile audit:
+# tests/test_compile_audit.py and benchmarks/compile_audit.py.
 
 
 def test_wrappers_read_nothing_back_to_the_host(monkeypatch):

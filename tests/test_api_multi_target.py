@@ -95,19 +95,25 @@ def test_list_of_score_functions(setup, device, method, backend, attention):
     assert (got[:, 0] != got[:, 1]).any()
 
 
-@pytest.mark.parametrize("method", ["tokentm", "legrad", "attn_gradcam"])
-def test_materialized_path_runs_one_forward(setup, monkeypatch, method):
-    """K targets on the torch backend: the model's forward runs once (the forward pass is shared)."""
-    model, images = setup
+@pytest.mark.parametrize("method,backend,attention,forwards", [
+    ("tokentm", "torch", "auto", 1), ("gae", "torch", "auto", 1), ("legrad", "torch", "auto", 1),
+    ("attn_gradcam", "torch", "auto", 1), ("legrad", "triton", "materialized", 1),
+    ("legrad", "triton", "flash", 1), ("attn_gradcam", "triton", "flash", 1),
+    ("tokentm", "triton", "flash", 2),             # one call per target there (multi_target.py says why)
+    ("tokentm", "reference", "auto", 2),
+])
+def test_forward_passes_per_call(setup, device, monkeypatch, method, backend, attention, forwards):
+    """K = 2 targets: the model's forward runs once where the path shares it, K times where it loops."""
+    model, images = _on(setup, backend, device)
     calls = []
     adapter = tf.Explainer(model, method=method, backend="torch").vit
     forward = type(adapter).forward
     monkeypatch.setattr(type(adapter), "forward", lambda self, x: calls.append(x.shape) or forward(self, x))
-    ex = tf.Explainer(adapter, method=method, backend="torch")
-    ex(images, TARGET)
-    assert len(calls) == 1
+    ex = tf.Explainer(adapter, method=method, backend=backend, attention=attention)
+    ex(images, TARGET.to(images.device))
+    assert len(calls) == forwards
     calls.clear()
-    ex(images, TARGET[:, 0])
+    ex(images, TARGET[:, 0].to(images.device))
     assert len(calls) == 1                       # (the count is of the model's forward: one per call)
 
 
@@ -166,3 +172,17 @@ def test_fast_path_returns_one_map_per_target(setup):
         opts = tf.Explainer(model, method=method, backend="torch").options
         out = fast_path.explain_fast(vit, images, method, targets, opts, fast_path.TORCH_KERNELS)
         assert isinstance(out, list) and len(out) == 2 and out[0].shape == (3, 16)
+
+
+@pytest.mark.parametrize("method,opts", [("legrad", {"layers": [0, 2]}), ("rollout", {"end_layer": 2}),
+                                         ("tokentm", {"start_layer": 1, "head_fusion": "decoupled"})])
+def test_with_method_options(setup, method, opts):
+    """The K targets take the method's options (layer choice, head fusion) as a single call does."""
+    model, images = setup
+    got = tf.explain(model, images, method=method, target=TARGET, backend="torch", **opts)
+    want = torch.stack([tf.explain(model, images, method=method, target=TARGET[:, k], backend="torch", **opts)
+                        for k in range(2)], dim=1)
+    assert want.abs().amax(dim=(2, 3)).min() > 0
+    assert torch.equal(got, want)
+    # the options matter (guards against options dropped on the multi-target path)
+    assert not torch.equal(got, tf.explain(model, images, method=method, target=TARGET, backend="torch"))

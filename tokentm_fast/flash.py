@@ -33,7 +33,7 @@ from .capture import LayerRecorder, explicit_attention
 from .fast_path import block_tail_grads
 from .methods import chosen_layers
 from .models.protocol import ViTAdapter, split_heads
-from .targets import resolve_target, target_score
+from .targets import TargetList, resolve_target, target_score
 from .transform import token_lengths
 
 #: head widths of the attention kernels (wider heads stay on the materialized path)
@@ -70,6 +70,8 @@ def explain_flash(vit: ViTAdapter, images: torch.Tensor, method: str, target, op
 
     ``kernels``: the ``fast_path.Kernels`` set (for the transformation weights);
     ``attention``: the attention kernel pair (``tokentm_fast.attention.triton_attention()``).
+    ``target`` a ``TargetList`` (LeGrad, attention Grad-CAM only): the list of the K explanations
+    from one forward pass (``tokentm_fast.multi_target``).
     """
     attention = _head_width_checked(attention)
     if method == "tokentm":
@@ -198,12 +200,14 @@ def _tail_gradients(vit, images, target, method: str, options, attention: Attent
     with explicit_attention(vit) as handles:
         vit.replace_attention(others, _plain_core(attention), handles)
         recorder.install(handles)
+        # several targets (a TargetList): one gradient list per target from this one forward
         d_outs, rows = block_tail_grads(vit, images, target, layers, recorder.records)
     recs = recorder.records
     b, n = images.shape[0], recorder.first_input.shape[1]
-    if method == "attn_gradcam":
+
+    def gradcam(d_outs):
         l = layers[0]
-        q, k, lse, scale = keep.pop(l)
+        q, k, lse, scale = keep[l]
         v = split_heads(recs[l]["values"], heads).float()
         do = split_heads(d_outs[0].float(), heads)                                  # (B, H, R, d)
         query = vit.query_vector(b, n, device=images.device)[:, rows]
@@ -211,15 +215,22 @@ def _tail_gradients(vit, images, target, method: str, options, attention: Attent
         alpha = g_q[:, :, P:].mean(-1, keepdim=True)
         e = (alpha * _query_probs(vit, attention, q, k, lse, scale)).mean(1).clamp_min(0)
         return e[:, P:]
-    # LeGrad: e_j = Σ_l mean_h (1/N) Σ_i max(⟨dO_l[i], v_j⟩, 0), all layers in one launch
-    v_all = torch.cat([split_heads(recs[l]["values"], heads) for l in layers])            # (L'·B, H, N, d)
-    if vit.pooling == "token":
-        do_all = torch.cat([split_heads(d.to(v_all.dtype), heads) for d in d_outs])  # (L'·B, H, P, d)
-        g = (do_all.float() @ v_all.float().transpose(-1, -2)).clamp_min(0)            # (L'·B, H, P, N)
-        t = g.sum(2)
-    else:
-        do_all = torch.cat([split_heads(d.to(v_all.dtype), heads) for d in d_outs])  # (L'·B, H, N, d)
-        ones = torch.ones(do_all.shape[0], n, device=images.device)
-        t = attention.rows(ones, 1.0, do=do_all, v=v_all)                              # (L'·B, H, N)
-    e = (t.mean(1) / n).unflatten(0, (len(layers), b)).sum(0)
-    return e[:, P:]
+
+    def legrad(d_outs):
+        # e_j = Σ_l mean_h (1/N) Σ_i max(⟨dO_l[i], v_j⟩, 0), all layers in one launch
+        v_all = torch.cat([split_heads(recs[l]["values"], heads) for l in layers])            # (L'·B, H, N, d)
+        if vit.pooling == "token":
+            do_all = torch.cat([split_heads(d.to(v_all.dtype), heads) for d in d_outs])  # (L'·B, H, P, d)
+            g = (do_all.float() @ v_all.float().transpose(-1, -2)).clamp_min(0)            # (L'·B, H, P, N)
+            t = g.sum(2)
+        else:
+            do_all = torch.cat([split_heads(d.to(v_all.dtype), heads) for d in d_outs])  # (L'·B, H, N, d)
+            ones = torch.ones(do_all.shape[0], n, device=images.device)
+            t = attention.rows(ones, 1.0, do=do_all, v=v_all)                              # (L'·B, H, N)
+        e = (t.mean(1) / n).unflatten(0, (len(layers), b)).sum(0)
+        return e[:, P:]
+
+    reduce = gradcam if method == "attn_gradcam" else legrad
+    out = [reduce(d) for d in d_outs] if isinstance(target, TargetList) else reduce(d_outs)
+    keep.clear()
+    return out

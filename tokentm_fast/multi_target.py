@@ -10,9 +10,12 @@ How the K explanations share the work, per path:
   row update; LeGrad and attention Grad-CAM re-run the (prefix-row) block tails once and
   back-propagate them K times (``tokentm_fast.fast_path``). The graph and the per-layer attention
   stay alive until the K-th backward, so the peak memory is that of one call plus K small maps;
-- the flash path (``attention="flash"``) and ``backend="reference"``: one call per target (K
-  forward passes). The flash kernels free each layer's saved tiles in its one backward and the
-  reference is the literal oracle; neither is restructured for this.
+- the flash path (``attention="flash"``): LeGrad and attention Grad-CAM share the forward as on
+  the materialized path (the same block-tail backward); TokenTM and GAE run one call per target
+  (K forward passes), since their row update lives inside the flash attention's custom backward,
+  which frees each layer's saved tiles as it goes and takes one backward per forward;
+- ``backend="reference"``: one call per target (K forward passes): it is the literal oracle,
+  not restructured for speed.
 
 Every path gives, for each k, the map of a separate call with target k (the same arithmetic).
 """
@@ -26,6 +29,8 @@ from .targets import TargetList
 
 #: methods whose explanation does not depend on the target
 TARGET_FREE = ("rollout", "raw_attention")
+#: methods whose flash path takes a TargetList (one forward, the block tails back-propagated K times)
+FLASH_SHARED = ("legrad", "attn_gradcam")
 
 
 def explain_targets(method: str, path: str, targets: TargetList,
@@ -35,13 +40,13 @@ def explain_targets(method: str, path: str, targets: TargetList,
     ``b·K .. b·K+K−1``), so the caller's per-image post-processing applies unchanged.
 
     ``path``: ``"reference"``, ``"flash"`` or ``"materialized"``; ``one(target)``: one
-    explanation; ``shared(targets)``: the K explanations of the materialized path from one forward.
+    explanation; ``shared(targets)``: the K explanations from one forward (the paths that share it).
     """
     k = len(targets)
     if method in TARGET_FREE:
         e = one(targets[0])
         outs = [e] * k
-    elif path == "materialized":
+    elif path == "materialized" or (path == "flash" and method in FLASH_SHARED):
         outs = shared(targets)
     else:
         outs = [one(t) for t in targets]

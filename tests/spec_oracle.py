@@ -100,7 +100,7 @@ def explain(model, images, method, target=None, full=False, head_fusion="gae", u
             use_necc=True, init="length", start_layer=None, chosen=None):
     """Oracle explanation: ``(B, N−P)`` float64 (or ``(B, N, N)`` with full).
 
-    ``chosen`` (LeGrad, rollout; the option ``layers``, docs/methods.md "Layer choice"): the blocks
+    ``chosen`` (LeGrad, rollout, TokenTM; the option ``layers``, docs/methods.md "Layer choice"): the blocks
     summed / multiplied, in increasing order; overrides ``start_layer``."""
     logits, layers, x0, m = run_vit(model, images)
     b = images.shape[0]
@@ -150,7 +150,8 @@ def explain(model, images, method, target=None, full=False, head_fusion="gae", u
     else:  # tokentm
         k = start_layer or 0
         c = torch.diag_embed(x0.norm(dim=-1)) if init == "length" else eye.clone()
-        for l in range(k, L):
+        # layer choice (docs/methods.md): a block not chosen leaves C as it is (its U is the identity)
+        for l in (range(k, L) if chosen is None else sorted(x % L for x in chosen)):
             if head_fusion == "gae":
                 a_bar = torch.clamp(A[l] * grads[l], min=0).mean(1)
             else:

@@ -1,5 +1,6 @@
 """Issue 15: layer choice beyond start_layer for the methods that aggregate over blocks (rollout's
-product, LeGrad's sum): end_layer= and layers=[...], on every backend and path, against the float64
+product, LeGrad's sum, TokenTM's depth ablation: only the chosen blocks update C): end_layer= and
+layers=[...], on every backend and path, against the float64
 spec oracle (tests/spec_oracle.py, written from docs/methods.md)."""
 import pytest
 import timm
@@ -40,13 +41,13 @@ TOL = {"reference": 2 * 2.0 ** -24, "torch": 1e-5, "triton": 1e-5}
 
 
 @pytest.mark.parametrize("backend,attention", PATHS)
-@pytest.mark.parametrize("method", ["rollout", "legrad"])
+@pytest.mark.parametrize("method", ["rollout", "legrad", "tokentm"])
 @pytest.mark.parametrize("sel", range(len(SELECTIONS)))
 def test_layer_choice_matches_the_oracle(setup, method, backend, attention, sel):
     model, images = setup
     opts, blocks = SELECTIONS[sel]
     if blocks is None:
-        start = {"rollout": 0, "legrad": L - 2}[method]
+        start = {"rollout": 0, "legrad": L - 2, "tokentm": 0}[method]
         blocks = list(range(start, L - 1))
     e_ref = oracle(model, images, method, target=3, chosen=blocks)
     assert e_ref.abs().max() > 0
@@ -60,7 +61,8 @@ def test_layer_choice_matches_the_oracle(setup, method, backend, attention, sel)
         assert (rel_err(e, e_other.reshape(e.shape)) > 100 * TOL[backend]).all()
 
 
-@pytest.mark.parametrize("method,start", [("rollout", 1), ("legrad", -3), ("legrad", 0)])
+@pytest.mark.parametrize("method,start", [("rollout", 1), ("legrad", -3), ("legrad", 0), ("tokentm", 0),
+                                          ("tokentm", 2)])
 def test_full_range_equals_the_default_bit_for_bit(setup, method, start):
     model, images = setup
     default = tf.explain(model, images, method=method, target=3, backend="torch", start_layer=start)
@@ -96,6 +98,6 @@ def test_layer_choice_types_and_methods(setup):
         tf.Explainer(model, method="legrad", layers=2)
     with pytest.raises(TypeError, match="end_layer must be an int"):
         tf.Explainer(model, method="legrad", end_layer="3")
-    for method in ("tokentm", "gae", "attn_gradcam", "raw_attention"):
+    for method in ("gae", "attn_gradcam", "raw_attention"):
         with pytest.raises(ValueError, match="unknown option"):
             tf.Explainer(model, method=method, layers=[1])

@@ -99,9 +99,14 @@ def _patch_part(vit: ViTAdapter, rows: torch.Tensor, full: bool) -> torch.Tensor
 
 
 def _gradient_engine(vit, images, target, consts: EngineConstants, options, kernels: Kernels, full: bool):
-    """TokenTM / GAE: forward with hooks, then the row update inside the backward pass."""
-    L, first = vit.num_layers, options["start_layer"]
-    layers = range(first, L)
+    """TokenTM / GAE: forward with hooks, then the row update inside the backward pass.
+
+    Only the chosen blocks (``chosen_layers``: ``start_layer`` .. L−1, or TokenTM's ``layers``)
+    update the row; the others leave it as it is (docs/methods.md, "Layer choice")."""
+    L = vit.num_layers
+    layers = chosen_layers(options, L)
+    first, top_layer = layers[0], layers[-1]
+    below = dict(zip(layers[1:], layers[:-1]))   # the chosen block whose gradient comes next
     with_weights = consts.w_attn is None
     attns: Dict[int, torch.Tensor] = {}
     weights: Dict[int, tuple] = {}
@@ -130,7 +135,7 @@ def _gradient_engine(vit, images, target, consts: EngineConstants, options, kern
         many = isinstance(target, TargetList)
         targets = [resolve_target(t, logits) for t in (target if many else [target])]
         keep = len(targets) > 1          # the attentions and weights serve every backward
-        b, n = logits.shape[0], attns[L - 1].shape[-1]
+        b, n = logits.shape[0], attns[top_layer].shape[-1]
         query = vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device)
         state: Dict[str, Any] = {}
         top = {} if full else {"support": query_support(vit.query_vector(1, n))}  # host-side: no sync
@@ -141,8 +146,8 @@ def _gradient_engine(vit, images, target, consts: EngineConstants, options, kern
                     raise RuntimeError(f"attention gradients arrived out of order (layer {l}, expected {state['next']})")
                 w_attn, w_mlp = weights[l] if keep else weights.pop(l)
                 state["rows"] = update(state["rows"], attns[l] if keep else attns.pop(l), grad, w_attn, w_mlp,
-                                       mode=consts.fusion, **(top if l == L - 1 else {}))
-                state["next"] -= 1
+                                       mode=consts.fusion, **(top if l == top_layer else {}))
+                state["next"] = below.get(l)
             return hook
 
         for l in layers:
@@ -150,7 +155,7 @@ def _gradient_engine(vit, images, target, consts: EngineConstants, options, kern
         leaf = attns[first]
         finished = []
         for k, t in enumerate(targets):
-            state.update(rows=initial_rows(query, full), next=L - 1)
+            state.update(rows=initial_rows(query, full), next=top_layer)
             torch.autograd.grad(target_score(logits, t), [leaf], retain_graph=k < len(targets) - 1)
             finished.append(state["rows"])
     attns.clear()

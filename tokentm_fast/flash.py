@@ -99,10 +99,34 @@ def _head_width_checked(attention: AttentionKernels) -> AttentionKernels:
     return attention._replace(forward=forward)
 
 
+class _ChosenRows(RowState):
+    """A ``RowState`` for a layer choice (docs/methods.md, "Layer choice"): the blocks between the
+    chosen ones run the same differentiable attention (the gradient flows through them) but leave
+    the row as it is — their backward gets no row (``row=None``: dQ, dK, dV only)."""
+
+    def __init__(self, layers) -> None:
+        super().__init__(layers[0], layers[-1])
+        self.chosen = frozenset(layers)
+        self.below = dict(zip(layers[1:], layers[:-1]))
+
+    def scaled_row(self, layer: int):
+        return super().scaled_row(layer) if layer in self.chosen else None
+
+    def update(self, layer: int, t_heads) -> None:
+        if layer in self.chosen:
+            nxt = self.below.get(layer)
+            super().update(layer, t_heads)
+            self.next = nxt
+
+
 def _row_engine(vit, images, target, options, kernels, attention, with_weights: bool):
     """TokenTM / GAE: the row algorithm inside the flash attention backward."""
-    L, first = vit.num_layers, options["start_layer"]
-    state = RowState(first, L - 1)
+    L = vit.num_layers
+    layers = chosen_layers(options, L)
+    first = layers[0]
+    contiguous = layers == list(range(first, L))
+    state = RowState(first, L - 1) if contiguous else _ChosenRows(layers)
+    chosen = set(layers)
     anchor = torch.zeros((), dtype=torch.float32, device=images.device, requires_grad=True)
     use = dict(use_length=options.get("use_length", True), use_necc=options.get("use_necc", True))
 
@@ -110,7 +134,9 @@ def _row_engine(vit, images, target, options, kernels, attention, with_weights: 
         return ExplanationAttention.apply(q, k, v, anchor, scale, l, state, attention)
 
     def on_layer(l, rec):
-        if with_weights:
+        if l not in chosen:           # a block between the chosen ones: no weights, the row passes
+            pass
+        elif with_weights:
             with torch.no_grad():
                 x_tilde = vit.value_tokens(l, rec["values"])
                 state.weights[l] = (kernels.transform_weights(rec["x_in"], x_tilde, **use),

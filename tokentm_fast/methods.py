@@ -17,7 +17,7 @@ DEFAULT_OPTIONS: Dict[str, Dict[str, Any]] = {
 
 #: methods that aggregate over a chosen set of blocks (LeGrad's sum, rollout's product): besides
 #: ``start_layer`` they take ``end_layer`` (exclusive) or an explicit ``layers`` list
-LAYER_CHOICE_METHODS = ("legrad", "rollout")
+LAYER_CHOICE_METHODS = ("legrad", "rollout", "tokentm")
 
 _CHOICES = {"head_fusion": ("gae", "decoupled"), "init": ("length", "identity")}
 

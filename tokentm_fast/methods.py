@@ -15,8 +15,10 @@ DEFAULT_OPTIONS: Dict[str, Dict[str, Any]] = {
     "legrad": {"start_layer": -2},
 }
 
-#: methods that aggregate over a chosen set of blocks (LeGrad's sum, rollout's product): besides
-#: ``start_layer`` they take ``end_layer`` (exclusive) or an explicit ``layers`` list
+#: methods that aggregate over a chosen set of blocks (LeGrad's sum, rollout's product, TokenTM's
+#: depth ablation; docs/methods.md "Layer choice"): besides ``start_layer`` they take ``end_layer``
+#: (exclusive) or an explicit ``layers`` list. GAE has no layer option (tests/test_errors.py keeps
+#: its ``start_layer`` refused), attention Grad-CAM and raw attention read one block.
 LAYER_CHOICE_METHODS = ("legrad", "rollout", "tokentm")
 
 _CHOICES = {"head_fusion": ("gae", "decoupled"), "init": ("length", "identity")}

@@ -345,7 +345,9 @@ def row_update(
         return out
     lo, hi = support_bounds(support, N)
     span = hi - lo
-    block_q = min(triton.next_power_of_2(Q), 4)
+    # one row per program: the (BLOCK_Q, BLOCK_I, BLOCK_J) product tile of BLOCK_Q = 2 or 4 spills registers on
+    # sm_90 (benchmarks/compile_audit.py); many rows (Q ~ N) belong to matrix_update
+    block_q = 1
     num_q_blocks = triton.cdiv(Q, block_q)
     split, i_per_split = plan_split(B * num_q_blocks * triton.cdiv(N, 64), span, attn.device)
     part = torch.empty((split, B, Q, N), dtype=torch.float32, device=attn.device) if split > 1 else out

@@ -22,9 +22,9 @@ paths by ``tests/test_compile_audit.py`` (``recorded_launches``):
   tensors, LeGrad's gradient rows) in bf16 / fp16 / fp32, every other pointer float32;
 * attention kernels (``kernels/attention.py``): BLOCK_D = 32, 64, 128 (head widths 32, 64 and
   80 / 96 / 128), IEEE = True (float32, torch's default) and False (16-bit; float32 with TF32 allowed),
-  UPCAST = False (it is True only under the interpreter), the forward, dK/dV with the GAE accumulator
-  with and without input gradients (``ACC_NONE`` is never launched by the library), dQ, both
-  ``attention_rows`` modes, the δ kernel;
+  UPCAST = False (it is True only under the interpreter), the forward, dK/dV plain (``ACC_NONE``: the
+  blocks between chosen TokenTM layers) and with the GAE accumulator with and without input gradients,
+  dQ, both ``attention_rows`` modes, the δ kernel;
 * the other kernels: the head-fusion modes, weights as tensors or constants as the explain paths pass
   them, SPLIT_OUT both ways (chosen at run time from the device's SM count), LeGrad's accumulate flag,
   the NECC normalisation's block sizes and the finalize kernels' Q blocks.
@@ -80,6 +80,9 @@ _UPDATE_MODES = [(0, True, True), (1, True, True), (0, False, False), (2, False,
 SPECS = {
     "forward": dict(module="attention", attr="_flash_fwd_kernel", model={"q_ptr", "k_ptr", "v_ptr", "o_ptr"},
                     variants=[{}], configs="table:fwd"),
+    "dkdv": dict(module="attention", attr="_flash_bwd_dkdv_kernel",
+                 model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"},
+                 variants=[{"ACC": 0, "INPUT_GRADS": True}], configs="table:bwd"),
     "dkdv+gae": dict(module="attention", attr="_flash_bwd_dkdv_kernel",
                      model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"},
                      variants=[{"ACC": 1, "INPUT_GRADS": True}], configs="table:bwd"),

@@ -178,6 +178,7 @@ def _explain_calls():
         if pool == "token":
             for opts in ({"use_length": False}, {"use_necc": False}, {"use_length": False, "use_necc": False}):
                 tf.explain(model, x, "tokentm", backend="triton", attention="flash", **opts)
+            tf.explain(model, x, "tokentm", backend="triton", attention="flash", layers=[0])  # block 1: row=None
             tf.explain(model, x, "tokentm", backend="triton", attention="materialized", head_fusion="decoupled")
             tf.explain(model, x, "tokentm", backend="triton", attention="materialized", full=True,
                        head_fusion="decoupled")
@@ -186,9 +187,10 @@ def _explain_calls():
 @pytest.mark.skipif(_SUITE_DEVICE != "cpu", reason="records interpreted launches (the audit is the CPU's part)")
 def test_audit_enumerates_what_the_wrappers_launch():
     """Every launch that the six methods make on both Triton paths (flash and materialized, full matrix
-    too, the TokenTM ablations and decoupled fusion), recorded under the interpreter with a bfloat16 model
+    too, the TokenTM ablations, a layer choice and decoupled fusion), recorded under the interpreter with a bfloat16 model
     (its constexprs and which pointers carry the model's dtype), is one of the specialisations the audit
-    compiles: the hand-written enumeration in ``compile_audit.SPECS`` follows the wrappers."""
+    compiles, and every audited attention variant is launched: the hand-written enumeration in
+    ``compile_audit.SPECS`` follows the wrappers."""
     from tokentm_fast.kernels._utils import kernels_interpreted
 
     if not kernels_interpreted():
@@ -200,6 +202,10 @@ def test_audit_enumerates_what_the_wrappers_launch():
             "_delta_kernel", "_transform_weights_kernel", "_necc_normalize_kernel", "_row_update_kernel",
             "_matrix_update_kernel", "_fuse_heads_kernel"} <= kernels, kernels
     assert seen - audited == set(), sorted(seen - audited)
+    # and the other way for the attention kernels (head width 32 here): every audited variant is launched
+    attention = {k for k in C.launch_keys(C.jobs(kernels=list(C.ATTENTION_KERNELS), dtypes=["bf16"], widths=(32,)))
+                 if dict(k[1]).get("IEEE") is not True}
+    assert attention - seen == set(), sorted(attention - seen)
 
 
 # --------------------------------------------------------------------------- cached, bucketed autotuning

@@ -34,7 +34,9 @@ def _nvidia_backend():
 
 
 def _compiler_env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # no interpreter; no TRITON_CACHE_AUTOTUNING, which would switch caching on for every autotuner and hide
+    # a kernel whose own cache_results flag is missing
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_AUTOTUNING")}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), env.get("PYTHONPATH", "")])
     return env

@@ -210,6 +210,26 @@ def test_audit_enumerates_what_the_wrappers_launch():
     assert attention - seen == set(), sorted(attention - seen)
 
 
+@pytest.mark.skipif(_SUITE_DEVICE != "cpu", reason="records interpreted launches (the audit is the CPU's part)")
+def test_compile_time_benchmark_compiles_what_a_tokentm_call_launches():
+    """``benchmarks/compile_time.py`` times the compiles of exactly the kernels and variants one flash-path
+    ``explain(method="tokentm")`` launches (recorded here on a bfloat16 model with 32-wide heads)."""
+    import timm
+
+    import compile_time as T
+    import tokentm_fast as tf
+    from tokentm_fast.kernels._utils import kernels_interpreted
+
+    if not kernels_interpreted():
+        pytest.skip("needs the interpreter")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=16, patch_size=8,
+                              embed_dim=64, num_heads=2, depth=2).eval().to(torch.bfloat16)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.bfloat16)
+    seen = C.recorded_launches(lambda: tf.explain(model, x, "tokentm", backend="triton", attention="flash"))
+    assert C.launch_keys(T.flash_jobs("bf16", 32)) == seen
+
+
 # --------------------------------------------------------------------------- cached, bucketed autotuning
 _CACHING = r"""
 import importlib, json

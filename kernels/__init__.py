@@ -15,7 +15,10 @@ wrapper must match are the oracles in ``tokentm_fast.transform``,
 
 Dtypes: inputs float32 / bfloat16 / float16, fp32 accumulation, float32
 output; float64 belongs to the PyTorch path. Launch settings are autotuned
-per shape on the GPU (one small configuration under the interpreter).
+on the GPU over at most 4 configurations per kernel and input class, every one
+checked for sm_90 by the compile audit (``benchmarks/compile_audit.py``: no
+register spills, shared memory within an H100's); the choice is cached on disk
+per power-of-two bucket of N (one small configuration under the interpreter).
 On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``
 set before triton is imported); ``triton_available`` / ``require_triton`` tell.
 If triton is not importable at all, the wrappers exist but raise RuntimeError.

@@ -13,9 +13,12 @@ float64 belongs to the PyTorch path (``tokentm_fast.transform`` / ``.fusion`` /
 ``.aggregation``); the operators route it there.
 
 Launch settings: each kernel is wrapped in ``triton.autotune`` with a list of
-GPU configurations keyed on its shape (N, heads or width, a batch bucket) and
-the input dtypes; under Triton's interpreter a single configuration
-(``tuning_configs``).
+at most 4 GPU configurations (each audited for sm_90 by
+``benchmarks/compile_audit.py``), keyed on its shape (N rounded up to a power of
+two, heads or width, a batch bucket) and the input dtypes, with
+``cache_results=True``: the chosen configuration is stored in Triton's cache
+directory, so another process benchmarks nothing. Under Triton's interpreter a
+single configuration (``tuning_configs``).
 """
 from __future__ import annotations
 
@@ -158,7 +161,8 @@ def tuning_configs(gpu: Sequence, interpreter) -> list:
     """The ``triton.autotune`` configurations of a kernel.
 
     On the GPU: ``gpu`` (all of them are timed on the first call of each
-    autotune key, the best is kept for the process). Under the interpreter
+    autotune key; the best is kept for the process and, with ``cache_results``,
+    on disk for the next ones). Under the interpreter
     (``TRITON_INTERPRET=1`` when the kernel modules are imported): only
     ``interpreter``, so nothing is timed and the CPU tests stay fast (the
     interpreter's cost is per operation, not per element).

@@ -18,8 +18,8 @@ the full matrix fuses the head fusion into the product Āˡ·(diag(w_attn) Cˡ�
 here the transposed association ``(R·Ā)·diag(w_attn)`` is used so the top layer
 is processed first). Ā is never stored: each ``(BLOCK_K, BLOCK_N)`` tile of Ā
 is built in registers from the A/G tiles of all heads and fed to ``tl.dot``.
-Tiles, warps and stages are autotuned per shape (N, H, Q, batch bucket, mode,
-tf32); the split-K plan is shared with ``row_update``.
+Tiles, warps and stages are autotuned per shape (N's power-of-two bucket, H, Q,
+batch bucket, mode, tf32); the split-K plan is shared with ``row_update``.
 """
 from __future__ import annotations
 

@@ -22,7 +22,9 @@ split over several programs (deterministic split-K): each writes its partial
 ``Σ_i`` to a workspace and a small finalize kernel sums the partials in a
 fixed order and applies the epilogue. The split is planned in units of
 ``SPLIT_UNIT`` rows, so the tiles and warps can be autotuned per shape
-(keyed on N, H, Q, the batch bucket, the support width and the mode).
+(keyed on N's power-of-two bucket, H, Q, the batch bucket, the support width
+and the mode). One row per program (``BLOCK_Q = 1``): wider row blocks spill
+registers on sm_90.
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ needs no running maximum and no rescaling between blocks. With
 ``use_necc=False`` the first kernel writes the final weights and the second
 is not launched.
 
-Launch settings: ``triton.autotune`` over tile sizes and warps, keyed on N, D
-and a batch bucket (and the input dtypes); under Triton's interpreter one small
-configuration.
+Launch settings: ``triton.autotune`` over tile sizes and warps, keyed on N's
+power-of-two bucket, D and a batch bucket (and the input dtypes); under Triton's
+interpreter one small configuration.
 """
 from __future__ import annotations
 

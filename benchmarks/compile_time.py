@@ -147,6 +147,12 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=224)
     a = p.parse_args(argv)
     if a.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--gpu needs a CUDA device; without one: python benchmarks/compile_time.py (CPU mode)",
+                  file=sys.stderr)
+            return 2
         res = gpu(a.model, a.dtype, a.image_size)
         print(json.dumps(res))
         if a.out:

@@ -57,6 +57,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 HEAD_WIDTHS = (32, 64, 80, 96, 128)
 FLOAT_SCALARS = {"qk_scale", "scale", "eps", "inv_n", "w_attn_c", "w_mlp_c"}
 KERNEL_MODULES = ("attention", "transform_weights", "row_update", "matrix_update", "head_fusion", "legrad_reduce")
+_STRIDE = re.compile(r"^s[a-z]_[bhn]$")  # the attention kernels' stride arguments
 #: default launch options of Triton's CUDA backend (kernels launched without a config)
 DEFAULT_WARPS, DEFAULT_STAGES = 4, 3
 
@@ -257,8 +258,11 @@ def compile_one(job: dict) -> dict:
         knobs.nvidia.dump_ptxas_log = True
         fn, sig, consts = signature(job)
         _, w, s = job["config"]
-        # pointers 16-byte aligned, as the caching allocator's tensors are (Triton specialises them so)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+        # as Triton specialises real launches: pointers 16-byte aligned (the caching allocator's tensors, and
+        # timm's q/k/v views at multiples of the head width), and the attention kernels' strides multiples of
+        # 16 (3·H·d, d, N·d, … for head widths that are multiples of 16)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if sig[a].startswith("*") or (job["module"] == "attention" and _STRIDE.match(a))}
         t0 = time.perf_counter()
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):

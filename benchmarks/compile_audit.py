@@ -259,10 +259,12 @@ def compile_one(job: dict) -> dict:
         fn, sig, consts = signature(job)
         _, w, s = job["config"]
         # as Triton specialises real launches: pointers 16-byte aligned (the caching allocator's tensors, and
-        # timm's q/k/v views at multiples of the head width), and the attention kernels' strides multiples of
-        # 16 (3·H·d, d, N·d, … for head widths that are multiples of 16)
+        # timm's q/k/v views at multiples of the head width), the attention kernels' strides multiples of
+        # 16 (3·H·d, d, N·d, … for head widths that are multiples of 16), the token width D of the
+        # transformation weights (ViT widths 192, 384, 768, 1024, …); N stays unspecialised (197, 577, …)
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                 if sig[a].startswith("*") or (job["module"] == "attention" and _STRIDE.match(a))}
+                 if sig[a].startswith("*") or (job["module"] == "attention" and _STRIDE.match(a))
+                 or (job["attr"] == "_transform_weights_kernel" and a == "D")}
         t0 = time.perf_counter()
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):

@@ -5,7 +5,7 @@
 - ``random_images(model, batch, device)``: images of the model's input size and
   fixed random target classes.
 - ``training_step``: the training-step baseline of the performance protocol
-  (``../shared/spec/PERFORMANCE.md``, ``benchmarks/README.md``) and of every suite
+  (``benchmarks/README.md``) and of every suite
   that compares with a step (``test_bench_perf.py``, ``test_bench_explain.py``,
   ``peak_memory.py``): forward, target logit summed, backward with parameter
   gradients, fused attention on (timm's default: SDPA), then

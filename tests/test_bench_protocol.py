@@ -1,4 +1,4 @@
-"""The benchmark harness follows the performance protocol (../shared/spec/PERFORMANCE.md, issue 16 item 6).
+"""The benchmark harness follows the performance protocol (benchmarks/README.md, issue 16 item 6).
 
 - the training-step baseline is timm's default step: fused attention (SDPA) whatever the model's flag,
   parameter gradients computed, then ``zero_grad(set_to_none=True)``; the flags are restored;

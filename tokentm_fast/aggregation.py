@@ -29,7 +29,7 @@ rollout       mean         1                −½             I
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -51,11 +51,26 @@ GAE = EngineConstants(fusion="gae", w_attn=1.0, w_mlp=0.0)
 ROLLOUT = EngineConstants(fusion="mean", w_attn=1.0, w_mlp=-0.5)
 
 
-def _columns(w: Weight, rows: torch.Tensor) -> Union[torch.Tensor, float]:
-    """A ``(B, N)`` weight as ``(B, 1, N)`` so that it scales columns of ``(B, Q, N)``."""
-    if isinstance(w, torch.Tensor):
-        return w.to(rows.dtype)[:, None, :]
-    return float(w)
+def scale_rows(rows: torch.Tensor, w_mlp: Weight) -> torch.Tensor:
+    """The first half of the engine step, ``s = R ⊙ (1 + w_mlp)`` (``R · U^{mlp}``): rows ``(B, Q, N)``
+    with a ``(B, N)`` weight or a float, or one row per image ``(B, N)`` with a ``(B, N)`` weight."""
+    if isinstance(w_mlp, torch.Tensor):
+        w = w_mlp.to(rows.dtype)
+        w = w[:, None, :] if rows.dim() == 3 else w
+    else:
+        w = float(w_mlp)
+    return rows * (1.0 + w)
+
+
+def add_update(s: torch.Tensor, t: torch.Tensor, w_attn: Weight) -> torch.Tensor:
+    """The second half of the engine step, ``R = s + t ⊙ w_attn`` with ``t = s · Ā`` (``s · U^{attn}``),
+    shapes as in ``scale_rows``."""
+    if isinstance(w_attn, torch.Tensor):
+        w = w_attn.to(s.dtype)
+        w = w[:, None, :] if s.dim() == 3 else w
+    else:
+        w = float(w_attn)
+    return s + t * w
 
 
 def _heads_folded(attn: torch.Tensor, grad: Optional[torch.Tensor], mode: str, dtype) -> torch.Tensor:
@@ -128,7 +143,7 @@ def row_update(
     value back to the host (no ``.nonzero()`` / ``.item()``): it runs inside
     backward hooks, where a device synchronisation would stall every layer.
     """
-    s = rows * (1.0 + _columns(w_mlp, rows))
+    s = scale_rows(rows, w_mlp)
     b, q, n = rows.shape
     h = attn.shape[1]
     if mode in ("gae", "mean") and q * 4 <= n:
@@ -142,7 +157,7 @@ def row_update(
         t = torch.bmm(s_rows.repeat(1, 1, h), _heads_folded(attn, grad, mode, rows.dtype)) / h
     else:
         t = torch.bmm(s, fuse_heads(attn, grad, mode).to(rows.dtype))
-    return s + t * _columns(w_attn, rows)
+    return add_update(s, t, w_attn)
 
 
 def initial_rows(query: torch.Tensor, full: bool) -> torch.Tensor:
@@ -197,3 +212,48 @@ def aggregate_layers(
         rows = row_update(rows, attns[l], _at(grads, l), _at(w_attn, l), _at(w_mlp, l), mode, support=sup)
     rows = finish_rows(rows, c0)
     return rows if full else rows[:, 0]
+
+
+class RowState:
+    """The row ``r (B, N)`` of the row algorithm on the flash path, advanced as autograd reaches each
+    layer's attention backward (``tokentm_fast.kernels.attention.ExplanationAttention``).
+
+    ``weights[l] = (w_attn, w_mlp)`` are set in the forward (after layer l ran); ``start(query)`` sets
+    ``r`` to the query row once the forward is done; ``scaled_row(l)`` gives ``s = r ⊙ (1 + w_mlp^l)``
+    (``scale_rows``) to layer l's backward, and ``update(l, t_heads)`` finishes the step:
+    ``r ← s + mean_h(t_heads) ⊙ w_attn^l`` (``add_update``).
+
+    Layers ``first .. last`` run the explanation attention; ``chosen`` (a layer choice, docs/methods.md
+    "Layer choice"; default: all of them) are the ones that update the row: the others get no row
+    (``scaled_row`` is None: their backward computes dQ, dK, dV only) and leave ``r`` as it is.
+    """
+
+    def __init__(self, first: int, last: int, chosen: Optional[Iterable[int]] = None) -> None:
+        self.first = first
+        self.next = last
+        self.chosen = None if chosen is None else frozenset(chosen)
+        self.weights: Dict[int, Tuple[Weight, Weight]] = {}
+        self.rows: Optional[torch.Tensor] = None
+        self._s: Optional[torch.Tensor] = None
+
+    def start(self, query: torch.Tensor) -> None:
+        self.rows = query.to(torch.float32)
+
+    def _updates(self, layer: int) -> bool:
+        return self.chosen is None or layer in self.chosen
+
+    def scaled_row(self, layer: int) -> Optional[torch.Tensor]:
+        if not self._updates(layer):
+            return None
+        if layer != self.next:
+            raise RuntimeError(f"attention gradients arrived out of order (layer {layer}, expected {self.next})")
+        self._s = scale_rows(self.rows, self.weights[layer][1])
+        return self._s
+
+    def update(self, layer: int, t_heads: Optional[torch.Tensor]) -> None:
+        if not self._updates(layer):
+            return
+        self.rows = add_update(self._s, t_heads.mean(1), self.weights.pop(layer)[0])
+        self._s = None
+        below = [c for c in self.chosen if c < layer] if self.chosen is not None else [layer - 1]
+        self.next = max(below) if below else self.first - 1

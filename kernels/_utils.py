@@ -27,16 +27,15 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-#: dtypes the kernels read (accumulation and output are always float32).
-SUPPORTED_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+from ..fusion import FUSION_TABLE, GRADIENT_MODES  # noqa: F401  (GRADIENT_MODES: the wrappers' import)
 
-#: head fusion mode -> constexpr code shared by the kernels (docs/methods.md §3, §4).
-MODE_GAE = 0
-MODE_DECOUPLED = 1
-MODE_MEAN = 2
-MODE_ROLLOUT = 3
-MODE_CODES = {"gae": MODE_GAE, "decoupled": MODE_DECOUPLED, "mean": MODE_MEAN, "rollout": MODE_ROLLOUT}
-GRADIENT_MODES = ("gae", "decoupled")
+#: head fusion mode -> constexpr code shared by the kernels (docs/methods.md §3, §4), read off
+#: ``tokentm_fast.fusion.FUSION_TABLE``; the named codes are what the kernels' branches compare with.
+MODE_CODES = {m.name: m.code for m in FUSION_TABLE}
+MODE_GAE = MODE_CODES["gae"]
+MODE_DECOUPLED = MODE_CODES["decoupled"]
+MODE_MEAN = MODE_CODES["mean"]
+MODE_ROLLOUT = MODE_CODES["rollout"]
 
 
 # --------------------------------------------------------------------------- availability
@@ -54,15 +53,30 @@ def triton_importable() -> bool:
     return True
 
 
+def _built_for_interpreter() -> bool:
+    """Whether ``triton.jit`` builds interpreted functions now: a probe function jitted once, when this
+    module is imported, that is, together with the kernel modules (``tokentm_fast.kernels`` imports them)."""
+    if not triton_importable():
+        return False
+    import triton
+
+    @triton.jit
+    def _probe():
+        pass
+
+    return type(_probe).__name__ == "InterpretedFunction"
+
+
+_KERNELS_INTERPRETED = _built_for_interpreter()
+
+
 def kernels_interpreted() -> bool:
     """True when the kernels were built for the interpreter.
 
     ``triton.jit`` chooses between the compiler and the interpreter when the
     kernel modules are imported, so the environment at import time matters.
     """
-    from .transform_weights import _necc_normalize_kernel
-
-    return type(_necc_normalize_kernel).__name__ == "InterpretedFunction"
+    return _KERNELS_INTERPRETED
 
 
 def triton_available(device: Union[str, torch.device, torch.Tensor]) -> bool:
@@ -184,3 +198,19 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(num_tiles: int, num_units: int, device: torch.device) -> int:
+    """How many programs share the reduction range of one output tile (the deterministic split of
+    ``row_update`` / ``matrix_update`` over i and of ``legrad_reduce`` over rows).
+
+    1 under the interpreter and whenever ``num_tiles`` (the launch's output tiles at the caller's
+    reference tile width) already fills the GPU (about 2 programs per SM); otherwise enough splits to
+    get there, at most ``num_units`` (the range in the caller's split units) and 64.
+    """
+    if device.type != "cuda":
+        return 1
+    target = 2 * num_sms(device)
+    if num_tiles >= target:
+        return 1
+    return max(1, min(num_units, (target + num_tiles - 1) // num_tiles, 64))  # ⌈target / num_tiles⌉

@@ -1,8 +1,9 @@
 """The explanation attention: a FlashAttention-2 style kernel family whose backward
 also computes what the explanation methods read from Aˡ and Gˡ, with no N×N tensor.
 
-PyTorch equivalents (oracles, full matrices): ``tokentm_fast.attention.attention_forward_torch``,
-``attention_backward_torch`` and ``attention_rows_torch``.
+PyTorch equivalents (oracles, full matrices): ``tokentm_fast.attention_torch.attention_forward_torch``,
+``attention_backward_torch`` and ``attention_rows_torch``. The autograd Function that launches these
+kernels in a model (``ExplanationAttention``, with ``triton_attention()``) is at the end of this module.
 
 Notation per image b and head h (d = head width, ``scale`` = the model's softmax scale)::
 
@@ -40,13 +41,18 @@ at most ``MAX_GRID_Y // H`` images.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._utils import interpreter_enabled, tf32_allowed, tuning_configs
+
+if TYPE_CHECKING:
+    from ..aggregation import RowState
+
+#: log2(e): the kernels work in log2 units (``exp2``), the wrappers pass ``scale · LOG2E``
 LOG2E = 1.4426950408889634
 
 #: accumulator codes of the dK/dV program
@@ -57,11 +63,11 @@ ACC_GAE = 1  # t_h[j] += Σ_i s[i] · max(P ⊙ dP, 0)
 ROWS_PROBS = 0  # Σ_i r[i] · P[i, j]
 ROWS_RELU_GRAD = 1  # Σ_i r[i] · max(dP[i, j], 0)
 
-
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The constants above as Triton constants, for the kernels (jit code reads only ``tl.constexpr``
+# globals); the wrappers pass the plain numbers.
+_LOG2E = tl.constexpr(LOG2E)
+_ACC_GAE = tl.constexpr(ACC_GAE)
+_ROWS_PROBS = tl.constexpr(ROWS_PROBS)
 
 
 #: (kind, dtype class, BLOCK_D) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)], from the sm_90 audit.
@@ -100,21 +106,24 @@ def table_configs(kind: str, dtype, block_d: int):
     return CONFIG_TABLE[(kind, _dtype_class(dtype), min(max(block_d, 32), 128))]
 
 
+#: the interpreter pays per operation: one big tile, nothing to tune
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
+
+
 def _configs(kind: str):
-    if _interpreted():  # the interpreter pays per operation: one big tile, nothing to tune
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    """Every table entry of ``kind`` (each once) on the GPU; ``INTERPRETER_CONFIG`` under the interpreter."""
     seen = {}
     for (k, _, _), entries in CONFIG_TABLE.items():
         if k == kind:
             for m, n, w, st in entries:
                 seen.setdefault((m, n, w, st), triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st))
-    return list(seen.values())
+    return tuning_configs(list(seen.values()), INTERPRETER_CONFIG)
 
 
 def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
         """Keep the table's entries for the call's (dtype class, BLOCK_D)."""
-        if _interpreted():
+        if interpreter_enabled():
             return configs
         d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
         ref = named_args.get("q_ptr", named_args.get("do_ptr"))
@@ -202,7 +211,7 @@ def _flash_fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    lse = (m_i + tl.log2(l_i)) / 1.4426950408889634
+    lse = (m_i + tl.log2(l_i)) / _LOG2E
     tl.store(lse_ptr + bh * N_CTX + offs_m, lse, mask=mask_m)
 
 
@@ -276,10 +285,10 @@ def _flash_bwd_dkdv_kernel(
         qm = mask_m[:, None] & mask_d[None, :]
         q = _tile(q_base, offs_m, sq_n, offs_d, qm)
         do = _tile(do_base, offs_m, sd_n, offs_d, qm)
-        lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
         p = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
         dp = _grad_probs_tile(do, v, IEEE, UPCAST)
-        if ACC == 1:
+        if ACC == _ACC_GAE:
             s_row = tl.load(row_ptr + b * N_CTX + offs_m, mask=mask_m, other=0.0)
             t += tl.sum(s_row[:, None] * tl.maximum(p * dp, 0.0), axis=0)
         if INPUT_GRADS:
@@ -292,7 +301,7 @@ def _flash_bwd_dkdv_kernel(
                  (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(dv_ptr + b * sg_b + h * sg_h + offs_n[:, None] * sg_n + offs_d[None, :],
                  dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
-    if ACC == 1:
+    if ACC == _ACC_GAE:
         tl.store(t_ptr + bh * N_CTX + offs_n, t, mask=mask_n)
 
 
@@ -316,7 +325,7 @@ def _flash_bwd_dq_kernel(
     qm = mask_m[:, None] & mask_d[None, :]
     q = _tile(q_ptr + b * sq_b + h * sq_h, offs_m, sq_n, offs_d, qm)
     do = _tile(do_ptr + b * sd_b + h * sd_h, offs_m, sd_n, offs_d, qm)
-    lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
     delta = tl.load(delta_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     k_base = k_ptr + b * sk_b + h * sk_h
@@ -359,7 +368,7 @@ def _attention_rows_kernel(
     mask_d = offs_d < HEAD_D
     kv_mask = mask_n[:, None] & mask_d[None, :]
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if MODE == 0:
+    if MODE == _ROWS_PROBS:
         k = _tile(k_ptr + b * sk_b + h * sk_h, offs_n, sk_n, offs_d, kv_mask)
     else:
         v = _tile(v_ptr + b * sv_b + h * sv_h, offs_n, sv_n, offs_d, kv_mask)
@@ -368,9 +377,9 @@ def _attention_rows_kernel(
         mask_m = offs_m < N_CTX
         qm = mask_m[:, None] & mask_d[None, :]
         r = tl.load(row_ptr + b * N_CTX + offs_m, mask=mask_m, other=0.0)
-        if MODE == 0:
+        if MODE == _ROWS_PROBS:
             q = _tile(q_ptr + b * sq_b + h * sq_h, offs_m, sq_n, offs_d, qm)
-            lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
             f = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
         else:
             do = _tile(do_ptr + b * sd_b + h * sd_h, offs_m, sd_n, offs_d, qm)
@@ -519,6 +528,65 @@ def attention_rows(
     return t
 
 
-def default_scale(head_dim: int) -> float:
-    """The usual softmax scale ``d^-½``."""
-    return 1.0 / math.sqrt(head_dim)
+
+# --------------------------------------------------------------------------- the autograd Function
+class AttentionKernels(NamedTuple):
+    """One implementation of the explanation attention (the signatures of the wrappers above)."""
+
+    forward: Callable  # (q, k, v, scale) -> (o, lse)
+    backward: Callable  # (q, k, v, o, lse, do, scale, row=None, input_grads=True) -> (dq, dk, dv, t)
+    rows: Callable  # (row, scale, q=, k=, lse= | do=, v=) -> t (B, H, N)
+
+
+class ExplanationAttention(torch.autograd.Function):
+    """``o = softmax(scale·QKᵀ) V`` whose backward also advances a ``RowState`` (docs/methods.md §8).
+
+    Per layer l and head h, ``P = softmax(scale·QKᵀ)`` is never stored: the forward keeps Q, K, V, O and
+    the row log-sum-exp ℓ, and the backward recomputes P and G = dP = dO Vᵀ tile by tile. While doing so,
+    the dK/dV program accumulates
+
+        t_h[j] = Σ_i s[i] · max(P_h[i, j] · G_h[i, j], 0),     s = r ⊙ (1 + w_mlp^l)  (``state.scaled_row``)
+
+    and ``state.update`` makes the row ``r ← s + mean_h(t_h) ⊙ w_attn^l`` before autograd reaches the
+    layer below. Autograd visits the layers top-down, so the state flows exactly as in the row algorithm
+    and no layer's Aˡ or Gˡ ever exists. A layer outside the state's layer choice gets no row
+    (``scaled_row`` is None): its backward computes dQ, dK, dV only.
+
+    ``anchor`` is a 0-d tensor that requires grad: every layer's output depends on it, so
+    ``torch.autograd.grad(score, anchor)`` runs every layer's backward (its gradient is 0). Layers whose
+    q, k, v need no gradient (the lowest explained layer) compute only the explanation sums.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, anchor, scale: float, layer: int, state: "RowState", kernels: AttentionKernels):
+        o, lse = kernels.forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse, anchor)
+        ctx.scale, ctx.layer, ctx.state, ctx.kernels = scale, layer, state, kernels
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, anchor = ctx.saved_tensors
+        state = ctx.state
+        input_grads = any(ctx.needs_input_grad[:3])
+        row = state.scaled_row(ctx.layer)  # None: a layer that leaves the row as it is
+        dq, dk, dv, t = ctx.kernels.backward(q, k, v, o, lse, do, ctx.scale, row=row, input_grads=input_grads)
+        state.update(ctx.layer, t)
+        return dq, dk, dv, torch.zeros_like(anchor), None, None, None, None
+
+
+def triton_attention() -> AttentionKernels:
+    """The Triton kernels of this module as an ``AttentionKernels``. Float32 products follow torch's own
+    TF32 switch at each call (``tf32_allowed``: full float32 unless torch allows TF32)."""
+
+    def fwd(q, k, v, scale):
+        return flash_forward(q, k, v, scale, ieee=not tf32_allowed())
+
+    def bwd(q, k, v, o, lse, do, scale, row=None, input_grads=True):
+        return flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=input_grads,
+                              ieee=not tf32_allowed())
+
+    def rows(row, scale, q=None, k=None, lse=None, do=None, v=None):
+        return attention_rows(row, scale, q=q, k=k, lse=lse, do=do, v=v, ieee=not tf32_allowed())
+
+    return AttentionKernels(fwd, bwd, rows)

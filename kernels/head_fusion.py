@@ -15,7 +15,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import MODE_CODES, MODE_DECOUPLED, MODE_ROLLOUT, GRADIENT_MODES, batch_bucket, contiguous, tuning_configs
+from ._utils import (
+    GRADIENT_MODES,
+    MODE_CODES,
+    MODE_DECOUPLED,
+    MODE_GAE,
+    MODE_ROLLOUT,
+    batch_bucket,
+    contiguous,
+    tuning_configs,
+)
+
+#: The mode codes as Triton constants, for the kernels' ``MODE == ...`` branches (jit code reads only
+#: ``tl.constexpr`` globals); the wrappers pass the plain ints of ``MODE_CODES``.
+_MODE_GAE = tl.constexpr(MODE_GAE)
+_MODE_DECOUPLED = tl.constexpr(MODE_DECOUPLED)
+_MODE_ROLLOUT = tl.constexpr(MODE_ROLLOUT)
 
 #: (BLOCK_I, BLOCK_J, num_warps, num_stages) timed on the GPU.
 GPU_CONFIGS = [
@@ -55,10 +70,10 @@ def _fused_tile_sum(
     g_acc = tl.zeros(a_ptrs.shape, dtype=tl.float32)
     for _h in range(H):
         a = tl.load(a_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if MODE == 0:  # gae
+        if MODE == _MODE_GAE:
             g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
             acc += tl.maximum(a * g, 0.0)
-        elif MODE == 1:  # decoupled
+        elif MODE == _MODE_DECOUPLED:
             g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
             acc += a
             g_acc += tl.maximum(g, 0.0)
@@ -66,7 +81,7 @@ def _fused_tile_sum(
             acc += a
         a_ptrs += NN
         g_ptrs += NN
-    if MODE == 1:
+    if MODE == _MODE_DECOUPLED:
         acc = acc * g_acc
     return acc
 
@@ -117,7 +132,7 @@ def _fuse_heads_kernel(
     NN = N * N
     head0 = b * H * NN
     fused = _fused_tile_sum(attn_ptr + head0 + tile, grad_ptr + head0 + tile, mask, H, NN, MODE) * scale
-    if MODE == 3:  # rollout: + ½ I
+    if MODE == _MODE_ROLLOUT:  # + ½ I
         fused += tl.where(offs_i[:, None] == offs_j[None, :], 0.5, 0.0)
     tl.store(out_ptr + b * NN + tile, fused, mask=mask)
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import batch_bucket, contiguous, num_sms, tuning_configs
+from ._utils import batch_bucket, contiguous, interpreted, num_splits, tuning_configs
 
 #: (BLOCK_R, BLOCK_J, num_warps) timed on the GPU.
 GPU_CONFIGS = [
@@ -119,17 +119,6 @@ def _legrad_finalize_kernel(part_ptr, out_ptr, B, N, SPLIT, ACCUMULATE: tl.const
 ROW_UNIT = 64
 
 
-def _num_splits(num_tiles: int, num_row_units: int, device: torch.device) -> int:
-    """Programs that share the rows of one column block: 1 under the interpreter or when
-    ``num_tiles`` (at the reference width 128) already gives about 2 programs per SM."""
-    if device.type != "cuda":
-        return 1
-    target = 2 * num_sms(device)
-    if num_tiles >= target:
-        return 1
-    return max(1, min(num_row_units, triton.cdiv(target, num_tiles), 64))
-
-
 def _launch(g: torch.Tensor, num_rows: Optional[int], out: Optional[torch.Tensor], accumulate: bool):
     """One launch over a 5-D ``(L, B, H, Q, N)`` tensor."""
     L, B, H, Q, N = g.shape
@@ -146,7 +135,7 @@ def _launch(g: torch.Tensor, num_rows: Optional[int], out: Optional[torch.Tensor
     g = contiguous(g)
     R = H * Q
     units = triton.cdiv(R, ROW_UNIT)
-    split = _num_splits(B * triton.cdiv(N, 128), units, g.device)
+    split = num_splits(B * triton.cdiv(N, 128), units, g.device)  # reference width 128
     r_per_split = triton.cdiv(units, split) * ROW_UNIT
     split = triton.cdiv(R, r_per_split)
     part = torch.empty((split, B, N), dtype=torch.float32, device=g.device) if split > 1 else out
@@ -155,7 +144,7 @@ def _launch(g: torch.Tensor, num_rows: Optional[int], out: Optional[torch.Tensor
         ACCUMULATE=bool(accumulate), SPLIT_OUT=split > 1,
     )
     if split > 1:
-        block = 128 if g.device.type == "cuda" else 512
+        block = 512 if interpreted(g.device) else 128
         _legrad_finalize_kernel[(B, triton.cdiv(N, block))](
             part, out, B, N, split, ACCUMULATE=bool(accumulate), BLOCK=block, num_warps=4,
         )

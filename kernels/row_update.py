@@ -42,11 +42,11 @@ from ._utils import (
     batch_bucket,
     contiguous,
     interpreted,
-    num_sms,
+    num_splits,
     tuning_configs,
     weight_arg,
 )
-from .head_fusion import _fused_tile_sum, fusion_scale
+from .head_fusion import _MODE_ROLLOUT, _fused_tile_sum, fusion_scale
 
 Weight = Union[torch.Tensor, float]
 
@@ -99,7 +99,7 @@ def _update_epilogue(
     offs = b * Q * N + offs_q[:, None] * N + offs_j[None, :]
     s = _scaled_rows(rows_ptr, w_mlp_ptr, b, offs_q, offs_j, Q, N, w_mlp_c, W_MLP_TENSOR)
     t = acc * scale
-    if MODE == 3:  # rollout: Ā = ½ mean_h A + ½ I
+    if MODE == _MODE_ROLLOUT:  # Ā = ½ mean_h A + ½ I
         t += 0.5 * s
     if W_ATTN_TENSOR:
         wa = tl.load(w_attn_ptr + b * N + offs_j, mask=mask_j, other=0.0).to(tl.float32)
@@ -271,26 +271,12 @@ def prepare_update_args(rows, attn, grad, w_attn, w_mlp, mode, out):
     return contiguous(rows), contiguous(attn), grad, weight_arg(w_attn), weight_arg(w_mlp), code, out
 
 
-def _num_splits(num_tiles: int, num_k_blocks: int, device: torch.device) -> int:
-    """How many programs share the i (reduction) range of one output tile.
-
-    1 under the interpreter and whenever ``num_tiles`` already fills the GPU
-    (about 2 programs per SM); otherwise enough splits to get there.
-    """
-    if device.type != "cuda":
-        return 1
-    target = 2 * num_sms(device)
-    if num_tiles >= target:
-        return 1
-    return max(1, min(num_k_blocks, triton.cdiv(target, num_tiles), 64))
-
-
 def plan_split(num_tiles: int, span: int, device: torch.device):
     """``(split, i_per_split)`` for a reduction over ``span`` rows: ``i_per_split`` is a multiple
     of ``SPLIT_UNIT`` (so any autotuned tile divides it) and ``split · i_per_split ≥ span``.
     ``num_tiles``: output tiles of the launch at the reference width 64 (what fills the device)."""
     units = max(1, triton.cdiv(span, SPLIT_UNIT))
-    split = _num_splits(num_tiles, units, device)
+    split = num_splits(num_tiles, units, device)
     i_per_split = triton.cdiv(units, split) * SPLIT_UNIT
     return max(1, triton.cdiv(span, i_per_split)), i_per_split
 

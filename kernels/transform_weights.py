@@ -33,9 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import batch_bucket, contiguous, tuning_configs
-
-EPS = 1e-6
+from ..transform import EPS
+from ._utils import batch_bucket, contiguous, interpreted, tuning_configs
 
 #: (BLOCK_N, BLOCK_D, num_warps, num_stages) timed on the GPU (at most 4: a first call benchmarks few;
 #: every one audited for sm_90 by benchmarks/compile_audit.py).
@@ -188,7 +187,7 @@ def transform_weights(
         USE_LENGTH=bool(use_length), USE_NECC=bool(use_necc),
     )
     if use_necc:
-        block = NORM_BLOCK_GPU if x.device.type == "cuda" else NORM_BLOCK_INTERPRETER
+        block = NORM_BLOCK_INTERPRETER if interpreted(x.device) else NORM_BLOCK_GPU
         block = min(block, max(16, triton.next_power_of_2(N)))
         _necc_normalize_kernel[(B, triton.cdiv(N, block))](exp_cos, out, N, BLOCK=block, num_warps=4)
     return out

@@ -1,5 +1,5 @@
 """The flash attention kernels (``tokentm_fast.kernels.attention``) against their PyTorch
-equivalents in float64 (``tokentm_fast.attention``), under Triton's interpreter.
+equivalents in float64 (``tokentm_fast.attention_torch``), under Triton's interpreter.
 
 Inputs come from a ``qkv`` projection reshaped and permuted as timm does, so the
 kernels read strided tensors; N is chosen off the tile sizes (37, 50, 197), head
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from tokentm_fast.attention import attention_backward_torch, attention_forward_torch, attention_rows_torch
+from tokentm_fast.attention_torch import attention_backward_torch, attention_forward_torch, attention_rows_torch
 from tokentm_fast.kernels import triton_available
 
 #: the suite's device (tests/conftest.py: ``--device`` / TOKENTM_TEST_DEVICE; CPU with the interpreter by default)
@@ -113,7 +113,8 @@ def test_row_sums_against_probabilities_and_positive_gradients(b, h, n, d, dtype
 def test_autograd_function_gives_the_gradients_of_plain_attention():
     """ExplanationAttention's dQ, dK, dV equal autograd through softmax(scale·QKᵀ)V, and its
     row state advances by s + mean_h(t) ⊙ w_attn with s = r ⊙ (1 + w_mlp)."""
-    from tokentm_fast.attention import ExplanationAttention, RowState, triton_attention
+    from tokentm_fast.aggregation import RowState
+    from tokentm_fast.kernels.attention import ExplanationAttention, triton_attention
 
     b, h, n, d = 2, 2, 37, 32
     q, k, v = (x.detach().clone().requires_grad_(True) for x in _qkv(b, h, n, d, torch.float32, seed=7))
@@ -157,7 +158,6 @@ def test_float32_products_follow_torchs_tf32_switch(monkeypatch, setting, allowe
     """Float32 ``tl.dot``: TF32 only where torch's own switch allows it (``allow_tf32`` /
     ``set_float32_matmul_precision``). The library's wrappers pass ``ieee = not allowed`` and the kernels
     get ``IEEE`` for float32 inputs only; ``kernels._utils.tf32_allowed`` states the same rule."""
-    import tokentm_fast.attention as TA
     from tokentm_fast.kernels import _utils
     from tokentm_fast.kernels import attention as A
 
@@ -168,17 +168,17 @@ def test_float32_products_follow_torchs_tf32_switch(monkeypatch, setting, allowe
         seen = []
         for name in ("flash_forward", "flash_backward", "attention_rows"):
             monkeypatch.setattr(A, name, lambda *a, **kw: seen.append(kw["ieee"]))
-        fwd, bwd, rows = tuple(TA.triton_attention())[:3]
+        fwd, bwd, rows = tuple(A.triton_attention())[:3]
         q, k, v = _qkv(1, 1, 8, 16, torch.float32)
         fwd(q, k, v, 0.25)
         bwd(q, k, v, q, q[..., 0], q, 0.25)
         rows(q[:, 0, :, 0], 0.25, q=q, k=k, lse=q[..., 0])
         assert seen == [not allowed] * 3
-        assert TA._tf32_allowed() is allowed
+        assert A.tf32_allowed() is allowed  # the rule the attention module's wrappers follow
         assert _utils.tf32_allowed() is allowed
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             t = torch.empty(1, dtype=dtype, device=DEVICE)
-            flags = A._dot_flags(t, ieee=not TA._tf32_allowed())
+            flags = A._dot_flags(t, ieee=not A.tf32_allowed())
             assert flags["IEEE"] is (dtype == torch.float32 and not allowed)
             assert flags["UPCAST"] is (DEVICE.type == "cpu" and dtype == torch.bfloat16)
     finally:

@@ -255,7 +255,7 @@ def test_float_constant_weights(update):
 def test_split_k_paths(monkeypatch, N, B, H):
     """The deterministic split-K path (used on GPUs when the batch is small) matches too."""
     ru_mod = importlib.import_module("tokentm_fast.kernels.row_update")
-    monkeypatch.setattr(ru_mod, "_num_splits", lambda *a: 3)  # plans the splits of both kernels
+    monkeypatch.setattr(ru_mod, "num_splits", lambda *a: 3)  # plans the splits of both kernels
     g = gen("split", N)
     a, gr = attn_grad(B, H, N, torch.float32, g)
     wa, wm = weights(B, N, g)
@@ -366,7 +366,7 @@ def test_legrad_reduce_row_split(monkeypatch):
     """The split of the rows over several programs (used on GPUs when the column blocks are few)
     sums the same, deterministically, also accumulating and over stacked layers."""
     lr_mod = importlib.import_module("tokentm_fast.kernels.legrad_reduce")
-    monkeypatch.setattr(lr_mod, "_num_splits", lambda *a: 3)
+    monkeypatch.setattr(lr_mod, "num_splits", lambda *a: 3)
     B, H, Q, N, L = 2, 3, 50, 77, 2  # R = 150 rows per layer: three splits, the last one partial
     g = gen("legrad-split")
     stacked = torch.randn(L, B, H, Q, N, generator=g).to(DEVICE)
@@ -404,7 +404,7 @@ def test_wrappers_read_nothing_back_to_the_host(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, trapped)
-    monkeypatch.setattr(importlib.import_module("tokentm_fast.kernels.row_update"), "_num_splits", lambda *a: 2)
+    monkeypatch.setattr(importlib.import_module("tokentm_fast.kernels.row_update"), "num_splits", lambda *a: 2)
     B, H, N = 2, 2, 145
     g = gen("no-sync")
     a, gr = attn_grad(B, H, N, torch.float32, g)
@@ -503,14 +503,14 @@ def test_row_update_support(lo, hi):
     out = poisoned(B, 1, N)
     check(out, K.row_update(rows, a_nan, g_nan, wa, wm, out=out, support=slice(lo, hi)), ref, 1e-5, "support")
     ru_mod = importlib.import_module("tokentm_fast.kernels.row_update")
-    orig = ru_mod._num_splits
+    orig = ru_mod.num_splits
     try:
-        ru_mod._num_splits = lambda *args: 2
+        ru_mod.num_splits = lambda *args: 2
         out = poisoned(B, 1, N)
         check(out, K.row_update(rows, a_nan, g_nan, wa, wm, out=out, support=slice(lo, hi)), ref, 1e-5,
               "support split")
     finally:
-        ru_mod._num_splits = orig
+        ru_mod.num_splits = orig
     ref = aggregation.row_update(f64(rows), f64(a), None, f64(wa), f64(wm), "mean")
     out = poisoned(B, 1, N)
     check(out, K.row_update(rows, a_nan, None, wa, wm, "mean", out=out, support=slice(lo, hi)), ref, 1e-5,

@@ -7,31 +7,49 @@
 - ``"mean"``:      Ā = mean_h A_h                          (no gradient)
 - ``"rollout"``:   Ā = ½ mean_h A_h + ½ I                  (no gradient)
 
+``FUSION_TABLE`` is the one list of these modes: the public checks
+(``tokentm_fast.validation``), the kernels' mode codes (``tokentm_fast.kernels._utils.MODE_*``)
+and the methods' ``head_fusion`` choices are all read off it.
+
 PyTorch implementation, oracle and CPU fallback of
 ``tokentm_fast.kernels.head_fusion``. Accumulates in float32 at least.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .transform import compute_dtype
 
-FUSION_MODES = ("gae", "decoupled", "mean", "rollout")
-GRADIENT_MODES = ("gae", "decoupled")
+
+class FusionMode(NamedTuple):
+    """One head-fusion mode: its name, the code the Triton kernels branch on, and whether it reads
+    the attention gradient."""
+
+    name: str
+    code: int
+    needs_gradient: bool
 
 
-def check_fusion_mode(mode: str) -> None:
-    if mode not in FUSION_MODES:
-        raise ValueError(f"unknown head fusion mode {mode!r}; expected one of {FUSION_MODES}")
+#: every head-fusion mode (docs/methods.md §3, §4)
+FUSION_TABLE: Tuple[FusionMode, ...] = (
+    FusionMode("gae", 0, True),
+    FusionMode("decoupled", 1, True),
+    FusionMode("mean", 2, False),
+    FusionMode("rollout", 3, False),
+)
+FUSION_MODES: Tuple[str, ...] = tuple(m.name for m in FUSION_TABLE)
+#: the modes that need ``grad`` (TokenTM's ``head_fusion`` choices)
+GRADIENT_MODES: Tuple[str, ...] = tuple(m.name for m in FUSION_TABLE if m.needs_gradient)
 
 
 def fuse_heads(attn: torch.Tensor, grad: Optional[torch.Tensor] = None, mode: str = "gae") -> torch.Tensor:
-    """Fuse the heads of one layer: ``(B, H, N, N) -> (B, N, N)``."""
-    check_fusion_mode(mode)
-    if mode in GRADIENT_MODES and grad is None:
-        raise ValueError(f"head fusion {mode!r} needs the attention gradient, got grad=None")
+    """Fuse the heads of one layer: ``(B, H, N, N) -> (B, N, N)``.
+
+    Arguments are trusted (the public entries check them, ``tokentm_fast.validation``): ``mode`` is one
+    of ``FUSION_MODES`` and ``grad`` is given for the ``GRADIENT_MODES``.
+    """
     dtype = compute_dtype(attn) if grad is None else compute_dtype(attn, grad)
     a = attn.to(dtype)
     inv_h = 1.0 / attn.shape[1]  # sum(1) * 1/H: a mean without mean()'s slower reduction path

@@ -34,11 +34,16 @@ implementations give shape, dtype and device only, so the ops trace under
 ops are for explanations computed after (or inside) the backward pass.
 
 Argument checks: every op checks its arguments once, on entry, with one
-validator shared by its CPU, CUDA and fake implementations (``check_*`` below:
-``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong rank, shape,
-device or mode). What they pass on is trusted: the Triton wrappers of
-``tokentm_fast.kernels`` do not check again (internal callers such as the fast
-path call those wrappers directly, with tensors they built themselves).
+validator shared by its CPU, CUDA and fake implementations (the ``check_*`` of
+``tokentm_fast.validation``, the module that also checks ``tokentm_fast.ops``'
+arguments: ``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong
+rank, shape, device or mode; shape, dtype, device and mode only, never values, so
+no host synchronisation, and they run on fake tensors while torch.compile traces).
+The ops take float32, bfloat16, float16 and float64 tensors
+(``validation.OPERATOR_DTYPES``). What they pass on is trusted: the PyTorch
+functions and the Triton wrappers of ``tokentm_fast.kernels`` do not check again
+(internal callers such as the fast path call those wrappers directly, with
+tensors they built themselves).
 
 Importing the module twice (or reloading it) is harmless: ops already defined
 in this process are reused, not redefined.
@@ -49,11 +54,11 @@ import torch
 from torch import Tensor
 
 from tokentm_fast.aggregation import row_update as _torch_row_update
-from tokentm_fast.fusion import FUSION_MODES, GRADIENT_MODES
 from tokentm_fast.fusion import fuse_heads as _torch_fuse_heads
 from tokentm_fast.legrad import legrad_reduce as _torch_legrad_reduce
 from tokentm_fast.transform import EPS, compute_dtype
 from tokentm_fast.transform import transform_weights as _torch_transform_weights
+from tokentm_fast.validation import check_fuse_heads, check_legrad_reduce, check_transform_weights, check_update
 
 NAMESPACE = "tokentm"
 OP_NAMES = ("transform_weights", "fuse_heads", "row_update", "matrix_update", "legrad_reduce")
@@ -83,99 +88,6 @@ def _any_f64(*ts: Optional[Tensor]) -> bool:
 
 def _f32(t: Tensor) -> Tensor:
     return t if t.dtype == _F32 else t.to(_F32)
-
-
-# --------------------------------------------------------------------------- argument checks
-#
-# Shape, dtype, device and mode only (never values: no host synchronisation, and
-# they run on fake tensors while torch.compile traces).
-
-#: dtypes the ops take (float64 runs the PyTorch path on every device).
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _tensor(name: str, t, ranks) -> Tensor:
-    """``t`` is a tensor of a supported floating dtype and of rank ``ranks`` (an int or a tuple)."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"tokentm: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in DTYPES:
-        allowed = ", ".join(_dtype_name(d) for d in DTYPES)
-        raise TypeError(f"tokentm: {name} must be a floating-point tensor ({allowed}), got {_dtype_name(t.dtype)}")
-    ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
-    if t.dim() not in ranks:
-        want = " or ".join(str(r) for r in ranks)
-        raise ValueError(f"tokentm: {name} must be {want}-D, got shape {tuple(t.shape)}")
-    return t
-
-
-def _same_shape(name: str, t: Tensor, shape, what: str) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"tokentm: {name} must have shape {what} = {tuple(shape)}, got {tuple(t.shape)}")
-
-
-def _same_device(ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
-    for name, t in others.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"tokentm: {name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
-def _mode(mode) -> None:
-    if mode not in FUSION_MODES:
-        raise ValueError(f"tokentm: unknown head fusion mode {mode!r}; expected one of {FUSION_MODES}")
-
-
-def check_transform_weights(x, x_tilde) -> None:
-    """``x, x_tilde``: ``(B, N, D)`` tensors of one shape, on one device."""
-    _tensor("x", x, 3)
-    _tensor("x_tilde", x_tilde, 3)
-    _same_shape("x_tilde", x_tilde, x.shape, "(B, N, D) of x")
-    _same_device("x", x, x_tilde=x_tilde)
-
-
-def check_fuse_heads(attn, grad, mode) -> None:
-    """``attn (B, H, N, N)`` with H ≥ 1; ``grad`` of the same shape, required by "gae" / "decoupled"."""
-    _mode(mode)
-    _tensor("attn", attn, 4)
-    b, h, n, n2 = attn.shape
-    if n != n2:
-        raise ValueError(f"tokentm: attn must be (B, H, N, N) with square N x N maps, got {tuple(attn.shape)}")
-    if h == 0:
-        raise ValueError("tokentm: attn has no heads (H = 0); the head mean is undefined")
-    if grad is None:
-        if mode in GRADIENT_MODES:
-            raise ValueError(f"tokentm: head fusion {mode!r} needs the attention gradient, got grad=None")
-        return
-    _tensor("grad", grad, 4)
-    _same_shape("grad", grad, attn.shape, "(B, H, N, N) of attn")
-    _same_device("attn", attn, grad=grad)
-
-
-def check_update(rows, attn, grad, w_attn, w_mlp, mode) -> None:
-    """``rows (B, Q, N)``, ``attn / grad`` as for ``fuse_heads``, ``w_* (B, N)`` or None."""
-    check_fuse_heads(attn, grad, mode)
-    b, _, n, _ = attn.shape
-    _tensor("rows", rows, 3)
-    if rows.shape[0] != b or rows.shape[2] != n:
-        raise ValueError(
-            f"tokentm: rows must be (B, Q, N) = ({b}, Q, {n}) to match attn {tuple(attn.shape)}, "
-            f"got {tuple(rows.shape)}"
-        )
-    for name, w in (("w_attn", w_attn), ("w_mlp", w_mlp)):
-        if w is not None:
-            _tensor(name, w, 2)
-            _same_shape(name, w, (b, n), "(B, N)")
-    _same_device("attn", attn, rows=rows, w_attn=w_attn, w_mlp=w_mlp)
-
-
-def check_legrad_reduce(grad_rows, num_rows) -> None:
-    """``grad_rows (B, H, Q, N)``; ``num_rows`` None or a positive int."""
-    _tensor("grad_rows", grad_rows, 4)
-    if num_rows is not None and (isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows <= 0):
-        raise ValueError(f"tokentm: num_rows must be a positive int (the rows the mean runs over), got {num_rows!r}")
 
 
 # --------------------------------------------------------------------------- implementations

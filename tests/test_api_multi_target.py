@@ -15,7 +15,8 @@ import timm
 import torch
 
 import tokentm_fast as tf
-from tokentm_fast import fast_path
+from tokentm_fast.methods import get_method
+from tokentm_fast.paths import TORCH_KERNELS, Materialized
 from tokentm_fast.kernels import triton_available
 from tokentm_fast.targets import class_logit
 
@@ -162,15 +163,15 @@ def test_captum_interop_refuses_several_targets(setup):
         TokenTMAttribution(model).attribute(images, target=TARGET)
 
 
-def test_fast_path_returns_one_map_per_target(setup):
-    """The list contract of explain_fast with a TargetList (used by tokentm_fast.multi_target)."""
+def test_materialized_path_returns_one_map_per_target(setup):
+    """The list contract of a method's explain with a TargetList (used by tokentm_fast.multi_target)."""
     from tokentm_fast.targets import check_targets
     model, images = setup
     vit = tf.Explainer(model, backend="torch").vit
     targets = check_targets(TARGET, 3, 6)
     for method in GRADIENT_METHODS:
         opts = tf.Explainer(model, method=method, backend="torch").options
-        out = fast_path.explain_fast(vit, images, method, targets, opts, fast_path.TORCH_KERNELS)
+        out = get_method(method).explain(vit, images, targets, opts, Materialized(TORCH_KERNELS))
         assert isinstance(out, list) and len(out) == 2 and out[0].shape == (3, 16)
 
 

@@ -23,10 +23,9 @@ import torch
 
 import tokentm_fast as tf
 from tokentm_fast import api
-from tokentm_fast.api import head_width
-from tokentm_fast.flash import MAX_HEAD_DIM
-from tokentm_fast.capture import explicit_attention
-from tokentm_fast.models import adapt, explicit_core
+from tokentm_fast.capture import prepared_model
+from tokentm_fast.models import adapt
+from tokentm_fast.paths import MAX_HEAD_DIM, head_width
 
 CUDA = torch.device("cuda")  # a device object only: nothing is allocated on it
 
@@ -158,9 +157,9 @@ def test_head_width_of_every_family():
 
         def core(l, q, k, v, scale):
             seen.append(q.shape[-1])
-            return explicit_core(l, q, k, v, scale)
+            return torch.softmax(scale * q @ k.transpose(-2, -1), -1) @ v
 
-        with explicit_attention(a) as handles, torch.no_grad():
+        with prepared_model(a) as handles, torch.no_grad():
             a.replace_attention(range(a.num_layers), core, handles)
             a.forward(mf.images(batch=1))
         assert d is not None and seen and set(seen) == {d}, (name, seen, d)

@@ -230,8 +230,8 @@ class RowState:
 
     def __init__(self, first: int, last: int, chosen: Optional[Iterable[int]] = None) -> None:
         self.first = first
-        self.next = last
         self.chosen = None if chosen is None else frozenset(chosen)
+        self.next = last if self.chosen is None else max(self.chosen)
         self.weights: Dict[int, Tuple[Weight, Weight]] = {}
         self.rows: Optional[torch.Tensor] = None
         self._s: Optional[torch.Tensor] = None

@@ -11,17 +11,15 @@ import warnings
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .maps import minmax_normalize, upsample_maps
+from .methods import REGISTRY, check_method, get_method, resolve_options
 from .models import adapt
-from .attention import triton_attention
-from .fast_path import TORCH_KERNELS, explain_fast, triton_kernels
-from .flash import MAX_HEAD_DIM, explain_flash, head_width, heads_fit
-from .methods import FULL_MATRIX_METHODS, check_method, resolve_options
-from .reference import explain_reference
 from .multi_target import explain_targets
-from .targets import Target, TargetList, check_target, check_targets
+from .paths import MAX_HEAD_DIM, TORCH_KERNELS, Flash, Materialized, head_width, heads_fit, triton_kernels
+from .reference import explain_reference
+from .targets import Target, TargetList, check_targets
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 ATTENTION_PATHS = ("auto", "flash", "materialized")
@@ -75,9 +73,9 @@ class Explainer:
             ``"materialized"`` (attention probabilities and gradients captured as tensors, then the
             fused aggregation kernels) or ``"auto"``: flash on CUDA, materialized otherwise and for
             ``full=True``, ``head_fusion="decoupled"`` (which need whole matrices) and heads wider
-            than 128 (``tokentm_fast.flash.MAX_HEAD_DIM``). The
+            than 128 (``tokentm_fast.paths.MAX_HEAD_DIM``). The
             ``reference`` and ``torch`` backends always materialize.
-        **options: method options (see ``tokentm_fast.methods.DEFAULT_OPTIONS``).
+        **options: method options (``tokentm_fast.methods.REGISTRY[method].defaults`` lists them).
     """
 
     def __init__(self, model: nn.Module, method: str = "tokentm", backend: str = "auto",
@@ -85,16 +83,19 @@ class Explainer:
                  attention: str = "auto", **options: Any) -> None:
         self.vit = adapt(model)
         self.method = check_method(method)
+        self.spec = get_method(method)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         self.backend = backend
-        if full and method not in FULL_MATRIX_METHODS:
-            raise ValueError(f"full=True is available for {FULL_MATRIX_METHODS}, not for {method!r}")
+        if full and not self.spec.full_matrix:
+            full_matrix = tuple(m for m, spec in REGISTRY.items() if spec.full_matrix)
+            raise ValueError(f"full=True is available for {full_matrix}, not for {method!r}")
         self.full = bool(full)
         self.upsample, self.normalize = _check_output_options(upsample, normalize, self.full)
         self.options = resolve_options(method, options, self.vit.num_layers)
         self.head_width = head_width(self.vit)
-        self.attention = _check_attention(attention, backend, self.full, self.options, self.head_width)
+        self.attention = _check_attention(attention, backend, self.full, self.spec.flash_refusal(self.options),
+                                          self.head_width)
         self._warned_no_triton = False
 
     def backend_for(self, images: torch.Tensor) -> str:
@@ -131,7 +132,7 @@ class Explainer:
             return "flash"
         if backend != "triton" or self.attention == "materialized":
             return "materialized"
-        flash_ok = (images.is_cuda and not self.full and _flash_serves(self.options)
+        flash_ok = (images.is_cuda and not self.full and self.spec.flash_refusal(self.options) is None
                     and heads_fit(self.head_width))
         return "flash" if flash_ok else "materialized"
 
@@ -172,17 +173,18 @@ class Explainer:
         target = check_targets(target, images.shape[0], self.vit.num_classes)
         backend = self.backend_for(images)
         path = "reference" if backend == "reference" else self.attention_for(images, backend)
-        kernels = TORCH_KERNELS if backend == "torch" else triton_kernels() if backend == "triton" else None
-
-        def one(t):
-            if path == "reference":
+        if path == "reference":
+            def one(t):
                 return explain_reference(self.vit, images, self.method, t, self.options, self.full)
-            if path == "flash":
-                return explain_flash(self.vit, images, self.method, t, self.options, kernels, triton_attention())
-            return explain_fast(self.vit, images, self.method, t, self.options, kernels, self.full)
+        else:
+            kernels = TORCH_KERNELS if backend == "torch" else triton_kernels()
+            strategy = Materialized(kernels) if path == "materialized" else Flash(kernels, _triton_attention())
+
+            def one(t):
+                return self.spec.explain(self.vit, images, t, self.options, strategy, self.full)
 
         many = isinstance(target, TargetList)   # K targets: (B·K, ...) image-major, (B, K, ...) at the end
-        out = explain_targets(self.method, path, target, one, one) if many else one(target)
+        out = explain_targets(self.spec, path, target, one) if many else one(target)
         out = out.detach().to(torch.float32)
         if not torch.isfinite(out).all():
             raise FloatingPointError(
@@ -197,12 +199,13 @@ class Explainer:
         return out.unflatten(0, (images.shape[0], len(target))) if many else out
 
 
-def _flash_serves(options: dict) -> bool:
-    """``head_fusion="decoupled"`` multiplies two head means per entry: it does not factor per head."""
-    return options.get("head_fusion", "gae") != "decoupled"
+def _triton_attention():
+    from .kernels.attention import triton_attention
+
+    return triton_attention()
 
 
-def _check_attention(attention: Any, backend: str, full: bool, options: dict,
+def _check_attention(attention: Any, backend: str, full: bool, flash_refusal: Optional[str],
                      width: Optional[int] = None) -> str:
     if attention not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention={attention!r}; expected one of {ATTENTION_PATHS}")
@@ -213,9 +216,8 @@ def _check_attention(attention: Any, backend: str, full: bool, options: dict,
         if full:
             raise ValueError("attention='flash' gives the explanation row; full=True needs the whole matrix "
                              "(use attention='materialized' or 'auto')")
-        if not _flash_serves(options):
-            raise ValueError("head_fusion='decoupled' needs mean_h A and mean_h max(G, 0) per entry, which the "
-                             "flash path does not form: use attention='materialized' or 'auto'")
+        if flash_refusal is not None:
+            raise ValueError(f"{flash_refusal}: use attention='materialized' or 'auto'")
         if not heads_fit(width):
             raise ValueError(f"attention='flash': the flash attention kernels take heads up to {MAX_HEAD_DIM} "
                              f"wide; this model's heads are {width} wide: use attention='materialized' or 'auto'")
@@ -229,20 +231,6 @@ def _check_output_options(upsample: Any, normalize: Any, full: bool) -> tuple:
     if upsample and full:
         raise ValueError("upsample=True makes image-sized maps; it cannot be combined with full=True")
     return upsample, normalize
-
-
-def upsample_maps(maps: torch.Tensor, size: tuple) -> torch.Tensor:
-    """Bilinear resize of ``(B, gh, gw)`` maps to ``size = (H, W)`` → ``(B, H, W)``."""
-    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
-    """Per image ``(e − min) / (max − min)`` over all but the batch dimension; constant maps → 0."""
-    flat = maps.reshape(maps.shape[0], -1)
-    lo = flat.min(dim=1, keepdim=True).values
-    span = flat.max(dim=1, keepdim=True).values - lo
-    span = torch.where(span > 0, span, torch.ones_like(span))
-    return ((flat - lo) / span).reshape(maps.shape)
 
 
 def explain(model: nn.Module, images: torch.Tensor, method: str = "tokentm", target: Target = None,

@@ -1,6 +1,6 @@
 """Capture of per-layer tensors through the adapter protocol (family-free).
 
-``explicit_attention(vit)`` prepares a model for one explanation call and
+``prepared_model(vit)`` prepares a model for one explanation call and
 puts it back exactly as it was, also when the call raises: eval mode,
 parameters frozen so that no parameter gradient is ever computed, fused
 attention flags off, and every hook or patched forward that callers add to
@@ -46,7 +46,7 @@ def _model_of(vit) -> nn.Module:
 
 
 @contextmanager
-def explicit_attention(vit) -> Iterator[list]:
+def prepared_model(vit) -> Iterator[list]:
     """Eval mode, frozen parameters, fused attention off; restore everything on exit.
 
     ``vit``: an adapter (or a bare ``nn.Module``). Yields a list to which

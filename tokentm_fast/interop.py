@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .api import Explainer, minmax_normalize
+from .api import Explainer
+from .maps import minmax_normalize
 from .targets import Target
 
 __all__ = ["explain_func", "TokenTMAttribution", "as_target"]

@@ -8,7 +8,7 @@ How the K explanations share the work, per path:
 - ``backend="torch"`` and ``"triton"`` with materialized attention: one forward pass; TokenTM and
   GAE then run K backward passes through the kept graph (``retain_graph``), each carrying its own
   row update; LeGrad and attention Grad-CAM re-run the (prefix-row) block tails once and
-  back-propagate them K times (``tokentm_fast.fast_path``). The graph and the per-layer attention
+  back-propagate them K times (``tokentm_fast.paths``). The graph and the per-layer attention
   stay alive until the K-th backward, so the peak memory is that of one call plus K small maps;
 - the flash path (``attention="flash"``): LeGrad and attention Grad-CAM share the forward as on
   the materialized path (the same block-tail backward); TokenTM and GAE run one call per target
@@ -27,27 +27,21 @@ import torch
 
 from .targets import TargetList
 
-#: methods whose explanation does not depend on the target
-TARGET_FREE = ("rollout", "raw_attention")
-#: methods whose flash path takes a TargetList (one forward, the block tails back-propagated K times)
-FLASH_SHARED = ("legrad", "attn_gradcam")
 
-
-def explain_targets(method: str, path: str, targets: TargetList,
-                    one: Callable[[object], torch.Tensor],
-                    shared: Callable[[TargetList], list]) -> torch.Tensor:
+def explain_targets(spec, path: str, targets: TargetList, explain: Callable[[object], torch.Tensor]) -> torch.Tensor:
     """The K explanations stacked image-major, ``(B·K, ...)`` (image b's targets are rows
     ``b·K .. b·K+K−1``), so the caller's per-image post-processing applies unchanged.
 
-    ``path``: ``"reference"``, ``"flash"`` or ``"materialized"``; ``one(target)``: one
-    explanation; ``shared(targets)``: the K explanations from one forward (the paths that share it).
+    ``spec``: the method's ``MethodSpec`` (``target_free``, ``flash_shares_forward``); ``path``:
+    ``"reference"``, ``"flash"`` or ``"materialized"``; ``explain(target)``: one explanation for a
+    single target, or the list of the K explanations from one forward for the ``TargetList``.
     """
     k = len(targets)
-    if method in TARGET_FREE:
-        e = one(targets[0])
+    if spec.target_free:
+        e = explain(targets[0])
         outs = [e] * k
-    elif path == "materialized" or (path == "flash" and method in FLASH_SHARED):
-        outs = shared(targets)
+    elif path == "materialized" or (path == "flash" and spec.flash_shares_forward):
+        outs = explain(targets)
     else:
-        outs = [one(t) for t in targets]
+        outs = [explain(t) for t in targets]
     return torch.stack(outs, dim=1).flatten(0, 1)

@@ -14,9 +14,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .capture import LayerRecorder, explicit_attention
+from .capture import LayerRecorder, prepared_model
 from .fusion import fuse_heads
-from .methods import LAYER_CHOICE_METHODS, chosen_layers
+from .methods import chosen_layers, get_method
 from .targets import resolve_target, target_score
 from .transform import token_lengths, transform_weights
 from .models.protocol import ViTAdapter
@@ -43,15 +43,16 @@ def explain_reference(
     vit = vit.with_model(model)
     x = images.to(torch.float64)
     L, P = vit.num_layers, vit.num_prefix_tokens
-    uses_grad = method in ("tokentm", "gae", "attn_gradcam", "legrad")
+    spec = get_method(method)
+    uses_grad = spec.needs_gradients
     # first block used: start_layer where the method has it, all blocks for GAE, the last otherwise
     first = options.get("start_layer", 0 if method == "gae" else L - 1)
     layers = list(range(first, L))
-    if method in LAYER_CHOICE_METHODS:     # LeGrad's sum / rollout's product over the chosen blocks only
+    if spec.layer_choice:     # LeGrad's sum / rollout's product over the chosen blocks only
         layers = chosen_layers(options, L)
         first = layers[0]
     recorder = LayerRecorder(vit, layers, grad_from=first if uses_grad else None)
-    with explicit_attention(vit) as handles, torch.set_grad_enabled(uses_grad):
+    with prepared_model(vit) as handles, torch.set_grad_enabled(uses_grad):
         recorder.install(handles)
         logits = vit.forward(x)
         target = resolve_target(target, logits)

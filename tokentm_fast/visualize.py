@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .maps import minmax_normalize, upsample_maps
+
 __all__ = [
     "DEFAULT_CMAP", "NORMALIZATION_NOTE", "NOTE_GID", "ConstantMapWarning", "is_constant_map", "normalize_map",
     "overlay", "save_overlay", "overlay_figure", "save_overlay_figure", "grid_figure", "save_grid",
@@ -140,16 +142,12 @@ def normalize_map(m: ArrayLike) -> np.ndarray:
 
     Non-finite entries are ignored for the min / max and become 0.
     """
-    a = _np(m)
-    out = np.zeros_like(a, dtype=np.float32)
-    finite = np.isfinite(a)
+    a = torch.from_numpy(np.ascontiguousarray(_np(m)))
+    finite = torch.isfinite(a)
     if not finite.any():
-        return out
-    lo = float(a[finite].min())
-    hi = float(a[finite].max())
-    if hi > lo:
-        out[finite] = (a[finite] - lo) / (hi - lo)
-    return np.clip(out, 0.0, 1.0)
+        return np.zeros(a.shape, dtype=np.float32)
+    filled = torch.where(finite, a, a[finite].min())     # non-finite entries take the minimum: 0 after
+    return minmax_normalize(filled.reshape(1, -1)).reshape(a.shape).clamp(0.0, 1.0).numpy()
 
 
 def is_constant_map(m: ArrayLike) -> bool:
@@ -198,9 +196,7 @@ def _upsample(m: ArrayLike, size) -> np.ndarray:
     if a.dim() != 2:
         raise ValueError(f"map must be (gh, gw), got shape {tuple(a.shape)}")
     a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-    if tuple(a.shape) == tuple(size):
-        return a.numpy()
-    return F.interpolate(a[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    return upsample_maps(a[None], size)[0].numpy()
 
 
 def overlay(image: ArrayLike, m: ArrayLike, cmap: str = DEFAULT_CMAP, alpha: float = 0.5) -> np.ndarray:

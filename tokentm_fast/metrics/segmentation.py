@@ -27,32 +27,10 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..maps import minmax_normalize, upsample_maps
 from .exact import ExactSum
 
 __all__ = ["SegmentationMetric", "upsample_maps", "minmax_normalize", "average_precision"]
-
-
-def upsample_maps(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling ``(B, gh, gw) -> (B, H, W)`` (``align_corners=False``), float32 or wider."""
-    if maps.dim() != 3:
-        raise ValueError(f"maps must be (B, gh, gw), got shape {tuple(maps.shape)}")
-    x = maps.detach()
-    if not x.is_floating_point() or x.element_size() < 4:
-        x = x.float()
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x.clone()
-    return F.interpolate(x[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
-
-
-def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
-    """Per-image min–max normalization of ``(B, ...)`` to ``[0, 1]``; a constant image becomes zeros."""
-    flat = x.reshape(x.shape[0], -1)
-    lo = flat.amin(dim=1, keepdim=True)
-    hi = flat.amax(dim=1, keepdim=True)
-    rng = hi - lo
-    ok = rng > 0
-    out = torch.where(ok, (flat - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.zeros_like(flat))
-    return out.reshape(x.shape)
 
 
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import List, NamedTuple
 
 from torch import nn
 
-from .protocol import AttentionCore, PatchedForward, ViTAdapter, explicit_core, merge_heads, split_heads
+from .protocol import AttentionCore, PatchedForward, ViTAdapter, merge_heads, split_heads
 
 
 class Family(NamedTuple):
@@ -114,6 +114,6 @@ def adapt(model: nn.Module) -> ViTAdapter:
 
 
 __all__ = [
-    "AttentionCore", "FAMILIES", "PatchedForward", "ViTAdapter", "adapt", "explicit_core", "merge_heads",
+    "AttentionCore", "FAMILIES", "PatchedForward", "ViTAdapter", "adapt", "merge_heads",
     "split_heads", "supported_classes", "unwrap",
 ]

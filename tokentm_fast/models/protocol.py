@@ -58,11 +58,6 @@ class PatchedForward:
         self.module = None
 
 
-def explicit_core(l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(scale · q kᵀ) v`` with the probabilities as an explicit tensor."""
-    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-
-
 def merge_heads(o: torch.Tensor) -> torch.Tensor:
     """``(B, H, N, d) -> (B, N, H·d)``."""
     b, h, n, d = o.shape
@@ -152,10 +147,6 @@ class ViTAdapter(abc.ABC):
         """Block output ``Xˡ`` from its input ``Xˡ⁻¹`` and the mixed heads ``o (B, N, H·d)``."""
         y = x_in + self.attn_output(l, o)
         return y + self.mlp_branch(l, y)
-
-    def head_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Alias of ``head``."""
-        return self.head(tokens)
 
     def block_input(self, args: tuple, kwargs: Dict[str, Any]) -> torch.Tensor:
         """The tokens ``Xˡ⁻¹`` among a block's call arguments."""

@@ -1,58 +1,37 @@
-"""The explanation methods, their options and defaults (docs/methods.md §3–§6)."""
+"""A method's options checked against its registry entry, defaults filled in (docs/methods.md §3–§6)."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
-METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad")
-FULL_MATRIX_METHODS = ("tokentm", "gae", "rollout")
-
-DEFAULT_OPTIONS: Dict[str, Dict[str, Any]] = {
-    "tokentm": {"head_fusion": "gae", "use_length": True, "use_necc": True, "init": "length", "start_layer": 0},
-    "gae": {},
-    "rollout": {"start_layer": 0},
-    "raw_attention": {},
-    "attn_gradcam": {},
-    "legrad": {"start_layer": -2},
-}
-
-#: methods that aggregate over a chosen set of blocks (LeGrad's sum, rollout's product, TokenTM's
-#: depth ablation; docs/methods.md "Layer choice"): besides ``start_layer`` they take ``end_layer``
-#: (exclusive) or an explicit ``layers`` list. GAE has no layer option (tests/test_errors.py keeps
-#: its ``start_layer`` refused), attention Grad-CAM and raw attention read one block.
-LAYER_CHOICE_METHODS = ("legrad", "rollout", "tokentm")
-
-_CHOICES = {"head_fusion": ("gae", "decoupled"), "init": ("length", "identity")}
+#: the options every method with ``layer_choice`` takes besides ``start_layer`` (docs/methods.md
+#: "Layer choice"): ``end_layer`` (exclusive) or an explicit ``layers`` list
+LAYER_OPTIONS = ("end_layer", "layers")
 
 
-def check_method(method: str) -> str:
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    return method
+def resolve_options(spec, options: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
+    """Validate ``options`` for the method ``spec`` (a ``MethodSpec``) and fill in its defaults.
 
-
-def resolve_options(method: str, options: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
-    """Validate ``options`` for ``method`` and fill in defaults.
-
-    ``start_layer`` is returned as a non-negative block index: for TokenTM and
-    rollout the number of bottom blocks skipped (0 ≤ k < L), for LeGrad the
-    first block used (negative values count from the end, as in Python).
+    ``start_layer`` is returned as a non-negative block index: for TokenTM and rollout the number of
+    bottom blocks skipped (0 ≤ k < L), for LeGrad the first block used (negative values count from
+    the end, as in Python: ``spec.start_from_end``). ``end_layer`` / ``layers`` become ``layers``,
+    the sorted tuple of chosen blocks.
     """
-    defaults = DEFAULT_OPTIONS[check_method(method)]
-    extra = ("end_layer", "layers") if method in LAYER_CHOICE_METHODS else ()
+    method, defaults = spec.name, spec.defaults
+    extra = LAYER_OPTIONS if spec.layer_choice else ()
     unknown = sorted(set(options) - set(defaults) - set(extra))
     if unknown:
         valid = ", ".join(defaults) or "none"
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {valid}")
     resolved = {**defaults, **options}
     for name, value in resolved.items():
-        if name in _CHOICES and value not in _CHOICES[name]:
-            raise ValueError(f"option {name}={value!r} for {method!r}; expected one of {_CHOICES[name]}")
-        if name in ("use_length", "use_necc") and not isinstance(value, bool):
+        if name in spec.choices and value not in spec.choices[name]:
+            raise ValueError(f"option {name}={value!r} for {method!r}; expected one of {spec.choices[name]}")
+        if name in spec.flags and not isinstance(value, bool):
             raise TypeError(f"option {name} must be a bool, got {value!r}")
         if name == "start_layer":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"option start_layer must be an int, got {value!r}")
-            low = -num_layers if method == "legrad" else 0
+            low = -num_layers if spec.start_from_end else 0
             if not low <= value < num_layers:
                 raise ValueError(
                     f"option start_layer={value} out of range for a model with {num_layers} blocks "
@@ -100,6 +79,6 @@ def _resolve_layers(method: str, options: Dict[str, Any], start: int, num_layers
     return tuple(range(start, end))
 
 
-def chosen_layers(options: Dict[str, Any], num_layers: int) -> list:
-    """The blocks LeGrad / rollout aggregate over: ``options["layers"]`` or ``start_layer .. L-1``."""
+def chosen_layers(options: Dict[str, Any], num_layers: int) -> List[int]:
+    """The blocks a method aggregates over: ``options["layers"]`` or ``start_layer .. L-1``."""
     return list(options["layers"]) if "layers" in options else list(range(options["start_layer"], num_layers))

@@ -1,0 +1,74 @@
+"""TokenTM, GAE and rollout: one aggregation engine with three sets of constants (docs/methods.md §3, §4).
+
+Every one of them is the product of the per-layer update maps
+``Uˡ = (I + diag(w_mlp)) · (I + Āˡ · diag(w_attn))`` applied to ``C⁰`` (``tokentm_fast.aggregation``);
+the rows of ``Cᴸ`` are carried top-down through the chosen blocks by the attention path
+(``tokentm_fast.paths``: materialized or flash), then multiplied by ``diag(C⁰)``:
+
+============  ==================  ===============  =============  ===========
+method        fusion              w_attn           w_mlp          C⁰
+============  ==================  ===============  =============  ===========
+tokentm       gae | decoupled     §2 weights       §2 weights     diag(|X⁰|) or I
+gae           gae                 1                0              I
+rollout       mean                1                −½             I
+============  ==================  ===============  =============  ===========
+
+Each function returns the explanation over the patch tokens ``(B, N−P)`` (``(B, N, N)`` with
+``full``; a list of them for a ``TargetList``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..aggregation import GAE, ROLLOUT, finish_rows
+from ..models.protocol import ViTAdapter
+from ..transform import token_lengths
+from .options import chosen_layers
+
+#: the record keys TokenTM's transformation weights read (``tokentm_fast.capture.LayerRecorder``)
+WEIGHT_KEYS = ("x_in", "values", "y", "mlp_out")
+
+
+def _finish(vit: ViTAdapter, rows, c0: Optional[torch.Tensor], full: bool):
+    """``rows · diag(C⁰)``, then the patch tokens of the query row (or the whole matrix for ``full``)."""
+    if isinstance(rows, list):
+        return [_finish(vit, r, c0, full) for r in rows]
+    rows = finish_rows(rows, c0)
+    return rows if full else rows[:, 0, vit.num_prefix_tokens:]
+
+
+def tokentm(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
+    """TokenTM: the transformation weights of docs/methods.md §2 per layer (computed in the forward from
+    the block's tokens, which are then dropped), the chosen head fusion, ``C⁰ = diag(|X⁰|)`` or I."""
+    transform_weights = path.kernels.transform_weights
+    use = dict(use_length=options["use_length"], use_necc=options["use_necc"])
+
+    def weigh(l: int, rec: Dict[str, torch.Tensor]):
+        with torch.no_grad():
+            x_tilde = vit.value_tokens(l, rec["values"])
+            return (transform_weights(rec["x_in"], x_tilde, **use),
+                    transform_weights(rec["y"], rec["mlp_out"], **use))
+
+    layers = chosen_layers(options, vit.num_layers)
+    rows, first_input = path.gradient_rows(vit, images, target, layers, weigh, WEIGHT_KEYS,
+                                           options["head_fusion"], full)
+    c0 = token_lengths(first_input) if options["init"] == "length" else None
+    return _finish(vit, rows, c0, full)
+
+
+def gae(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
+    """GAE: every block, ``w_attn = 1``, ``w_mlp = 0``, ``C⁰ = I``."""
+    def weigh(l: int, rec: Dict[str, torch.Tensor]):
+        return GAE.w_attn, GAE.w_mlp
+
+    layers = list(range(vit.num_layers))
+    rows, _ = path.gradient_rows(vit, images, target, layers, weigh, (), GAE.fusion, full)
+    return _finish(vit, rows, None, full)
+
+
+def rollout(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
+    """Rollout: ``Cᴸ = Π_l (½ mean_h Aˡ + ½ I)`` over the chosen blocks, no gradient, no target."""
+    rows = path.constant_rows(vit, images, chosen_layers(options, vit.num_layers), ROLLOUT, full)
+    return _finish(vit, rows, None, full)

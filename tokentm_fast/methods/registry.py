@@ -1,0 +1,89 @@
+"""The explanation methods: one ``MethodSpec`` per method, the only method switch of the package.
+
+A method is a name, its options (defaults, allowed values), what it can do (capabilities the entry
+checks before any work) and one function, ``explain(vit, images, target, options, path, full)``, in the
+module of its family (``engine``: TokenTM / GAE / rollout; ``tails``: LeGrad / attention Grad-CAM;
+``raw``: raw attention). ``path`` is the attention path strategy (``tokentm_fast.paths``).
+
+Adding a method: a ``MethodSpec`` here and its function in one module (an existing family's, or a
+new one); the literal oracle (``tokentm_fast.reference``) gets its literal formula too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from ..fusion import GRADIENT_MODES
+from . import engine, raw, tails
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One explanation method.
+
+    Attributes:
+        name: the ``method=`` name.
+        explain: ``(vit, images, target, options, path, full) -> (B, N−P)`` map (``(B, N, N)`` with
+            ``full``; for a ``TargetList`` target, the list of the K maps).
+        defaults: every option with its default (the options the method takes).
+        choices: options restricted to a set of values.
+        flags: options that must be bools.
+        layer_choice: takes ``end_layer`` / ``layers`` besides ``start_layer`` (docs/methods.md "Layer choice").
+        start_from_end: ``start_layer`` may be negative (counted from the end, as LeGrad's default).
+        full_matrix: ``full=True`` gives the whole ``(B, N, N)`` contribution matrix.
+        needs_gradients: runs a backward pass (a target that is a score of the output).
+        target_free: the map does not depend on the target (computed once for K targets).
+        flash_refuses: option values the flash path cannot serve → the reason (the entry's message).
+        flash_shares_forward: on the flash path, K targets share one forward (the others: one call each).
+    """
+
+    name: str
+    explain: Callable
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    choices: Mapping[str, Tuple] = field(default_factory=dict)
+    flags: Tuple[str, ...] = ()
+    layer_choice: bool = False
+    start_from_end: bool = False
+    full_matrix: bool = False
+    needs_gradients: bool = True
+    target_free: bool = False
+    flash_refuses: Mapping[Tuple[str, Any], str] = field(default_factory=dict)
+    flash_shares_forward: bool = False
+
+    def flash_refusal(self, options: Mapping[str, Any]) -> Optional[str]:
+        """Why the flash path cannot serve these (resolved) options, or None."""
+        return next((why for (name, value), why in self.flash_refuses.items() if options.get(name) == value), None)
+
+
+REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec(
+        "tokentm", engine.tokentm,
+        defaults={"head_fusion": "gae", "use_length": True, "use_necc": True, "init": "length", "start_layer": 0},
+        choices={"head_fusion": GRADIENT_MODES, "init": ("length", "identity")},
+        flags=("use_length", "use_necc"), layer_choice=True, full_matrix=True,
+        flash_refuses={("head_fusion", "decoupled"):
+                       "head_fusion='decoupled' needs mean_h A and mean_h max(G, 0) per entry, which the flash "
+                       "path does not form"},
+    ),
+    # GAE has no layer option (tests keep its start_layer refused)
+    MethodSpec("gae", engine.gae, full_matrix=True),
+    MethodSpec("rollout", engine.rollout, defaults={"start_layer": 0}, layer_choice=True, full_matrix=True,
+               needs_gradients=False, target_free=True),
+    MethodSpec("raw_attention", raw.raw_attention, needs_gradients=False, target_free=True),
+    MethodSpec("attn_gradcam", tails.attn_gradcam, flash_shares_forward=True),
+    MethodSpec("legrad", tails.legrad, defaults={"start_layer": -2}, layer_choice=True, start_from_end=True,
+               flash_shares_forward=True),
+)}
+
+METHODS: Tuple[str, ...] = tuple(REGISTRY)
+
+
+def check_method(method: str) -> str:
+    if not isinstance(method, str) or method not in REGISTRY:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    return method
+
+
+def get_method(method: str) -> MethodSpec:
+    """The registry entry of ``method`` (``ValueError`` naming the known methods otherwise)."""
+    return REGISTRY[check_method(method)]

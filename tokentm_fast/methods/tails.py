@@ -1,0 +1,52 @@
+"""LeGrad and attention Grad-CAM: methods read off the gradient of the score at each block's mixed heads
+(docs/methods.md §5, §6).
+
+The attention path (``tokentm_fast.paths``) runs the model's forward once and one backward through the
+re-run block tails (proj, MLP, head) from the mixed heads ``o = concat_h(A_h V_h)``, giving
+``dO_l = ∂s_l/∂o_l`` and ``G̃ˡ_h[i, j] = ⟨dO_l,h[i], V_h[j]⟩`` (``TailCapture``); the methods reduce it:
+
+- LeGrad: ``e = Σ_l mean_h (1/N) Σ_i max(G̃ˡ_h[i, :], 0)`` over the chosen blocks;
+- attention Grad-CAM: ``α_h = mean_{j ≥ P} G̃ᴸ_h[q, j]`` and ``e = max(mean_h α_h Aᴸ_h[q, :], 0)`` for the
+  query row q of the last block.
+
+Each returns ``(B, N−P)`` (a list over the targets for a ``TargetList``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from ..models.protocol import ViTAdapter
+from ..targets import TargetList
+from .options import chosen_layers
+
+
+def _per_target(target, d_outs, reduce):
+    """``reduce`` applied to the gradients of each target (a ``TargetList``) or of the one target."""
+    return [reduce(d) for d in d_outs] if isinstance(target, TargetList) else reduce(d_outs)
+
+
+def legrad(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
+    """LeGrad over the chosen blocks (``start_layer`` .. L−1 by default the last two)."""
+    layers = chosen_layers(options, vit.num_layers)
+    cap = path.tail_capture(vit, images, target, layers, query_layers=())
+
+    def reduce(d_outs):
+        return path.legrad_sum(vit, cap, d_outs, layers, images)[:, vit.num_prefix_tokens:]
+
+    return _per_target(target, cap.d_outs, reduce)
+
+
+def attn_gradcam(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path,
+                 full: bool = False):
+    """Attention Grad-CAM of the last block: the head weights α_h are the mean gradient over the patches."""
+    last, prefix = vit.num_layers - 1, vit.num_prefix_tokens
+    cap = path.tail_capture(vit, images, target, [last], query_layers=[last])
+
+    def reduce(d_outs):
+        a_q, g_q = path.query_rows(vit, cap, d_outs[0], last, images)        # (B, H, N) each
+        alpha = g_q[:, :, prefix:].mean(-1, keepdim=True)                      # α_h
+        return (alpha * a_q).mean(1).clamp_min(0)[:, prefix:]
+
+    return _per_target(target, cap.d_outs, reduce)

@@ -1,0 +1,432 @@
+"""The two attention paths, as strategies the methods run over (docs/methods.md §3.1, §6, §8).
+
+A method (``tokentm_fast.methods``) says *what* it computes — which blocks, which per-layer
+weights, how the rows are finished, Grad-CAM's α — and asks its path for the per-layer quantities
+that involve the attention. This module is the only place where the two paths differ:
+
+- ``Materialized(kernels)``: the attention probabilities ``Aˡ (B, H, N, N)`` (and their gradients) are
+  captured as tensors by an explicit softmax, then reduced by the PyTorch functions or the fused
+  Triton kernels of ``Kernels``. TokenTM / GAE run the row update *inside the backward pass*:
+  autograd delivers ∂s/∂Aᴸ first and ∂s/∂A¹ last; a hook on each layer's attention updates the rows
+  as that gradient arrives and lets it go, so no two layers' gradients are alive together.
+- ``Flash(kernels, attention)``: the adapter's attention call runs the explanation attention
+  kernels (``tokentm_fast.kernels.attention``): the forward keeps O(N·D) per layer (Q, K, V, O and the
+  row log-sum-exp ℓ); TokenTM / GAE advance a ``RowState`` inside each layer's attention backward;
+  rollout and raw attention recompute rows of P tile by tile; no N×N tensor exists.
+
+Both give the engine rows as ``(B, Q, N)`` (Q = 1 for the row algorithm, N for the whole matrix).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from . import aggregation, fusion, legrad, transform
+from .aggregation import EngineConstants, RowState, add_update, initial_rows, query_support, scale_rows
+from .capture import LayerRecorder, prepared_model
+from .models.protocol import ViTAdapter, split_heads
+from .targets import TargetList, resolve_target, target_score
+from .transform import compute_dtype
+
+#: head widths of the flash attention kernels (wider heads stay on the materialized path)
+MAX_HEAD_DIM = 128
+
+#: ``weigh(l, record) -> (w_attn, w_mlp)``: a method's per-layer weights from block l's record
+Weigh = Callable[[int, Dict[str, torch.Tensor]], Tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One implementation of each fused operation (PyTorch or Triton)."""
+
+    transform_weights: Callable
+    fuse_heads: Callable
+    row_update: Callable
+    matrix_update: Callable
+    legrad_reduce: Callable
+
+
+TORCH_KERNELS = Kernels(
+    transform_weights=transform.transform_weights,
+    fuse_heads=fusion.fuse_heads,
+    row_update=aggregation.row_update,
+    matrix_update=aggregation.row_update,
+    legrad_reduce=legrad.legrad_reduce,
+)
+
+
+def triton_kernels() -> Kernels:
+    from . import kernels as k
+
+    return Kernels(k.transform_weights, k.fuse_heads, k.row_update, _matrix_update_as_torch, k.legrad_reduce)
+
+
+def _matrix_update_as_torch(*args, **kwargs):
+    """``kernels.matrix_update`` with TF32 products only where torch's own switch allows them
+    (``kernels._utils.tf32_allowed``, off by default), as the flash attention kernels do."""
+    from . import kernels as k
+    from .kernels._utils import tf32_allowed
+
+    kwargs.setdefault("allow_tf32", tf32_allowed())
+    return k.matrix_update(*args, **kwargs)
+
+
+def head_width(vit: ViTAdapter) -> Optional[int]:
+    """The widest attention head of the model (``None`` when a block's attention does not say).
+
+    The supported attention modules name it ``head_dim`` (timm ``Attention``, Hugging Face CLIP,
+    ``nn.MultiheadAttention`` of torchvision and open_clip) or ``attention_head_size`` (Hugging Face
+    ViT / DeiT); the entry (``tokentm_fast.api``) routes heads wider than ``MAX_HEAD_DIM`` to the
+    materialized path before the call.
+    """
+    widths = []
+    for blk in vit.blocks:
+        width = next((w for m in blk.modules() for w in (getattr(m, "head_dim", None),
+                                                          getattr(m, "attention_head_size", None))
+                      if isinstance(w, int) and w > 0), None)
+        if width is None:
+            return None
+        widths.append(width)
+    return max(widths) if widths else None
+
+
+def heads_fit(width: Optional[int]) -> bool:
+    """Whether the flash kernels take heads ``width`` wide (unknown: yes, the call checks them)."""
+    return width is None or width <= MAX_HEAD_DIM
+
+
+class TailCapture(NamedTuple):
+    """What the block-tail methods (LeGrad, attention Grad-CAM) read of a forward pass.
+
+    ``d_outs``: per layer the ``(B, R, H·d)`` gradient ``∂s_l/∂o_l`` (a list of such lists, one per
+    target, for a ``TargetList``); ``rows``: the slice R of rows they cover; ``records``: block l's
+    ``values`` (B, N, H·d) (and on the materialized path ``attn``); ``num_tokens``: N.
+    """
+
+    d_outs: list
+    rows: slice
+    records: Dict[int, Dict[str, torch.Tensor]]
+    num_tokens: int
+
+
+def block_tail_grads(vit: ViTAdapter, images: torch.Tensor, target, layers: Sequence[int], recs) -> tuple:
+    """The model's forward without autograd, then ``dO_l = ∂s_l/∂o_l`` of every layer in ``layers``
+    from one backward through the re-run block tails (proj, MLP, head; docs/methods.md §6).
+
+    ``recs[l]`` must hold ``x_in`` and ``attn_out`` (a ``LayerRecorder`` installed for the forward).
+    Returns the list of ``(B, R, H·d)`` gradients and the slice of rows R they cover: with token
+    pooling s_l reads only the prefix rows of Xˡ (the class token; distilled DeiT also its
+    distillation token), and everything after the attention mixing is token-wise, so only those
+    rows of the tails are re-run (dO is zero elsewhere).
+
+    Several targets (a ``TargetList``): the one forward serves them all; the block tails are re-run
+    once and back-propagated once per target (``retain_graph``), and the first result is the list
+    over the targets of the gradient lists.
+    """
+    with torch.no_grad():
+        output = vit.forward(images)
+    many = isinstance(target, TargetList)
+    targets = [resolve_target(t, output) for t in (target if many else [target])]
+    rows = slice(0, vit.num_prefix_tokens) if vit.pooling == "token" else slice(None)
+    with torch.enable_grad():
+        leaves = [recs[l]["attn_out"][:, rows].detach().requires_grad_(True) for l in layers]
+        if not many:
+            score = sum(target_score(vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)), targets[0])
+                        for l, o in zip(layers, leaves))
+            return list(torch.autograd.grad(score, leaves)), rows
+        outs = [vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)) for l, o in zip(layers, leaves)]
+        grads = [list(torch.autograd.grad(sum(target_score(out, t) for out in outs), leaves,
+                                          retain_graph=k < len(targets) - 1))
+                 for k, t in enumerate(targets)]
+        return grads, rows
+
+
+# --------------------------------------------------------------------------- materialized
+class Materialized:
+    """Attention probabilities and gradients captured as ``(B, H, N, N)`` tensors, reduced by ``kernels``."""
+
+    name = "materialized"
+
+    def __init__(self, kernels: Kernels) -> None:
+        self.kernels = kernels
+
+    def gradient_rows(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int], weigh: Weigh,
+                      weight_keys: Sequence[str], fusion_mode: str, full: bool) -> tuple:
+        """TokenTM / GAE rows ``(B, Q, N)`` after the chosen ``layers`` (top-down from the query row,
+        or the identity for ``full``), the row update run inside the backward pass, and the first
+        block's input tokens ``(B, N, D)``. A ``TargetList``: one forward, one backward per target
+        through the kept graph; the list of the targets' rows."""
+        first, top_layer = layers[0], layers[-1]
+        below = dict(zip(layers[1:], layers[:-1]))   # the chosen block whose gradient comes next
+        attns: Dict[int, torch.Tensor] = {}
+        weights: Dict[int, tuple] = {}
+
+        def on_layer(l: int, rec: Dict[str, torch.Tensor]) -> None:
+            attns[l] = rec.pop("attn")
+            weights[l] = weigh(l, rec)
+            rec.clear()
+
+        recorder = LayerRecorder(vit, layers, grad_from=first, on_layer=on_layer,
+                                 keys=tuple(weight_keys) + ("attn",))
+        update = self.kernels.matrix_update if full else self.kernels.row_update
+        with prepared_model(vit) as handles, torch.enable_grad():
+            recorder.install(handles)
+            logits = vit.forward(images)
+            many = isinstance(target, TargetList)
+            targets = [resolve_target(t, logits) for t in (target if many else [target])]
+            keep = len(targets) > 1          # the attentions and weights serve every backward
+            b, n = logits.shape[0], attns[top_layer].shape[-1]
+            query = vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device)
+            state: Dict[str, Any] = {}
+            top = {} if full else {"support": query_support(vit.query_vector(1, n))}  # host-side: no sync
+
+            def layer_hook(l: int):
+                def hook(grad: torch.Tensor) -> None:
+                    if state["next"] != l:
+                        raise RuntimeError(f"attention gradients arrived out of order (layer {l}, "
+                                           f"expected {state['next']})")
+                    w_attn, w_mlp = weights[l] if keep else weights.pop(l)
+                    state["rows"] = update(state["rows"], attns[l] if keep else attns.pop(l), grad, w_attn,
+                                           w_mlp, mode=fusion_mode, **(top if l == top_layer else {}))
+                    state["next"] = below.get(l)
+                return hook
+
+            for l in layers:
+                attns[l].register_hook(layer_hook(l))
+            leaf = attns[first]
+            finished = []
+            for k, t in enumerate(targets):
+                state.update(rows=initial_rows(query, full), next=top_layer)
+                torch.autograd.grad(target_score(logits, t), [leaf], retain_graph=k < len(targets) - 1)
+                finished.append(state["rows"])
+        attns.clear()
+        weights.clear()
+        return (finished if many else finished[0]), recorder.first_input
+
+    def constant_rows(self, vit: ViTAdapter, images: torch.Tensor, layers: List[int], consts: EngineConstants,
+                      full: bool) -> torch.Tensor:
+        """The engine with constant weights and a gradient-free fusion (rollout): ``mean_h Aˡ`` per chosen
+        layer in the forward, then the row update top-down; ``(B, Q, N)``."""
+        fused: Dict[int, torch.Tensor] = {}
+
+        def on_layer(l, rec):
+            fused[l] = self.kernels.fuse_heads(rec.pop("attn"), None, consts.fusion)[:, None]  # (B, 1, N, N)
+
+        recorder = LayerRecorder(vit, layers, on_layer=on_layer, keys=("attn",))
+        with prepared_model(vit) as handles, torch.no_grad():
+            recorder.install(handles)
+            vit.forward(images)
+            b, n = images.shape[0], fused[layers[-1]].shape[-1]
+            rows = initial_rows(vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device), full)
+            update = self.kernels.matrix_update if full else self.kernels.row_update
+            top = {} if full else {"support": query_support(vit.query_vector(1, n))}
+            for l in reversed(layers):
+                rows = update(rows, fused.pop(l), None, consts.w_attn, consts.w_mlp, mode=consts.fusion,
+                              **(top if l == layers[-1] else {}))
+        return rows
+
+    def query_attention(self, vit: ViTAdapter, images: torch.Tensor, layer: int) -> torch.Tensor:
+        """``(B, N)``: mean_h Σ_i query[i] · Aˡ_h[i, :] of one layer (raw attention)."""
+        recorder = LayerRecorder(vit, [layer], keys=("attn",))
+        with prepared_model(vit) as handles, torch.no_grad():
+            recorder.install(handles)
+            vit.forward(images)
+            a = recorder.records[layer]["attn"]
+            acc = compute_dtype(a)
+            q = vit.query_vector(a.shape[0], a.shape[-1], dtype=acc, device=a.device)
+            return torch.einsum("bi,bhij->bj", q, a.to(acc)) / a.shape[1]
+
+    def tail_capture(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int],
+                     query_layers: Sequence[int]) -> TailCapture:
+        """Block-tail gradients of ``layers`` (``block_tail_grads``), keeping Aˡ of ``query_layers``."""
+        keys = ("x_in", "values", "attn_out") + (("attn",) if query_layers else ())
+        recorder = LayerRecorder(vit, layers, keys=keys)
+        with prepared_model(vit) as handles:
+            recorder.install(handles)
+            d_outs, rows = block_tail_grads(vit, images, target, layers, recorder.records)
+        recs = recorder.records
+        return TailCapture(d_outs, rows, recs, recs[layers[0]]["values"].shape[1])
+
+    def legrad_sum(self, vit: ViTAdapter, cap: TailCapture, d_outs: list, layers: List[int],
+                   images: torch.Tensor) -> torch.Tensor:
+        """``(B, N)``: Σ_l mean_h (1/N) Σ_i max(G̃ˡ_h[i, :], 0), ``G̃ = dO_l Vᵀ`` formed per layer."""
+        b, n, heads, acc = images.shape[0], cap.num_tokens, vit.num_heads, compute_dtype(images)
+        e = torch.zeros(b, n, dtype=acc, device=images.device)
+        for l, d_out in zip(layers, d_outs):
+            e += self.kernels.legrad_reduce(self._grad_rows(cap, l, d_out, heads, acc), n).to(acc)
+        return e
+
+    @staticmethod
+    def _grad_rows(cap: TailCapture, l: int, d_out: torch.Tensor, heads: int, acc) -> torch.Tensor:
+        v = cap.records[l]["values"].to(acc).unflatten(-1, (heads, -1)).transpose(1, 2)    # (B, H, N, d)
+        d = d_out.to(acc).unflatten(-1, (heads, -1)).transpose(1, 2)                        # (B, H, Q, d)
+        return d @ v.transpose(-1, -2)                                                      # (B, H, Q, N)
+
+    def query_rows(self, vit: ViTAdapter, cap: TailCapture, d_out: torch.Tensor, layer: int,
+                   images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(B, H, N)`` query rows of Aˡ_h and of the gradient G̃ˡ_h (attention Grad-CAM)."""
+        b, n, acc = images.shape[0], cap.num_tokens, compute_dtype(images)
+        g_rows = self._grad_rows(cap, layer, d_out, vit.num_heads, acc)
+        a = cap.records[layer]["attn"].to(acc)
+        q = vit.query_vector(b, n, dtype=acc, device=images.device)
+        a_q = torch.einsum("bi,bhij->bhj", q, a)
+        g_q = torch.einsum("bi,bhij->bhj", q[:, cap.rows], g_rows)
+        return a_q, g_q
+
+
+# --------------------------------------------------------------------------- flash
+def _plain_core(attention):
+    """The flash forward alone (layers whose attention the method does not read)."""
+    def core(l, q, k, v, scale):
+        return attention.forward(q, k, v, scale)[0]
+    return core
+
+
+def _saving_core(fwd, keep: Dict[int, tuple], layers):
+    """An attention core that runs the flash forward and keeps (q, k, ℓ, scale) of ``layers``."""
+    layers = set(layers)
+
+    def core(l, q, k, v, scale):
+        o, lse = fwd(q, k, v, scale)
+        if l in layers:
+            keep[l] = (q, k, lse, scale)
+        return o
+    return core
+
+
+class Flash:
+    """The explanation attention kernels at the adapter's attention call site: no N×N tensor.
+
+    ``kernels``: the ``Kernels`` set (for the transformation weights); ``attention``: the attention
+    kernel triple (``tokentm_fast.kernels.attention.triton_attention()``)."""
+
+    name = "flash"
+
+    def __init__(self, kernels: Kernels, attention) -> None:
+        self.kernels = kernels
+        self.attention = self._head_width_checked(attention)
+
+    @staticmethod
+    def _head_width_checked(attention):
+        """The kernels take heads up to ``MAX_HEAD_DIM`` wide (tails of 80, 96, ... are masked). The entry
+        routes wider heads away (``head_width``); this check guards models whose width it cannot read."""
+        def forward(q, k, v, scale):
+            if q.shape[-1] > MAX_HEAD_DIM:
+                raise ValueError(f"the flash attention kernels take heads up to {MAX_HEAD_DIM} wide; this "
+                                 f"model's heads are {q.shape[-1]} wide: use attention='materialized'")
+            return attention.forward(q, k, v, scale)
+        return attention._replace(forward=forward)
+
+    def gradient_rows(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int], weigh: Weigh,
+                      weight_keys: Sequence[str], fusion_mode: str, full: bool) -> tuple:
+        """As ``Materialized.gradient_rows`` for one target and ``full=False``, with the row update inside
+        the flash attention backward (``ExplanationAttention``); the fusion is ``max(P ⊙ G, 0)``."""
+        from .kernels.attention import ExplanationAttention
+
+        L = vit.num_layers
+        first = layers[0]
+        contiguous = layers == list(range(first, L))
+        state = RowState(first, L - 1, None if contiguous else layers)
+        chosen = set(layers)
+        anchor = torch.zeros((), dtype=torch.float32, device=images.device, requires_grad=True)
+        attention = self.attention
+
+        def core(l, q, k, v, scale):
+            return ExplanationAttention.apply(q, k, v, anchor, scale, l, state, attention)
+
+        def on_layer(l, rec):
+            if l in chosen:           # a block between the chosen ones: no weights, the row passes
+                state.weights[l] = weigh(l, rec)
+            rec.clear()
+
+        recorder = LayerRecorder(vit, range(first, L), on_layer=on_layer, keys=tuple(weight_keys), core=core)
+        with prepared_model(vit) as handles, torch.enable_grad():
+            vit.replace_attention(range(first), _plain_core(attention), handles)  # below the aggregation
+            recorder.install(handles)
+            output = vit.forward(images)
+            target = resolve_target(target, output)
+            n = recorder.first_input.shape[1]
+            state.start(vit.query_vector(images.shape[0], n, device=images.device))
+            torch.autograd.grad(target_score(output, target), [anchor])
+        return state.rows[:, None], recorder.first_input
+
+    def constant_rows(self, vit: ViTAdapter, images: torch.Tensor, layers: List[int], consts: EngineConstants,
+                      full: bool) -> torch.Tensor:
+        """The engine's update with constant weights (rollout: s = ½ r, r ← s + Σ_i s[i] mean_h P[i, :]),
+        top-down from the query row, P recomputed tile by tile from the saved Q, K and ℓ; ``(B, 1, N)``."""
+        L = vit.num_layers
+        keep: Dict[int, tuple] = {}
+        attention = self.attention
+        with prepared_model(vit) as handles, torch.no_grad():
+            vit.replace_attention(range(L), _saving_core(attention.forward, keep, layers), handles)
+            vit.forward(images)
+            n = keep[layers[-1]][0].shape[2]
+            r = vit.query_vector(images.shape[0], n, device=images.device)
+            for l in reversed(layers):
+                q, k, lse, scale = keep.pop(l)
+                s = scale_rows(r, consts.w_mlp)
+                r = add_update(s, attention.rows(s, scale, q=q, k=k, lse=lse).mean(1), consts.w_attn)
+        return r[:, None]
+
+    def _query_probs(self, vit: ViTAdapter, q, k, lse, scale) -> torch.Tensor:
+        """``(B, H, N)``: Σ_i query[i] · P[i, :] of one layer — row cls alone when there is a class token."""
+        b, _, n, _ = q.shape
+        if vit.has_class_token:  # one row: (B, H, 1, d) · (B, H, d, N), no tile loop needed
+            s = scale * (q[:, :, :1].float() @ k.float().transpose(-1, -2))[:, :, 0]
+            return torch.exp(s - lse[:, :, :1])
+        return self.attention.rows(vit.query_vector(b, n, device=q.device), scale, q=q, k=k, lse=lse)
+
+    def query_attention(self, vit: ViTAdapter, images: torch.Tensor, layer: int) -> torch.Tensor:
+        """``(B, N)``: mean_h of the query row of Pˡ, from q_cls, K and ℓ[cls]."""
+        keep: Dict[int, tuple] = {}
+        with prepared_model(vit) as handles, torch.no_grad():
+            vit.replace_attention(range(vit.num_layers), _saving_core(self.attention.forward, keep, [layer]),
+                                  handles)
+            vit.forward(images)
+            return self._query_probs(vit, *keep.pop(layer)).mean(1)
+
+    def tail_capture(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int],
+                     query_layers: Sequence[int]) -> TailCapture:
+        """Block-tail gradients of ``layers``, keeping (q, k, ℓ, scale) of ``query_layers``."""
+        keep: Dict[int, tuple] = {}
+        core = _saving_core(self.attention.forward, keep, query_layers)
+        recorder = LayerRecorder(vit, layers, keys=("x_in", "values", "attn_out"), core=core)
+        others = [l for l in range(vit.num_layers) if l not in set(layers)]
+        with prepared_model(vit) as handles:
+            vit.replace_attention(others, _plain_core(self.attention), handles)
+            recorder.install(handles)
+            d_outs, rows = block_tail_grads(vit, images, target, layers, recorder.records)
+        recs = recorder.records
+        for l, saved in keep.items():
+            recs[l]["saved"] = saved
+        return TailCapture(d_outs, rows, recs, recorder.first_input.shape[1])
+
+    def legrad_sum(self, vit: ViTAdapter, cap: TailCapture, d_outs: list, layers: List[int],
+                   images: torch.Tensor) -> torch.Tensor:
+        """``(B, N)``: Σ_l mean_h (1/N) Σ_i max(⟨dO_l[i], v_j⟩, 0), all layers in one reduction: over the
+        prefix rows with token pooling, by the tiled ``Σ_i max(G[i, j], 0)`` with mean pooling."""
+        b, n, heads = images.shape[0], cap.num_tokens, vit.num_heads
+        recs = cap.records
+        v_all = torch.cat([split_heads(recs[l]["values"], heads) for l in layers])            # (L'·B, H, N, d)
+        do_all = torch.cat([split_heads(d.to(v_all.dtype), heads) for d in d_outs])           # (L'·B, H, R, d)
+        if vit.pooling == "token":
+            g = (do_all.float() @ v_all.float().transpose(-1, -2)).clamp_min(0)                # (L'·B, H, P, N)
+            t = g.sum(2)
+        else:
+            ones = torch.ones(do_all.shape[0], n, device=images.device)
+            t = self.attention.rows(ones, 1.0, do=do_all, v=v_all)                             # (L'·B, H, N)
+        return (t.mean(1) / n).unflatten(0, (len(layers), b)).sum(0)
+
+    def query_rows(self, vit: ViTAdapter, cap: TailCapture, d_out: torch.Tensor, layer: int,
+                   images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(B, H, N)`` query rows of Pˡ_h (recomputed from q, k, ℓ) and of G̃ˡ_h = dO Vᵀ (formed from
+        the query-weighted dO alone)."""
+        b, n, heads = images.shape[0], cap.num_tokens, vit.num_heads
+        q, k, lse, scale = cap.records[layer]["saved"]
+        v = split_heads(cap.records[layer]["values"], heads).float()
+        do = split_heads(d_out.float(), heads)                                                   # (B, H, R, d)
+        query = vit.query_vector(b, n, device=images.device)[:, cap.rows]
+        g_q = (torch.einsum("br,bhrd->bhd", query, do)[:, :, None] @ v.transpose(-1, -2))[:, :, 0]  # (B, H, N)
+        return self._query_probs(vit, q, k, lse, scale), g_q

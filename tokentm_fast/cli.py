@@ -18,7 +18,10 @@ Every file is written through :mod:`tokentm_fast.evaluation.outputs`: a
 symbolic link at an output path is refused (naming the file and the option),
 files are written to a temporary file in the same folder and renamed over the
 target, and a failed write (a full disk) names the file and leaves the last
-good state in place.
+good state in place. The output locations are checked there too, before any
+work; the results table is rendered by :mod:`tokentm_fast.evaluation.report`
+and ``bench`` times with :mod:`tokentm_fast.timing`. This module holds the
+parser and the subcommands.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 PROG = "tokentm-fast"
 EXIT_USAGE = 2
@@ -369,94 +372,6 @@ def output_names(paths: Sequence[str]) -> List[str]:
     return [n if out.count(n) == 1 else f"{i}_{n}" for i, n in enumerate(out)]
 
 
-def refuse_link(path: Union[str, os.PathLike], option: str, what: str = "output file") -> Path:
-    """Before any work: a symbolic link at an output path is a usage error naming the file and ``option``.
-
-    (The writers refuse it again when they write: :mod:`tokentm_fast.evaluation.outputs`.)
-    """
-    from .evaluation.outputs import OutputError, refuse_link as refuse
-
-    try:
-        return refuse(path, option, what)
-    except OutputError as e:
-        raise CLIError(str(e)) from None
-
-
-def _nearest_existing(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def _check_creatable(path: Path, option: str) -> None:
-    """``path`` does not exist: the nearest existing ancestor must be a writable folder."""
-    anc = _nearest_existing(path.parent if str(path.parent) else Path("."))
-    if not anc.is_dir():
-        raise CLIError(f"{option} {path}: cannot create it, {anc} is a file, not a folder")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise CLIError(f"{option} {path}: cannot create it, the folder {anc} is not writable")
-
-
-def check_output_dir(path: Union[str, os.PathLike], option: str) -> Path:
-    """Check, before any work, that the output folder ``path`` of ``option`` can be used.
-
-    A missing folder (and missing parents) is fine: it is created when the
-    results are written. Refused, with a message naming ``option``: an existing
-    file, a path below a file, a folder that is not writable.
-    """
-    p = Path(path)
-    if p.exists():
-        if not p.is_dir():
-            raise CLIError(f"{option} {p} is an existing file, not a folder")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise CLIError(f"{option} {p}: the folder is not writable")
-    else:
-        _check_creatable(p, option)
-    return p
-
-
-def check_output_file(path: Union[str, os.PathLike], option: str) -> Path:
-    """Check, before any work, that the output file ``path`` of ``option`` can be written.
-
-    Missing parent folders are created when the file is written. Refused, with
-    a message naming ``option``: an existing folder, a path below a file, a
-    location that is not writable.
-    """
-    p = refuse_link(path, option)
-    if p.is_dir():
-        raise CLIError(f"{option} {p} is an existing folder, expected a file name")
-    if p.exists():
-        if not os.access(p, os.W_OK) or not os.access(p.parent if str(p.parent) else Path("."), os.W_OK | os.X_OK):
-            raise CLIError(f"{option} {p}: the file or its folder is not writable")
-    else:
-        _check_creatable(p, option)
-    return p
-
-
-def output_inside(folder: Path, name: str, option: str) -> Path:
-    """``folder / name``, refused unless it stays inside ``folder`` (no ``..``, no absolute path).
-
-    Every file the command writes lies in its output folder; a name given on the
-    command line must not escape it (``--grid-name ../../x.png``).
-    """
-    if not name or name in (".", ".."):
-        raise CLIError(f"{option} must name a file inside the output folder, got {name!r}")
-    rel = Path(name)
-    if rel.is_absolute() or rel.drive or ".." in rel.parts:
-        raise CLIError(f"{option} {name!r} must be a file name inside the output folder {folder} "
-                       f"(no absolute path, no '..')")
-    target = folder / rel
-    refuse_link(target, option)  # a link at the file itself: said as such
-    base = folder.resolve()
-    resolved = target.resolve()
-    if resolved != base and base not in resolved.parents:
-        raise CLIError(f"{option} {name!r} leads outside the output folder {folder} (through a link)")
-    if resolved == base or target.is_dir():
-        raise CLIError(f"{option} {name!r} is a folder, expected a file name")
-    return target
-
-
 def _grid_format(name: str, option: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -477,13 +392,6 @@ def _report_warnings(caught, command: str) -> None:
             print(f"{PROG} {command}: warning: {msg}", file=sys.stderr)
 
 
-def table_footnotes(table: str) -> List[str]:
-    """Footnotes for the ``n/a`` cells of a results table (:func:`.evaluation.report.table_footnotes`)."""
-    from .evaluation.report import table_footnotes as footnotes
-
-    return footnotes(table)
-
-
 def _explain_all(model, x, methods, backend, target=None) -> Dict[str, Any]:
     from .api import Explainer
 
@@ -501,6 +409,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluation.data import Preprocess, model_data_config
+    from .evaluation.outputs import check_no_link, check_output_dir, check_output_file, output_inside
     from .visualize import ConstantMapWarning, save_grid, save_overlay_figure
 
     _setup_threads(args)
@@ -520,7 +429,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if grid_path in overlay_paths.values():
         raise CLIError(f"--grid-name {args.grid_name!r} is also the name of an overlay; choose another name")
     for path in overlay_paths.values():
-        refuse_link(path, "--out", "overlay")
+        check_no_link(path, "--out", "overlay")
     maps_path = None
     if args.save_maps:
         maps_path = check_output_file(args.save_maps, "--save-maps")
@@ -636,6 +545,8 @@ def _save_maps(path: Path, args: argparse.Namespace, model, model_info, pre, map
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.errors import EvaluationInterrupted
+    from .evaluation.outputs import check_output_file
+    from .evaluation.report import print_results
     from .evaluation.runner import evaluate
 
     _setup_threads(args)
@@ -663,7 +574,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 130
     if results.get("world_size", 1) > 1 and _rank() != 0:
         return 0  # rank 0 prints the merged results
-    _print_results(results, args.output)
+    print_results(results, args.output)
     if args.curves:
         _plot_curves(results, args.curves)
     return 0
@@ -675,35 +586,6 @@ def _rank() -> int:
         return int(os.environ.get("RANK", "0") or 0)
     except ValueError:
         return 0
-
-
-def _print_results(results: Dict[str, Any], output: Optional[str]) -> None:
-    from .evaluation.runner import format_table
-
-    c = results["counts"]
-    table = format_table(results)
-    print()
-    print(table)
-    for note in table_footnotes(table):
-        print(note)
-    print()
-    extra = f", {c['skipped']} skipped" if c["skipped"] else ""
-    run = results["run"]
-    resumed = f" (resumed after {run['resumed_from']} samples)" if run["resumed_from"] else ""
-    ranks = results.get("ranks") or []
-    procs = (f" by {len(ranks)} processes ({', '.join(str(r['images']) for r in ranks)} images)"
-             if len(ranks) > 1 else "")
-    print(f"{c['images_evaluated']} images evaluated{procs}{extra}{resumed}; data: {results['data'].get('kind')}, "
-          f"model: {results['model'].get('name')}")
-    if results.get("preprocessing"):
-        print(f"preprocessing: {results['preprocessing']}")
-    # the run's warnings were said once when it started (stderr) and are in the results JSON under "warnings"
-    for name, why in results.get("unavailable", {}).items():
-        print(f"{name}: unavailable ({why})")
-    for s in results.get("skipped", []):
-        print(f"skipped {s['id']}: {s['error']}")
-    if output:
-        print(f"results: {output}")
 
 
 def _plot_curves(results: Dict[str, Any], path: str, option: str = "--curves") -> Optional[Path]:
@@ -721,11 +603,10 @@ def _plot_curves(results: Dict[str, Any], path: str, option: str = "--curves") -
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``tokentm-fast bench``: median time of explain per (method, backend) and of a forward+backward."""
-    import statistics
-
     import torch
 
-    from . import BACKENDS, explain
+    from . import BACKENDS
+    from .timing import format_timings, random_batch, time_explain
 
     _setup_threads(args)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -746,41 +627,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.manual_seed(0)
         model, weights = timm.create_model(args.model, pretrained=False, **(args.model_kwargs or {})), "random init"
     model = model.eval().to(device=device, dtype=dtype)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, *model.patch_embed.img_size, generator=gen).to(device=device, dtype=dtype)
-    target = torch.randint(0, model.num_classes, (args.batch,), generator=gen).to(device)
-
-    def timed(fn) -> float:
-        """Median seconds of ``args.repeats`` calls after one warm-up call (device synchronized)."""
-        times = []
-        for i in range(args.repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    def step():
-        logits = model(images)
-        logits.gather(1, target[:, None]).sum().backward()
-        model.zero_grad(set_to_none=True)
-
-    base = timed(step)
-    rows = [("forward+backward", "-", base)]
-    for method in args.methods:
-        for backend in backends:
-            rows.append((method, backend, timed(lambda: explain(model, images, method=method, target=target,
-                                                                backend=backend))))
+    images, target = random_batch(model, args.batch, device, dtype)
+    rows = time_explain(model, images, target, args.methods, backends, args.repeats, device)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"{args.model} ({weights}), batch {args.batch}, {args.dtype}, {device}{threads}, torch {torch.__version__}; "
           f"median of {args.repeats} calls after 1 warm-up")
-    print(f"{'run':<18} {'backend':<10} {'ms':>10} {'x fwd+bwd':>10}")
-    for what, backend, t in rows:
-        print(f"{what:<18} {backend:<10} {t * 1e3:>10.1f} {t / base:>10.2f}")
+    for line in format_timings(rows):
+        print(line)
     return 0
 
 
@@ -794,13 +647,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .synthetic import CLASS_NAMES
     from .visualize import ConstantMapWarning, save_grid
 
-    from .evaluation.outputs import write_text
+    from .evaluation.outputs import check_no_link, check_output_dir, write_text
+    from .evaluation.report import print_results, table_markdown
 
     _setup_threads(args)
     t0 = time.time()
     out = check_output_dir(args.out, "--out")
     for name in ("demo_grid.png", "demo_results.json", "demo_table.md", "demo_curves.png"):
-        refuse_link(out / name, "--out")  # before any work
+        check_no_link(out / name, "--out")  # before any work
     device = _device(args.device)
     model, info = load_model("synthetic", checkpoint=args.checkpoint)
     model = model.to(device)
@@ -834,12 +688,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress, restart=True, sanity_images=args.sanity_images or None,
         command=[PROG, *args.argv],
     )
-    _print_results(results, str(out / "demo_results.json"))
-    from .evaluation.runner import format_table
-
-    table = format_table(results)
-    notes = "".join(f"\n{n}\n" for n in table_footnotes(table))
-    write_text(out / "demo_table.md", table + "\n" + notes, option="--out", what="results table", durable=False)
+    print_results(results, str(out / "demo_results.json"))
+    write_text(out / "demo_table.md", table_markdown(results), option="--out", what="results table", durable=False)
     _plot_curves(results, str(out / "demo_curves.png"), option="--out")
     print(f"demo finished in {time.time() - t0:.1f} s")
     return 0
@@ -903,9 +753,11 @@ def reports_error(e: BaseException) -> bool:
     One process: always. Under ``torchrun``: rank 0 always; another rank only
     an error of its own (its shard, its partial file), not one that every rank
     meets alike: a usage error of the command line (:class:`CLIError`), or an
-    evaluation error marked ``every_rank`` (the arguments, the device, joining
-    the group, and every error the ranks agree on before the loop: a corrupt
-    checkpoint, a missing folder, a lock held by another run...).
+    error marked ``every_rank``: an output location refused before any work
+    (:class:`~tokentm_fast.evaluation.outputs.OutputLocationError`), an
+    evaluation error about the arguments, the device, joining the group, and
+    every error the ranks agree on before the loop (a corrupt checkpoint, a
+    missing folder, a lock held by another run...).
     """
     if not _quiet_rank():
         return True

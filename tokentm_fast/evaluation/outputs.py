@@ -17,6 +17,13 @@ through :func:`open_output` (or :func:`write_bytes` / :func:`write_json`):
   state stays intact) and is raised again as an :class:`OutputError` whose
   message names the file and the option.
 
+The checks made before any work (:func:`check_output_dir`,
+:func:`check_output_file`, :func:`output_inside`, :func:`check_no_link`)
+refuse an output location that cannot be used (a file where a folder is
+expected, a folder that is not writable, a name leading out of its output
+folder, a symbolic link) with an :class:`OutputLocationError` naming the option,
+so that a command fails before it loads a model.
+
 :class:`OutputLock` is an exclusive, non-blocking ``fcntl.flock`` on
 ``<output>.lock``: a second ``evaluate`` on the same ``--output`` stops at
 once and says which process (pid, host, start time) holds it. The lock is
@@ -35,7 +42,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, IO, Iterator, Optional, Union
 
-__all__ = ["OutputError", "refuse_link", "open_output", "write_bytes", "write_text", "write_json", "OutputLock",
+__all__ = ["OutputError", "OutputLocationError", "refuse_link", "open_output", "write_bytes", "write_text",
+           "write_json", "check_no_link", "check_output_dir", "check_output_file", "output_inside", "OutputLock",
            "lock_path"]
 
 PathLike = Union[str, os.PathLike]
@@ -161,6 +169,107 @@ def write_text(path: PathLike, text: str, option: Optional[str] = None, what: st
 def write_json(path: PathLike, obj: Any, option: Optional[str] = None, what: str = "output file") -> Path:
     """Write ``obj`` as JSON (no NaN) to ``path`` through :func:`open_output`, fsync'ed."""
     return write_text(path, json.dumps(obj, indent=1, allow_nan=False), option, what, durable=True)
+
+
+# ----------------------------------------------------------------------------
+# the checks of an output location, before any work
+# ----------------------------------------------------------------------------
+
+class OutputLocationError(OutputError):
+    """An output location refused before any work; the message names the path and the option.
+
+    Every process of a ``torchrun`` run checks the same locations and meets the
+    same refusal (``every_rank``): the command line lets rank 0 alone say it.
+    """
+
+    every_rank: bool = True
+
+
+def check_no_link(path: PathLike, option: str, what: str = "output file") -> Path:
+    """:func:`refuse_link` before any work: a symbolic link at ``path`` is an :class:`OutputLocationError`.
+
+    (The writers refuse it again when they write: :func:`open_output`.)
+    """
+    try:
+        return refuse_link(path, option, what)
+    except OutputError as e:
+        raise OutputLocationError(str(e), e.errno) from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    """``path`` does not exist: the nearest existing ancestor must be a writable folder."""
+    anc = _nearest_existing(path.parent if str(path.parent) else Path("."))
+    if not anc.is_dir():
+        raise OutputLocationError(f"{option} {path}: cannot create it, {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputLocationError(f"{option} {path}: cannot create it, the folder {anc} is not writable")
+
+
+def check_output_dir(path: PathLike, option: str) -> Path:
+    """Check, before any work, that the output folder ``path`` of ``option`` can be used.
+
+    A missing folder (and missing parents) is fine: it is created when the
+    results are written. Refused, with an :class:`OutputLocationError` naming
+    ``option``: an existing file, a path below a file, a folder that is not
+    writable.
+    """
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise OutputLocationError(f"{option} {p} is an existing file, not a folder")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise OutputLocationError(f"{option} {p}: the folder is not writable")
+    else:
+        _check_creatable(p, option)
+    return p
+
+
+def check_output_file(path: PathLike, option: str) -> Path:
+    """Check, before any work, that the output file ``path`` of ``option`` can be written.
+
+    Missing parent folders are created when the file is written. Refused, with
+    an :class:`OutputLocationError` naming ``option``: a symbolic link, an
+    existing folder, a path below a file, a location that is not writable.
+    """
+    p = check_no_link(path, option)
+    if p.is_dir():
+        raise OutputLocationError(f"{option} {p} is an existing folder, expected a file name")
+    if p.exists():
+        if not os.access(p, os.W_OK) or not os.access(p.parent if str(p.parent) else Path("."), os.W_OK | os.X_OK):
+            raise OutputLocationError(f"{option} {p}: the file or its folder is not writable")
+    else:
+        _check_creatable(p, option)
+    return p
+
+
+def output_inside(folder: Path, name: str, option: str) -> Path:
+    """``folder / name``, refused unless it stays inside ``folder`` (no ``..``, no absolute path, no link out).
+
+    Every file a command writes lies in its output folder; a name given on the
+    command line must not escape it (``--grid-name ../../x.png``).
+    """
+    if not name or name in (".", ".."):
+        raise OutputLocationError(f"{option} must name a file inside the output folder, got {name!r}")
+    rel = Path(name)
+    if rel.is_absolute() or rel.drive or ".." in rel.parts:
+        raise OutputLocationError(f"{option} {name!r} must be a file name inside the output folder {folder} "
+                                  f"(no absolute path, no '..')")
+    target = folder / rel
+    check_no_link(target, option)  # a link at the file itself: said as such
+    base = folder.resolve()
+    resolved = target.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise OutputLocationError(f"{option} {name!r} leads outside the output folder {folder} (through a link)")
+    if resolved == base or target.is_dir():
+        raise OutputLocationError(f"{option} {name!r} is a folder, expected a file name")
+    return target
 
 
 # ----------------------------------------------------------------------------

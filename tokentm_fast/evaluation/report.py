@@ -3,7 +3,10 @@
 ``merge_rank_states`` adds the metric states of every rank (integer counts and
 exact sums: the merged numbers are those of one process); ``build_results``
 assembles the results JSON (records, model, data, counts, the world size and
-what each rank evaluated, timings); ``format_table`` prints it as markdown.
+what each rank evaluated, timings); ``format_table`` prints it as markdown,
+``table_footnotes`` says what its ``n/a`` cells mean; ``table_markdown`` (the
+table and its footnotes) and ``print_results`` (those and a summary of the run)
+are what the command line writes and prints.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 from .state import jsonable
 
 __all__ = ["summarize_sanity", "merge_rank_states", "build_results", "format_table", "table_footnotes",
-           "NA_REASONS", "versions"]
+           "table_markdown", "print_results", "NA_REASONS", "versions"]
 
 
 def versions() -> Dict[str, str]:
@@ -190,3 +193,38 @@ def table_footnotes(table: str) -> List[str]:
                    "the metric is undefined for these maps and images (it gave NaN)")
         notes.append(f"n/a in {title} ({', '.join(methods)}): {why}.")
     return notes
+
+
+def table_markdown(results: Mapping[str, Any]) -> str:
+    """The results table of ``results`` followed by its footnotes, each as a paragraph (markdown)."""
+    table = format_table(results)
+    notes = "".join(f"\n{n}\n" for n in table_footnotes(table))
+    return table + "\n" + notes
+
+
+def print_results(results: Mapping[str, Any], output: Optional[str]) -> None:
+    """Print the results table, its footnotes and what was evaluated (stdout); ``output``: the results JSON."""
+    c = results["counts"]
+    table = format_table(results)
+    print()
+    print(table)
+    for note in table_footnotes(table):
+        print(note)
+    print()
+    extra = f", {c['skipped']} skipped" if c["skipped"] else ""
+    run = results["run"]
+    resumed = f" (resumed after {run['resumed_from']} samples)" if run["resumed_from"] else ""
+    ranks = results.get("ranks") or []
+    procs = (f" by {len(ranks)} processes ({', '.join(str(r['images']) for r in ranks)} images)"
+             if len(ranks) > 1 else "")
+    print(f"{c['images_evaluated']} images evaluated{procs}{extra}{resumed}; data: {results['data'].get('kind')}, "
+          f"model: {results['model'].get('name')}")
+    if results.get("preprocessing"):
+        print(f"preprocessing: {results['preprocessing']}")
+    # the run's warnings were said once when it started (stderr) and are in the results JSON under "warnings"
+    for name, why in results.get("unavailable", {}).items():
+        print(f"{name}: unavailable ({why})")
+    for s in results.get("skipped", []):
+        print(f"skipped {s['id']}: {s['error']}")
+    if output:
+        print(f"results: {output}")

@@ -66,12 +66,6 @@ def pictures(tmp_path_factory):
     return paths, bad
 
 
-def run_main(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def assert_clean_error(rc, err, *needles):
     assert rc == 2
     assert "Traceback" not in err
@@ -125,11 +119,11 @@ def test_usage_errors_exit_2(capsys):
 
 
 # ----------------------------------------------------------------------------- explain
-def test_explain_writes_overlays_and_grid(tmp_path, pictures, tiny_ckpt, capsys):
+def test_explain_writes_overlays_and_grid(tmp_path, pictures, tiny_ckpt, run_main):
     paths, _ = pictures
     out = tmp_path / "out"
     rc, stdout, err = run_main(["explain", *paths, *TINY, "--checkpoint", tiny_ckpt,
-                                "--methods", "tokentm,legrad,rollout", "--out", out], capsys)
+                                "--methods", "tokentm,legrad,rollout", "--out", out])
     assert rc == 0, err
     for p in paths:
         for m in ("tokentm", "legrad", "rollout"):
@@ -144,56 +138,56 @@ def test_explain_writes_overlays_and_grid(tmp_path, pictures, tiny_ckpt, capsys)
     assert "predicted" in stdout
 
 
-def test_explain_synthetic_model_every_method(tmp_path, synthetic_ckpt, capsys):
+def test_explain_synthetic_model_every_method(tmp_path, synthetic_ckpt, run_main):
     from tokentm_fast.synthetic import save_folder
 
     files = save_folder(tmp_path / "imgs", "test", 2)
     out = tmp_path / "out"
-    rc, stdout, err = run_main(["explain", *files, "--checkpoint", synthetic_ckpt, "--out", out], capsys)
+    rc, stdout, err = run_main(["explain", *files, "--checkpoint", synthetic_ckpt, "--out", out])
     assert rc == 0, err
     assert len(list(out.glob("*.png"))) == 2 * len(METHODS) + 1
 
 
-def test_explain_errors_are_clean(tmp_path, pictures, tiny_ckpt, capsys):
+def test_explain_errors_are_clean(tmp_path, pictures, tiny_ckpt, run_main):
     paths, bad = pictures
     out = tmp_path / "o"
     missing = tmp_path / "does_not_exist.png"
-    rc, _, err = run_main(["explain", paths[0], missing, *TINY, "--checkpoint", tiny_ckpt, "--out", out], capsys)
+    rc, _, err = run_main(["explain", paths[0], missing, *TINY, "--checkpoint", tiny_ckpt, "--out", out])
     assert_clean_error(rc, err, "image file not found", "does_not_exist.png")
 
-    rc, _, err = run_main(["explain", bad, *TINY, "--checkpoint", tiny_ckpt, "--out", out], capsys)
+    rc, _, err = run_main(["explain", bad, *TINY, "--checkpoint", tiny_ckpt, "--out", out])
     assert_clean_error(rc, err, "cannot read image", "corrupt.png")
 
     rc, _, err = run_main(["explain", paths[0], "--model", "vit_does_not_exist_patch16", "--checkpoint", tiny_ckpt,
-                           "--out", out], capsys)
+                           "--out", out])
     assert_clean_error(rc, err, "unknown model", "vit_does_not_exist_patch16")
 
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"definitely not a torch file")
-    rc, _, err = run_main(["explain", paths[0], *TINY, "--checkpoint", junk, "--out", out], capsys)
+    rc, _, err = run_main(["explain", paths[0], *TINY, "--checkpoint", junk, "--out", out])
     assert_clean_error(rc, err, "cannot read checkpoint", "junk.pth")
 
     junk_st = tmp_path / "junk.safetensors"
     junk_st.write_bytes(b"\x01\x02")
-    rc, _, err = run_main(["explain", paths[0], "--checkpoint", junk_st, "--out", out], capsys)
+    rc, _, err = run_main(["explain", paths[0], "--checkpoint", junk_st, "--out", out])
     assert_clean_error(rc, err, "junk.safetensors")
 
-    rc, _, err = run_main(["explain", paths[0], *TINY, "--checkpoint", tmp_path / "nope.pth", "--out", out], capsys)
+    rc, _, err = run_main(["explain", paths[0], *TINY, "--checkpoint", tmp_path / "nope.pth", "--out", out])
     assert_clean_error(rc, err, "checkpoint file not found", "nope.pth")
 
     rc, _, err = run_main(["explain", paths[0], "--model", "vit_tiny_patch16_224", "--checkpoint", tiny_ckpt,
-                           "--out", out], capsys)
+                           "--out", out])
     assert_clean_error(rc, err, "does not fit", "--model-kwargs")
     assert not out.exists()  # nothing written on error
 
 
 # ----------------------------------------------------------------------------- evaluate
-def test_evaluate_cli_prints_table(tmp_path, tiny_ckpt, capsys):
+def test_evaluate_cli_prints_table(tmp_path, tiny_ckpt, run_main):
     out = tmp_path / "res.json"
     curves = tmp_path / "curves.png"
     rc, stdout, err = run_main(["evaluate", *TINY, "--checkpoint", tiny_ckpt, "--data", "synthetic", "--size", "4",
                                 "--methods", "gae,raw_attention", "--batch-size", "2", "--workers", "0",
-                                "--output", out, "--curves", curves], capsys)
+                                "--output", out, "--curves", curves])
     assert rc == 0, err
     assert "| gae |" in stdout and "| raw_attention |" in stdout and "mIoU" in stdout and "AOPC" in stdout
     res = json.loads(out.read_text())
@@ -203,15 +197,15 @@ def test_evaluate_cli_prints_table(tmp_path, tiny_ckpt, capsys):
     assert "img/s" in err  # the progress bar
 
 
-def test_evaluate_cli_errors(tmp_path, tiny_ckpt, capsys):
+def test_evaluate_cli_errors(tmp_path, tiny_ckpt, run_main):
     rc, _, err = run_main(["evaluate", *TINY, "--checkpoint", tiny_ckpt, "--data", f"folder:{tmp_path / 'nope'}",
-                           "--output", tmp_path / "r.json"], capsys)
+                           "--output", tmp_path / "r.json"])
     assert_clean_error(rc, err, "not found", "nope")
     rc, _, err = run_main(["evaluate", *TINY, "--checkpoint", tiny_ckpt, "--data", "imagenet",
-                           "--output", tmp_path / "r.json"], capsys)
+                           "--output", tmp_path / "r.json"])
     assert_clean_error(rc, err, "folder:PATH")
     rc, _, err = run_main(["evaluate", "--model", "not_a_model", "--checkpoint", tiny_ckpt,
-                           "--output", tmp_path / "r.json"], capsys)
+                           "--output", tmp_path / "r.json"])
     assert_clean_error(rc, err, "unknown model")
 
 
@@ -226,9 +220,9 @@ def _bench_table(out):
     return rows
 
 
-def test_bench_times_explain_against_forward_backward(capsys):
+def test_bench_times_explain_against_forward_backward(run_main):
     rc, out, _ = run_main(["bench", *TINY, "--batch", "2", "--methods", "tokentm,rollout", "--backends", "reference,torch",
-                           "--repeats", "1", "--threads", "1"], capsys)
+                           "--repeats", "1", "--threads", "1"])
     assert rc == 0, out
     rows = _bench_table(out)
     assert set(rows) == {("forward+backward", "-"), ("tokentm", "reference"), ("tokentm", "torch"),
@@ -248,10 +242,10 @@ def test_bench_is_not_tooling():
     assert importlib.util.find_spec("tokentm_fast.benchtable") is None
 
 
-def test_bench_errors(capsys):
-    rc, _, err = run_main(["bench", *TINY, "--backends", "torch,cuda_magic"], capsys)
+def test_bench_errors(run_main):
+    rc, _, err = run_main(["bench", *TINY, "--backends", "torch,cuda_magic"])
     assert_clean_error(rc, err, "cuda_magic", "reference")
-    rc, _, err = run_main(["bench", "--model", "not_a_model"], capsys)
+    rc, _, err = run_main(["bench", "--model", "not_a_model"])
     assert_clean_error(rc, err, "unknown model")
 
 
@@ -271,23 +265,23 @@ def _check_demo_output(out, stdout, n_images):
     return res
 
 
-def test_demo_end_to_end(tmp_path, synthetic_ckpt, capsys):
+def test_demo_end_to_end(tmp_path, synthetic_ckpt, run_main):
     out = tmp_path / "demo"
     rc, stdout, err = run_main(["demo", "--checkpoint", synthetic_ckpt, "--num-images", "4", "--num-explain", "2",
-                                "--sanity-images", "2", "--batch-size", "4", "--out", out, "--no-progress"], capsys)
+                                "--sanity-images", "2", "--batch-size", "4", "--out", out, "--no-progress"])
     assert rc == 0, err
     res = _check_demo_output(out, stdout, 4)
     assert ("tokentm", "sanity") in {(r["method"], r["metric"]) for r in res["records"]}
 
 
-def test_demo_with_the_shipped_weights(tmp_path, capsys):
+def test_demo_with_the_shipped_weights(tmp_path, run_main):
     from tokentm_fast.synthetic.model import WEIGHTS_PATH
 
     if not WEIGHTS_PATH.is_file():
         pytest.skip(f"shipped synthetic weights not present yet ({WEIGHTS_PATH})")
     out = tmp_path / "demo"
     rc, stdout, err = run_main(["demo", "--num-images", "8", "--num-explain", "2", "--sanity-images", "0",
-                                "--out", out, "--no-progress"], capsys)
+                                "--out", out, "--no-progress"])
     assert rc == 0, err
     res = _check_demo_output(out, stdout, 8)
     # a trained model: removing the most relevant pixels hurts more than removing the least relevant ones
@@ -295,8 +289,8 @@ def test_demo_with_the_shipped_weights(tmp_path, capsys):
     assert tok["perturbation"]["pos_auc_predicted"] < tok["perturbation"]["neg_auc_predicted"]
 
 
-def test_demo_without_weights_is_a_clean_error(tmp_path, capsys):
-    rc, _, err = run_main(["demo", "--checkpoint", tmp_path / "none.safetensors", "--out", tmp_path / "d"], capsys)
+def test_demo_without_weights_is_a_clean_error(tmp_path, run_main):
+    rc, _, err = run_main(["demo", "--checkpoint", tmp_path / "none.safetensors", "--out", tmp_path / "d"])
     assert_clean_error(rc, err, "none.safetensors")
 
 
@@ -323,14 +317,14 @@ def test_output_names_keep_the_extension():
     assert len(set(names)) == 3 and names[2] == "photo.jpg"
 
 
-def test_explain_same_stem_different_extensions(tmp_path, tiny_ckpt, capsys):
+def test_explain_same_stem_different_extensions(tmp_path, tiny_ckpt, run_main):
     rng = np.random.default_rng(3)
     png, jpg = tmp_path / "photo.png", tmp_path / "photo.jpg"
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(png)
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(jpg)  # a different picture
     out = tmp_path / "new" / "deeper" / "out"  # missing parents are created
     rc, stdout, err = run_main(["explain", png, jpg, *TINY, "--checkpoint", tiny_ckpt, "--methods", "rollout",
-                                "--out", out, "--grid-name", "figs/grid.pdf"], capsys)
+                                "--out", out, "--grid-name", "figs/grid.pdf"])
     assert rc == 0, err
     assert sorted(f.name for f in out.iterdir()) == ["figs", "photo.jpg_rollout.png", "photo.png_rollout.png"]
     assert (out / "figs" / "grid.pdf").read_bytes().startswith(b"%PDF")
@@ -341,31 +335,31 @@ def test_explain_same_stem_different_extensions(tmp_path, tiny_ckpt, capsys):
 
 
 @pytest.mark.parametrize("name", ["../../escape.png", "../escape.png", "sub/../../escape.png", "ABS"])
-def test_grid_name_cannot_escape_the_output_folder(tmp_path, pictures, name, monkeypatch, capsys):
+def test_grid_name_cannot_escape_the_output_folder(tmp_path, pictures, name, monkeypatch, run_main):
     paths, _ = pictures
     _no_model(monkeypatch)
     out = tmp_path / "a" / "b" / "out"
     if name == "ABS":
         name = str(tmp_path / "escape.png")
-    rc, _, err = run_main(["explain", paths[0], "--out", out, "--grid-name", name], capsys)
+    rc, _, err = run_main(["explain", paths[0], "--out", out, "--grid-name", name])
     assert_clean_error(rc, err, "--grid-name", "output folder")
     assert not list(tmp_path.rglob("escape.png"))
     assert not out.exists()
 
 
-def test_grid_name_through_a_link_is_refused(tmp_path, pictures, monkeypatch, capsys):
+def test_grid_name_through_a_link_is_refused(tmp_path, pictures, monkeypatch, run_main):
     paths, _ = pictures
     _no_model(monkeypatch)
     out = tmp_path / "out"
     out.mkdir()
     (out / "link").symlink_to(tmp_path)
-    rc, _, err = run_main(["explain", paths[0], "--out", out, "--grid-name", "link/escape.png"], capsys)
+    rc, _, err = run_main(["explain", paths[0], "--out", out, "--grid-name", "link/escape.png"])
     assert_clean_error(rc, err, "--grid-name", "outside the output folder")
-    rc, _, err = run_main(["explain", paths[0], "--out", out, "--grid-name", "grid.unknownformat"], capsys)
+    rc, _, err = run_main(["explain", paths[0], "--out", out, "--grid-name", "grid.unknownformat"])
     assert_clean_error(rc, err, "--grid-name", "format")
 
 
-def test_output_errors_before_computing(tmp_path, pictures, monkeypatch, capsys):
+def test_output_errors_before_computing(tmp_path, pictures, monkeypatch, run_main):
     paths, _ = pictures
     _no_model(monkeypatch)
     a_file = tmp_path / "a_file.txt"
@@ -374,23 +368,23 @@ def test_output_errors_before_computing(tmp_path, pictures, monkeypatch, capsys)
     a_dir.mkdir()
     # --out is an existing file
     for cmd in (["explain", paths[0]], ["demo"]):
-        rc, _, err = run_main([*cmd, "--out", a_file], capsys)
+        rc, _, err = run_main([*cmd, "--out", a_file])
         assert_clean_error(rc, err, "--out", "a_file.txt", "is an existing file")
     # a parent that cannot be created: it is a file
     for cmd in (["explain", paths[0]], ["demo"]):
-        rc, _, err = run_main([*cmd, "--out", a_file / "sub" / "out"], capsys)
+        rc, _, err = run_main([*cmd, "--out", a_file / "sub" / "out"])
         assert_clean_error(rc, err, "--out", "a_file.txt is a file")
-    rc, _, err = run_main(["evaluate", "--output", a_file / "r.json"], capsys)
+    rc, _, err = run_main(["evaluate", "--output", a_file / "r.json"])
     assert_clean_error(rc, err, "--output", "a_file.txt is a file")
-    rc, _, err = run_main(["evaluate", "--output", tmp_path / "r.json", "--curves", a_file / "c.png"], capsys)
+    rc, _, err = run_main(["evaluate", "--output", tmp_path / "r.json", "--curves", a_file / "c.png"])
     assert_clean_error(rc, err, "--curves", "a_file.txt is a file")
     # a file option given an existing folder
-    rc, _, err = run_main(["evaluate", "--output", a_dir], capsys)
+    rc, _, err = run_main(["evaluate", "--output", a_dir])
     assert_clean_error(rc, err, "--output", "is an existing folder")
     assert a_file.read_text() == "x" and not list(a_dir.iterdir())
 
 
-def test_output_in_a_location_reported_not_writable(tmp_path, pictures, monkeypatch, capsys):
+def test_output_in_a_location_reported_not_writable(tmp_path, pictures, monkeypatch, run_main):
     """The check itself: a folder that os.access reports unwritable (read-only fs, permissions) is refused."""
     paths, _ = pictures
     _no_model(monkeypatch)
@@ -407,30 +401,30 @@ def test_output_in_a_location_reported_not_writable(tmp_path, pictures, monkeypa
     cases = ((["explain", paths[0], "--out", ro], "--out"), (["explain", paths[0], "--out", ro / "x"], "--out"),
              (["demo", "--out", ro / "x" / "y"], "--out"), (["evaluate", "--output", ro / "r.json"], "--output"))
     for argv, opt in cases:
-        rc, _, err = run_main(argv, capsys)
+        rc, _, err = run_main(argv)
         assert_clean_error(rc, err, opt, "not writable", str(ro))
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                     reason="root writes into a chmod 555 folder anyway; the check is covered by "
                            "test_output_in_a_location_reported_not_writable")
-def test_output_in_a_read_only_folder(tmp_path, pictures, monkeypatch, capsys):
+def test_output_in_a_read_only_folder(tmp_path, pictures, monkeypatch, run_main):
     paths, _ = pictures
     _no_model(monkeypatch)
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        rc, _, err = run_main(["explain", paths[0], "--out", ro / "out"], capsys)
+        rc, _, err = run_main(["explain", paths[0], "--out", ro / "out"])
         assert_clean_error(rc, err, "--out", "not writable")
-        rc, _, err = run_main(["evaluate", "--output", ro / "r.json"], capsys)
+        rc, _, err = run_main(["evaluate", "--output", ro / "r.json"])
         assert_clean_error(rc, err, "--output", "not writable")
     finally:
         ro.chmod(0o755)
 
 
 # ----------------------------------------------------------------------------- constant maps and n/a (issue 8)
-def test_explain_warns_about_a_constant_map(tmp_path, pictures, tiny_ckpt, monkeypatch, capsys):
+def test_explain_warns_about_a_constant_map(tmp_path, pictures, tiny_ckpt, monkeypatch, run_main):
     import tokentm_fast.cli as cli
 
     real = cli._explain_all
@@ -443,7 +437,7 @@ def test_explain_warns_about_a_constant_map(tmp_path, pictures, tiny_ckpt, monke
     monkeypatch.setattr(cli, "_explain_all", zero_gradcam)
     paths, _ = pictures
     rc, _, err = run_main(["explain", paths[0], paths[2], *TINY, "--checkpoint", tiny_ckpt,
-                           "--methods", "rollout,attn_gradcam", "--out", tmp_path / "o"], capsys)
+                           "--methods", "rollout,attn_gradcam", "--out", tmp_path / "o"])
     assert rc == 0, err
     warn = [ln for ln in err.splitlines() if "warning" in ln]
     assert len(warn) == 1, err  # one line for the method, none for rollout
@@ -453,7 +447,7 @@ def test_explain_warns_about_a_constant_map(tmp_path, pictures, tiny_ckpt, monke
 
 
 def test_na_cells_get_a_footnote():
-    from tokentm_fast.cli import table_footnotes
+    from tokentm_fast.evaluation.report import table_footnotes
     from tokentm_fast.evaluation.runner import format_table
 
     records = [
@@ -471,7 +465,7 @@ def test_na_cells_get_a_footnote():
 
 
 def test_print_results_explains_na(capsys):
-    from tokentm_fast.cli import _print_results
+    from tokentm_fast.evaluation.report import print_results
 
     results = {
         "records": [{"method": "attn_gradcam", "metric": "sanity", "values": {"spearman_full_random": None}},
@@ -479,7 +473,7 @@ def test_print_results_explains_na(capsys):
         "counts": {"images_evaluated": 2, "skipped": 0}, "run": {"resumed_from": 0},
         "data": {"kind": "synthetic"}, "model": {"name": "synthetic"},
     }
-    _print_results(results, None)
+    print_results(results, None)
     out = capsys.readouterr().out
     table_end = out.index("| gae |")
     assert "n/a" in out[:table_end + 40]

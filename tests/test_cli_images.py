@@ -19,20 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tokentm_fast.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def run_main(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def _png16_rgb(arr, path):
@@ -72,14 +58,14 @@ def test_sixteen_bit_png_is_rescaled_not_clipped(tmp_path):
     assert np.abs(x - np.round(rgb16 / 257.0)).max() <= 1
 
 
-def test_sixteen_bit_image_is_explained_as_its_eight_bit_version(tmp_path, capsys):
+def test_sixteen_bit_image_is_explained_as_its_eight_bit_version(tmp_path, run_main):
     g16 = _gradient16()
     Image.fromarray(g16).save(tmp_path / "g16.png")
     Image.fromarray(np.round(g16 / 65535.0 * 255.0).astype(np.uint8)).convert("RGB").save(tmp_path / "g8.png")
     Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(tmp_path / "white.png")
     rc, _, err = run_main(["explain", tmp_path / "g16.png", tmp_path / "g8.png", tmp_path / "white.png",
                            "--model", "synthetic", "--methods", "tokentm", "--out", tmp_path / "o",
-                           "--save-maps", tmp_path / "maps.npz", "--threads", "1"], capsys)
+                           "--save-maps", tmp_path / "maps.npz", "--threads", "1"])
     assert rc == 0, err
     maps = np.load(tmp_path / "maps.npz")["tokentm"]
     np.testing.assert_allclose(maps[0], maps[1], rtol=1e-5, atol=1e-6 * float(np.abs(maps[1]).max()))
@@ -133,7 +119,7 @@ def test_preprocess_plan_is_what_the_transform_does(cfg, mode):
                 assert (x1 - x0) / (y1 - y0) == pytest.approx(mw / mh, rel=0.1)
 
 
-def test_explain_says_the_preprocessing_and_resize_changes_it(tmp_path, capsys):
+def test_explain_says_the_preprocessing_and_resize_changes_it(tmp_path, run_main):
     from tokentm_fast import explain
     from tokentm_fast.evaluation.data import Preprocess, model_data_config
     from tokentm_fast.synthetic import create_synthetic_vit
@@ -143,7 +129,7 @@ def test_explain_says_the_preprocessing_and_resize_changes_it(tmp_path, capsys):
     Image.fromarray(rng.integers(0, 256, (40, 120, 3), dtype=np.uint8)).save(wide)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(square)
     common = [square, wide, "--model", "synthetic", "--methods", "rollout", "--threads", "1"]
-    rc, out, err = run_main(["explain", *common, "--out", tmp_path / "crop", "--save-maps", tmp_path / "c.npz"], capsys)
+    rc, out, err = run_main(["explain", *common, "--out", tmp_path / "crop", "--save-maps", tmp_path / "c.npz"])
     assert rc == 0, err
     said = [ln for ln in err.splitlines() if "preprocessing" in ln]
     assert len(said) == 1, err  # once, on the first image that is changed
@@ -153,7 +139,7 @@ def test_explain_says_the_preprocessing_and_resize_changes_it(tmp_path, capsys):
     assert "64×64 px" not in out.splitlines()[0]  # the square image of the model's size: nothing done
 
     rc, out, err = run_main(["explain", *common, "--out", tmp_path / "resize", "--resize",
-                             "--save-maps", tmp_path / "r.npz"], capsys)
+                             "--save-maps", tmp_path / "r.npz"])
     assert rc == 0, err
     said = [ln for ln in err.splitlines() if "preprocessing" in ln]
     assert len(said) == 1 and "120×40 px resized to the model's 64×64" in said[0] and "aspect" in said[0]
@@ -257,12 +243,12 @@ def test_overlay_is_drawn_at_the_image_size_with_colour_bar_and_note(hw):
     assert matplotlib.colormaps["gray"](normalize_map(np.array([0.0, 1.0])))[1, 0] == 1.0
 
 
-def test_explain_writes_overlays_at_the_image_size(tmp_path, capsys):
+def test_explain_writes_overlays_at_the_image_size(tmp_path, run_main):
     rng = np.random.default_rng(2)
     p = tmp_path / "tall.png"
     Image.fromarray(rng.integers(0, 256, (300, 90, 3), dtype=np.uint8)).save(p)
     rc, out, err = run_main(["explain", p, "--model", "synthetic", "--methods", "rollout", "--out", tmp_path / "o",
-                             "--threads", "1"], capsys)
+                             "--threads", "1"])
     assert rc == 0, err
     ov = Image.open(tmp_path / "o" / "tall.png_rollout.png")
     # 90 x 300 enlarged 3x (shorter side to >= 224): 270 x 900 px of picture, plus the bar and the note
@@ -272,7 +258,7 @@ def test_explain_writes_overlays_at_the_image_size(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- --save-maps
-def test_save_maps_holds_the_raw_maps_of_explain(tmp_path, capsys):
+def test_save_maps_holds_the_raw_maps_of_explain(tmp_path, run_main):
     from tokentm_fast import METHODS, explain
     from tokentm_fast.api import Explainer
     from tokentm_fast.evaluation.data import Preprocess, load_image, model_data_config
@@ -281,7 +267,7 @@ def test_save_maps_holds_the_raw_maps_of_explain(tmp_path, capsys):
     files = save_folder(tmp_path / "imgs", "test", 3)
     maps_file = tmp_path / "sub" / "maps.npz"
     rc, out, err = run_main(["explain", *files, "--model", "synthetic", "--out", tmp_path / "o", "--save-maps",
-                             maps_file, "--threads", "1", "--backend", "torch"], capsys)
+                             maps_file, "--threads", "1", "--backend", "torch"])
     assert rc == 0, err
     assert f"raw maps: {maps_file}" in out
     model = create_synthetic_vit()
@@ -305,5 +291,5 @@ def test_save_maps_holds_the_raw_maps_of_explain(tmp_path, capsys):
     assert info["backend"] == "torch" and info["model"]["name"] == "synthetic"
     assert info["preprocessing"].startswith("crop")
     rc, _, err = run_main(["explain", files[0], "--model", "synthetic", "--methods", "rollout", "--out",
-                           tmp_path / "o2", "--save-maps", tmp_path / "maps.txt"], capsys)
+                           tmp_path / "o2", "--save-maps", tmp_path / "maps.txt"])
     assert rc == 2 and "--save-maps" in err and ".npz" in err

@@ -15,23 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tokentm_fast.cli import main
 
 TINY_KWARGS = dict(img_size=32, patch_size=8, depth=2)
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,depth=2"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def run_main(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +41,11 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["random.pth", "random.pt", "random.safetensors", "random.bin", "truncated.pth"])
 @pytest.mark.parametrize("model", ["timm", "synthetic"])
-def test_a_corrupt_checkpoint_is_named_without_torch_advice(checkpoints, name, model, tmp_path, capsys):
+def test_a_corrupt_checkpoint_is_named_without_torch_advice(checkpoints, name, model, tmp_path, run_main):
     ck = checkpoints / name
     argv = ["evaluate", *(TINY if model == "timm" else ["--model", "synthetic"]), "--checkpoint", ck,
             "--size", "2", "--output", tmp_path / "r.json", "--no-progress", "--workers", "0"]
-    rc, _, err = run_main(argv, capsys)
+    rc, _, err = run_main(argv)
     assert rc == 2 and "Traceback" not in err
     assert err.count("\n") == 1, err  # one line
     assert str(ck) in err and "--checkpoint" in err and "not a readable checkpoint" in err, err
@@ -67,23 +53,23 @@ def test_a_corrupt_checkpoint_is_named_without_torch_advice(checkpoints, name, m
     assert "weights_only" not in err and "arbitrary code" not in err and "Weights only load failed" not in err
 
 
-def test_a_pickled_model_is_refused_with_the_reason(checkpoints, tmp_path, capsys):
+def test_a_pickled_model_is_refused_with_the_reason(checkpoints, tmp_path, run_main):
     ck = checkpoints / "whole_model.pth"
-    rc, _, err = run_main(["explain", "x.png", *TINY, "--checkpoint", ck, "--out", tmp_path / "o"], capsys)
+    rc, _, err = run_main(["explain", "x.png", *TINY, "--checkpoint", ck, "--out", tmp_path / "o"])
     assert rc == 2  # the image is missing: files first
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
-    rc, _, err = run_main(["explain", img, *TINY, "--checkpoint", ck, "--out", tmp_path / "o"], capsys)
+    rc, _, err = run_main(["explain", img, *TINY, "--checkpoint", ck, "--out", tmp_path / "o"])
     assert rc == 2 and str(ck) in err and "--checkpoint" in err
     assert "VisionTransformer" in err and "state_dict" in err and "weights_only" not in err, err
     # a good state dict still loads (the checks did not break the normal case)
     rc, _, err = run_main(["explain", img, *TINY, "--checkpoint", checkpoints / "good.pth", "--out",
-                           tmp_path / "o", "--methods", "rollout"], capsys)
+                           tmp_path / "o", "--methods", "rollout"])
     assert rc == 0, err
 
 
 # ----------------------------------------------------------------------------- the class-folder warning
-def test_the_class_folder_warning_is_printed_once(tmp_path, capsys):
+def test_the_class_folder_warning_is_printed_once(tmp_path, run_main):
     import timm
 
     rng = np.random.default_rng(0)
@@ -96,7 +82,7 @@ def test_the_class_folder_warning_is_printed_once(tmp_path, capsys):
                ck)
     rc, out, err = run_main(["evaluate", *TINY, "--checkpoint", ck, "--data", f"folder:{tmp_path / 'data'}",
                              "--methods", "rollout", "--metrics", "perturbation", "--output", tmp_path / "r.json",
-                             "--no-progress", "--workers", "0", "--threads", "1"], capsys)
+                             "--no-progress", "--workers", "0", "--threads", "1"])
     assert rc == 0, err
     said = (out + err).count("3 class folders but the model has 5 classes")
     assert said == 1, out + err

@@ -23,24 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tokentm_fast.cli import main
 from tokentm_fast.evaluation import partial_path
 
 EVAL = ["evaluate", "--model", "synthetic", "--data", "synthetic", "--size", "6", "--batch-size", "2",
         "--methods", "rollout", "--metrics", "segmentation", "--workers", "0", "--threads", "1", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def run_main(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 @pytest.fixture
@@ -72,7 +58,7 @@ def _assert_refused(rc, err, link, option, victim):
 
 # ----------------------------------------------------------------------------- links: explain
 @pytest.mark.parametrize("which", ["overlay", "grid", "save-maps"])
-def test_explain_refuses_a_link_at_each_output(which, tmp_path, picture, victim, capsys):
+def test_explain_refuses_a_link_at_each_output(which, tmp_path, picture, victim, run_main):
     out = tmp_path / "o"
     out.mkdir()
     maps = out / "maps.npz"
@@ -80,13 +66,13 @@ def test_explain_refuses_a_link_at_each_output(which, tmp_path, picture, victim,
                     "save-maps": (maps, "--save-maps")}[which]
     link.symlink_to(victim)
     rc, _, err = run_main(["explain", picture, "--model", "synthetic", "--methods", "rollout", "--out", out,
-                           "--save-maps", maps, "--threads", "1"], capsys)
+                           "--save-maps", maps, "--threads", "1"])
     _assert_refused(rc, err, link, option, victim)
     assert sorted(p.name for p in out.iterdir()) == [link.name]  # refused before anything was written
     # without the link the same command writes every file (the refusal was the link's)
     link.unlink()
     rc, _, err = run_main(["explain", picture, "--model", "synthetic", "--methods", "rollout", "--out", out,
-                           "--save-maps", maps, "--threads", "1"], capsys)
+                           "--save-maps", maps, "--threads", "1"])
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["a.png_rollout.png", "grid.png", "maps.npz"]
     assert victim.read_text() == "precious" and _no_tmp(tmp_path) == []
@@ -119,19 +105,19 @@ def test_the_picture_writers_refuse_a_link_when_they_write(tmp_path, victim):
 
 
 # ----------------------------------------------------------------------------- links: evaluate and demo
-def test_evaluate_refuses_a_link_at_the_results_curves_and_partial_state(tmp_path, victim, capsys):
+def test_evaluate_refuses_a_link_at_the_results_curves_and_partial_state(tmp_path, victim, run_main):
     out = tmp_path / "r.json"
     curves = tmp_path / "c.png"
     for link, extra, option in ((out, [], "--output"), (curves, ["--curves", curves], "--curves"),
                                 (partial_path(out), [], "--output")):
         link.symlink_to(victim)
-        rc, _, err = run_main([*EVAL, "--output", out, *extra], capsys)
+        rc, _, err = run_main([*EVAL, "--output", out, *extra])
         _assert_refused(rc, err, link, option, victim)
         link.unlink()
     assert not out.exists() and not list(tmp_path.glob("r.json*"))
 
 
-def test_demo_refuses_a_link_at_its_files_before_any_work(tmp_path, victim, capsys, monkeypatch):
+def test_demo_refuses_a_link_at_its_files_before_any_work(tmp_path, victim, run_main, monkeypatch):
     import tokentm_fast.evaluation.runner as runner
 
     def boom(*a, **k):
@@ -143,7 +129,7 @@ def test_demo_refuses_a_link_at_its_files_before_any_work(tmp_path, victim, caps
     for name in ("demo_grid.png", "demo_results.json", "demo_table.md", "demo_curves.png"):
         link = out / name
         link.symlink_to(victim)
-        rc, _, err = run_main(["demo", "--out", out], capsys)
+        rc, _, err = run_main(["demo", "--out", out])
         _assert_refused(rc, err, link, "--out", victim)
         link.unlink()
 
@@ -249,11 +235,11 @@ def _fail_when_writing(monkeypatch, matches, after_good_writes):
     return seen
 
 
-def test_a_full_disk_while_saving_the_state_keeps_the_last_state_and_resumes(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_while_saving_the_state_keeps_the_last_state_and_resumes(tmp_path, monkeypatch, run_main):
     out = tmp_path / "r.json"
     pp = partial_path(out)
     seen = _fail_when_writing(monkeypatch, lambda name: name.startswith(".r.json.partial."), after_good_writes=1)
-    rc, _, err = run_main([*EVAL, "--output", out], capsys)
+    rc, _, err = run_main([*EVAL, "--output", out])
     assert seen["failed"] >= 1 and seen["good"] == 1
     assert rc == 2 and "Traceback" not in err
     assert str(pp) in err and "--output" in err and "no space left on device" in err.lower(), err
@@ -262,7 +248,7 @@ def test_a_full_disk_while_saving_the_state_keeps_the_last_state_and_resumes(tmp
     assert state["done"] == 2 and state["batches"] == 1
     assert not out.exists() and not (tmp_path / "r.json.lock").exists()
     monkeypatch.undo()
-    rc, stdout, err = run_main([*EVAL, "--output", out], capsys)
+    rc, stdout, err = run_main([*EVAL, "--output", out])
     assert rc == 0, err
     assert "resuming from" in err and "2 of 6 samples already done" in err
     res = json.loads(out.read_text())
@@ -270,20 +256,20 @@ def test_a_full_disk_while_saving_the_state_keeps_the_last_state_and_resumes(tmp
     assert not pp.exists() and _no_tmp(tmp_path) == []
 
 
-def test_a_full_disk_while_writing_the_results_keeps_the_state(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_while_writing_the_results_keeps_the_state(tmp_path, monkeypatch, run_main):
     out = tmp_path / "r.json"
     pp = partial_path(out)
     out.write_text('{"earlier": "results"}')
     seen = _fail_when_writing(monkeypatch, lambda name: name.startswith(".r.json.") and ".partial." not in name,
                               after_good_writes=0)  # the temporary of r.json only
-    rc, _, err = run_main([*EVAL, "--output", out, "--restart"], capsys)
+    rc, _, err = run_main([*EVAL, "--output", out, "--restart"])
     assert seen["failed"] >= 1
     assert rc == 2 and str(out) in err and "--output" in err and "no space left on device" in err.lower(), err
     assert json.loads(out.read_text()) == {"earlier": "results"}  # the previous file is intact
     assert json.loads(pp.read_text())["done"] == 6  # every batch is in the state: nothing to redo
     assert _no_tmp(tmp_path) == []
     monkeypatch.undo()
-    rc, _, err = run_main([*EVAL, "--output", out], capsys)
+    rc, _, err = run_main([*EVAL, "--output", out])
     assert rc == 0, err
     res = json.loads(out.read_text())
     assert res["run"]["resumed_from"] == 6 and res["counts"]["images_evaluated"] == 6

@@ -77,6 +77,38 @@ def device() -> torch.device:
     return suite_device()
 
 
+# ------------------------------------------------------------------------------------------------------
+# small random-init models and images (tests/model_families.py holds the factories and the tables)
+# ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def make_model():
+    """``make_model(family, **kw)``: a fresh random-init model, the same weights for the same arguments.
+
+    ``family`` is a key of ``model_families.MODELS``: one of ``model_families.FAMILIES`` (the 48-wide,
+    2-block model of every supported family), ``"timm_tiny"`` (timm's ``vit_tiny`` on 32x32 images,
+    8x8 patches, 2 blocks), ``"timm_model"`` (any timm model by ``name=``) or ``"timm_clip"`` (a timm
+    ViT computing what a CLIP image tower computes). Session-scoped: module fixtures may use it."""
+    import model_families
+
+    return model_families.make_model
+
+
+@pytest.fixture(scope="session")
+def make_images():
+    """``make_images(batch=2, seed=1, size=32)``: ``(batch, 3, H, W)`` standard normal images from a
+    generator seeded ``seed``; ``size`` is H = W or ``(H, W)``."""
+    import model_families
+
+    return model_families.images
+
+
+@pytest.fixture
+def images(make_images) -> torch.Tensor:
+    """Two 3x32x32 images (``make_images()``), fresh for every test (a test may write into them)."""
+    return make_images()
+
+
 @pytest.fixture(autouse=True)
 def _full_float32_on_cuda():
     """A test that switches TF32 on for itself does not leak it into the next one."""

@@ -1,14 +1,24 @@
-"""Tiny random-init models of every supported family, and weight converters from timm.
+"""Small random-init models of every supported family, the tables the tests run over, the model
+snapshot, and weight converters from timm.
 
-Shared by ``tests/test_models_*.py``. The converters copy a timm
-``VisionTransformer``'s weights into the equivalent Hugging Face
-``ViTForImageClassification`` and torchvision ``VisionTransformer`` (written
-here, independently of the adapters), so that the same weights can be
-explained through three different code bases.
+A plain helper module, not a test module: ``tests/conftest.py`` serves its factories as the
+``make_model`` / ``make_images`` / ``images`` fixtures, and test modules import it for the tables their
+parametrisation reads at import time (``FAMILIES``, ``CLASSIFIERS``, ``EMBEDDERS``). No test module
+imports another test module.
+
+The converters copy a timm ``VisionTransformer``'s weights into the equivalent Hugging Face
+``ViTForImageClassification`` and ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection``, torchvision
+``VisionTransformer`` and open_clip ``VisionTransformer``. They are written here from the published
+module structures of those libraries, independently of the adapters in ``tokentm_fast/models``, so
+that the same weights can be explained through every code base and the maps compared.
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Any, Callable, Dict, Tuple, Union
+
 import torch
+from torch import nn
 
 SIZE, PATCH, WIDTH, HEADS, DEPTH, CLASSES = 32, 8, 48, 3, 2, 5
 
@@ -26,13 +36,78 @@ def spread(model, seed=0):
     return model
 
 
+def sharpen(model):
+    """The weights of the spec-oracle tests: LayerScale factors drawn from U(0.1, 0.6) with the global
+    generator, qkv weights doubled (sharper attention). Random init leaves LayerScale at 1e-6 and
+    attention nearly uniform, where some terms of the methods vanish."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand_like(p) * 0.5 + 0.1)
+            elif "qkv.weight" in name:
+                p.mul_(2.0)
+    return model
+
+
+def timm_model(name="vit_tiny_patch16_224", num_classes=CLASSES, seed=0, sharp=False, **kwargs):
+    """``timm.create_model(name, pretrained=False, ...)`` initialised after ``torch.manual_seed(seed)``;
+    ``sharp`` applies :func:`sharpen`. Keyword arguments go to timm; one given as None is left out
+    (the model's default)."""
+    import timm
+
+    torch.manual_seed(seed)
+    kw = {k: v for k, v in kwargs.items() if v is not None}
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
+    return sharpen(model) if sharp else model
+
+
+def timm_tiny(num_classes=CLASSES, depth=2, seed=0, **kwargs):
+    """The suite's plain small timm ViT: ``vit_tiny_patch16_224`` (width 192, 3 heads) on 32x32 images
+    with 8x8 patches (a 4x4 grid), ``depth`` blocks, timm's own initialisation (:func:`timm_model`
+    takes the other arguments, ``name`` included)."""
+    kw = dict(img_size=SIZE, patch_size=PATCH, depth=depth)
+    kw.update(kwargs)
+    return timm_model(num_classes=num_classes, seed=seed, **kw)
+
+
 def timm_vit(num_classes=CLASSES, seed=0, **kwargs):
+    """The timm member of the family tests: width 48, 3 heads, 2 blocks on 32x32 images, :func:`spread`."""
     import timm
 
     torch.manual_seed(seed)
     kw = dict(img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH, num_heads=HEADS, depth=DEPTH, qkv_bias=True)
     kw.update(kwargs)
     return spread(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **kw), seed)
+
+
+def random_affine(model, seed=0):
+    """Every LayerNorm's scale and shift and the class token drawn at random (default init leaves
+    them at 1, 0 and ~0), so that a converter that drops, swaps or misplaces one changes the output."""
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1.0 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+        if getattr(model, "cls_token", None) is not None:
+            model.cls_token.copy_(torch.randn(model.cls_token.shape, generator=g))
+    return model
+
+
+def timm_clip(num_classes=16, act_layer="quick_gelu", seed=0, **kwargs):
+    """A timm ViT that computes what a CLIP image tower computes (:func:`timm_vit` sizes): a LayerNorm
+    after the embeddings (``pre_norm``, which also drops the patch projection's bias), LayerNorm eps
+    1e-5, ``act_layer`` ``"quick_gelu"`` (OpenAI CLIP, Hugging Face's default) or ``"gelu"``
+    (open_clip's default), the final norm before class-token pooling (after mean pooling with
+    ``global_pool="avg"``), and a head without bias: a projection to ``num_classes`` (0: no head, the
+    output is the pooled, normalised token). Norms and class token from :func:`random_affine`."""
+    model = timm_vit(num_classes=num_classes, seed=seed, pre_norm=True, norm_layer=nn.LayerNorm,
+                     act_layer=act_layer, **kwargs)
+    random_affine(model, seed)
+    if num_classes:
+        with torch.no_grad():
+            model.head.bias.zero_()
+    return model
 
 
 def hf_vit_config(num_labels=CLASSES):
@@ -68,12 +143,16 @@ def hf_deit_teacher(seed=0):
     return spread(DeiTForImageClassificationWithTeacher(cfg), seed)
 
 
-def hf_clip_vision(projection=True, seed=0):
+def hf_clip_vision(projection=True, seed=0, **config):
+    """``CLIPVisionModelWithProjection`` (``projection=False``: ``CLIPVisionModel``); ``config``
+    overrides ``CLIPVisionConfig`` fields (e.g. ``hidden_act``, ``projection_dim``)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=DEPTH,
-                           num_attention_heads=HEADS, image_size=SIZE, patch_size=PATCH, projection_dim=16)
+    kw = dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+              image_size=SIZE, patch_size=PATCH, projection_dim=16)
+    kw.update(config)
+    cfg = CLIPVisionConfig(**kw)
     cls = CLIPVisionModelWithProjection if projection else CLIPVisionModel
     return spread(cls(cfg), seed)
 
@@ -99,8 +178,73 @@ def open_clip_visual(seed=0, **kwargs):
     return spread(VisionTransformer(**kw), seed)
 
 
-def images(batch=2, seed=1):
-    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+def images(batch=2, seed=1, size: Union[int, Tuple[int, int]] = SIZE, channels=3):
+    """``(batch, channels, H, W)`` standard normal images from a generator seeded ``seed`` (the values
+    ``torch.manual_seed(seed); torch.randn(...)`` gives); ``size`` is H = W or ``(H, W)``."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch, channels, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+# -- the tables the family tests run over ----------------------------------------
+#: families whose output is class logits (``target`` may be a class index)
+CLASSIFIERS: Dict[str, Callable[..., nn.Module]] = {
+    "timm": timm_vit,
+    "hf_vit": hf_vit_classifier,
+    "hf_deit_teacher": hf_deit_teacher,
+    "torchvision": torchvision_vit,
+}
+#: families whose output is an embedding (``target`` must be a score function)
+EMBEDDERS: Dict[str, Callable[..., nn.Module]] = {
+    "timm_headless": partial(timm_vit, num_classes=0),
+    "hf_vit_model": hf_vit_model,
+    "hf_clip_proj": hf_clip_vision,
+    "hf_clip": partial(hf_clip_vision, projection=False),
+    "open_clip": open_clip_visual,
+    "open_clip_avg_ls": partial(open_clip_visual, pool_type="avg", ls_init_value=0.3, final_ln_after_pool=True),
+}
+FAMILIES: Dict[str, Callable[..., nn.Module]] = {**CLASSIFIERS, **EMBEDDERS}
+#: every factory by name: the families, plus the plain small timm ViT (``timm_tiny``), any timm model
+#: by name (``timm_model``) and the CLIP-equivalent timm ViT (``timm_clip``)
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    **FAMILIES, "timm_tiny": timm_tiny, "timm_model": timm_model, "timm_clip": timm_clip,
+}
+
+
+def make_model(family: str, **kwargs: Any) -> nn.Module:
+    """``MODELS[family](**kwargs)``: a fresh random-init model (the same weights for the same arguments)."""
+    if family not in MODELS:
+        raise KeyError(f"unknown test model {family!r}; expected one of {sorted(MODELS)}")
+    return MODELS[family](**kwargs)
+
+
+# -- the model comes back as it was ----------------------------------------------
+def snapshot(model: nn.Module) -> Dict[str, Any]:
+    """Everything an explanation call could leave changed on ``model``: weights and buffers, training
+    flags, timm's ``fused_attn`` flags, ``requires_grad``, hook counts and instance-level ``forward``
+    overrides (the attention call-site hook)."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "fused": {n: m.fused_attn for n, m in model.named_modules() if hasattr(m, "fused_attn")},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for n, m in model.named_modules()},
+        # instance-level forward overrides (the attention call-site hook) must all be gone
+        "patched": {n: m.__dict__.get("forward") for n, m in model.named_modules() if "forward" in m.__dict__},
+    }
+
+
+def assert_same(model: nn.Module, snap: Dict[str, Any]) -> None:
+    """``model`` is as :func:`snapshot` saw it, and no parameter gradient was computed."""
+    now = snapshot(model)
+    assert now["training"] == snap["training"]
+    assert now["fused"] == snap["fused"]
+    assert now["requires_grad"] == snap["requires_grad"]
+    assert now["hooks"] == snap["hooks"]
+    assert now["patched"] == snap["patched"]
+    for k, v in snap["state"].items():
+        assert torch.equal(now["state"][k], v), k
+    assert all(p.grad is None for p in model.parameters()), "parameter gradients were computed"
 
 
 # -- converters ---------------------------------------------------------------
@@ -164,4 +308,118 @@ def timm_to_torchvision(src):
         dst.encoder.ln.bias.copy_(sd["norm.bias"])
         dst.heads.head.weight.copy_(sd["head.weight"])
         dst.heads.head.bias.copy_(sd["head.bias"])
+    return dst.eval()
+
+
+def _act_name(src) -> str:
+    """``"quick_gelu"`` or ``"gelu"``: the MLP activation of timm ViT ``src``."""
+    name = type(src.blocks[0].mlp.act).__name__
+    if name not in ("QuickGELU", "GELU"):
+        raise ValueError(f"no CLIP equivalent of the activation {name}")
+    return "quick_gelu" if name == "QuickGELU" else "gelu"
+
+
+def _check_clip_like(src, layer_scale_ok: bool) -> None:
+    """``src`` is built as :func:`timm_clip` builds it (what the CLIP towers can express)."""
+    if src.cls_token is None or src.num_prefix_tokens != 1 or isinstance(src.norm_pre, nn.Identity):
+        raise ValueError("a CLIP tower has one class token and a LayerNorm after the embeddings (pre_norm=True)")
+    if src.patch_embed.proj.bias is not None:
+        raise ValueError("a CLIP patch projection has no bias")
+    if src.num_classes and src.head.bias.abs().max() > 0:
+        raise ValueError("a CLIP projection has no bias: zero the timm head's bias")
+    if not layer_scale_ok and not isinstance(src.blocks[0].ls1, nn.Identity):
+        raise ValueError("this CLIP tower has no LayerScale")
+
+
+def _copy_qkv(w: torch.Tensor, b: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> None:
+    d = w.shape[1]
+    for j, lin in enumerate((q, k, v)):
+        lin.weight.copy_(w[j * d:(j + 1) * d])
+        lin.bias.copy_(b[j * d:(j + 1) * d])
+
+
+def _copy_norm(dst: nn.LayerNorm, sd: Dict[str, torch.Tensor], prefix: str) -> None:
+    dst.weight.copy_(sd[prefix + ".weight"])
+    dst.bias.copy_(sd[prefix + ".bias"])
+
+
+def timm_to_open_clip(src):
+    """An open_clip ``VisionTransformer`` with the weights and the function of timm ViT ``src`` (built
+    as :func:`timm_clip` builds it, with a projection head). Pooling: class token with the final norm
+    before it, or (timm ``global_pool="avg"``) the mean of the patch tokens with the norm after it
+    (open_clip ``pool_type="avg", final_ln_after_pool=True``); timm's LayerScale is open_clip's
+    ``ls_1`` / ``ls_2``; timm's head weight is the transposed ``proj``."""
+    from open_clip.transformer import QuickGELU
+
+    _check_clip_like(src, layer_scale_ok=True)
+    if not src.num_classes:
+        raise ValueError("an open_clip tower always projects: give the timm model a head")
+    avg = src.global_pool == "avg"
+    if src.global_pool not in ("token", "avg"):
+        raise ValueError(f"no open_clip pooling for timm global_pool={src.global_pool!r}")
+    layer_scale = not isinstance(src.blocks[0].ls1, nn.Identity)
+    act = QuickGELU if _act_name(src) == "quick_gelu" else nn.GELU
+    dst = open_clip_visual(output_dim=src.num_classes, act_layer=act, pool_type="avg" if avg else "tok",
+                           final_ln_after_pool=avg, ls_init_value=1.0 if layer_scale else None)
+    sd = src.state_dict()
+    with torch.no_grad():
+        dst.conv1.weight.copy_(sd["patch_embed.proj.weight"])
+        dst.class_embedding.copy_(sd["cls_token"][0, 0])
+        dst.positional_embedding.copy_(sd["pos_embed"][0])
+        _copy_norm(dst.ln_pre, sd, "norm_pre")
+        for i, blk in enumerate(dst.transformer.resblocks):
+            p = f"blocks.{i}."
+            _copy_norm(blk.ln_1, sd, p + "norm1")
+            blk.attn.in_proj_weight.copy_(sd[p + "attn.qkv.weight"])
+            blk.attn.in_proj_bias.copy_(sd[p + "attn.qkv.bias"])
+            blk.attn.out_proj.weight.copy_(sd[p + "attn.proj.weight"])
+            blk.attn.out_proj.bias.copy_(sd[p + "attn.proj.bias"])
+            _copy_norm(blk.ln_2, sd, p + "norm2")
+            blk.mlp.c_fc.weight.copy_(sd[p + "mlp.fc1.weight"])
+            blk.mlp.c_fc.bias.copy_(sd[p + "mlp.fc1.bias"])
+            blk.mlp.c_proj.weight.copy_(sd[p + "mlp.fc2.weight"])
+            blk.mlp.c_proj.bias.copy_(sd[p + "mlp.fc2.bias"])
+            if layer_scale:
+                blk.ls_1.gamma.copy_(sd[p + "ls1.gamma"])
+                blk.ls_2.gamma.copy_(sd[p + "ls2.gamma"])
+        _copy_norm(dst.ln_post, sd, "fc_norm" if avg else "norm")
+        dst.proj.copy_(sd["head.weight"].T)
+    return dst.eval()
+
+
+def timm_to_hf_clip(src):
+    """A Hugging Face ``CLIPVisionModelWithProjection`` (timm head: ``visual_projection``) or, for a
+    headless ``src``, ``CLIPVisionModel`` (output: ``pooler_output``) with the weights and the function
+    of timm ViT ``src`` (built as :func:`timm_clip` builds it, class-token pooling, no LayerScale).
+    ``hidden_act`` follows timm's ``act_layer``; ``pre_layrnorm`` is timm's ``norm_pre``,
+    ``post_layernorm`` (applied to the class token) timm's final ``norm`` (applied to every token)."""
+    _check_clip_like(src, layer_scale_ok=False)
+    if src.global_pool != "token":
+        raise ValueError("a Hugging Face CLIP tower pools the class token")
+    projection = bool(src.num_classes)
+    config = dict(hidden_act=_act_name(src))
+    if projection:
+        config["projection_dim"] = src.num_classes
+    dst = hf_clip_vision(projection=projection, **config)
+    sd = src.state_dict()
+    vm = getattr(dst, "vision_model", dst)  # CLIPVisionModel holds the tower itself (transformers 5)
+    with torch.no_grad():
+        vm.embeddings.patch_embedding.weight.copy_(sd["patch_embed.proj.weight"])
+        vm.embeddings.class_embedding.copy_(sd["cls_token"][0, 0])
+        vm.embeddings.position_embedding.weight.copy_(sd["pos_embed"][0])
+        _copy_norm(vm.pre_layrnorm, sd, "norm_pre")
+        for i, layer in enumerate(vm.encoder.layers):
+            p = f"blocks.{i}."
+            _copy_norm(layer.layer_norm1, sd, p + "norm1")
+            att = layer.self_attn
+            _copy_qkv(sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"], att.q_proj, att.k_proj, att.v_proj)
+            att.out_proj.weight.copy_(sd[p + "attn.proj.weight"])
+            att.out_proj.bias.copy_(sd[p + "attn.proj.bias"])
+            _copy_norm(layer.layer_norm2, sd, p + "norm2")
+            for name in ("fc1", "fc2"):
+                getattr(layer.mlp, name).weight.copy_(sd[p + f"mlp.{name}.weight"])
+                getattr(layer.mlp, name).bias.copy_(sd[p + f"mlp.{name}.bias"])
+        _copy_norm(vm.post_layernorm, sd, "norm")
+        if projection:
+            dst.visual_projection.weight.copy_(sd["head.weight"])
     return dst.eval()

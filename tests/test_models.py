@@ -1,28 +1,15 @@
-"""Model adapters (issue 11 item 2): every family runs every method, the same weights give the same
-maps across families, the attention call-site hook is exact, and every model comes back unchanged."""
+"""tokentm_fast/models (the adapters, issue 11 item 2): every family runs every method, the same weights
+give the same maps across families (timm weights copied into Hugging Face ViT and CLIP, torchvision and
+open_clip models by the converters of tests/model_families.py), the attention call-site hook is exact,
+and every model comes back unchanged."""
 import pytest
 import torch
 
 import model_families as mf
 import tokentm_fast as tf
-from test_model_restored import assert_same, snapshot
+from model_families import CLASSIFIERS, FAMILIES, assert_same, snapshot
+from spec_oracle import rel_err
 from tokentm_fast.models import adapt
-
-CLASSIFIERS = {
-    "timm": mf.timm_vit,
-    "hf_vit": mf.hf_vit_classifier,
-    "hf_deit_teacher": mf.hf_deit_teacher,
-    "torchvision": mf.torchvision_vit,
-}
-EMBEDDERS = {
-    "timm_headless": lambda: mf.timm_vit(num_classes=0),
-    "hf_vit_model": mf.hf_vit_model,
-    "hf_clip_proj": mf.hf_clip_vision,
-    "hf_clip": lambda: mf.hf_clip_vision(projection=False),
-    "open_clip": mf.open_clip_visual,
-    "open_clip_avg_ls": lambda: mf.open_clip_visual(pool_type="avg", ls_init_value=0.3, final_ln_after_pool=True),
-}
-FAMILIES = {**CLASSIFIERS, **EMBEDDERS}
 
 
 def softmax_core(l, q, k, v, scale):
@@ -30,10 +17,10 @@ def softmax_core(l, q, k, v, scale):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_replace_attention_is_exact_and_undone(name):
-    model = FAMILIES[name]().eval()
+def test_replace_attention_is_exact_and_undone(make_model, images, name):
+    model = make_model(name).eval()
     vit = adapt(model)
-    x = mf.images()
+    x = images
     snap = snapshot(model)
     with torch.no_grad():
         before = vit.forward(x)
@@ -68,11 +55,11 @@ def test_replace_attention_is_exact_and_undone(name):
 
 @pytest.mark.parametrize("name", list(CLASSIFIERS))
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_every_method_runs(name, backend):
-    model = CLASSIFIERS[name]()
+def test_every_method_runs(make_model, images, name, backend):
+    model = make_model(name)
     model.train()
     snap = snapshot(model)
-    x = mf.images()
+    x = images
     n = mf.SIZE // mf.PATCH
     for method in tf.METHODS:
         e = tf.explain(model, x, method, backend=backend)
@@ -84,11 +71,11 @@ def test_every_method_runs(name, backend):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_reference_equals_torch(name):
+def test_reference_equals_torch(make_model, images, name):
     """The reference (float64, family-free) and the fast path agree for every family."""
-    model = FAMILIES[name]().train()
+    model = make_model(name).train()
     snap = snapshot(model)
-    x = mf.images()
+    x = images
     head = adapt(model).head
     target = None if name in CLASSIFIERS else (lambda out: out[:, 0] - out[:, 1])
     for method in tf.METHODS:
@@ -102,12 +89,12 @@ def test_reference_equals_torch(name):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_triton_backend(name, device):
+def test_triton_backend(make_model, make_images, name, device):
     """The Triton backend on the suite's device (a copy of the model there) against the torch map on the CPU."""
     import copy
 
-    model = FAMILIES[name]()
-    x = mf.images(batch=1)
+    model = make_model(name)
+    x = make_images(batch=1)
     on_device = copy.deepcopy(model).to(device)
     target = None if name in CLASSIFIERS else (lambda out: out[:, 0] - out[:, 1])
     for method in tf.METHODS:
@@ -121,12 +108,12 @@ def test_triton_backend(name, device):
         assert ((tri - ref).abs().max() / ref.abs().max()) <= 1e-4, method
 
 
-def test_same_weights_same_maps_across_families():
+def test_same_weights_same_maps_across_families(make_model, images):
     """timm → Hugging Face ViTForImageClassification and torchvision VisionTransformer (converters in
     tests/model_families.py): identical logits and identical maps for every method and backend."""
-    src = mf.timm_vit()
+    src = make_model("timm")
     others = {"hf": mf.timm_to_hf_vit(src), "torchvision": mf.timm_to_torchvision(src)}
-    x = mf.images()
+    x = images
     with torch.no_grad():
         logits = src.eval()(x)
         assert logits.std() > 1e-3
@@ -144,7 +131,70 @@ def test_same_weights_same_maps_across_families():
                 assert (e2 - e).abs().max() <= 1e-5 * max(float(scale), 1.0), (method, backend, name)
 
 
-def test_adapt_picks_by_class():
+# timm settings under which a timm ViT computes what each CLIP image tower computes (model_families.timm_clip),
+# and the converter that copies its weights into that tower
+CLIP_TOWERS = {
+    "open_clip": (dict(act_layer="gelu"), mf.timm_to_open_clip),
+    "open_clip_avg_ls": (dict(act_layer="gelu", global_pool="avg", init_values=0.3), mf.timm_to_open_clip),
+    "hf_clip_proj": (dict(act_layer="quick_gelu"), mf.timm_to_hf_clip),
+    "hf_clip": (dict(act_layer="quick_gelu", num_classes=0), mf.timm_to_hf_clip),
+}
+
+
+@pytest.fixture(scope="module", params=list(CLIP_TOWERS))
+def clip_tower(request, make_model, make_images):
+    """``(timm model, CLIP tower with its weights, images)``, all float64."""
+    timm_kwargs, convert = CLIP_TOWERS[request.param]
+    src = make_model("timm_clip", **timm_kwargs).double().eval()
+    return src, convert(src).double().eval(), make_images().double()
+
+
+def tower_output(model, x):
+    """The output as the CLIP library defines it (not through the adapters): open_clip's projected pooled
+    token, Hugging Face's ``image_embeds`` (with projection) or ``pooler_output``."""
+    if not hasattr(model, "config"):
+        return model(x)
+    out = model(pixel_values=x)
+    return out.image_embeds if getattr(out, "image_embeds", None) is not None else out.pooler_output
+
+
+def test_clip_tower_computes_the_timm_function(clip_tower):
+    """The converters are right: the same output from the timm model and the CLIP tower, float64."""
+    src, tower, x = clip_tower
+    with torch.no_grad():
+        want = src(x)
+        got = tower_output(tower, x)
+        assert want.std() > 1e-2
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+        assert (adapt(tower).forward(x) - got).abs().max() <= 1e-12 * want.abs().max()  # the adapter's output
+
+
+@pytest.mark.parametrize("target_kind", ["class_logit", "cosine_similarity"])
+def test_clip_tower_maps_equal_timm_maps(clip_tower, target_kind):
+    """Every method's map through the open_clip / Hugging Face CLIP adapter equals the map through the timm
+    adapter (float64 models: relative error < 1e-5), with a score function of the embedding."""
+    src, tower, x = clip_tower
+    if target_kind == "class_logit":
+        target = tf.class_logit(3)
+    else:
+        dim = src.num_classes or src.num_features
+        target = tf.cosine_similarity(torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
+    snap = snapshot(tower)
+    nonzero = 0
+    for method in tf.METHODS:
+        want = tf.explain(src, x, method, backend="torch", target=target)
+        got = tf.explain(tower, x, method, backend="torch", target=target)
+        assert got.shape == want.shape == (2, mf.SIZE // mf.PATCH, mf.SIZE // mf.PATCH), method
+        if method != "attn_gradcam":               # Grad-CAM may be all zero (clipped, or mean pooling)
+            assert want.abs().amax(dim=(1, 2)).min() > 0, method
+            nonzero += 1
+        assert (rel_err(got, want) <= 1e-5).all(), method
+    assert nonzero == len(tf.METHODS) - 1
+    assert_same(tower, snap)
+
+
+def test_adapt_picks_by_class(make_model):
     from tokentm_fast.models.hf import HFViT
     from tokentm_fast.models.open_clip import OpenClipViT
     from tokentm_fast.models.timm import TimmViT
@@ -153,22 +203,22 @@ def test_adapt_picks_by_class():
     expected = {"timm": TimmViT, "hf_vit": HFViT, "hf_deit_teacher": HFViT, "torchvision": TorchvisionViT,
                 "hf_clip": HFViT, "open_clip": OpenClipViT}
     for name, cls in expected.items():
-        vit = adapt(FAMILIES[name]())
+        vit = adapt(make_model(name))
         assert type(vit) is cls
         assert adapt(vit) is vit
-    assert adapt(FAMILIES["hf_deit_teacher"]()).num_prefix_tokens == 2
-    assert adapt(FAMILIES["open_clip"]()).num_classes is None
-    assert adapt(FAMILIES["timm_headless"]()).num_classes is None
+    assert adapt(make_model("hf_deit_teacher")).num_prefix_tokens == 2
+    assert adapt(make_model("open_clip")).num_classes is None
+    assert adapt(make_model("timm_headless")).num_classes is None
 
 
-def test_embedding_model_needs_a_score_function():
-    model = mf.hf_clip_vision()
+def test_embedding_model_needs_a_score_function(make_model, images):
+    model = make_model("hf_clip_proj")
     with pytest.raises(ValueError, match="no classifier"):
-        tf.explain(model, mf.images())
+        tf.explain(model, images)
 
 
-def test_restored_when_the_call_raises():
-    model = mf.torchvision_vit().train()
+def test_restored_when_the_call_raises(make_model, images):
+    model = make_model("torchvision").train()
     snap = snapshot(model)
 
     def bad_score(out):
@@ -176,7 +226,7 @@ def test_restored_when_the_call_raises():
 
     for method in ("tokentm", "legrad"):
         with pytest.raises(RuntimeError, match="boom"):
-            tf.explain(model, mf.images(), method, target=bad_score)
+            tf.explain(model, images, method, target=bad_score)
         assert_same(model, snap)
         assert not any("forward" in m.__dict__ for m in model.modules())
 

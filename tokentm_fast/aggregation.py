@@ -214,6 +214,14 @@ def aggregate_layers(
     return rows if full else rows[:, 0]
 
 
+def check_layer_order(layer: int, expected: Optional[int]) -> None:
+    """The row algorithm needs the layers' gradients top-down, one after the other (autograd's order
+    for a plain ViT); anything else (a model that reuses a block, a hook reordering the backward) would
+    silently give a wrong map."""
+    if layer != expected:
+        raise RuntimeError(f"attention gradients arrived out of order (layer {layer}, expected {expected})")
+
+
 class RowState:
     """The row ``r (B, N)`` of the row algorithm on the flash path, advanced as autograd reaches each
     layer's attention backward (``tokentm_fast.kernels.attention.ExplanationAttention``).
@@ -245,8 +253,7 @@ class RowState:
     def scaled_row(self, layer: int) -> Optional[torch.Tensor]:
         if not self._updates(layer):
             return None
-        if layer != self.next:
-            raise RuntimeError(f"attention gradients arrived out of order (layer {layer}, expected {self.next})")
+        check_layer_order(layer, self.next)
         self._s = scale_rows(self.rows, self.weights[layer][1])
         return self._s
 

@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 
 from . import aggregation, fusion, legrad, transform
-from .aggregation import EngineConstants, RowState, add_update, initial_rows, query_support, scale_rows
+from .aggregation import (EngineConstants, RowState, add_update, check_layer_order, initial_rows, query_support,
+                          scale_rows)
 from .capture import LayerRecorder, prepared_model
 from .models.protocol import ViTAdapter, split_heads
 from .targets import TargetList, resolve_target, target_score
@@ -184,9 +185,7 @@ class Materialized:
 
             def layer_hook(l: int):
                 def hook(grad: torch.Tensor) -> None:
-                    if state["next"] != l:
-                        raise RuntimeError(f"attention gradients arrived out of order (layer {l}, "
-                                           f"expected {state['next']})")
+                    check_layer_order(l, state["next"])
                     w_attn, w_mlp = weights[l] if keep else weights.pop(l)
                     state["rows"] = update(state["rows"], attns[l] if keep else attns.pop(l), grad, w_attn,
                                            w_mlp, mode=fusion_mode, **(top if l == top_layer else {}))

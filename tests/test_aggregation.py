@@ -1,4 +1,5 @@
-"""The row algorithm (spec §3.1) equals the full-matrix product (spec §3), on plain tensors."""
+"""The aggregation engine (tokentm_fast/aggregation.py): the row algorithm (docs/methods.md §3.1) equals the
+full-matrix product (§3), on plain tensors; the engine step and the flash path's row state."""
 import sys
 
 import pytest
@@ -195,3 +196,76 @@ def test_query_support():
     assert query_support(torch.zeros(1, 9)) == slice(0, 0)
     with pytest.raises(ValueError, match="CPU tensor"):
         query_support(torch.zeros(1, 9, device="meta"))
+
+
+# --------------------------------------------------------------------------- the engine step, once
+def test_engine_step_on_rows_and_on_one_row():
+    """``scale_rows`` / ``add_update`` are the two halves of docs/methods.md §3.1's step
+    (``s = R ⊙ (1 + w_mlp)``, ``R = s + t ⊙ w_attn``), for (B, Q, N) rows and for one (B, N) row, with
+    per-token weights or constants."""
+    from tokentm_fast.aggregation import add_update, scale_rows
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.rand(2, 3, 5, generator=g, dtype=torch.float64)
+    w_mlp, w_attn, t = (torch.rand(2, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    s = scale_rows(rows, w_mlp)
+    for q in range(3):
+        torch.testing.assert_close(s[:, q], rows[:, q] * (1 + w_mlp), rtol=0, atol=0)
+        torch.testing.assert_close(scale_rows(rows[:, q], w_mlp), s[:, q], rtol=0, atol=0)
+    torch.testing.assert_close(add_update(s, t[:, None], w_attn)[:, 1], s[:, 1] + t * w_attn, rtol=0, atol=0)
+    torch.testing.assert_close(add_update(s[:, 0], t, w_attn), s[:, 0] + t * w_attn, rtol=0, atol=0)
+    # constants (rollout: w_mlp = -1/2 halves the rows)
+    torch.testing.assert_close(scale_rows(rows, -0.5), rows / 2, rtol=0, atol=0)
+    torch.testing.assert_close(add_update(rows, t[:, None], 1.0), rows + t[:, None], rtol=0, atol=0)
+
+
+def _step_state(state, layer, t_heads):
+    row = state.scaled_row(layer)
+    state.update(layer, t_heads)
+    return row
+
+
+def test_row_state_runs_the_engine_step_top_down():
+    """The flash path's row state: the same step as ``row_update`` (with t the head mean), top-down,
+    and an error naming the layers when the backward reaches them in another order."""
+    from tokentm_fast.aggregation import RowState
+
+    g = torch.Generator().manual_seed(5)
+    b, h, n = 2, 3, 6
+    state = RowState(first=1, last=3)
+    weights = {l: (torch.rand(b, n, generator=g), torch.rand(b, n, generator=g)) for l in (1, 2, 3)}
+    state.weights.update(weights)
+    r = torch.rand(b, n, generator=g)
+    state.start(r)
+    for l in (3, 2, 1):
+        t = torch.rand(b, h, n, generator=g)
+        s = r * (1 + weights[l][1])
+        assert torch.equal(_step_state(state, l, t), s)
+        r = s + t.mean(1) * weights[l][0]
+        assert torch.equal(state.rows, r)
+    assert state.next == 0 and not state.weights
+    wrong = RowState(first=0, last=2)
+    wrong.weights[1] = weights[1]
+    with pytest.raises(RuntimeError, match=r"out of order \(layer 1, expected 2\)"):
+        wrong.scaled_row(1)
+
+
+def test_row_state_with_a_layer_choice_passes_the_other_blocks():
+    """Blocks outside the choice get no row (their backward computes dQ, dK, dV only) and leave it as
+    it is; the chosen ones update it in order, from the highest chosen block."""
+    from tokentm_fast.aggregation import RowState
+
+    b, h, n = 1, 2, 4
+    state = RowState(first=0, last=3, chosen=[0, 2])
+    state.weights.update({l: (torch.full((b, n), 2.0), torch.full((b, n), 1.0)) for l in (0, 2)})
+    state.start(torch.ones(b, n))
+    assert state.next == 2
+    assert _step_state(state, 3, None) is None and torch.equal(state.rows, torch.ones(b, n))
+    assert _step_state(state, 2, torch.ones(b, h, n)) is not None
+    torch.testing.assert_close(state.rows, torch.full((b, n), 2.0 + 2.0))    # s = 1·2, r = s + 1·2
+    assert state.next == 0
+    assert _step_state(state, 1, None) is None and state.next == 0
+    _step_state(state, 0, torch.zeros(b, h, n))
+    torch.testing.assert_close(state.rows, torch.full((b, n), 8.0))           # s = 4·2, t = 0
+    with pytest.raises(RuntimeError, match="out of order"):
+        RowState(first=0, last=3, chosen=[0, 2]).scaled_row(0)

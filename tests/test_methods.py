@@ -1,0 +1,90 @@
+"""The method registry (tokentm_fast/methods/): every method is one ``MethodSpec``, whose function runs
+over either attention path, whose capabilities say what the entry then does, and a new method is a
+registry entry plus one function."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model_families as mf
+import tokentm_fast as tf
+from spec_oracle import explain as oracle
+from spec_oracle import query, rel_err, run_vit
+from tokentm_fast.methods import REGISTRY, MethodSpec, get_method, resolve_options
+from tokentm_fast.models import adapt
+from tokentm_fast.paths import TORCH_KERNELS, Materialized
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return mf.timm_vit().double().eval()
+
+
+def test_the_registry_is_the_method_list():
+    assert tf.METHODS == tuple(REGISTRY) and len(REGISTRY) == 6
+    for name, spec in REGISTRY.items():
+        assert spec.name == name and callable(spec.explain)
+    with pytest.raises(ValueError, match="unknown method 'gradcam'; expected one of"):
+        get_method("gradcam")
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_each_entry_computes_its_method(model64, name):
+    """A registry entry's function, called on the materialized path with its resolved defaults, is the
+    method of docs/methods.md (the independent oracle, float64)."""
+    vit = adapt(model64)
+    images = mf.images().double()
+    options = resolve_options(name, {}, vit.num_layers)
+    out = get_method(name).explain(vit, images, torch.tensor([1, 3]), options, Materialized(TORCH_KERNELS))
+    ref = oracle(model64, images, name, target=torch.tensor([1, 3]))
+    assert ref.abs().max() > 0
+    assert rel_err(out, ref).max() < 1e-10
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_capabilities_are_what_the_entry_does(model64, name):
+    spec = get_method(name)
+    model, images = mf.timm_vit().eval(), mf.images()
+    # full_matrix: the whole (B, N, N) matrix, or a refusal naming the methods that have one
+    if spec.full_matrix:
+        assert tf.explain(model, images, name, backend="torch", full=True).shape == (2, 17, 17)
+    else:
+        with pytest.raises(ValueError, match="full=True is available for"):
+            tf.Explainer(model, name, full=True)
+    # target_free: the same map for every target; the others depend on it
+    a = tf.explain(model, images, name, target=0, backend="torch")
+    b = tf.explain(model, images, name, target=1, backend="torch")
+    assert torch.equal(a, b) == spec.target_free
+    # layer_choice: end_layer / layers accepted, or refused as unknown options
+    if spec.layer_choice:
+        tf.Explainer(model, name, layers=[0])
+    else:
+        with pytest.raises(ValueError, match="unknown option"):
+            tf.Explainer(model, name, layers=[0])
+    # flash_refuses: every refused option value is refused by the entry with its reason
+    for (option, value), why in spec.flash_refuses.items():
+        with pytest.raises(ValueError, match=why.split(" per entry")[0].replace("(", r"\(").replace(")", r"\)")):
+            tf.Explainer(model, name, backend="triton", attention="flash", **{option: value})
+
+
+def _first_block_attention(vit, images, target, options, path, full=False):
+    """A new method for the test: raw attention of the *first* block, from the paths' own API."""
+    return path.query_attention(vit, images, 0)[:, vit.num_prefix_tokens:]
+
+
+@pytest.mark.parametrize("backend,attention", [("torch", "auto"), ("triton", "materialized"), ("triton", "flash")])
+def test_a_new_method_is_a_registry_entry_and_one_function(monkeypatch, backend, attention):
+    """Registered, a method runs through the public entry on every path, options checked by its entry."""
+    monkeypatch.setitem(REGISTRY, "first_block_attention",
+                        MethodSpec("first_block_attention", _first_block_attention, needs_gradients=False,
+                                   target_free=True))
+    model, images = mf.timm_vit().eval(), mf.images()
+    out = tf.explain(model, images, "first_block_attention", backend=backend, attention=attention)
+    _, layers, x0, m = run_vit(model.double(), images.double())
+    q = query(m, 2, x0.shape[1])
+    ref = torch.einsum("bi,bij->bj", q, layers[0]["attn"].detach().mean(1))[:, 1:].reshape(2, 4, 4)
+    assert ref.std() > 0 and rel_err(out, ref).max() < 1e-5
+    # not the last block's (raw attention): the entry really ran the new function
+    assert rel_err(tf.explain(model.float(), images, "raw_attention", backend="torch"), ref).max() > 1e-3
+    with pytest.raises(ValueError, match="unknown option"):
+        tf.Explainer(model, "first_block_attention", start_layer=1)

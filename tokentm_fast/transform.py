@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+#: ε of the norm clamps, here and in the Triton kernel (``tokentm_fast.kernels.transform_weights`` imports it)
 EPS = 1e-6
 
 

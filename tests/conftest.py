@@ -87,8 +87,9 @@ def make_model():
 
     ``family`` is a key of ``model_families.MODELS``: one of ``model_families.FAMILIES`` (the 48-wide,
     2-block model of every supported family), ``"timm_tiny"`` (timm's ``vit_tiny`` on 32x32 images,
-    8x8 patches, 2 blocks), ``"timm_model"`` (any timm model by ``name=``) or ``"timm_clip"`` (a timm
-    ViT computing what a CLIP image tower computes). Session-scoped: module fixtures may use it."""
+    8x8 patches, 2 blocks), ``"timm_model"`` (any timm model by ``name=``), ``"timm_narrow"`` (timm's
+    ``VisionTransformer`` class, 32 wide, 2 heads) or ``"timm_clip"`` (a timm ViT computing what a CLIP
+    image tower computes). Session-scoped: module fixtures may use it."""
     import model_families
 
     return model_families.make_model

@@ -70,6 +70,25 @@ def timm_tiny(num_classes=CLASSES, depth=2, seed=0, **kwargs):
     return timm_model(num_classes=num_classes, seed=seed, **kw)
 
 
+def timm_narrow(num_classes=CLASSES, depth=3, img_size=SIZE, seed=0, qkv_scale=1.0, head_scale=1.0, **kwargs):
+    """timm's ``VisionTransformer`` class built directly (no pretrained config attached), width 32, 2 heads,
+    8x8 patches, initialised after ``torch.manual_seed(seed)``, in eval mode; ``qkv_scale`` and
+    ``head_scale`` multiply the qkv and head weights (sharper attention, larger logits than timm's init)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    kw = dict(img_size=img_size, patch_size=PATCH, embed_dim=32, depth=depth, num_heads=2, num_classes=num_classes)
+    kw.update(kwargs)
+    model = VisionTransformer(**kw).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "qkv.weight" in name:
+                p.mul_(qkv_scale)
+            elif name == "head.weight":
+                p.mul_(head_scale)
+    return model
+
+
 def timm_vit(num_classes=CLASSES, seed=0, **kwargs):
     """The timm member of the family tests: width 48, 3 heads, 2 blocks on 32x32 images, :func:`spread`."""
     import timm
@@ -204,9 +223,11 @@ EMBEDDERS: Dict[str, Callable[..., nn.Module]] = {
 }
 FAMILIES: Dict[str, Callable[..., nn.Module]] = {**CLASSIFIERS, **EMBEDDERS}
 #: every factory by name: the families, plus the plain small timm ViT (``timm_tiny``), any timm model
-#: by name (``timm_model``) and the CLIP-equivalent timm ViT (``timm_clip``)
+#: by name (``timm_model``), the 32-wide timm ViT class (``timm_narrow``) and the CLIP-equivalent timm
+#: ViT (``timm_clip``)
 MODELS: Dict[str, Callable[..., nn.Module]] = {
-    **FAMILIES, "timm_tiny": timm_tiny, "timm_model": timm_model, "timm_clip": timm_clip,
+    **FAMILIES, "timm_tiny": timm_tiny, "timm_model": timm_model, "timm_narrow": timm_narrow,
+    "timm_clip": timm_clip,
 }
 
 

@@ -1,10 +1,9 @@
-"""Issue 15 (Captum's internal_batch_size): ``explain(..., batch_size=k)`` explains k images at a time
-(with their targets) and concatenates; the maps equal one call's. A tqdm bar on request."""
+"""tokentm_fast/batching.py (issue 15, Captum's internal_batch_size): ``explain(..., batch_size=k)`` explains
+k images at a time (with their targets) and concatenates; the maps equal one call's. A tqdm bar on request."""
 import io
 import sys
 
 import pytest
-import timm
 import torch
 
 import tokentm_fast as tf
@@ -12,16 +11,15 @@ from tokentm_fast.targets import class_logit, cosine_similarity
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,
-                             depth=3).eval()
+def model(make_model):
+    """timm vit_tiny on 32x32 images, 3 blocks, 5 classes."""
+    return make_model("timm_tiny", depth=3).eval()
 
 
 @pytest.fixture(scope="module")
-def images():
-    torch.manual_seed(1)
-    return torch.randn(5, 3, 32, 32)
+def images(make_images):
+    """Five 32x32 images (the conftest ``images`` has two)."""
+    return make_images(batch=5)
 
 
 def _check_equal(chunked, whole, backend):
@@ -63,10 +61,8 @@ def test_chunks_equal_one_call(model, images, backend, method, kind):
         _check_equal(chunked, whole, backend)
 
 
-def test_per_image_references_are_split_with_the_images(images):
-    torch.manual_seed(2)
-    feat = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                             depth=2).eval()
+def test_per_image_references_are_split_with_the_images(make_model, images):
+    feat = make_model("timm_tiny", num_classes=0, seed=2).eval()
     refs = torch.randn(images.shape[0], feat.num_features)
     target = cosine_similarity(refs)
     whole = tf.explain(feat, images, target=target, backend="torch")

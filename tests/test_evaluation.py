@@ -1,4 +1,4 @@
-"""Tests of the evaluation runner and its data sources (tiny models, tiny data)."""
+"""tokentm_fast/evaluation: the evaluation runner and its data sources (tiny models, tiny data)."""
 import json
 import os
 import subprocess
@@ -40,15 +40,16 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_vit(num_classes=8, seed=0):
-    import timm
-
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **TINY_KWARGS).eval()
+@pytest.fixture(scope="module")
+def tiny_vit(make_model):
+    """``tiny_vit(num_classes=8, seed=0)``: timm vit_tiny built with ``TINY_KWARGS`` (the model ``load_model``
+    rebuilds from a checkpoint), in eval mode."""
+    return lambda num_classes=8, seed=0: make_model("timm_model", num_classes=num_classes, seed=seed,
+                                                    **TINY_KWARGS).eval()
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
+def tiny_ckpt(tmp_path_factory, tiny_vit):
     p = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
     torch.save(tiny_vit().state_dict(), p)
     return p
@@ -141,7 +142,7 @@ def test_mat_source_errors(tmp_path):
         MatSource(tmp_path / "other.mat")
 
 
-def test_folder_source_order_labels_and_failures(tiny_folder):
+def test_folder_source_order_labels_and_failures(tiny_folder, tiny_vit):
     src = FolderSource(tiny_folder)
     assert src.classes == ["cat", "dog", "emu"]
     ids = [src.sample_id(i) for i in range(len(src))]
@@ -158,7 +159,7 @@ def test_folder_source_order_labels_and_failures(tiny_folder):
     assert 0.0 <= float(batch["images01"].min()) and float(batch["images01"].max()) <= 1.0
 
 
-def test_preprocess_follows_model_config_and_masks_nearest():
+def test_preprocess_follows_model_config_and_masks_nearest(tiny_vit):
     model = tiny_vit()
     cfg = model_data_config(model)
     assert tuple(cfg["input_size"]) == (3, 32, 32)  # the real img_size, not the registered 224
@@ -202,7 +203,7 @@ def test_load_model_errors(tmp_path, tiny_ckpt):
         load_model("vit_tiny_patch16_224", checkpoint=tiny_ckpt)  # wrong architecture arguments
 
 
-def test_load_model_checkpoint_formats(tmp_path, tiny_ckpt):
+def test_load_model_checkpoint_formats(tmp_path, tiny_ckpt, tiny_vit):
     from safetensors.torch import save_file
 
     ref = tiny_vit()
@@ -295,7 +296,7 @@ def test_evaluate_sanity_metric(tiny_mat, tiny_ckpt):
     assert "spearman_full_random" in vals
 
 
-def test_evaluate_folder_with_more_classes_than_the_model(tiny_folder, tmp_path):
+def test_evaluate_folder_with_more_classes_than_the_model(tiny_folder, tmp_path, tiny_vit):
     ckpt = tmp_path / "two.pth"
     torch.save(tiny_vit(num_classes=2).state_dict(), ckpt)
     with pytest.raises(EvaluationError, match="3 class folders but the model has 2 classes"):
@@ -303,7 +304,7 @@ def test_evaluate_folder_with_more_classes_than_the_model(tiny_folder, tmp_path)
                  checkpoint=ckpt, model_kwargs=TINY_KWARGS, output=None, progress=False, num_workers=0)
 
 
-def test_evaluate_dtype_casts_a_copy_of_a_module(tiny_mat):
+def test_evaluate_dtype_casts_a_copy_of_a_module(tiny_mat, tiny_vit):
     model = tiny_vit()
     res = evaluate(model, f"mat:{tiny_mat}", methods=["rollout"], metrics="perturbation", dtype="bfloat16",
                    batch_size=2, limit=2, output=None, progress=False, num_workers=0)

@@ -1,9 +1,10 @@
-"""Output options of explain (upsample, normalize) and the Quantus / Captum-style entry points."""
+"""tokentm_fast/interop.py: output options of explain (upsample, normalize) and the Quantus / Captum-style
+entry points; ``TokenTMAttribution.attribute(..., additional_forward_args=...)`` as Captum has it (issue 15):
+None or empty is accepted (same maps), non-empty is refused with a clear message, not silently dropped."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 
 import tokentm_fast as tf
 from tokentm_fast.api import minmax_normalize
@@ -11,15 +12,10 @@ from tokentm_fast.interop import TokenTMAttribution, explain_func
 
 
 @pytest.fixture(scope="module")
-def vit():
+def vit(make_model, make_images):
     """A non-square tiny ViT (32 x 48 images, a 4 x 6 grid): H and W cannot be swapped unnoticed."""
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=(32, 48), patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                              num_classes=4).eval()
-    with torch.no_grad():
-        model.head.weight.mul_(10.0)
-    images = torch.randn(3, 3, 32, 48, generator=torch.Generator().manual_seed(1))
-    return model, images
+    model = make_model("timm_narrow", img_size=(32, 48), depth=2, num_classes=4, head_scale=10.0)
+    return model, make_images(batch=3, size=(32, 48))
 
 
 def _spread(maps):
@@ -145,6 +141,29 @@ def test_tokentm_attribution(vit):
     assert attr.has_convergence_delta() is False and attr.forward_func is model
     with pytest.raises(TypeError, match="torch.Tensor"):
         attr.attribute(images.numpy())
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(make_model):
+    """timm vit_tiny on 32x32 images, 2 blocks, 5 classes."""
+    return make_model("timm_tiny").eval()
+
+
+def test_empty_forward_args_give_the_same_maps(tiny_vit, make_images):
+    x = make_images()
+    attr = TokenTMAttribution(tiny_vit, backend="torch")
+    want = attr.attribute(x, target=1)
+    assert want.shape == (2, 1, 32, 32) and want.abs().max() > 0
+    for args in (None, (), []):
+        assert torch.equal(attr.attribute(x, target=1, additional_forward_args=args), want)
+    assert torch.equal(attr.attribute(x, 1, None), want)       # Captum's positional order
+
+
+@pytest.mark.parametrize("args", [(torch.ones(1),), [0.5, "x"], torch.ones(2)])
+def test_non_empty_forward_args_are_refused(tiny_vit, images, args):
+    attr = TokenTMAttribution(tiny_vit, backend="torch")
+    with pytest.raises(ValueError, match=r"additional_forward_args: VisionTransformer .*images only"):
+        attr.attribute(images, target=1, additional_forward_args=args)
 
 
 # --------------------------------------------------------------------------- a real Quantus metric

@@ -1,4 +1,5 @@
-"""Tests of the evaluation metrics (docs/evaluation.md §1–§4) against plain-numpy references."""
+"""tokentm_fast/metrics: the evaluation metrics (docs/evaluation.md §1–§4) against plain-numpy references;
+the batched perturbation test (``max_forward_batch``) equals the per-fraction one on the shipped model."""
 import json
 import math
 from decimal import Decimal
@@ -9,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
+from tokentm_fast import Explainer
+from tokentm_fast.evaluation import EvalDataset, Preprocess, SyntheticSource, collate, model_data_config
 from tokentm_fast.metrics import (
     PerturbationMetric,
     SanityMetric,
@@ -18,6 +21,7 @@ from tokentm_fast.metrics import (
     num_removed,
     spearman,
 )
+from tokentm_fast.synthetic import create_synthetic_vit
 
 FRACTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -377,6 +381,69 @@ def test_perturbation_state_dict_roundtrip():
         PerturbationMetric(clf, normalize, fractions=[0.5]).load_state_dict(a.state_dict())
 
 
+# --------------------------------------------------------------------------- batched perturbation
+class Counting(torch.nn.Module):
+    """The model, counting forward passes and the images in each."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.passes = []
+
+    def forward(self, x):
+        self.passes.append(x.shape[0])
+        return self.model(x)
+
+
+@pytest.fixture(scope="module")
+def shipped_batch():
+    """The shipped synthetic model, its preprocessing, 6 test images and their TokenTM maps."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = create_synthetic_vit(pretrained=True).eval()
+    pre = Preprocess(model_data_config(model))
+    b = collate([EvalDataset(SyntheticSource("test", size=6), pre)[i] for i in range(6)])
+    maps = Explainer(model, method="tokentm")(b["images"])
+    yield model, pre, b, maps
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("budget, passes", [(None, [6] * 19), (6 * 19, [114]), (16, [16] * 7 + [2])])
+def test_batched_equals_per_fraction(shipped_batch, budget, passes):
+    model, pre, b, maps = shipped_batch
+    per_fraction = PerturbationMetric(Counting(model), pre.normalize)
+    per_fraction.update(b["images01"], maps, b["labels"])
+    counting = Counting(model)
+    batched = PerturbationMetric(counting, pre.normalize, max_forward_batch=budget)
+    batched.update(b["images01"], maps, b["labels"])
+    assert counting.passes == passes  # clean + 9 fractions x (positive, negative), packed into the budget
+    assert batched.state_dict() == per_fraction.state_dict()  # the same counts and (exact) sums
+    got = batched.compute()
+    assert got == per_fraction.compute()
+    # not vacuous: the perturbations change predictions and probabilities
+    assert min(got["curves"]["positive_predicted"]) < 1.0 and got["aopc"] > 0.1
+
+
+def test_forward_passes_run_in_the_model_dtype(shipped_batch):
+    model, pre, b, maps = shipped_batch
+    half = Counting(create_synthetic_vit(pretrained=True).eval().to(torch.bfloat16))
+    seen = []
+    half.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    metric = PerturbationMetric(half, pre.normalize, max_forward_batch=64)
+    metric.update(b["images01"], maps, b["labels"])
+    assert seen and set(seen) == {torch.bfloat16} and half.passes == [64, 50]
+    f32 = PerturbationMetric(model, pre.normalize)
+    f32.update(b["images01"], maps, b["labels"])
+    # bfloat16 is close to float32 on this model (a few flips at most), not equal by construction
+    assert abs(metric.compute()["pos_auc_predicted"] - f32.compute()["pos_auc_predicted"]) < 0.2
+
+
+def test_max_forward_batch_is_checked(shipped_batch):
+    model, pre, _, _ = shipped_batch
+    with pytest.raises(ValueError, match="max_forward_batch must be >= 1"):
+        PerturbationMetric(model, pre.normalize, max_forward_batch=0)
+
+
 # --------------------------------------------------------------------------- sanity
 def test_spearman_matches_scipy():
     g = torch.Generator().manual_seed(0)
@@ -393,14 +460,6 @@ def test_spearman_matches_scipy():
     assert torch.isnan(spearman(torch.ones(1, 10), torch.randn(1, 10))).all()
 
 
-def _tiny_vit():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=4, depth=2, embed_dim=48, num_heads=3
-    ).eval()
-
-
 def grad_explain(model, images):
     """|input gradient| of the top logit, summed over channels, averaged per 8 x 8 patch: (B, 4, 4)."""
     x = images.clone().requires_grad_(True)
@@ -409,8 +468,8 @@ def grad_explain(model, images):
     return F.avg_pool2d(x.grad.abs().sum(1, keepdim=True), 8)[:, 0]
 
 
-def test_model_randomization_check_tiny_vit():
-    model = _tiny_vit()
+def test_model_randomization_check_tiny_vit(make_model):
+    model = make_model("timm_tiny", num_classes=4, embed_dim=48, num_heads=3).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     res = model_randomization_check(model, images, grad_explain, seed=0)

@@ -1,7 +1,6 @@
-"""Targets: score functions (callables of the model output), class_logit, cosine_similarity."""
+"""tokentm_fast/targets.py: score functions (callables of the model output), class_logit, cosine_similarity."""
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 import tokentm_fast as tf
 from spec_oracle import head as oracle_head
@@ -12,23 +11,11 @@ TARGET_METHODS = ("tokentm", "gae", "attn_gradcam", "legrad")   # the methods wh
 BACKENDS = ("torch", "reference")
 
 
-def tiny_vit(seed=0, num_classes=5, depth=3):
-    torch.manual_seed(seed)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2,
-                              num_classes=num_classes).eval()
-    with torch.no_grad():  # sharper attention and a larger head than timm's init: every term matters
-        for n, p in model.named_parameters():
-            if "qkv.weight" in n:
-                p.mul_(2.0)
-            elif n == "head.weight":
-                p.mul_(10.0)
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
-    return model, images
-
-
 @pytest.fixture(scope="module")
-def vit():
-    return tiny_vit(seed=5)   # a seed where Grad-CAM (a clamped mean) is non-zero for the targets used
+def vit(make_model, make_images):
+    """timm's VisionTransformer, 32 wide, 3 blocks, 5 classes, with sharper attention and a larger head than
+    timm's init (every term matters); seed 5: Grad-CAM (a clamped mean) is non-zero for the targets used."""
+    return make_model("timm_narrow", seed=5, qkv_scale=2.0, head_scale=10.0), make_images(seed=6)
 
 
 def _nonzero(e):
@@ -73,11 +60,10 @@ def test_callable_target_on_triton(vit, attention, device):
         torch.testing.assert_close(e, by_int, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("family", ["hf_vit_classifier", "torchvision_vit"])
-def test_callable_equals_integer_target_on_other_families(family):
+@pytest.mark.parametrize("family", ["hf_vit", "torchvision"])
+def test_callable_equals_integer_target_on_other_families(make_model, images, family):
     """The score function sees the family's logits tensor (not its output object)."""
-    mf = pytest.importorskip("model_families")
-    model, images = getattr(mf, family)().eval(), mf.images()
+    model = make_model(family).eval()
     for method in ("tokentm", "legrad", "attn_gradcam"):
         by_int = tf.explain(model, images, method, target=torch.tensor([1, 3]))
         e = tf.explain(model, images, method, target=lambda out: out[:, [1, 3]].diagonal())
@@ -129,16 +115,11 @@ def test_cosine_similarity_legrad_matches_literal_autograd(vit, start_layer):
     assert rel_err(other, e_ref.reshape(other.shape)).min() > 1e-2
 
 
-def test_cosine_similarity_on_a_feature_model_matches_literal_autograd():
+def test_cosine_similarity_on_a_feature_model_matches_literal_autograd(make_model, make_images):
     """A timm feature model (num_classes=0, the output is the pooled embedding), one reference per image."""
     pytest.importorskip("tokentm_fast.models")   # feature-model support lives in the model adapters
-    torch.manual_seed(2)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=0).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "qkv.weight" in n:
-                p.mul_(2.0)
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model = make_model("timm_narrow", num_classes=0, seed=2, qkv_scale=2.0)
+    images = make_images(seed=3)
     ref = torch.randn(2, 32, generator=torch.Generator().manual_seed(4))
     e_ref = literal_legrad(model, images, lambda out: torch.nn.functional.cosine_similarity(
         out, ref.double(), dim=-1), start_layer=0)
@@ -188,17 +169,11 @@ def open_clip_layers(visual, images):
     return head(x), attns, outs, head
 
 
-def test_cosine_similarity_legrad_on_open_clip_matches_literal_autograd():
+def test_cosine_similarity_legrad_on_open_clip_matches_literal_autograd(make_model, images):
     """LeGrad's home: open-vocabulary CLIP, s_l = cos(proj(ln_post(Xˡ)[cls]), text embedding)."""
     pytest.importorskip("tokentm_fast.models.open_clip")   # the open_clip adapter
-    from open_clip.transformer import VisionTransformer as ClipViT
-
-    torch.manual_seed(0)
-    visual = ClipViT(image_size=32, patch_size=8, width=64, layers=3, heads=2, mlp_ratio=2, output_dim=16).eval()
-    with torch.no_grad():
-        for blk in visual.transformer.resblocks:
-            blk.attn.in_proj_weight.mul_(2.0)
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    # in_proj weights doubled (model_families.spread)
+    visual = make_model("open_clip", width=64, layers=3, heads=2, mlp_ratio=2).eval()
     text = torch.randn(16, generator=torch.Generator().manual_seed(2))            # one shared "prompt"
     out, attns, outs, head = open_clip_layers(visual, images)
     torch.testing.assert_close(out.float(), visual(images), rtol=1e-4, atol=1e-5)  # the manual forward is the model

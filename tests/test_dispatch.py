@@ -148,7 +148,7 @@ def test_head_width_from_the_adapter(embed_dim, heads):
 def test_head_width_of_every_family():
     """The width the entry reads is the one each adapter's attention call site passes to the core."""
     import model_families as mf
-    from test_models_families import FAMILIES
+    from model_families import FAMILIES
 
     for name, build in FAMILIES.items():
         a = adapt(build())

@@ -220,7 +220,7 @@ def test_flash_choice_and_refusals(device):
                                     "open_clip_avg_ls", "timm_headless"])
 def test_flash_path_serves_every_model_family(family, device):
     """Through each adapter's attention call site: the flash maps equal the materialized torch maps."""
-    from test_models_families import CLASSIFIERS, FAMILIES
+    from model_families import CLASSIFIERS, FAMILIES
     import model_families as mf
 
     model = FAMILIES[family]()

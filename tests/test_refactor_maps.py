@@ -112,8 +112,11 @@ def compute(models: dict, images: torch.Tensor, key) -> torch.Tensor:
     else:
         # an embedding model has no predicted class: one of its output channels as the score
         target = tf.class_logit(torch.tensor([3, 5])) if embedder else None
+    options = _options(opt)
+    if method == "legrad":   # the saved maps are LeGrad's before layer_pooling existed: the model's head
+        options.setdefault("layer_pooling", "head")
     return tf.explain(models[family], images, method=method, backend=backend, attention=attention, full=full,
-                      target=target, **_options(opt))
+                      target=target, **options)
 
 
 def build_models(state: dict = None) -> dict:

@@ -112,15 +112,20 @@ class TailCapture(NamedTuple):
     num_tokens: int
 
 
-def block_tail_grads(vit: ViTAdapter, images: torch.Tensor, target, layers: Sequence[int], recs) -> tuple:
+def block_tail_grads(vit: ViTAdapter, images: torch.Tensor, target, layers: Sequence[int], recs,
+                     layer_pooling: str = "head") -> tuple:
     """The model's forward without autograd, then ``dO_l = ∂s_l/∂o_l`` of every layer in ``layers``
     from one backward through the re-run block tails (proj, MLP, head; docs/methods.md §6).
 
+    ``layer_pooling``: how s_l reads layer l's tokens Xˡ: ``"head"``, the model's own head
+    (``vit.head``); ``"mean"``, the mean over all tokens, then ``vit.pooled_head`` (final norm,
+    projection / classifier).
+
     ``recs[l]`` must hold ``x_in`` and ``attn_out`` (a ``LayerRecorder`` installed for the forward).
-    Returns the list of ``(B, R, H·d)`` gradients and the slice of rows R they cover: with token
-    pooling s_l reads only the prefix rows of Xˡ (the class token; distilled DeiT also its
-    distillation token), and everything after the attention mixing is token-wise, so only those
-    rows of the tails are re-run (dO is zero elsewhere).
+    Returns the list of ``(B, R, H·d)`` gradients and the slice of rows R they cover: when s_l reads
+    only the prefix rows of Xˡ (the model's head with token pooling: the class token; distilled DeiT
+    also its distillation token) only those rows of the tails are re-run, since everything after the
+    attention mixing is token-wise (dO is zero elsewhere); otherwise every row.
 
     Several targets (a ``TargetList``): the one forward serves them all; the block tails are re-run
     once and back-propagated once per target (``retain_graph``), and the first result is the list
@@ -130,14 +135,19 @@ def block_tail_grads(vit: ViTAdapter, images: torch.Tensor, target, layers: Sequ
         output = vit.forward(images)
     many = isinstance(target, TargetList)
     targets = [resolve_target(t, output) for t in (target if many else [target])]
-    rows = slice(0, vit.num_prefix_tokens) if vit.pooling == "token" else slice(None)
+    by_head = layer_pooling == "head"
+    rows = slice(0, vit.num_prefix_tokens) if by_head and vit.pooling == "token" else slice(None)
+
+    def output(tokens: torch.Tensor) -> torch.Tensor:
+        return vit.head(tokens) if by_head else vit.pooled_head(tokens.mean(1))
+
     with torch.enable_grad():
         leaves = [recs[l]["attn_out"][:, rows].detach().requires_grad_(True) for l in layers]
         if not many:
-            score = sum(target_score(vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)), targets[0])
+            score = sum(target_score(output(vit.block_tail(l, recs[l]["x_in"][:, rows], o)), targets[0])
                         for l, o in zip(layers, leaves))
             return list(torch.autograd.grad(score, leaves)), rows
-        outs = [vit.head(vit.block_tail(l, recs[l]["x_in"][:, rows], o)) for l, o in zip(layers, leaves)]
+        outs = [output(vit.block_tail(l, recs[l]["x_in"][:, rows], o)) for l, o in zip(layers, leaves)]
         grads = [list(torch.autograd.grad(sum(target_score(out, t) for out in outs), leaves,
                                           retain_graph=k < len(targets) - 1))
                  for k, t in enumerate(targets)]
@@ -238,13 +248,13 @@ class Materialized:
             return torch.einsum("bi,bhij->bj", q, a.to(acc)) / a.shape[1]
 
     def tail_capture(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int],
-                     query_layers: Sequence[int]) -> TailCapture:
+                     query_layers: Sequence[int], layer_pooling: str = "head") -> TailCapture:
         """Block-tail gradients of ``layers`` (``block_tail_grads``), keeping Aˡ of ``query_layers``."""
         keys = ("x_in", "values", "attn_out") + (("attn",) if query_layers else ())
         recorder = LayerRecorder(vit, layers, keys=keys)
         with prepared_model(vit) as handles:
             recorder.install(handles)
-            d_outs, rows = block_tail_grads(vit, images, target, layers, recorder.records)
+            d_outs, rows = block_tail_grads(vit, images, target, layers, recorder.records, layer_pooling)
         recs = recorder.records
         return TailCapture(d_outs, rows, recs, recs[layers[0]]["values"].shape[1])
 
@@ -387,7 +397,7 @@ class Flash:
             return self._query_probs(vit, *keep.pop(layer)).mean(1)
 
     def tail_capture(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int],
-                     query_layers: Sequence[int]) -> TailCapture:
+                     query_layers: Sequence[int], layer_pooling: str = "head") -> TailCapture:
         """Block-tail gradients of ``layers``, keeping (q, k, ℓ, scale) of ``query_layers``."""
         keep: Dict[int, tuple] = {}
         core = _saving_core(self.attention.forward, keep, query_layers)
@@ -396,7 +406,7 @@ class Flash:
         with prepared_model(vit) as handles:
             vit.replace_attention(others, _plain_core(self.attention), handles)
             recorder.install(handles)
-            d_outs, rows = block_tail_grads(vit, images, target, layers, recorder.records)
+            d_outs, rows = block_tail_grads(vit, images, target, layers, recorder.records, layer_pooling)
         recs = recorder.records
         for l, saved in keep.items():
             recs[l]["saved"] = saved
@@ -404,13 +414,14 @@ class Flash:
 
     def legrad_sum(self, vit: ViTAdapter, cap: TailCapture, d_outs: list, layers: List[int],
                    images: torch.Tensor) -> torch.Tensor:
-        """``(B, N)``: Σ_l mean_h (1/N) Σ_i max(⟨dO_l[i], v_j⟩, 0), all layers in one reduction: over the
-        prefix rows with token pooling, by the tiled ``Σ_i max(G[i, j], 0)`` with mean pooling."""
+        """``(B, N)``: Σ_l mean_h (1/N) Σ_i max(⟨dO_l[i], v_j⟩, 0), all layers in one reduction: formed over
+        the prefix rows when the score reads only those, else by the tiled ``Σ_i max(G[i, j], 0)`` over
+        every query row."""
         b, n, heads = images.shape[0], cap.num_tokens, vit.num_heads
         recs = cap.records
         v_all = torch.cat([split_heads(recs[l]["values"], heads) for l in layers])            # (L'·B, H, N, d)
         do_all = torch.cat([split_heads(d.to(v_all.dtype), heads) for d in d_outs])           # (L'·B, H, R, d)
-        if vit.pooling == "token":
+        if cap.rows != slice(None):
             g = (do_all.float() @ v_all.float().transpose(-1, -2)).clamp_min(0)                # (L'·B, H, P, N)
             t = g.sum(2)
         else:

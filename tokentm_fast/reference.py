@@ -60,7 +60,7 @@ def explain_reference(
         b, n = x.shape[0], recs[layers[-1]]["attn"].shape[-1]
         q = vit.query_vector(b, n, dtype=torch.float64, device=x.device)
         if method == "legrad":
-            return _legrad(vit, recs, layers, target, n, P)
+            return _legrad(vit, recs, layers, target, P, options["layer_pooling"])
         grads = {}
         if uses_grad:
             needed = layers if method != "attn_gradcam" else [L - 1]
@@ -104,11 +104,15 @@ def explain_reference(
         return torch.einsum("bi,bij->bj", q, c)[:, P:]
 
 
-def _legrad(vit: ViTAdapter, recs, layers, target: torch.Tensor, n: int, P: int) -> torch.Tensor:
-    """docs/methods.md §6 literally: one autograd call per layer on the full graph."""
+def _legrad(vit: ViTAdapter, recs, layers, target: torch.Tensor, P: int, layer_pooling: str) -> torch.Tensor:
+    """docs/methods.md §6 literally: one autograd call per layer on the full graph; s_l from layer l's
+    tokens by the mean over all of them, the final norm and projection / classifier (``"mean"``), or by
+    the model's own head (``"head"``)."""
     e = 0
     for l in layers:
-        s_l = target_score(vit.head(recs[l]["x_out"]), target)
+        x_l = recs[l]["x_out"]
+        out = vit.head(x_l) if layer_pooling == "head" else vit.pooled_head(x_l.mean(1))
+        s_l = target_score(out, target)
         (g,) = torch.autograd.grad(s_l, recs[l]["attn"], retain_graph=True)  # (B, H, N, N)
         e = e + g.clamp_min(0).mean(2).mean(1)
     return e.detach()[:, P:]

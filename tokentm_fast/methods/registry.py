@@ -71,7 +71,8 @@ REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
                needs_gradients=False, target_free=True),
     MethodSpec("raw_attention", raw.raw_attention, needs_gradients=False, target_free=True),
     MethodSpec("attn_gradcam", tails.attn_gradcam, flash_shares_forward=True),
-    MethodSpec("legrad", tails.legrad, defaults={"start_layer": -2}, layer_choice=True, start_from_end=True,
+    MethodSpec("legrad", tails.legrad, defaults={"start_layer": -2, "layer_pooling": "mean"},
+               choices={"layer_pooling": ("mean", "head")}, layer_choice=True, start_from_end=True,
                flash_shares_forward=True),
 )}
 

@@ -5,7 +5,8 @@ The attention path (``tokentm_fast.paths``) runs the model's forward once and on
 re-run block tails (proj, MLP, head) from the mixed heads ``o = concat_h(A_h V_h)``, giving
 ``dO_l = ∂s_l/∂o_l`` and ``G̃ˡ_h[i, j] = ⟨dO_l,h[i], V_h[j]⟩`` (``TailCapture``); the methods reduce it:
 
-- LeGrad: ``e = Σ_l mean_h (1/N) Σ_i max(G̃ˡ_h[i, :], 0)`` over the chosen blocks;
+- LeGrad: ``e = Σ_l mean_h (1/N) Σ_i max(G̃ˡ_h[i, :], 0)`` over the chosen blocks, s_l being the target
+  score of layer l's tokens pooled by ``layer_pooling`` (the mean over all tokens by default);
 - attention Grad-CAM: ``α_h = mean_{j ≥ P} G̃ᴸ_h[q, j]`` and ``e = max(mean_h α_h Aᴸ_h[q, :], 0)`` for the
   query row q of the last block.
 
@@ -28,9 +29,11 @@ def _per_target(target, d_outs, reduce):
 
 
 def legrad(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
-    """LeGrad over the chosen blocks (``start_layer`` .. L−1 by default the last two)."""
+    """LeGrad over the chosen blocks (``start_layer`` .. L−1, by default the last two), each block's score
+    read through ``layer_pooling``: ``"mean"`` (the default, the authors' code: the mean of Xˡ over all
+    tokens, then the final norm and projection / classifier) or ``"head"`` (the model's own head on Xˡ)."""
     layers = chosen_layers(options, vit.num_layers)
-    cap = path.tail_capture(vit, images, target, layers, query_layers=())
+    cap = path.tail_capture(vit, images, target, layers, query_layers=(), layer_pooling=options["layer_pooling"])
 
     def reduce(d_outs):
         return path.legrad_sum(vit, cap, d_outs, layers, images)[:, vit.num_prefix_tokens:]

@@ -151,6 +151,17 @@ class HFViT(ViTAdapter):
             return (m.cls_classifier(x[:, 0]) + m.distillation_classifier(x[:, 1])) / 2
         return self.base.pooler(x) if self.base.pooler is not None else x[:, 0]
 
+    def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
+        m, kind = self.model, self.kind
+        x = self.final_norm(v)
+        if self.clip:
+            return m.visual_projection(x) if kind == "clip_proj" else x
+        if kind in ("vit_cls", "deit_cls"):
+            return m.classifier(x)
+        if kind == "deit_teacher":
+            return (m.cls_classifier(x) + m.distillation_classifier(x)) / 2
+        return self.base.pooler(x[:, None]) if self.base.pooler is not None else x
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=images)
         if self.kind == "clip_proj":

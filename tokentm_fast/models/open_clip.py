@@ -89,6 +89,11 @@ class OpenClipViT(ViTAdapter):
         pooled = m.ln_post(self._pool(tokens)) if m.final_ln_after_pool else self._pool(m.ln_post(tokens))
         return pooled @ m.proj if m.proj is not None else pooled
 
+    def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        v = m.ln_post(v)
+        return v @ m.proj if m.proj is not None else v
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(images)
         return out[0] if isinstance(out, (tuple, list)) else out

@@ -18,6 +18,7 @@ adapter provides exactly that:
 ``mlp_branch(l, y)``                  γ₂ ⊙ MLP(LN₂(y)) (no residual)
 ``mlp_points(l)``                     (module whose first input is Yˡ, module whose output is γ₂ ⊙ MLP)
 ``head(tokens)``                      the model's head on (B, N, D) tokens → output (B, K) or (B, D')
+``pooled_head(v)``                    the head after its token pooling, on a (B, D) vector (final norm, proj)
 ``forward(images)``                   the model's output for (B, C, H, W) images
 ``check_image_size(h, w)``            the patch grid (gh, gw) of an accepted image size
 ====================================  =========================================================
@@ -121,6 +122,14 @@ class ViTAdapter(abc.ABC):
     @abc.abstractmethod
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         """The model's head on ``(B, N, D)`` tokens of any layer → output ``(B, K)`` (or ``(B, D')``)."""
+
+    @abc.abstractmethod
+    def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
+        """The part of the head after the token pooling, on a pooled vector ``v (B, D)``: the model's final
+        norm, then its projection / classifier (timm: ``norm``, ``fc_norm``, ``head``; CLIP towers:
+        the final norm, then ``proj``) → output ``(B, K)`` (or ``(B, D')``). LeGrad's
+        ``layer_pooling="mean"`` scores layer l as ``pooled_head(mean over all tokens of Xˡ)``
+        (docs/methods.md §6)."""
 
     @abc.abstractmethod
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,10 @@ class TimmViT(ViTAdapter):
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.norm(tokens))
 
+    def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.head(m.head_drop(m.fc_norm(m.norm(v))))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 

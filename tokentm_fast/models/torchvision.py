@@ -66,6 +66,9 @@ class TorchvisionViT(ViTAdapter):
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.heads(self.model.encoder.ln(tokens)[:, 0])
 
+    def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
+        return self.model.heads(self.model.encoder.ln(v))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 

@@ -1,0 +1,96 @@
+"""LeGrad's per-layer score (tokentm_fast/methods/tails.py, docs/methods.md §6): ``layer_pooling="mean"``
+(the default, the authors' pooling: the mean of Xˡ over all tokens, then the final norm and the
+projection / classifier) and ``"head"`` (the model's own head on Xˡ), against a literal implementation
+of §6 written here, on every backend, both attention paths and every family."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model_families as mf
+import tokentm_fast as tf
+from spec_oracle import rel_err, run_vit
+
+
+def literal_legrad(model, images, target, layer_pooling="mean", start_layer=-2):
+    """§6 literally, float64: s_l from block l's tokens, G̃ˡ = ∂s_l/∂Aˡ (the full graph), e = Σ_l eˡ."""
+    _, layers, _, m = run_vit(model, images)
+    b, L, P = images.shape[0], len(layers), m.num_prefix_tokens
+    e = 0
+    for l in range(start_layer % L, L):
+        x = layers[l]["x_out"]
+        if layer_pooling == "mean":                 # mean over ALL tokens → final norm → fc norm → classifier
+            out = m.head(m.fc_norm(m.norm(x.mean(1))))
+        else:                                       # the model's head: final norm → its pooling → classifier
+            z = m.norm(x)
+            z = z[:, 0] if m.global_pool == "token" else z[:, P:].mean(1)
+            out = m.head(m.fc_norm(z))
+        s = out[torch.arange(b), target].sum()
+        (g,) = torch.autograd.grad(s, layers[l]["attn"], retain_graph=True)
+        e = e + g.clamp_min(0).mean(2).mean(1)
+    return e[:, P:].detach()
+
+
+TARGET = torch.tensor([1, 3])
+MODELS = {
+    "class_token": lambda: mf.timm_vit(),
+    "mean_pooled": lambda: mf.timm_vit(global_pool="avg"),      # the head: mean of the patch tokens
+    "deeper": lambda: mf.timm_vit(depth=3),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_default_is_the_mean_over_all_tokens(name, backend):
+    model, images = MODELS[name]().eval(), mf.images()
+    ref = literal_legrad(model, images, TARGET)
+    head = literal_legrad(model, images, TARGET, "head")
+    assert ref.abs().max() > 0 and rel_err(head, ref).min() > 1e-3     # the two poolings differ here
+    out = tf.explain(model, images, "legrad", target=TARGET, backend=backend)
+    assert rel_err(out, ref.reshape(out.shape)).max() < 1e-5
+    assert torch.equal(out, tf.explain(model, images, "legrad", target=TARGET, backend=backend,
+                                       layer_pooling="mean"))
+    got = tf.explain(model, images, "legrad", target=TARGET, backend=backend, layer_pooling="head")
+    assert rel_err(got, head.reshape(got.shape)).max() < 1e-5
+
+
+@pytest.mark.parametrize("attention", ["materialized", "flash"])
+@pytest.mark.parametrize("layer_pooling", ["mean", "head"])
+def test_triton_paths(attention, layer_pooling, device):
+    """The flash path reads every query row of G̃ for the mean pooling (the tiled row reduction), only
+    the prefix rows for the class-token head."""
+    model, images = MODELS["class_token"]().eval(), mf.images()
+    ref = literal_legrad(model, images, TARGET, layer_pooling)
+    out = tf.explain(model.to(device), images.to(device), "legrad", target=TARGET.to(device), backend="triton",
+                     attention=attention, layer_pooling=layer_pooling, start_layer=0).cpu()
+    ref = literal_legrad(model.cpu(), images, TARGET, layer_pooling, start_layer=0)
+    assert ref.abs().max() > 0 and rel_err(out, ref.reshape(out.shape)).max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["hf_vit", "torchvision", "open_clip", "open_clip_avg", "hf_clip"])
+def test_every_family_pools_as_the_spec(family):
+    """The same weights in each family (converted from timm, written independently of the adapters)
+    give the literal §6 mean-pooling map of the timm model, by default."""
+    if family in ("hf_vit", "torchvision"):
+        src = mf.timm_vit().eval()
+        dst = mf.timm_to_hf_vit(src) if family == "hf_vit" else mf.timm_to_torchvision(src)
+        target = TARGET
+    else:
+        pool = dict(global_pool="avg", class_token=True) if family == "open_clip_avg" else {}
+        src = mf.timm_clip(**pool).eval()
+        dst = mf.timm_to_hf_clip(src) if family == "hf_clip" else mf.timm_to_open_clip(src)
+        target = tf.class_logit(TARGET)
+    images = mf.images()
+    ref = literal_legrad(src, images, TARGET)
+    assert ref.abs().max() > 0
+    for backend in ("torch", "reference"):
+        out = tf.explain(dst.eval(), images, "legrad", target=target, backend=backend)
+        assert rel_err(out, ref.reshape(out.shape)).max() < 1e-5, backend
+
+
+def test_layer_pooling_is_checked():
+    model = MODELS["class_token"]()
+    with pytest.raises(ValueError, match=r"option layer_pooling='cls' for 'legrad'; expected one of \('mean', 'head'\)"):
+        tf.Explainer(model, "legrad", layer_pooling="cls")
+    with pytest.raises(ValueError, match="unknown option"):
+        tf.Explainer(model, "tokentm", layer_pooling="mean")

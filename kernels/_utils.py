@@ -2,7 +2,8 @@
 
 The wrappers in ``tokentm_fast.kernels`` trust their arguments: they are
 checked once, at the public entries (``tokentm_fast.ops`` and the
-``torch.ops.tokentm`` operators of ``tokentm_fast.bindings``), and internal
+``torch.ops.tokentm`` operators of ``tokentm_fast.bindings``, both with the
+checks of ``tokentm_fast.validation``), and internal
 callers (the fast path) pass tensors they built themselves. The wrappers only
 bring them into launch form (contiguous, weights as pointer or constant,
 ``out`` allocated) and never read device memory back to the host.

@@ -52,7 +52,8 @@ def attention_rows_torch(
     row: torch.Tensor, scale: float, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None, do: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``(B, H, N)``: Σ_i row[b, i] · P[b, h, i, j] (q, k, lse given) or · max(dP, 0) (do, v given); row ``(B, N)``."""
+    """``(B, H, N)``: Σ_i row[b, i] · P[b, h, i, j] (q, k, lse given) or · max(dP, 0) (do, v given);
+    row ``(B, N)``."""
     if q is not None:
         acc = torch.promote_types(q.dtype, torch.float32)
         f = torch.exp(scale * q.to(acc) @ k.to(acc).transpose(-1, -2) - lse.to(acc)[..., None])

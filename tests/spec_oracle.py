@@ -75,6 +75,14 @@ def head(m, tokens):
     return m.head(m.fc_norm(z))
 
 
+def pooled_head(m, v):
+    """A pooled (B, D) vector through final norm → fc norm → classifier (distilled DeiT: both heads' mean)."""
+    z = m.fc_norm(m.norm(v))
+    if getattr(m, "head_dist", None) is not None:
+        return (m.head(z) + m.head_dist(z)) / 2
+    return m.head(z)
+
+
 def weights(x, xt, use_length=True, use_necc=True):
     """docs/methods.md §2: w_i = |x̃_i| / max(|x_i|, ε) · exp(cos_i) / Σ_k exp(cos_k)."""
     lx = torch.sqrt((x * x).sum(-1))
@@ -97,8 +105,12 @@ def query(m, b, n):
 
 
 def explain(model, images, method, target=None, full=False, head_fusion="gae", use_length=True,
-            use_necc=True, init="length", start_layer=None, chosen=None):
+            use_necc=True, init="length", start_layer=None, chosen=None, layer_pooling="mean"):
     """Oracle explanation: ``(B, N−P)`` float64 (or ``(B, N, N)`` with full).
+
+    ``layer_pooling`` (LeGrad, docs/methods.md §6): ``"mean"``, block l's score from the mean of its
+    tokens over all N (prefix included), then final norm → fc norm → classifier; ``"head"``, the model's
+    own head on block l's tokens.
 
     ``chosen`` (LeGrad, rollout, TokenTM; the option ``layers``, docs/methods.md "Layer choice"): the blocks
     summed / multiplied, in increasing order; overrides ``start_layer``."""
@@ -119,7 +131,9 @@ def explain(model, images, method, target=None, full=False, head_fusion="gae", u
         k = (-2 if start_layer is None else start_layer) % L
         e = 0
         for l in (range(k, L) if chosen is None else sorted(x % L for x in chosen)):
-            s_l = head(m, layers[l]["x_out"])[torch.arange(b), target].sum()
+            x_l = layers[l]["x_out"]
+            out = head(m, x_l) if layer_pooling == "head" else pooled_head(m, x_l.mean(1))
+            s_l = out[torch.arange(b), target].sum()
             (g,) = torch.autograd.grad(s_l, layers[l]["attn"], retain_graph=True)
             e = e + g.clamp(min=0).mean(dim=2).mean(dim=1)
         return e[:, P:]

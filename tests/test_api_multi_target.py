@@ -5,7 +5,7 @@ backend and attention path (tokentm_fast/multi_target.py says which paths share 
 Equality: on the CPU the shared-forward path runs the same float32 operations on the same tensors as a
 separate call (the forward is deterministic, each backward is the one of a separate call), so the maps
 are bit-identical; on CUDA a backward may reduce with atomics in another order, so there the bound is a
-few float32 roundings of each map's scale (64 · 2⁻²³ · max|map|, as tests/test_api_batching.py).
+few float32 roundings of each map's scale (64 · 2⁻²³ · max|map|, as tests/test_batching.py).
 """
 import copy
 import os

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import tokentm_fast as tf
-from spec_oracle import head as oracle_head
+from spec_oracle import pooled_head as oracle_pooled_head
 from spec_oracle import rel_err, run_vit
 from tokentm_fast.targets import ScoreFunction, class_logit, cosine_similarity
 
@@ -87,11 +87,12 @@ def test_cosine_similarity_scores():
 
 
 def literal_legrad(model, images, score, start_layer=-2):
-    """Spec §6 by hand (float64): per layer, s_l = score(head(Xˡ)) and one autograd.grad w.r.t. Aˡ."""
+    """Spec §6 by hand (float64): per layer, s_l = score(final norm → fc norm → classifier of the mean of
+    Xˡ over all tokens) (the default ``layer_pooling="mean"``) and one autograd.grad w.r.t. Aˡ."""
     _, layers, _, m = run_vit(model, images)
     e = 0
     for l in range(start_layer % len(layers), len(layers)):
-        s_l = score(oracle_head(m, layers[l]["x_out"])).sum()
+        s_l = score(oracle_pooled_head(m, layers[l]["x_out"].mean(1))).sum()
         (g,) = torch.autograd.grad(s_l, layers[l]["attn"], retain_graph=True)   # (B, H, N, N)
         e = e + g.clamp(min=0).mean(dim=2).mean(dim=1)
     return e[:, m.num_prefix_tokens:]
@@ -141,7 +142,8 @@ def test_cosine_similarity_on_a_feature_model_matches_literal_autograd(make_mode
 def open_clip_layers(visual, images):
     """Manual float64 forward of an open_clip VisionTransformer (class-token pooling, no attention pool).
 
-    Returns (output embedding, per-layer attention probabilities (B, H, N, N) and block outputs, head).
+    Returns (output embedding, per-layer attention probabilities (B, H, N, N) and block outputs, LeGrad's
+    layer pooling: ln_post of the mean over all tokens, then the projection).
     """
     import copy
     import math
@@ -166,21 +168,24 @@ def open_clip_layers(visual, images):
     def head(tokens):   # ln_post, class token, projection
         return m.ln_post(tokens)[:, 0] @ m.proj
 
-    return head(x), attns, outs, head
+    def mean_pooled(tokens):   # LeGrad's layer score (the authors' compute_legrad_clip): mean of all tokens
+        return m.ln_post(tokens.mean(1)) @ m.proj
+
+    return head(x), attns, outs, mean_pooled
 
 
 def test_cosine_similarity_legrad_on_open_clip_matches_literal_autograd(make_model, images):
-    """LeGrad's home: open-vocabulary CLIP, s_l = cos(proj(ln_post(Xˡ)[cls]), text embedding)."""
+    """LeGrad's home: open-vocabulary CLIP, s_l = cos(proj(ln_post(mean_i Xˡ[i])), text embedding)."""
     pytest.importorskip("tokentm_fast.models.open_clip")   # the open_clip adapter
     # in_proj weights doubled (model_families.spread)
     visual = make_model("open_clip", width=64, layers=3, heads=2, mlp_ratio=2).eval()
     text = torch.randn(16, generator=torch.Generator().manual_seed(2))            # one shared "prompt"
-    out, attns, outs, head = open_clip_layers(visual, images)
+    out, attns, outs, mean_pooled = open_clip_layers(visual, images)
     torch.testing.assert_close(out.float(), visual(images), rtol=1e-4, atol=1e-5)  # the manual forward is the model
     for start_layer in (-2, 0):
         e_ref = 0
         for l in range(start_layer % 3, 3):
-            s_l = torch.nn.functional.cosine_similarity(head(outs[l]), text.double(), dim=-1).sum()
+            s_l = torch.nn.functional.cosine_similarity(mean_pooled(outs[l]), text.double(), dim=-1).sum()
             (g,) = torch.autograd.grad(s_l, attns[l], retain_graph=True)
             e_ref = e_ref + g.clamp(min=0).mean(dim=2).mean(dim=1)
         e_ref = e_ref[:, 1:]

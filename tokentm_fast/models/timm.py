@@ -117,7 +117,10 @@ class TimmViT(ViTAdapter):
 
     def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
         m = self.model
-        return m.head(m.head_drop(m.fc_norm(m.norm(v))))
+        z = m.head_drop(m.fc_norm(m.norm(v)))
+        if getattr(m, "head_dist", None) is not None:   # distilled DeiT (eval): the mean of its two heads
+            return (m.head(z) + m.head_dist(z)) / 2
+        return m.head(z)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

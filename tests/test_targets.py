@@ -302,3 +302,33 @@ def test_score_function_wrapper_keeps_user_callable(vit):
 def test_exports():
     assert tf.cosine_similarity is cosine_similarity and tf.class_logit is class_logit
     assert {"cosine_similarity", "class_logit"} <= set(tf.__all__)
+
+
+@pytest.mark.parametrize("method", ["legrad", "attn_gradcam", "tokentm"])
+def test_per_prompt_cosine_similarity_is_k_maps_from_one_forward(make_model, images, method):
+    """``cosine_similarity(texts, per_prompt=True)`` with ``texts (K, D')``: ``(B, K, gh, gw)``, map k equal
+    to a call with prompt k alone, from one forward pass of the model (the authors' code repeats the
+    image K times)."""
+    visual = make_model("open_clip").eval()
+    texts = torch.randn(3, 16, generator=torch.Generator().manual_seed(4))
+    forwards = []
+    handle = visual.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        got = tf.explain(visual, images, method, target=cosine_similarity(texts, per_prompt=True), backend="torch")
+        one_forward = len(forwards)
+        want = torch.stack([tf.explain(visual, images, method, target=cosine_similarity(t), backend="torch")
+                            for t in texts], dim=1)
+    finally:
+        handle.remove()
+    assert got.shape == (images.shape[0], 3, 4, 4)
+    assert one_forward == 1 and len(forwards) == 4
+    assert want.abs().amax(dim=(2, 3)).min() > 0 or method == "attn_gradcam"
+    torch.testing.assert_close(got, want, rtol=0, atol=64 * 2.0 ** -23 * float(want.abs().max()))
+    assert not torch.equal(got[:, 0], got[:, 1])
+
+
+def test_per_prompt_needs_k_prompts():
+    with pytest.raises(ValueError, match=r"per_prompt=True\) takes K >= 1 prompt embeddings of shape \(K, D'\), got \(16,\)"):
+        cosine_similarity(torch.randn(16), per_prompt=True)
+    with pytest.raises(TypeError, match="per_prompt must be True or False"):
+        cosine_similarity(torch.randn(2, 16), per_prompt="yes")

@@ -34,7 +34,7 @@ ready-made ones do.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -231,18 +231,34 @@ def class_logit(c: Union[int, torch.Tensor]) -> ClassLogit:
     return ClassLogit(c)
 
 
-def cosine_similarity(embeddings: torch.Tensor, eps: float = 1e-8) -> CosineSimilarity:
+def cosine_similarity(embeddings: torch.Tensor, eps: float = 1e-8,
+                      per_prompt: bool = False) -> Union[CosineSimilarity, List[CosineSimilarity]]:
     """Score function: cosine similarity of the model output with reference embeddings.
 
     Args:
         embeddings: ``(B, D')`` (one reference per image) or ``(D',)`` (one
-            shared by every image), e.g. the text embedding of a CLIP prompt.
+            shared by every image), e.g. the text embedding of a CLIP prompt;
+            with ``per_prompt=True``: ``(K, D')``, K prompts for every image.
         eps: lower bound on the norms (as ``torch.nn.functional.cosine_similarity``).
+        per_prompt: explain every image for each of the K prompts: returns the
+            list of the K score functions ``cos(output_b, embeddings[k])``, a
+            target that gives ``(B, K, gh, gw)`` maps (map ``[:, k]`` for prompt k)
+            from one forward pass where the path allows (LeGrad and attention
+            Grad-CAM on every path; ``tokentm_fast.multi_target``), where
+            LeGrad's own code repeats each image K times.
 
     Scores: ``cos(output_b, embeddings_b)``, shape ``(B,)``. The references are
     cast to the output's dtype and device when called (float64 on the
     reference backend); no gradient flows into them.
     """
+    if not isinstance(per_prompt, bool):
+        raise TypeError(f"cosine_similarity: per_prompt must be True or False, got {per_prompt!r}")
+    if per_prompt:
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or embeddings.shape[0] == 0:
+            shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+            raise ValueError(f"cosine_similarity(per_prompt=True) takes K >= 1 prompt embeddings of shape "
+                             f"(K, D'), got {shape}")
+        return [CosineSimilarity(e, eps) for e in embeddings]
     return CosineSimilarity(embeddings, eps)
 
 

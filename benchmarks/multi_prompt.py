@@ -1,7 +1,8 @@
 """Many prompts per image: ``cosine_similarity(texts, per_prompt=True)`` (one call, one forward pass)
 against K separate calls and against LeGrad's own way (each image repeated K times, one prompt per copy).
 
-An open_clip ``VisionTransformer`` with random weights (no download), ``--batch`` images and ``--prompts``
+An open_clip ``VisionTransformer`` (``--family timm``: a timm ViT with a projection head to the embedding
+width, the same computation) with random weights (no download), ``--batch`` images and ``--prompts``
 random unit "text" embeddings; for each way the median of ``--repeats`` timed runs after one warm-up,
 with the maps of the three ways checked equal first (float32 tolerance derived from the map's scale).
 
@@ -52,15 +53,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--model", default=None, choices=tuple(MODELS), help="default: small on cpu, b16 on cuda")
     p.add_argument("--method", default="legrad")
+    p.add_argument("--family", default="open_clip", choices=("open_clip", "timm"))
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--prompts", type=int, nargs="+", default=[4, 16])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default=None, help="folder for results.json and results.md (default: print only)")
     args = p.parse_args(argv)
-
-    import open_clip
-    from open_clip.transformer import VisionTransformer
 
     import tokentm_fast as tf
 
@@ -69,7 +68,19 @@ def main(argv=None) -> int:
     name = args.model or ("b16" if device.type == "cuda" else "small")
     cfg = MODELS[name]
     torch.manual_seed(0)
-    model = VisionTransformer(**cfg).eval().to(device, getattr(torch, args.dtype))
+    if args.family == "open_clip":
+        import open_clip
+        from open_clip.transformer import VisionTransformer
+
+        model, version = VisionTransformer(**cfg), open_clip.__version__
+    else:
+        import timm
+
+        model = timm.models.vision_transformer.VisionTransformer(
+            img_size=cfg["image_size"], patch_size=cfg["patch_size"], embed_dim=cfg["width"], depth=cfg["layers"],
+            num_heads=cfg["heads"], mlp_ratio=cfg["mlp_ratio"], num_classes=cfg["output_dim"])
+        version = timm.__version__
+    model = model.eval().to(device, getattr(torch, args.dtype))
     g = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, cfg["image_size"], cfg["image_size"], generator=g)
     images = images.to(device, getattr(torch, args.dtype))
@@ -89,26 +100,32 @@ def main(argv=None) -> int:
             return explainer(many, tf.cosine_similarity(texts.repeat(args.batch, 1))).unflatten(0, (args.batch, k))
 
         maps = [one_call(), k_calls(), repeated()]
-        scale = float(maps[1].abs().max())
-        tol = 64 * 2.0 ** -23 * scale if args.dtype == "float32" else 2e-2 * scale
-        for other in maps[1:]:
-            assert (maps[0] - other).abs().max() <= tol, "the three ways give different maps"
+        # per (image, prompt) relative L2 against the K calls. per_prompt runs the same arithmetic as the K calls;
+        # the repeated images are a K times larger batch, whose forward (cuBLAS, the kernels' tiles) rounds
+        # differently in float32: the same maps up to the model's own float32 drift
+        ref = maps[1].flatten(2).double()
+        diff = [float(((m.flatten(2).double() - ref).norm(dim=-1) / ref.norm(dim=-1)).max()) for m in maps]
+        tol = 1e-5 if args.dtype == "float32" else 5e-2
+        assert diff[0] <= tol and diff[2] <= 100 * tol, f"the three ways give different maps: relative L2 {diff}"
         t = {way: _median_seconds(fn, device, args.repeats)
              for way, fn in (("per_prompt", one_call), ("k_calls", k_calls), ("repeated_images", repeated))}
         rows.append(dict(prompts=k, **{f"{w}_s": v for w, v in t.items()},
                          speedup_vs_k_calls=t["k_calls"] / t["per_prompt"],
-                         speedup_vs_repeated=t["repeated_images"] / t["per_prompt"]))
+                         speedup_vs_repeated=t["repeated_images"] / t["per_prompt"],
+                         max_rel_l2_vs_k_calls={"per_prompt": diff[0], "repeated_images": diff[2]}))
         print(rows[-1], flush=True)
     meta = dict(command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
                 date=datetime.date.today().isoformat(), device=(torch.cuda.get_device_name(device)
                                                                 if device.type == "cuda" else platform.processor()
                                                                 or platform.machine()),
-                cpu_threads=torch.get_num_threads(), torch=torch.__version__, open_clip=open_clip.__version__,
+                cpu_threads=torch.get_num_threads(), torch=torch.__version__, family=args.family,
+                family_version=version,
                 model=name, model_config=cfg, method=args.method, batch=args.batch, dtype=args.dtype,
                 backend=explainer.backend_for(images),
                 attention=explainer.attention_for(images, explainer.backend_for(images)), repeats=args.repeats)
-    lines = [f"# {args.method}: K prompts per image, {args.batch} images, {name} ({args.dtype}, {meta['device']})", "",
-             f"`{meta['command']}` — {meta['date']}, torch {meta['torch']}, open_clip {meta['open_clip']}, "
+    lines = [f"# {args.method}: K prompts per image, {args.batch} images, {args.family} {name} ({args.dtype}, "
+             f"{meta['device']})", "",
+             f"`{meta['command']}` — {meta['date']}, torch {meta['torch']}, {args.family} {version}, "
              f"backend {meta['backend']}, attention {meta['attention']}, median of {args.repeats} runs", "",
              "| K | per_prompt=True (s) | K calls (s) | images repeated K times (s) | vs K calls | vs repeated |",
              "|---|---|---|---|---|---|"]

@@ -73,13 +73,17 @@ def _first_block_attention(vit, images, target, options, path, full=False):
 
 
 @pytest.mark.parametrize("backend,attention", [("torch", "auto"), ("triton", "materialized"), ("triton", "flash")])
-def test_a_new_method_is_a_registry_entry_and_one_function(monkeypatch, backend, attention):
+def test_a_new_method_is_a_registry_entry_and_one_function(monkeypatch, backend, attention, device):
     """Registered, a method runs through the public entry on every path, options checked by its entry."""
     monkeypatch.setitem(REGISTRY, "first_block_attention",
                         MethodSpec("first_block_attention", _first_block_attention, needs_gradients=False,
                                    target_free=True))
     model, images = mf.timm_vit().eval(), mf.images()
-    out = tf.explain(model, images, "first_block_attention", backend=backend, attention=attention)
+    if backend == "torch" and device.type == "cuda":
+        attention = "auto"
+    out = tf.explain(model.to(device), images.to(device), "first_block_attention", backend=backend,
+                     attention=attention).cpu()
+    model, images = model.cpu(), images.cpu()
     _, layers, x0, m = run_vit(model.double(), images.double())
     q = query(m, 2, x0.shape[1])
     ref = torch.einsum("bi,bij->bj", q, layers[0]["attn"].detach().mean(1))[:, 1:].reshape(2, 4, 4)

@@ -182,3 +182,37 @@ class LayerRecorder:
             if self.on_layer is not None:
                 self.on_layer(l, rec)
         return hook
+
+
+class PoolRecorder:
+    """Records the attention pool of the head (adapters with ``attention_pool``; docs/methods.md §6, §9):
+    on each run of the pool, ``attn`` ``(B, H, Lq, M)`` (its attention probabilities over the M tokens it
+    reads), ``values`` ``(B, M, H·d)`` and ``x_in`` ``(B, M, D)`` (the tokens it reads).
+
+    ``leaf=True``: ``attn`` is made a leaf that requires grad (the gradient of a score w.r.t. the pool's
+    attention, without a graph through the blocks); otherwise it stays in the model's graph.
+    """
+
+    def __init__(self, vit: ViTAdapter, leaf: bool = False) -> None:
+        self.vit = vit
+        self.leaf = leaf
+        self.records: List[LayerRecord] = []
+
+    def install(self, handles: list) -> None:
+        self.vit.replace_pool_attention(self._core, handles)
+        handles.append(self.vit.attention_pool.register_forward_pre_hook(self._x_in))
+
+    def _x_in(self, module, args):
+        self.records.append({"x_in": args[0].detach()})
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        if self.leaf:
+            attn = attn.detach().requires_grad_(True)
+        rec = self.records[-1]
+        rec["attn"], rec["values"] = attn, merge_heads(v).detach()
+        return attn @ v
+
+    @property
+    def last(self) -> LayerRecord:
+        return self.records[-1]

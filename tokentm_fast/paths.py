@@ -164,11 +164,12 @@ class Materialized:
         self.kernels = kernels
 
     def gradient_rows(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int], weigh: Weigh,
-                      weight_keys: Sequence[str], fusion_mode: str, full: bool) -> tuple:
+                      weight_keys: Sequence[str], fusion_mode: str, full: bool, start=None) -> tuple:
         """TokenTM / GAE rows ``(B, Q, N)`` after the chosen ``layers`` (top-down from the query row,
         or the identity for ``full``), the row update run inside the backward pass, and the first
         block's input tokens ``(B, N, D)``. A ``TargetList``: one forward, one backward per target
-        through the kept graph; the list of the targets' rows."""
+        through the kept graph; the list of the targets' rows. ``start``: the first row at an attention
+        pool (``methods.pool.PoolStart``), set when the score's gradient reaches the pool."""
         first, top_layer = layers[0], layers[-1]
         below = dict(zip(layers[1:], layers[:-1]))   # the chosen block whose gradient comes next
         attns: Dict[int, torch.Tensor] = {}
@@ -182,16 +183,24 @@ class Materialized:
         recorder = LayerRecorder(vit, layers, grad_from=first, on_layer=on_layer,
                                  keys=tuple(weight_keys) + ("attn",))
         update = self.kernels.matrix_update if full else self.kernels.row_update
+        pool = start is not None and not full
         with prepared_model(vit) as handles, torch.enable_grad():
             recorder.install(handles)
+            if pool:
+                start.install(handles)
             logits = vit.forward(images)
             many = isinstance(target, TargetList)
             targets = [resolve_target(t, logits) for t in (target if many else [target])]
             keep = len(targets) > 1          # the attentions and weights serve every backward
             b, n = logits.shape[0], attns[top_layer].shape[-1]
-            query = vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device)
+            dtype = compute_dtype(images)
             state: Dict[str, Any] = {}
-            top = {} if full else {"support": query_support(vit.query_vector(1, n))}  # host-side: no sync
+            if pool:                         # the first row is set by the pool's gradient (dense)
+                query, top = torch.zeros(b, n, dtype=dtype, device=images.device), {}
+                start.on_gradient(n, lambda r0: state.update(rows=r0[:, None].to(dtype)))
+            else:
+                query = vit.query_vector(b, n, dtype=dtype, device=images.device)
+                top = {} if full else {"support": query_support(vit.query_vector(1, n))}  # host-side: no sync
 
             def layer_hook(l: int):
                 def hook(grad: torch.Tensor) -> None:
@@ -215,26 +224,42 @@ class Materialized:
         return (finished if many else finished[0]), recorder.first_input
 
     def constant_rows(self, vit: ViTAdapter, images: torch.Tensor, layers: List[int], consts: EngineConstants,
-                      full: bool) -> torch.Tensor:
+                      full: bool, start=None) -> torch.Tensor:
         """The engine with constant weights and a gradient-free fusion (rollout): ``mean_h Aˡ`` per chosen
-        layer in the forward, then the row update top-down; ``(B, Q, N)``."""
+        layer in the forward, then the row update top-down; ``(B, Q, N)``. ``start``: the first row at an
+        attention pool (``methods.pool.PoolStart``) instead of the query row."""
         fused: Dict[int, torch.Tensor] = {}
 
         def on_layer(l, rec):
             fused[l] = self.kernels.fuse_heads(rec.pop("attn"), None, consts.fusion)[:, None]  # (B, 1, N, N)
 
         recorder = LayerRecorder(vit, layers, on_layer=on_layer, keys=("attn",))
+        pool = start is not None and not full
         with prepared_model(vit) as handles, torch.no_grad():
             recorder.install(handles)
+            if pool:
+                start.install(handles)
             vit.forward(images)
             b, n = images.shape[0], fused[layers[-1]].shape[-1]
-            rows = initial_rows(vit.query_vector(b, n, dtype=compute_dtype(images), device=images.device), full)
+            dtype = compute_dtype(images)
+            if pool:
+                rows, top = initial_rows(start.row(n).to(dtype), full), {}
+            else:
+                rows = initial_rows(vit.query_vector(b, n, dtype=dtype, device=images.device), full)
+                top = {} if full else {"support": query_support(vit.query_vector(1, n))}
             update = self.kernels.matrix_update if full else self.kernels.row_update
-            top = {} if full else {"support": query_support(vit.query_vector(1, n))}
             for l in reversed(layers):
                 rows = update(rows, fused.pop(l), None, consts.w_attn, consts.w_mlp, mode=consts.fusion,
                               **(top if l == layers[-1] else {}))
         return rows
+
+    def block_outputs(self, vit: ViTAdapter, images: torch.Tensor, layers: Sequence[int]) -> Dict[int, torch.Tensor]:
+        """``{l: Xˡ (B, N, D)}`` of ``layers`` from one forward without autograd (the model's own attention)."""
+        recorder = LayerRecorder(vit, layers, keys=("x_out",))
+        with prepared_model(vit) as handles, torch.no_grad():
+            recorder.install(handles)
+            vit.forward(images)
+        return {l: recorder.records[l]["x_out"] for l in layers}
 
     def query_attention(self, vit: ViTAdapter, images: torch.Tensor, layer: int) -> torch.Tensor:
         """``(B, N)``: mean_h Σ_i query[i] · Aˡ_h[i, :] of one layer (raw attention)."""
@@ -329,7 +354,7 @@ class Flash:
         return attention._replace(forward=forward)
 
     def gradient_rows(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int], weigh: Weigh,
-                      weight_keys: Sequence[str], fusion_mode: str, full: bool) -> tuple:
+                      weight_keys: Sequence[str], fusion_mode: str, full: bool, start=None) -> tuple:
         """As ``Materialized.gradient_rows`` for one target and ``full=False``, with the row update inside
         the flash attention backward (``ExplanationAttention``); the fusion is ``max(P ⊙ G, 0)``."""
         from .kernels.attention import ExplanationAttention
@@ -354,15 +379,20 @@ class Flash:
         with prepared_model(vit) as handles, torch.enable_grad():
             vit.replace_attention(range(first), _plain_core(attention), handles)  # below the aggregation
             recorder.install(handles)
+            if start is not None:
+                start.install(handles)
             output = vit.forward(images)
             target = resolve_target(target, output)
             n = recorder.first_input.shape[1]
-            state.start(vit.query_vector(images.shape[0], n, device=images.device))
+            if start is not None:            # the first row is set by the pool's gradient
+                start.on_gradient(n, state.start)
+            else:
+                state.start(vit.query_vector(images.shape[0], n, device=images.device))
             torch.autograd.grad(target_score(output, target), [anchor])
         return state.rows[:, None], recorder.first_input
 
     def constant_rows(self, vit: ViTAdapter, images: torch.Tensor, layers: List[int], consts: EngineConstants,
-                      full: bool) -> torch.Tensor:
+                      full: bool, start=None) -> torch.Tensor:
         """The engine's update with constant weights (rollout: s = ½ r, r ← s + Σ_i s[i] mean_h P[i, :]),
         top-down from the query row, P recomputed tile by tile from the saved Q, K and ℓ; ``(B, 1, N)``."""
         L = vit.num_layers
@@ -370,9 +400,11 @@ class Flash:
         attention = self.attention
         with prepared_model(vit) as handles, torch.no_grad():
             vit.replace_attention(range(L), _saving_core(attention.forward, keep, layers), handles)
+            if start is not None:
+                start.install(handles)
             vit.forward(images)
             n = keep[layers[-1]][0].shape[2]
-            r = vit.query_vector(images.shape[0], n, device=images.device)
+            r = start.row(n) if start is not None else vit.query_vector(images.shape[0], n, device=images.device)
             for l in reversed(layers):
                 q, k, lse, scale = keep.pop(l)
                 s = scale_rows(r, consts.w_mlp)
@@ -386,6 +418,16 @@ class Flash:
             s = scale * (q[:, :, :1].float() @ k.float().transpose(-1, -2))[:, :, 0]
             return torch.exp(s - lse[:, :, :1])
         return self.attention.rows(vit.query_vector(b, n, device=q.device), scale, q=q, k=k, lse=lse)
+
+    def block_outputs(self, vit: ViTAdapter, images: torch.Tensor, layers: Sequence[int]) -> Dict[int, torch.Tensor]:
+        """``{l: Xˡ (B, N, D)}`` of ``layers`` from one forward without autograd (flash attention forward)."""
+        recorder = LayerRecorder(vit, layers, keys=("x_out",), core=_plain_core(self.attention))
+        others = [l for l in range(vit.num_layers) if l not in set(layers)]
+        with prepared_model(vit) as handles, torch.no_grad():
+            vit.replace_attention(others, _plain_core(self.attention), handles)
+            recorder.install(handles)
+            vit.forward(images)
+        return {l: recorder.records[l]["x_out"] for l in layers}
 
     def query_attention(self, vit: ViTAdapter, images: torch.Tensor, layer: int) -> torch.Tensor:
         """``(B, N)``: mean_h of the query row of Pˡ, from q_cls, K and ℓ[cls]."""

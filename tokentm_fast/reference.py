@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .capture import LayerRecorder, prepared_model
+from .capture import LayerRecorder, PoolRecorder, prepared_model
 from .fusion import fuse_heads
 from .methods import chosen_layers, get_method
 from .targets import resolve_target, target_score
@@ -52,22 +52,50 @@ def explain_reference(
         layers = chosen_layers(options, L)
         first = layers[0]
     recorder = LayerRecorder(vit, layers, grad_from=first if uses_grad else None)
+    pooled = vit.attention_pool is not None
+    pool = PoolRecorder(vit)
     with prepared_model(vit) as handles, torch.set_grad_enabled(uses_grad):
         recorder.install(handles)
+        if pooled:
+            pool.install(handles)
         logits = vit.forward(x)
         target = resolve_target(target, logits)
         recs = recorder.records
         b, n = x.shape[0], recs[layers[-1]]["attn"].shape[-1]
-        q = vit.query_vector(b, n, dtype=torch.float64, device=x.device)
+        q = vit.query_vector(b, n, dtype=torch.float64, device=x.device) if not pooled else None
         if method == "legrad":
+            if pooled:
+                return _legrad_at_pool(vit, recs, layers, target, n)
             return _legrad(vit, recs, layers, target, P, options["layer_pooling"])
         grads = {}
         if uses_grad:
-            needed = layers if method != "attn_gradcam" else [L - 1]
-            g = torch.autograd.grad(target_score(logits, target), [recs[l]["attn"] for l in needed])
+            needed = layers if method != "attn_gradcam" or pooled else [L - 1]
+            if method == "attn_gradcam" and pooled:
+                needed = []
+            at = [recs[l]["attn"] for l in needed] + ([pool.last["attn"]] if pooled else [])
+            g = torch.autograd.grad(target_score(logits, target), at)
             grads = dict(zip(needed, g))
+            if pooled:
+                grads["pool"] = g[-1]
 
     with torch.no_grad():
+        if pooled:   # docs/methods.md §9: the row starts at the pool's first latent (over all N tokens)
+            a_pool = _latent0(vit, pool.last["attn"], n)                   # (B, H, N)
+            g_pool = _latent0(vit, grads["pool"], n) if "pool" in grads else None
+            if method == "raw_attention":
+                return a_pool.mean(1)[:, P:]
+            if method == "attn_gradcam":
+                alpha = g_pool[:, :, P:].mean(-1, keepdim=True)
+                return (alpha * a_pool).mean(1).clamp_min(0)[:, P:]
+            if method == "rollout":
+                q = a_pool.mean(1)
+            else:
+                q = (a_pool * g_pool).clamp_min(0).mean(1)
+                if method == "tokentm":
+                    rec = pool.last
+                    w_pool = transform_weights(rec["x_in"], vit.pool_value_tokens(rec["values"]),
+                                               use_length=options["use_length"], use_necc=options["use_necc"])
+                    q = q * _latent0(vit, w_pool[:, None, None, :], n)[:, 0]
         if method == "raw_attention":
             a = recs[L - 1]["attn"].mean(1)
             return torch.einsum("bi,bij->bj", q, a)[:, P:]
@@ -102,6 +130,30 @@ def explain_reference(
         if full:
             return c
         return torch.einsum("bi,bij->bj", q, c)[:, P:]
+
+
+def _latent0(vit: ViTAdapter, t: torch.Tensor, n: int) -> torch.Tensor:
+    """Latent 0 of a pool tensor ``(B, H, Lq, M)`` as ``(B, H, N)``: zeros off the tokens the pool reads."""
+    out = torch.zeros(t.shape[0], t.shape[1], n, dtype=t.dtype, device=t.device)
+    out[:, :, vit.pool_columns(n)] = t[:, :, 0]
+    return out
+
+
+def _legrad_at_pool(vit: ViTAdapter, recs, layers, target, n: int) -> torch.Tensor:
+    """docs/methods.md §6 for an attention-pool head: s_l from the pool applied to Xˡ, its gradient w.r.t.
+    that application's pool attention, eˡ = mean_h max(G̃[h, 0, :], 0)."""
+    e = 0
+    for l in layers:
+        pool, handles = PoolRecorder(vit), []
+        pool.install(handles)
+        try:
+            s_l = target_score(vit.pool_head(recs[l]["x_out"]), target)
+        finally:
+            for h in reversed(handles):
+                h.remove()
+        (g,) = torch.autograd.grad(s_l, pool.last["attn"], retain_graph=True)
+        e = e + _latent0(vit, g, n).clamp_min(0).mean(1)
+    return e.detach()[:, vit.num_prefix_tokens:]
 
 
 def _legrad(vit: ViTAdapter, recs, layers, target: torch.Tensor, P: int, layer_pooling: str) -> torch.Tensor:

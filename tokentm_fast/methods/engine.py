@@ -13,6 +13,9 @@ gae           gae                 1                0              I
 rollout       mean                1                −½             I
 ============  ==================  ===============  =============  ===========
 
+With an attention-pool head (``vit.attention_pool``) the rows start at the pool (docs/methods.md §9,
+``methods.pool.PoolStart``) instead of at the query row.
+
 Each function returns the explanation over the patch tokens ``(B, N−P)`` (``(B, N, N)`` with
 ``full``; a list of them for a ``TargetList``).
 """
@@ -26,6 +29,7 @@ from ..aggregation import GAE, ROLLOUT, finish_rows
 from ..models.protocol import ViTAdapter
 from ..transform import token_lengths
 from .options import chosen_layers
+from .pool import PoolStart
 
 #: the record keys TokenTM's transformation weights read (``tokentm_fast.capture.LayerRecorder``)
 WEIGHT_KEYS = ("x_in", "values", "y", "mlp_out")
@@ -52,8 +56,11 @@ def tokentm(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, An
                     transform_weights(rec["y"], rec["mlp_out"], **use))
 
     layers = chosen_layers(options, vit.num_layers)
+    start = None
+    if vit.attention_pool is not None:   # the first row at the pool, times its transformation weights (§9)
+        start = PoolStart(vit, "tokentm", lambda x, x_tilde: transform_weights(x, x_tilde, **use))
     rows, first_input = path.gradient_rows(vit, images, target, layers, weigh, WEIGHT_KEYS,
-                                           options["head_fusion"], full)
+                                           options["head_fusion"], full, start)
     c0 = token_lengths(first_input) if options["init"] == "length" else None
     return _finish(vit, rows, c0, full)
 
@@ -64,11 +71,13 @@ def gae(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], 
         return GAE.w_attn, GAE.w_mlp
 
     layers = list(range(vit.num_layers))
-    rows, _ = path.gradient_rows(vit, images, target, layers, weigh, (), GAE.fusion, full)
+    start = PoolStart(vit, "gae") if vit.attention_pool is not None else None
+    rows, _ = path.gradient_rows(vit, images, target, layers, weigh, (), GAE.fusion, full, start)
     return _finish(vit, rows, None, full)
 
 
 def rollout(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
     """Rollout: ``Cᴸ = Π_l (½ mean_h Aˡ + ½ I)`` over the chosen blocks, no gradient, no target."""
-    rows = path.constant_rows(vit, images, chosen_layers(options, vit.num_layers), ROLLOUT, full)
+    start = PoolStart(vit, "probs") if vit.attention_pool is not None else None
+    rows = path.constant_rows(vit, images, chosen_layers(options, vit.num_layers), ROLLOUT, full, start)
     return _finish(vit, rows, None, full)

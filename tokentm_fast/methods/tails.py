@@ -20,6 +20,7 @@ import torch
 
 from ..models.protocol import ViTAdapter
 from ..targets import TargetList
+from . import pool
 from .options import chosen_layers
 
 
@@ -32,6 +33,8 @@ def legrad(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any
     """LeGrad over the chosen blocks (``start_layer`` .. L−1, by default the last two), each block's score
     read through ``layer_pooling``: ``"mean"`` (the default, the authors' code: the mean of Xˡ over all
     tokens, then the final norm and projection / classifier) or ``"head"`` (the model's own head on Xˡ)."""
+    if vit.attention_pool is not None:     # through the pool's attention (§6)
+        return pool.legrad(vit, images, target, options, path)
     layers = chosen_layers(options, vit.num_layers)
     cap = path.tail_capture(vit, images, target, layers, query_layers=(), layer_pooling=options["layer_pooling"])
 
@@ -44,6 +47,8 @@ def legrad(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any
 def attn_gradcam(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path,
                  full: bool = False):
     """Attention Grad-CAM of the last block: the head weights α_h are the mean gradient over the patches."""
+    if vit.attention_pool is not None:     # α and A at the pool (§9)
+        return pool.attn_gradcam(vit, images, target, path)
     last, prefix = vit.num_layers - 1, vit.num_prefix_tokens
     cap = path.tail_capture(vit, images, target, [last], query_layers=[last])
 

@@ -91,6 +91,10 @@ class ViTAdapter(abc.ABC):
     has_class_token: bool
     pooling: str
     pool_include_prefix: bool = False
+    #: the head's attention pool (a learned latent query attending to the final tokens: timm
+    #: ``global_pool="map"``), or None; with one, ``replace_pool_attention``, ``pool_value_tokens`` and
+    #: ``pool_head`` are implemented and the explanations start at the pool (docs/methods.md §6, §9)
+    attention_pool: Optional[nn.Module] = None
     num_classes: Optional[int]
     in_chans: int
 
@@ -138,6 +142,25 @@ class ViTAdapter(abc.ABC):
     @abc.abstractmethod
     def check_image_size(self, h: int, w: int) -> Tuple[int, int]:
         """Raise ``ValueError`` if the model does not take ``h × w`` images; else the grid ``(gh, gw)``."""
+
+    # -- attention-pool heads (adapters whose ``attention_pool`` is set) -------
+    def replace_pool_attention(self, core: Callable, handles: list) -> None:
+        """Make the pool's attention compute ``o = core(q, k, v, scale)``: q ``(B, H, Lq, d)`` of the
+        latents, k, v ``(B, H, M, d)`` of the M tokens the pool reads (``pool_columns``), o ``(B, H, Lq, d)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no attention pool")
+
+    def pool_value_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """x̃ of the pool: its output projection of the value tokens ``(B, M, H·d)`` → ``(B, M, D)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no attention pool")
+
+    def pool_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's head from the pool on: the pool applied to ``tokens (B, N, D)`` of any layer (no final
+        norm before it), its first latent, then the projection / classifier → output."""
+        raise NotImplementedError(f"{type(self).__name__} has no attention pool")
+
+    def pool_columns(self, num_tokens: int) -> slice:
+        """The tokens the attention pool reads (all, or the patch tokens without the prefix)."""
+        return slice(0 if self.pool_include_prefix else self.num_prefix_tokens, num_tokens)
 
     # -- shared ----------------------------------------------------------------
     def with_model(self, model: nn.Module) -> "ViTAdapter":

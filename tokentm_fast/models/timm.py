@@ -15,7 +15,7 @@ from torch import nn
 
 from .protocol import AttentionCore, PatchedForward, ViTAdapter
 
-SUPPORTED_POOLING = ("token", "avg")
+SUPPORTED_POOLING = ("token", "avg", "map")
 
 
 def timm_classes():
@@ -40,6 +40,32 @@ def _attention_forward(core: AttentionCore, l: int):
         x = self.norm(x)
         x = self.proj(x)
         return self.proj_drop(x)
+
+    return forward
+
+
+def _pool_forward(core):
+    """``timm.layers.AttentionPoolLatent.forward`` with ``core(q, k, v, scale)`` in place of softmax(q kᵀ) v."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None):
+        if attn_mask is not None:
+            raise ValueError("explanations take an unmasked attention pool (attn_mask given)")
+        b, n, c = x.shape
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.unsqueeze(0).to(x.dtype)
+        q = self.q(self.latent.expand(b, -1, -1)).reshape(b, self.latent_len, self.num_heads, self.head_dim)
+        q = q.transpose(1, 2)
+        k, v = self.kv(x).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        o = core(q, k, v, float(self.scale))
+        x = self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, self.latent_len, c)))
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm(x))
+        if self.pool == "token":
+            return x[:, 0]
+        if self.pool == "avg":
+            return x.mean(1)
+        return x
 
     return forward
 
@@ -79,8 +105,10 @@ class TimmViT(ViTAdapter):
                 raise ValueError(f"unsupported model: block {i} uses gated attention (attn.gate)")
             if attn.proj.out_features != attn.qkv.in_features:
                 raise ValueError(f"unsupported model: block {i} attention changes the width (dim_out != dim)")
-        if getattr(model, "attn_pool", None) is not None:
-            raise ValueError("unsupported model: attention-pooling head (global_pool='map')")
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None and pool.pool != "token":
+            raise ValueError(f"unsupported model: an attention pool with pool_type={pool.pool!r} (the explanation "
+                             f"reads its first latent: pool_type='token')")
         if model.global_pool not in SUPPORTED_POOLING:
             raise ValueError(
                 f"unsupported model: global_pool={model.global_pool!r}; supported: {SUPPORTED_POOLING}"
@@ -90,6 +118,7 @@ class TimmViT(ViTAdapter):
         self.num_prefix_tokens = int(model.num_prefix_tokens)
         self.pooling = model.global_pool
         self.pool_include_prefix = bool(getattr(model, "pool_include_prefix", False))
+        self.attention_pool = pool
         pe = model.patch_embed
         self.in_chans = int(getattr(pe, "in_chans", None) or pe.proj.in_channels)
         self.patch_size = tuple(pe.patch_size)
@@ -114,6 +143,15 @@ class TimmViT(ViTAdapter):
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.norm(tokens))
+
+    def replace_pool_attention(self, core, handles: list) -> None:
+        handles.append(PatchedForward(self.attention_pool, _pool_forward(core)))
+
+    def pool_value_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        return self.attention_pool.proj(values)
+
+    def pool_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(tokens)
 
     def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
         m = self.model

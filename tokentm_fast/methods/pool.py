@@ -1,0 +1,143 @@
+"""Models whose head is an attention pool (docs/methods.md §6 last part, §9): a learned latent query
+attends to the final tokens (timm ``global_pool="map"``, as in SigLIP). The explanations start at the
+pool instead of at row cls of the last block:
+
+- raw attention: ``e = mean_h A_pool[h, 0, :]``;
+- rollout: ``r⁰ = mean_h A_pool[h, 0, :]``, then the engine over the blocks;
+- GAE: ``r⁰ = mean_h max(A_pool ⊙ G_pool, 0)[h, 0, :]``; TokenTM: that row ⊙ ``w^pool``, the transformation
+  weights (§2) of the pool's value tokens (x = the pool's input tokens, x̃ = proj_pool(v));
+- attention Grad-CAM: §5 with A_pool and G_pool in place of the last block's row cls;
+- LeGrad: s_l = the target score of the pool applied to Xˡ (its first latent, then the projection /
+  classifier), and ``eˡ_j = mean_h max(∂s_l/∂A_pool^{(l)}[h, 0, j], 0)``.
+
+``A_pool`` (B, H, latents, M) covers the M tokens the pool reads (``vit.pool_columns``); rows over all N
+tokens have zeros elsewhere. Everything here is O(N·D): the pool's attention is one row per latent.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..capture import PoolRecorder, prepared_model
+from ..models.protocol import ViTAdapter
+from ..targets import TargetList, resolve_target, target_score
+from .options import chosen_layers
+
+
+def first_latent(vit: ViTAdapter, pool_tensor: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``(B, H, Lq, M)`` of the pool → ``(B, H, N)``: latent 0 over all N tokens (zeros off the pool's columns)."""
+    b, h = pool_tensor.shape[:2]
+    out = pool_tensor.new_zeros(b, h, num_tokens)
+    out[:, :, vit.pool_columns(num_tokens)] = pool_tensor[:, :, 0]
+    return out
+
+
+class PoolStart:
+    """The engine's first row at the attention pool (§9), for the attention paths (``tokentm_fast.paths``).
+
+    ``kind``: ``"probs"`` (rollout: mean_h A_pool), ``"gae"`` (mean_h max(A_pool ⊙ G_pool, 0)) or
+    ``"tokentm"`` (the GAE row ⊙ ``w^pool``, from ``weigh(x_in, values)``).
+    """
+
+    def __init__(self, vit: ViTAdapter, kind: str, weigh: Optional[Callable] = None) -> None:
+        self.vit, self.kind, self.weigh = vit, kind, weigh
+        self.recorder = PoolRecorder(vit)
+
+    def install(self, handles: list) -> None:
+        self.recorder.install(handles)
+
+    def row(self, num_tokens: int) -> torch.Tensor:
+        """``(B, N)`` float32 at least, after the forward (``kind="probs"``)."""
+        a = self.recorder.last["attn"].detach()
+        return first_latent(self.vit, a, num_tokens).to(torch.promote_types(a.dtype, torch.float32)).mean(1)
+
+    def on_gradient(self, num_tokens: int, set_row: Callable[[torch.Tensor], None]) -> None:
+        """After the forward: ``set_row(r⁰)`` each time the score's gradient reaches the pool's attention
+        (before any block's: the pool is above them), r⁰ ``(B, N)`` float32 at least."""
+        rec = self.recorder.last
+        a = rec["attn"]
+        acc = torch.promote_types(a.dtype, torch.float32)
+        w = None
+        if self.kind == "tokentm":
+            with torch.no_grad():
+                w = self.weigh(rec["x_in"], self.vit.pool_value_tokens(rec["values"]))      # (B, M)
+            w = first_latent(self.vit, w[:, None, None, :], num_tokens)[:, 0].to(acc)
+
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                f = (a.detach().to(acc) * grad.to(acc)).clamp_min(0)
+                r = first_latent(self.vit, f, num_tokens).mean(1)
+                set_row(r if w is None else r * w)
+
+        a.register_hook(hook)
+
+
+def _pool_output(vit: ViTAdapter, tokens: torch.Tensor, head: Callable, target) -> tuple:
+    """``head(tokens)`` with the pool's attention a grad-requiring leaf; (output, its pool record)."""
+    recorder = PoolRecorder(vit, leaf=True)
+    handles: list = []
+    try:
+        recorder.install(handles)
+        with torch.enable_grad():
+            out = head(tokens)
+    finally:
+        for h in reversed(handles):
+            h.remove()
+    return out, recorder.last
+
+
+def _targets(target):
+    return list(target) if isinstance(target, TargetList) else [target]
+
+
+def raw_attention(vit: ViTAdapter, images: torch.Tensor, path) -> torch.Tensor:
+    """``(B, N−P)``: mean_h A_pool[h, 0, :]."""
+    last = vit.num_layers - 1
+    x = path.block_outputs(vit, images, [last])[last]
+    with prepared_model(vit), torch.no_grad():
+        _, rec = _pool_output(vit, x, vit.head, None)
+    a = rec["attn"].detach()
+    e = first_latent(vit, a.to(torch.promote_types(a.dtype, torch.float32)), x.shape[1]).mean(1)
+    return e[:, vit.num_prefix_tokens:]
+
+
+def attn_gradcam(vit: ViTAdapter, images: torch.Tensor, target, path):
+    """§5 at the pool: α_h = mean_{j ≥ P} G_pool[h, 0, j], e = max(mean_h α_h A_pool[h, 0, :], 0)."""
+    last, prefix = vit.num_layers - 1, vit.num_prefix_tokens
+    x = path.block_outputs(vit, images, [last])[last]
+    n = x.shape[1]
+    outs = []
+    with prepared_model(vit):
+        out, rec = _pool_output(vit, x, vit.head, target)
+        a = rec["attn"]
+        acc = torch.promote_types(a.dtype, torch.float32)
+        for k, t in enumerate(_targets(target)):
+            t = resolve_target(t, out.detach())
+            (g,) = torch.autograd.grad(target_score(out, t), [a], retain_graph=True)
+            a_n, g_n = first_latent(vit, a.detach().to(acc), n), first_latent(vit, g.to(acc), n)
+            alpha = g_n[:, :, prefix:].mean(-1, keepdim=True)
+            outs.append((alpha * a_n).mean(1).clamp_min(0)[:, prefix:])
+    return outs if isinstance(target, TargetList) else outs[0]
+
+
+def legrad(vit: ViTAdapter, images: torch.Tensor, target, options: Dict, path):
+    """§6 at the pool: per chosen block, the gradient of s_l = score(pool_head(Xˡ)) w.r.t. the pool's
+    attention in that application of the pool."""
+    layers = chosen_layers(options, vit.num_layers)
+    xs = path.block_outputs(vit, images, layers)
+    n, prefix = xs[layers[0]].shape[1], vit.num_prefix_tokens
+    with prepared_model(vit):
+        with torch.no_grad():
+            output = vit.head(xs[vit.num_layers - 1]) if vit.num_layers - 1 in xs else vit.forward(images)
+        targets = [resolve_target(t, output) for t in _targets(target)]
+        maps: List = [0] * len(targets)
+        for l in layers:
+            out, rec = _pool_output(vit, xs[l], vit.pool_head, None)
+            a = rec["attn"]
+            acc = torch.promote_types(a.dtype, torch.float32)
+            for k, t in enumerate(targets):
+                (g,) = torch.autograd.grad(target_score(out, t), [a], retain_graph=k < len(targets) - 1)
+                maps[k] = maps[k] + first_latent(vit, g.to(acc).clamp_min(0), n).mean(1)
+    maps = [m[:, prefix:] for m in maps]
+    return maps if isinstance(target, TargetList) else maps[0]

@@ -86,6 +86,7 @@ class TimmViT(ViTAdapter):
         if not isinstance(model, VisionTransformer):
             raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
         self.model = model
+        self.trunk = model       # the timm VisionTransformer (open_clip's TimmModel wraps one: OpenClipTimmViT)
         self.blocks = list(model.blocks)
         if not self.blocks:
             raise ValueError("model has no transformer blocks")
@@ -142,7 +143,7 @@ class TimmViT(ViTAdapter):
         return blk.norm2, blk.ls2
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.norm(tokens))
+        return self.trunk.forward_head(self.trunk.norm(tokens))
 
     def replace_pool_attention(self, core, handles: list) -> None:
         handles.append(PatchedForward(self.attention_pool, _pool_forward(core)))
@@ -151,10 +152,10 @@ class TimmViT(ViTAdapter):
         return self.attention_pool.proj(values)
 
     def pool_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(tokens)
+        return self.trunk.forward_head(tokens)
 
     def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
-        m = self.model
+        m = self.trunk
         z = m.head_drop(m.fc_norm(m.norm(v)))
         if getattr(m, "head_dist", None) is not None:   # distilled DeiT (eval): the mean of its two heads
             return (m.head(z) + m.head_dist(z)) / 2
@@ -164,8 +165,8 @@ class TimmViT(ViTAdapter):
         return self.model(images)
 
     def check_image_size(self, h: int, w: int) -> Tuple[int, int]:
-        pe = self.model.patch_embed
-        dynamic = bool(getattr(self.model, "dynamic_img_size", False))
+        pe = self.trunk.patch_embed
+        dynamic = bool(getattr(self.trunk, "dynamic_img_size", False))
         if pe.img_size is not None and getattr(pe, "strict_img_size", True) and not dynamic:
             if (h, w) != tuple(pe.img_size):
                 raise ValueError(
@@ -184,7 +185,45 @@ class TimmViT(ViTAdapter):
         return h // self.patch_size[0], w // self.patch_size[1]
 
 
-def adapter_class(model: nn.Module):
-    """``TimmViT`` if ``model`` is a timm ``VisionTransformer`` (exact class or subclass), else None."""
+class OpenClipTimmViT(TimmViT):
+    """open_clip's ``TimmModel`` (``open_clip.timm_model``, e.g. the image tower of open_clip's SigLIP
+    models): a timm ``VisionTransformer`` trunk, then ``head`` (a projection, or nothing). The trunk is
+    explained as ``TimmViT`` explains it; the output is the wrapper's (an embedding)."""
+
+    family = "open_clip"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model.trunk)
+        self.model = model
+        self.num_classes = None
+        for name, part in model.head.named_children():
+            if not isinstance(part, (nn.Dropout, nn.Identity, nn.Linear)):
+                raise ValueError(f"unsupported model: TimmModel head part {name!r} is a {type(part).__name__} "
+                                 f"(supported: a linear projection, proj='linear' or 'none')")
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.head(super().head(tokens))
+
+    def pool_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.head(super().pool_head(tokens))
+
+    def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
+        return self.model.head(super().pooled_head(v))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+
+def _is_open_clip_timm_model(model: nn.Module) -> bool:
     VisionTransformer, _, _ = timm_classes()
-    return TimmViT if isinstance(model, VisionTransformer) else None
+    return (type(model).__name__ == "TimmModel" and type(model).__module__.startswith("open_clip")
+            and isinstance(getattr(model, "trunk", None), VisionTransformer))
+
+
+def adapter_class(model: nn.Module):
+    """``TimmViT`` if ``model`` is a timm ``VisionTransformer`` (exact class or subclass),
+    ``OpenClipTimmViT`` for open_clip's ``TimmModel`` around one, else None."""
+    VisionTransformer, _, _ = timm_classes()
+    if isinstance(model, VisionTransformer):
+        return TimmViT
+    return OpenClipTimmViT if _is_open_clip_timm_model(model) else None

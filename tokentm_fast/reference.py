@@ -17,7 +17,7 @@ import torch
 from .capture import LayerRecorder, PoolRecorder, prepared_model
 from .fusion import fuse_heads
 from .methods import chosen_layers, get_method
-from .targets import resolve_target, target_score
+from .targets import CosineSimilarity, resolve_target, target_score
 from .transform import token_lengths, transform_weights
 from .models.protocol import ViTAdapter
 
@@ -39,6 +39,15 @@ def explain_reference(
     full: bool = False,
 ) -> torch.Tensor:
     """Reference explanation of ``images (B, C, H, W)``; float64 result."""
+    if method == "legrad" and options.get("neutral_prompt") is not None:
+        # docs/methods.md §6, the SigLIP correction: zero where the neutral prompt's min–max map exceeds the threshold
+        plain = {**options, "neutral_prompt": None}
+        e = explain_reference(vit, images, method, target, plain, full)
+        e_n = explain_reference(vit, images, method, CosineSimilarity(options["neutral_prompt"]), plain, full)
+        lo = e_n.amin(dim=1, keepdim=True)
+        span = e_n.amax(dim=1, keepdim=True) - lo
+        normalised = torch.where(span > 0, (e_n - lo) / torch.where(span > 0, span, 1.0), 0.0)
+        return torch.where(normalised > options["correction_threshold"], 0.0, e)
     model = copy.deepcopy(vit.model).double()
     vit = vit.with_model(model)
     x = images.to(torch.float64)

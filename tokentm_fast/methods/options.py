@@ -28,6 +28,8 @@ def resolve_options(spec, options: Dict[str, Any], num_layers: int) -> Dict[str,
             raise ValueError(f"option {name}={value!r} for {method!r}; expected one of {spec.choices[name]}")
         if name in spec.flags and not isinstance(value, bool):
             raise TypeError(f"option {name} must be a bool, got {value!r}")
+        if name in spec.checks:
+            spec.checks[name](value)
         if name == "start_layer":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"option start_layer must be an int, got {value!r}")

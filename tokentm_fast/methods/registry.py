@@ -28,6 +28,7 @@ class MethodSpec:
         defaults: every option with its default (the options the method takes).
         choices: options restricted to a set of values.
         flags: options that must be bools.
+        checks: options checked by a function of their value (raises naming the problem).
         layer_choice: takes ``end_layer`` / ``layers`` besides ``start_layer`` (docs/methods.md "Layer choice").
         start_from_end: ``start_layer`` may be negative (counted from the end, as LeGrad's default).
         full_matrix: ``full=True`` gives the whole ``(B, N, N)`` contribution matrix.
@@ -42,6 +43,7 @@ class MethodSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     choices: Mapping[str, Tuple] = field(default_factory=dict)
     flags: Tuple[str, ...] = ()
+    checks: Mapping[str, Callable[[Any], None]] = field(default_factory=dict)
     layer_choice: bool = False
     start_from_end: bool = False
     full_matrix: bool = False
@@ -71,8 +73,12 @@ REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
                needs_gradients=False, target_free=True),
     MethodSpec("raw_attention", raw.raw_attention, needs_gradients=False, target_free=True),
     MethodSpec("attn_gradcam", tails.attn_gradcam, flash_shares_forward=True),
-    MethodSpec("legrad", tails.legrad, defaults={"start_layer": -2, "layer_pooling": "mean"},
+    MethodSpec("legrad", tails.legrad,
+               defaults={"start_layer": -2, "layer_pooling": "mean", "neutral_prompt": None,
+                         "correction_threshold": 0.8},
                choices={"layer_pooling": ("mean", "head")}, layer_choice=True, start_from_end=True,
+               checks={"neutral_prompt": tails.check_neutral_prompt,
+                       "correction_threshold": tails.check_threshold},
                flash_shares_forward=True),
 )}
 

@@ -18,8 +18,9 @@ from typing import Any, Dict
 
 import torch
 
+from ..maps import minmax_normalize
 from ..models.protocol import ViTAdapter
-from ..targets import TargetList
+from ..targets import CosineSimilarity, TargetList
 from . import pool
 from .options import chosen_layers
 
@@ -29,7 +30,42 @@ def _per_target(target, d_outs, reduce):
     return [reduce(d) for d in d_outs] if isinstance(target, TargetList) else reduce(d_outs)
 
 
+def check_neutral_prompt(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() != 1 or not len(value):
+        raise TypeError(f"option neutral_prompt must be None or a (D',) floating embedding (e.g. the text "
+                        f"embedding of 'a photo of a'), got {value!r}")
+    if not torch.isfinite(value).all():
+        raise ValueError("option neutral_prompt contains NaN or Inf")
+
+
+def check_threshold(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"option correction_threshold must be a number in [0, 1], got {value!r}")
+
+
+def _neutral_correction(e: torch.Tensor, neutral: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The authors' SigLIP correction (docs/methods.md §6): zero the map where the min–max normalised map of
+    the neutral prompt exceeds ``threshold``."""
+    return torch.where(minmax_normalize(neutral) > threshold, torch.zeros_like(e), e)
+
+
 def legrad(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
+    """LeGrad (``_legrad``), with the neutral-prompt correction when ``options["neutral_prompt"]`` is given:
+    the map of ``cosine_similarity(neutral_prompt)`` is computed too, and the explanation zeroed where its
+    min–max normalised map exceeds ``correction_threshold``."""
+    neutral = options.get("neutral_prompt")
+    if neutral is None:
+        return _legrad(vit, images, target, options, path)
+    many = isinstance(target, TargetList)
+    together = TargetList((*(target if many else [target]), CosineSimilarity(neutral)))
+    *maps, e_neutral = _legrad(vit, images, together, options, path)
+    maps = [_neutral_correction(e, e_neutral, options["correction_threshold"]) for e in maps]
+    return maps if many else maps[0]
+
+
+def _legrad(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path):
     """LeGrad over the chosen blocks (``start_layer`` .. L−1, by default the last two), each block's score
     read through ``layer_pooling``: ``"mean"`` (the default, the authors' code: the mean of Xˡ over all
     tokens, then the final norm and projection / classifier) or ``"head"`` (the model's own head on Xˡ)."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 import pytest
 import torch

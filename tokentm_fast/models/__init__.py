@@ -4,12 +4,12 @@
 
 - timm: ``timm.models.vision_transformer.VisionTransformer`` (a dependency);
 - hf: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
-  ``DeiTForImageClassification(WithTeacher)``, ``CLIPVisionModel(WithProjection)``
-  (``pip install "tokentm_fast[hf]"``);
+  ``DeiTForImageClassification(WithTeacher)``, ``CLIPVisionModel(WithProjection)``,
+  ``SiglipVisionModel`` (``pip install "tokentm_fast[hf]"``);
 - torchvision: ``torchvision.models.VisionTransformer``, ``vit_b_16`` etc.
   (``pip install "tokentm_fast[torchvision]"``);
 - open_clip: ``open_clip.transformer.VisionTransformer``, a CLIP model's ``.visual``
-  (``pip install "tokentm_fast[clip]"``).
+  (CoCa's, with its attentional pool, included) (``pip install "tokentm_fast[clip]"``).
 
 Subclasses are accepted; any other class is refused with a ``TypeError`` naming
 the supported ones (and the packages that are not installed, with their extra).
@@ -38,10 +38,11 @@ FAMILIES: List[Family] = [
     Family("timm", "timm", "timm", "", "timm VisionTransformer"),
     Family("hf", "transformers", "hf", "hf",
            "transformers ViTModel / ViTForImageClassification / DeiTModel / DeiTForImageClassification"
-           "(WithTeacher) / CLIPVisionModel(WithProjection)"),
+           "(WithTeacher) / CLIPVisionModel(WithProjection) / SiglipVisionModel"),
     Family("torchvision", "torchvision", "torchvision", "torchvision",
            "torchvision VisionTransformer (vit_b_16, vit_l_16, ...)"),
-    Family("open_clip", "open_clip", "open_clip", "clip", "open_clip VisionTransformer (clip_model.visual)"),
+    Family("open_clip", "open_clip", "open_clip", "clip",
+           "open_clip VisionTransformer (clip_model.visual, CoCa's included)"),
 ]
 
 

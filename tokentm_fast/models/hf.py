@@ -9,7 +9,13 @@ Supported classes (transformers 5 layout: ``q_proj/k_proj/v_proj`` and
   the class token; ``DeiTForImageClassificationWithTeacher``: the mean of the
   class-token and distillation-token classifiers;
 - ``CLIPVisionModel`` (``pooler_output``), ``CLIPVisionModelWithProjection``
-  (``image_embeds``): embeddings.
+  (``image_embeds``): embeddings;
+- ``SiglipVisionModel`` (also ``SiglipModel.vision_model``): the ``pooler_output``
+  of its attention-pool head (``SiglipMultiheadAttentionPoolingHead``: a learned
+  probe attends to the final, normalised tokens in an ``nn.MultiheadAttention``,
+  then a residual LayerNorm + MLP), an embedding. No class token; the
+  explanations start at the pool's probe (docs/methods.md §6, §9). A model built
+  with ``vision_use_head=False`` has no pooled output and is refused.
 
 Install with ``pip install "tokentm_fast[hf]"``.
 """
@@ -20,6 +26,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._mha import check_mha
+from .open_clip import mha_cross_attention
 from .protocol import AttentionCore, PatchedForward, ViTAdapter
 
 
@@ -31,6 +39,7 @@ def hf_classes():
             DeiTForImageClassification,
             DeiTForImageClassificationWithTeacher,
             DeiTModel,
+            SiglipVisionModel,
             ViTForImageClassification,
             ViTModel,
         )
@@ -39,7 +48,7 @@ def hf_classes():
     return dict(
         vit=ViTModel, vit_cls=ViTForImageClassification, deit=DeiTModel, deit_cls=DeiTForImageClassification,
         deit_teacher=DeiTForImageClassificationWithTeacher, clip=CLIPVisionModel,
-        clip_proj=CLIPVisionModelWithProjection,
+        clip_proj=CLIPVisionModelWithProjection, siglip=SiglipVisionModel,
     )
 
 
@@ -61,8 +70,21 @@ def _attention_forward(core: AttentionCore, l: int, out_name: str, scale_name: s
     return forward
 
 
+def _siglip_pool_forward(core):
+    """``SiglipMultiheadAttentionPoolingHead.forward`` with ``core(q, k, v, scale)`` in place of
+    softmax(scale · q kᵀ) v: probe → attention over the tokens → + mlp(layernorm(·)) → the probe's row."""
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        probe = self.probe.expand(hidden_state.shape[0], -1, -1)
+        x = mha_cross_attention(self.attention, probe, hidden_state, core)
+        x = x + self.mlp(self.layernorm(x))
+        return x[:, 0]
+
+    return forward
+
+
 class HFViT(ViTAdapter):
-    """Adapter over a Hugging Face ViT / DeiT / CLIP vision model (see the module docstring)."""
+    """Adapter over a Hugging Face ViT / DeiT / CLIP / SigLIP vision model (see the module docstring)."""
 
     family = "hf"
     block_input_kwarg = "hidden_states"
@@ -75,7 +97,7 @@ class HFViT(ViTAdapter):
             raise TypeError(f"expected one of the transformers classes {names}, got {type(model).__name__}")
         self.kind = kinds[0]
         self.model = model
-        self.clip = self.kind.startswith("clip")
+        self.clip = self.kind.startswith("clip") or self.kind == "siglip"    # CLIP's layer layout
         if self.clip:
             base = model
             while hasattr(base, "vision_model"):
@@ -115,12 +137,36 @@ class HFViT(ViTAdapter):
         self.num_prefix_tokens = 2 if self.kind.startswith("deit") else 1
         self.has_class_token = True
         self.pooling = "token"
+        if self.kind == "siglip":
+            self.attention_pool = self._siglip_head(self.base)
+            self.num_prefix_tokens = 0
+            self.has_class_token = False
+            self.pooling = "map"
         self.in_chans = int(config.num_channels)
         size = config.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         p = config.patch_size
         self.patch_size = tuple(p) if isinstance(p, (tuple, list)) else (p, p)
         self.num_classes = int(config.num_labels) if self.kind in ("vit_cls", "deit_cls", "deit_teacher") else None
+
+    @staticmethod
+    def _siglip_head(base: nn.Module) -> nn.Module:
+        """The attention-pool head of a SigLIP tower, checked."""
+        from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+
+        head = getattr(base, "head", None)
+        if not getattr(base, "use_head", head is not None) or head is None:
+            raise ValueError(
+                f"unsupported {type(base).__name__}: built with vision_use_head=False, it has no attention-pool "
+                f"head (its pooler_output is None)"
+            )
+        if type(head).forward is not SiglipMultiheadAttentionPoolingHead.forward:
+            raise ValueError(f"unsupported {type(base).__name__}: its head is a {type(head).__name__}; only "
+                             f"SiglipMultiheadAttentionPoolingHead is supported")
+        check_mha(head.attention, "the pooling head's attention")
+        if not head.attention.batch_first:
+            raise ValueError("unsupported model: the pooling head's attention has batch_first=False")
+        return head
 
     # -- protocol ------------------------------------------------------------
     def replace_attention(self, layers: Sequence[int], core: AttentionCore, handles: list) -> None:
@@ -141,6 +187,8 @@ class HFViT(ViTAdapter):
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         m, kind = self.model, self.kind
+        if kind == "siglip":
+            return self.attention_pool(self.final_norm(tokens))
         if self.clip:
             pooled = self.final_norm(tokens[:, 0])
             return m.visual_projection(pooled) if kind == "clip_proj" else pooled
@@ -152,6 +200,8 @@ class HFViT(ViTAdapter):
         return self.base.pooler(x) if self.base.pooler is not None else x[:, 0]
 
     def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
+        """The final norm, then the projection / classifier (SigLIP: ``post_layernorm`` only; with its
+        attention pool the methods go through ``pool_head`` instead)."""
         m, kind = self.model, self.kind
         x = self.final_norm(v)
         if self.clip:
@@ -161,6 +211,17 @@ class HFViT(ViTAdapter):
         if kind == "deit_teacher":
             return (m.cls_classifier(x) + m.distillation_classifier(x)) / 2
         return self.base.pooler(x[:, None]) if self.base.pooler is not None else x
+
+    # -- the attention pool (SigLIP) ---------------------------------------------
+    def replace_pool_attention(self, core, handles: list) -> None:
+        handles.append(PatchedForward(self.attention_pool, _siglip_pool_forward(core)))
+
+    def pool_value_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        return self.attention_pool.attention.out_proj(values)
+
+    def pool_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pooling head on ``tokens (B, N, D)`` (no ``post_layernorm`` before it: §6): the probe's row."""
+        return self.attention_pool(tokens)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=images)

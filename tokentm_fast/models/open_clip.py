@@ -5,17 +5,26 @@
 or average pooling with ``ln_post`` (before or after the pooling), then
 ``@ proj``; the output is the image embedding ``(B, D')``, so an explanation
 needs a callable target (e.g. the cosine similarity to a text embedding).
+
+CoCa's towers (``attentional_pool=True``) pool with an ``AttentionalPooler``
+instead: learned queries ``ln_q(query)`` attend to ``ln_k(X)`` over all N
+tokens (class token included) in an ``nn.MultiheadAttention``; then
+``ln_post`` and the first latent (``pool_type="tok"``), ``@ proj``. The
+explanations start at that pool's first latent (docs/methods.md §6, §9). The
+``attentional_pool="parallel"`` / ``"cascade"`` variants (a second, contrastive
+pool) are refused, as are ``pool_type="avg"`` / ``"none"`` after the pool.
 Install with ``pip install "tokentm_fast[clip]"``.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._mha import check_mha, mha_forward
-from .protocol import AttentionCore, PatchedForward, ViTAdapter
+from .protocol import AttentionCore, PatchedForward, ViTAdapter, merge_heads, split_heads
 
 POOL_TYPES = {"tok": "token", "avg": "avg"}
 
@@ -26,6 +35,55 @@ def open_clip_classes():
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f'open_clip models need open_clip_torch: pip install "tokentm_fast[clip]" ({e})') from e
     return VisionTransformer, ResidualAttentionBlock
+
+
+def check_pool_mha(mha: nn.Module, where: str) -> None:
+    """Refuse the ``nn.MultiheadAttention`` options an attention pool's explanation does not model
+    (separate key / value widths are fine: the pool's queries and tokens may differ in width)."""
+    if not isinstance(mha, nn.MultiheadAttention):
+        raise ValueError(f"unsupported model: {where} is a {type(mha).__name__}, not nn.MultiheadAttention")
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise ValueError(f"unsupported model: {where} uses add_bias_kv / add_zero_attn")
+
+
+def mha_cross_attention(mha: nn.MultiheadAttention, query: torch.Tensor, tokens: torch.Tensor,
+                        core: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``mha(query, tokens, tokens)[0]`` of a ``batch_first`` ``nn.MultiheadAttention`` with
+    ``core(q, k, v, scale)`` in place of softmax(scale · q kᵀ) v.
+
+    Args:
+        mha: the attention (fused ``in_proj_weight``, or ``q/k/v_proj_weight`` when kdim / vdim differ).
+        query: ``(B, Lq, E)`` latent queries.
+        tokens: ``(B, M, kdim)`` the tokens attended to.
+        core: ``core(q, k, v, scale) -> o``; q ``(B, H, Lq, d)``, k, v ``(B, H, M, d)``, o like q.
+
+    Returns:
+        ``(B, Lq, E)`` the output (after ``out_proj``).
+    """
+    e, heads = mha.embed_dim, mha.num_heads
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight.split(e)
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    bq = bk = bv = None
+    if mha.in_proj_bias is not None:
+        bq, bk, bv = mha.in_proj_bias.split(e)
+    q = split_heads(F.linear(query, wq, bq), heads)
+    k = split_heads(F.linear(tokens, wk, bk), heads)
+    v = split_heads(F.linear(tokens, wv, bv), heads)
+    o = core(q, k, v, float(e // heads) ** -0.5)
+    return mha.out_proj(merge_heads(o))
+
+
+def _pooler_forward(core: Callable):
+    """``open_clip.transformer.AttentionalPooler.forward`` with ``core(q, k, v, scale)`` inside."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_k(x)
+        q = self.ln_q(self.query)
+        return mha_cross_attention(self.attn, q.unsqueeze(0).expand(x.shape[0], -1, -1), x, core)
+
+    return forward
 
 
 class OpenClipViT(ViTAdapter):
@@ -54,16 +112,42 @@ class OpenClipViT(ViTAdapter):
             if hasattr(blk, "ln_1_kv"):
                 raise ValueError(f"unsupported model: block {i} is a cross-attention block")
             check_mha(blk.attn, f"block {i} attention")
-        if getattr(model, "attn_pool", None) is not None:
-            raise ValueError("unsupported model: attentional pooling head (attentional_pool=True)")
-        if model.pool_type not in POOL_TYPES:
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None:
+            self._check_attention_pool(model)
+        elif model.pool_type not in POOL_TYPES:
             raise ValueError(f"unsupported model: pool_type={model.pool_type!r}; supported: {tuple(POOL_TYPES)}")
         self.num_heads = self.blocks[0].attn.num_heads
         self.has_class_token = True
         self.num_prefix_tokens = 1
-        self.pooling = POOL_TYPES[model.pool_type]
+        self.attention_pool = pool
+        self.pool_include_prefix = pool is not None     # the pool reads every token, the class token too
+        self.pooling = "map" if pool is not None else POOL_TYPES[model.pool_type]
         self.in_chans = int(model.conv1.in_channels)
         self.num_classes = None
+
+    @staticmethod
+    def _check_attention_pool(model: nn.Module) -> None:
+        """Accept CoCa's plain attentional pooling (``attentional_pool=True``, ``pool_type="tok"``) only."""
+        from open_clip.transformer import AttentionalPooler
+
+        variant = getattr(model, "attn_pool_type", "")
+        if getattr(model, "attn_pool_contrastive", None) is not None or variant:
+            raise ValueError(
+                f"unsupported model: attentional_pool={variant!r} (a second, contrastive attention pool: the "
+                f"'parallel' and 'cascade' variants are not supported; the plain attentional_pool=True is)"
+            )
+        if type(model.attn_pool).forward is not AttentionalPooler.forward:
+            raise ValueError(f"unsupported model: the attention pool is a {type(model.attn_pool).__name__}; only "
+                             f"open_clip's AttentionalPooler is supported")
+        if model.pool_type != "tok":
+            raise ValueError(
+                f"unsupported model: pool_type={model.pool_type!r} after the attentional pool (the explanation "
+                f"reads the pool's first latent: pool_type='tok')"
+            )
+        check_pool_mha(model.attn_pool.attn, "the attentional pool's attention")
+        if not model.attn_pool.attn.batch_first:
+            raise ValueError("unsupported model: the attentional pool's attention has batch_first=False")
 
     def replace_attention(self, layers: Sequence[int], core: AttentionCore, handles: list) -> None:
         for l in layers:
@@ -84,15 +168,45 @@ class OpenClipViT(ViTAdapter):
     def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, 0] if self.pooling == "token" else tokens[:, 1:].mean(dim=1)
 
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        proj = self.model.proj
+        return pooled @ proj if proj is not None else pooled
+
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
+        if self.attention_pool is not None:        # CoCa: pool, ln_post on every latent, the first latent
+            return self._project(m.ln_post(self.attention_pool(tokens))[:, 0])
         pooled = m.ln_post(self._pool(tokens)) if m.final_ln_after_pool else self._pool(m.ln_post(tokens))
-        return pooled @ m.proj if m.proj is not None else pooled
+        return self._project(pooled)
 
     def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        v = m.ln_post(v)
-        return v @ m.proj if m.proj is not None else v
+        """``ln_post(v) @ proj``. With an attention pool, ``v`` is a pooled latent ``(B, output_dim)``
+        (the methods go through ``pool_head`` there instead)."""
+        return self._project(self.model.ln_post(v))
+
+    # -- the attention pool (CoCa) ------------------------------------------------
+    def replace_pool_attention(self, core: Callable, handles: list) -> None:
+        handles.append(PatchedForward(self.attention_pool, _pooler_forward(core)))
+
+    def pool_value_tokens(self, values: torch.Tensor) -> torch.Tensor:
+        """``out_proj`` of the pool's value vectors ``(B, N, output_dim)`` → ``(B, N, output_dim)``.
+
+        Raises:
+            ValueError: the pool changes the width (output_dim ≠ width): x̃ and the pool's input tokens
+                x then live in different spaces and TokenTM's transformation weights (§2) are undefined.
+        """
+        mha = self.attention_pool.attn
+        if mha.kdim != mha.embed_dim:
+            raise ValueError(
+                f"TokenTM is not defined for this attentional pool: it maps width {mha.kdim} tokens to "
+                f"{mha.embed_dim}-wide latents, so its transformed tokens cannot be compared with its input "
+                f"tokens (docs/methods.md §2); the other methods explain it"
+            )
+        return mha.out_proj(values)
+
+    def pool_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pool on ``tokens (B, N, width)``, its first latent, ``@ proj`` (no ``ln_post``: §6)."""
+        return self._project(self.attention_pool(tokens)[:, 0])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(images)

@@ -355,8 +355,9 @@ def test_unsupported_parts(make_model, images):
     post = make_model("timm_tiny", block_fn=ResPostBlock)
     with pytest.raises(ValueError, match="block 0 is a ResPostBlock"):
         tf.explain(post, images)
-    mapped = make_model("timm_tiny", global_pool="map")
-    with pytest.raises(ValueError, match="map"):
+    mapped = make_model("timm_tiny", global_pool="map")     # attention pools are explained (§9) ...
+    mapped.attn_pool.pool = "avg"                            # ... from their first latent: a mean of them is not
+    with pytest.raises(ValueError, match="attention pool with pool_type='avg'"):
         tf.explain(mapped, images)
     headless = make_model("timm_tiny", num_classes=0)
     with pytest.raises(ValueError, match="no classifier"):  # a feature model needs a score function

@@ -444,3 +444,104 @@ def timm_to_hf_clip(src):
         if projection:
             dst.visual_projection.weight.copy_(sd["head.weight"])
     return dst.eval()
+
+
+# -- attention-pool heads (Hugging Face SigLIP, open_clip CoCa) ---------------------------------
+def scale_pool(model, latent, query_key):
+    """Scale a random-init attention pool: the latent / probe / queries times ``latent``, the query and key
+    projections times ``query_key`` (timm ``attn_pool.q`` / ``attn_pool.kv``; an ``nn.MultiheadAttention``'s
+    in-projection). Each family's init gives another sharpness; the factors of the factories below bring
+    the pool's largest attention probability over 16 tokens to about 0.2 (uniform: 0.06)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            parts = name.split(".")
+            if parts[-1] in ("latent", "probe", "query") and ("attn_pool" in parts or "head" in parts):
+                p.mul_(latent)
+            elif "attn_pool" in parts and parts[-2:] in (["q", "weight"], ["kv", "weight"]):
+                p.mul_(query_key)
+            elif ("attn_pool" in parts or "head" in parts) and parts[-1] in ("in_proj_weight", "q_proj_weight",
+                                                                             "k_proj_weight"):
+                p.mul_(query_key)
+    return model
+
+
+def timm_siglip(seed=0, **kwargs):
+    """A timm ViT that computes what a Hugging Face SigLIP image tower computes (:func:`timm_vit` sizes):
+    no class token, an attention-pool head (``global_pool="map"``: one latent, the pool's own LayerNorm and
+    MLP) after the final norm, no classifier (the output is the pool's 48-wide embedding), exact GELU.
+    Norms from :func:`random_affine`, the pool sharpened by :func:`scale_pool` (timm's init leaves it
+    nearly uniform)."""
+    model = timm_vit(num_classes=0, seed=seed, global_pool="map", class_token=False, **kwargs)
+    return scale_pool(random_affine(model, seed), latent=3.0, query_key=8.0)
+
+
+def hf_siglip_vision(seed=0, **config):
+    """``transformers.SiglipVisionModel`` (:func:`hf_vit_config` sizes, exact GELU); ``config`` overrides
+    ``SiglipVisionConfig`` fields (e.g. ``vision_use_head=False``)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    kw = dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+              image_size=SIZE, patch_size=PATCH, hidden_act="gelu", layer_norm_eps=1e-6)
+    kw.update(config)
+    model = random_affine(spread(SiglipVisionModel(SiglipVisionConfig(**kw)), seed), seed)
+    return scale_pool(model, latent=3.0, query_key=1.0)
+
+
+def open_clip_coca(seed=0, **kwargs):
+    """An open_clip ``VisionTransformer`` with CoCa's attentional pool (``attentional_pool=True``, 4 queries,
+    3 heads, ``output_dim`` 48 unless given), :func:`open_clip_visual` sizes; norms and class token from
+    :func:`random_affine`; the pool's query and key projections halved (:func:`spread` doubled them, which
+    makes its attention nearly one-hot)."""
+    kw = dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=HEADS, output_dim=WIDTH)
+    kw.update(kwargs)
+    model = open_clip_visual(seed=seed, **kw)
+    return scale_pool(random_affine(model, seed), latent=1.0, query_key=0.5).eval()
+
+
+def timm_to_hf_siglip(src):
+    """A Hugging Face ``SiglipVisionModel`` with the weights and the function of timm ViT ``src`` (built as
+    :func:`timm_siglip` builds it). timm's pool ``latent`` is the head's ``probe``; its ``q`` and ``kv``
+    projections stacked are the ``nn.MultiheadAttention``'s in-projection (query, key, value rows), its
+    ``proj`` the ``out_proj``, its ``norm`` / ``mlp`` the head's ``layernorm`` / ``mlp``; the final ``norm``
+    is ``post_layernorm``."""
+    pool = src.attn_pool
+    if src.cls_token is not None or src.num_prefix_tokens or src.global_pool != "map":
+        raise ValueError("a SigLIP tower has no class token and an attention-pool head (global_pool='map')")
+    if src.num_classes or not isinstance(src.fc_norm, nn.Identity) or not isinstance(src.norm_pre, nn.Identity):
+        raise ValueError("a SigLIP tower has no classifier, no fc_norm and no norm before the blocks")
+    if not isinstance(src.blocks[0].ls1, nn.Identity) or type(src.blocks[0].mlp.act) is not nn.GELU:
+        raise ValueError("this SigLIP tower has no LayerScale and an exact GELU")
+    if pool.latent_len != 1 or pool.pos_embed is not None or not isinstance(pool.q_norm, nn.Identity):
+        raise ValueError("a SigLIP head has one probe, no position embedding and no q/k norm")
+    dst = hf_siglip_vision(layer_norm_eps=src.norm.eps)
+    sd = src.state_dict()
+    with torch.no_grad():
+        emb = dst.embeddings
+        emb.patch_embedding.weight.copy_(sd["patch_embed.proj.weight"])
+        emb.patch_embedding.bias.copy_(sd["patch_embed.proj.bias"])
+        emb.position_embedding.weight.copy_(sd["pos_embed"][0])
+        for i, layer in enumerate(dst.encoder.layers):
+            p = f"blocks.{i}."
+            _copy_norm(layer.layer_norm1, sd, p + "norm1")
+            att = layer.self_attn
+            _copy_qkv(sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"], att.q_proj, att.k_proj, att.v_proj)
+            att.out_proj.weight.copy_(sd[p + "attn.proj.weight"])
+            att.out_proj.bias.copy_(sd[p + "attn.proj.bias"])
+            _copy_norm(layer.layer_norm2, sd, p + "norm2")
+            for name in ("fc1", "fc2"):
+                getattr(layer.mlp, name).weight.copy_(sd[p + f"mlp.{name}.weight"])
+                getattr(layer.mlp, name).bias.copy_(sd[p + f"mlp.{name}.bias"])
+        _copy_norm(dst.post_layernorm, sd, "norm")
+        head = dst.head
+        head.probe.copy_(sd["attn_pool.latent"])
+        mha = head.attention
+        mha.in_proj_weight.copy_(torch.cat([sd["attn_pool.q.weight"], sd["attn_pool.kv.weight"]]))
+        mha.in_proj_bias.copy_(torch.cat([sd["attn_pool.q.bias"], sd["attn_pool.kv.bias"]]))
+        mha.out_proj.weight.copy_(sd["attn_pool.proj.weight"])
+        mha.out_proj.bias.copy_(sd["attn_pool.proj.bias"])
+        _copy_norm(head.layernorm, sd, "attn_pool.norm")
+        for name in ("fc1", "fc2"):
+            getattr(head.mlp, name).weight.copy_(sd[f"attn_pool.mlp.{name}.weight"])
+            getattr(head.mlp, name).bias.copy_(sd[f"attn_pool.mlp.{name}.bias"])
+    return dst.eval()

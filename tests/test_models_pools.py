@@ -1,0 +1,352 @@
+"""Attention-pool heads of the Hugging Face and open_clip adapters (issue 18 item 2): Hugging Face
+``SiglipVisionModel`` (``SiglipMultiheadAttentionPoolingHead``) and open_clip CoCa towers
+(``VisionTransformer(attentional_pool=True)``, an ``AttentionalPooler``).
+
+- SigLIP, independently: a timm ``VisionTransformer(global_pool="map", class_token=False)`` whose weights
+  ``model_families.timm_to_hf_siglip`` copies into a ``SiglipVisionModel`` computes the same function
+  (float64), and every method's map through the Hugging Face adapter equals the map through the timm
+  adapter (which tests/test_attention_pool.py checks against a literal oracle).
+- CoCa has no exact timm equivalent: its pool normalises its input tokens itself (``ln_k``, which LeGrad's
+  pool application keeps and timm's final norm is not part of) and reads the class token; ``ln_post``
+  follows the pool. Its pool-only maps (raw attention, attention Grad-CAM, LeGrad) are checked against a
+  literal float64 computation of the pool written here from open_clip's module structure; the others
+  through the reference backend.
+- Every method on every backend (reference, torch, Triton materialized / flash on the suite's device)
+  agrees with the reference for each new model, which comes back unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+
+import model_families as mf
+import tokentm_fast as tf
+from model_families import assert_same, snapshot
+from spec_oracle import rel_err
+from tokentm_fast.models import adapt
+
+METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad")
+GRID = mf.SIZE // mf.PATCH
+TOL = 1e-5
+#: embedding components explained per image (chosen so that attention Grad-CAM is not clipped to zero)
+SIGLIP_TARGET = torch.tensor([18, 21])
+COCA_TARGET = torch.tensor([3, 22])
+
+_SUITE_DEVICE = os.environ.get("TOKENTM_TEST_DEVICE", "cpu")   # set by tests/conftest.py
+
+
+def _triton_runs() -> bool:
+    try:
+        from tokentm_fast.kernels import triton_available
+    except ImportError:
+        return False
+    return triton_available(_SUITE_DEVICE)
+
+
+triton_only = pytest.mark.skipif(not _triton_runs(),
+                                 reason=f"Triton cannot run on {_SUITE_DEVICE} here (cpu: TRITON_INTERPRET=1)")
+
+
+def assert_informative(e: torch.Tensor) -> None:
+    """Every image's map is finite and not constant (no vacuous equality of two flat maps)."""
+    e = e.flatten(1)
+    assert torch.isfinite(e).all()
+    top = e.abs().amax(1)
+    assert (top > 0).all(), "a map is all zeros"
+    assert ((e.amax(1) - e.amin(1)) > 1e-3 * top).all(), "a map is constant"
+
+
+def siglip_model() -> torch.nn.Module:
+    """The float32 SigLIP tower with the weights of ``model_families.timm_siglip``."""
+    return mf.timm_to_hf_siglip(mf.timm_siglip())
+
+
+# ------------------------------------------------------------------------------------------------------
+# SigLIP: the same weights as a timm attention-pool ViT
+# ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def siglip_pair():
+    """``(timm model, SiglipVisionModel with its weights, images)``, all float64."""
+    src = mf.timm_siglip().double().eval()
+    return src, mf.timm_to_hf_siglip(src).double().eval(), mf.images().double()
+
+
+def test_siglip_tower_computes_the_timm_function(siglip_pair):
+    """The converter is right: the timm model's output is the tower's ``pooler_output`` (float64), and the
+    adapter's forward and head give it too."""
+    src, tower, x = siglip_pair
+    vit = adapt(tower)
+    with torch.no_grad():
+        want = src(x)
+        got = tower(pixel_values=x).pooler_output
+        assert want.shape == got.shape == (2, mf.WIDTH)
+        assert want.std() > 1e-2
+        assert (got - want).abs().max() <= 1e-10 * want.abs().max()
+        assert torch.equal(vit.forward(x), got)
+        tokens = tower(pixel_values=x, output_hidden_states=True).hidden_states[-1]   # X^L, before the norm
+        assert (vit.head(tokens) - got).abs().max() <= 1e-12 * want.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("target_kind", ["class_logit", "cosine_similarity"])
+def test_siglip_maps_equal_timm_maps(siglip_pair, backend, target_kind):
+    """Every method's map through the Hugging Face adapter equals the timm adapter's (relative L2 < 1e-5)."""
+    src, tower, x = siglip_pair
+    if target_kind == "class_logit":
+        target = tf.class_logit(SIGLIP_TARGET)
+    else:
+        emb = torch.randn(mf.WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        target = tf.cosine_similarity(emb)
+    snap = snapshot(tower)
+    for method in METHODS:
+        want = tf.explain(src, x, method, backend=backend, target=target)
+        got = tf.explain(tower, x, method, backend=backend, target=target)
+        assert got.shape == want.shape == (2, GRID, GRID), method
+        if target_kind == "class_logit" or method != "attn_gradcam":
+            assert_informative(want)
+        assert (rel_err(got, want) < TOL).all(), method
+    assert_same(tower, snap)
+
+
+def test_siglip_adapter_layout():
+    vit = adapt(siglip_model())
+    from tokentm_fast.models.hf import HFViT
+
+    assert type(vit) is HFViT and vit.kind == "siglip"
+    assert vit.attention_pool is vit.model.head
+    assert (vit.num_prefix_tokens, vit.has_class_token, vit.num_classes) == (0, False, None)
+    assert vit.pool_columns(GRID * GRID) == slice(0, GRID * GRID)
+
+
+def test_siglip_model_vision_tower():
+    """``SiglipModel.vision_model`` (a ``SiglipVisionModel`` in transformers 5) is explained; the SigLIP
+    image-text model itself is not a vision model and is refused with the supported classes named."""
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=mf.WIDTH, intermediate_size=4 * mf.WIDTH, num_hidden_layers=1,
+                num_attention_heads=mf.HEADS, vocab_size=32, max_position_embeddings=8)
+    vision = dict(hidden_size=mf.WIDTH, intermediate_size=4 * mf.WIDTH, num_hidden_layers=mf.DEPTH,
+                  num_attention_heads=mf.HEADS, image_size=mf.SIZE, patch_size=mf.PATCH)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    x = mf.images()
+    vit = adapt(model.vision_model)
+    with torch.no_grad():
+        assert torch.equal(vit.forward(x), model.get_image_features(pixel_values=x).pooler_output)
+    e = tf.explain(model.vision_model, x, "legrad", target=tf.class_logit(1))
+    assert e.shape == (2, GRID, GRID) and torch.isfinite(e).all()
+    with pytest.raises(TypeError, match="SiglipVisionModel"):
+        adapt(model)
+
+
+def test_siglip_without_head_is_refused():
+    with pytest.raises(ValueError, match="vision_use_head=False"):
+        adapt(mf.hf_siglip_vision(vision_use_head=False))
+
+
+# ------------------------------------------------------------------------------------------------------
+# CoCa: a literal float64 computation of its attentional pool
+# ------------------------------------------------------------------------------------------------------
+
+def coca_pool(m: torch.nn.Module, x: torch.Tensor):
+    """open_clip's ``AttentionalPooler`` of model ``m`` on tokens ``x (B, N, width)``, by hand from its
+    weights: latents ``(B, Lq, E)`` (after ``out_proj``) and the attention probabilities ``(B, H, Lq, N)``,
+    in the autograd graph."""
+    ap = m.attn_pool
+    mha = ap.attn
+    e, h = mha.embed_dim, mha.num_heads
+    d = e // h
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight[:e], mha.in_proj_weight[e:2 * e], mha.in_proj_weight[2 * e:]
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    bq, bk, bv = mha.in_proj_bias[:e], mha.in_proj_bias[e:2 * e], mha.in_proj_bias[2 * e:]
+    b, n, _ = x.shape
+    xk = ap.ln_k(x)
+    queries = ap.ln_q(ap.query)                                            # (Lq, E)
+    q = (queries @ wq.T + bq).reshape(-1, h, d).transpose(0, 1)           # (H, Lq, d)
+    k = (xk @ wk.T + bk).reshape(b, n, h, d).transpose(1, 2)               # (B, H, N, d)
+    v = (xk @ wv.T + bv).reshape(b, n, h, d).transpose(1, 2)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)   # (B, H, Lq, N)
+    o = (attn @ v).transpose(1, 2).reshape(b, -1, e)
+    return mha.out_proj(o), attn
+
+
+def coca_oracle(model: torch.nn.Module, images: torch.Tensor, method: str, c: torch.Tensor) -> torch.Tensor:
+    """The float64 map (B, N−1) of raw attention, attention Grad-CAM or LeGrad (its last two blocks) for
+    the score ``output[b, c[b]]``, from the pool's first latent; the model's output is checked first."""
+    m = copy.deepcopy(model).double().eval()
+    x = images.double()
+    outs = []
+    hooks = [blk.register_forward_hook(lambda mod, a, out: outs.append(out)) for blk in m.transformer.resblocks]
+    with torch.enable_grad():
+        want = m(x)
+        for hk in hooks:
+            hk.remove()
+        rows = torch.arange(x.shape[0])
+        latents, attn = coca_pool(m, outs[-1])
+        out = m.ln_post(latents)[:, 0] @ m.proj
+        assert (out - want).abs().max() <= 1e-12 * want.abs().max()
+        if method == "raw_attention":
+            return attn[:, :, 0].mean(1).detach()[:, 1:]
+        if method == "attn_gradcam":
+            (g,) = torch.autograd.grad(out[rows, c].sum(), attn)
+            alpha = g[:, :, 0, 1:].mean(-1, keepdim=True)                  # mean over the patch tokens
+            return (alpha * attn[:, :, 0].detach()).mean(1).clamp(min=0)[:, 1:]
+        assert method == "legrad"
+        e = 0
+        for x_l in outs[-2:]:                                              # the pool on X^l, no ln_post
+            latents_l, attn_l = coca_pool(m, x_l)
+            (g,) = torch.autograd.grad((latents_l[:, 0] @ m.proj)[rows, c].sum(), attn_l)
+            e = e + g[:, :, 0].clamp(min=0).mean(1)
+        return e[:, 1:]
+
+
+@pytest.mark.parametrize("output_dim", [mf.WIDTH, 24], ids=["same_width", "narrower_pool"])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("method", ["raw_attention", "attn_gradcam", "legrad"])
+def test_coca_pool_maps_match_the_literal_pool(method, backend, output_dim):
+    model = mf.open_clip_coca(output_dim=output_dim)
+    x = mf.images()
+    want = coca_oracle(model, x, method, COCA_TARGET).reshape(2, GRID, GRID)
+    assert_informative(want)
+    got = tf.explain(model, x, method, backend=backend, target=tf.class_logit(COCA_TARGET))
+    assert got.shape == (2, GRID, GRID)
+    assert (rel_err(got, want) < TOL).all()
+
+
+def test_coca_adapter_layout_and_head():
+    """The pool reads every token (class token included); the adapter's head is the model's output."""
+    from tokentm_fast.models.open_clip import OpenClipViT
+
+    model = mf.open_clip_coca(output_tokens=True)
+    vit = adapt(model)
+    assert type(vit) is OpenClipViT and vit.attention_pool is model.attn_pool
+    assert (vit.num_prefix_tokens, vit.has_class_token, vit.num_classes) == (1, True, None)
+    n = GRID * GRID + 1
+    assert vit.pool_columns(n) == slice(0, n)
+    x = mf.images()
+    outs = []
+    hook = model.transformer.resblocks[-1].register_forward_hook(lambda mod, a, out: outs.append(out))
+    with torch.no_grad():
+        pooled, tokens = model(x)                         # output_tokens=True: (pooled, tokens)
+        hook.remove()
+        assert torch.equal(vit.forward(x), pooled)
+        assert (vit.head(outs[-1]) - pooled).abs().max() <= 1e-6 * pooled.abs().max()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(attentional_pool="parallel"), "'parallel'"),
+    (dict(attentional_pool="cascade"), "'cascade'"),
+    (dict(pool_type="avg"), "pool_type='avg'"),
+    (dict(pool_type="none"), "pool_type='none'"),
+])
+def test_coca_variants_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        adapt(mf.open_clip_coca(**kwargs))
+
+
+def test_coca_narrower_pool_refuses_tokentm_only():
+    """A pool that maps width-48 tokens to 24-wide latents has no TokenTM transformation weight (§2)."""
+    model = mf.open_clip_coca(output_dim=24)
+    with pytest.raises(ValueError, match="TokenTM is not defined"):
+        tf.explain(model, mf.images(), "tokentm", target=tf.class_logit(COCA_TARGET))
+
+
+# ------------------------------------------------------------------------------------------------------
+# the pool's call site, and every method on every backend
+# ------------------------------------------------------------------------------------------------------
+
+POOL_MODELS = {
+    "hf_siglip": siglip_model,
+    "open_clip_coca": mf.open_clip_coca,
+    "open_clip_coca_narrow": lambda: mf.open_clip_coca(output_dim=24),
+}
+TARGETS = {"hf_siglip": SIGLIP_TARGET, "open_clip_coca": COCA_TARGET, "open_clip_coca_narrow": COCA_TARGET}
+
+
+def methods_of(name):
+    return [m for m in METHODS if not (name == "open_clip_coca_narrow" and m == "tokentm")]
+
+
+@pytest.mark.parametrize("name", list(POOL_MODELS))
+def test_replace_pool_attention_is_exact_and_undone(name):
+    model = POOL_MODELS[name]().eval()
+    vit = adapt(model)
+    x = mf.images()
+    snap = snapshot(model)
+    calls = []
+
+    def core(q, k, v, scale):
+        calls.append((tuple(q.shape), tuple(k.shape), scale))
+        return torch.softmax(scale * q @ k.transpose(-2, -1), -1) @ v
+
+    with torch.no_grad():
+        before = vit.forward(x)
+        handles = []
+        vit.replace_pool_attention(core, handles)
+        patched = vit.forward(x)
+        for hnd in reversed(handles):
+            hnd.remove()
+        after = vit.forward(x)
+        handles = []
+        vit.replace_pool_attention(lambda q, k, v, s: v[:, :, :q.shape[2]], handles)   # a wrong core
+        wrong = vit.forward(x)
+        for hnd in reversed(handles):
+            hnd.remove()
+    mha = getattr(vit.attention_pool, "attention", None) or vit.attention_pool.attn
+    d = mha.embed_dim // mha.num_heads
+    latents = 1 if name == "hf_siglip" else 4
+    n = GRID * GRID + vit.num_prefix_tokens
+    assert calls == [((2, mha.num_heads, latents, d), (2, mha.num_heads, n, d), pytest.approx(d ** -0.5))]
+    assert (patched - before).abs().max() <= 1e-5 * before.abs().max()
+    assert torch.equal(after, before)
+    assert (wrong - before).abs().max() > 1e-3 * before.abs().max()
+    assert_same(model, snap)
+
+
+@pytest.fixture(scope="module", params=list(POOL_MODELS))
+def pool_case(request):
+    """``(name, model, images, target, {method: reference map})``."""
+    name = request.param
+    model, x, c = POOL_MODELS[name](), mf.images(), TARGETS[name]
+    refs = {m: tf.explain(model, x, m, backend="reference", target=tf.class_logit(c)) for m in methods_of(name)}
+    return name, model, x, c, refs
+
+
+def test_reference_maps_are_informative(pool_case):
+    name, model, x, c, refs = pool_case
+    for method, e in refs.items():
+        assert e.shape == (2, GRID, GRID), method
+        assert_informative(e)
+
+
+def test_torch_equals_reference(pool_case):
+    name, model, x, c, refs = pool_case
+    model.train()                                       # the explanation runs the model in eval mode
+    snap = snapshot(model)
+    for method, ref in refs.items():
+        e = tf.explain(model, x, method, backend="torch", target=tf.class_logit(c))
+        assert e.shape == ref.shape and e.dtype == torch.float32, method
+        assert (rel_err(e, ref) < TOL).all(), method
+        assert_same(model, snap)
+    model.eval()
+
+
+@triton_only
+@pytest.mark.parametrize("attention", ["materialized", "flash"])
+def test_triton_equals_reference(pool_case, attention, device):
+    name, model, x, c, refs = pool_case
+    on_device = copy.deepcopy(model).to(device)
+    snap = snapshot(on_device)
+    for method, ref in refs.items():
+        e = tf.explain(on_device, x.to(device), method, backend="triton", attention=attention,
+                       target=tf.class_logit(c.to(device))).cpu()
+        assert e.shape == ref.shape, method
+        assert (rel_err(e, ref) < TOL).all(), (method, rel_err(e, ref))
+        assert_same(on_device, snap)

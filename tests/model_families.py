@@ -364,6 +364,21 @@ def _copy_norm(dst: nn.LayerNorm, sd: Dict[str, torch.Tensor], prefix: str) -> N
     dst.bias.copy_(sd[prefix + ".bias"])
 
 
+def _copy_clip_layers(layers, sd: Dict[str, torch.Tensor]) -> None:
+    """timm blocks ``blocks.{i}.*`` into CLIP-layout encoder layers (Hugging Face CLIP and SigLIP)."""
+    for i, layer in enumerate(layers):
+        p = f"blocks.{i}."
+        _copy_norm(layer.layer_norm1, sd, p + "norm1")
+        att = layer.self_attn
+        _copy_qkv(sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"], att.q_proj, att.k_proj, att.v_proj)
+        att.out_proj.weight.copy_(sd[p + "attn.proj.weight"])
+        att.out_proj.bias.copy_(sd[p + "attn.proj.bias"])
+        _copy_norm(layer.layer_norm2, sd, p + "norm2")
+        for name in ("fc1", "fc2"):
+            getattr(layer.mlp, name).weight.copy_(sd[p + f"mlp.{name}.weight"])
+            getattr(layer.mlp, name).bias.copy_(sd[p + f"mlp.{name}.bias"])
+
+
 def timm_to_open_clip(src):
     """An open_clip ``VisionTransformer`` with the weights and the function of timm ViT ``src`` (built
     as :func:`timm_clip` builds it, with a projection head). Pooling: class token with the final norm
@@ -429,17 +444,7 @@ def timm_to_hf_clip(src):
         vm.embeddings.class_embedding.copy_(sd["cls_token"][0, 0])
         vm.embeddings.position_embedding.weight.copy_(sd["pos_embed"][0])
         _copy_norm(vm.pre_layrnorm, sd, "norm_pre")
-        for i, layer in enumerate(vm.encoder.layers):
-            p = f"blocks.{i}."
-            _copy_norm(layer.layer_norm1, sd, p + "norm1")
-            att = layer.self_attn
-            _copy_qkv(sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"], att.q_proj, att.k_proj, att.v_proj)
-            att.out_proj.weight.copy_(sd[p + "attn.proj.weight"])
-            att.out_proj.bias.copy_(sd[p + "attn.proj.bias"])
-            _copy_norm(layer.layer_norm2, sd, p + "norm2")
-            for name in ("fc1", "fc2"):
-                getattr(layer.mlp, name).weight.copy_(sd[p + f"mlp.{name}.weight"])
-                getattr(layer.mlp, name).bias.copy_(sd[p + f"mlp.{name}.bias"])
+        _copy_clip_layers(vm.encoder.layers, sd)
         _copy_norm(vm.post_layernorm, sd, "norm")
         if projection:
             dst.visual_projection.weight.copy_(sd["head.weight"])
@@ -521,17 +526,7 @@ def timm_to_hf_siglip(src):
         emb.patch_embedding.weight.copy_(sd["patch_embed.proj.weight"])
         emb.patch_embedding.bias.copy_(sd["patch_embed.proj.bias"])
         emb.position_embedding.weight.copy_(sd["pos_embed"][0])
-        for i, layer in enumerate(dst.encoder.layers):
-            p = f"blocks.{i}."
-            _copy_norm(layer.layer_norm1, sd, p + "norm1")
-            att = layer.self_attn
-            _copy_qkv(sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"], att.q_proj, att.k_proj, att.v_proj)
-            att.out_proj.weight.copy_(sd[p + "attn.proj.weight"])
-            att.out_proj.bias.copy_(sd[p + "attn.proj.bias"])
-            _copy_norm(layer.layer_norm2, sd, p + "norm2")
-            for name in ("fc1", "fc2"):
-                getattr(layer.mlp, name).weight.copy_(sd[p + f"mlp.{name}.weight"])
-                getattr(layer.mlp, name).bias.copy_(sd[p + f"mlp.{name}.bias"])
+        _copy_clip_layers(dst.encoder.layers, sd)
         _copy_norm(dst.post_layernorm, sd, "norm")
         head = dst.head
         head.probe.copy_(sd["attn_pool.latent"])

@@ -13,7 +13,7 @@ Both are thin wrappers over :class:`tokentm_fast.Explainer` with
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch

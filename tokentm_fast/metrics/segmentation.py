@@ -22,10 +22,9 @@ streams through in constant memory, and the states of disjoint shards merge
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
 from ..maps import minmax_normalize, upsample_maps
 from .exact import ExactSum

@@ -26,8 +26,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._mha import check_mha
-from .open_clip import mha_cross_attention
+from ._mha import check_mha, mha_cross_attention
 from .protocol import AttentionCore, PatchedForward, ViTAdapter
 
 

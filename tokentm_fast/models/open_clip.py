@@ -20,11 +20,10 @@ from __future__ import annotations
 from typing import Callable, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._mha import check_mha, mha_forward
-from .protocol import AttentionCore, PatchedForward, ViTAdapter, merge_heads, split_heads
+from ._mha import check_mha, check_pool_mha, mha_cross_attention, mha_forward
+from .protocol import AttentionCore, PatchedForward, ViTAdapter
 
 POOL_TYPES = {"tok": "token", "avg": "avg"}
 
@@ -35,44 +34,6 @@ def open_clip_classes():
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f'open_clip models need open_clip_torch: pip install "tokentm_fast[clip]" ({e})') from e
     return VisionTransformer, ResidualAttentionBlock
-
-
-def check_pool_mha(mha: nn.Module, where: str) -> None:
-    """Refuse the ``nn.MultiheadAttention`` options an attention pool's explanation does not model
-    (separate key / value widths are fine: the pool's queries and tokens may differ in width)."""
-    if not isinstance(mha, nn.MultiheadAttention):
-        raise ValueError(f"unsupported model: {where} is a {type(mha).__name__}, not nn.MultiheadAttention")
-    if mha.bias_k is not None or mha.add_zero_attn:
-        raise ValueError(f"unsupported model: {where} uses add_bias_kv / add_zero_attn")
-
-
-def mha_cross_attention(mha: nn.MultiheadAttention, query: torch.Tensor, tokens: torch.Tensor,
-                        core: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``mha(query, tokens, tokens)[0]`` of a ``batch_first`` ``nn.MultiheadAttention`` with
-    ``core(q, k, v, scale)`` in place of softmax(scale · q kᵀ) v.
-
-    Args:
-        mha: the attention (fused ``in_proj_weight``, or ``q/k/v_proj_weight`` when kdim / vdim differ).
-        query: ``(B, Lq, E)`` latent queries.
-        tokens: ``(B, M, kdim)`` the tokens attended to.
-        core: ``core(q, k, v, scale) -> o``; q ``(B, H, Lq, d)``, k, v ``(B, H, M, d)``, o like q.
-
-    Returns:
-        ``(B, Lq, E)`` the output (after ``out_proj``).
-    """
-    e, heads = mha.embed_dim, mha.num_heads
-    if mha._qkv_same_embed_dim:
-        wq, wk, wv = mha.in_proj_weight.split(e)
-    else:
-        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-    bq = bk = bv = None
-    if mha.in_proj_bias is not None:
-        bq, bk, bv = mha.in_proj_bias.split(e)
-    q = split_heads(F.linear(query, wq, bq), heads)
-    k = split_heads(F.linear(tokens, wk, bk), heads)
-    v = split_heads(F.linear(tokens, wv, bv), heads)
-    o = core(q, k, v, float(e // heads) ** -0.5)
-    return mha.out_proj(merge_heads(o))
 
 
 def _pooler_forward(core: Callable):

@@ -123,7 +123,7 @@ def device_findings(source: str) -> list:
 
 #: kernel test modules whose owner converts them to the device fixture (issue 16 item 5); strict: once
 #: converted, the xfail turns into a failure until the entry is removed here.
-PENDING = {"test_kernels.py"}
+PENDING: set = set()
 
 
 def _modules():

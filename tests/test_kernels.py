@@ -22,12 +22,12 @@ from tokentm_fast.kernels import _utils
 from tokentm_fast import aggregation, fusion, transform
 
 #: the suite's device (tests/conftest.py: ``--device`` / TOKENTM_TEST_DEVICE; CPU with the interpreter by default)
-CUDA = os.environ.get("TOKENTM_TEST_DEVICE", "cpu") == "cuda"
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+DEVICE = torch.device(os.environ["TOKENTM_TEST_DEVICE"])   # set by tests/conftest.py before collection
+CUDA = DEVICE.type == "cuda"
 
 pytestmark = pytest.mark.skipif(
-    not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="no CUDA and Triton's interpreter is off (TRITON_INTERPRET=1 must be set before importing triton)",
+    not K.triton_available(os.environ["TOKENTM_TEST_DEVICE"]),
+    reason="the kernels cannot run on the suite's device (on the CPU: TRITON_INTERPRET=1 before importing triton)",
 )
 
 #: (N, B, H): non powers of two; the big N only with B = H = 1 to keep the interpreter fast.

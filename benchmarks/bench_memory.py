@@ -178,6 +178,12 @@ _EXPLAIN_COEFFS: Dict[Tuple[str, str], Dict[str, float]] = {
     ("legrad", "fast"): dict(ell_layer=1.0, ell_act=10.5, layer=0.0, act=0.0, bn2=0.0, img=1.0),
     ("raw_attention", "fast"): dict(ell_layer=2.0, ell_act=12.0, layer=0.0, act=0.0, bn2=0.0, img=1.0),
     ("attn_gradcam", "fast"): dict(ell_layer=1.75, ell_act=16.0, layer=0.0, act=0.0, bn2=0.0, img=1.0),
+    # one forward with the whole graph, one backward (docs/methods.md §6.2): not calibrated yet, GAE's
+    # coefficients (the same graph and recorded attention) with half as much again
+    ("conservative_lrp", "reference"): dict(ell_layer=3.5, ell_act=22.0, layer=4.5, act=16.5, bn2=6.0, img=6.0),
+    ("attcat", "reference"): dict(ell_layer=3.5, ell_act=22.0, layer=4.5, act=16.5, bn2=6.0, img=6.0),
+    ("conservative_lrp", "fast"): dict(ell_layer=1.5, ell_act=16.5, layer=3.0, act=9.0, bn2=0.0, img=1.5),
+    ("attcat", "fast"): dict(ell_layer=1.5, ell_act=16.5, layer=3.0, act=9.0, bn2=0.0, img=1.5),
 }
 
 RECORDED_BLOCKS = {"legrad": 2, "raw_attention": 1, "attn_gradcam": 1}

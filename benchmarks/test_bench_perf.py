@@ -45,7 +45,7 @@ import tokentm_fast as tf
 from bench_memory import explain_peak, measure_peak, step_peak
 from bench_models import literal_explain, random_images, random_vit, training_step
 
-METHODS = tuple(tf.METHODS)  # tokentm, gae, rollout, raw_attention, attn_gradcam, legrad
+METHODS = tuple(tf.METHODS)  # every registered method
 LITERAL_METHODS = ("tokentm", "gae")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ITEMSIZE = {"float32": 4, "bfloat16": 2}

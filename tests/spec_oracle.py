@@ -21,12 +21,29 @@ def _ls(module, x):
     return x if gamma is None else x * gamma
 
 
-def run_vit(model, images):
+def held_layer_norm(mod, x):
+    """LayerNorm ``mod`` with its mean and standard deviation held constant in the backward (LN-rule)."""
+    if not isinstance(mod, torch.nn.LayerNorm):
+        return mod(x)
+    mean = x.mean(-1, keepdim=True).detach()
+    var = x.var(-1, keepdim=True, unbiased=False).detach()
+    return (x - mean) / torch.sqrt(var + mod.eps) * mod.weight + mod.bias
+
+
+def run_vit(model, images, held=False):
     """Manual forward of a timm VisionTransformer in float64.
 
-    Returns (logits, per-layer list of dicts with x_in, v, attn, y, m, x_out), x0, model64.
+    ``held``: conservative propagation (docs/methods.md §10): every LayerNorm's normalisation and the
+    attention probabilities are constants of the backward.
+
+    Returns (logits, per-layer list of dicts with x_in (and x_in_graph, in the graph), v, attn, y, m, x_out),
+    x0, model64.
     """
     m = copy.deepcopy(model).double().eval()
+    if held:
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.forward = (lambda mod: lambda x: held_layer_norm(mod, x))(mod)
     for p in m.parameters():
         p.requires_grad_(False)
     x = images.double()
@@ -47,6 +64,8 @@ def run_vit(model, images):
         k = a_mod.k_norm(qkv[:, :, 1].transpose(1, 2))
         v = qkv[:, :, 2].transpose(1, 2)                                   # (B, H, N, d)
         attn = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(d), dim=-1)
+        if held:
+            attn = attn.detach()
         o = (attn @ v).transpose(1, 2).reshape(b, n, h * d)
 
         def proj(u):
@@ -57,7 +76,7 @@ def run_vit(model, images):
         mlp = _ls(blk.ls2, blk.mlp(blk.norm2(y)))
         x_out = y + mlp
         v_cat = v.transpose(1, 2).reshape(b, n, h * d).detach()
-        layers.append(dict(x_in=t.detach(), x_tilde=_ls(blk.ls1, proj(v_cat)).detach(), attn=attn,
+        layers.append(dict(x_in_graph=t, x_in=t.detach(), x_tilde=_ls(blk.ls1, proj(v_cat)).detach(), attn=attn,
                            y=y.detach(), m=mlp.detach(), x_out=x_out))
         t = x_out
     return head(m, t), layers, x0.detach(), m
@@ -137,6 +156,24 @@ def explain(model, images, method, target=None, full=False, head_fusion="gae", u
             (g,) = torch.autograd.grad(s_l, layers[l]["attn"], retain_graph=True)
             e = e + g.clamp(min=0).mean(dim=2).mean(dim=1)
         return e[:, P:]
+
+    if method == "attcat":
+        # §10: e_j = Σ_l mean_h (Aˡ_h[q, j] · Σ_{c in group h} ∇hˡ_{j,c} hˡ_{j,c}), hˡ the tokens leaving block l
+        hs = [lay["x_out"] for lay in layers]
+        grads = torch.autograd.grad(s, hs, retain_graph=True)
+        e = 0
+        for lay, h_l, g_l in zip(layers, hs, grads):
+            heads = lay["attn"].shape[1]
+            a_q = torch.einsum("bi,bhij->bhj", q, lay["attn"].detach())
+            cam = (g_l * h_l.detach()).reshape(b, n, heads, -1).sum(-1).transpose(1, 2)
+            e = e + (a_q * cam).mean(1)
+        return e[:, P:]
+    if method == "conservative_lrp":
+        # §10: gradient × input at the tokens entering block 1, attention and LayerNorm normalisation held
+        held_logits, held_layers, _, _ = run_vit(model, images, held=True)
+        leaf = held_layers[0]["x_in_graph"]
+        (g,) = torch.autograd.grad(held_logits[torch.arange(b), target].sum(), [leaf])
+        return (leaf.detach() * g).sum(-1)[:, P:]
 
     A = [lay["attn"].detach() for lay in layers]
     if method in ("raw_attention", "rollout"):

@@ -70,6 +70,10 @@ def test_every_method_runs(make_model, images, name, backend):
     assert_same(model, snap)
 
 
+#: methods whose maps are signed sums of gradient × activation terms (docs/methods.md §6.2)
+SIGNED_SUMS = ("attcat", "conservative_lrp")
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_reference_equals_torch(make_model, images, name):
     """The reference (float64, family-free) and the fast path agree for every family."""
@@ -79,6 +83,8 @@ def test_reference_equals_torch(make_model, images, name):
     head = adapt(model).head
     target = None if name in CLASSIFIERS else (lambda out: out[:, 0] - out[:, 1])
     for method in tf.METHODS:
+        if method in SIGNED_SUMS:
+            continue
         ref = tf.explain(model, x, method, backend="reference", target=target)
         fast = tf.explain(model, x, method, backend="torch", target=target)
         if method != "attn_gradcam":
@@ -86,6 +92,14 @@ def test_reference_equals_torch(make_model, images, name):
         scale = ref.abs().max().clamp_min(1e-12)
         assert ((fast - ref).abs().max() / scale) <= 1e-5, (method, head)
     assert_same(model, snap)
+    # gradient × activation maps are signed sums whose float32 cancellation depends on the model (the
+    # random DeiT's ATTCAT map is 1e-9 of its terms): compared on a float64 copy, where nothing cancels away
+    model64 = make_model(name).double()
+    for method in SIGNED_SUMS:
+        ref = tf.explain(model64, x.double(), method, backend="reference", target=target)
+        fast = tf.explain(model64, x.double(), method, backend="torch", target=target)
+        assert ref.abs().max() > 0, method
+        assert ((fast - ref).abs().max() / ref.abs().max()) <= 1e-10, (method, head)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

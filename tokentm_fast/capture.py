@@ -112,6 +112,8 @@ class LayerRecorder:
             raise ValueError("a custom attention core does not expose the attention probabilities ('attn')")
         self.records: Dict[int, LayerRecord] = {}
         self.first_input: Optional[torch.Tensor] = None
+        #: the grad-requiring input of block ``grad_from`` (set by the forward)
+        self.leaf: Optional[torch.Tensor] = None
 
     def install(self, handles: list) -> None:
         """Register the hooks and the attention core; the handles go into ``handles``."""
@@ -153,6 +155,7 @@ class LayerRecorder:
 
     def _make_leaf(self, module, args, kwargs):
         x = self.vit.block_input(args, kwargs).detach().requires_grad_(True)
+        self.leaf = x
         return self.vit.with_block_input(args, kwargs, x)
 
     def _store(self, l: int, key: str, tensor: torch.Tensor) -> None:
@@ -216,3 +219,28 @@ class PoolRecorder:
     @property
     def last(self) -> LayerRecord:
         return self.records[-1]
+
+
+def _layer_norm_held(self, x: torch.Tensor) -> torch.Tensor:
+    """``nn.LayerNorm.forward`` with the normalisation (mean and standard deviation) held constant in the
+    backward: the gradient flows through ``x − mean`` scaled by a constant ``1/σ`` (the LN-rule)."""
+    dims = tuple(range(-len(self.normalized_shape), 0))
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    mean = xf.mean(dims, keepdim=True).detach()
+    var = xf.var(dims, keepdim=True, unbiased=False).detach()
+    y = (xf - mean) / torch.sqrt(var + self.eps)
+    if self.weight is not None:
+        y = y * self.weight
+    if self.bias is not None:
+        y = y + self.bias
+    return y.to(x.dtype)
+
+
+def hold_layer_norms(vit, handles: list) -> None:
+    """Every ``nn.LayerNorm`` of the model (blocks, final norm, head) with its normalisation held constant
+    in the backward (conservative propagation's LN-rule); undone by the ``handles``."""
+    from .models.protocol import PatchedForward
+
+    for m in _model_of(vit).modules():
+        if isinstance(m, nn.LayerNorm):
+            handles.append(PatchedForward(m, _layer_norm_held))

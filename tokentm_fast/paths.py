@@ -26,7 +26,7 @@ import torch
 from . import aggregation, fusion, legrad, transform
 from .aggregation import (EngineConstants, RowState, add_update, check_layer_order, initial_rows, query_support,
                           scale_rows)
-from .capture import LayerRecorder, prepared_model
+from .capture import LayerRecorder, hold_layer_norms, prepared_model
 from .models.protocol import ViTAdapter, split_heads
 from .targets import TargetList, resolve_target, target_score
 from .transform import compute_dtype
@@ -253,6 +253,30 @@ class Materialized:
                               **(top if l == layers[-1] else {}))
         return rows
 
+    def held_input_gradients(self, vit: ViTAdapter, images: torch.Tensor, target) -> tuple:
+        """``(X⁰, [∂s/∂X⁰ per target])`` ``(B, N, D)`` with the attention probabilities (the pool's too) and
+        every LayerNorm's normalisation held constant in the backward (conservative LRP)."""
+        def held(l, q, k, v, scale):
+            return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1).detach() @ v
+
+        recorder = LayerRecorder(vit, range(vit.num_layers), grad_from=0, keys=(), core=held)
+        return _input_gradients(vit, images, target, recorder, lambda q, k, v, s: held(None, q, k, v, s))
+
+    def block_output_gradients(self, vit: ViTAdapter, images: torch.Tensor, target) -> tuple:
+        """Per layer: Xˡ ``(B, N, D)``, ``∂s/∂Xˡ`` (a list over the layers per target) and the query row of
+        Aˡ ``(B, H, N)`` (ATTCAT)."""
+        recorder = LayerRecorder(vit, range(vit.num_layers), grad_from=0, keys=("attn", "x_out"))
+        with prepared_model(vit) as handles, torch.enable_grad():
+            recorder.install(handles)
+            output = vit.forward(images)
+            recs = [recorder.records[l] for l in range(vit.num_layers)]
+            acc = compute_dtype(images)
+            n = recs[0]["attn"].shape[-1]
+            q = vit.query_vector(images.shape[0], n, dtype=acc, device=images.device)
+            a_q = [torch.einsum("bi,bhij->bhj", q, r["attn"].detach().to(acc)) for r in recs]
+            grads = _output_gradients(vit, output, target, [r["x_out"] for r in recs], acc)
+        return [r["x_out"].detach().to(acc) for r in recs], grads, a_q
+
     def block_outputs(self, vit: ViTAdapter, images: torch.Tensor, layers: Sequence[int]) -> Dict[int, torch.Tensor]:
         """``{l: Xˡ (B, N, D)}`` of ``layers`` from one forward without autograd (the model's own attention)."""
         recorder = LayerRecorder(vit, layers, keys=("x_out",))
@@ -308,6 +332,50 @@ class Materialized:
         a_q = torch.einsum("bi,bhij->bhj", q, a)
         g_q = torch.einsum("bi,bhij->bhj", q[:, cap.rows], g_rows)
         return a_q, g_q
+
+
+def _output_gradients(vit: ViTAdapter, output: torch.Tensor, target, tensors: list, acc) -> list:
+    """``[[∂s_t/∂x for x in tensors] for each target t]`` (one target: a list of one)."""
+    many = isinstance(target, TargetList)
+    targets = [resolve_target(t, output) for t in (target if many else [target])]
+    return [[g.to(acc) for g in torch.autograd.grad(target_score(output, t), tensors,
+                                                    retain_graph=k < len(targets) - 1)]
+            for k, t in enumerate(targets)]
+
+
+def _input_gradients(vit: ViTAdapter, images: torch.Tensor, target, recorder: LayerRecorder, pool_core) -> tuple:
+    """One forward with LayerNorms held (and the recorder's attention core), then ∂s/∂X⁰ per target."""
+    with prepared_model(vit) as handles, torch.enable_grad():
+        hold_layer_norms(vit, handles)
+        recorder.install(handles)
+        if vit.attention_pool is not None:
+            vit.replace_pool_attention(pool_core, handles)
+        output = vit.forward(images)
+        acc = compute_dtype(images)
+        grads = [g[0] for g in _output_gradients(vit, output, target, [recorder.leaf], acc)]
+    return recorder.leaf.detach().to(acc), grads
+
+
+class _FlashAttention(torch.autograd.Function):
+    """The flash attention forward, differentiable through the flash backward; ``hold=True`` holds the
+    attention probabilities constant (only dV flows: the softmax backward is switched off). ``keep``
+    receives (q, k, ℓ, scale) of the layer."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, attention, hold: bool, keep: dict, layer: int):
+        o, lse = attention.forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale, ctx.attention, ctx.hold = scale, attention, hold
+        keep[layer] = (q.detach(), k.detach(), lse, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv, _ = ctx.attention.backward(q, k, v, o, lse, do, ctx.scale, row=None, input_grads=True)
+        if ctx.hold:
+            dq = dk = None
+        return dq, dk, dv, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- flash
@@ -418,6 +486,37 @@ class Flash:
             s = scale * (q[:, :, :1].float() @ k.float().transpose(-1, -2))[:, :, 0]
             return torch.exp(s - lse[:, :, :1])
         return self.attention.rows(vit.query_vector(b, n, device=q.device), scale, q=q, k=k, lse=lse)
+
+    def _differentiable_core(self, hold: bool, keep: dict):
+        attention = self.attention
+
+        def core(l, q, k, v, scale):
+            return _FlashAttention.apply(q, k, v, scale, attention, hold, keep, l)
+        return core
+
+    def held_input_gradients(self, vit: ViTAdapter, images: torch.Tensor, target) -> tuple:
+        """As ``Materialized.held_input_gradients``: the flash backward with dQ = dK = 0 (no N×N tensor)."""
+        recorder = LayerRecorder(vit, range(vit.num_layers), grad_from=0, keys=(),
+                                 core=self._differentiable_core(True, {}))
+
+        def pool_core(q, k, v, scale):   # the pool: one row per latent, held constant as the blocks' attention
+            return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1).detach() @ v
+
+        return _input_gradients(vit, images, target, recorder, pool_core)
+
+    def block_output_gradients(self, vit: ViTAdapter, images: torch.Tensor, target) -> tuple:
+        """As ``Materialized.block_output_gradients``, the query rows recomputed from q, k and ℓ."""
+        keep: Dict[int, tuple] = {}
+        recorder = LayerRecorder(vit, range(vit.num_layers), grad_from=0, keys=("x_out",),
+                                 core=self._differentiable_core(False, keep))
+        with prepared_model(vit) as handles, torch.enable_grad():
+            recorder.install(handles)
+            output = vit.forward(images)
+            xs = [recorder.records[l]["x_out"] for l in range(vit.num_layers)]
+            acc = compute_dtype(images)
+            a_q = [self._query_probs(vit, *keep.pop(l)) for l in range(vit.num_layers)]
+            grads = _output_gradients(vit, output, target, xs, acc)
+        return [x.detach().to(acc) for x in xs], grads, a_q
 
     def block_outputs(self, vit: ViTAdapter, images: torch.Tensor, layers: Sequence[int]) -> Dict[int, torch.Tensor]:
         """``{l: Xˡ (B, N, D)}`` of ``layers`` from one forward without autograd (flash attention forward)."""

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .capture import LayerRecorder, PoolRecorder, prepared_model
+from .capture import LayerRecorder, PoolRecorder, hold_layer_norms, prepared_model
 from .fusion import fuse_heads
 from .methods import chosen_layers, get_method
 from .targets import CosineSimilarity, resolve_target, target_score
@@ -52,6 +52,8 @@ def explain_reference(
     vit = vit.with_model(model)
     x = images.to(torch.float64)
     L, P = vit.num_layers, vit.num_prefix_tokens
+    if method in ("attcat", "conservative_lrp"):
+        return _gradient_times_activation(vit, x, method, target)
     spec = get_method(method)
     uses_grad = spec.needs_gradients
     # first block used: start_layer where the method has it, all blocks for GAE, the last otherwise
@@ -139,6 +141,42 @@ def explain_reference(
         if full:
             return c
         return torch.einsum("bi,bij->bj", q, c)[:, P:]
+
+
+def _held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1).detach() @ v
+
+
+def _gradient_times_activation(vit: ViTAdapter, x: torch.Tensor, method: str, target) -> torch.Tensor:
+    """docs/methods.md §10 literally. conservative_lrp: Σ_d X⁰ ∂s/∂X⁰ with the attention probabilities and
+    the LayerNorms' normalisation constants of the backward; attcat: Σ_l mean_h Aˡ_h[q, j] Σ_{c in head h}
+    ∇hˡ_{j,c} hˡ_{j,c} over the tokens hˡ leaving each block."""
+    L, P, conservative = vit.num_layers, vit.num_prefix_tokens, method == "conservative_lrp"
+    core = (lambda l, q, k, v, scale: _held_attention(q, k, v, scale)) if conservative else None
+    recorder = LayerRecorder(vit, range(L), grad_from=0, core=core,
+                             keys=() if conservative else ("attn", "x_out"))
+    with prepared_model(vit) as handles, torch.enable_grad():
+        if conservative:
+            hold_layer_norms(vit, handles)
+            if vit.attention_pool is not None:
+                vit.replace_pool_attention(_held_attention, handles)
+        recorder.install(handles)
+        logits = vit.forward(x)
+        s = target_score(logits, resolve_target(target, logits))
+        if conservative:
+            (g,) = torch.autograd.grad(s, [recorder.leaf])
+            return (recorder.leaf * g).sum(-1).detach()[:, P:]
+        recs = [recorder.records[l] for l in range(L)]
+        grads = torch.autograd.grad(s, [r["x_out"] for r in recs])
+    b, n = x.shape[0], recs[0]["attn"].shape[-1]
+    q = vit.query_vector(b, n, dtype=torch.float64, device=x.device)
+    e = 0
+    for r, g in zip(recs, grads):
+        heads = r["attn"].shape[1]
+        a_q = torch.einsum("bi,bhij->bhj", q, r["attn"].detach())
+        cam = (g * r["x_out"].detach()).unflatten(-1, (heads, -1)).sum(-1).transpose(1, 2)   # (B, H, N)
+        e = e + (a_q * cam).mean(1)
+    return e[:, P:]
 
 
 def _latent0(vit: ViTAdapter, t: torch.Tensor, n: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ..fusion import GRADIENT_MODES
-from . import engine, raw, tails
+from . import engine, raw, relevance, tails
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
                checks={"neutral_prompt": tails.check_neutral_prompt,
                        "correction_threshold": tails.check_threshold},
                flash_shares_forward=True),
+    MethodSpec("conservative_lrp", relevance.conservative_lrp, flash_shares_forward=True),
+    MethodSpec("attcat", relevance.attcat, flash_shares_forward=True),
 )}
 
 METHODS: Tuple[str, ...] = tuple(REGISTRY)

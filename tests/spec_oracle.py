@@ -33,7 +33,7 @@ def held_layer_norm(mod, x):
 def run_vit(model, images, held=False):
     """Manual forward of a timm VisionTransformer in float64.
 
-    ``held``: conservative propagation (docs/methods.md §10): every LayerNorm's normalisation and the
+    ``held``: conservative propagation (docs/methods.md §6.2): every LayerNorm's normalisation and the
     attention probabilities are constants of the backward.
 
     Returns (logits, per-layer list of dicts with x_in (and x_in_graph, in the graph), v, attn, y, m, x_out),
@@ -158,7 +158,7 @@ def explain(model, images, method, target=None, full=False, head_fusion="gae", u
         return e[:, P:]
 
     if method == "attcat":
-        # §10: e_j = Σ_l mean_h (Aˡ_h[q, j] · Σ_{c in group h} ∇hˡ_{j,c} hˡ_{j,c}), hˡ the tokens leaving block l
+        # §6.2: e_j = Σ_l mean_h (Aˡ_h[q, j] · Σ_{c in group h} ∇hˡ_{j,c} hˡ_{j,c}), hˡ the tokens leaving block l
         hs = [lay["x_out"] for lay in layers]
         grads = torch.autograd.grad(s, hs, retain_graph=True)
         e = 0
@@ -169,7 +169,7 @@ def explain(model, images, method, target=None, full=False, head_fusion="gae", u
             e = e + (a_q * cam).mean(1)
         return e[:, P:]
     if method == "conservative_lrp":
-        # §10: gradient × input at the tokens entering block 1, attention and LayerNorm normalisation held
+        # §6.2: gradient × input at the tokens entering block 1, attention and LayerNorm normalisation held
         held_logits, held_layers, _, _ = run_vit(model, images, held=True)
         leaf = held_layers[0]["x_in_graph"]
         (g,) = torch.autograd.grad(held_logits[torch.arange(b), target].sum(), [leaf])

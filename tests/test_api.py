@@ -355,7 +355,7 @@ def test_unsupported_parts(make_model, images):
     post = make_model("timm_tiny", block_fn=ResPostBlock)
     with pytest.raises(ValueError, match="block 0 is a ResPostBlock"):
         tf.explain(post, images)
-    mapped = make_model("timm_tiny", global_pool="map")     # attention pools are explained (§9) ...
+    mapped = make_model("timm_tiny", global_pool="map")     # attention pools are explained (§6.1) ...
     mapped.attn_pool.pool = "avg"                            # ... from their first latent: a mean of them is not
     with pytest.raises(ValueError, match="attention pool with pool_type='avg'"):
         tf.explain(mapped, images)

@@ -1,4 +1,4 @@
-"""Attention-pool heads (tokentm_fast/methods/pool.py, docs/methods.md §6, §9) beyond the timm model that
+"""Attention-pool heads (tokentm_fast/methods/pool.py, docs/methods.md §6.1) beyond the timm model that
 tests/test_attention_pool.py checks against its literal oracle: open_clip's TimmModel wrapper (open_clip's
 SigLIP towers) and LeGrad's neutral-prompt correction."""
 from __future__ import annotations

@@ -188,7 +188,7 @@ class LayerRecorder:
 
 
 class PoolRecorder:
-    """Records the attention pool of the head (adapters with ``attention_pool``; docs/methods.md §6, §9):
+    """Records the attention pool of the head (adapters with ``attention_pool``; docs/methods.md §6.1):
     on each run of the pool, ``attn`` ``(B, H, Lq, M)`` (its attention probabilities over the M tokens it
     reads), ``values`` ``(B, M, H·d)`` and ``x_in`` ``(B, M, D)`` (the tokens it reads).
 

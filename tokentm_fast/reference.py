@@ -90,7 +90,7 @@ def explain_reference(
                 grads["pool"] = g[-1]
 
     with torch.no_grad():
-        if pooled:   # docs/methods.md §9: the row starts at the pool's first latent (over all N tokens)
+        if pooled:   # docs/methods.md §6.1: the row starts at the pool's first latent (over all N tokens)
             a_pool = _latent0(vit, pool.last["attn"], n)                   # (B, H, N)
             g_pool = _latent0(vit, grads["pool"], n) if "pool" in grads else None
             if method == "raw_attention":
@@ -148,7 +148,7 @@ def _held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 
 def _gradient_times_activation(vit: ViTAdapter, x: torch.Tensor, method: str, target) -> torch.Tensor:
-    """docs/methods.md §10 literally. conservative_lrp: Σ_d X⁰ ∂s/∂X⁰ with the attention probabilities and
+    """docs/methods.md §6.2 literally. conservative_lrp: Σ_d X⁰ ∂s/∂X⁰ with the attention probabilities and
     the LayerNorms' normalisation constants of the backward; attcat: Σ_l mean_h Aˡ_h[q, j] Σ_{c in head h}
     ∇hˡ_{j,c} hˡ_{j,c} over the tokens hˡ leaving each block."""
     L, P, conservative = vit.num_layers, vit.num_prefix_tokens, method == "conservative_lrp"

@@ -13,7 +13,7 @@ gae           gae                 1                0              I
 rollout       mean                1                −½             I
 ============  ==================  ===============  =============  ===========
 
-With an attention-pool head (``vit.attention_pool``) the rows start at the pool (docs/methods.md §9,
+With an attention-pool head (``vit.attention_pool``) the rows start at the pool (docs/methods.md §6.1,
 ``methods.pool.PoolStart``) instead of at the query row.
 
 Each function returns the explanation over the patch tokens ``(B, N−P)`` (``(B, N, N)`` with
@@ -57,7 +57,7 @@ def tokentm(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, An
 
     layers = chosen_layers(options, vit.num_layers)
     start = None
-    if vit.attention_pool is not None:   # the first row at the pool, times its transformation weights (§9)
+    if vit.attention_pool is not None:   # the first row at the pool, times its transformation weights (§6.1)
         start = PoolStart(vit, "tokentm", lambda x, x_tilde: transform_weights(x, x_tilde, **use))
     rows, first_input = path.gradient_rows(vit, images, target, layers, weigh, WEIGHT_KEYS,
                                            options["head_fusion"], full, start)

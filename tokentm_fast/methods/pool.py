@@ -1,4 +1,4 @@
-"""Models whose head is an attention pool (docs/methods.md §6 last part, §9): a learned latent query
+"""Models whose head is an attention pool (docs/methods.md §6.1): a learned latent query
 attends to the final tokens (timm ``global_pool="map"``, as in SigLIP). The explanations start at the
 pool instead of at row cls of the last block:
 
@@ -34,7 +34,7 @@ def first_latent(vit: ViTAdapter, pool_tensor: torch.Tensor, num_tokens: int) ->
 
 
 class PoolStart:
-    """The engine's first row at the attention pool (§9), for the attention paths (``tokentm_fast.paths``).
+    """The engine's first row at the attention pool (§6.1), for the attention paths (``tokentm_fast.paths``).
 
     ``kind``: ``"probs"`` (rollout: mean_h A_pool), ``"gae"`` (mean_h max(A_pool ⊙ G_pool, 0)) or
     ``"tokentm"`` (the GAE row ⊙ ``w^pool``, from ``weigh(x_in, values)``).

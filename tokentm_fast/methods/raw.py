@@ -11,7 +11,7 @@ from . import pool
 
 def raw_attention(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path,
                   full: bool = False) -> torch.Tensor:
-    """``(B, N−P)``; no gradient, no target. With an attention-pool head: mean_h A_pool[h, 0, :] (§9)."""
+    """``(B, N−P)``; no gradient, no target. With an attention-pool head: mean_h A_pool[h, 0, :] (§6.1)."""
     if vit.attention_pool is not None:
         return pool.raw_attention(vit, images, path)
     e = path.query_attention(vit, images, vit.num_layers - 1)

@@ -1,5 +1,5 @@
 """Gradient × activation baselines of the TokenTM paper: ``conservative_lrp`` and ``attcat`` (docs/methods.md
-§10). Both are one forward and one backward, O(N·D) per layer beyond what the attention path keeps.
+§6.2). Both are one forward and one backward, O(N·D) per layer beyond what the attention path keeps.
 
 - ``conservative_lrp`` (Ali et al. 2022): gradient × input at the tokens entering block 1,
   ``e_j = Σ_d X⁰_{j,d} ∂s/∂X⁰_{j,d}``, with a backward in which the attention probabilities (AH-rule) and

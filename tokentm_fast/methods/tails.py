@@ -83,7 +83,7 @@ def _legrad(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, An
 def attn_gradcam(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path,
                  full: bool = False):
     """Attention Grad-CAM of the last block: the head weights α_h are the mean gradient over the patches."""
-    if vit.attention_pool is not None:     # α and A at the pool (§9)
+    if vit.attention_pool is not None:     # α and A at the pool (§6.1)
         return pool.attn_gradcam(vit, images, target, path)
     last, prefix = vit.num_layers - 1, vit.num_prefix_tokens
     cap = path.tail_capture(vit, images, target, [last], query_layers=[last])

@@ -14,7 +14,7 @@ Supported classes (transformers 5 layout: ``q_proj/k_proj/v_proj`` and
   of its attention-pool head (``SiglipMultiheadAttentionPoolingHead``: a learned
   probe attends to the final, normalised tokens in an ``nn.MultiheadAttention``,
   then a residual LayerNorm + MLP), an embedding. No class token; the
-  explanations start at the pool's probe (docs/methods.md §6, §9). A model built
+  explanations start at the pool's probe (docs/methods.md §6.1). A model built
   with ``vision_use_head=False`` has no pooled output and is refused.
 
 Install with ``pip install "tokentm_fast[hf]"``.

@@ -10,7 +10,7 @@ CoCa's towers (``attentional_pool=True``) pool with an ``AttentionalPooler``
 instead: learned queries ``ln_q(query)`` attend to ``ln_k(X)`` over all N
 tokens (class token included) in an ``nn.MultiheadAttention``; then
 ``ln_post`` and the first latent (``pool_type="tok"``), ``@ proj``. The
-explanations start at that pool's first latent (docs/methods.md §6, §9). The
+explanations start at that pool's first latent (docs/methods.md §6.1). The
 ``attentional_pool="parallel"`` / ``"cascade"`` variants (a second, contrastive
 pool) are refused, as are ``pool_type="avg"`` / ``"none"`` after the pool.
 Install with ``pip install "tokentm_fast[clip]"``.

@@ -93,7 +93,7 @@ class ViTAdapter(abc.ABC):
     pool_include_prefix: bool = False
     #: the head's attention pool (a learned latent query attending to the final tokens: timm
     #: ``global_pool="map"``), or None; with one, ``replace_pool_attention``, ``pool_value_tokens`` and
-    #: ``pool_head`` are implemented and the explanations start at the pool (docs/methods.md §6, §9)
+    #: ``pool_head`` are implemented and the explanations start at the pool (docs/methods.md §6.1)
     attention_pool: Optional[nn.Module] = None
     num_classes: Optional[int]
     in_chans: int

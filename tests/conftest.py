@@ -139,3 +139,13 @@ def run_main(capsys):
 
     yield run
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny ops (faster, and immune to oversubscription on a busy CPU);
+    the previous count afterwards. Modules ask for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, Dict, Tuple, Union
 
+import pytest
 import torch
 from torch import nn
 
@@ -540,3 +541,19 @@ def timm_to_hf_siglip(src):
             getattr(head.mlp, name).weight.copy_(sd[f"attn_pool.mlp.{name}.weight"])
             getattr(head.mlp, name).bias.copy_(sd[f"attn_pool.mlp.{name}.bias"])
     return dst.eval()
+
+
+def _triton_runs() -> bool:
+    """Whether the Triton kernels run on the suite's device (``TOKENTM_TEST_DEVICE``, set by tests/conftest.py)."""
+    import os
+
+    try:
+        from tokentm_fast.kernels import triton_available
+    except ImportError:
+        return False
+    return triton_available(os.environ["TOKENTM_TEST_DEVICE"])
+
+
+#: the mark of tests that need the Triton kernels on the suite's device (on the CPU: the interpreter)
+triton_only = pytest.mark.skipif(not _triton_runs(), reason="Triton cannot run on the suite's device here "
+                                                            "(on the CPU: TRITON_INTERPRET=1)")

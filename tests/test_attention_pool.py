@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from typing import Callable, Dict, Tuple
 
 import pytest
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tokentm_fast as tf
-from model_families import assert_same, snapshot
+from model_families import assert_same, snapshot, triton_only
 from spec_oracle import rel_err, run_vit, weights
 
 SIZE, PATCH, WIDTH, HEADS, CLASSES = 32, 8, 48, 3, 5
@@ -49,7 +48,6 @@ TARGET = torch.tensor([1, 0])                # the classifier's explained class 
 
 Score = Callable[[torch.Tensor], torch.Tensor]   # model output (B, K) -> score (B,)
 
-_SUITE_DEVICE = os.environ.get("TOKENTM_TEST_DEVICE", "cpu")   # set by tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -322,16 +320,6 @@ def test_classifier_maps_match_the_oracle(classifier, method, backend):
     check(tf.explain(model, images, method, target=TARGET, backend=backend), e_ref)
 
 
-def _triton_runs() -> bool:
-    try:
-        from tokentm_fast.kernels import triton_available
-    except ImportError:
-        return False
-    return triton_available(_SUITE_DEVICE)
-
-
-triton_only = pytest.mark.skipif(not _triton_runs(),
-                                 reason=f"Triton cannot run on {_SUITE_DEVICE} here (cpu: TRITON_INTERPRET=1)")
 
 
 @triton_only

@@ -31,13 +31,7 @@ TINY_KWARGS_CLI = "img_size=32,patch_size=8,depth=2"
 METHODS2 = ["tokentm", "rollout"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops: one thread is faster (and immune to oversubscription on a busy CPU)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

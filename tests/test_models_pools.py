@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import pytest
 import torch
 
 import model_families as mf
 import tokentm_fast as tf
-from model_families import assert_same, snapshot
+from model_families import assert_same, snapshot, triton_only
 from spec_oracle import rel_err
 from tokentm_fast.models import adapt
 
@@ -36,19 +35,8 @@ TOL = 1e-5
 SIGLIP_TARGET = torch.tensor([18, 21])
 COCA_TARGET = torch.tensor([3, 22])
 
-_SUITE_DEVICE = os.environ.get("TOKENTM_TEST_DEVICE", "cpu")   # set by tests/conftest.py
 
 
-def _triton_runs() -> bool:
-    try:
-        from tokentm_fast.kernels import triton_available
-    except ImportError:
-        return False
-    return triton_available(_SUITE_DEVICE)
-
-
-triton_only = pytest.mark.skipif(not _triton_runs(),
-                                 reason=f"Triton cannot run on {_SUITE_DEVICE} here (cpu: TRITON_INTERPRET=1)")
 
 
 def assert_informative(e: torch.Tensor) -> None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tokentm_fast as tf
-from model_families import assert_same, snapshot, triton_only
+from model_families import assert_same, random_affine, snapshot, triton_only
 from spec_oracle import rel_err, run_vit, weights
 
 SIZE, PATCH, WIDTH, HEADS, CLASSES = 32, 8, 48, 3, 5
@@ -61,12 +61,8 @@ def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
     the pool's latent is multiplied by 3 and its q / kv weights by 8, the blocks' qkv weights by 4: timm's
     init (weights of std 0.02) leaves every attention row nearly uniform (largest probability ~0.08 for
     16 tokens); after this the largest is ~0.2."""
-    g = torch.Generator().manual_seed(seed + 100)
+    random_affine(model, seed)          # the LayerNorms (no class token here)
     with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.LayerNorm):
-                mod.weight.copy_(1.0 + 0.3 * torch.randn(mod.weight.shape, generator=g))
-                mod.bias.copy_(0.3 * torch.randn(mod.bias.shape, generator=g))
         pool = model.attn_pool
         pool.latent.mul_(3.0)
         pool.q.weight.mul_(8.0)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .maps import minmax_normalize, upsample_maps
+from .maps import minmax_normalize, patch_sums, upsample_maps
 from .methods import REGISTRY, check_method, get_method, resolve_options
 from .models import adapt
 from .multi_target import explain_targets
@@ -191,7 +191,9 @@ class Explainer:
                 f"the {self.method} explanation contains NaN or Inf: the model produced non-finite "
                 f"activations or gradients for these images"
             )
-        if not self.full:
+        if self.spec.pixel_map:        # relevance at the pixels: the patch grid sums it, upsample keeps it
+            out = out if self.upsample else patch_sums(out, (gh, gw))
+        elif not self.full:
             out = out.reshape(out.shape[0], gh, gw)
             if self.upsample:
                 out = upsample_maps(out, tuple(images.shape[-2:]))

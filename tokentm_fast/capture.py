@@ -18,7 +18,10 @@ key                   shape         meaning
 ``y``                 (B, N, D)     Yˡ
 ``mlp_out``           (B, N, D)     γ₂ ⊙ MLP(LN₂(Yˡ))
 ``x_out``             (B, N, D)     Xˡ (graph-attached)
+``q``, ``k``          (B, H, N, d)  queries and keys as the attention core gets them
 ====================  ============  ==========================================
+
+(``q`` and ``k`` only when asked for: the relevance pass reads them.)
 
 and calls ``on_layer(l, record)`` when block l has finished, so that a fast
 path can reduce the record (e.g. to the (B, N) transformation weights) and
@@ -36,7 +39,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .models.protocol import AttentionCore, ViTAdapter, merge_heads
+from .models.protocol import AttentionCore, LinearPoint, ViTAdapter, merge_heads
 
 LayerRecord = Dict[str, torch.Tensor]
 
@@ -91,6 +94,7 @@ class LayerRecorder:
     """
 
     ALL_KEYS = ("x_in", "values", "attn", "attn_out", "y", "mlp_out", "x_out")
+    CORE_KEYS = frozenset({"values", "attn", "attn_out", "q", "k"})
 
     def __init__(
         self,
@@ -131,13 +135,16 @@ class LayerRecorder:
             if "mlp_out" in self.keys:
                 handles.append(mlp_out_at.register_forward_hook(self._post(l, "mlp_out")))
             handles.append(blk.register_forward_hook(self._block_end(l)))
-        if self.keys & {"values", "attn", "attn_out"} or self.core is not None:
+        if self.keys & self.CORE_KEYS or self.core is not None:
             vit.replace_attention(self.layers, self._core, handles)
 
     # -- attention core ------------------------------------------------------
     def _core(self, l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         if "values" in self.keys:
             self._store(l, "values", merge_heads(v))
+        for key, t in (("q", q), ("k", k)):
+            if key in self.keys:
+                self._store(l, key, t)
         if self.core is not None:
             o = self.core(l, q, k, v, scale)
         else:
@@ -184,6 +191,32 @@ class LayerRecorder:
                 rec["x_out"] = self.vit.block_output(output)
             if self.on_layer is not None:
                 self.on_layer(l, rec)
+        return hook
+
+
+class PointRecorder:
+    """Records, on each forward, the tensor read at each ``LinearPoint`` (``tokentm_fast.models.protocol``):
+    a module's first input, or its output; ``values[key]`` (detached) for ``points[key]``."""
+
+    def __init__(self, points: Dict[object, LinearPoint]) -> None:
+        self.points = points
+        self.values: Dict[object, torch.Tensor] = {}
+
+    def install(self, handles: list) -> None:
+        for key, point in self.points.items():
+            if point.output:
+                handles.append(point.module.register_forward_hook(self._output(key)))
+            else:
+                handles.append(point.module.register_forward_pre_hook(self._input(key)))
+
+    def _input(self, key):
+        def hook(module, args):
+            self.values[key] = args[0].detach()
+        return hook
+
+    def _output(self, key):
+        def hook(module, args, output):
+            self.values[key] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
         return hook
 
 

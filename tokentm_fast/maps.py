@@ -20,6 +20,14 @@ def upsample_maps(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
+def patch_sums(maps: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Pixel maps ``(B, H, W)`` pooled to the patch grid ``(B, gh, gw)`` by summing each patch's pixels
+    (relevance is additive); H, W divisible by gh, gw."""
+    b, h, w = maps.shape
+    gh, gw = grid
+    return maps.reshape(b, gh, h // gh, gw, w // gw).sum(dim=(2, 4))
+
+
 def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
     """Per image ``(e − min) / (max − min)`` of ``(B, ...)`` over all but the batch dimension, in
     ``[0, 1]``; a constant image becomes zeros."""

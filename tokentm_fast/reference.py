@@ -54,6 +54,8 @@ def explain_reference(
     L, P = vit.num_layers, vit.num_prefix_tokens
     if method in ("attcat", "conservative_lrp"):
         return _gradient_times_activation(vit, x, method, target)
+    if method in ("lrp", "partial_lrp", "transformer_attribution"):
+        return _relevance_method(vit, x, method, target, options)
     spec = get_method(method)
     uses_grad = spec.needs_gradients
     # first block used: start_layer where the method has it, all blocks for GAE, the last otherwise
@@ -177,6 +179,37 @@ def _gradient_times_activation(vit: ViTAdapter, x: torch.Tensor, method: str, ta
         cam = (g * r["x_out"].detach()).unflatten(-1, (heads, -1)).sum(-1).transpose(1, 2)   # (B, H, N)
         e = e + (a_q * cam).mean(1)
     return e[:, P:]
+
+
+def _relevance_method(vit: ViTAdapter, x: torch.Tensor, method: str, target, options: Dict[str, Any]) -> torch.Tensor:
+    """docs/methods.md §6.3 with whole matrices: the relevance pass (``RelevancePass``, itself the rules
+    written out; its independent oracle is tests/lrp_oracle.py) in float64, then for
+    transformer_attribution every ∇Aˡ from one backward and the product ``Π_l (Āˡ + I)`` formed."""
+    from .methods.relevance import RelevancePass, lrp, partial_lrp
+
+    if method == "lrp":
+        return lrp(vit, x, target, options, None)
+    if method == "partial_lrp":
+        return partial_lrp(vit, x, target, options, None)
+    L, P = vit.num_layers, vit.num_prefix_tokens
+    layers = list(range(options["start_layer"], L))
+    run = RelevancePass(vit, x, layers, grads=True)
+    with prepared_model(vit) as handles, torch.enable_grad():
+        output = run.forward(handles)
+        t = resolve_target(target, output)
+        attns = [run.recorder.records[l]["attn"] for l in layers]
+        grads = torch.autograd.grad(target_score(output, t), attns)
+        y = output.detach().requires_grad_(True)
+        (r,) = torch.autograd.grad(target_score(y, t), [y])
+    with torch.no_grad():
+        r = run.head(r)
+        b, n = x.shape[0], attns[0].shape[-1]
+        c = _eye(b, n, x)
+        for l, g in zip(reversed(layers), reversed(grads)):
+            r, r_attn = run.block(l, r)
+            c = c @ ((g * r_attn).clamp(min=0).mean(1) + _eye(b, n, x))       # C = Âᴸ ⋯ Â^{k+1}, top leftmost
+        q = vit.query_vector(b, n, dtype=torch.float64, device=x.device)
+        return torch.einsum("bi,bij->bj", q, c)[:, P:]
 
 
 def _latent0(vit: ViTAdapter, t: torch.Tensor, n: int) -> torch.Tensor:

@@ -36,6 +36,9 @@ class MethodSpec:
         target_free: the map does not depend on the target (computed once for K targets).
         flash_refuses: option values the flash path cannot serve → the reason (the entry's message).
         flash_shares_forward: on the flash path, K targets share one forward (the others: one call each).
+        materialized_only: why the flash path cannot serve the method at all (None: it can).
+        pixel_map: the method's map is at the pixels ``(B, H, W)``; the patch grid is its sum over each
+            patch (``tokentm_fast.maps.patch_sums``), ``upsample=True`` returns the pixels themselves.
     """
 
     name: str
@@ -51,11 +54,20 @@ class MethodSpec:
     target_free: bool = False
     flash_refuses: Mapping[Tuple[str, Any], str] = field(default_factory=dict)
     flash_shares_forward: bool = False
+    materialized_only: Optional[str] = None
+    pixel_map: bool = False
 
     def flash_refusal(self, options: Mapping[str, Any]) -> Optional[str]:
         """Why the flash path cannot serve these (resolved) options, or None."""
+        if self.materialized_only is not None:
+            return self.materialized_only
         return next((why for (name, value), why in self.flash_refuses.items() if options.get(name) == value), None)
 
+
+#: the relevance pass's rule sets (docs/methods.md §6.3)
+RULES = ("ours", "classic")
+_RELEVANCE_PASS = ("the LRP relevance pass reads each layer's attention probabilities as a tensor (one layer at "
+                   "a time), which the flash path does not form")
 
 REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec(
@@ -82,6 +94,12 @@ REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
                flash_shares_forward=True),
     MethodSpec("conservative_lrp", relevance.conservative_lrp, flash_shares_forward=True),
     MethodSpec("attcat", relevance.attcat, flash_shares_forward=True),
+    MethodSpec("lrp", relevance.lrp, defaults={"rules": "ours"}, choices={"rules": RULES},
+               materialized_only=_RELEVANCE_PASS, pixel_map=True),
+    MethodSpec("partial_lrp", relevance.partial_lrp, defaults={"rules": "ours"}, choices={"rules": RULES},
+               materialized_only=_RELEVANCE_PASS),
+    MethodSpec("transformer_attribution", relevance.transformer_attribution, defaults={"start_layer": 0},
+               layer_choice=False, materialized_only=_RELEVANCE_PASS),
 )}
 
 METHODS: Tuple[str, ...] = tuple(REGISTRY)

@@ -8,16 +8,27 @@
   split into the H heads' groups: ``e_j = Σ_l mean_h (Aˡ_h[q, j] · Σ_{c ∈ group h} ∇hˡ_{j,c} hˡ_{j,c})``, with
   Aˡ_h[q, :] the query row (row cls; without a class token the mean over the pooled rows).
 
-Each returns ``(B, N−P)`` (a list over the targets for a ``TargetList``).
+The LRP family (docs/methods.md §6.3; Chefer et al. 2021's rules, ``tokentm_fast.lrp_rules``): one forward
+records what the rules read (``RelevancePass``), then the relevance runs top-down from ``∂s/∂y`` at the output:
+
+- ``lrp``: down to the pixels, summed over the colour channels, ``(B, H, W)``;
+- ``partial_lrp``: ``mean_h max(R^{A_L}, 0)`` on the query row;
+- ``transformer_attribution``: ``Āˡ = mean_h max(∇Aˡ ⊙ R^{Aˡ}, 0)``, ``C = Π_l (Āˡ + I)`` from ``start_layer``.
+
+Each returns ``(B, N−P)`` (``lrp``: ``(B, H, W)``; a list over the targets for a ``TargetList``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 
-from ..models.protocol import ViTAdapter
-from ..targets import TargetList
+from .. import lrp_rules
+from ..aggregation import check_layer_order, query_support
+from ..capture import LayerRecorder, PointRecorder, prepared_model
+from ..models.protocol import LinearPoint, ViTAdapter, merge_heads, no_relevance_pass, split_heads
+from ..targets import TargetList, resolve_target, target_score
+from ..transform import compute_dtype
 
 
 def conservative_lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path,
@@ -40,3 +51,191 @@ def attcat(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any
 
     maps = [reduce(g) for g in grads]
     return maps if isinstance(target, TargetList) else maps[0]
+
+
+# --------------------------------------------------------------------------- the LRP relevance pass
+class RelevancePass:
+    """One forward's tensors and the relevance rules applied to them top-down (docs/methods.md §6.3).
+
+    The forward records, for each block in ``layers``, its input, queries, keys, values, attention
+    probabilities, the attention branch and the MLP branch, and the inputs of its four linear maps
+    (``vit.relevance_linears``); the head's linear inputs (``vit.head_linears``); with ``pixels`` the
+    patch embedding's input and output and the tokens after the position embedding
+    (``vit.embedding_points``). ``grads``: the attention probabilities stay in the graph (block
+    ``layers[0]``'s input is the leaf) for ∇Aˡ. Nothing of the model is copied.
+    """
+
+    def __init__(self, vit: ViTAdapter, images: torch.Tensor, layers: Sequence[int], rules: str = "ours",
+                 grads: bool = False, pixels: bool = False) -> None:
+        if vit.attention_pool is not None:
+            raise no_relevance_pass("attention-pool heads (the rules of docs/methods.md §6.3 start at a class "
+                                    "token or a mean pooling)")
+        self.vit, self.images, self.layers, self.rules = vit, images, list(layers), rules
+        self.acc = compute_dtype(images)
+        head = vit.head_linears()
+        points: Dict[Any, LinearPoint] = {("head", i): p for i, p in enumerate(head)}
+        for l in self.layers:
+            lin = vit.relevance_linears(l)
+            points.update({(l, name): getattr(lin, name) for name in ("qkv", "proj", "fc1", "fc2")})
+        if pixels:
+            emb = vit.embedding_points()
+            self.embedding = emb
+            points.update({"conv_in": LinearPoint(emb.conv, emb.conv.weight),
+                           "conv_out": LinearPoint(emb.conv, emb.conv.weight, output=True),
+                           "tokens": emb.tokens})
+        self.num_head = len(head)
+        self.head_weights = [p.weight for p in head]
+        self.weights = {key: p.weight for key, p in points.items()}
+        keys = ("x_in", "q", "k", "values", "attn", "attn_out", "y", "mlp_out")
+        self.recorder = LayerRecorder(vit, self.layers, grad_from=self.layers[0] if grads else None, keys=keys)
+        self.points = PointRecorder(points)
+        self.handles: list = []
+
+    def forward(self, handles: list) -> torch.Tensor:
+        """Install the recorders (undone by ``handles``) and run the model; its output ``(B, K)``."""
+        self.recorder.install(handles)
+        self.points.install(handles)
+        output = self.vit.forward(self.images)
+        if "conv_in" in self.points.values and self.points.values["conv_in"].shape != self.images.shape:
+            raise no_relevance_pass("this patch embedding: its convolution does not read the pixels")
+        return output
+
+    def _value(self, key) -> torch.Tensor:
+        return self.points.values[key].to(self.acc)
+
+    def head(self, r_out: torch.Tensor) -> torch.Tensor:
+        """Relevance at the last block's output ``(B, N, D)`` from ``r_out`` ``(B, K)`` at the model output."""
+        vit, r = self.vit, r_out.to(self.acc)
+        inputs = []
+        for i in range(self.num_head):
+            x = self._value(("head", i))
+            inputs.append(vit.pool_tokens(x) if x.dim() == 3 else x)
+        for x, w in zip(reversed(inputs), reversed(self.head_weights)):
+            r = lrp_rules.linear(x, w, r, self.rules)
+        rec = self.recorder.records[self.layers[-1]]
+        tokens = (rec["y"] + rec["mlp_out"]).to(self.acc)          # the last block's output, which the head pools
+        if vit.pooling == "token":
+            pooled = inputs[0] if inputs else r_out.to(self.acc)
+            return lrp_rules.select_row(pooled, r, tokens.shape[1])
+        return lrp_rules.mean_rows(tokens, r, vit.pooled_rows(tokens.shape[1]))
+
+    def block(self, l: int, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Block l: relevance at its input ``(B, N, D)`` and at its attention probabilities ``(B, H, N, N)``
+        from the relevance ``r`` at its output."""
+        rec, vit, acc, rules = self.recorder.records[l], self.vit, self.acc, self.rules
+        heads = vit.num_heads
+        x_in, y, m = (rec[key].to(acc) for key in ("x_in", "y", "mlp_out"))
+        q, k = rec["q"].to(acc), rec["k"].to(acc)
+        v = split_heads(rec["values"].to(acc), heads)
+        attn = rec["attn"].detach().to(acc)
+        with torch.no_grad():
+            a = vit.attn_output(l, rec["attn_out"]).to(acc)
+        w = {name: self.weights[(l, name)] for name in ("qkv", "proj", "fc1", "fc2")}
+        r_y, r_m = lrp_rules.add(y, m, r, rules)
+        r_hidden = lrp_rules.linear(self._value((l, "fc2")), w["fc2"], r_m, rules)
+        r_norm2 = lrp_rules.linear(self._value((l, "fc1")), w["fc1"], r_hidden, rules)
+        r_x, r_a = lrp_rules.add(x_in, a, lrp_rules.clone(y, r_y, r_norm2), rules)
+        r_o = split_heads(lrp_rules.linear(self._value((l, "proj")), w["proj"], r_a, rules), heads)
+        r_attn, r_v = lrp_rules.product(attn, v, r_o)
+        r_q, r_kt = lrp_rules.product(q, k.transpose(-1, -2), r_attn)
+        r_qkv = torch.cat([merge_heads(r_q), merge_heads(r_kt.transpose(-1, -2)), merge_heads(r_v)], dim=-1)
+        r_norm1 = lrp_rules.linear(self._value((l, "qkv")), w["qkv"], r_qkv, rules)
+        return lrp_rules.clone(x_in, r_x, r_norm1), r_attn
+
+    def pixels(self, r0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Relevance at the pixels summed over the colour channels ``(B, H, W)`` from ``r0`` at the first
+        block's input, and what the position embedding and the prefix tokens keep (``(B,)`` each)."""
+        emb, prefix = self.embedding, self.vit.num_prefix_tokens
+        z = self._value("tokens")
+        patches = self._value("conv_out")                                      # (B, D, gh, gw)
+        b = z.shape[0]
+        e = torch.cat([emb.prefix.to(self.acc).expand(b, -1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
+        r_e, r_pos = lrp_rules.add(e, z - e, r0, self.rules)
+        r_patch = r_e[:, prefix:].transpose(1, 2).reshape(patches.shape)
+        r_pixels = lrp_rules.patch_embedding(self.images.to(self.acc), emb.conv, r_patch)
+        shares = {"position": r_pos.sum((1, 2)), "prefix": r_e[:, :prefix].sum((1, 2))}
+        return r_pixels.sum(1), shares
+
+
+def _output_relevances(output: torch.Tensor, target) -> list:
+    """The relevance at the model output per target: ``∂s/∂y`` (a class target: ``one_hot``, the authors'
+    start; a score function: its gradient)."""
+    many = isinstance(target, TargetList)
+    y = output.detach().requires_grad_(True)
+    with torch.enable_grad():
+        return [torch.autograd.grad(target_score(y, resolve_target(t, y)), [y])[0]
+                for t in (target if many else [target])]
+
+
+def _finish_rows(vit: ViTAdapter, e: torch.Tensor) -> torch.Tensor:
+    return e[:, vit.num_prefix_tokens:]
+
+
+def lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
+    """Full LRP: the relevance pass down to the pixels, summed over the colour channels, ``(B, H, W)``."""
+    run = RelevancePass(vit, images, range(vit.num_layers), options["rules"], pixels=True)
+    with prepared_model(vit) as handles, torch.no_grad():
+        output = run.forward(handles)
+        maps = []
+        for r_out in _output_relevances(output, target):
+            r = run.head(r_out)
+            for l in reversed(run.layers):
+                r, _ = run.block(l, r)
+            maps.append(run.pixels(r)[0])
+    return maps if isinstance(target, TargetList) else maps[0]
+
+
+def partial_lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
+    """Partial LRP: ``e = mean_h max(R^{A_L}, 0)`` on the query row."""
+    top = vit.num_layers - 1
+    run = RelevancePass(vit, images, [top], options["rules"])
+    with prepared_model(vit) as handles, torch.no_grad():
+        output = run.forward(handles)
+        maps = []
+        for r_out in _output_relevances(output, target):
+            _, r_attn = run.block(top, run.head(r_out))
+            fused = r_attn.clamp(min=0).mean(1)                                     # (B, N, N)
+            q = vit.query_vector(fused.shape[0], fused.shape[-1], dtype=fused.dtype, device=fused.device)
+            maps.append(_finish_rows(vit, torch.einsum("bi,bij->bj", q, fused)))
+    return maps if isinstance(target, TargetList) else maps[0]
+
+
+def transformer_attribution(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path,
+                            full: bool = False):
+    """Transformer Attribution: ``Āˡ = mean_h max(∇Aˡ ⊙ R^{Aˡ}, 0)``, ``C = Π (Āˡ + I)`` over the blocks from
+    ``start_layer`` (no row normalisation): GAE's row update with R^{Aˡ} in place of Aˡ, run inside the
+    backward pass as each ∇Aˡ arrives, the relevance pass one block ahead of it."""
+    layers = list(range(options["start_layer"], vit.num_layers))
+    top = layers[-1]
+    run = RelevancePass(vit, images, layers, "ours", grads=True)
+    update = path.kernels.row_update
+    state: Dict[str, Any] = {}
+
+    def layer_hook(l: int):
+        def hook(grad: torch.Tensor) -> None:
+            check_layer_order(l, state["next"])
+            with torch.no_grad():
+                state["r"], r_attn = run.block(l, state["r"])
+                support = {"support": query_support(vit.query_vector(1, r_attn.shape[-1]))} if l == top else {}
+                state["rows"] = update(state["rows"], r_attn, grad.to(run.acc), 1.0, 0.0, mode="gae", **support)
+            state["next"] = l - 1 if l > layers[0] else None
+        return hook
+
+    with prepared_model(vit) as handles, torch.enable_grad():
+        output = run.forward(handles)
+        recs = run.recorder.records
+        for l in layers:
+            recs[l]["attn"].register_hook(layer_hook(l))
+        many = isinstance(target, TargetList)
+        targets = [resolve_target(t, output) for t in (target if many else [target])]
+        leaf = recs[layers[0]]["attn"]
+        b, n = output.shape[0], leaf.shape[-1]
+        maps = []
+        for i, (t, r_out) in enumerate(zip(targets, _output_relevances(output, target))):
+            with torch.no_grad():
+                state.update(r=run.head(r_out), next=top,
+                             rows=vit.query_vector(b, n, dtype=run.acc, device=images.device)[:, None])
+            torch.autograd.grad(target_score(output, t), [leaf], retain_graph=i < len(targets) - 1)
+            maps.append(_finish_rows(vit, state["rows"][:, 0]))
+    return maps if many else maps[0]
+

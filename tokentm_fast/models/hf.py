@@ -21,13 +21,14 @@ Install with ``pip install "tokentm_fast[hf]"``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ._mha import check_mha, mha_cross_attention
-from .protocol import AttentionCore, PatchedForward, ViTAdapter
+from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, ViTAdapter,
+                       linear_point, no_relevance_pass)
 
 
 def hf_classes():
@@ -221,6 +222,35 @@ class HFViT(ViTAdapter):
     def pool_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pooling head on ``tokens (B, N, D)`` (no ``post_layernorm`` before it: §6): the probe's row."""
         return self.attention_pool(tokens)
+
+    # -- the relevance pass ------------------------------------------------------
+    def relevance_linears(self, l: int) -> BlockLinears:
+        blk = self.blocks[l]
+        attn, mlp = getattr(blk, self._attn), getattr(blk, self._mlp)
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        return BlockLinears(LinearPoint(attn.q_proj, qkv), linear_point(getattr(attn, self._out_name)),
+                            linear_point(mlp.fc1), linear_point(mlp.fc2))
+
+    def head_linears(self) -> List[LinearPoint]:
+        m, kind = self.model, self.kind
+        if kind == "deit_teacher":
+            raise no_relevance_pass("a distilled model's two classifier heads")
+        if kind in ("vit_cls", "deit_cls"):
+            return [linear_point(m.classifier)]
+        if kind == "clip_proj":
+            return [linear_point(m.visual_projection)]
+        if not self.clip and self.base.pooler is not None:
+            return [linear_point(self.base.pooler.dense)]
+        return []
+
+    def embedding_points(self) -> EmbeddingPoints:
+        emb = self.base.embeddings
+        if self.clip:
+            return EmbeddingPoints(emb.patch_embedding, LinearPoint(self.base.pre_layrnorm, emb.patch_embedding.weight),
+                                   emb.class_embedding[None])
+        conv = emb.patch_embeddings.projection
+        prefix = [emb.cls_token[0]] + ([emb.distillation_token[0]] if hasattr(emb, "distillation_token") else [])
+        return EmbeddingPoints(conv, LinearPoint(emb, conv.weight, output=True), torch.cat(prefix))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=images)

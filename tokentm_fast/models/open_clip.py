@@ -17,13 +17,14 @@ Install with ``pip install "tokentm_fast[clip]"``.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ._mha import check_mha, check_pool_mha, mha_cross_attention, mha_forward
-from .protocol import AttentionCore, PatchedForward, ViTAdapter
+from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, ViTAdapter,
+                       linear_point)
 
 POOL_TYPES = {"tok": "token", "avg": "avg"}
 
@@ -168,6 +169,20 @@ class OpenClipViT(ViTAdapter):
     def pool_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pool on ``tokens (B, N, width)``, its first latent, ``@ proj`` (no ``ln_post``: §6)."""
         return self._project(self.attention_pool(tokens)[:, 0])
+
+    # -- the relevance pass ------------------------------------------------------
+    def relevance_linears(self, l: int) -> BlockLinears:
+        blk = self.blocks[l]
+        return BlockLinears(LinearPoint(blk.ln_1, blk.attn.in_proj_weight, output=True),
+                            linear_point(blk.attn.out_proj), linear_point(blk.mlp.c_fc), linear_point(blk.mlp.c_proj))
+
+    def head_linears(self) -> List[LinearPoint]:
+        proj = self.model.proj
+        return [] if proj is None else [LinearPoint(self.model.ln_post, proj.t(), output=True)]
+
+    def embedding_points(self) -> EmbeddingPoints:
+        m = self.model
+        return EmbeddingPoints(m.conv1, LinearPoint(m.patch_dropout, m.conv1.weight), m.class_embedding[None])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(images)

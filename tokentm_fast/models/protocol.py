@@ -23,6 +23,9 @@ adapter provides exactly that:
 ``check_image_size(h, w)``            the patch grid (gh, gw) of an accepted image size
 ====================================  =========================================================
 
+and, for the relevance pass of the LRP family (docs/methods.md §6.3), where the block's linear
+layers read their inputs: ``relevance_linears(l)``, ``head_linears()`` and ``embedding_points()``.
+
 plus the token layout (``num_prefix_tokens``, ``has_class_token``,
 ``pooling``) and ``num_classes`` (``None`` when the output is an embedding).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import types
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,6 +43,41 @@ from torch import nn
 AttentionCore = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 _MISSING = object()
+
+
+@dataclass(frozen=True)
+class LinearPoint:
+    """A linear map ``z = W x (+ b)`` of the model and where its input ``x`` can be read.
+
+    ``module``: a module whose first input (``output=False``) or output (``output=True``) is ``x``
+    ``(B, N, in)`` or ``(B, in)``; ``weight``: ``W (out, in)``.
+    """
+
+    module: nn.Module
+    weight: torch.Tensor
+    output: bool = False
+
+
+@dataclass(frozen=True)
+class BlockLinears:
+    """The linear maps of a pre-norm block: ``qkv`` (weight ``(3·H·d, D)``, rows ordered q | k | v, each
+    ``(H, d)`` head-major), ``proj`` ``(D, H·d)``, ``fc1`` ``(F, D)``, ``fc2`` ``(D, F)``."""
+
+    qkv: LinearPoint
+    proj: LinearPoint
+    fc1: LinearPoint
+    fc2: LinearPoint
+
+
+@dataclass(frozen=True)
+class EmbeddingPoints:
+    """The token embedding: ``conv`` the patch embedding on the pixels (kernel = stride = patch),
+    ``tokens`` where the tokens after the position embedding ``(B, N, D)`` can be read (its ``weight`` is
+    unused), ``prefix`` the learned prefix tokens ``(P, D)`` in the order they are concatenated."""
+
+    conv: nn.Conv2d
+    tokens: LinearPoint
+    prefix: torch.Tensor
 
 
 class PatchedForward:
@@ -57,6 +96,16 @@ class PatchedForward:
         else:
             self.module.forward = self.previous
         self.module = None
+
+
+def no_relevance_pass(what: str) -> ValueError:
+    """The error of a model part the LRP relevance pass (docs/methods.md §6.3) does not cover."""
+    return ValueError(f"the LRP relevance pass (lrp, partial_lrp, transformer_attribution) does not cover {what}")
+
+
+def linear_point(module: nn.Module) -> LinearPoint:
+    """The point of an ``nn.Linear`` (its input, its weight)."""
+    return LinearPoint(module, module.weight)
 
 
 def merge_heads(o: torch.Tensor) -> torch.Tensor:
@@ -161,6 +210,27 @@ class ViTAdapter(abc.ABC):
     def pool_columns(self, num_tokens: int) -> slice:
         """The tokens the attention pool reads (all, or the patch tokens without the prefix)."""
         return slice(0 if self.pool_include_prefix else self.num_prefix_tokens, num_tokens)
+
+    # -- the relevance pass (LRP family, docs/methods.md §6.3) ---------------------
+    def relevance_linears(self, l: int) -> BlockLinears:
+        """Block l's linear maps and where their inputs are read (``BlockLinears``)."""
+        raise NotImplementedError(f"the {self.family} adapter has no relevance pass")
+
+    def head_linears(self) -> List[LinearPoint]:
+        """The head's linear maps after its token pooling, in forward order (empty when the output is the
+        pooled vector). A point whose input is read as tokens ``(B, N, D)`` is pooled by ``pool_tokens``."""
+        raise NotImplementedError(f"the {self.family} adapter has no relevance pass")
+
+    def embedding_points(self) -> EmbeddingPoints:
+        """The patch embedding, the tokens after the position embedding and the prefix tokens."""
+        raise NotImplementedError(f"the {self.family} adapter has no relevance pass")
+
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The head's token pooling of ``(B, N, D)`` tokens → ``(B, D)`` (class token, or the mean of the
+        pooled rows)."""
+        if self.pooling == "token":
+            return tokens[:, 0]
+        return tokens[:, self.pooled_rows(tokens.shape[1])].mean(1)
 
     # -- shared ----------------------------------------------------------------
     def with_model(self, model: nn.Module) -> "ViTAdapter":

@@ -8,12 +8,13 @@ before ``proj``). Patch embeddings: ``PatchEmbed`` or a CNN ``HybridEmbed``
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .protocol import AttentionCore, PatchedForward, ViTAdapter
+from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, ViTAdapter,
+                       linear_point, no_relevance_pass)
 
 SUPPORTED_POOLING = ("token", "avg", "map")
 
@@ -161,6 +162,36 @@ class TimmViT(ViTAdapter):
             return (m.head(z) + m.head_dist(z)) / 2
         return m.head(z)
 
+    # -- the relevance pass ------------------------------------------------------
+    def relevance_linears(self, l: int) -> BlockLinears:
+        from timm.layers import Mlp
+
+        blk = self.blocks[l]
+        if type(blk.mlp) is not Mlp:
+            raise no_relevance_pass(f"block {l}'s MLP, a {type(blk.mlp).__name__} (only timm's two-layer `Mlp`: "
+                                    f"fc1, activation, fc2)")
+        attn = blk.attn
+        return BlockLinears(linear_point(attn.qkv), linear_point(attn.proj), linear_point(blk.mlp.fc1),
+                            linear_point(blk.mlp.fc2))
+
+    def head_linears(self) -> List[LinearPoint]:
+        m = self.trunk
+        if getattr(m, "head_dist", None) is not None:
+            raise no_relevance_pass("a distilled model's two classifier heads")
+        return [linear_point(m.head)] if isinstance(m.head, nn.Linear) else []
+
+    def embedding_points(self) -> EmbeddingPoints:
+        m = self.trunk
+        pe = m.patch_embed
+        conv = getattr(pe, "proj", None)
+        if not isinstance(conv, nn.Conv2d) or hasattr(pe, "backbone") or not isinstance(pe.norm, nn.Identity):
+            raise no_relevance_pass(f"this patch embedding ({type(pe).__name__}): lrp needs one convolution on "
+                                    f"the pixels, without a norm after it")
+        prefix = [t[0] for t in (m.cls_token, getattr(m, "dist_token", None), m.reg_token) if t is not None]
+        width = conv.out_channels
+        prefix = torch.cat(prefix) if prefix else conv.weight.new_zeros(0, width)
+        return EmbeddingPoints(conv, LinearPoint(m.norm_pre, conv.weight), prefix)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
@@ -203,6 +234,10 @@ class OpenClipTimmViT(TimmViT):
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.head(super().head(tokens))
+
+    def head_linears(self) -> List[LinearPoint]:
+        return super().head_linears() + [linear_point(p) for p in self.model.head.children()
+                                         if isinstance(p, nn.Linear)]
 
     def pool_head(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.head(super().pool_head(tokens))

@@ -6,13 +6,14 @@
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ._mha import check_mha, mha_forward
-from .protocol import AttentionCore, PatchedForward, ViTAdapter
+from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, ViTAdapter,
+                       linear_point)
 
 
 def torchvision_classes():
@@ -68,6 +69,20 @@ class TorchvisionViT(ViTAdapter):
 
     def pooled_head(self, v: torch.Tensor) -> torch.Tensor:
         return self.model.heads(self.model.encoder.ln(v))
+
+    # -- the relevance pass ------------------------------------------------------
+    def relevance_linears(self, l: int) -> BlockLinears:
+        blk = self.blocks[l]
+        sa = blk.self_attention
+        return BlockLinears(LinearPoint(blk.ln_1, sa.in_proj_weight, output=True), linear_point(sa.out_proj),
+                            linear_point(blk.mlp[0]), linear_point(blk.mlp[3]))
+
+    def head_linears(self) -> List[LinearPoint]:
+        return [linear_point(m) for m in self.model.heads if isinstance(m, nn.Linear)]
+
+    def embedding_points(self) -> EmbeddingPoints:
+        m = self.model
+        return EmbeddingPoints(m.conv_proj, LinearPoint(m.encoder.dropout, m.conv_proj.weight), m.class_token[0])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

@@ -1,0 +1,118 @@
+"""The LRP rules of the relevance pass (docs/methods.md §6.3), on plain tensors.
+
+Each rule maps the relevance ``r`` at an operation's output to the relevance at its inputs, given the
+forward values. Dimension 0 is the image: every sum a rule takes (the residual rescaling) is per image.
+The rules are those of Chefer et al.'s ``layers_ours.py`` (the spec's default); ``rules="classic"`` (their
+older ``layers_lrp.py``) changes two of them, see ``linear`` and ``add``.
+
+==================  ===========================================================================
+operation           rule
+==================  ===========================================================================
+linear ``W x + b``  α=1, β=0: ``x⁺ ⊙ W⁺ᵀ s + x⁻ ⊙ W⁻ᵀ s``, ``s = r / (W⁺x⁺ + W⁻x⁻)`` (bias left out)
+``a + b``           z-rule shares ``a ⊙ r/z``, ``b ⊙ r/z``, rescaled per image to ``|Σa| : |Σb|`` and ``Σr``
+``a · b`` (matmul)  z-rule over both operands (each receives all of ``r``), halved
+clone (x used 2×)   ``x ⊙ (r₁/x + r₂/x)``
+row selection       ``x ⊙ r/x`` on the selected row
+mean over rows      ``x_j ⊙ (r / mean x) / n``
+patch embedding     zβ with each image's lowest / highest pixel value as the bounds
+norms, activations  relevance unchanged
+==================  ===========================================================================
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: the authors' stabiliser
+STABILISER = 1e-9
+
+
+def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / (b + 1e-9)``, and 0 where ``b == 0`` (the authors' stabiliser, exactly)."""
+    den = b.clamp(min=STABILISER) + b.clamp(max=STABILISER)
+    den = den + den.eq(0).to(den.dtype) * STABILISER
+    return a / den * b.ne(0).to(b.dtype)
+
+
+def _per_image_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(dim=tuple(range(1, t.dim())), keepdim=True)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, rules: str = "ours") -> torch.Tensor:
+    """Relevance at the input ``x (..., in)`` of ``z = W x + b`` (``W (out, in)``) from ``r (..., out)``.
+
+    ``"ours"``: positive and negative inputs share one denominator ``W⁺x⁺ + W⁻x⁻``; ``"classic"``: the
+    α=1, β=0 rule with its own denominator per part, ``x⁺ ⊙ W⁺ᵀ (r / W⁺x⁺) + x⁻ ⊙ W⁻ᵀ (r / W⁻x⁻)``.
+    """
+    w = weight.to(x.dtype)
+    pw, nw = w.clamp(min=0), w.clamp(max=0)
+    px, nx = x.clamp(min=0), x.clamp(max=0)
+    z1, z2 = px @ pw.t(), nx @ nw.t()
+    if rules == "classic":
+        return px * (safe_divide(r, z1) @ pw) + nx * (safe_divide(r, z2) @ nw)
+    s = safe_divide(r, z1 + z2)
+    return px * (s @ pw) + nx * (s @ nw)
+
+
+def add(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, rules: str = "ours") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Relevance at the operands of ``a + b`` (``b`` may broadcast against ``a``).
+
+    ``"ours"``: the z-rule shares rescaled per image so that their sums keep the ratio ``|Σa| : |Σb|``
+    and add up to ``Σr`` (conservation); ``"classic"``: the z-rule shares as they are.
+    """
+    b = b.expand_as(a)
+    s = safe_divide(r, a + b)
+    ra, rb = a * s, b * s
+    if rules == "classic":
+        return ra, rb
+    sa, sb, total = _per_image_sum(ra), _per_image_sum(rb), _per_image_sum(r)
+    fa = safe_divide(sa.abs(), sa.abs() + sb.abs()) * total
+    fb = safe_divide(sb.abs(), sa.abs() + sb.abs()) * total
+    return ra * safe_divide(fa, sa), rb * safe_divide(fb, sb)
+
+
+def product(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Relevance at the operands of the matrix product ``z = a @ b`` (batched) from ``r`` (like z): the
+    z-rule over both operands (``a ⊙ (s bᵀ)``, ``b ⊙ (aᵀ s)``, ``s = r / z``), each halved."""
+    s = safe_divide(r, a @ b)
+    return a * (s @ b.transpose(-1, -2)) / 2, b * (a.transpose(-1, -2) @ s) / 2
+
+
+def clone(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """Relevance at ``x`` used twice (the residual and its branch): ``x ⊙ (r₁/x + r₂/x)``."""
+    return x * (safe_divide(r1, x) + safe_divide(r2, x))
+
+
+def select_row(x: torch.Tensor, r: torch.Tensor, num_tokens: int, row: int = 0) -> torch.Tensor:
+    """Relevance at tokens ``(B, N, D)`` from ``r (B, D)`` at the selected ``row`` (its value ``x (B, D)``)."""
+    out = r.new_zeros(r.shape[0], num_tokens, r.shape[-1])
+    out[:, row] = x * safe_divide(r, x)
+    return out
+
+
+def mean_rows(x: torch.Tensor, r: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Relevance at tokens ``x (B, N, D)`` from ``r (B, D)`` at their mean over ``rows``."""
+    picked = x[:, rows]
+    out = torch.zeros_like(x)
+    out[:, rows] = picked * safe_divide(r, picked.mean(1))[:, None] / picked.shape[1]
+    return out
+
+
+def patch_embedding(images: torch.Tensor, conv: nn.Conv2d, r: torch.Tensor) -> torch.Tensor:
+    """zβ rule at the pixels ``(B, C, H, W)`` from ``r (B, D, gh, gw)`` at the convolution's output (bias
+    left out), with each image's lowest and highest pixel value as the bounds."""
+    w = conv.weight.to(images.dtype)
+    pw, nw = w.clamp(min=0), w.clamp(max=0)
+    low = images.amin(dim=(1, 2, 3), keepdim=True).expand_as(images)
+    high = images.amax(dim=(1, 2, 3), keepdim=True).expand_as(images)
+    kw = dict(stride=conv.stride, padding=conv.padding)
+    z = F.conv2d(images, w, **kw) - F.conv2d(low, pw, **kw) - F.conv2d(high, nw, **kw) + STABILISER
+    s = r / z
+
+    def back(weight):
+        return torch.nn.grad.conv2d_input(images.shape, weight, s, **kw)
+
+    return images * back(w) - low * back(pw) - high * back(nw)

@@ -58,7 +58,7 @@ def test_training_step_is_the_timm_default_step(vit, monkeypatch):
 def test_perf_suite_runs_every_method():
     import test_bench_perf
 
-    assert set(test_bench_perf.METHODS) == set(tf.METHODS) and len(tf.METHODS) == 8
+    assert set(test_bench_perf.METHODS) == set(tf.METHODS) and len(tf.METHODS) == 11
 
 
 def _bench(case, n, kind, median, peak, method="", backend="", attention="", first=None):

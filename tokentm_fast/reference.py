@@ -185,7 +185,7 @@ def _relevance_method(vit: ViTAdapter, x: torch.Tensor, method: str, target, opt
     """docs/methods.md §6.3 with whole matrices: the relevance pass (``RelevancePass``, itself the rules
     written out; its independent oracle is tests/lrp_oracle.py) in float64, then for
     transformer_attribution every ∇Aˡ from one backward and the product ``Π_l (Āˡ + I)`` formed."""
-    from .methods.relevance import RelevancePass, lrp, partial_lrp
+    from .methods.relevance import RelevancePass, head_rows, lrp, partial_lrp
 
     if method == "lrp":
         return lrp(vit, x, target, options, None)
@@ -208,8 +208,7 @@ def _relevance_method(vit: ViTAdapter, x: torch.Tensor, method: str, target, opt
         for l, g in zip(reversed(layers), reversed(grads)):
             r, r_attn = run.block(l, r)
             c = c @ ((g * r_attn).clamp(min=0).mean(1) + _eye(b, n, x))       # C = Âᴸ ⋯ Â^{k+1}, top leftmost
-        q = vit.query_vector(b, n, dtype=torch.float64, device=x.device)
-        return torch.einsum("bi,bij->bj", q, c)[:, P:]
+        return torch.einsum("bi,bij->bj", head_rows(vit, b, n, torch.float64, x.device), c)[:, P:]
 
 
 def _latent0(vit: ViTAdapter, t: torch.Tensor, n: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ The LRP family (docs/methods.md §6.3; Chefer et al. 2021's rules, ``tokentm_fas
 records what the rules read (``RelevancePass``), then the relevance runs top-down from ``∂s/∂y`` at the output:
 
 - ``lrp``: down to the pixels, summed over the colour channels, ``(B, H, W)``;
-- ``partial_lrp``: ``mean_h max(R^{A_L}, 0)`` on the query row;
+- ``partial_lrp``: ``mean_h max(R^{A_L}, 0)`` on the rows the head reads (``head_rows``);
 - ``transformer_attribution``: ``Āˡ = mean_h max(∇Aˡ ⊙ R^{Aˡ}, 0)``, ``C = Π_l (Āˡ + I)`` from ``start_layer``.
 
 Each returns ``(B, N−P)`` (``lrp``: ``(B, H, W)``; a list over the targets for a ``TargetList``).
@@ -157,6 +157,18 @@ class RelevancePass:
         return r_pixels.sum(1), shares
 
 
+def head_rows(vit: ViTAdapter, b: int, n: int, dtype, device) -> torch.Tensor:
+    """``(B, N)`` weights of the rows the head reads, where the relevance enters the last block: the class
+    token for token pooling, else ``1/n`` on the pooled rows (``vit.query_vector`` for every model but a
+    mean-pooled one with a class token, whose class row receives no relevance)."""
+    if vit.pooling == "token":
+        return vit.query_vector(b, n, dtype=dtype, device=device)
+    q = torch.zeros(b, n, dtype=dtype, device=device)
+    rows = vit.pooled_rows(n)
+    q[:, rows] = 1.0 / (rows.stop - rows.start)
+    return q
+
+
 def _output_relevances(output: torch.Tensor, target) -> list:
     """The relevance at the model output per target: ``∂s/∂y`` (a class target: ``one_hot``, the authors'
     start; a score function: its gradient)."""
@@ -195,7 +207,7 @@ def partial_lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str
         for r_out in _output_relevances(output, target):
             _, r_attn = run.block(top, run.head(r_out))
             fused = r_attn.clamp(min=0).mean(1)                                     # (B, N, N)
-            q = vit.query_vector(fused.shape[0], fused.shape[-1], dtype=fused.dtype, device=fused.device)
+            q = head_rows(vit, fused.shape[0], fused.shape[-1], fused.dtype, fused.device)
             maps.append(_finish_rows(vit, torch.einsum("bi,bij->bj", q, fused)))
     return maps if isinstance(target, TargetList) else maps[0]
 
@@ -216,7 +228,7 @@ def transformer_attribution(vit: ViTAdapter, images: torch.Tensor, target, optio
             check_layer_order(l, state["next"])
             with torch.no_grad():
                 state["r"], r_attn = run.block(l, state["r"])
-                support = {"support": query_support(vit.query_vector(1, r_attn.shape[-1]))} if l == top else {}
+                support = {"support": query_support(head_rows(vit, 1, r_attn.shape[-1], run.acc, "cpu"))} if l == top else {}
                 state["rows"] = update(state["rows"], r_attn, grad.to(run.acc), 1.0, 0.0, mode="gae", **support)
             state["next"] = l - 1 if l > layers[0] else None
         return hook
@@ -234,7 +246,7 @@ def transformer_attribution(vit: ViTAdapter, images: torch.Tensor, target, optio
         for i, (t, r_out) in enumerate(zip(targets, _output_relevances(output, target))):
             with torch.no_grad():
                 state.update(r=run.head(r_out), next=top,
-                             rows=vit.query_vector(b, n, dtype=run.acc, device=images.device)[:, None])
+                             rows=head_rows(vit, b, n, run.acc, images.device)[:, None])
             torch.autograd.grad(target_score(output, t), [leaf], retain_graph=i < len(targets) - 1)
             maps.append(_finish_rows(vit, state["rows"][:, 0]))
     return maps if many else maps[0]

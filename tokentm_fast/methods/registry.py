@@ -39,6 +39,8 @@ class MethodSpec:
         materialized_only: why the flash path cannot serve the method at all (None: it can).
         pixel_map: the method's map is at the pixels ``(B, H, W)``; the patch grid is its sum over each
             patch (``tokentm_fast.maps.patch_sums``), ``upsample=True`` returns the pixels themselves.
+        float32_tolerance: the per-image relative error its float32 maps meet against the float64
+            reference (docs/methods.md §7; the LRP rules' cancelling divisions: §6.3, "Precision").
     """
 
     name: str
@@ -56,6 +58,7 @@ class MethodSpec:
     flash_shares_forward: bool = False
     materialized_only: Optional[str] = None
     pixel_map: bool = False
+    float32_tolerance: float = 1e-5
 
     def flash_refusal(self, options: Mapping[str, Any]) -> Optional[str]:
         """Why the flash path cannot serve these (resolved) options, or None."""
@@ -68,6 +71,9 @@ class MethodSpec:
 RULES = ("ours", "classic")
 _RELEVANCE_PASS = ("the LRP relevance pass reads each layer's attention probabilities as a tensor (one layer at "
                    "a time), which the flash path does not form")
+
+#: the float32 bound of the relevance pass (docs/methods.md §6.3, "Precision"): the bf16 class of §7
+_RELEVANCE_TOLERANCE = 2e-2
 
 REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec(
@@ -95,11 +101,11 @@ REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("conservative_lrp", relevance.conservative_lrp, flash_shares_forward=True),
     MethodSpec("attcat", relevance.attcat, flash_shares_forward=True),
     MethodSpec("lrp", relevance.lrp, defaults={"rules": "ours"}, choices={"rules": RULES},
-               materialized_only=_RELEVANCE_PASS, pixel_map=True),
+               materialized_only=_RELEVANCE_PASS, pixel_map=True, float32_tolerance=_RELEVANCE_TOLERANCE),
     MethodSpec("partial_lrp", relevance.partial_lrp, defaults={"rules": "ours"}, choices={"rules": RULES},
-               materialized_only=_RELEVANCE_PASS),
+               materialized_only=_RELEVANCE_PASS, float32_tolerance=_RELEVANCE_TOLERANCE),
     MethodSpec("transformer_attribution", relevance.transformer_attribution, defaults={"start_layer": 0},
-               layer_choice=False, materialized_only=_RELEVANCE_PASS),
+               materialized_only=_RELEVANCE_PASS, float32_tolerance=_RELEVANCE_TOLERANCE),
 )}
 
 METHODS: Tuple[str, ...] = tuple(REGISTRY)

@@ -1,0 +1,197 @@
+"""The LRP family (tokentm_fast/methods/relevance.py, tokentm_fast/lrp_rules.py, docs/methods.md §6.3) against
+the independent literal oracle of tests/lrp_oracle.py: every backend, every family (through weights copied
+from one timm ViT), both rule sets, several targets, conservation, and the refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrp_oracle
+import model_families as mf
+import tokentm_fast as tf
+from model_families import assert_same, snapshot
+from spec_oracle import rel_err
+from tokentm_fast.capture import prepared_model
+from tokentm_fast.methods.relevance import RelevancePass
+from tokentm_fast.models import adapt
+from tokentm_fast.targets import class_logit
+
+METHODS = ("lrp", "partial_lrp", "transformer_attribution")
+#: a float64 model against the float64 oracle: the same rules in another order of operations; the API returns
+#: float32 maps, so the rounding of the output (6e-8) is what is left
+F64_TOL = 1e-6
+#: float32 against the float64 oracle. The rules divide by sums that cancel (a + b at the residuals, the
+#: products A·V and q·kᵀ), where float32 rounding of the sum is amplified by (|a| + |b|) / |a + b|
+#: (docs/methods.md §6.3, "Precision"); on the test models that reaches 1e-3, the bf16 class of §7.
+F32_TOL = 2e-2
+
+
+def _biased(model):
+    """Every bias and LayerNorm shift drawn at random (the rules leave biases out of z: conservation must
+    not depend on them being zero)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+MODELS = {
+    "timm": lambda: _biased(mf.timm_vit()),
+    "timm_layer_scale": lambda: _biased(mf.timm_vit(init_values=0.5)),
+    "timm_avg": lambda: _biased(mf.timm_vit(global_pool="avg")),
+}
+
+
+def _oracle(method, model, images, target, **options):
+    if method == "lrp":
+        return lrp_oracle.lrp(model, images, target, **options)
+    if method == "partial_lrp":
+        return lrp_oracle.partial_lrp(model, images, target, **options)
+    return lrp_oracle.transformer_attribution(model, images, target, **options)
+
+
+def _explain(model, images, method, target, **kw):
+    if method == "lrp":
+        kw["upsample"] = True          # the pixel map itself
+    return tf.explain(model, images, method, target=target, **kw)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_equals_the_oracle(name, method):
+    """torch and reference backends in float64: the oracle's rules to 1e-9 (and the map is not trivial)."""
+    if name == "timm_avg" and method != "lrp":
+        pytest.skip("partial LRP / transformer attribution read row cls, which a mean-pooled head leaves empty")
+    model, images = MODELS[name](), mf.images()
+    target = torch.tensor([1, 3])
+    want = _oracle(method, model, images, target)
+    assert want.abs().max() > 0 and want.std() > 0
+    for backend in ("torch", "reference"):
+        got = _explain(model.double(), images.double(), method, target, backend=backend)
+        assert rel_err(got, want.reshape(got.shape)).max() < F64_TOL, backend
+    model.float()
+
+
+@pytest.mark.parametrize("method", ("lrp", "partial_lrp"))
+def test_classic_rules_equal_the_oracle(method):
+    model, images = MODELS["timm"](), mf.images()
+    want = _oracle(method, model, images, torch.tensor([2, 0]), rules="classic")
+    ours = _oracle(method, model, images, torch.tensor([2, 0]))
+    assert rel_err(want, ours).min() > 1e-3          # the two rule sets differ on this model
+    got = _explain(model.double(), images.double(), method, torch.tensor([2, 0]), backend="torch", rules="classic")
+    assert rel_err(got, want.reshape(got.shape)).max() < F64_TOL
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_float32_backends(method, backend, device):
+    """Every backend on a float32 model (Triton: materialized attention, the row-update kernel for
+    transformer attribution) against the float64 oracle."""
+    model, images = MODELS["timm"](), mf.images()
+    target = torch.tensor([1, 3])
+    want = _oracle(method, model, images, target)
+    if backend == "triton":
+        if not tf.api.triton_usable(device):
+            pytest.skip("Triton cannot run on the suite's device here")
+        model, images, target = model.to(device), images.to(device), target.to(device)
+    got = _explain(model, images, method, target, backend=backend).cpu()
+    assert got.dtype == torch.float32
+    assert rel_err(got, want.reshape(got.shape)).max() < F32_TOL
+
+
+CONVERTED = {
+    "hf_vit": (lambda: _biased(mf.timm_vit()), mf.timm_to_hf_vit),
+    "torchvision": (lambda: _biased(mf.timm_vit()), mf.timm_to_torchvision),
+    "open_clip": (lambda: mf.timm_clip(), mf.timm_to_open_clip),
+    "hf_clip": (lambda: mf.timm_clip(), mf.timm_to_hf_clip),
+}
+
+
+@pytest.mark.parametrize("family", list(CONVERTED))
+@pytest.mark.parametrize("method", METHODS)
+def test_every_family_equals_the_oracle(family, method):
+    """The same weights in another family's model give the oracle's map: each adapter reads the right
+    linear inputs, prefix tokens, position embedding and patch convolution."""
+    make, convert = CONVERTED[family]
+    src = make().eval()
+    dst = convert(src).double().eval()
+    images = mf.images()
+    target = torch.tensor([1, 3])
+    want = _oracle(method, src, images, target)
+    assert want.abs().max() > 0
+    score = target if adapt(dst).num_classes is not None else None
+    snap = snapshot(dst)
+    if score is None:                    # an embedding model: the target is output channel c (one-hot start)
+        got = torch.stack([_explain(dst, images.double()[i:i + 1], method, class_logit(int(c)), backend="torch")[0]
+                           for i, c in enumerate(target)])
+    else:
+        got = _explain(dst, images.double(), method, score, backend="torch")
+    assert rel_err(got, want.reshape(got.shape)).max() < F64_TOL
+    assert_same(dst, snap)
+
+
+def test_conservation():
+    """"ours": what reaches the pixels, plus what the position embedding and the class token keep, is the
+    relevance put at the output (1: the one-hot start), up to the stabiliser's leak (a / (b + 1e-9) at every
+    division: ~1e-7 here); "classic" does not conserve it (its linear and residual rules)."""
+    model, images = MODELS["timm"]().double(), mf.images().double()
+    vit = adapt(model)
+    totals = {}
+    for rules in ("ours", "classic"):
+        run = RelevancePass(vit, images, range(vit.num_layers), rules, pixels=True)
+        with prepared_model(vit) as handles, torch.no_grad():
+            output = run.forward(handles)
+            r = run.head(torch.nn.functional.one_hot(torch.tensor([1, 3]), output.shape[-1]).double())
+            if rules == "ours":          # the classifier's rule conserves too (classic's does not)
+                assert torch.allclose(r.sum((1, 2)), torch.ones(2, dtype=torch.float64), atol=1e-6)
+            for l in reversed(range(vit.num_layers)):
+                r, _ = run.block(l, r)
+            pixels, shares = run.pixels(r)
+        totals[rules] = pixels.sum((1, 2)) + shares["position"] + shares["prefix"]
+        assert pixels.abs().sum() > 0
+    torch.testing.assert_close(totals["ours"], torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert (totals["classic"] - 1).abs().max() > 1e-3
+
+
+def test_patch_grid_is_the_sum_of_the_pixel_map():
+    model, images = MODELS["timm"](), mf.images()
+    pixels = tf.explain(model, images, "lrp", target=1, backend="torch", upsample=True)
+    grid = tf.explain(model, images, "lrp", target=1, backend="torch")
+    assert pixels.shape == images.shape[:1] + images.shape[2:] and grid.shape == (2, 4, 4)
+    torch.testing.assert_close(grid, pixels.reshape(2, 4, 8, 4, 8).sum((2, 4)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_several_targets_from_one_forward(method):
+    model, images = MODELS["timm"](), mf.images()
+    got = tf.explain(model, images, method, target=torch.tensor([[0, 1], [2, 0]]), backend="torch")
+    want = torch.stack([tf.explain(model, images, method, target=torch.tensor([0, 2]), backend="torch"),
+                        tf.explain(model, images, method, target=torch.tensor([1, 0]), backend="torch")], dim=1)
+    assert not torch.equal(want[:, 0], want[:, 1])
+    torch.testing.assert_close(got, want, rtol=0, atol=64 * 2.0 ** -23 * float(want.abs().max()))
+
+
+def test_start_layer_of_transformer_attribution():
+    model, images = _biased(mf.timm_vit(depth=4)), mf.images()
+    for k in (1, 3):
+        want = lrp_oracle.transformer_attribution(model, images, torch.tensor([1, 3]), start_layer=k)
+        got = tf.explain(model.double(), images.double(), "transformer_attribution", target=torch.tensor([1, 3]),
+                         backend="torch", start_layer=k)
+        model.float()
+        assert rel_err(got, want.reshape(got.shape)).max() < F64_TOL
+
+
+def test_refusals():
+    model, images = MODELS["timm"](), mf.images()
+    with pytest.raises(ValueError, match="flash path does not form"):
+        tf.explain(model, images, "lrp", backend="triton", attention="flash")
+    with pytest.raises(ValueError, match="rules"):
+        tf.explain(model, images, "partial_lrp", rules="newest")
+    with pytest.raises(ValueError, match="full=True"):
+        tf.explain(model, images, "transformer_attribution", full=True)
+    with pytest.raises(ValueError, match="attention-pool heads"):
+        tf.explain(mf.timm_siglip(), mf.images(), "partial_lrp", target=class_logit(0), backend="torch")
+    with pytest.raises(ValueError, match="two classifier heads"):
+        tf.explain(mf.make_model("hf_deit_teacher"), mf.images(), "lrp", backend="torch")

@@ -152,7 +152,7 @@ def test_conservation():
         totals[rules] = pixels.sum((1, 2)) + shares["position"] + shares["prefix"]
         assert pixels.abs().sum() > 0
     torch.testing.assert_close(totals["ours"], torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
-    assert (totals["classic"] - 1).abs().max() > 1e-3
+    assert (totals["classic"] - 1).abs().min() > 1      # 25 to 87 instead of 1 (docs/methods.md §6.3)
 
 
 def test_patch_grid_is_the_sum_of_the_pixel_map():

@@ -144,10 +144,13 @@ def release(device: torch.device) -> None:
 #
 # Units (bytes): act = B·N·D·s (one residual-stream tensor), layer = B·H·N²·s (one
 # layer's attention or gradient), bn2 = B·N²·s (one head-fused N×N matrix), img =
-# B·3·h·w·s (the images), with s the item size the code computes in: 8 for the
-# float64 reference, the model's for the other paths. ``ell`` = the blocks a method
-# records (L for tokentm/gae/rollout with start_layer 0, 2 for legrad's default
-# start_layer −2, 1 for raw_attention/attn_gradcam).
+# B·3·h·w·s (the images), wt = D²·s (one D×D weight: the LRP rules split a linear
+# map's weight into W⁺ and W⁻, fc1/fc2's being 4·D² each), with s the item size the
+# code computes in: 8 for the float64 reference, the model's for the other paths. The
+# one-off terms of the methods in ``_FLOAT32_TRANSIENTS`` use max(s, 4): their
+# transients are float32 at least for half-precision models. ``ell`` = the blocks a
+# method records (L for tokentm/gae/rollout/the LRP family with start_layer 0, 2 for
+# legrad's default start_layer −2, 1 for raw_attention/attn_gradcam/partial_lrp).
 #
 # The coefficients come from reading the code (what each path keeps alive per
 # block and the transients of the last block and of the aggregation) and are set
@@ -178,15 +181,34 @@ _EXPLAIN_COEFFS: Dict[Tuple[str, str], Dict[str, float]] = {
     ("legrad", "fast"): dict(ell_layer=1.0, ell_act=10.5, layer=0.0, act=0.0, bn2=0.0, img=1.0),
     ("raw_attention", "fast"): dict(ell_layer=2.0, ell_act=12.0, layer=0.0, act=0.0, bn2=0.0, img=1.0),
     ("attn_gradcam", "fast"): dict(ell_layer=1.75, ell_act=16.0, layer=0.0, act=0.0, bn2=0.0, img=1.0),
-    # one forward with the whole graph, one backward (docs/methods.md §6.2): not calibrated yet, GAE's
-    # coefficients (the same graph and recorded attention) with half as much again
-    ("conservative_lrp", "reference"): dict(ell_layer=3.5, ell_act=22.0, layer=4.5, act=16.5, bn2=6.0, img=6.0),
-    ("attcat", "reference"): dict(ell_layer=3.5, ell_act=22.0, layer=4.5, act=16.5, bn2=6.0, img=6.0),
-    ("conservative_lrp", "fast"): dict(ell_layer=1.5, ell_act=16.5, layer=3.0, act=9.0, bn2=0.0, img=1.5),
-    ("attcat", "fast"): dict(ell_layer=1.5, ell_act=16.5, layer=3.0, act=9.0, bn2=0.0, img=1.5),
+    # Measured with PeakTracker (CPU) on 18 ViTs (L 2–12, N 10–577, D 32–768, H 2–12, B 1–8; the fast
+    # path in float32 and, on 5 of them, bfloat16): estimate ÷ measured 1.02–1.20 (conservative_lrp),
+    # 1.02–1.29 (attcat), 1.00–1.29 (lrp), 1.00–1.36 (partial_lrp), 1.00–1.26 (transformer_attribution).
+    # conservative_lrp / attcat (docs/methods.md §6.2): one forward with the graph, one backward; attcat
+    # also keeps every layer's query row and output, and its bfloat16 peaks need the one-off terms in float32.
+    ("conservative_lrp", "reference"): dict(ell_layer=1.0, ell_act=2.75, layer=0.75, act=7.0, bn2=0.75, img=1.75),
+    ("attcat", "reference"): dict(ell_layer=1.25, ell_act=7.25, layer=1.5, act=6.25, bn2=1.0, img=0.75),
+    ("conservative_lrp", "fast"): dict(ell_layer=1.0, ell_act=3.75, layer=1.0, act=7.75, bn2=0.0, img=0.0, wt=0.5),
+    ("attcat", "fast"): dict(ell_layer=1.25, ell_act=9.5, layer=1.5, act=4.5, bn2=0.0, img=0.0, wt=0.25),
+    # The LRP relevance pass (docs/methods.md §6.3): per recorded block x_in, q/k/v, A, the branch outputs
+    # and the linear maps' inputs (about 12 act + 1 layer); then one block at a time top-down, the MLP's
+    # (B, N, 4D) inputs split into positive and negative parts, a few (B, H, N, N) products and W⁺/W⁻ of
+    # one linear map (with its float32 copy for half models). transformer_attribution keeps the graph
+    # (and ∇A) of the recorded blocks as well; lrp adds the pixels.
+    ("lrp", "reference"): dict(ell_layer=1.25, ell_act=12.0, layer=5.75, act=33.0, bn2=0.0, img=0.0, wt=4.5),
+    ("partial_lrp", "reference"): dict(ell_layer=1.0, ell_act=12.0, layer=5.0, act=23.25, bn2=0.0, img=1.5, wt=11.0),
+    ("transformer_attribution", "reference"): dict(ell_layer=1.75, ell_act=13.25, layer=6.5, act=34.0, bn2=0.0,
+                                                   img=0.0, wt=4.25),
+    ("lrp", "fast"): dict(ell_layer=1.0, ell_act=12.5, layer=6.5, act=36.25, bn2=0.0, img=0.75, wt=11.25),
+    ("partial_lrp", "fast"): dict(ell_layer=1.0, ell_act=12.0, layer=5.5, act=36.75, bn2=0.0, img=0.0, wt=11.25),
+    ("transformer_attribution", "fast"): dict(ell_layer=1.25, ell_act=18.75, layer=5.75, act=35.0, bn2=0.0,
+                                              img=0.0, wt=11.25),
 }
 
-RECORDED_BLOCKS = {"legrad": 2, "raw_attention": 1, "attn_gradcam": 1}
+RECORDED_BLOCKS = {"legrad": 2, "raw_attention": 1, "attn_gradcam": 1, "partial_lrp": 1}
+
+# methods whose one-off transients are in the compute dtype (float32 at least), not the model's
+_FLOAT32_TRANSIENTS = frozenset({"attcat", "lrp", "partial_lrp", "transformer_attribution"})
 
 
 def explain_peak(method: str, backend: str, *, L: int, H: int, N: int, D: int, B: int, params: int,
@@ -203,10 +225,11 @@ def explain_peak(method: str, backend: str, *, L: int, H: int, N: int, D: int, B
     literal_like = backend in ("reference", "literal")  # every layer's A and G kept, N×N products
     c = _EXPLAIN_COEFFS[(method, "reference" if literal_like else "fast")]
     ell = min(L, RECORDED_BLOCKS.get(method, L))
-    act, layer, bn2 = B * N * D * s, B * H * N * N * s, B * N * N * s
-    img = B * 3 * image_pixels * s
-    total = (ell * (c["ell_layer"] * layer + c["ell_act"] * act) + c["layer"] * layer + c["act"] * act
-             + c["bn2"] * bn2 + c["img"] * img)
+    acc = max(s, 4) if method in _FLOAT32_TRANSIENTS else s   # item size of the one-off transients
+    recorded = ell * (c["ell_layer"] * B * H * N * N + c["ell_act"] * B * N * D) * s
+    one_off = (c["layer"] * B * H * N * N + c["act"] * B * N * D + c["bn2"] * B * N * N
+               + c["img"] * B * 3 * image_pixels + c.get("wt", 0.0) * D * D) * acc
+    total = recorded + one_off
     return int(MARGIN * (total + (8 * params if ref else 0)))
 
 

@@ -426,3 +426,22 @@ def test_restart_discards_partial_state(tiny_mat, tiny_ckpt, tmp_path):
     pp.write_text("{ truncated")
     with pytest.raises(EvaluationError, match="cannot read the partial state"):
         evaluate("vit_tiny_patch16_224", f"mat:{tiny_mat}", **common)
+
+
+NEW_BASELINES = ("conservative_lrp", "attcat", "lrp", "partial_lrp", "transformer_attribution")
+
+
+def test_evaluate_scores_each_new_baseline(tiny_mat, tiny_ckpt):
+    """Issue 19's methods through the runner: one segmentation and one perturbation record each, in range,
+    and not the same numbers for every method (each is scored on its own maps)."""
+    res = evaluate("vit_tiny_patch16_224", f"mat:{tiny_mat}", methods=NEW_BASELINES,
+                   metrics="segmentation,perturbation", checkpoint=tiny_ckpt, model_kwargs=TINY_KWARGS,
+                   batch_size=2, output=None, limit=2, progress=False)
+    recs = _records(res)
+    seg = {m: recs[(m, "segmentation")] for m in NEW_BASELINES}
+    for m, vals in seg.items():
+        for key in ("pixel_accuracy", "miou", "map"):
+            assert 0.0 <= vals[key] <= 1.0, (m, key)
+        pert = recs[(m, "perturbation")]
+        assert all(np.isfinite(v) for v in pert.values() if isinstance(v, float)), m
+    assert len({round(v["map"], 12) for v in seg.values()}) > 1

@@ -295,19 +295,20 @@ def _flash_bwd_dkdv_kernel(
         mask_m = offs_m < N_CTX
         qm = mask_m[:, None] & mask_d[None, :]
         q = _tile(q_base, offs_m, sq_n, offs_d, qm)
-        do = _tile(do_base, offs_m, sd_n, offs_d, qm)
         lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
         p = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
+        do = _tile(do_base, offs_m, sd_n, offs_d, qm)
         if ACC == _ACC_GAE or GRADS == _GRADS_KV:
             dp = _grad_probs_tile(do, v, IEEE, UPCAST)
         if ACC == _ACC_GAE:
             s_row = tl.load(row_ptr + b * N_CTX + offs_m, mask=mask_m, other=0.0)
             t += tl.sum(s_row[:, None] * tl.maximum(p * dp, 0.0), axis=0)
-        if GRADS != _GRADS_NONE:
-            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
         if GRADS == _GRADS_KV:
             delta = tl.load(delta_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0)
             ds = p * (dp - delta[:, None])
+        if GRADS != _GRADS_NONE:
+            dv += _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
+        if GRADS == _GRADS_KV:
             dk += _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST)
     if GRADS == _GRADS_KV:
         tl.store(dk_ptr + b * sg_b + h * sg_h + offs_n[:, None] * sg_n + offs_d[None, :],

@@ -24,7 +24,8 @@ paths by ``tests/test_compile_audit.py`` (``recorded_launches``):
   80 / 96 / 128), IEEE = True (float32, torch's default) and False (16-bit; float32 with TF32 allowed),
   UPCAST = False (it is True only under the interpreter), the forward, dK/dV plain (``ACC_NONE``: the
   blocks between chosen TokenTM layers) and with the GAE accumulator with and without input gradients,
-  dQ, both ``attention_rows`` modes, the δ kernel;
+  dV alone (``GRADS_V``: conservative LRP's backward with the attention held constant), dQ, both
+  ``attention_rows`` modes, the δ kernel;
 * the other kernels: the head-fusion modes, weights as tensors or constants as the explain paths pass
   them, SPLIT_OUT both ways (chosen at run time from the device's SM count), LeGrad's accumulate flag,
   the NECC normalisation's block sizes and the finalize kernels' Q blocks.
@@ -83,13 +84,16 @@ SPECS = {
                     variants=[{}], configs="table:fwd"),
     "dkdv": dict(module="attention", attr="_flash_bwd_dkdv_kernel",
                  model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"},
-                 variants=[{"ACC": 0, "INPUT_GRADS": True}], configs="table:bwd"),
+                 variants=[{"ACC": 0, "GRADS": 2}], configs="table:bwd"),
     "dkdv+gae": dict(module="attention", attr="_flash_bwd_dkdv_kernel",
                      model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"},
-                     variants=[{"ACC": 1, "INPUT_GRADS": True}], configs="table:bwd"),
+                     variants=[{"ACC": 1, "GRADS": 2}], configs="table:bwd"),
     "dkdv gae-only": dict(module="attention", attr="_flash_bwd_dkdv_kernel",
                           model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"},
-                          variants=[{"ACC": 1, "INPUT_GRADS": False}], configs="table:bwd"),
+                          variants=[{"ACC": 1, "GRADS": 0}], configs="table:bwd"),
+    "dkdv v-only": dict(module="attention", attr="_flash_bwd_dkdv_kernel",
+                        model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"},
+                        variants=[{"ACC": 0, "GRADS": 1}], configs="table:bwd"),
     "dq": dict(module="attention", attr="_flash_bwd_dq_kernel", model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dq_ptr"},
                variants=[{}], configs="table:dq"),
     "rows probs": dict(module="attention", attr="_attention_rows_kernel",

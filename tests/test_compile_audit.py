@@ -184,12 +184,14 @@ def _explain_calls():
             tf.explain(model, x, "tokentm", backend="triton", attention="materialized", head_fusion="decoupled")
             tf.explain(model, x, "tokentm", backend="triton", attention="materialized", full=True,
                        head_fusion="decoupled")
+            tf.explain(model, x, "conservative_lrp", backend="triton", attention="flash")  # dV alone (P held)
 
 
 @pytest.mark.skipif(_SUITE_DEVICE != "cpu", reason="records interpreted launches (the audit is the CPU's part)")
 def test_audit_enumerates_what_the_wrappers_launch():
     """Every launch that the six methods make on both Triton paths (flash and materialized, full matrix
-    too, the TokenTM ablations, a layer choice and decoupled fusion), recorded under the interpreter with a bfloat16 model
+    too, the TokenTM ablations, a layer choice and decoupled fusion) and conservative LRP on the flash path
+    (the attention held constant: dV alone), recorded under the interpreter with a bfloat16 model
     (its constexprs and which pointers carry the model's dtype), is one of the specialisations the audit
     compiles, and every audited attention variant is launched: the hand-written enumeration in
     ``compile_audit.SPECS`` follows the wrappers."""
@@ -327,14 +329,17 @@ def test_attention_grid_second_axis_stays_within_cuda_limit(monkeypatch):
     assert o.shape == (b, h, n, d) and ell.shape == (b, h, n)
     dq, dk, dv, t = A.flash_backward(x, x, x, x, lse, x, 0.25, row=row)
     assert dq.shape == dk.shape == dv.shape == (b, h, n, d) and t.shape == (b, h, n)
+    dq, dk, dv, t = A.flash_backward(x, x, x, x, lse, x, 0.25, input_grads="v")
+    assert dq is None and dk is None and t is None and dv.shape == (b, h, n, d)
     assert A.attention_rows(row, 0.25, q=x, k=x, lse=lse).shape == (b, h, n)
     assert A.attention_rows(row, 0.25, do=x, v=x).shape == (b, h, n)
     assert grids
     for name, grid in grids:
         assert len(grid) <= 3 and all(1 <= g <= 65535 for g in grid[1:]), (name, grid)
-    for name in ("_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel", "_delta_kernel"):
+    for name in ("_flash_fwd_kernel", "_flash_bwd_dq_kernel", "_delta_kernel"):
         assert sum(g[1] for k, g in grids if k == name) == b * h, name
-    assert sum(g[1] for k, g in grids if k == "_attention_rows_kernel") == 2 * b * h
+    for name in ("_flash_bwd_dkdv_kernel", "_attention_rows_kernel"):  # two calls each
+        assert sum(g[1] for k, g in grids if k == name) == 2 * b * h, name
 
 
 def test_legrad_reduce_offsets_are_int64(tmp_path):

@@ -158,7 +158,15 @@ def _square(shapes, n):
     return [s for s in shapes if len(s) >= 2 and s[-1] == n and s[-2] == n]
 
 
-@pytest.mark.parametrize("method", tf.METHODS)
+#: the methods the flash path serves (the LRP relevance pass reads each layer's A: materialized only)
+FLASH_METHODS = [m for m in tf.METHODS if not tf.methods.get_method(m).materialized_only]
+
+
+def test_the_flash_path_refuses_only_the_relevance_pass():
+    assert set(tf.METHODS) - set(FLASH_METHODS) == {"lrp", "partial_lrp", "transformer_attribution"}
+
+
+@pytest.mark.parametrize("method", FLASH_METHODS)
 def test_no_n_by_n_tensor_on_the_flash_path(method, device):
     model, images = make("n54_d64_registers")
     n = _tokens(model)

@@ -358,7 +358,7 @@ def _input_gradients(vit: ViTAdapter, images: torch.Tensor, target, recorder: La
 
 class _FlashAttention(torch.autograd.Function):
     """The flash attention forward, differentiable through the flash backward; ``hold=True`` holds the
-    attention probabilities constant (only dV flows: the softmax backward is switched off). ``keep``
+    attention probabilities constant (only dV flows: the backward kernel forms neither dS nor dQ, dK). ``keep``
     receives (q, k, ℓ, scale) of the layer."""
 
     @staticmethod
@@ -372,9 +372,9 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv, _ = ctx.attention.backward(q, k, v, o, lse, do, ctx.scale, row=None, input_grads=True)
-        if ctx.hold:
-            dq = dk = None
+        # held (conservative LRP): dV = Pᵀ dO alone, no softmax backward (dQ = dK = None)
+        grads = "v" if ctx.hold else True
+        dq, dk, dv, _ = ctx.attention.backward(q, k, v, o, lse, do, ctx.scale, row=None, input_grads=grads)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -58,8 +58,10 @@ class Explainer:
         model: a supported ViT: timm ``VisionTransformer``, Hugging Face ViT / DeiT / CLIP vision
             models, torchvision ``VisionTransformer`` or open_clip ``VisionTransformer``
             (``tokentm_fast.models.adapt`` picks the adapter).
-        method: ``"tokentm"``, ``"gae"``, ``"rollout"``, ``"raw_attention"``,
-            ``"attn_gradcam"`` or ``"legrad"``.
+        method: one of ``tokentm_fast.METHODS``: ``"tokentm"``, ``"gae"``, ``"rollout"``,
+            ``"raw_attention"``, ``"attn_gradcam"``, ``"legrad"``, ``"conservative_lrp"``, ``"attcat"``,
+            ``"lrp"``, ``"partial_lrp"``, ``"transformer_attribution"`` (docs/methods.md; ``lrp``'s map is at the
+            pixels: the patch grid sums it, ``upsample=True`` returns the pixels themselves).
         backend: ``"auto"`` (Triton for float32/bfloat16/float16 models on CUDA, else PyTorch;
             a ``UserWarning``, once per Explainer, when a CUDA call cannot use Triton), ``"reference"``,
             ``"torch"`` or ``"triton"``.
@@ -72,8 +74,8 @@ class Explainer:
             formulation): ``"flash"`` (the explanation attention kernels, no N×N tensor),
             ``"materialized"`` (attention probabilities and gradients captured as tensors, then the
             fused aggregation kernels) or ``"auto"``: flash on CUDA, materialized otherwise and for
-            ``full=True``, ``head_fusion="decoupled"`` (which need whole matrices) and heads wider
-            than 128 (``tokentm_fast.paths.MAX_HEAD_DIM``). The
+            ``full=True``, ``head_fusion="decoupled"``, the LRP relevance pass (which need whole
+            matrices) and heads wider than 128 (``tokentm_fast.paths.MAX_HEAD_DIM``). The
             ``reference`` and ``torch`` backends always materialize.
         **options: method options (``tokentm_fast.methods.REGISTRY[method].defaults`` lists them).
     """

@@ -135,6 +135,8 @@ def explain(model, images, method, target=None, full=False, head_fusion="gae", u
 
     ``chosen`` (LeGrad, rollout, TokenTM; the option ``layers``, docs/methods.md "Layer choice"): the blocks
     summed / multiplied, in increasing order; overrides ``start_layer``."""
+    if method not in METHODS:
+        raise ValueError(f"spec_oracle writes out {METHODS}; {method!r} has its own oracle (tests/lrp_oracle.py)")
     logits, layers, x0, m = run_vit(model, images)
     b = images.shape[0]
     if target is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import lrp_oracle
 import model_families as mf
 import tokentm_fast as tf
 from spec_oracle import explain as oracle
@@ -13,6 +14,9 @@ from spec_oracle import query, rel_err, run_vit
 from tokentm_fast.methods import REGISTRY, MethodSpec, get_method, resolve_options
 from tokentm_fast.models import adapt
 from tokentm_fast.paths import TORCH_KERNELS, Materialized
+
+#: the methods whose oracle is tests/lrp_oracle.py (the others: tests/spec_oracle.py)
+RELEVANCE_PASS = ("lrp", "partial_lrp", "transformer_attribution")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,11 @@ def test_each_entry_computes_its_method(model64, name):
     images = mf.images().double()
     options = resolve_options(name, {}, vit.num_layers)
     out = get_method(name).explain(vit, images, torch.tensor([1, 3]), options, Materialized(TORCH_KERNELS))
-    ref = oracle(model64, images, name, target=torch.tensor([1, 3]))
+    if name in RELEVANCE_PASS:
+        # the relevance pass (docs/methods.md §6.3) has its own literal oracle; (B, H, W) pixels for lrp
+        ref = getattr(lrp_oracle, name)(model64, images, torch.tensor([1, 3])).reshape(out.shape)
+    else:
+        ref = oracle(model64, images, name, target=torch.tensor([1, 3]))
     assert ref.abs().max() > 0
     assert rel_err(out, ref).max() < 1e-10
 

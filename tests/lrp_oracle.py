@@ -382,6 +382,10 @@ def attention_gradients(trace: Trace, start: torch.Tensor) -> List[torch.Tensor]
 
 
 # -- the methods -------------------------------------------------------------------------------------------
+#: the methods this oracle writes out (each a function of this module)
+METHODS = ("lrp", "partial_lrp", "transformer_attribution")
+
+
 def lrp(model: nn.Module, images: torch.Tensor, target: Target = None, rules: str = "ours") -> torch.Tensor:
     """Full LRP: the relevance at the pixels summed over channels, (B, H, W) float64."""
     return relevance(model, images, target, rules)["pixels"].sum(dim=1)
@@ -431,7 +435,7 @@ def rel_err(e: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return diff / ref.double().reshape(b, -1).abs().amax(dim=1).clamp(min=1e-300)
 
 
-__all__ = ["EPS", "RULES", "safe_divide", "linear_relevance", "matmul_relevance", "add_relevance",
+__all__ = ["METHODS", "EPS", "RULES", "safe_divide", "linear_relevance", "matmul_relevance", "add_relevance",
            "clone_relevance", "class_token_relevance", "mean_pool_relevance", "patch_relevance", "check_supported",
            "run_model", "one_hot", "relevance", "attention_gradients", "lrp", "partial_lrp", "read_out",
            "rollout_without_normalisation", "transformer_attribution", "rel_err"]

@@ -16,7 +16,7 @@ from tokentm_fast.methods.relevance import RelevancePass
 from tokentm_fast.models import adapt
 from tokentm_fast.targets import class_logit
 
-METHODS = ("lrp", "partial_lrp", "transformer_attribution")
+METHODS = lrp_oracle.METHODS
 #: a float64 model against the float64 oracle: the same rules in another order of operations; the API returns
 #: float32 maps, so the rounding of the output (6e-8) is what is left
 F64_TOL = 1e-6

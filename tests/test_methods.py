@@ -15,9 +15,6 @@ from tokentm_fast.methods import REGISTRY, MethodSpec, get_method, resolve_optio
 from tokentm_fast.models import adapt
 from tokentm_fast.paths import TORCH_KERNELS, Materialized
 
-#: the methods whose oracle is tests/lrp_oracle.py (the others: tests/spec_oracle.py)
-RELEVANCE_PASS = ("lrp", "partial_lrp", "transformer_attribution")
-
 
 @pytest.fixture(scope="module")
 def model64():
@@ -40,7 +37,7 @@ def test_each_entry_computes_its_method(model64, name):
     images = mf.images().double()
     options = resolve_options(name, {}, vit.num_layers)
     out = get_method(name).explain(vit, images, torch.tensor([1, 3]), options, Materialized(TORCH_KERNELS))
-    if name in RELEVANCE_PASS:
+    if name in lrp_oracle.METHODS:
         # the relevance pass (docs/methods.md §6.3) has its own literal oracle; (B, H, W) pixels for lrp
         ref = getattr(lrp_oracle, name)(model64, images, torch.tensor([1, 3])).reshape(out.shape)
     else:

@@ -5,6 +5,7 @@ and every model comes back unchanged."""
 import pytest
 import torch
 
+import lrp_oracle
 import model_families as mf
 import tokentm_fast as tf
 from model_families import CLASSIFIERS, FAMILIES, assert_same, snapshot
@@ -57,7 +58,7 @@ def test_replace_attention_is_exact_and_undone(make_model, images, name):
 #: the LRP rules' divisions by sums that cancel (§6.3, "Precision"); compared on float64 copies
 SIGNED_SUMS = ("attcat", "conservative_lrp", "lrp", "partial_lrp", "transformer_attribution")
 #: the relevance pass does not cover a distilled model's two heads (docs/methods.md §6.3; tests/test_lrp.py)
-RELEVANCE_PASS = ("lrp", "partial_lrp", "transformer_attribution")
+RELEVANCE_PASS = lrp_oracle.METHODS
 
 
 def score_for(method: str, score):

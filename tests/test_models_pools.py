@@ -8,8 +8,9 @@
   adapter (which tests/test_attention_pool.py checks against a literal oracle).
 - CoCa has no exact timm equivalent: its pool normalises its input tokens itself (``ln_k``, which LeGrad's
   pool application keeps and timm's final norm is not part of) and reads the class token; ``ln_post``
-  follows the pool. Its pool-only maps (raw attention, attention Grad-CAM, LeGrad) are checked against a
-  literal float64 computation of the pool written here from open_clip's module structure; the others
+  follows the pool. Its pool-only maps (raw attention, attention Grad-CAM, LeGrad) and TokenTM (blocks
+  and pool by hand, full matrices; a pool narrower than the blocks too, docs/methods.md §6.1) are checked
+  against a literal float64 computation written here from open_clip's module structure; the others
   through the reference backend.
 - Every method on every backend (reference, torch, Triton materialized / flash on the suite's device)
   agrees with the reference for each new model, which comes back unchanged.
@@ -25,7 +26,7 @@ import torch
 import model_families as mf
 import tokentm_fast as tf
 from model_families import assert_same, snapshot, triton_only
-from spec_oracle import rel_err
+from spec_oracle import rel_err, weights
 from tokentm_fast.models import adapt
 
 METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad")
@@ -143,8 +144,8 @@ def test_siglip_without_head_is_refused():
 
 def coca_pool(m: torch.nn.Module, x: torch.Tensor):
     """open_clip's ``AttentionalPooler`` of model ``m`` on tokens ``x (B, N, width)``, by hand from its
-    weights: latents ``(B, Lq, E)`` (after ``out_proj``) and the attention probabilities ``(B, H, Lq, N)``,
-    in the autograd graph."""
+    weights: latents ``(B, Lq, E)`` (after ``out_proj``), the attention probabilities ``(B, H, Lq, N)``,
+    in the autograd graph, and the value tokens' ``out_proj`` x̃ ``(B, N, E)`` (TokenTM's, §6.1)."""
     ap = m.attn_pool
     mha = ap.attn
     e, h = mha.embed_dim, mha.num_heads
@@ -162,7 +163,7 @@ def coca_pool(m: torch.nn.Module, x: torch.Tensor):
     v = (xk @ wv.T + bv).reshape(b, n, h, d).transpose(1, 2)
     attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)   # (B, H, Lq, N)
     o = (attn @ v).transpose(1, 2).reshape(b, -1, e)
-    return mha.out_proj(o), attn
+    return mha.out_proj(o), attn, mha.out_proj(v.transpose(1, 2).reshape(b, n, e))
 
 
 def coca_oracle(model: torch.nn.Module, images: torch.Tensor, method: str, c: torch.Tensor) -> torch.Tensor:
@@ -177,7 +178,7 @@ def coca_oracle(model: torch.nn.Module, images: torch.Tensor, method: str, c: to
         for hk in hooks:
             hk.remove()
         rows = torch.arange(x.shape[0])
-        latents, attn = coca_pool(m, outs[-1])
+        latents, attn, _ = coca_pool(m, outs[-1])
         out = m.ln_post(latents)[:, 0] @ m.proj
         assert (out - want).abs().max() <= 1e-12 * want.abs().max()
         if method == "raw_attention":
@@ -189,7 +190,7 @@ def coca_oracle(model: torch.nn.Module, images: torch.Tensor, method: str, c: to
         assert method == "legrad"
         e = 0
         for x_l in outs[-2:]:                                              # the pool on X^l, no ln_post
-            latents_l, attn_l = coca_pool(m, x_l)
+            latents_l, attn_l, _ = coca_pool(m, x_l)
             (g,) = torch.autograd.grad((latents_l[:, 0] @ m.proj)[rows, c].sum(), attn_l)
             e = e + g[:, :, 0].clamp(min=0).mean(1)
         return e[:, 1:]
@@ -239,11 +240,99 @@ def test_coca_variants_are_refused(kwargs, match):
         adapt(mf.open_clip_coca(**kwargs))
 
 
-def test_coca_narrower_pool_refuses_tokentm_only():
-    """A pool that maps width-48 tokens to 24-wide latents has no TokenTM transformation weight (§2)."""
-    model = mf.open_clip_coca(output_dim=24)
-    with pytest.raises(ValueError, match="TokenTM is not defined"):
-        tf.explain(model, mf.images(), "tokentm", target=tf.class_logit(COCA_TARGET))
+def coca_blocks(m: torch.nn.Module, x: torch.Tensor):
+    """open_clip ``VisionTransformer`` ``m`` (float64) by hand from its weights up to the last block: the
+    tokens X⁰ entering block 1, and per block its input, x̃ = ls_1(out_proj(v)) (§2), the attention
+    probabilities ``(B, H, N, N)`` in the autograd graph, Yˡ and the MLP branch; the last block's output."""
+    b = x.shape[0]
+    t = m.conv1(x).flatten(2).transpose(1, 2)
+    t = torch.cat([m.class_embedding.expand(b, 1, -1), t], dim=1) + m.positional_embedding
+    x0 = t = m.ln_pre(t)
+    layers = []
+    for blk in m.transformer.resblocks:
+        mha = blk.attn
+        h = mha.num_heads
+        n, width = t.shape[1:]
+        d = width // h
+        qkv = (blk.ln_1(t) @ mha.in_proj_weight.T + mha.in_proj_bias).reshape(b, n, 3, h, d)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))              # (B, H, N, d)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+        y = t + blk.ls_1(mha.out_proj((attn @ v).transpose(1, 2).reshape(b, n, width)))
+        mlp = blk.ls_2(blk.mlp(blk.ln_2(y)))
+        x_tilde = blk.ls_1(mha.out_proj(v.transpose(1, 2).reshape(b, n, width)))
+        layers.append(dict(x=t.detach(), x_tilde=x_tilde.detach(), attn=attn, y=y.detach(), mlp=mlp.detach()))
+        t = y + mlp
+    return x0.detach(), layers, t
+
+
+def coca_tokentm_oracle(model: torch.nn.Module, images: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """TokenTM (docs/methods.md §3, §6.1) of an open_clip CoCa tower, float64, with full N×N matrices:
+    r⁰ = mean_h max(A_pool ⊙ G_pool, 0)[h, 0, :] ⊙ w^pool, then r ← r · Uᴸ ⋯ U¹, e = r ⊙ |X⁰| on the
+    patch tokens, with Uˡ = (I + diag(w^{mlp,l})) (I + Āˡ diag(w^{attn,l})).
+
+    w^pool: the pool reads the last block's output x (width D) and writes x̃ = out_proj(v) (its latents'
+    width D'). D' = D: §2's weight. D' < D: no angle between x and x̃, so NECC is 1/N and the weight is
+    the length ratio |x̃| / |x| divided by N (the choice of docs/methods.md §6.1)."""
+    m = copy.deepcopy(model).double().eval()
+    x = images.double()
+    with torch.enable_grad():
+        x0, layers, x_last = coca_blocks(m, x)
+        latents, a_pool, xt_pool = coca_pool(m, x_last)
+        out = m.ln_post(latents)[:, 0] @ m.proj
+        with torch.no_grad():
+            want = m(x)
+        assert (out - want).abs().max() <= 1e-12 * want.abs().max()
+        score = out[torch.arange(x.shape[0]), c].sum()
+        grads = torch.autograd.grad(score, [a_pool] + [rec["attn"] for rec in layers])
+    g_pool, g_blocks = grads[0], grads[1:]
+    xp, xt_pool = x_last.detach(), xt_pool.detach()
+    n = xp.shape[1]
+    if xt_pool.shape[-1] == xp.shape[-1]:
+        w_pool = weights(xp, xt_pool)
+    else:
+        w_pool = xt_pool.norm(dim=-1) / xp.norm(dim=-1).clamp(min=1e-6) / n
+    r = (a_pool.detach() * g_pool).clamp(min=0).mean(1)[:, 0] * w_pool           # (B, N)
+    eye = torch.eye(n, dtype=torch.float64)
+    for rec, g in zip(reversed(layers), reversed(g_blocks)):
+        a_bar = (rec["attn"].detach() * g).clamp(min=0).mean(1)                   # (B, N, N)
+        w_attn, w_mlp = weights(rec["x"], rec["x_tilde"]), weights(rec["y"], rec["mlp"])
+        u = (eye + torch.diag_embed(w_mlp)) @ (eye + a_bar @ torch.diag_embed(w_attn))
+        r = torch.einsum("bi,bij->bj", r, u)
+    return (r * x0.norm(dim=-1))[:, 1:]
+
+
+@pytest.mark.parametrize("output_dim", [mf.WIDTH, 24], ids=["same_width", "narrower_pool"])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_coca_tokentm_matches_the_literal_pool(backend, output_dim):
+    """TokenTM of CoCa towers, the released kind whose pool is narrower than the blocks (48 → 24) included,
+    against the float64 oracle above."""
+    model = mf.open_clip_coca(output_dim=output_dim)
+    x = mf.images()
+    want = coca_tokentm_oracle(model, x, COCA_TARGET).reshape(2, GRID, GRID)
+    assert_informative(want)
+    got = tf.explain(model, x, "tokentm", backend=backend, target=tf.class_logit(COCA_TARGET))
+    assert got.shape == (2, GRID, GRID)
+    assert (rel_err(got, want) < TOL).all()
+
+
+def test_coca_narrower_pool_weights_are_the_length_ratio_over_n():
+    """The pool's weight of a narrower pool (§6.1): |x̃_j| / max(|x_j|, ε) / M, NECC's 1/M in place of the
+    undefined angle; for one width it is §2's weight (checked against the tests' own §2)."""
+    from tokentm_fast.methods.pool import pool_transform_weights
+    from tokentm_fast.transform import transform_weights
+
+    g = torch.Generator().manual_seed(3)
+    x, narrow, same = (torch.randn(2, 5, w, generator=g, dtype=torch.float64) for w in (12, 7, 12))
+    x0 = x.clone()
+    x0[0, 2] = 0                                                                      # |x| clamped at ε
+    got = pool_transform_weights(x0, narrow, transform_weights)
+    want = narrow.norm(dim=-1) / x0.norm(dim=-1).clamp(min=1e-6) / 5
+    assert got.shape == (2, 5) and torch.allclose(got, want, rtol=1e-12, atol=0)
+    assert torch.allclose(pool_transform_weights(x, narrow, transform_weights, use_length=False),
+                          torch.full((2, 5), 0.2, dtype=torch.float64))
+    assert torch.allclose(pool_transform_weights(x, same, transform_weights), weights(x, same), rtol=1e-12)
+    assert torch.allclose(pool_transform_weights(x, same, transform_weights, use_necc=False),
+                          weights(x, same, use_necc=False), rtol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -256,10 +345,6 @@ POOL_MODELS = {
     "open_clip_coca_narrow": lambda: mf.open_clip_coca(output_dim=24),
 }
 TARGETS = {"hf_siglip": SIGLIP_TARGET, "open_clip_coca": COCA_TARGET, "open_clip_coca_narrow": COCA_TARGET}
-
-
-def methods_of(name):
-    return [m for m in METHODS if not (name == "open_clip_coca_narrow" and m == "tokentm")]
 
 
 @pytest.mark.parametrize("name", list(POOL_MODELS))
@@ -303,7 +388,7 @@ def pool_case(request):
     """``(name, model, images, target, {method: reference map})``."""
     name = request.param
     model, x, c = POOL_MODELS[name](), mf.images(), TARGETS[name]
-    refs = {m: tf.explain(model, x, m, backend="reference", target=tf.class_logit(c)) for m in methods_of(name)}
+    refs = {m: tf.explain(model, x, m, backend="reference", target=tf.class_logit(c)) for m in METHODS}
     return name, model, x, c, refs
 
 

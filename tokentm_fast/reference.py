@@ -18,7 +18,7 @@ from .capture import LayerRecorder, PoolRecorder, hold_layer_norms, prepared_mod
 from .fusion import fuse_heads
 from .methods import chosen_layers, get_method
 from .targets import CosineSimilarity, resolve_target, target_score
-from .transform import token_lengths, transform_weights
+from .transform import EPS, token_lengths, transform_weights
 from .models.protocol import ViTAdapter
 
 
@@ -106,8 +106,14 @@ def explain_reference(
                 q = (a_pool * g_pool).clamp_min(0).mean(1)
                 if method == "tokentm":
                     rec = pool.last
-                    w_pool = transform_weights(rec["x_in"], vit.pool_value_tokens(rec["values"]),
-                                               use_length=options["use_length"], use_necc=options["use_necc"])
+                    x_p, xt_p = rec["x_in"], vit.pool_value_tokens(rec["values"])
+                    if x_p.shape[-1] == xt_p.shape[-1]:
+                        w_pool = transform_weights(x_p, xt_p, use_length=options["use_length"],
+                                                   use_necc=options["use_necc"])
+                    else:   # a pool narrower than the blocks: no angle, NECC = 1/M, the length ratio (§6.1)
+                        len_x, len_t = token_lengths(x_p), token_lengths(xt_p)
+                        ratio = len_t / len_x.clamp_min(EPS) if options["use_length"] else torch.ones_like(len_x)
+                        w_pool = ratio / x_p.shape[-2]
                     q = q * _latent0(vit, w_pool[:, None, None, :], n)[:, 0]
         if method == "raw_attention":
             a = recs[L - 1]["attn"].mean(1)

@@ -29,7 +29,7 @@ from ..aggregation import GAE, ROLLOUT, finish_rows
 from ..models.protocol import ViTAdapter
 from ..transform import token_lengths
 from .options import chosen_layers
-from .pool import PoolStart
+from .pool import PoolStart, pool_transform_weights
 
 #: the record keys TokenTM's transformation weights read (``tokentm_fast.capture.LayerRecorder``)
 WEIGHT_KEYS = ("x_in", "values", "y", "mlp_out")
@@ -58,7 +58,7 @@ def tokentm(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, An
     layers = chosen_layers(options, vit.num_layers)
     start = None
     if vit.attention_pool is not None:   # the first row at the pool, times its transformation weights (§6.1)
-        start = PoolStart(vit, "tokentm", lambda x, x_tilde: transform_weights(x, x_tilde, **use))
+        start = PoolStart(vit, "tokentm", lambda x, x_tilde: pool_transform_weights(x, x_tilde, transform_weights, **use))
     rows, first_input = path.gradient_rows(vit, images, target, layers, weigh, WEIGHT_KEYS,
                                            options["head_fusion"], full, start)
     c0 = token_lengths(first_input) if options["init"] == "length" else None

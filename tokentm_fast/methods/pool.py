@@ -5,7 +5,8 @@ pool instead of at row cls of the last block:
 - raw attention: ``e = mean_h A_pool[h, 0, :]``;
 - rollout: ``r⁰ = mean_h A_pool[h, 0, :]``, then the engine over the blocks;
 - GAE: ``r⁰ = mean_h max(A_pool ⊙ G_pool, 0)[h, 0, :]``; TokenTM: that row ⊙ ``w^pool``, the transformation
-  weights (§2) of the pool's value tokens (x = the pool's input tokens, x̃ = proj_pool(v));
+  weights (§2) of the pool's value tokens (x = the pool's input tokens, x̃ = proj_pool(v); a pool narrower
+  than the blocks: :func:`pool_transform_weights`);
 - attention Grad-CAM: §5 with A_pool and G_pool in place of the last block's row cls;
 - LeGrad: s_l = the target score of the pool applied to Xˡ (its first latent, then the projection /
   classifier), and ``eˡ_j = mean_h max(∂s_l/∂A_pool^{(l)}[h, 0, j], 0)``.
@@ -22,7 +23,25 @@ import torch
 from ..capture import PoolRecorder, prepared_model
 from ..models.protocol import ViTAdapter
 from ..targets import TargetList, resolve_target, target_score
+from ..transform import EPS, token_lengths
 from .options import chosen_layers
+
+
+def pool_transform_weights(x: torch.Tensor, x_tilde: torch.Tensor, weigh: Callable, use_length: bool = True,
+                           use_necc: bool = True) -> torch.Tensor:
+    """``w^pool`` (§9): the transformation weights (§2) of the pool's value tokens, ``(B, M)`` float32 at
+    least, from ``x (B, M, D)`` the tokens the pool reads and ``x_tilde (B, M, D')`` = proj_pool(v).
+
+    ``weigh(x, x_tilde, use_length=, use_necc=)`` computes §2 where both have the same width. A pool
+    narrower than the blocks (D' ≠ D: CoCa ViT-B/32 reads 768-wide tokens into 512-wide latents) maps
+    each token into another space, where the angle between x_j and x̃_j, and with it NECC, is undefined:
+    NECC is then 1/M, its value when it carries no direction (``use_necc=False``), and the length ratio
+    ``|x̃_j| / max(|x_j|, ε)`` stays (docs/methods.md §6.1: the spec's §2 assumes one width)."""
+    if x_tilde.shape[-1] == x.shape[-1]:
+        return weigh(x, x_tilde, use_length=use_length, use_necc=use_necc)
+    lengths = token_lengths(x)
+    necc = torch.full_like(lengths, 1.0 / x.shape[-2])
+    return token_lengths(x_tilde) / lengths.clamp_min(EPS) * necc if use_length else necc
 
 
 def first_latent(vit: ViTAdapter, pool_tensor: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -37,7 +56,7 @@ class PoolStart:
     """The engine's first row at the attention pool (§6.1), for the attention paths (``tokentm_fast.paths``).
 
     ``kind``: ``"probs"`` (rollout: mean_h A_pool), ``"gae"`` (mean_h max(A_pool ⊙ G_pool, 0)) or
-    ``"tokentm"`` (the GAE row ⊙ ``w^pool``, from ``weigh(x_in, values)``).
+    ``"tokentm"`` (the GAE row ⊙ ``w^pool``, from ``weigh(x_in, x̃)``: :func:`pool_transform_weights`).
     """
 
     def __init__(self, vit: ViTAdapter, kind: str, weigh: Optional[Callable] = None) -> None:

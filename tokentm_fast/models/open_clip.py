@@ -151,20 +151,10 @@ class OpenClipViT(ViTAdapter):
         handles.append(PatchedForward(self.attention_pool, _pooler_forward(core)))
 
     def pool_value_tokens(self, values: torch.Tensor) -> torch.Tensor:
-        """``out_proj`` of the pool's value vectors ``(B, N, output_dim)`` → ``(B, N, output_dim)``.
-
-        Raises:
-            ValueError: the pool changes the width (output_dim ≠ width): x̃ and the pool's input tokens
-                x then live in different spaces and TokenTM's transformation weights (§2) are undefined.
-        """
-        mha = self.attention_pool.attn
-        if mha.kdim != mha.embed_dim:
-            raise ValueError(
-                f"TokenTM is not defined for this attentional pool: it maps width {mha.kdim} tokens to "
-                f"{mha.embed_dim}-wide latents, so its transformed tokens cannot be compared with its input "
-                f"tokens (docs/methods.md §2); the other methods explain it"
-            )
-        return mha.out_proj(values)
+        """``out_proj`` of the pool's value vectors ``(B, M, output_dim)`` → ``(B, M, output_dim)``: the
+        latents' width, which is narrower than the tokens' in released CoCa towers (TokenTM's weight of
+        such a pool: ``methods.pool.pool_transform_weights``)."""
+        return self.attention_pool.attn.out_proj(values)
 
     def pool_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pool on ``tokens (B, N, width)``, its first latent, ``@ proj`` (no ``ln_post``: §6)."""

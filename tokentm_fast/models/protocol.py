@@ -199,7 +199,8 @@ class ViTAdapter(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} has no attention pool")
 
     def pool_value_tokens(self, values: torch.Tensor) -> torch.Tensor:
-        """x̃ of the pool: its output projection of the value tokens ``(B, M, H·d)`` → ``(B, M, D)``."""
+        """x̃ of the pool: its output projection of the value tokens ``(B, M, H·d)`` → ``(B, M, D')``, D' the
+        width of the pool's latents (D' = D but for a pool narrower than the blocks, as in CoCa)."""
         raise NotImplementedError(f"{type(self).__name__} has no attention pool")
 
     def pool_head(self, tokens: torch.Tensor) -> torch.Tensor:

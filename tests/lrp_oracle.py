@@ -51,8 +51,17 @@ denominators; it is unused here since the patch embedding must have 3 input chan
 
 Supported: timm ``VisionTransformer`` with a class token (no register tokens, position embedding added after the
 concatenation), ``global_pool`` ``"token"`` or ``"avg"`` (patch rows only), qkv bias on or off, LayerScale on or
-off, ``norm_pre`` and q/k norms Identity or LayerNorm, GELU-type activations, a Linear classifier. Anything else
-is refused with an assertion.
+off, ``norm_pre`` and q/k norms Identity or LayerNorm, GELU-type activations, a Linear classifier; or, with
+``global_pool="map"`` (SigLIP's attention pool, ``AttentionPoolLatent`` without a position embedding of its own),
+no class token and a Linear classifier or none. Anything else is refused with an assertion.
+
+The attention pool (docs/methods.md §6.3, the library's choice: the authors' code has no pool) is run backwards
+with the rules above, over all its latents, from R at the first latent (the one the head reads; its selection
+passes R unchanged) and 0 at the others: the MLP residual Add (latents, mlp(norm(latents))), fc2, fc1 and the
+Clone of the latents as in a block; proj; A·V and Q·Kᵀ (unscaled) as in a block, halved, the queries' share
+staying with the learned latent; the key / value projection ``kv``; the final norm unchanged. R^{A_pool} is the
+halved relevance at the pool's attention probabilities. Partial LRP reads mean_h max(R^{A_pool}, 0) of the first
+latent; Transformer Attribution starts its row at mean_h max(∇A_pool ⊙ R^{A_pool}, 0) of the first latent.
 
 Read-out of partial LRP and Transformer Attribution: row cls, patch columns. With ``global_pool="avg"`` the class
 row of the last block receives no relevance, so (docs/methods.md §6.3, the library's choice, not the authors')
@@ -182,12 +191,19 @@ def check_supported(m: nn.Module) -> None:
     from timm.models.vision_transformer import Attention, Block, Mlp, VisionTransformer
 
     assert isinstance(m, VisionTransformer), type(m)
-    assert m.cls_token is not None and m.reg_token is None and m.num_prefix_tokens == 1, "class token only"
     assert m.pos_embed is not None and not m.no_embed_class and not m.dynamic_img_size
-    assert m.global_pool in ("token", "avg") and m.attn_pool is None, m.global_pool
-    assert m.global_pool == "token" or not getattr(m, "pool_include_prefix", False)
+    if m.global_pool == "map":
+        pool = m.attn_pool
+        assert m.cls_token is None and m.reg_token is None and m.num_prefix_tokens == 0, "no prefix tokens"
+        assert pool.pos_embed is None and pool.pool == "token" and type(pool.mlp) is Mlp
+        assert _is_identity(pool.mlp.norm) and _activation_ok(pool.mlp.act) and isinstance(pool.norm, nn.LayerNorm)
+        assert isinstance(m.head, nn.Linear) or _is_identity(m.head)
+    else:
+        assert m.cls_token is not None and m.reg_token is None and m.num_prefix_tokens == 1, "class token only"
+        assert m.global_pool in ("token", "avg") and m.attn_pool is None, m.global_pool
+        assert m.global_pool == "token" or not getattr(m, "pool_include_prefix", False)
+        assert isinstance(m.head, nn.Linear), "a Linear classifier is needed"
     assert getattr(m, "head_dist", None) is None, "distilled heads are not covered"
-    assert isinstance(m.head, nn.Linear), "a Linear classifier is needed"
     proj = m.patch_embed.proj
     assert isinstance(proj, nn.Conv2d) and proj.in_channels == 3, "the zβ rule needs 3 input channels"
     assert tuple(proj.kernel_size) == tuple(proj.stride) and tuple(proj.padding) == (0, 0)
@@ -235,9 +251,24 @@ class BlockTrace:
 
 
 @dataclass
+class PoolTrace:
+    """What the attention pool's rules read (timm ``AttentionPoolLatent``). Lq latents of width E = D."""
+    q: torch.Tensor         # (B, H, Lq, d) the latents' queries after q_norm, unscaled
+    k: torch.Tensor         # (B, H, N, d) after k_norm
+    v: torch.Tensor         # (B, H, N, d)
+    attn: torch.Tensor      # (B, H, Lq, N) attention probabilities, in the autograd graph
+    o: torch.Tensor         # (B, Lq, E) heads merged (proj input)
+    latents: torch.Tensor   # (B, Lq, E) proj output (the MLP Add's a, its Clone's input)
+    z: torch.Tensor         # (B, Lq, E) pool.norm output (fc1 input)
+    hidden: torch.Tensor    # (B, Lq, F) act(fc1(z)) (fc2 input)
+    branch: torch.Tensor    # (B, Lq, E) fc2 output (the MLP Add's b)
+
+
+@dataclass
 class Trace:
     """The whole forward: pixels (B, 3, H, W) requiring grad, the position-embedding Add's operands
-    (B, N, D) each, the blocks, the final norm's output (B, N, D), the classifier input (B, D), logits (B, K)."""
+    (B, N, D) each, the blocks, the final norm's output (B, N, D), the classifier input (B, D), logits (B, K);
+    with ``global_pool="map"`` the attention pool."""
     model: nn.Module
     pixels: torch.Tensor
     tokens_cat: torch.Tensor
@@ -246,6 +277,7 @@ class Trace:
     normed: torch.Tensor
     head_in: torch.Tensor
     logits: torch.Tensor
+    pool: Optional[PoolTrace] = None
 
 
 def run_model(model: nn.Module, images: torch.Tensor) -> Trace:
@@ -261,7 +293,8 @@ def run_model(model: nn.Module, images: torch.Tensor) -> Trace:
         patches = F.conv2d(pixels, proj.weight, proj.bias, stride=proj.stride)       # (B, D, gh, gw)
         patches = patches.flatten(2).transpose(1, 2)                                  # (B, Np, D)
         b = patches.shape[0]
-        tokens_cat = torch.cat([m.cls_token.expand(b, -1, -1), patches], dim=1)      # (B, N, D)
+        prefix = [] if m.cls_token is None else [m.cls_token.expand(b, -1, -1)]
+        tokens_cat = torch.cat(prefix + [patches], dim=1)                             # (B, N, D)
         pos = m.pos_embed.expand_as(tokens_cat)
         x = m.norm_pre(tokens_cat + pos)
         blocks = []
@@ -281,10 +314,32 @@ def run_model(model: nn.Module, images: torch.Tensor) -> Trace:
             blocks.append(BlockTrace(x, z1, q, k, v, attn, o, branch1, y, z2, hidden, branch2))
             x = y + branch2
         normed = m.norm(x)
-        pooled = normed[:, 0] if m.global_pool == "token" else normed[:, m.num_prefix_tokens:].mean(dim=1)
+        pool = None
+        if m.global_pool == "map":
+            pool = _run_pool(m.attn_pool, normed)
+            pooled = (pool.latents + pool.branch)[:, 0]
+        elif m.global_pool == "token":
+            pooled = normed[:, 0]
+        else:
+            pooled = normed[:, m.num_prefix_tokens:].mean(dim=1)
         head_in = m.fc_norm(pooled)
-        logits = _linear(head_in, m.head)
-    return Trace(m, pixels, tokens_cat, pos, blocks, normed, head_in, logits)
+        logits = head_in if _is_identity(m.head) else _linear(head_in, m.head)
+    return Trace(m, pixels, tokens_cat, pos, blocks, normed, head_in, logits, pool)
+
+
+def _run_pool(p: nn.Module, x: torch.Tensor) -> PoolTrace:
+    """timm ``AttentionPoolLatent`` on tokens x (B, N, D) by hand: latents attend to x, proj, + mlp(norm(·))."""
+    b, n, e = x.shape
+    h, d, lq = p.num_heads, p.head_dim, p.latent_len
+    q = p.q_norm(_linear(p.latent.expand(b, -1, -1), p.q).reshape(b, lq, h, d).transpose(1, 2))
+    kv = _linear(x, p.kv).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)
+    k, v = p.k_norm(kv[0]), kv[1]
+    attn = torch.softmax((q @ k.transpose(-1, -2)) * p.scale, dim=-1)
+    o = (attn @ v).transpose(1, 2).reshape(b, lq, e)
+    latents = _linear(o, p.proj)
+    z = p.norm(latents)
+    hidden = p.mlp.act(_linear(z, p.mlp.fc1))
+    return PoolTrace(q, k, v, attn, o, latents, z, hidden, _linear(hidden, p.mlp.fc2))
 
 
 def one_hot(logits: torch.Tensor, target: Target = None) -> torch.Tensor:
@@ -302,8 +357,9 @@ def one_hot(logits: torch.Tensor, target: Target = None) -> torch.Tensor:
 def _detached(t: Trace) -> Trace:
     """The trace with every tensor detached (the rules need values only)."""
     blocks = [BlockTrace(*(getattr(bt, f).detach() for f in BlockTrace.__dataclass_fields__)) for bt in t.blocks]
+    pool = None if t.pool is None else PoolTrace(*(getattr(t.pool, f).detach() for f in PoolTrace.__dataclass_fields__))
     return Trace(t.model, t.pixels.detach(), t.tokens_cat.detach(), t.pos.detach(), blocks, t.normed.detach(),
-                 t.head_in.detach(), t.logits.detach())
+                 t.head_in.detach(), t.logits.detach(), pool)
 
 
 def _block_relevance(blk: nn.Module, bt: BlockTrace, r: torch.Tensor, rules: str
@@ -335,8 +391,11 @@ def _propagate(trace: Trace, start: torch.Tensor, rules: str) -> Dict[str, objec
     """Relevance from ``start`` (B, K) at the logits down to the pixels (their relprop, method="full")."""
     assert rules in RULES, rules
     t, m = _detached(trace), trace.model
-    r = linear_relevance(t.head_in, m.head.weight, start, rules)                   # (B, D); fc_norm: unchanged
-    if m.global_pool == "token":
+    r = start if _is_identity(m.head) else linear_relevance(t.head_in, m.head.weight, start, rules)   # (B, D)
+    pool_attn = None                                                                # fc_norm: unchanged
+    if m.global_pool == "map":
+        r, pool_attn = _pool_relevance(m.attn_pool, t.pool, t.normed, r, rules)
+    elif m.global_pool == "token":
         r = class_token_relevance(t.normed, r)
     else:
         r = mean_pool_relevance(t.normed, r, m.num_prefix_tokens)
@@ -353,7 +412,28 @@ def _propagate(trace: Trace, start: torch.Tensor, rules: str) -> Dict[str, objec
     r_patch = r_patch.transpose(1, 2).reshape(r_patch.shape[0], r_patch.shape[2], *grid)
     pixels = patch_relevance(t.pixels, proj.weight, r_patch, tuple(proj.stride))
     return dict(pixels=pixels, attn=attn, tokens=tokens, tokens0=tokens[0], tokens_cat=r_cat,
-                pos_share=r_pos.sum(dim=(1, 2)), prefix_share=r_cat[:, :p].sum(dim=(1, 2)))
+                pos_share=r_pos.sum(dim=(1, 2)), prefix_share=r_cat[:, :p].sum(dim=(1, 2)), pool_attn=pool_attn)
+
+
+def _pool_relevance(p: nn.Module, pt: PoolTrace, x: torch.Tensor, r: torch.Tensor, rules: str
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The attention pool backwards: r (B, E) at its first latent → (relevance at its input tokens x (B, N, D),
+    R^{A_pool} (B, H, Lq, N) after the halving)."""
+    b, lq, e = pt.latents.shape
+    h, d, n = p.num_heads, p.head_dim, x.shape[1]
+    r_out = torch.zeros(b, lq, e, dtype=r.dtype)
+    r_out[:, 0] = r                                                                  # the other latents: 0
+    r_lat, r_branch = add_relevance(pt.latents, pt.branch, r_out, rules)
+    r_hidden = linear_relevance(pt.hidden, p.mlp.fc2.weight, r_branch, rules)
+    r_z = linear_relevance(pt.z, p.mlp.fc1.weight, r_hidden, rules)                 # pool.norm: unchanged
+    r = clone_relevance(pt.latents, r_lat, r_z)
+    r_o = linear_relevance(pt.o, p.proj.weight, r, rules).reshape(b, lq, h, d).transpose(1, 2)
+    r_attn, r_v = matmul_relevance(pt.attn, pt.v, r_o)
+    r_attn, r_v = r_attn / 2, r_v / 2
+    _, r_kt = matmul_relevance(pt.q, pt.k.transpose(-1, -2), r_attn)               # the latent keeps R_q
+    r_k = r_kt.transpose(-1, -2) / 2
+    r_kv = torch.stack([r_k, r_v]).permute(1, 3, 0, 2, 4).reshape(b, n, 2 * h * d)
+    return linear_relevance(x, p.kv.weight, r_kv, rules), r_attn
 
 
 def relevance(model: nn.Module, images: torch.Tensor, target: Target = None, rules: str = "ours"
@@ -374,10 +454,12 @@ def relevance(model: nn.Module, images: torch.Tensor, target: Target = None, rul
 
 def attention_gradients(trace: Trace, start: torch.Tensor) -> List[torch.Tensor]:
     """∂(Σ_b start_b · logits_b)/∂A_l for every block: the plain gradient of each image's target logit with
-    respect to its attention probabilities, list of (B, H, N, N)."""
+    respect to its attention probabilities, list of (B, H, N, N); with an attention pool, ∂/∂A_pool
+    (B, H, Lq, N) last."""
+    attns = [bt.attn for bt in trace.blocks] + ([] if trace.pool is None else [trace.pool.attn])
     with torch.enable_grad():
         score = (trace.logits * start).sum()
-        grads = torch.autograd.grad(score, [bt.attn for bt in trace.blocks])
+        grads = torch.autograd.grad(score, attns)
     return [g.detach() for g in grads]
 
 
@@ -396,6 +478,8 @@ def partial_lrp(model: nn.Module, images: torch.Tensor, target: Target = None, r
     """Partial LRP (their "last_layer"): mean over heads of max(R^{A_L}, 0), class row (see :func:`read_out`),
     patch columns, (B, N−P) float64."""
     rel = relevance(model, images, target, rules)
+    if model.global_pool == "map":                                                  # the pool's first latent
+        return rel["pool_attn"][:, :, 0].clamp(min=0).mean(dim=1)
     return read_out(model, rel["attn"][-1].clamp(min=0).mean(dim=1))
 
 
@@ -424,8 +508,12 @@ def transformer_attribution(model: nn.Module, images: torch.Tensor, target: Targ
     start = one_hot(trace.logits, target)
     grads = attention_gradients(trace, start)
     rel = _propagate(trace, start, rules)
-    maps = [(g * r).clamp(min=0).mean(dim=1) for g, r in zip(grads, rel["attn"])]
-    return read_out(model, rollout_without_normalisation(maps, start_layer))
+    maps = [(g * r).clamp(min=0).mean(dim=1) for g, r in zip(grads, rel["attn"])]   # the blocks' (zip stops)
+    joint = rollout_without_normalisation(maps, start_layer)
+    if model.global_pool == "map":                      # the row starts at the pool's first latent
+        row = (grads[-1] * rel["pool_attn"]).clamp(min=0).mean(dim=1)[:, 0]
+        return torch.einsum("bi,bij->bj", row, joint)
+    return read_out(model, joint)
 
 
 def rel_err(e: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,9 @@ MODELS = {
     "timm": lambda: _biased(mf.timm_vit()),
     "timm_layer_scale": lambda: _biased(mf.timm_vit(init_values=0.5)),
     "timm_avg": lambda: _biased(mf.timm_vit(global_pool="avg")),
+    # SigLIP's attention pool (no class token) before a classifier: the pass runs through the pool
+    "timm_map": lambda: _biased(mf.scale_pool(mf.random_affine(mf.timm_vit(global_pool="map", class_token=False)),
+                                              latent=3.0, query_key=8.0)),
 }
 
 
@@ -106,6 +109,7 @@ CONVERTED = {
     "torchvision": (lambda: _biased(mf.timm_vit()), mf.timm_to_torchvision),
     "open_clip": (lambda: mf.timm_clip(), mf.timm_to_open_clip),
     "hf_clip": (lambda: mf.timm_clip(), mf.timm_to_hf_clip),
+    "hf_siglip": (lambda: mf.timm_siglip(), mf.timm_to_hf_siglip),
 }
 
 
@@ -143,7 +147,7 @@ def test_conservation():
         run = RelevancePass(vit, images, range(vit.num_layers), rules, pixels=True)
         with prepared_model(vit) as handles, torch.no_grad():
             output = run.forward(handles)
-            r = run.head(torch.nn.functional.one_hot(torch.tensor([1, 3]), output.shape[-1]).double())
+            r, _ = run.head(torch.nn.functional.one_hot(torch.tensor([1, 3]), output.shape[-1]).double())
             if rules == "ours":          # the classifier's rule conserves too (classic's does not)
                 assert torch.allclose(r.sum((1, 2)), torch.ones(2, dtype=torch.float64), atol=1e-6)
             for l in reversed(range(vit.num_layers)):
@@ -191,7 +195,9 @@ def test_refusals():
         tf.explain(model, images, "partial_lrp", rules="newest")
     with pytest.raises(ValueError, match="full=True"):
         tf.explain(model, images, "transformer_attribution", full=True)
-    with pytest.raises(ValueError, match="attention-pool heads"):
-        tf.explain(mf.timm_siglip(), mf.images(), "partial_lrp", target=class_logit(0), backend="torch")
+    pooled = mf.timm_vit(global_pool="map", class_token=False)
+    pooled.attn_pool.pos_embed = torch.nn.Parameter(torch.zeros(16, mf.WIDTH))       # timm's pos_embed="abs"
+    with pytest.raises(ValueError, match="position embedding of its own"):
+        tf.explain(pooled, mf.images(), "partial_lrp", target=class_logit(0), backend="torch")
     with pytest.raises(ValueError, match="two classifier heads"):
         tf.explain(mf.make_model("hf_deit_teacher"), mf.images(), "lrp", backend="torch")

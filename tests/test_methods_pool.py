@@ -10,7 +10,8 @@ from torch import nn
 import tokentm_fast as tf
 from spec_oracle import rel_err
 
-METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad")
+METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad", "conservative_lrp", "attcat",
+           "lrp", "partial_lrp", "transformer_attribution")
 
 
 def map_vit(num_classes=0, seed=0):

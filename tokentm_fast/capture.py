@@ -227,11 +227,14 @@ class PoolRecorder:
 
     ``leaf=True``: ``attn`` is made a leaf that requires grad (the gradient of a score w.r.t. the pool's
     attention, without a graph through the blocks); otherwise it stays in the model's graph.
+    ``queries_keys=True`` also records ``q`` ``(B, H, Lq, d)`` and ``k`` ``(B, H, M, d)`` (unscaled; the
+    relevance pass's Q·Kᵀ rule).
     """
 
-    def __init__(self, vit: ViTAdapter, leaf: bool = False) -> None:
+    def __init__(self, vit: ViTAdapter, leaf: bool = False, queries_keys: bool = False) -> None:
         self.vit = vit
         self.leaf = leaf
+        self.queries_keys = queries_keys
         self.records: List[LayerRecord] = []
 
     def install(self, handles: list) -> None:
@@ -247,6 +250,8 @@ class PoolRecorder:
             attn = attn.detach().requires_grad_(True)
         rec = self.records[-1]
         rec["attn"], rec["values"] = attn, merge_heads(v).detach()
+        if self.queries_keys:
+            rec["q"], rec["k"] = q.detach(), k.detach()
         return attn @ v
 
     @property

@@ -108,7 +108,8 @@ def patch_embedding(images: torch.Tensor, conv: nn.Conv2d, r: torch.Tensor) -> t
     pw, nw = w.clamp(min=0), w.clamp(max=0)
     low = images.amin(dim=(1, 2, 3), keepdim=True).expand_as(images)
     high = images.amax(dim=(1, 2, 3), keepdim=True).expand_as(images)
-    kw = dict(stride=conv.stride, padding=conv.padding)
+    padding = (0, 0) if conv.padding == "valid" else conv.padding      # SigLIP's convolution says "valid"
+    kw = dict(stride=conv.stride, padding=padding)
     z = F.conv2d(images, w, **kw) - F.conv2d(low, pw, **kw) - F.conv2d(high, nw, **kw) + STABILISER
     s = r / z
 

@@ -204,17 +204,22 @@ def _relevance_method(vit: ViTAdapter, x: torch.Tensor, method: str, target, opt
         output = run.forward(handles)
         t = resolve_target(target, output)
         attns = [run.recorder.records[l]["attn"] for l in layers]
-        grads = torch.autograd.grad(target_score(output, t), attns)
+        pooled = run.pool is not None
+        grads = torch.autograd.grad(target_score(output, t), attns + ([run.pool.last["attn"]] if pooled else []))
         y = output.detach().requires_grad_(True)
         (r,) = torch.autograd.grad(target_score(y, t), [y])
     with torch.no_grad():
-        r = run.head(r)
+        r, r_pool = run.head(r)
         b, n = x.shape[0], attns[0].shape[-1]
+        if pooled:   # the row starts at the pool's first latent: mean_h max(∇A_pool ⊙ R^{A_pool}, 0)
+            q = (_latent0(vit, grads[-1], n) * r_pool).clamp(min=0).mean(1)
+        else:
+            q = head_rows(vit, b, n, torch.float64, x.device)
         c = _eye(b, n, x)
-        for l, g in zip(reversed(layers), reversed(grads)):
+        for l, g in zip(reversed(layers), reversed(grads[:len(layers)])):
             r, r_attn = run.block(l, r)
             c = c @ ((g * r_attn).clamp(min=0).mean(1) + _eye(b, n, x))       # C = Âᴸ ⋯ Â^{k+1}, top leftmost
-        return torch.einsum("bi,bij->bj", head_rows(vit, b, n, torch.float64, x.device), c)[:, P:]
+        return torch.einsum("bi,bij->bj", q, c)[:, P:]
 
 
 def _latent0(vit: ViTAdapter, t: torch.Tensor, n: int) -> torch.Tensor:

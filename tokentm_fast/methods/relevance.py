@@ -15,20 +15,27 @@ records what the rules read (``RelevancePass``), then the relevance runs top-dow
 - ``partial_lrp``: ``mean_h max(R^{A_L}, 0)`` on the rows the head reads (``head_rows``);
 - ``transformer_attribution``: ``Āˡ = mean_h max(∇Aˡ ⊙ R^{Aˡ}, 0)``, ``C = Π_l (Āˡ + I)`` from ``start_layer``.
 
+An attention-pool head (SigLIP, CoCa) is run backwards with the same rules (``RelevancePass.attention_pool``);
+partial LRP then reads R^{A_pool} and transformer attribution starts its row at the pool (docs/methods.md §6.3).
+
 Each returns ``(B, N−P)`` (``lrp``: ``(B, H, W)``; a list over the targets for a ``TargetList``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .. import lrp_rules
 from ..aggregation import check_layer_order, query_support
-from ..capture import LayerRecorder, PointRecorder, prepared_model
+from ..capture import LayerRecorder, PointRecorder, PoolRecorder, prepared_model
 from ..models.protocol import LinearPoint, ViTAdapter, merge_heads, no_relevance_pass, split_heads
 from ..targets import TargetList, resolve_target, target_score
 from ..transform import compute_dtype
+from .pool import first_latent
+
+#: the attention pool's points the relevance pass reads (``PoolLinears`` fields)
+POOL_POINTS = ("kv", "proj", "latent", "fc1", "fc2", "mlp")
 
 
 def conservative_lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path,
@@ -67,13 +74,17 @@ class RelevancePass:
 
     def __init__(self, vit: ViTAdapter, images: torch.Tensor, layers: Sequence[int], rules: str = "ours",
                  grads: bool = False, pixels: bool = False) -> None:
-        if vit.attention_pool is not None:
-            raise no_relevance_pass("attention-pool heads (the rules of docs/methods.md §6.3 start at a class "
-                                    "token or a mean pooling)")
         self.vit, self.images, self.layers, self.rules = vit, images, list(layers), rules
         self.acc = compute_dtype(images)
         head = vit.head_linears()
         points: Dict[Any, LinearPoint] = {("head", i): p for i, p in enumerate(head)}
+        self.pool = None
+        if vit.attention_pool is not None:
+            pool = vit.pool_linears()
+            self.pool = PoolRecorder(vit, queries_keys=True)
+            self.pool_mlp = pool.mlp is not None
+            points.update({("pool", name): getattr(pool, name) for name in POOL_POINTS
+                           if getattr(pool, name) is not None})
         for l in self.layers:
             lin = vit.relevance_linears(l)
             points.update({(l, name): getattr(lin, name) for name in ("qkv", "proj", "fc1", "fc2")})
@@ -95,6 +106,8 @@ class RelevancePass:
         """Install the recorders (undone by ``handles``) and run the model; its output ``(B, K)``."""
         self.recorder.install(handles)
         self.points.install(handles)
+        if self.pool is not None:
+            self.pool.install(handles)
         output = self.vit.forward(self.images)
         if "conv_in" in self.points.values and self.points.values["conv_in"].shape != self.images.shape:
             raise no_relevance_pass("this patch embedding: its convolution does not read the pixels")
@@ -103,8 +116,10 @@ class RelevancePass:
     def _value(self, key) -> torch.Tensor:
         return self.points.values[key].to(self.acc)
 
-    def head(self, r_out: torch.Tensor) -> torch.Tensor:
-        """Relevance at the last block's output ``(B, N, D)`` from ``r_out`` ``(B, K)`` at the model output."""
+    def head(self, r_out: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Relevance at the last block's output ``(B, N, D)`` from ``r_out`` ``(B, K)`` at the model output;
+        with an attention-pool head also R^{A_pool} of its first latent over the N tokens ``(B, H, N)``
+        (:meth:`attention_pool`), else None."""
         vit, r = self.vit, r_out.to(self.acc)
         inputs = []
         for i in range(self.num_head):
@@ -114,10 +129,39 @@ class RelevancePass:
             r = lrp_rules.linear(x, w, r, self.rules)
         rec = self.recorder.records[self.layers[-1]]
         tokens = (rec["y"] + rec["mlp_out"]).to(self.acc)          # the last block's output, which the head pools
+        if self.pool is not None:
+            return self.attention_pool(r, tokens.shape[1])
         if vit.pooling == "token":
             pooled = inputs[0] if inputs else r_out.to(self.acc)
-            return lrp_rules.select_row(pooled, r, tokens.shape[1])
-        return lrp_rules.mean_rows(tokens, r, vit.pooled_rows(tokens.shape[1]))
+            return lrp_rules.select_row(pooled, r, tokens.shape[1]), None
+        return lrp_rules.mean_rows(tokens, r, vit.pooled_rows(tokens.shape[1])), None
+
+    def attention_pool(self, r: torch.Tensor, num_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The attention pool backwards from ``r`` ``(B, E)`` at its first latent (the only one the head
+        reads; the selection passes relevance unchanged): the residual MLP (if any) as in a block, ``proj``,
+        A·V and Q·Kᵀ as in a block (the queries' share stays with the learned latent, like a bias's), the
+        key / value projection, the pool's norm unchanged. Relevance at the last block's output
+        ``(B, N, D)`` (zero off the pool's columns) and R^{A_pool} of the first latent ``(B, H, N)``."""
+        rec, acc, rules = self.pool.last, self.acc, self.rules
+        attn = rec["attn"].detach()[:, :, :1].to(acc)                              # (B, H, 1, M)
+        heads = attn.shape[1]
+        if self.pool_mlp:
+            a, m = self._value(("pool", "latent"))[:, 0], self._value(("pool", "mlp"))[:, 0]
+            r_a, r_m = lrp_rules.add(a, m, r, rules)
+            r_hidden = lrp_rules.linear(self._value(("pool", "fc2"))[:, 0], self.weights[("pool", "fc2")], r_m, rules)
+            r_norm = lrp_rules.linear(self._value(("pool", "fc1"))[:, 0], self.weights[("pool", "fc1")], r_hidden,
+                                      rules)
+            r = lrp_rules.clone(a, r_a, r_norm)
+        r_o = lrp_rules.linear(self._value(("pool", "proj"))[:, 0], self.weights[("pool", "proj")], r, rules)
+        r_o = r_o.unflatten(-1, (heads, -1))[:, :, None]                            # (B, H, 1, d)
+        v = split_heads(rec["values"].to(acc), heads)
+        r_attn, r_v = lrp_rules.product(attn, v, r_o)
+        _, r_kt = lrp_rules.product(rec["q"][:, :, :1].to(acc), rec["k"].to(acc).transpose(-1, -2), r_attn)
+        r_kv = torch.cat([merge_heads(r_kt.transpose(-1, -2)), merge_heads(r_v)], dim=-1)   # (B, M, 2·E)
+        r_read = lrp_rules.linear(self._value(("pool", "kv")), self.weights[("pool", "kv")], r_kv, rules)
+        r_tokens = r_read.new_zeros(r_read.shape[0], num_tokens, r_read.shape[-1])
+        r_tokens[:, self.vit.pool_columns(num_tokens)] = r_read
+        return r_tokens, first_latent(self.vit, r_attn, num_tokens)
 
     def block(self, l: int, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Block l: relevance at its input ``(B, N, D)`` and at its attention probabilities ``(B, H, N, N)``
@@ -190,7 +234,7 @@ def lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], 
         output = run.forward(handles)
         maps = []
         for r_out in _output_relevances(output, target):
-            r = run.head(r_out)
+            r, _ = run.head(r_out)
             for l in reversed(run.layers):
                 r, _ = run.block(l, r)
             maps.append(run.pixels(r)[0])
@@ -198,14 +242,19 @@ def lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], 
 
 
 def partial_lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
-    """Partial LRP: ``e = mean_h max(R^{A_L}, 0)`` on the query row."""
+    """Partial LRP: ``e = mean_h max(R^{A_L}, 0)`` on the query row; with an attention-pool head
+    ``mean_h max(R^{A_pool}, 0)`` of its first latent (the pool is the last attention)."""
     top = vit.num_layers - 1
     run = RelevancePass(vit, images, [top], options["rules"])
     with prepared_model(vit) as handles, torch.no_grad():
         output = run.forward(handles)
         maps = []
         for r_out in _output_relevances(output, target):
-            _, r_attn = run.block(top, run.head(r_out))
+            r, r_pool = run.head(r_out)
+            if r_pool is not None:
+                maps.append(_finish_rows(vit, r_pool.clamp(min=0).mean(1)))
+                continue
+            _, r_attn = run.block(top, r)
             fused = r_attn.clamp(min=0).mean(1)                                     # (B, N, N)
             q = head_rows(vit, fused.shape[0], fused.shape[-1], fused.dtype, fused.device)
             maps.append(_finish_rows(vit, torch.einsum("bi,bij->bj", q, fused)))
@@ -216,7 +265,8 @@ def transformer_attribution(vit: ViTAdapter, images: torch.Tensor, target, optio
                             full: bool = False):
     """Transformer Attribution: ``Āˡ = mean_h max(∇Aˡ ⊙ R^{Aˡ}, 0)``, ``C = Π (Āˡ + I)`` over the blocks from
     ``start_layer`` (no row normalisation): GAE's row update with R^{Aˡ} in place of Aˡ, run inside the
-    backward pass as each ∇Aˡ arrives, the relevance pass one block ahead of it."""
+    backward pass as each ∇Aˡ arrives, the relevance pass one block ahead of it. With an attention-pool
+    head the row starts at ``mean_h max(∇A_pool ⊙ R^{A_pool}, 0)`` of its first latent, as GAE's does."""
     layers = list(range(options["start_layer"], vit.num_layers))
     top = layers[-1]
     run = RelevancePass(vit, images, layers, "ours", grads=True)
@@ -228,16 +278,24 @@ def transformer_attribution(vit: ViTAdapter, images: torch.Tensor, target, optio
             check_layer_order(l, state["next"])
             with torch.no_grad():
                 state["r"], r_attn = run.block(l, state["r"])
-                support = {"support": query_support(head_rows(vit, 1, r_attn.shape[-1], run.acc, "cpu"))} if l == top else {}
+                top_row = l == top and run.pool is None
+                support = {"support": query_support(head_rows(vit, 1, r_attn.shape[-1], run.acc, "cpu"))} if top_row else {}
                 state["rows"] = update(state["rows"], r_attn, grad.to(run.acc), 1.0, 0.0, mode="gae", **support)
             state["next"] = l - 1 if l > layers[0] else None
         return hook
+
+    def pool_hook(grad: torch.Tensor) -> None:
+        with torch.no_grad():
+            g = first_latent(vit, grad.to(run.acc), state["r_pool"].shape[-1])
+            state["rows"] = (g * state["r_pool"]).clamp(min=0).mean(1)[:, None]
 
     with prepared_model(vit) as handles, torch.enable_grad():
         output = run.forward(handles)
         recs = run.recorder.records
         for l in layers:
             recs[l]["attn"].register_hook(layer_hook(l))
+        if run.pool is not None:
+            run.pool.last["attn"].register_hook(pool_hook)
         many = isinstance(target, TargetList)
         targets = [resolve_target(t, output) for t in (target if many else [target])]
         leaf = recs[layers[0]]["attn"]
@@ -245,8 +303,9 @@ def transformer_attribution(vit: ViTAdapter, images: torch.Tensor, target, optio
         maps = []
         for i, (t, r_out) in enumerate(zip(targets, _output_relevances(output, target))):
             with torch.no_grad():
-                state.update(r=run.head(r_out), next=top,
-                             rows=head_rows(vit, b, n, run.acc, images.device)[:, None])
+                r, r_pool = run.head(r_out)
+                state.update(r=r, r_pool=r_pool, next=top,
+                             rows=None if r_pool is not None else head_rows(vit, b, n, run.acc, images.device)[:, None])
             torch.autograd.grad(target_score(output, t), [leaf], retain_graph=i < len(targets) - 1)
             maps.append(_finish_rows(vit, state["rows"][:, 0]))
     return maps if many else maps[0]

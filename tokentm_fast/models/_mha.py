@@ -55,6 +55,14 @@ def check_pool_mha(mha: nn.Module, where: str) -> None:
         raise ValueError(f"unsupported model: {where} uses add_bias_kv / add_zero_attn")
 
 
+def mha_key_value_weight(mha: nn.MultiheadAttention) -> torch.Tensor:
+    """``(2·E, kdim)``: the key projection's rows, then the value projection's (the ``kv`` weight of
+    ``PoolLinears``; kdim = vdim, which ``check_pool_mha`` leaves to the caller)."""
+    if mha._qkv_same_embed_dim:
+        return mha.in_proj_weight[mha.embed_dim:]
+    return torch.cat([mha.k_proj_weight, mha.v_proj_weight])
+
+
 def mha_cross_attention(mha: nn.MultiheadAttention, query: torch.Tensor, tokens: torch.Tensor,
                         core: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
     """``mha(query, tokens, tokens)[0]`` of a ``batch_first`` ``nn.MultiheadAttention`` with

@@ -26,9 +26,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._mha import check_mha, mha_cross_attention
-from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, ViTAdapter,
-                       linear_point, no_relevance_pass)
+from ._mha import check_mha, mha_cross_attention, mha_key_value_weight
+from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, PoolLinears,
+                       ViTAdapter, linear_point, no_relevance_pass)
 
 
 def hf_classes():
@@ -231,6 +231,15 @@ class HFViT(ViTAdapter):
         return BlockLinears(LinearPoint(attn.q_proj, qkv), linear_point(getattr(attn, self._out_name)),
                             linear_point(mlp.fc1), linear_point(mlp.fc2))
 
+    def pool_linears(self) -> PoolLinears:
+        """SigLIP's ``SiglipMultiheadAttentionPoolingHead``: keys and values from the tokens it receives,
+        ``out_proj``, then the residual MLP ``x + mlp(layernorm(x))``."""
+        head = self.attention_pool
+        mha, mlp = head.attention, head.mlp
+        return PoolLinears(LinearPoint(head, mha_key_value_weight(mha)), linear_point(mha.out_proj),
+                           LinearPoint(head.layernorm, mha.out_proj.weight), linear_point(mlp.fc1),
+                           linear_point(mlp.fc2), LinearPoint(mlp, mlp.fc2.weight, output=True))
+
     def head_linears(self) -> List[LinearPoint]:
         m, kind = self.model, self.kind
         if kind == "deit_teacher":
@@ -245,6 +254,9 @@ class HFViT(ViTAdapter):
 
     def embedding_points(self) -> EmbeddingPoints:
         emb = self.base.embeddings
+        if self.kind == "siglip":   # no class token, no norm before the blocks: the embeddings' output
+            conv = emb.patch_embedding
+            return EmbeddingPoints(conv, LinearPoint(emb, conv.weight, output=True), conv.weight.new_zeros(0, conv.out_channels))
         if self.clip:
             return EmbeddingPoints(emb.patch_embedding, LinearPoint(self.base.pre_layrnorm, emb.patch_embedding.weight),
                                    emb.class_embedding[None])

@@ -22,9 +22,9 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._mha import check_mha, check_pool_mha, mha_cross_attention, mha_forward
-from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, ViTAdapter,
-                       linear_point)
+from ._mha import check_mha, check_pool_mha, mha_cross_attention, mha_forward, mha_key_value_weight
+from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, PoolLinears,
+                       ViTAdapter, linear_point, no_relevance_pass)
 
 POOL_TYPES = {"tok": "token", "avg": "avg"}
 
@@ -169,6 +169,14 @@ class OpenClipViT(ViTAdapter):
     def head_linears(self) -> List[LinearPoint]:
         proj = self.model.proj
         return [] if proj is None else [LinearPoint(self.model.ln_post, proj.t(), output=True)]
+
+    def pool_linears(self) -> PoolLinears:
+        """CoCa's ``AttentionalPooler``: keys and values from ``ln_k`` of the tokens, ``out_proj``, no MLP."""
+        pool = self.attention_pool
+        mha = pool.attn
+        if mha.kdim != mha.vdim:
+            raise no_relevance_pass("an attentional pool whose keys and values read different widths")
+        return PoolLinears(LinearPoint(pool.ln_k, mha_key_value_weight(mha), output=True), linear_point(mha.out_proj))
 
     def embedding_points(self) -> EmbeddingPoints:
         m = self.model

@@ -70,6 +70,23 @@ class BlockLinears:
 
 
 @dataclass(frozen=True)
+class PoolLinears:
+    """The linear maps of an attention pool, for the relevance pass (docs/methods.md §6.3): ``kv`` (weight
+    ``(2·E, D)``: the key rows, then the value rows, each ``(H, d)`` head-major; its input the tokens the
+    pool reads after any norm of its own, ``(B, M, D)``) and ``proj`` ``(E, E)`` (its input the heads
+    merged, ``(B, Lq, E)``). A pool with a residual MLP after its attention (timm ``"map"``, SigLIP; not
+    CoCa) also gives ``latent``, where the latents entering that residual are read (weight unused),
+    ``fc1`` ``(F, E)``, ``fc2`` ``(E, F)`` and ``mlp``, where the MLP's output is read (weight unused)."""
+
+    kv: LinearPoint
+    proj: LinearPoint
+    latent: Optional[LinearPoint] = None
+    fc1: Optional[LinearPoint] = None
+    fc2: Optional[LinearPoint] = None
+    mlp: Optional[LinearPoint] = None
+
+
+@dataclass(frozen=True)
 class EmbeddingPoints:
     """The token embedding: ``conv`` the patch embedding on the pixels (kernel = stride = patch),
     ``tokens`` where the tokens after the position embedding ``(B, N, D)`` can be read (its ``weight`` is
@@ -226,10 +243,14 @@ class ViTAdapter(abc.ABC):
         """The patch embedding, the tokens after the position embedding and the prefix tokens."""
         raise NotImplementedError(f"the {self.family} adapter has no relevance pass")
 
+    def pool_linears(self) -> PoolLinears:
+        """The attention pool's linear maps and where their inputs are read (``PoolLinears``)."""
+        raise no_relevance_pass(f"the attention pool of the {self.family} adapter")
+
     def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The head's token pooling of ``(B, N, D)`` tokens → ``(B, D)`` (class token, or the mean of the
-        pooled rows)."""
-        if self.pooling == "token":
+        pooled rows); after an attention pool, of its ``(B, Lq, E)`` latents: the first latent."""
+        if self.pooling == "token" or self.attention_pool is not None:
             return tokens[:, 0]
         return tokens[:, self.pooled_rows(tokens.shape[1])].mean(1)
 

@@ -13,8 +13,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, ViTAdapter,
-                       linear_point, no_relevance_pass)
+from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, PoolLinears,
+                       ViTAdapter, linear_point, no_relevance_pass)
 
 SUPPORTED_POOLING = ("token", "avg", "map")
 
@@ -173,6 +173,24 @@ class TimmViT(ViTAdapter):
         attn = blk.attn
         return BlockLinears(linear_point(attn.qkv), linear_point(attn.proj), linear_point(blk.mlp.fc1),
                             linear_point(blk.mlp.fc2))
+
+    def pool_linears(self) -> PoolLinears:
+        """timm's ``AttentionPoolLatent``: ``kv`` on the tokens, ``proj``, then (with one) the residual MLP
+        ``x + mlp(norm(x))``."""
+        from timm.layers import Mlp
+
+        pool = self.attention_pool
+        if pool.pos_embed is not None:
+            raise no_relevance_pass("an attention pool with a position embedding of its own")
+        kv, proj = linear_point(pool.kv), linear_point(pool.proj)
+        mlp = pool.mlp
+        if mlp is None:
+            return PoolLinears(kv, proj)
+        if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity):
+            raise no_relevance_pass(f"the attention pool's MLP, a {type(mlp).__name__} (only timm's two-layer "
+                                    f"`Mlp`: fc1, activation, fc2)")
+        return PoolLinears(kv, proj, LinearPoint(pool.norm, proj.weight), linear_point(mlp.fc1),
+                           linear_point(mlp.fc2), LinearPoint(mlp, mlp.fc2.weight, output=True))
 
     def head_linears(self) -> List[LinearPoint]:
         m = self.trunk

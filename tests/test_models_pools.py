@@ -317,20 +317,6 @@ def coca_tokentm_oracle(model: torch.nn.Module, images: torch.Tensor, c: torch.T
     return (r * x0.norm(dim=-1))[:, 1:]
 
 
-@pytest.mark.parametrize("output_dim", [mf.WIDTH, 24], ids=["same_width", "narrower_pool"])
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_coca_tokentm_matches_the_literal_pool(backend, output_dim):
-    """TokenTM of CoCa towers, the released kind whose pool is narrower than the blocks (48 → 24) included,
-    against the float64 oracle above."""
-    model = mf.open_clip_coca(output_dim=output_dim)
-    x = mf.images()
-    want = coca_tokentm_oracle(model, x, COCA_TARGET).reshape(2, GRID, GRID)
-    assert_informative(want)
-    got = tf.explain(model, x, "tokentm", backend=backend, target=tf.class_logit(COCA_TARGET))
-    assert got.shape == (2, GRID, GRID)
-    assert (rel_err(got, want) < TOL).all()
-
-
 def test_coca_narrower_pool_weights_are_the_length_ratio_over_n():
     """The pool's weight of a narrower pool (§6.1): |x̃_j| / max(|x_j|, ε) / M, NECC's 1/M in place of the
     undefined angle; for one width it is §2's weight (checked against the tests' own §2)."""
@@ -382,12 +368,16 @@ def coca_partial_lrp_oracle(model: torch.nn.Module, images: torch.Tensor, c: tor
 
 @pytest.mark.parametrize("output_dim", [mf.WIDTH, 24], ids=["same_width", "narrower_pool"])
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_coca_partial_lrp_matches_the_literal_pool(backend, output_dim):
+@pytest.mark.parametrize("method", ["tokentm", "partial_lrp"])
+def test_coca_blocks_and_pool_match_the_literal_oracles(method, backend, output_dim):
+    """TokenTM and partial LRP of CoCa towers, the released kind whose pool is narrower than the blocks
+    (48 → 24) included, against the float64 oracles above."""
+    oracle = coca_tokentm_oracle if method == "tokentm" else coca_partial_lrp_oracle
     model = mf.open_clip_coca(output_dim=output_dim)
     x = mf.images()
-    want = coca_partial_lrp_oracle(model, x, COCA_TARGET).reshape(2, GRID, GRID)
+    want = oracle(model, x, COCA_TARGET).reshape(2, GRID, GRID)
     assert_informative(want)
-    got = tf.explain(model, x, "partial_lrp", backend=backend, target=tf.class_logit(COCA_TARGET))
+    got = tf.explain(model, x, method, backend=backend, target=tf.class_logit(COCA_TARGET))
     assert got.shape == (2, GRID, GRID)
     assert (rel_err(got, want) < TOL).all()
 

@@ -97,3 +97,18 @@ def test_a_new_method_is_a_registry_entry_and_one_function(monkeypatch, backend,
     assert rel_err(tf.explain(model.float(), images, "raw_attention", backend="torch"), ref).max() > 1e-3
     with pytest.raises(ValueError, match="unknown option"):
         tf.Explainer(model, "first_block_attention", start_layer=1)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_the_signed_flag_is_what_the_maps_do(name):
+    """``signed=False``: the method's maps are never negative (what the pictures' one-sided colour map
+    assumes); ``signed=True``: they take both signs (evidence for and against the target), on a random-init
+    model, for every class as the target."""
+    model, images = mf.timm_vit().eval(), mf.images()
+    maps = torch.cat([tf.explain(model, images, name, target=t, backend="torch") for t in range(mf.CLASSES)])
+    assert maps.shape == (2 * mf.CLASSES, 4, 4) and (maps > 0).any() and maps.std() > 0  # informative maps
+    both_signs = [bool((m < 0).any() and (m > 0).any()) for m in maps]
+    if get_method(name).signed:
+        assert any(both_signs), f"{name} is flagged signed but gave no map with both signs"
+    else:
+        assert maps.min() >= 0, f"{name} is not flagged signed but gave {maps.min().item():g}"

@@ -41,6 +41,9 @@ class MethodSpec:
             patch (``tokentm_fast.maps.patch_sums``), ``upsample=True`` returns the pixels themselves.
         float32_tolerance: the per-image relative error its float32 maps meet against the float64
             reference (docs/methods.md §7; the LRP rules' cancelling divisions: §6.3, "Precision").
+        signed: the map can be negative (evidence against the target); the pictures draw it with a diverging
+            colour map centred at 0 (``tokentm_fast.visualize``). False: the method's map is ≥ 0 by its
+            definition (a clamp, or sums and products of non-negative terms).
     """
 
     name: str
@@ -59,6 +62,7 @@ class MethodSpec:
     materialized_only: Optional[str] = None
     pixel_map: bool = False
     float32_tolerance: float = 1e-5
+    signed: bool = False
 
     def flash_refusal(self, options: Mapping[str, Any]) -> Optional[str]:
         """Why the flash path cannot serve these (resolved) options, or None."""
@@ -98,10 +102,11 @@ REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
                checks={"neutral_prompt": tails.check_neutral_prompt,
                        "correction_threshold": tails.check_threshold},
                flash_shares_forward=True),
-    MethodSpec("conservative_lrp", relevance.conservative_lrp, flash_shares_forward=True),
-    MethodSpec("attcat", relevance.attcat, flash_shares_forward=True),
+    MethodSpec("conservative_lrp", relevance.conservative_lrp, flash_shares_forward=True, signed=True),
+    MethodSpec("attcat", relevance.attcat, flash_shares_forward=True, signed=True),
     MethodSpec("lrp", relevance.lrp, defaults={"rules": "ours"}, choices={"rules": RULES},
-               materialized_only=_RELEVANCE_PASS, pixel_map=True, float32_tolerance=_RELEVANCE_TOLERANCE),
+               materialized_only=_RELEVANCE_PASS, pixel_map=True, float32_tolerance=_RELEVANCE_TOLERANCE,
+               signed=True),
     MethodSpec("partial_lrp", relevance.partial_lrp, defaults={"rules": "ours"}, choices={"rules": RULES},
                materialized_only=_RELEVANCE_PASS, float32_tolerance=_RELEVANCE_TOLERANCE),
     MethodSpec("transformer_attribution", relevance.transformer_attribution, defaults={"start_layer": 0},

@@ -1,6 +1,11 @@
 """tokentm_fast/interop.py: output options of explain (upsample, normalize) and the Quantus / Captum-style
-entry points; ``TokenTMAttribution.attribute(..., additional_forward_args=...)`` as Captum has it (issue 15):
-None or empty is accepted (same maps), non-empty is refused with a clear message, not silently dropped."""
+entry points. ``TokenTMAttribution`` follows Captum's conventions (issue 26): a tensor or a tuple in, the same
+kind out, attributions shaped like the inputs, Captum's target kinds, ``additional_forward_args`` passed to the
+model's forward; Captum's own ``sensitivity_max`` and ``infidelity`` run on it as Captum documents them, their
+values checked against the formulas written out here."""
+import copy
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -78,7 +83,9 @@ def test_explain_func_numpy_in_numpy_out(vit):
     model, images = vit
     expected = tf.explain(model, images, "legrad", target=torch.tensor([0, 3, 1]), upsample=True)
     x = images.numpy().astype(np.float64)                  # Quantus perturbations are often float64
-    a = explain_func(model, x, np.array([0, 3, 1]), method="legrad", device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # the documented cast to the model's dtype is silent
+        a = explain_func(model, x, np.array([0, 3, 1]), method="legrad", device="cpu")
     assert isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == (3, 1, 32, 48)
     np.testing.assert_allclose(a[:, 0], expected.numpy(), rtol=1e-6, atol=0)
     # torch in, list targets, (B, H, W) out
@@ -127,20 +134,83 @@ def test_explain_func_unwraps_a_model_wrapper(vit):
 # --------------------------------------------------------------------------- Captum-style class
 
 
+def _like_images(maps, channels):
+    """Explain's (B, H, W) maps as Captum's (B, C, H, W): the same map in every channel."""
+    return maps[:, None].repeat(1, channels, 1, 1)
+
+
 def test_tokentm_attribution(vit):
     model, images = vit
     attr = TokenTMAttribution(model, method="tokentm", head_fusion="decoupled")
     out = attr.attribute(images, target=[1, 0, 3])
-    assert out.shape == (3, 1, 32, 48) and out.dtype == torch.float32
+    assert isinstance(out, torch.Tensor) and out.shape == images.shape == (3, 3, 32, 48)
+    assert out.dtype == torch.float32 and (_spread(out) > 0).all()
     expected = tf.explain(model, images, "tokentm", target=torch.tensor([1, 0, 3]), head_fusion="decoupled",
                           upsample=True)
-    torch.testing.assert_close(out[:, 0], expected)
+    for c in range(3):                                              # every channel holds the image's map
+        torch.testing.assert_close(out[:, c], expected, rtol=0, atol=0)
     norm = attr.attribute(images, target=torch.tensor([1, 0, 3]), normalize=True)
-    torch.testing.assert_close(norm[:, 0], minmax_normalize(expected))
-    assert (out * images).shape == images.shape                     # broadcasts against the inputs
+    torch.testing.assert_close(norm, _like_images(minmax_normalize(expected), 3))
     assert attr.has_convergence_delta() is False and attr.forward_func is model
-    with pytest.raises(TypeError, match="torch.Tensor"):
+
+
+@pytest.mark.parametrize("method", ["tokentm", "legrad", "rollout"])
+def test_tuple_in_tuple_out_tensor_in_tensor_out(vit, method):
+    """Captum's convention: a tuple of the inputs in, a tuple of attributions shaped like them out."""
+    model, images = vit
+    attr = TokenTMAttribution(model, method=method)
+    single = attr.attribute(images, target=2)
+    assert isinstance(single, torch.Tensor) and single.shape == images.shape and (_spread(single) > 0).all()
+    both = attr.attribute((images.clone().requires_grad_(True),), target=2)   # Captum's examples: requires_grad
+    assert isinstance(both, tuple) and len(both) == 1 and both[0].shape == images.shape
+    torch.testing.assert_close(both[0], single, rtol=0, atol=0)
+    want = tf.explain(model, images, method, target=2, upsample=True)
+    torch.testing.assert_close(single, _like_images(want, 3), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("target", [2, torch.tensor(2), torch.tensor([2]), (2,), [2, 2, 2], torch.tensor([2, 2, 2]),
+                                    np.int64(2)], ids=["int", "0d", "1elem", "tuple1", "list", "tensor", "np"])
+def test_captum_targets_one_class(vit, target):
+    """Captum's target kinds: an int, a one-element tensor or tuple (that class for every image), B classes."""
+    model, images = vit
+    want = tf.explain(model, images, "gae", target=torch.tensor([2, 2, 2]), upsample=True)
+    assert (_spread(want) > 0).all()
+    out = TokenTMAttribution(model, method="gae").attribute(images, target=target)
+    torch.testing.assert_close(out, _like_images(want, 3), rtol=0, atol=0)
+
+
+def test_captum_targets_per_image(vit):
+    model, images = vit
+    want = tf.explain(model, images, "gae", target=torch.tensor([3, 0, 1]), upsample=True)
+    attr = TokenTMAttribution(model, method="gae")
+    for target in ([3, 0, 1], torch.tensor([3, 0, 1]), torch.tensor([[3], [0], [1]]), [(3,), (0,), (1,)]):
+        torch.testing.assert_close(attr.attribute(images, target=target), _like_images(want, 3), rtol=0, atol=0)
+    # not the same as one class for all: the target is read per image
+    assert not torch.allclose(attr.attribute(images, target=3), attr.attribute(images, target=[3, 0, 1]))
+
+
+def test_captum_attribution_errors(vit):
+    model, images = vit
+    attr = TokenTMAttribution(model)
+    with pytest.raises(TypeError, match=r"torch.Tensor \(B, C, H, W\) or a tuple holding one"):
         attr.attribute(images.numpy())
+    with pytest.raises(TypeError, match=r"torch.Tensor \(B, C, H, W\) or a tuple holding one"):
+        attr.attribute([images])
+    with pytest.raises(ValueError, match="tuple of 2 items.*additional_forward_args"):
+        attr.attribute((images, images), target=1)
+    with pytest.raises(TypeError, match="tuple holding a ndarray"):
+        attr.attribute((images.numpy(),), target=1)
+    with pytest.raises(ValueError, match=r"images must have rank 4"):
+        attr.attribute(images[0], target=1)
+    with pytest.raises(ValueError, match="one target per image"):
+        attr.attribute(images, target=torch.tensor([[1, 2], [0, 1], [2, 3]]))
+    with pytest.raises(ValueError, match=r"target must have shape \(3,\)"):
+        attr.attribute(images, target=[1, 2])
+    with pytest.raises(TypeError, match="normalize must be True or False"):
+        attr.attribute(images, target=1, normalize=1)
+
+
+# --------------------------------------------------------------------------- additional_forward_args
 
 
 @pytest.fixture(scope="module")
@@ -149,21 +219,223 @@ def tiny_vit(make_model):
     return make_model("timm_tiny").eval()
 
 
-def test_empty_forward_args_give_the_same_maps(tiny_vit, make_images):
+def test_no_forward_args_give_the_same_maps(tiny_vit, make_images):
     x = make_images()
     attr = TokenTMAttribution(tiny_vit, backend="torch")
     want = attr.attribute(x, target=1)
-    assert want.shape == (2, 1, 32, 32) and want.abs().max() > 0
-    for args in (None, (), []):
+    assert want.shape == (2, 3, 32, 32) and want.abs().max() > 0
+    for args in (None, ()):                                    # Captum: None or an empty tuple, no argument
         assert torch.equal(attr.attribute(x, target=1, additional_forward_args=args), want)
     assert torch.equal(attr.attribute(x, 1, None), want)       # Captum's positional order
 
 
-@pytest.mark.parametrize("args", [(torch.ones(1),), [0.5, "x"], torch.ones(2)])
-def test_non_empty_forward_args_are_refused(tiny_vit, images, args):
+def test_an_attention_mask_argument_is_refused(tiny_vit, images):
+    """timm's forward takes attn_mask after the images: it reaches the model, whose masked attention the
+    explanation cannot take (an empty list is one argument to Captum, as here)."""
     attr = TokenTMAttribution(tiny_vit, backend="torch")
-    with pytest.raises(ValueError, match=r"additional_forward_args: VisionTransformer .*images only"):
-        attr.attribute(images, target=1, additional_forward_args=args)
+    for args in ((torch.zeros(17, 17, dtype=torch.bool),), []):
+        with pytest.raises(ValueError, match="unmasked"):
+            attr.attribute(images, target=1, additional_forward_args=args)
+
+
+def _forward_with_args_model(model):
+    """A copy of the timm ``model`` whose forward takes two more arguments, as a Captum user's model may:
+    ``forward(x, shift, bias=None) = model(x + shift) + bias`` (an input transform and an output offset)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    class ShiftedViT(VisionTransformer):
+        def forward(self, x, shift, bias=None):
+            out = super().forward(x + shift)
+            return out if bias is None else out + bias
+
+    shifted = copy.deepcopy(model)
+    shifted.__class__ = ShiftedViT          # the same modules and weights, the forward above
+    return shifted
+
+
+@pytest.fixture(scope="module")
+def with_args(vit):
+    """(plain model, model with forward(x, shift, bias), images, shift (B, C, H, W), bias (B, K) that makes
+    the model predict class 3, 0, 2 whatever the images)."""
+    model, images = vit
+    shift = 0.5 * torch.randn(images.shape, generator=torch.Generator().manual_seed(7))
+    bias = 1e3 * F.one_hot(torch.tensor([3, 0, 2]), 4).float()
+    return model, _forward_with_args_model(model), images, shift, bias
+
+
+@pytest.mark.parametrize("method", ["tokentm", "legrad", "gae"])
+def test_additional_forward_args_reach_the_model(with_args, method):
+    model, shifted, images, shift, bias = with_args
+    with torch.no_grad():
+        torch.testing.assert_close(shifted(images, shift, bias), model(images + shift) + bias)
+    attr = TokenTMAttribution(shifted, method=method)
+    # the shift reaches the forward: the maps are those of the plain model on the shifted images
+    want = tf.explain(model, images + shift, method, target=1, upsample=True)
+    assert (_spread(want) > 0).all()
+    assert not torch.allclose(want, tf.explain(model, images, method, target=1, upsample=True), rtol=1e-2)
+    out = attr.attribute(images, target=1, additional_forward_args=(shift, None))
+    torch.testing.assert_close(out, _like_images(want, 3), rtol=1e-5, atol=1e-7)
+    # one argument that is not a tuple is one argument (Captum's convention)
+    torch.testing.assert_close(attr.attribute(images, target=1, additional_forward_args=shift), out,
+                               rtol=0, atol=0)
+    # the bias decides the predicted class, so target=None explains classes 3, 0, 2
+    want = tf.explain(model, images + shift, method, target=torch.tensor([3, 0, 2]), upsample=True)
+    assert not torch.equal(model(images + shift).argmax(1), torch.tensor([3, 0, 2]))
+    out = attr.attribute(images, additional_forward_args=(shift, bias))
+    torch.testing.assert_close(out, _like_images(want, 3), rtol=1e-5, atol=1e-7)
+    # the model without its arguments cannot run: they are not dropped
+    with pytest.raises(TypeError, match="shift"):
+        attr.attribute(images, target=1)
+
+
+def test_forward_args_reach_a_model_called_by_keyword(make_model, images):
+    """Hugging Face models are called with pixel_values=images: Captum's positional arguments follow them
+    (ViTForImageClassification.forward(pixel_values, labels, ...): labels add a loss, the logits stay)."""
+    pytest.importorskip("transformers")
+    model = make_model("hf_vit").eval()
+    attr = TokenTMAttribution(model, backend="torch")
+    want = attr.attribute(images, target=1)
+    assert (_spread(want) > 0).all()
+    torch.testing.assert_close(attr.attribute(images, target=1, additional_forward_args=(torch.tensor([1, 2]),)),
+                               want, rtol=0, atol=0)
+    with pytest.raises(IndexError, match="out of bounds"):     # the labels reached the loss
+        attr.attribute(images, target=1, additional_forward_args=(torch.tensor([99, 2]),))
+
+
+# --------------------------------------------------------------------------- Captum's own metrics
+
+
+def _noise(shape, scale, seed=3):
+    return scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _max_sensitivity(explain, x, noise, n):
+    """Captum's sensitivity_max written out: max over the n perturbations x + noise_k of image b of
+    ||E(x_b) − E(x_b + noise_k)||_F / ||E(x_b)||_F, with explain(images) → (B', H, W) maps (the repeat
+    over the channels scales both norms by √C)."""
+    e = explain(x)
+    e_pert = explain(x.repeat_interleave(n, 0) + noise).reshape(len(x), n, -1)
+    num = (e.reshape(len(x), 1, -1) - e_pert).norm(dim=-1)
+    return (num / e.reshape(len(x), 1, -1).norm(dim=-1)).amax(1)
+
+
+@pytest.mark.parametrize("method", ["tokentm", "legrad"])
+def test_captum_sensitivity_max(vit, method):
+    sensitivity_max = pytest.importorskip("captum.metrics").sensitivity_max
+
+    model, images = vit
+    n = 3
+    noise = _noise((len(images) * n,) + images.shape[1:], 0.1)
+
+    def perturb(inputs, radius):                       # Captum's perturb_func(inputs, perturb_radius)
+        assert isinstance(inputs, torch.Tensor) and inputs.shape == noise.shape
+        return inputs + noise
+
+    attr = TokenTMAttribution(model, method=method)
+    for target in (2, [2, 2, 2], torch.tensor([2, 2, 2]), torch.tensor([2])):
+        sens = sensitivity_max(attr.attribute, images, perturb_func=perturb, n_perturb_samples=n, target=target)
+        want = _max_sensitivity(lambda z: tf.explain(model, z, method, target=2, upsample=True), images, noise, n)
+        assert sens.shape == (3,) and (want > 1e-3).all()
+        torch.testing.assert_close(sens, want, rtol=1e-4, atol=1e-6)
+    # per-image targets are repeated with the images
+    sens = sensitivity_max(attr.attribute, images, perturb_func=perturb, n_perturb_samples=n, target=[3, 0, 1])
+    t = torch.tensor([3, 0, 1])
+    want = _max_sensitivity(lambda z: tf.explain(model, z, method, target=t.repeat_interleave(len(z) // 3),
+                                                 upsample=True), images, noise, n)
+    torch.testing.assert_close(sens, want, rtol=1e-4, atol=1e-6)
+
+
+def test_captum_sensitivity_max_as_documented(vit):
+    """Captum's docstring call: ``sensitivity_max(saliency.attribute, input, target=3)`` (its default
+    perturbation, a uniform draw in an L∞ ball; tuple inputs reach attribute)."""
+    sensitivity_max = pytest.importorskip("captum.metrics").sensitivity_max
+
+    model, images = vit
+    torch.manual_seed(0)
+    sens = sensitivity_max(TokenTMAttribution(model).attribute, images, target=3)
+    assert sens.shape == (3,) and torch.isfinite(sens).all() and (sens > 0).all()
+
+
+def test_captum_sensitivity_max_with_forward_args(with_args):
+    sensitivity_max = pytest.importorskip("captum.metrics").sensitivity_max
+
+    model, shifted, images, shift, bias = with_args
+    n = 2
+    noise = _noise((len(images) * n,) + images.shape[1:], 0.1)
+    sens = sensitivity_max(TokenTMAttribution(shifted).attribute, images, perturb_func=lambda z: z + noise,
+                           n_perturb_samples=n, additional_forward_args=(shift, bias))
+    # Captum repeats the arguments with the images; the bias picks the class of each image
+    t = torch.tensor([3, 0, 2])
+
+    def explain(z):
+        k = len(z) // 3
+        return tf.explain(model, z + shift.repeat_interleave(k, 0), target=t.repeat_interleave(k), upsample=True)
+
+    want = _max_sensitivity(explain, images, noise, n)
+    assert (want > 1e-3).all()
+    torch.testing.assert_close(sens, want, rtol=1e-4, atol=1e-6)
+
+
+def _infidelity(forward, attributions, x, noise, target, n):
+    """Captum's infidelity (normalize=False) written out: the mean over the n perturbations I_k of image b of
+    (Σ attributions_b · I_k − (f(x_b) − f(x_b − I_k)))², f the target's output."""
+    rows = torch.arange(len(x) * n)
+    t = target.repeat_interleave(n)
+    f_x = forward(x)[torch.arange(len(x)), target].repeat_interleave(n)
+    f_pert = forward(x.repeat_interleave(n, 0) - noise)[rows, t]
+    dot = (attributions.repeat_interleave(n, 0) * noise).flatten(1).sum(1)
+    return ((dot - (f_x - f_pert)) ** 2).reshape(len(x), n).mean(1)
+
+
+def test_captum_infidelity_as_documented(vit):
+    """Captum's docstring call: ``infidelity(net, perturb_fn, input, attribution)`` with its perturb_fn
+    returning (noise, inputs − noise); the attributions must be shaped like the inputs."""
+    infidelity = pytest.importorskip("captum.metrics").infidelity
+
+    model, images = vit
+    n = 4
+    noise = _noise((len(images) * n,) + images.shape[1:], 0.05)
+
+    def perturb_fn(inputs):
+        return noise, inputs - noise
+
+    attribution = TokenTMAttribution(model).attribute(images, target=[1, 0, 3])
+    assert (_spread(attribution) > 0).all()
+    infid = infidelity(model, perturb_fn, images, attribution, target=[1, 0, 3], n_perturb_samples=n)
+    with torch.no_grad():
+        want = _infidelity(model, attribution, images, noise, torch.tensor([1, 0, 3]), n)
+    assert infid.shape == (3,) and (want > 0).all()
+    torch.testing.assert_close(infid, want, rtol=1e-4, atol=0)
+    # the score reads the attributions: another map gives another infidelity
+    other = TokenTMAttribution(model, method="rollout").attribute(images, target=[1, 0, 3])
+    assert not torch.allclose(infidelity(model, perturb_fn, images, other, target=[1, 0, 3], n_perturb_samples=n),
+                              infid, rtol=1e-3)
+
+
+def test_captum_infidelity_with_forward_args_and_tuples(with_args):
+    infidelity = pytest.importorskip("captum.metrics").infidelity
+
+    model, shifted, images, shift, bias = with_args
+    n = 3
+    noise = _noise((len(images) * n,) + images.shape[1:], 0.05, seed=5)
+
+    def perturb_fn(inputs):
+        return (noise,), (inputs - noise,)
+
+    (attribution,) = TokenTMAttribution(shifted, method="legrad").attribute((images,), target=torch.tensor([2, 2, 1]),
+                                                                            additional_forward_args=(shift, bias))
+    infid = infidelity(shifted, perturb_fn, (images,), (attribution,), additional_forward_args=(shift, bias),
+                       target=torch.tensor([2, 2, 1]), n_perturb_samples=n)
+    with torch.no_grad():
+        # Captum repeats shift and bias with the perturbed images: f(z) = model(z + shift) + bias per image
+        k = {len(images): 1, len(images) * n: n}
+
+        def forward(z):
+            return model(z + shift.repeat_interleave(k[len(z)], 0)) + bias.repeat_interleave(k[len(z)], 0)
+
+        want = _infidelity(forward, attribution, images, noise, torch.tensor([2, 2, 1]), n)
+    assert (want > 0).all()
+    torch.testing.assert_close(infid, want, rtol=1e-4, atol=0)
 
 
 # --------------------------------------------------------------------------- a real Quantus metric
@@ -225,4 +497,4 @@ def test_readme_section_runs():
     torch.testing.assert_close(ns["a"], ns["b"])                # the callable and the integer target agree
     assert ns["d"].shape == ns["e"].shape == (2, 4, 4)
     assert ns["maps"].shape == (2, 64, 64) and float(ns["maps"].min()) == 0.0 and float(ns["maps"].max()) == 1.0
-    assert len(ns["hits"]) == 8 and ns["attr"].shape == (8, 1, 64, 64)
+    assert len(ns["hits"]) == 8 and ns["attr"].shape == (8, 3, 64, 64)

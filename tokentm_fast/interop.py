@@ -3,9 +3,11 @@
 - :func:`explain_func`: Quantus' ``explain_func(model, inputs, targets, **kwargs)``
   — numpy arrays or tensors in, a numpy ``(B, 1, H, W)`` attribution out, at
   the input resolution; Quantus' ``device=`` is accepted.
-- :class:`TokenTMAttribution`: a Captum-style attribution object,
-  ``TokenTMAttribution(model, method=...).attribute(inputs, target=...)`` →
-  ``(B, 1, H, W)`` tensor.
+- :class:`TokenTMAttribution`: a Captum-style attribution object (any method),
+  ``TokenTMAttribution(model, method=...).attribute(inputs, target=...)``: a
+  tensor or a tuple in, the same kind out, attributions shaped like the inputs
+  ``(B, C, H, W)`` (each map repeated over the channels), so that Captum's
+  metrics (``sensitivity_max``, ``infidelity``) take it.
 
 Both are thin wrappers over :class:`tokentm_fast.Explainer` with
 ``upsample=True``; the maps are those of ``explain`` (raw values unless
@@ -13,7 +15,9 @@ Both are thin wrappers over :class:`tokentm_fast.Explainer` with
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+import inspect
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,6 +25,7 @@ from torch import nn
 
 from .api import Explainer
 from .maps import minmax_normalize
+from .models.protocol import PatchedForward
 from .targets import Target
 
 __all__ = ["explain_func", "TokenTMAttribution", "as_target"]
@@ -36,7 +41,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _as_images(inputs: Any, model: nn.Module, device: Optional[Union[str, torch.device]]) -> torch.Tensor:
-    """``(B, C, H, W)`` numpy array or tensor → float tensor on the model's device."""
+    """``(B, C, H, W)`` numpy array or tensor → float tensor on the model's device, in its dtype."""
     if isinstance(inputs, np.ndarray):
         if not np.issubdtype(inputs.dtype, np.floating):
             raise TypeError(f"inputs must be a floating point array (B, C, H, W), got dtype {inputs.dtype}")
@@ -52,7 +57,9 @@ def _as_images(inputs: Any, model: nn.Module, device: Optional[Union[str, torch.
             want = model_device
         if want != model_device:
             raise ValueError(f"device={str(device)!r} but the model is on {model_device}; move the model first")
-    return images.to(model_device)
+    # Quantus hands float64 arrays to a float32 model: the documented cast, done here without a warning
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), images.dtype)
+    return images.to(device=model_device, dtype=dtype)
 
 
 def as_target(targets: Any) -> Target:
@@ -124,15 +131,72 @@ def explain_func(model: nn.Module, inputs: ArrayLike, targets: Any = None, *, me
     return maps.cpu().numpy().astype(np.float32, copy=False)
 
 
-def _check_no_forward_args(args: Any, model: nn.Module) -> None:
-    if args is None or (isinstance(args, (tuple, list)) and len(args) == 0):
+def _captum_images(inputs: Any) -> Tuple[torch.Tensor, bool]:
+    """Captum's ``inputs``: a tensor or a tuple of tensors, one per forward input → ``(images, is_tuple)``.
+
+    The explained models take one input, the images ``(B, C, H, W)``: a tuple must hold exactly that
+    one tensor (the model's other forward arguments go through ``additional_forward_args``)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs, False
+    if isinstance(inputs, tuple):
+        if len(inputs) != 1:
+            raise ValueError(
+                f"inputs is a tuple of {len(inputs)} items: the model is explained for one input, the images "
+                f"(B, C, H, W); pass (images,) or images, and the forward's other arguments through "
+                f"additional_forward_args"
+            )
+        if not isinstance(inputs[0], torch.Tensor):
+            raise TypeError(f"inputs must be a torch.Tensor (B, C, H, W) or a tuple holding one, got a tuple "
+                            f"holding a {type(inputs[0]).__name__}")
+        return inputs[0], True
+    raise TypeError(f"inputs must be a torch.Tensor (B, C, H, W) or a tuple holding one (Captum's "
+                    f"convention), got {type(inputs).__name__}")
+
+
+def _captum_target(target: Any) -> Target:
+    """Captum's ``target`` → ``explain``'s: Captum reads a one-element tensor and a one-element tuple
+    ``(c,)`` (an index into the output after the batch dimension) as class ``c`` of every image; its
+    perturbation loops (``sensitivity_max``, ``infidelity``) repeat a list or a longer tensor with the
+    images and leave those as they are. Everything else as :func:`as_target`."""
+    if isinstance(target, torch.Tensor) and target.numel() == 1 and target.dim() <= 1 \
+            and not target.is_floating_point() and target.dtype != torch.bool:
+        return int(target.reshape(()))
+    if isinstance(target, tuple) and len(target) == 1 and isinstance(target[0], (int, np.integer)):
+        return as_target(target[0])
+    return as_target(target)
+
+
+def _forward_args(args: Any) -> Tuple[Any, ...]:
+    """Captum's ``additional_forward_args``: None → none, a tuple → its items, anything else → one argument."""
+    if args is None:
+        return ()
+    return args if isinstance(args, tuple) else (args,)
+
+
+@contextmanager
+def _forward_args_bound(model: nn.Module, args: Tuple[Any, ...]) -> Iterator[None]:
+    """While open, every call of ``model`` appends ``args`` to the images, positionally, as Captum's
+    ``forward_func(*inputs, *additional_forward_args)``; also when the adapter passes the images by
+    keyword (Hugging Face: ``pixel_values=images``)."""
+    if not args:
+        yield
         return
-    n = len(args) if isinstance(args, (tuple, list)) else 1
-    raise ValueError(
-        f"additional_forward_args: {type(model).__name__} is explained through its forward called with the "
-        f"images only (model(images)); {n} extra forward argument(s) cannot be passed through. Pass None, or "
-        f"fix them in the model before explaining it (e.g. set the option on the model)"
-    )
+    original = model.forward
+    try:
+        first = next(iter(inspect.signature(original).parameters), None)
+    except (TypeError, ValueError):          # no signature to read: the images come positionally
+        first = None
+
+    def forward(self: nn.Module, *inputs: Any, **kwargs: Any) -> Any:
+        if not inputs and first in kwargs:
+            inputs = (kwargs.pop(first),)
+        return original(*inputs[:1], *args, *inputs[1:], **kwargs)
+
+    handle = PatchedForward(model, forward)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class TokenTMAttribution:
@@ -140,12 +204,13 @@ class TokenTMAttribution:
 
     Args:
         model: the model to explain (anything ``explain`` accepts).
-        method, backend, **options: as for ``tokentm_fast.Explainer``.
+        method, backend, **options: as for ``tokentm_fast.Explainer``: every method, not only TokenTM.
 
-    ``attribute`` returns a float32 ``(B, 1, H, W)`` tensor on the inputs'
-    device: one relevance map per image at the input resolution (bilinear),
-    broadcastable against the ``(B, C, H, W)`` inputs like Captum's layer
-    attributions after ``LayerAttribution.interpolate``.
+    ``attribute`` follows Captum's conventions, so Captum's metrics (``sensitivity_max``,
+    ``infidelity``) take it as they take Captum's own methods: a tensor or a tuple in, the same kind
+    out; attributions shaped like the inputs ``(B, C, H, W)``: each image's map at the input resolution
+    (bilinear), repeated over the C channels, as Captum's layer methods are after
+    ``LayerAttribution.interpolate`` and a repeat over the channels.
     """
 
     def __init__(self, model: nn.Module, method: str = "tokentm", backend: str = "auto", **options: Any) -> None:
@@ -153,28 +218,43 @@ class TokenTMAttribution:
         self.method = method
         self.explainer = Explainer(model, method=method, backend=backend, upsample=True, **options)
 
-    def attribute(self, inputs: torch.Tensor, target: Any = None, additional_forward_args: Any = None,
-                  normalize: bool = False) -> torch.Tensor:
-        """Explain ``inputs (B, C, H, W)`` for ``target`` → ``(B, 1, H, W)``.
+    def attribute(self, inputs: Union[torch.Tensor, Tuple[torch.Tensor]], target: Any = None,
+                  additional_forward_args: Any = None,
+                  normalize: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor]]:
+        """Explain ``inputs`` — images ``(B, C, H, W)``, or Captum's tuple ``(images,)``.
 
-        ``target``: None (the predicted class), an int, ``B`` class indices
-        (tensor, list or tuple) or a score function; ``normalize``: min–max
-        normalise each map to [0, 1].
+        Args:
+            inputs: a tensor, or a tuple holding the one images tensor (on the model's device).
+            target: None (the predicted class), an int, a one-element tensor or tuple (that class for
+                every image), ``B`` class indices (tensor or list; also a tuple of ``B > 1``) or a score
+                function. Inside Captum's perturbation loops the images are repeated; Captum repeats a
+                list or tensor target with them (an int or a score function is used as it is).
+            additional_forward_args: the model's forward arguments after the images, as Captum passes
+                them: a tuple of arguments, any other value as one argument, None for none. Every
+                forward the explanation runs is ``model(images, *additional_forward_args)``. What they
+                change before the model's head (its input, the tokens of the blocks) is explained, and
+                with ``target=None`` so is the class they make the model predict; LeGrad, attention
+                Grad-CAM and the methods at an attention pool read their scores through the model's
+                head module on each layer's tokens, so an argument acting after the head reaches them
+                through ``target=None`` only. The explanations take unmasked attention: an attention
+                mask (timm's ``attn_mask``) is refused with a ``ValueError``.
+            normalize: min–max normalise each map to [0, 1] (per image, before the channel repeat).
 
-        ``additional_forward_args``: Captum's extra arguments of the model's forward. The supported
-        ViTs are called as ``model(images)`` (timm, torchvision and open_clip forwards take only the
-        images; Hugging Face models are called with ``pixel_values`` alone, since their other
-        arguments change what the forward returns or which attention it runs), so only ``None`` or
-        an empty tuple / list is accepted; anything else is refused with a ``ValueError`` rather
-        than silently ignored.
+        Returns:
+            float32 attributions shaped like the images ``(B, C, H, W)`` on their device (a tuple of one
+            such tensor for a tuple in): the map of each image repeated over its C channels.
         """
-        _check_no_forward_args(additional_forward_args, self.forward_func)
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(f"inputs must be a torch.Tensor (B, C, H, W), got {type(inputs).__name__}")
+        images, is_tuple = _captum_images(inputs)
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be True or False, got {normalize!r}")
-        maps = self.explainer(inputs, as_target(target))
-        return (minmax_normalize(maps) if normalize else maps)[:, None]
+        args = _forward_args(additional_forward_args)
+        target = _captum_target(target)
+        with _forward_args_bound(self.explainer.vit.model, args):
+            maps = self.explainer(images.detach(), target)
+        if normalize:
+            maps = minmax_normalize(maps)
+        attributions = maps[:, None].expand(-1, images.shape[1], -1, -1).contiguous()
+        return (attributions,) if is_tuple else attributions
 
     def has_convergence_delta(self) -> bool:
         """Captum's API: this method has no convergence delta."""

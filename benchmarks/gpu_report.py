@@ -17,7 +17,7 @@ it) that would not fit in what is left of ``--budget-s`` is listed as skipped, w
    float64 reference on the same weights, each against its own bound (docs/methods.md §7 and
    ``MethodSpec.float32_tolerance``).
 4. ``timing``: bfloat16 first, then float32 as time allows, at the protocol's sizes
-   (benchmarks/README.md; ../shared/spec/PERFORMANCE.md): the training step (timm defaults: fused
+   (benchmarks/README.md, "the performance protocol"): the training step (timm defaults: fused
    attention, parameter gradients), the forward, the floor (forward + input-only backward), ``explain``
    for every method (flash where it serves, materialized where it does not and its estimated peak fits),
    the literal TokenTM in the model's dtype where it fits; median of warm calls, peak memory, each as a

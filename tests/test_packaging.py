@@ -39,7 +39,7 @@ def _source_packages() -> set:
     """Every package folder of the source tree, as the dotted name it is installed under."""
     found = set()
     for root, prefix in ((ROOT / "tokentm_fast", "tokentm_fast"), (ROOT / "kernels", "tokentm_fast.kernels"),
-                         (ROOT / "bindings", "tokentm_fast.bindings")):
+                         (ROOT / "bindings", "tokentm_fast.bindings"), (ROOT / "docs", "tokentm_fast.docs")):
         for init in root.rglob("__init__.py"):
             rel = init.parent.relative_to(root).parts
             found.add(".".join((prefix,) + rel))
@@ -53,6 +53,8 @@ def test_wheel_has_kernels_bindings_and_model_inside_the_package(wheel_names):
         assert f"tokentm_fast/{module}" in names, module
     assert "tokentm_fast/assets/synthetic_vit.safetensors" in names
     assert "tokentm_fast/assets/synthetic_vit.json" in names
+    # the docs the docstrings cite travel with the package (tokentm_fast.docs.path)
+    assert {"tokentm_fast/docs/methods.md", "tokentm_fast/docs/evaluation.md", "tokentm_fast/docs/__init__.py"} <= names
     top_level = {n.split("/", 1)[0] for n in names}
     assert "kernels" not in top_level and "bindings" not in top_level, sorted(top_level)
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
@@ -77,7 +79,7 @@ def test_console_script_declared(wheel, wheel_names):
 
 #: what an install reads: the build files and the three source folders (no git needed: an sdist or an
 #: archive of the repository has them too)
-INSTALL_SOURCES = ("pyproject.toml", "setup.py", "README.md", "tokentm_fast", "kernels", "bindings")
+INSTALL_SOURCES = ("pyproject.toml", "setup.py", "README.md", "tokentm_fast", "kernels", "bindings", "docs")
 
 
 def _copy_install_sources(dst: Path) -> None:

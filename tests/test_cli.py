@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -147,11 +148,11 @@ def test_explain_errors_are_clean(tmp_path, pictures, tiny_ckpt, run_main):
     paths, bad = pictures
     out = tmp_path / "o"
     missing = tmp_path / "does_not_exist.png"
-    rc, _, err = run_main(["explain", paths[0], missing, *TINY, "--checkpoint", tiny_ckpt, "--out", out])
-    assert_clean_error(rc, err, "image file not found", "does_not_exist.png")
+    rc, _, err = run_main(["explain", missing, *TINY, "--checkpoint", tiny_ckpt, "--out", out])
+    assert_clean_error(rc, err, "image file not found", "does_not_exist.png", "no IMAGE could be read")
 
-    rc, _, err = run_main(["explain", bad, *TINY, "--checkpoint", tiny_ckpt, "--out", out])
-    assert_clean_error(rc, err, "cannot read image", "corrupt.png")
+    rc, _, err = run_main(["explain", bad, missing, *TINY, "--checkpoint", tiny_ckpt, "--out", out])
+    assert_clean_error(rc, err, "cannot read image", "corrupt.png", "does_not_exist.png", "2 files skipped")
 
     rc, _, err = run_main(["explain", paths[0], "--model", "vit_does_not_exist_patch16", "--checkpoint", tiny_ckpt,
                            "--out", out])
@@ -174,6 +175,34 @@ def test_explain_errors_are_clean(tmp_path, pictures, tiny_ckpt, run_main):
                            "--out", out])
     assert_clean_error(rc, err, "does not fit", "--model-kwargs")
     assert not out.exists()  # nothing written on error
+
+
+def test_explain_skips_unreadable_images_and_exits_1(tmp_path, pictures, tiny_ckpt, run_main):
+    """Issue 26, item 6: a corrupt or missing IMAGE is skipped and named with its reason, the others are
+    explained and written, and the exit code says that something was skipped."""
+    paths, bad = pictures
+    missing = tmp_path / "gone.png"
+    folder = tmp_path / "a_folder.png"
+    folder.mkdir()
+    out = tmp_path / "o"
+    rc, stdout, err = run_main(["explain", bad, paths[0], missing, folder, paths[1], *TINY, "--checkpoint",
+                                tiny_ckpt, "--methods", "rollout", "--out", out, "--save-maps", tmp_path / "m.npz"])
+    assert rc == 1, err
+    assert "Traceback" not in err and "error" not in err
+    lines = err.splitlines()
+    skipped = [ln for ln in lines if ln.startswith("tokentm-fast explain: skipped ")]
+    assert len(skipped) == 3, err
+    assert str(bad) in skipped[0] and "cannot read image" in skipped[0]
+    assert str(missing) in skipped[1] and "not found" in skipped[1]
+    assert str(folder) in skipped[2] and "not an image file" in skipped[2]
+    assert lines[-1].startswith("tokentm-fast explain: 3 of 5 IMAGE files could not be read") and "exit code 1" in \
+        lines[-1] and all(str(p) in lines[-1] for p in (bad, missing, folder))   # said again at the end
+    assert sorted(f.name for f in out.iterdir()) == sorted([f"{paths[0].name}_rollout.png",
+                                                            f"{paths[1].name}_rollout.png", "grid.png"])
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as d:
+        assert list(d["image_paths"]) == [str(paths[0]), str(paths[1])]
+        assert d["rollout"].shape[0] == 2 and np.ptp(d["rollout"][0]) > 0
+    assert f"{paths[0].name}: predicted" in stdout and f"{paths[1].name}: predicted" in stdout
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -205,6 +234,24 @@ def test_evaluate_cli_errors(tmp_path, tiny_ckpt, run_main):
 
 
 # ----------------------------------------------------------------------------- bench
+def test_bench_table_columns_line_up_with_long_method_names():
+    """Issue 26, item 6: every column of the bench table starts (text) or ends (numbers) at one place, with the
+    longest method names of the package."""
+    from tokentm_fast.timing import format_timings
+
+    longest = max(METHODS, key=len)
+    rows = [("forward+backward", "-", 0.0123), (longest, "reference", 1.5), ("conservative_lrp", "torch", 12.25),
+            ("gae", "triton", 0.0004)]
+    lines = format_timings(rows)
+    assert len(lines) == 5
+    backend_at = {ln.index(cell) for ln, cell in zip(lines, ["backend", "-", "reference", "torch", "triton"])}
+    assert len(backend_at) == 1 and backend_at.pop() > len(longest)        # one column, after the longest name
+    ms_end = {ln.index(cell) + len(cell) for ln, cell in zip(lines, ["ms", "12.3", "1500.0", "12250.0", "0.4"])}
+    assert len(ms_end) == 1                                                # numbers right-aligned at one place
+    assert {len(ln) for ln in lines} == {len(lines[0])}                    # the ratio column ends at one place
+    assert lines[2].split() == [longest, "reference", "1500.0", f"{1.5 / 0.0123:.2f}"]
+
+
 def _bench_table(out):
     """The rows of ``tokentm-fast bench``: {(run, backend): (ms, ratio to forward+backward)}."""
     rows = {}
@@ -282,6 +329,38 @@ def test_demo_with_the_shipped_weights(tmp_path, run_main):
     # a trained model: removing the most relevant pixels hurts more than removing the least relevant ones
     tok = {r["metric"]: r["values"] for r in res["records"] if r["method"] == "tokentm"}
     assert tok["perturbation"]["pos_auc_predicted"] < tok["perturbation"]["neg_auc_predicted"]
+
+
+def test_demo_constant_map_warning_does_not_blame_the_trained_model(tmp_path, run_main):
+    """Issue 26, item 6: attention Grad-CAM's map of the shipped (trained) demo model's test image 3 is all
+    zeros (every head's gradient-weighted evidence is negative there and is clipped at 0); the warning names
+    that cause and does not blame an untrained model, once."""
+    from tokentm_fast import explain
+    from tokentm_fast.evaluation.data import Preprocess, SyntheticSource, model_data_config
+    from tokentm_fast.synthetic import create_synthetic_vit
+    from tokentm_fast.synthetic.model import WEIGHTS_PATH
+
+    if not WEIGHTS_PATH.is_file():
+        pytest.skip(f"shipped synthetic weights not present ({WEIGHTS_PATH})")
+    # the premise, independently of the command: image 3's map is constant, the others are not
+    model = create_synthetic_vit()
+    pre = Preprocess(model_data_config(model))
+    src = SyntheticSource("test", size=4)
+    x = torch.stack([pre(*src.load(i)[:2])[0] for i in range(4)])
+    maps = explain(model, x, method="attn_gradcam", backend="torch").flatten(1)
+    constant = (maps.amax(1) == maps.amin(1)).tolist()
+    assert constant == [False, False, False, True]
+    with warnings.catch_warnings(record=True) as caught:          # what Python's warnings would print too
+        warnings.simplefilter("always")
+        rc, _, err = run_main(["demo", "--methods", "attn_gradcam,rollout", "--num-explain", "4", "--num-images",
+                               "2", "--sanity-images", "0", "--out", tmp_path / "d", "--no-progress"])
+    assert rc == 0, err
+    said = [ln for ln in err.splitlines() if "constant" in ln]
+    assert len(said) == 1, err                                   # once: the drawing's and the API's held back
+    assert not [w for w in caught if "constant" in str(w.message)], [str(w.message) for w in caught]
+    assert said[0].startswith("tokentm-fast demo: warning: attn_gradcam: 1 of 4 maps are constant (test image 3)")
+    assert "untrained" not in err
+    assert "keeps only positive evidence" in said[0] and "weighed against the class" in said[0]
 
 
 def test_demo_without_weights_is_a_clean_error(tmp_path, run_main):
@@ -424,8 +503,8 @@ def test_explain_warns_about_a_constant_map(tmp_path, pictures, tiny_ckpt, monke
 
     real = cli._explain_all
 
-    def zero_gradcam(model, x, methods, backend, target=None):
-        maps = real(model, x, methods, backend, target)
+    def zero_gradcam(explainers, x, target=None):
+        maps = real(explainers, x, target)
         maps["attn_gradcam"] = torch.zeros_like(maps["attn_gradcam"])  # what a random model often gives
         return maps
 

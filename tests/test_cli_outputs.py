@@ -205,7 +205,7 @@ def test_a_second_evaluate_on_the_same_output_stops_at_once(tmp_path):
     # fail fast: the second run stopped before loading a model or reading data (start-up dominates its time)
     assert "resuming" not in err, (second_s, err)
     # and once the first is done, the same command runs (the lock went with the first process)
-    r = subprocess.run([sys.executable, "-m", "tokentm_fast", *EVAL, "--output", str(out), "--restart"],
+    r = subprocess.run([sys.executable, "-m", "tokentm_fast", *EVAL, "--output", str(out), "--overwrite"],
                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
 
@@ -262,15 +262,47 @@ def test_a_full_disk_while_writing_the_results_keeps_the_state(tmp_path, monkeyp
     out.write_text('{"earlier": "results"}')
     seen = _fail_when_writing(monkeypatch, lambda name: name.startswith(".r.json.") and ".partial." not in name,
                               after_good_writes=0)  # the temporary of r.json only
-    rc, _, err = run_main([*EVAL, "--output", out, "--restart"])
+    rc, _, err = run_main([*EVAL, "--output", out, "--restart", "--overwrite"])
     assert seen["failed"] >= 1
     assert rc == 2 and str(out) in err and "--output" in err and "no space left on device" in err.lower(), err
     assert json.loads(out.read_text()) == {"earlier": "results"}  # the previous file is intact
     assert json.loads(pp.read_text())["done"] == 6  # every batch is in the state: nothing to redo
     assert _no_tmp(tmp_path) == []
     monkeypatch.undo()
-    rc, _, err = run_main([*EVAL, "--output", out])
+    rc, _, err = run_main([*EVAL, "--output", out])  # no --overwrite: resuming an interrupted run is not refused
     assert rc == 0, err
     res = json.loads(out.read_text())
     assert res["run"]["resumed_from"] == 6 and res["counts"]["images_evaluated"] == 6
     assert not pp.exists()
+
+
+# ----------------------------------------------------------------------------- an existing results JSON (issue 26)
+def test_evaluate_does_not_overwrite_its_results_without_overwrite(tmp_path, monkeypatch, run_main):
+    import tokentm_fast.evaluation.runner as runner
+
+    out = tmp_path / "r.json"
+    rc, _, err = run_main([*EVAL, "--output", out])
+    assert rc == 0, err
+    before = out.read_bytes()
+    assert json.loads(before)["counts"]["images_evaluated"] == 6
+
+    def boom(*a, **k):
+        raise AssertionError("evaluate loaded a model before refusing to overwrite its results")
+
+    monkeypatch.setattr(runner, "load_model", boom)
+    rc, _, err = run_main([*EVAL, "--output", out])
+    assert rc == 2 and "Traceback" not in err
+    assert f"--output {out} already exists" in err and "--overwrite" in err, err
+    assert str(partial_path(out)) in err and "no interrupted run" in err  # points to the resume machinery
+    rc, _, err = run_main([*EVAL, "--output", out, "--restart"])          # --restart is not --overwrite
+    assert rc == 2 and "--overwrite" in err and "--restart discards the partial state" not in err, err
+    assert out.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+    # a stray partial state with --restart: still refused (starting over would replace the results)
+    partial_path(out).write_text("{}")
+    rc, _, err = run_main([*EVAL, "--output", out, "--restart"])
+    assert rc == 2 and "--restart discards the partial state" in err, err
+    partial_path(out).unlink()
+    monkeypatch.undo()
+    rc, _, err = run_main([*EVAL, "--output", out, "--overwrite", "--limit", "4"])
+    assert rc == 0, err
+    assert json.loads(out.read_text())["counts"]["images_evaluated"] == 4   # replaced

@@ -7,9 +7,18 @@ Subcommands::
     tokentm-fast bench --model vit_base_patch16_224 --batch 8 --backends torch,triton --device cuda
     tokentm-fast demo [--num-images 64] [--out demo_out]
 
-Errors in what the user gave (missing file, unreadable image or checkpoint,
-unknown model...) print one line ``tokentm-fast: error: …`` on stderr and exit
-with code 2 (set ``TOKENTM_FAST_DEBUG=1`` to see the traceback). Under
+Method options: ``--option [METHOD.]NAME=VALUE`` (repeatable, every subcommand
+that explains), listed in ``--help`` from the method registry and checked by
+the Python API's own validator (``Explainer``): a wrong one stops the command
+with the API's message, exit code 2.
+
+Errors in what the user gave (missing checkpoint, unknown model, a bad option...)
+print one line ``tokentm-fast: error: …`` on stderr and exit with code 2 (set
+``TOKENTM_FAST_DEBUG=1`` to see the traceback). ``explain`` skips an IMAGE it
+cannot read, names it with the reason, explains the others and exits with
+code 1 (:data:`EXIT_SKIPPED`); 2 when no IMAGE can be read. ``evaluate`` does
+not replace an existing results JSON without ``--overwrite`` (an interrupted
+run still resumes). Under
 ``torchrun`` an error that every process meets alike (an argument, a missing
 device, a corrupt checkpoint) is printed by rank 0 alone; the other ranks exit
 with the same code without a word.
@@ -29,12 +38,17 @@ import argparse
 import ast
 import os
 import sys
+import textwrap
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 PROG = "tokentm-fast"
 EXIT_USAGE = 2
+#: ``explain``: some IMAGE files could not be read (each named on stderr); the others were written
+EXIT_SKIPPED = 1
 
 
 class CLIError(Exception):
@@ -103,6 +117,163 @@ def _model_kwargs(value: str) -> Dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------- method options (--option)
+
+#: One ``--option``: (method or None for every method that takes the name, name, value, the text given).
+MethodOption = Tuple[Optional[str], str, Any, str]
+
+
+def _option_value(raw: str) -> Any:
+    """``VALUE`` of ``--option``: a Python literal, ``true`` / ``false`` (any case), ``@FILE.npy`` (a float32
+    tensor), else the word itself."""
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if raw.startswith("@"):
+        import numpy as np
+        import torch
+
+        try:
+            return torch.from_numpy(np.asarray(np.load(raw[1:], allow_pickle=False), dtype=np.float32))
+        except (OSError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"cannot read the array {raw[1:]!r} (a .npy file): {e}") from None
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _method_option(value: str) -> MethodOption:
+    """``[METHOD.]NAME=VALUE`` -> (METHOD or None, NAME, parsed VALUE, the text)."""
+    from .methods import METHODS
+
+    key, sep, raw = value.partition("=")
+    method, dot, name = key.strip().rpartition(".")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected [METHOD.]NAME=VALUE, e.g. start_layer=2 or legrad.start_layer=-3, "
+                                         f"got {value!r}")
+    if dot and method not in METHODS:
+        raise argparse.ArgumentTypeError(f"{value!r}: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return (method or None), name, _option_value(raw.strip()), value
+
+
+def _accepted_options(method: str) -> List[str]:
+    """The option names ``method`` takes, from its registry entry (``MethodSpec``)."""
+    from .methods import REGISTRY
+    from .methods.options import LAYER_OPTIONS
+
+    spec = REGISTRY[method]
+    return list(spec.defaults) + (list(LAYER_OPTIONS) if spec.layer_choice else [])
+
+
+def _takers(name: str, methods: Sequence[str]) -> List[str]:
+    return [m for m in methods if name in _accepted_options(m)]
+
+
+def method_options(methods: Sequence[str], given: Optional[Sequence[MethodOption]]) -> Dict[str, Dict[str, Any]]:
+    """The ``--option`` values as per-method options for the API (``explain(..., **options[method])``).
+
+    ``NAME=VALUE`` goes to every method of ``methods`` that takes NAME; if none does, to all of them (the
+    API's validator then refuses it, naming the method and its valid options). ``METHOD.NAME=VALUE`` goes
+    to METHOD alone and wins over ``NAME=VALUE``; METHOD must be one of ``methods``. Later wins over earlier.
+    The values are checked by the API's validator (``Explainer``), not here.
+    """
+    out: Dict[str, Dict[str, Any]] = {m: {} for m in methods}
+    for method, name, value, _ in sorted(given or (), key=lambda o: o[0] is not None):  # stable: bare first
+        if method is None:
+            for m in _takers(name, methods) or methods:
+                out[m][name] = value
+        elif method not in methods:
+            raise CLIError(f"--option {method}.{name}: {method} is not among --methods ({', '.join(methods)})")
+        else:
+            out[method][name] = value
+    return {m: o for m, o in out.items() if o}
+
+
+def _explainers(model, methods: Sequence[str], backend: str, options: Mapping[str, Mapping[str, Any]],
+                given: Optional[Sequence[MethodOption]] = None) -> Dict[str, Any]:
+    """One ``Explainer`` per method: the API's own check of the options (an error is a ``CLIError``
+    with the API's message, and which methods take an option nobody of ``methods`` takes)."""
+    from .api import Explainer
+    from .methods import METHODS
+
+    explainers = {}
+    for m in methods:
+        try:
+            explainers[m] = Explainer(model, method=m, backend=backend, **options.get(m, {}))
+        except (ValueError, TypeError) as e:
+            hints = []
+            for method, name, _, text in given or ():
+                if method is None and not _takers(name, methods):
+                    who = _takers(name, METHODS)
+                    hints.append(f"--option {text}: no method of --methods takes {name}"
+                                 + (f" ({', '.join(who)} do)" if who else ""))
+            raise CLIError(f"{e}" + (f" [{'; '.join(hints)}]" if hints else " (--option)")) from None
+    return explainers
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def options_table(width: int = 92) -> str:
+    """Every method's options with their defaults and allowed values, from the method registry."""
+    from .methods import REGISTRY
+    from .methods.options import LAYER_OPTIONS
+
+    lines: List[str] = []
+    without: List[str] = []
+    for name, spec in REGISTRY.items():
+        accepted = _accepted_options(name)
+        if not accepted:
+            without.append(name)
+            continue
+        parts = []
+        for opt in accepted:
+            if opt in LAYER_OPTIONS and opt not in spec.defaults:
+                parts.append(opt)  # no default: unset
+                continue
+            text = f"{opt}={_shown(spec.defaults[opt])}"
+            if opt in spec.choices:
+                text += " {" + "|".join(_shown(c) for c in spec.choices[opt]) + "}"
+            parts.append(text)
+        lines.append(textwrap.fill(f"{name}: " + ", ".join(parts), width, initial_indent="  ",
+                                   subsequent_indent="      ", break_on_hyphens=False))
+    if without:
+        lines.append(textwrap.fill(f"{', '.join(without)}: no options", width, initial_indent="  ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _add_option_arg(p) -> None:
+    p.add_argument("--option", action="append", type=_method_option, default=None, metavar="[METHOD.]NAME=VALUE",
+                   help="a method option, repeatable (the options and their defaults are listed below): NAME=VALUE "
+                        "sets NAME for every method of --methods that takes it, METHOD.NAME=VALUE for METHOD alone "
+                        "(it wins over NAME=VALUE). VALUE: a Python literal (-2, 0.5, True, [9,10,11]), true/false, "
+                        "@FILE.npy (an array, e.g. legrad's neutral_prompt) or a word (mean). Checked by the Python "
+                        "API's validator, as explain(model, images, method, NAME=VALUE): a name the method does "
+                        "not take or a bad value stops the command with the API's message (exit code 2)")
+
+
+def _options_epilog() -> str:
+    return ("method options (--option NAME=VALUE), with their defaults; end_layer (exclusive) or layers=[...] "
+            "choose the blocks instead of start_layer..last (docs/methods.md, \"Layer choice\"):\n\n"
+            + options_table())
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that a paragraph of a description or epilog whose lines are indented
+    is printed as it is (the options table)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for para in text.split("\n\n"):
+            if para.startswith(" "):
+                out.append("\n".join(indent + line for line in para.splitlines()))
+            else:
+                out.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(out)
+
+
 def _add_model_args(p: argparse.ArgumentParser, default_model: Optional[str] = "synthetic") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=default_model,
@@ -151,26 +322,50 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+#: How the images reach the model (issue 26, item 5): said in the help of explain and evaluate.
+_INPUTS_HELP = (
+    "Images are read as 8-bit RGB: a picture with transparency (RGBA, LA, a transparent palette) is "
+    "composited over white, as image viewers show it (the colours stored under transparent pixels are not "
+    "used; a warning says so); grayscale is repeated to three channels; 16-bit pictures are scaled by "
+    "their range. They are then resized and cropped (or, with "
+    "--resize, resized) to the model's input size, scaled to [0, 1], normalised with the model's mean and std "
+    "(timm's data config) and cast to the model's dtype. The model is put in eval mode (dropout and drop-path "
+    "off) and explained in the dtype of its weights: float32 as loaded, or --dtype where the "
+    "command has it; the maps are float32."
+)
+
+#: The exit status of ``explain`` (its help's epilog).
+_EXPLAIN_EXIT_HELP = (
+    f"exit status: 0 every image explained; {EXIT_SKIPPED} some IMAGE files could not be read (each is named on "
+    f"stderr with the reason, the others were explained and written); {EXIT_USAGE} an error in the arguments or "
+    "the inputs (no IMAGE readable, a bad --option, an unusable output location...); 130 interrupted."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
     parser = _Parser(
-        prog=PROG,
+        prog=PROG, formatter_class=_HelpFormatter,
         description="Fast, faithful explanations for Vision Transformers: explain images, evaluate "
                     "explanation methods (segmentation, perturbation AUC, AOPC, LOdds, sanity), benchmark.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    fmt = _HelpFormatter
 
     # ---- explain
     p = sub.add_parser(
-        "explain", help="explain images and write overlay PNGs and a grid",
+        "explain", help="explain images and write overlay PNGs and a grid", formatter_class=fmt,
         description="Explain IMAGE(s) with each method; writes one overlay PNG per image per method "
                     "(<image file name>_<method>.png, e.g. photo.jpg_tokentm.png) and a grid (rows = images, "
                     "columns = image + methods, with a colour bar) to --out. Every map is min-max normalised "
-                    "on its own. Output locations are checked before the model runs.",
+                    "on its own. Output locations are checked before the model runs.\n\n" + _INPUTS_HELP,
+        epilog=_options_epilog() + "\n\n" + _EXPLAIN_EXIT_HELP,
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (any format PIL reads); a file that cannot be read is skipped and named on "
+                        "stderr, the others are explained (exit code 1 at the end)")
     _add_model_args(p)
     p.add_argument("--methods", type=_methods, default=list(METHODS), metavar="M1,M2,...",
                    help=f"comma-separated methods from {', '.join(METHODS)}, or 'all' (default: all)")
@@ -179,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class index to explain (default: the predicted class of each image)")
     p.add_argument("--cmap", default="inferno",
                    help="matplotlib colormap; perceptually uniform ones read best (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity in [0, 1] (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="opacity of the heat at the most relevant pixel, in [0, 1]; elsewhere it follows the "
+                        "relevance (default: %(default)s)")
     p.add_argument("--grid-name", default="grid.png",
                    help="file name of the grid inside --out; the suffix picks the format, e.g. grid.pdf "
                         "(default: %(default)s)")
@@ -189,17 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the raw maps (float32, one (images, gh, gw) array per method, named by the "
                         "method) with the image names, sizes, classes and the method options (key 'info', JSON) "
                         "to this .npz file (numpy.load reads it)")
+    _add_option_arg(p)
     _add_run_args(p)
     p.set_defaults(func=cmd_explain)
 
     # ---- evaluate
     p = sub.add_parser(
         "evaluate", help="evaluate methods with the segmentation / perturbation / sanity metrics",
+        formatter_class=fmt,
         description="Run every method x every metric over a data set, save the results JSON (resumable: "
                     "an interrupted run continues where it stopped when started again with the same "
-                    "arguments) and print the results table. Several processes: torchrun --nproc_per_node=N "
+                    "arguments; an existing results JSON is not replaced without --overwrite) and print the "
+                    "results table. Several processes: torchrun --nproc_per_node=N "
                     "-m tokentm_fast evaluate ... (gloo on cpu, nccl on cuda; each rank evaluates a shard, "
-                    "rank 0 merges the results).",
+                    "rank 0 merges the results).\n\n" + _INPUTS_HELP,
+        epilog=_options_epilog(),
     )
     _add_model_args(p)
     g = p.add_argument_group("data")
@@ -219,8 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most images per forward pass of the perturbation test: the clean batch and its 18 "
                         "perturbed copies go through the model in passes of this size (default: %(default)s)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="cast the model to this dtype for the explanations and the forward passes "
-                        "(default: %(default)s; bfloat16 for GPU runs)")
+                   help="cast the model's weights to this dtype for the explanations and the forward passes; the "
+                        "images are cast to it after normalisation, the maps are float32 (default: %(default)s; "
+                        "bfloat16 for GPU runs)")
     _add_resize_arg(g)
     g = p.add_argument_group("evaluation")
     g.add_argument("--methods", type=_methods, default=list(METHODS), metavar="M1,M2,...",
@@ -231,10 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class to explain (default: %(default)s)")
     g.add_argument("--sanity-images", type=_positive_int, default=32, metavar="N",
                    help="images used by the (costly) sanity metric (default: %(default)s)")
+    _add_option_arg(g)
     g = p.add_argument_group("output")
     g.add_argument("--output", default="results.json", metavar="FILE",
                    help="results JSON (default: %(default)s); while the run lasts it holds an exclusive lock on "
-                        "FILE.lock: a second evaluate of the same FILE stops at once, naming the process")
+                        "FILE.lock: a second evaluate of the same FILE stops at once, naming the process. An "
+                        "existing FILE is not replaced unless --overwrite is given (the partial state of an "
+                        "interrupted run, FILE.partial, is resumed all the same)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output FILE (without it the command stops at once, exit code 2)")
     g.add_argument("--curves", metavar="PNG", help="also plot the perturbation curves to this PNG")
     g.add_argument("--restart", action="store_true",
                    help="discard a partial state left by an interrupted run instead of resuming it")
@@ -246,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- bench
     p = sub.add_parser(
-        "bench", help="time explain per method and backend against a forward+backward",
+        "bench", help="time explain per method and backend against a forward+backward", formatter_class=fmt,
+        epilog=_options_epilog(),
         description="Time explain() per method and backend on a random-init timm model (or the shipped "
                     "synthetic model) and batch, against one forward+backward step with parameter gradients; "
                     "prints a plain table (median of --repeats calls after one warm-up call). "
@@ -265,11 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed calls per row (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
+    _add_option_arg(p)
     p.set_defaults(func=cmd_bench)
 
     # ---- demo
     p = sub.add_parser(
         "demo", help="explain + evaluate every method on the shipped synthetic benchmark (about a minute on a CPU)",
+        formatter_class=fmt, epilog=_options_epilog(),
         description="Load the shipped synthetic ViT (no network), explain a few synthetic test images with "
                     "every method (grid PNG), evaluate every method (segmentation, perturbation AUC, AOPC, "
                     "LOdds, sanity) on a synthetic test subset, print the table and plot the perturbation curves.",
@@ -288,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="FILE",
                    help="synthetic-model weights (.safetensors) instead of the shipped ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_option_arg(p)
     _add_run_args(p, default_threads=1)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -335,22 +546,31 @@ def _class_names(model_name: str, num_classes: int) -> Optional[List[str]]:
     return None
 
 
-def _load_images(paths: Sequence[str]):
-    """The pictures as 8-bit RGB PIL images, read as the evaluation's data sources read them (16-bit rescaled)."""
+def _load_images(paths: Sequence[str]) -> Tuple[List[Any], List[str], List[Tuple[str, str]]]:
+    """The readable pictures as 8-bit RGB PIL images (read as the evaluation's data sources read them:
+    :func:`~tokentm_fast.evaluation.data.to_rgb`), the paths they came from, and ``(path, reason)`` for each
+    file that could not be read (missing, a folder, not a picture PIL reads)."""
     from .evaluation.data import load_image
 
-    images = []
+    images, kept, skipped = [], [], []
     for p in paths:
         path = Path(p)
         if not path.exists():
-            raise CLIError(f"image file not found: {p}")
-        if not path.is_file():
-            raise CLIError(f"not an image file: {p}")
-        try:
-            images.append(load_image(path))
-        except Exception as e:
-            raise CLIError(f"cannot read image {p}: {e}") from None
-    return images
+            skipped.append((str(p), "image file not found"))
+        elif not path.is_file():
+            skipped.append((str(p), "not an image file (a folder?)"))
+        else:
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    images.append(load_image(path))
+                kept.append(str(p))
+                for w in caught:  # e.g. transparency composited over white: said with the file's name
+                    print(f"{PROG} explain: warning: {p}: {w.message}", file=sys.stderr)
+            except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, DecompressionBomb...)
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                skipped.append((str(p), f"cannot read image: {reason}"))
+    return images, kept, skipped
 
 
 def output_names(paths: Sequence[str]) -> List[str]:
@@ -382,20 +602,68 @@ def _grid_format(name: str, option: str) -> None:
                        f"use one of {', '.join(sorted(supported))}")
 
 
-def _report_warnings(caught, command: str) -> None:
-    """Print warnings caught during drawing as ``tokentm-fast <command>: warning: …`` lines (once each)."""
-    seen = set()
-    for w in caught:
-        msg = str(w.message)
-        if msg not in seen:
-            seen.add(msg)
+def _constant_map_warning_classes() -> List[type]:
+    """The ``ConstantMapWarning`` classes of the package: the drawing functions' and the Python API's."""
+    from . import maps, visualize
+
+    found = [getattr(maps, "ConstantMapWarning", None), getattr(visualize, "ConstantMapWarning", None)]
+    return [c for i, c in enumerate(found) if c is not None and c not in found[:i]]
+
+
+@contextmanager
+def _constant_map_warnings_held() -> Iterator[None]:
+    """Ignore every ``ConstantMapWarning`` raised inside (the drawing functions', and the Python API's):
+    the command says each method's constant maps itself, once (:func:`constant_map_message`). Other
+    warnings are untouched."""
+    with warnings.catch_warnings():
+        for category in _constant_map_warning_classes():
+            warnings.filterwarnings("ignore", category=category)
+        yield
+
+
+def constant_map_message(method: str, images: Sequence[str], total: int, value: float) -> str:
+    """What the command says of ``method``'s constant maps (of ``images``, among ``total``; every value
+    ``value``): the fact, and the likely cause, whatever the model's training."""
+    from .methods import REGISTRY
+
+    if len(images) == 1 and total == 1:
+        what = f"the map of {images[0]} is constant"
+    else:
+        what = f"{len(images)} of {total} maps are constant ({', '.join(images)})"
+    if not REGISTRY[method].needs_gradients:
+        why = "the attention it reads gives every patch the same weight"
+    elif value == 0:
+        why = ("no patch has positive relevance for the explained class: either the method keeps only positive "
+               "evidence (attention Grad-CAM clips at 0) and every patch weighed against the class, or the gradient "
+               "of the explained score is zero (the score does not change with the input)")
+    else:
+        why = "the gradient of the explained score weighs every patch alike"
+    return (f"{method}: {what}: every value {value:g}; it has no ranking to show. Likely cause: {why}. "
+            f"Another method, or another --target, may show more.")
+
+
+def _is_constant(m) -> bool:
+    """Whether the map ``m`` (a tensor) has no two different finite values: it ranks nothing."""
+    finite = m[m.isfinite()]
+    return finite.numel() == 0 or bool(finite.max() == finite.min())
+
+
+def _report_constant_maps(maps: Mapping[str, Any], names: Sequence[str], command: str) -> None:
+    """``tokentm-fast <command>: warning: …`` on stderr, once per method with constant maps (``maps[m]``:
+    ``(B, gh, gw)``, one per name)."""
+    for m, v in maps.items():
+        const = [i for i in range(len(names)) if _is_constant(v[i])]
+        if const:
+            value = float(v[const[0]].flatten()[0])
+            msg = constant_map_message(m, [names[i] for i in const], len(names), value)
             print(f"{PROG} {command}: warning: {msg}", file=sys.stderr)
 
 
-def _explain_all(model, x, methods, backend, target=None) -> Dict[str, Any]:
-    from .api import Explainer
-
-    return {m: Explainer(model, method=m, backend=backend)(x, target) for m in methods}
+def _explain_all(explainers: Mapping[str, Any], x, target=None) -> Dict[str, Any]:
+    """``{method: explainer(x, target)}``; a constant-map warning of the API is held back (the command
+    reports constant maps itself)."""
+    with _constant_map_warnings_held():
+        return {m: e(x, target) for m, e in explainers.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -403,17 +671,22 @@ def _explain_all(model, x, methods, backend, target=None) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    import warnings
-
+    """``tokentm-fast explain``: 0, or :data:`EXIT_SKIPPED` when some IMAGE files could not be read."""
     import numpy as np
     import torch
 
     from .evaluation.data import Preprocess, model_data_config
     from .evaluation.outputs import check_no_link, check_output_dir, check_output_file, output_inside
-    from .visualize import ConstantMapWarning, save_grid, save_overlay_figure
+    from .visualize import save_grid, save_overlay_figure
 
     _setup_threads(args)
-    images = _load_images(args.images)  # files first: a typo fails fast
+    images, paths, skipped = _load_images(args.images)  # files first: a typo is said at once
+    for p, why in skipped:
+        print(f"{PROG} explain: skipped {p}: {why}", file=sys.stderr)
+    if not images:
+        raise CLIError(f"no IMAGE could be read ({len(skipped)} file{'s' if len(skipped) > 1 else ''} skipped, "
+                       "named above)")
+    options = method_options(args.methods, args.option)
     if not 0.0 <= args.alpha <= 1.0:
         raise CLIError(f"--alpha must be in [0, 1], got {args.alpha}")
     import matplotlib
@@ -424,7 +697,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "--out")
     grid_path = output_inside(out, args.grid_name, "--grid-name")
     _grid_format(args.grid_name, "--grid-name")
-    names = output_names(args.images)
+    names = output_names(paths)
     overlay_paths = {(i, m): out / f"{name}_{m}.png" for i, name in enumerate(names) for m in args.methods}
     if grid_path in overlay_paths.values():
         raise CLIError(f"--grid-name {args.grid_name!r} is also the name of an overlay; choose another name")
@@ -438,6 +711,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, model_info = _load_model(args)
     model = model.to(device)
+    explainers = _explainers(model, args.methods, args.backend, options, args.option)  # the API's checks
     pre = Preprocess(model_data_config(model), "resize" if args.resize else "crop")
     plans = [pre.plan(*im.size) for im in images]
     _say_preprocessing(pre, images, names, plans)
@@ -449,7 +723,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         x = x_all[start:start + args.batch_size].to(device)
         with torch.no_grad():
             pred += model(x).argmax(dim=1).cpu().tolist()
-        for m, v in _explain_all(model, x, args.methods, args.backend, args.target).items():
+        for m, v in _explain_all(explainers, x, args.target).items():
             chunks[m].append(v.cpu())
     maps = {m: torch.cat(v) for m, v in chunks.items()}
     out.mkdir(parents=True, exist_ok=True)
@@ -460,32 +734,31 @@ def cmd_explain(args: argparse.Namespace) -> int:
         titles = [f"{s}\npred {c}, expl. {tname}" for s, c in zip(names, cls)]
     else:
         titles = [f"{s}\npred {c}" for s, c in zip(names, cls)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConstantMapWarning)
-        with warnings.catch_warnings():  # the grid reports constant maps once per method
-            warnings.simplefilter("ignore", ConstantMapWarning)
-            written = []
-            for (i, m), path in overlay_paths.items():
-                original = torch.from_numpy(np.asarray(images[i], dtype=np.float32) / 255.0).permute(2, 0, 1)
-                written.append(save_overlay_figure(
-                    original, maps[m][i], path, box=plans[i]["box"], cmap=args.cmap, alpha=args.alpha,
-                    title=f"{m} — {names[i]} (pred {cls[i]})", option="--out"))
+    with _constant_map_warnings_held():  # said once per method below
+        written = []
+        for (i, m), path in overlay_paths.items():
+            original = torch.from_numpy(np.asarray(images[i], dtype=np.float32) / 255.0).permute(2, 0, 1)
+            written.append(save_overlay_figure(
+                original, maps[m][i], path, box=plans[i]["box"], cmap=args.cmap, alpha=args.alpha,
+                title=f"{m} — {names[i]} (pred {cls[i]})", option="--out"))
         grid = save_grid(torch.stack(x01s), maps, grid_path, titles=titles, cmap=args.cmap, alpha=args.alpha,
                          image_names=names, option="--grid-name")
-    _report_warnings([w for w in caught if issubclass(w.category, ConstantMapWarning)], "explain")
-    for w in caught:
-        if not issubclass(w.category, ConstantMapWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    _report_constant_maps(maps, names, "explain")
     if maps_path is not None:
-        _save_maps(maps_path, args, model, model_info, pre, maps, names, plans, pred)
+        _save_maps(maps_path, args, explainers, model_info, pre, maps, names, paths, plans, pred)
     h, w = pre.input_size
-    for name, path, c, plan in zip(names, args.images, cls, plans):
+    for name, path, c, plan in zip(names, paths, cls, plans):
         H, W = plan["original"]
         how = "resized" if pre.mode == "resize" else "resized and centre-cropped"
         geometry = "" if (H, W) == (h, w) and plan["resized"] == (h, w) else f"; {W}×{H} px {how} to {w}×{h}"
         print(f"{name}: predicted {c}" + ("" if name == Path(path).name else f" ({path})") + geometry)
     print(f"wrote {len(written)} overlays (<image file name>_<method>.png, at the images' own size) and the grid "
           f"{grid} (the model's {w}×{h} px inputs) to {out}" + (f"; raw maps: {maps_path}" if maps_path else ""))
+    if skipped:
+        print(f"{PROG} explain: {len(skipped)} of {len(args.images)} IMAGE files could not be read and were skipped "
+              f"({', '.join(p for p, _ in skipped)}; the reasons are above): exit code {EXIT_SKIPPED}",
+              file=sys.stderr)
+        return EXIT_SKIPPED
     return 0
 
 
@@ -500,7 +773,8 @@ def _say_preprocessing(pre, images, names, plans) -> None:
             return
 
 
-def _save_maps(path: Path, args: argparse.Namespace, model, model_info, pre, maps, names, plans, pred) -> Path:
+def _save_maps(path: Path, args: argparse.Namespace, explainers, model_info, pre, maps, names, paths, plans,
+               pred) -> Path:
     """``--save-maps``: the raw maps and what produced them, as an .npz written through the safe writer."""
     import json
 
@@ -508,7 +782,6 @@ def _save_maps(path: Path, args: argparse.Namespace, model, model_info, pre, map
     import torch
 
     from . import __version__
-    from .api import Explainer
     from .evaluation.outputs import open_output
     from .evaluation.state import jsonable
 
@@ -516,7 +789,7 @@ def _save_maps(path: Path, args: argparse.Namespace, model, model_info, pre, map
     info = {
         "format": "tokentm-fast explain --save-maps, version 1",
         "methods": list(args.methods),
-        "method_options": {m: Explainer(model, method=m, backend=args.backend).options for m in args.methods},
+        "method_options": {m: explainers[m].options for m in args.methods},
         "backend": args.backend,
         "device": str(args.device),
         "model": model_info,
@@ -531,7 +804,7 @@ def _save_maps(path: Path, args: argparse.Namespace, model, model_info, pre, map
     arrays.update(
         methods=np.array(list(args.methods)),
         image_names=np.array(list(names)),
-        image_paths=np.array([str(p) for p in args.images]),
+        image_paths=np.array([str(p) for p in paths]),
         original_sizes=np.array([p["original"] for p in plans], dtype=np.int64),
         boxes=np.array([p["box"] for p in plans], dtype=np.float64),
         predicted=np.array(pred, dtype=np.int64),
@@ -550,7 +823,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation.runner import evaluate
 
     _setup_threads(args)
-    check_output_file(args.output, "--output")  # before any work: a bad location fails fast
+    output = check_output_file(args.output, "--output")  # before any work: a bad location fails fast
+    if not args.overwrite:
+        _refuse_overwriting(output, args.restart)
+    options = method_options(args.methods, args.option)
     if args.curves:
         check_output_file(args.curves, "--curves")
     try:
@@ -561,7 +837,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             dtype=args.dtype, limit=args.limit, output=args.output, backend=args.backend, num_workers=args.workers,
             max_forward_batch=args.max_forward_batch, progress=not args.no_progress, restart=args.restart,
             save_every=args.save_every, target=args.target, sanity_images=args.sanity_images,
-            command=[PROG, *args.argv], preprocess="resize" if args.resize else "crop",
+            command=[PROG, *args.argv], preprocess="resize" if args.resize else "crop", method_options=options,
         )
     except EvaluationInterrupted as e:
         where = ", ".join(str(p) for p in e.partial_paths)
@@ -578,6 +854,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.curves:
         _plot_curves(results, args.curves)
     return 0
+
+
+def _refuse_overwriting(output: Path, restart: bool) -> None:
+    """``evaluate`` without ``--overwrite``: an existing results JSON is refused, unless an interrupted run
+    of it is resumed (its partial state is there and ``--restart`` was not given)."""
+    from .evaluation.outputs import check_not_overwriting
+    from .evaluation.state import find_partials, partial_path
+
+    partials = find_partials(output)
+    if partials and not restart:
+        return  # the resume machinery takes over (and refuses a partial state of another configuration)
+    if partials:
+        hint = "--restart discards the partial state and starts over, which would replace it"
+    else:
+        hint = (f"There is no interrupted run of it to resume (that would leave its state in "
+                f"{partial_path(output)}, which the same command picks up)")
+    check_not_overwriting(output, "--output", "--overwrite", "the results of an earlier evaluate", hint)
 
 
 def _rank() -> int:
@@ -627,11 +920,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.manual_seed(0)
         model, weights = timm.create_model(args.model, pretrained=False, **(args.model_kwargs or {})), "random init"
     model = model.eval().to(device=device, dtype=dtype)
+    options = method_options(args.methods, args.option)
+    _explainers(model, args.methods, "auto", options, args.option)  # the API's checks, before any timing
     images, target = random_batch(model, args.batch, device, dtype)
-    rows = time_explain(model, images, target, args.methods, backends, args.repeats, device)
+    rows = time_explain(model, images, target, args.methods, backends, args.repeats, device, options)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    given = "; ".join(f"{m}: " + ", ".join(f"{k}={_shown(v)}" for k, v in o.items()) for m, o in options.items())
     print(f"{args.model} ({weights}), batch {args.batch}, {args.dtype}, {device}{threads}, torch {torch.__version__}; "
-          f"median of {args.repeats} calls after 1 warm-up")
+          f"median of {args.repeats} calls after 1 warm-up" + (f"; options {given}" if given else ""))
     for line in format_timings(rows):
         print(line)
     return 0
@@ -641,23 +937,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluation.data import Preprocess, SyntheticSource, model_data_config
-    from .evaluation.runner import evaluate, load_model
-    import warnings
-
-    from .synthetic import CLASS_NAMES
-    from .visualize import ConstantMapWarning, save_grid
-
     from .evaluation.outputs import check_no_link, check_output_dir, write_text
     from .evaluation.report import print_results, table_markdown
+    from .evaluation.runner import evaluate, load_model
+    from .synthetic import CLASS_NAMES
+    from .visualize import save_grid
 
     _setup_threads(args)
     t0 = time.time()
+    options = method_options(args.methods, args.option)
     out = check_output_dir(args.out, "--out")
     for name in ("demo_grid.png", "demo_results.json", "demo_table.md", "demo_curves.png"):
         check_no_link(out / name, "--out")  # before any work
     device = _device(args.device)
     model, info = load_model("synthetic", checkpoint=args.checkpoint)
     model = model.to(device)
+    explainers = _explainers(model, args.methods, args.backend, options, args.option)  # the API's checks
     out.mkdir(parents=True, exist_ok=True)
     print(f"model: synthetic ViT ({info['checkpoint']['path']})")
 
@@ -669,25 +964,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     x = torch.stack(xs).to(device)
     with torch.no_grad():
         pred = model(x).argmax(dim=1).cpu().tolist()
-    maps = {m: v.cpu() for m, v in _explain_all(model, x, args.methods, args.backend).items()}
+    maps = {m: v.cpu() for m, v in _explain_all(explainers, x).items()}
     titles = [f"{CLASS_NAMES[lab]} (pred {CLASS_NAMES[p]})" for (_, _, lab), p in zip(samples, pred)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConstantMapWarning)
+    names = [f"test image {i}" for i in range(len(samples))]
+    with _constant_map_warnings_held():  # said once per method below
         grid = save_grid(torch.stack(x01s), maps, out / "demo_grid.png", titles=titles, masks=torch.stack(gt),
-                         image_title="image (mask outlined)",
-                         image_names=[f"test image {i}" for i in range(len(samples))], option="--out")
-    _report_warnings([w for w in caught if issubclass(w.category, ConstantMapWarning)], "demo")
+                         image_title="image (mask outlined)", image_names=names, option="--out")
+    _report_constant_maps(maps, names, "demo")
     print(f"explanation grid: {grid}")
 
     # 2. the evaluation on a synthetic test subset
     metrics = ["segmentation", "perturbation"] + (["sanity"] if args.sanity_images else [])
-    results = evaluate(
-        "synthetic", SyntheticSource("test", size=args.num_images), methods=args.methods, metrics=metrics,
-        checkpoint=args.checkpoint, batch_size=args.batch_size, device=args.device,
-        output=str(out / "demo_results.json"), backend=args.backend, num_workers=args.workers,
-        progress=not args.no_progress, restart=True, sanity_images=args.sanity_images or None,
-        command=[PROG, *args.argv],
-    )
+    with _constant_map_warnings_held():  # said for the grid above; the sanity check's random models give them
+        results = evaluate(
+            "synthetic", SyntheticSource("test", size=args.num_images), methods=args.methods, metrics=metrics,
+            checkpoint=args.checkpoint, batch_size=args.batch_size, device=args.device,
+            output=str(out / "demo_results.json"), backend=args.backend, num_workers=args.workers,
+            progress=not args.no_progress, restart=True, sanity_images=args.sanity_images or None,
+            command=[PROG, *args.argv], method_options=options,
+        )
     print_results(results, str(out / "demo_results.json"))
     write_text(out / "demo_table.md", table_markdown(results), option="--out", what="results table", durable=False)
     _plot_curves(results, str(out / "demo_curves.png"), option="--out")

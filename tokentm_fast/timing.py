@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -47,14 +47,18 @@ def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device)
 
 
 def time_explain(model: nn.Module, images: torch.Tensor, target: torch.Tensor, methods: Sequence[str],
-                 backends: Sequence[str], repeats: int, device: torch.device) -> List[Timing]:
+                 backends: Sequence[str], repeats: int, device: torch.device,
+                 options: Optional[Mapping[str, Mapping[str, Any]]] = None) -> List[Timing]:
     """The forward+backward row, then one row per (method, backend) of ``explain(model, images, ...)``.
 
     Args:
         model: the model, in eval mode, on ``device``.
         images: ``(B, 3, H, W)`` inputs; target: ``(B,)`` class indices.
+        options: per-method options, e.g. ``{"legrad": {"start_layer": -3}}`` (the defaults otherwise).
     """
     from . import explain
+
+    per_method: Dict[str, Mapping[str, Any]] = {m: dict((options or {}).get(m, {})) for m in methods}
 
     def step() -> None:
         logits = model(images)
@@ -65,14 +69,25 @@ def time_explain(model: nn.Module, images: torch.Tensor, target: torch.Tensor, m
     for method in methods:
         for backend in backends:
             rows.append((method, backend, median_seconds(
-                lambda: explain(model, images, method=method, target=target, backend=backend), repeats, device)))
+                lambda m=method, b=backend: explain(model, images, method=m, target=target, backend=b,
+                                                    **per_method[m]),
+                repeats, device)))
     return rows
 
 
 def format_timings(rows: Sequence[Timing]) -> List[str]:
-    """The lines of the table of ``rows`` (milliseconds, and the ratio to the first row, the training step)."""
+    """The lines of the table of ``rows`` (milliseconds, and the ratio to the first row, the training step).
+
+    Each column is as wide as its longest entry (``transformer_attribution``), so the columns line up
+    whatever the method and backend names.
+    """
     base = rows[0][2]
-    lines = [f"{'run':<18} {'backend':<10} {'ms':>10} {'x fwd+bwd':>10}"]
-    for what, backend, t in rows:
-        lines.append(f"{what:<18} {backend:<10} {t * 1e3:>10.1f} {t / base:>10.2f}")
-    return lines
+    head = ("run", "backend", "ms", "x fwd+bwd")
+    body = [(what, backend, f"{t * 1e3:.1f}", f"{t / base:.2f}") for what, backend, t in rows]
+    widths = [max(len(r[i]) for r in (head, *body)) for i in range(len(head))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join([cells[0].ljust(widths[0]), cells[1].ljust(widths[1]),
+                          cells[2].rjust(widths[2]), cells[3].rjust(widths[3])])
+
+    return [line(head)] + [line(r) for r in body]

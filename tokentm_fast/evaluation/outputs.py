@@ -22,7 +22,8 @@ The checks made before any work (:func:`check_output_dir`,
 refuse an output location that cannot be used (a file where a folder is
 expected, a folder that is not writable, a name leading out of its output
 folder, a symbolic link) with an :class:`OutputLocationError` naming the option,
-so that a command fails before it loads a model.
+so that a command fails before it loads a model; :func:`check_not_overwriting`
+refuses an existing file that only an explicit flag (``--overwrite``) may replace.
 
 :class:`OutputLock` is an exclusive, non-blocking ``fcntl.flock`` on
 ``<output>.lock``: a second ``evaluate`` on the same ``--output`` stops at
@@ -43,8 +44,8 @@ from pathlib import Path
 from typing import Any, Dict, IO, Iterator, Optional, Union
 
 __all__ = ["OutputError", "OutputLocationError", "refuse_link", "open_output", "write_bytes", "write_text",
-           "write_json", "check_no_link", "check_output_dir", "check_output_file", "output_inside", "OutputLock",
-           "lock_path"]
+           "write_json", "check_no_link", "check_output_dir", "check_output_file", "check_not_overwriting",
+           "output_inside", "OutputLock", "lock_path"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -246,6 +247,21 @@ def check_output_file(path: PathLike, option: str) -> Path:
             raise OutputLocationError(f"{option} {p}: the file or its folder is not writable")
     else:
         _check_creatable(p, option)
+    return p
+
+
+def check_not_overwriting(path: PathLike, option: str, flag: str = "--overwrite", what: str = "file",
+                          hint: str = "") -> Path:
+    """Refuse, before any work, to replace the existing file ``path`` of ``option`` unless ``flag`` was given.
+
+    Call it only when ``flag`` was not given. The :class:`OutputLocationError` names the file, the
+    option and ``flag``; ``hint`` (a sentence) is appended.
+    """
+    p = Path(path)
+    if p.is_file():
+        raise OutputLocationError(
+            f"{option} {p} already exists ({what}); refusing to overwrite it: add {flag} to replace it, or "
+            f"choose another {option}" + (f". {hint}" if hint else ""))
     return p
 
 

@@ -12,10 +12,13 @@
   ``end_layer=`` and ``layers=[...]``, on every backend and path, against the oracle;
 - bad input gets a clear error that names the problem (issue: foundation, item 5);
 - clear messages for a meta-device target and a score function that mixes images; compiled /
-  DataParallel models are unwrapped and explained as the underlying model (issue 15 item 9).
+  DataParallel models are unwrapped and explained as the underlying model (issue 15 item 9);
+- issue 26: a constant map raises a ConstantMapWarning (images, method, cause) once per call site; a
+  model in train mode is explained in eval mode and restored; float64 images to a float32 model are said.
 """
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -26,6 +29,7 @@ from spec_oracle import METHODS as ORACLE_METHODS
 from spec_oracle import explain as oracle
 from spec_oracle import rel_err
 from tokentm_fast.kernels import triton_available
+from tokentm_fast.methods import REGISTRY
 from tokentm_fast.models import adapt, unwrap
 
 TOL = {"reference": 1e-5, "torch": 1e-5}  # spec §7: float32 fast path vs float64 oracle
@@ -555,3 +559,208 @@ def test_independent_score_functions_pass_the_check(model, three_images, method)
     # a single image cannot mix: the check is not needed (and the function is accepted)
     assert tf.explain(model, three_images[:1], method=method, target=lambda o: o[:, 3] + o[:, 3].sum(),
                       backend="torch").shape == (1, 4, 4)
+
+
+# -- issue 26: constant maps are said, conversions are said or restored -----------------------------------
+# Item 1: a gradient method on a model whose classifier head is zero (torchvision initialises it so)
+# returned all-zero maps without a word. Now a ConstantMapWarning names the images, the method and the
+# cause, once per call site (also in a loop), at the user's line.
+GRADIENT_METHODS = [m for m in tf.METHODS if REGISTRY[m].needs_gradients]
+
+
+def zero_head_vit():
+    """torchvision's VisionTransformer as torchvision builds it (zero classifier head), 32x32 images,
+    16x16 patches, 2 blocks, 64 wide, 5 classes."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,
+                             num_classes=5).eval()
+
+
+def constant_warnings(records):
+    return [w for w in records if issubclass(w.category, tf.ConstantMapWarning)]
+
+
+def call_line(fn) -> int:
+    """The line of ``fn``'s source holding the explain call (marked ``# <- call``)."""
+    import inspect
+
+    lines, start = inspect.getsourcelines(fn)
+    return start + next(i for i, ln in enumerate(lines) if "# <- call" in ln)
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_zero_head_warns_once_per_call_site_in_a_loop(images, method):
+    model = zero_head_vit()
+    assert model.heads.head.weight.abs().max() == 0              # the cause, as torchvision leaves it
+
+    def loop():
+        maps = []
+        for _ in range(3):
+            maps.append(tf.explain(model, images, method))     # <- call
+        for _ in range(3):
+            maps.append(tf.explain(model, images, method, normalize=True, upsample=True))
+        return maps
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("default")                         # the machinery's default action
+        maps = loop()
+    assert all(not m.any() for m in maps)                        # the issue: exactly zero, even normalized
+    said = constant_warnings(rec)
+    assert len(said) == 2, [str(w.message) for w in rec]         # one per call site, not one per call
+    first = call_line(loop)
+    assert [(w.filename, w.lineno) for w in said] == [(__file__, first), (__file__, first + 2)]
+    for w in said:
+        msg = str(w.message)
+        assert msg.startswith(f"{method}: the maps of all 2 images are constant (all zeros")
+        assert "gradient of the explained score with respect to the images is exactly zero" in msg
+        assert "zero-initialised classifier head" in msg
+
+
+def test_explainer_loop_and_chunks_warn_once_naming_the_whole_batch(make_images):
+    model = zero_head_vit()
+    x = make_images(batch=3)
+    ex = tf.Explainer(model, "tokentm")
+
+    def run():
+        for _ in range(4):
+            ex(x, batch_size=1)                                  # <- call
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("default")
+        run()
+    said = constant_warnings(rec)
+    assert len(said) == 1
+    assert (said[0].filename, said[0].lineno) == (__file__, call_line(run))     # the user's line, not batching.py
+    assert "the maps of all 3 images" in str(said[0].message)                 # the batch, not a chunk of it
+
+
+def test_a_loop_whose_constant_images_change_is_not_flooded(make_model, make_images):
+    """The machinery's default dedupes by text and location; the text names the images, so a loop whose
+    batches have other constant images would repeat it. It is said once per call site all the same."""
+    model = make_model("torchvision")
+    x = make_images(batch=3)
+    masks = [torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 0.0])]
+
+    def loop():
+        maps = []
+        for mask in masks:
+            maps.append(tf.explain(model, x, "legrad", target=lambda o, m=mask: o[:, 1] * m))   # <- call
+        return maps
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("default")
+        maps = loop()
+    for e, mask in zip(maps, masks):       # each batch: exactly the masked image's map is constant
+        assert [bool(r.max() == r.min()) for r in e] == (mask == 0).tolist()
+    said = constant_warnings(rec)
+    assert len(said) == 1 and said[0].lineno == call_line(loop)
+    assert str(said[0].message).startswith("legrad: the map of image 1 (of 3) is constant (all zeros)")
+
+
+def test_always_filter_says_it_every_time_error_raises_ignore_silences(images):
+    model = zero_head_vit()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            tf.explain(model, images, "legrad")
+    assert len(constant_warnings(rec)) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tf.ConstantMapWarning)
+        with pytest.raises(tf.ConstantMapWarning, match="legrad: the maps of all 2 images"):
+            tf.explain(model, images, "legrad")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", tf.ConstantMapWarning)
+        tf.explain(model, images, "legrad")
+    assert not constant_warnings(rec)
+
+
+@pytest.mark.parametrize("method", ["tokentm", "legrad", "attn_gradcam", "rollout", "lrp"])
+def test_informative_maps_do_not_warn(make_model, images, method):
+    model = make_model("torchvision")         # the same family with a trained-like (non-zero) head
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        e = tf.explain(model, images, method, target=1)
+    assert (e.flatten(1).amax(1) > e.flatten(1).amin(1)).all()   # informative for every image
+    assert not constant_warnings(rec)
+
+
+def test_the_warning_names_the_constant_images_only(make_model, make_images):
+    """A score that is zero for image 1 alone (a constant score function there): image 1's map is zero,
+    images 0 and 2 are informative; the message names image 1 and says its score's gradient is zero."""
+    model = make_model("torchvision")
+    x = make_images(batch=3)
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        e = tf.explain(model, x, "tokentm", target=lambda o: o[:, 1] * mask)
+    assert not e[1].any() and (e[[0, 2]].flatten(1).amax(1) > 0).all()
+    (w,) = constant_warnings(rec)
+    msg = str(w.message)
+    assert msg.startswith("tokentm: the map of image 1 (of 3) is constant (all zeros)")
+    assert "exactly zero" in msg
+
+
+def test_several_targets_name_image_and_target(make_model, images):
+    model = make_model("torchvision")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        e = tf.explain(model, images, "gae", target=[lambda o: o[:, 2], lambda o: 0.0 * o[:, 0]])
+    assert e.shape[:2] == (2, 2) and not e[:, 1].any() and (e[:, 0].flatten(1).amax(1) > 0).all()
+    (w,) = constant_warnings(rec)
+    assert str(w.message).startswith("gae: the maps of (image, target) (0, 1), (1, 1) (of 2 images × 2 targets)")
+
+
+def test_clipped_maps_with_a_live_gradient_name_the_method(make_model, images):
+    """Attention Grad-CAM reads the class token's row; a model that pools by averaging gives it no
+    gradient, so its map is zero although the score's gradient is not (the issue's open_clip case)."""
+    model = make_model("open_clip_avg_ls").eval()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        e = tf.explain(model, images[:1], "attn_gradcam", target=lambda o: o[:, 0])
+        informative = tf.explain(model, images[:1], "tokentm", target=lambda o: o[:, 0])
+    assert not e.any() and informative.abs().max() > 0
+    (w,) = constant_warnings(rec)
+    msg = str(w.message)
+    assert msg.startswith("attn_gradcam: the map is constant (all zeros): it ranks nothing")
+    assert "score's gradient is not zero: attn_gradcam found no relevance" in msg and "average" in msg
+
+
+# Item 5: conversions. Train mode: the model is explained in eval mode and put back (documented);
+# float64 images to a narrower model: said once per call site.
+def test_train_mode_is_explained_in_eval_mode_and_restored(make_model, images):
+    model = make_model("timm_tiny", drop_rate=0.5, proj_drop_rate=0.5, attn_drop_rate=0.5)
+    want = tf.explain(model.eval(), images, "tokentm", target=1)
+    assert want.abs().max() > 0
+    model.train()
+    got = tf.explain(model, images, "tokentm", target=1)
+    assert torch.equal(got, want)               # dropout off: the eval-mode map, not a random one
+    assert all(m.training for m in model.modules())
+    def failing_score(output):
+        raise ZeroDivisionError("a score function that fails")
+
+    with pytest.raises(ZeroDivisionError):      # restored also when the call raises
+        tf.explain(model, images, "tokentm", target=failing_score)
+    assert all(m.training for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_float64_images_to_a_float32_model_are_said_once(model, images):
+    def loop():
+        for _ in range(3):
+            out = tf.explain(model, images.double(), "tokentm", target=1)    # <- call
+        return out
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("default")
+        got = loop()
+    said = [w for w in rec if "float64" in str(w.message)]
+    assert len(said) == 1 and (said[0].filename, said[0].lineno) == (__file__, call_line(loop))
+    assert "images are float64 but the model is float32" in str(said[0].message)
+    assert torch.equal(got, tf.explain(model, images, "tokentm", target=1))     # what was explained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # same dtypes: nothing to say
+        tf.explain(model, images, "tokentm", target=1)
+        tf.explain(copy.deepcopy(model).double(), images.double(), "tokentm", target=1)

@@ -9,9 +9,10 @@ Captum-style entry points; see ``tokentm_fast.ops`` for the plain-tensor operato
 from . import targets
 from .api import BACKENDS, Explainer, explain
 from . import interop
+from .maps import ConstantMapWarning
 from .methods import METHODS
 from .targets import class_logit, cosine_similarity
 
 __version__ = "0.1.0"
 __all__ = ["explain", "Explainer", "METHODS", "BACKENDS", "targets", "class_logit", "cosine_similarity",
-           "interop", "__version__"]
+           "interop", "ConstantMapWarning", "__version__"]

@@ -7,19 +7,21 @@ or Triton kernels, and returns a float32 map ``(B, gh, gw)`` of raw values
 """
 from __future__ import annotations
 
+import sys
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .maps import minmax_normalize, patch_sums, upsample_maps
+from .capture import prepared_model
+from .maps import ConstantMapWarning, constant_rows, minmax_normalize, patch_sums, upsample_maps
 from .methods import REGISTRY, check_method, get_method, resolve_options
 from .models import adapt
 from .multi_target import explain_targets
 from .paths import MAX_HEAD_DIM, TORCH_KERNELS, Flash, Materialized, head_width, heads_fit, triton_kernels
 from .reference import explain_reference
-from .targets import Target, TargetList, check_targets
+from .targets import Target, TargetList, check_targets, resolve_target, target_score
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 ATTENTION_PATHS = ("auto", "flash", "materialized")
@@ -99,6 +101,7 @@ class Explainer:
         self.attention = _check_attention(attention, backend, self.full, self.spec.flash_refusal(self.options),
                                           self.head_width)
         self._warned_no_triton = False
+        self._in_chunks = False
 
     def backend_for(self, images: torch.Tensor) -> str:
         """The concrete backend used for ``images`` (resolves ``"auto"``)."""
@@ -147,10 +150,12 @@ class Explainer:
         ``batch_size=k``: explain ``k`` images (and their targets) at a time and concatenate (the
         same maps as one call; peak memory of ``k`` images). ``progress``: a tqdm bar over the
         chunks; ``None`` (default) shows it when there is more than one chunk and stderr is a
-        terminal."""
-        if batch_size is not None or progress:
-            from .batching import explain_in_chunks
-            return explain_in_chunks(self, images, target, batch_size, progress)
+        terminal.
+
+        A map that comes out constant (all zeros, say) raises a ``ConstantMapWarning`` once per call
+        site (``explain``'s docstring)."""
+        if self._in_chunks:         # one chunk of explain_in_chunks: the whole result is checked once
+            return self._explain(images, target)
         if torch.is_inference_mode_enabled():
             # Explanations need autograd, which inference mode switches off: run with it
             # switched back on, on copies of the (inference) input tensors.
@@ -159,7 +164,21 @@ class Explainer:
                 target = target.clone() if isinstance(target, torch.Tensor) else target
                 if isinstance(target, TargetList):
                     target = TargetList(t.clone() if isinstance(t, torch.Tensor) else t for t in target)
-                return self(images, target)
+                return self(images, target, batch_size, progress)
+        if batch_size is not None or progress:
+            from .batching import explain_in_chunks
+            self._in_chunks = True
+            try:
+                out = explain_in_chunks(self, images, target, batch_size, progress)
+            finally:
+                self._in_chunks = False
+        else:
+            out = self._explain(images, target)
+        self._check_constant(out, images, target)
+        return out
+
+    def _explain(self, images: torch.Tensor, target: Target) -> torch.Tensor:
+        """One call's maps (``__call__`` without the chunks and the constant-map check)."""
         gh, gw = self.vit.check_images(images)
         param = next(self.vit.model.parameters())
         if param.device.type == "meta":
@@ -171,6 +190,11 @@ class Explainer:
             )
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or Inf values")
+        if images.dtype == torch.float64 and param.dtype != torch.float64:
+            say_once("float64 images", UserWarning, lambda: (
+                f"the images are float64 but the model is {_dtype_name(param.dtype)}: they are cast to "
+                f"{_dtype_name(param.dtype)} and explained in {_dtype_name(param.dtype)} (for a float64 "
+                f"explanation, cast the model: model.double())"))
         images = images.to(param.dtype)
         target = check_targets(target, images.shape[0], self.vit.num_classes)
         backend = self.backend_for(images)
@@ -202,11 +226,158 @@ class Explainer:
         out = minmax_normalize(out) if self.normalize else out
         return out.unflatten(0, (images.shape[0], len(target))) if many else out
 
+    def _check_constant(self, out: torch.Tensor, images: torch.Tensor, target: Target) -> None:
+        """Say once per call site (``say_once``) which maps of ``out`` are constant and why, as far as
+        one cheap test tells: the gradient of the score on the images (run only when the warning is
+        said). One host synchronisation; nothing for ``full=True`` (the whole matrix is never constant)."""
+        if self.full:
+            return
+        b = images.shape[0]
+        rows = out.reshape(-1, *out.shape[-2:])                    # (B·K, h, w), image-major
+        const, first = torch.stack([constant_rows(rows).to(rows.dtype), rows.flatten(1)[:, 0]]).tolist()
+        hit = [r for r, c in enumerate(const) if c]
+        if not hit:
+            return
+        k = rows.shape[0] // b
+        say_once(self.method, ConstantMapWarning,
+                 lambda: _constant_head(self.method, hit, [first[r] for r in hit], b, k, self.normalize),
+                 lambda: _constant_cause(self, images, target, hit, b, k))
+
 
 def _triton_attention():
     from .kernels.attention import triton_attention
 
     return triton_attention()
+
+
+# --------------------------------------------------------------------------- warnings, once per call site
+#: the modules of the explain machinery: a warning is located at the first frame outside them (the
+#: user's call of ``explain`` / ``Explainer``, or of ``explain(..., batch_size=k)``)
+_MACHINERY = frozenset({__name__, "tokentm_fast.batching"})
+#: the call sites (and kinds) already warned about under the "default" / "module" / "once" actions
+_said: set = set()
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called by ``say_once``: the first frame outside ``_MACHINERY``."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__") in _MACHINERY:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _filter_action(category: type, text: str, module: str, lineno: int) -> str:
+    """The action the warnings filters give this warning (the first matching filter, as ``warnings``
+    matches them)."""
+    for action, msg, cat, mod, line in warnings.filters:
+        if ((msg is None or msg.match(text)) and issubclass(category, cat)
+                and (mod is None or mod.match(module)) and (line == 0 or line == lineno)):
+            return action
+    return warnings.defaultaction
+
+
+def say_once(kind: str, category: type, head: Callable[[], str], cause: Optional[Callable[[], str]] = None) -> None:
+    """``warnings.warn(head() + cause(), category)`` at the user's call, once per call site and ``kind``.
+
+    The warnings machinery's default shows a warning once per location *and text*; the texts here name
+    images, so they vary from batch to batch: a loop would repeat them. Under the "default" and "module"
+    actions this says each ``kind`` once per call site (per process; "once": once in all), under
+    "always" / "error" every time, under "ignore" never. ``cause`` (which may cost a forward and
+    backward pass) runs only when the warning is said; the filters are matched on ``head()``.
+    """
+    level = _user_stacklevel()
+    frame = sys._getframe(level - 1)          # level 1 is this function's frame
+    module = frame.f_globals.get("__name__", "<string>")
+    text = head()
+    action = _filter_action(category, text, module, frame.f_lineno)
+    if action == "ignore":
+        return
+    if action in ("default", "module", "once"):
+        site = {"default": (frame.f_code.co_filename, frame.f_lineno), "module": (module,), "once": ()}[action]
+        key = (action, *site, category, kind)
+        if key in _said:
+            return
+        _said.add(key)
+    warnings.warn(text + (cause() if cause is not None else ""), category, stacklevel=level)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _listed(items: Sequence[str], limit: int = 8) -> str:
+    return ", ".join(items[:limit]) + (f", … ({len(items)} in all)" if len(items) > limit else "")
+
+
+def _constant_head(method: str, hit: List[int], values: List[float], b: int, k: int, normalized: bool) -> str:
+    """``"<method>: the maps of images 0, 2 (of 4) are constant (all zeros)"`` for the constant rows
+    ``hit`` of a ``(B·K, ...)`` result (image-major)."""
+    if len(hit) == b * k:
+        whose = ("the map is" if b * k == 1 else
+                 f"the maps of all {b} images are" if k == 1 else f"the maps of all {b}×{k} (image, target) pairs are")
+    elif k == 1:
+        whose = (f"the map of image {hit[0]} (of {b}) is" if len(hit) == 1
+                 else f"the maps of images {_listed([str(r) for r in hit])} (of {b}) are")
+    else:
+        pairs = _listed([f"({r // k}, {r % k})" for r in hit])
+        whose = f"the maps of (image, target) {pairs} (of {b} images × {k} targets) are"
+    if all(v == 0 for v in values):
+        value = "all zeros"
+    elif len(set(values)) == 1:
+        value = f"every value {values[0]:g}"
+    else:
+        value = "each a single value"
+    note = ", after normalize=True" if normalized else ""
+    return f"{method}: {whose} constant ({value}{note}): {'it ranks' if len(hit) == 1 else 'they rank'} nothing"
+
+
+def _constant_cause(explainer: "Explainer", images: torch.Tensor, target: Target, hit: List[int],
+                    b: int, k: int) -> str:
+    """Why the rows ``hit`` are constant, as far as the score's gradient on the images tells."""
+    spec = explainer.spec
+    if not spec.needs_gradients:
+        return (f". {spec.name} does not use the score: the attention it reads is spread evenly over the "
+                f"patches (an untrained model's, for one)")
+    zero = _zero_score_gradient(explainer.vit, images, target, b)             # (B, K) lists
+    flat = [zero[r // k][r % k] for r in hit]
+    untrained = ("an untrained or zero-initialised classifier head (torchvision's VisionTransformer "
+                 "starts with an all-zero head: load trained weights), or a score function (target=...) "
+                 "that does not depend on the model output")
+    hint = _NO_RELEVANCE.get(spec.name, "its terms are zero or clipped to zero for these images")
+    if all(flat):
+        return (f". The gradient of the explained score with respect to the images is exactly zero, so "
+                f"every gradient-based method gives a constant map; likely cause: {untrained}")
+    if not any(flat):
+        return f". The score's gradient is not zero: {spec.name} found no relevance there ({hint})"
+    zero_rows = _listed([str(r) if k == 1 else f"({r // k}, {r % k})" for r, z in zip(hit, flat) if z])
+    return (f". The gradient of the explained score is exactly zero for {zero_rows} (likely cause: "
+            f"{untrained}); for the others {spec.name} found no relevance ({hint})")
+
+
+#: why a method finds no relevance although the score's gradient is not zero
+_NO_RELEVANCE = {
+    "attn_gradcam": ("attention Grad-CAM keeps only the positive part of the class token's gradient-weighted "
+                     "attention, which is all zero when the head does not read the class token, as with average "
+                     "pooling, or when every head's evidence is negative"),
+    "legrad": "LeGrad keeps only the positive part of each layer's attention gradient",
+}
+
+
+def _zero_score_gradient(vit, images: torch.Tensor, target: Target, b: int) -> List[List[bool]]:
+    """``[b][k]``: whether the gradient of target k's score of image b with respect to the image is
+    exactly zero (one forward pass, K backward passes, in eval mode with frozen parameters)."""
+    param = next(vit.model.parameters())
+    checked = check_targets(target, b, vit.num_classes)
+    targets = list(checked) if isinstance(checked, TargetList) else [checked]
+    flags = []
+    with prepared_model(vit), torch.enable_grad():
+        x = images.detach().to(param.dtype).requires_grad_(True)
+        out = vit.forward(x)
+        for i, t in enumerate(targets):
+            s = target_score(out, resolve_target(t, out.detach()))
+            (g,) = torch.autograd.grad(s, x, retain_graph=i < len(targets) - 1, allow_unused=True)
+            flags.append(torch.ones(b, dtype=torch.bool) if g is None else (g.flatten(1) == 0).all(dim=1).cpu())
+    return torch.stack(flags, dim=1).tolist()
 
 
 def _check_attention(attention: Any, backend: str, full: bool, flash_refusal: Optional[str],
@@ -257,6 +428,34 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "tokentm", tar
     one call); ``progress``: a tqdm bar over the chunks (None: shown when there
     is more than one chunk and stderr is a terminal). See ``Explainer`` for the
     other arguments.
+
+    Block options (``start_layer``, ``end_layer``, ``layers``) follow Python's
+    rule for every method: block ``-k`` is the k-th from the end (``-1`` the
+    last), the valid range is ``-L <= l < L`` for a model with L blocks.
+
+    What the call does to its inputs, said here once:
+
+    - the model is explained in eval mode (dropout off, normalisation layers on
+      their running statistics) with its parameters frozen; its mode and
+      ``requires_grad`` flags are restored afterwards, also when the call raises;
+    - the images are cast to the model's dtype; float64 images given to a
+      narrower model raise a ``UserWarning`` (once per call site), since the
+      explanation is then computed in the model's precision (``model.double()``
+      for a float64 one);
+    - pictures read from files (the CLI, the evaluation's data sources) with
+      transparent pixels are composited over white
+      (``tokentm_fast.evaluation.data.to_rgb``).
+
+    A constant map (all zeros, say: it ranks nothing, and ``normalize=True``
+    keeps it all zeros) raises a ``tokentm_fast.ConstantMapWarning`` naming the
+    images, the method and the likely cause (the score's gradient is exactly
+    zero: an untrained or zero-initialised classifier head, a score function
+    that ignores the output; or a method that clips everything, such as
+    attention Grad-CAM on an average-pooled model). It is said once per call
+    site and method, also in a loop (``warnings.simplefilter("always",
+    tf.ConstantMapWarning)`` says it every time, ``"error"`` raises it,
+    ``"ignore"`` silences it). Finding it costs one host synchronisation on the
+    final map; the cause, one extra forward and backward pass when it is said.
     """
     return Explainer(model, method=method, backend=backend, full=full, upsample=upsample,
                      normalize=normalize, attention=attention, **options)(images, target, batch_size, progress)

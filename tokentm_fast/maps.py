@@ -1,5 +1,6 @@
-"""What every consumer of explanation maps does to them: bilinear upsampling to the image size and
-per-image min–max normalisation (the API's ``upsample`` / ``normalize``, the metrics, the figures)."""
+"""What every consumer of explanation maps does to them: bilinear upsampling to the image size,
+per-image min–max normalisation (the API's ``upsample`` / ``normalize``, the metrics, the figures) and
+the test for a constant map, which ranks nothing (``constant_rows``, ``ConstantMapWarning``)."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -38,3 +39,23 @@ def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
     ok = rng > 0
     out = torch.where(ok, (flat - lo) / torch.where(ok, rng, torch.ones_like(rng)), torch.zeros_like(flat))
     return out.reshape(x.shape)
+
+
+class ConstantMapWarning(UserWarning):
+    """An explanation map is constant (e.g. all zeros): it ranks nothing, and ``normalize=True`` makes it
+    all zeros. ``explain`` / ``Explainer`` say it once per call site, naming the images, the method and
+    the likely cause."""
+
+
+def constant_rows(maps: torch.Tensor) -> torch.Tensor:
+    """``(R,)`` bool: whether map ``r`` of ``maps (R, ...)`` is constant, i.e. has no two different finite
+    values (all equal, no finite value, or empty). On the maps' device: no host synchronisation."""
+    flat = maps.detach().reshape(maps.shape[0], -1)
+    if flat.shape[1] == 0:
+        return torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+    if not flat.is_floating_point():
+        flat = flat.double()
+    finite = torch.isfinite(flat)
+    hi = torch.where(finite, flat, -torch.inf).amax(dim=1)
+    lo = torch.where(finite, flat, torch.inf).amin(dim=1)
+    return ~(hi > lo)

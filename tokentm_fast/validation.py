@@ -37,7 +37,7 @@ __all__ = [
     "Wording", "Validator", "API", "OPERATORS", "OPERATOR_DTYPES",
     "check_transform_weights", "check_fuse_heads", "check_update", "check_legrad_reduce",
     "InputChecks", "api_transform_weights", "api_fuse_heads", "api_layers", "api_legrad_layers",
-    "api_query_index", "api_flag",
+    "api_query_index", "api_flag", "check_index",
 ]
 
 #: the modes that take ``grad=None``, as the messages name them ("'mean' and 'rollout'")
@@ -355,12 +355,31 @@ def api_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
+def check_index(name: str, value, n: int, what: str, symbol: Optional[str] = None) -> int:
+    """The one index rule of the package (Python's): ``value`` is an int in ``[-n, n)``, a negative one
+    counting from the end (``-1`` is the last of the ``n``); returns it in ``[0, n)``.
+
+    ``name`` names the argument in the messages (``option start_layer``, ``option layers[1]``);
+    ``what`` is the counted thing with ``n`` (``"a model with 12 blocks"``); ``symbol`` stands for the
+    value in the valid range (default: the last word of ``name``). ``TypeError`` for a non-int (a bool
+    too), ``ValueError`` naming the valid range otherwise.
+    """
+    symbol = symbol or name.split()[-1]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not -n <= value < n:
+        raise ValueError(f"{name}={value} out of range for {what} (expected {-n} <= {symbol} < {n}; "
+                         f"negative values count from the end)")
+    return value % n
+
+
 def api_query_index(query_index, n: int) -> int:
-    """``query_index`` is an int in ``[-N, N)``; returns it in ``[0, N)``."""
+    """``query_index`` is an int in ``[-N, N)`` (``check_index``'s rule); returns it in ``[0, N)``."""
     if not isinstance(query_index, int) or isinstance(query_index, bool):
         raise TypeError(f"query_index must be an int, got {type(query_index).__name__}")
     if not -n <= query_index < n:
-        raise ValueError(f"query_index {query_index} is out of range for N = {n} tokens")
+        raise ValueError(f"query_index {query_index} is out of range for N = {n} tokens "
+                         f"(expected {-n} <= query_index < {n})")
     return query_index % n
 
 

@@ -74,7 +74,11 @@ def to_rgb(image):
     by their range, ``v / 65535`` (then to 8 bits: ``round(v / 65535 * 255)``),
     and float pictures (mode ``F``) are taken as values in ``[0, 1]`` (clipped).
     16-bit RGB PNGs are already scaled by PIL (it keeps the high byte).
-    Everything else goes through ``convert("RGB")``.
+    A picture with transparency (an alpha channel, or a palette / colour key
+    marked transparent) is composited over white, as image viewers show it
+    (``convert("RGB")`` would drop the alpha and show the colours hidden under
+    transparent pixels); a ``UserWarning`` says so once. Everything else goes
+    through ``convert("RGB")``.
     """
     from PIL import Image
 
@@ -82,11 +86,32 @@ def to_rgb(image):
         a = np.asarray(image).astype(np.float64) / 65535.0
     elif image.mode == "F":
         a = np.asarray(image).astype(np.float64)
+    elif image.mode in _ALPHA_MODES or "transparency" in image.info:
+        return _over_white(image)
     else:
         return image if image.mode == "RGB" else image.convert("RGB")
     a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
     g = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(np.repeat(g[..., None], 3, axis=-1)))
+
+
+#: PIL modes with an alpha channel (premultiplied ones included)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def _over_white(image):
+    """An image with transparency as 8-bit RGB composited over white (nothing changes where it is opaque)."""
+    import warnings
+
+    from PIL import Image
+
+    rgba = image.convert("RGBA")
+    if int(np.asarray(rgba)[..., 3].min()) == 255:      # every pixel opaque: nothing to composite
+        return rgba.convert("RGB")
+    warnings.warn("a picture has transparent pixels: it is composited over white, as image viewers show it "
+                  "(the model takes RGB; the colours stored under transparent pixels are not used)",
+                  UserWarning, stacklevel=3)
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def load_image(path: Union[str, os.PathLike]):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+from ..validation import check_index
+
 #: the options every method with ``layer_choice`` takes besides ``start_layer`` (docs/methods.md
 #: "Layer choice"): ``end_layer`` (exclusive) or an explicit ``layers`` list
 LAYER_OPTIONS = ("end_layer", "layers")
@@ -11,10 +13,10 @@ LAYER_OPTIONS = ("end_layer", "layers")
 def resolve_options(spec, options: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
     """Validate ``options`` for the method ``spec`` (a ``MethodSpec``) and fill in its defaults.
 
-    ``start_layer`` is returned as a non-negative block index: for TokenTM and rollout the number of
-    bottom blocks skipped (0 ≤ k < L), for LeGrad the first block used (negative values count from
-    the end, as in Python: ``spec.start_from_end``). ``end_layer`` / ``layers`` become ``layers``,
-    the sorted tuple of chosen blocks.
+    Block indices follow one rule for every method (Python's, ``validation.check_index``): an int in
+    ``[-L, L)``, a negative one counting from the end. ``start_layer`` (the first block used; for
+    TokenTM and rollout also the number of bottom blocks skipped) is returned in ``[0, L)``;
+    ``end_layer`` / ``layers`` become ``layers``, the sorted tuple of chosen blocks in ``[0, L)``.
     """
     method, defaults = spec.name, spec.defaults
     extra = LAYER_OPTIONS if spec.layer_choice else ()
@@ -31,19 +33,15 @@ def resolve_options(spec, options: Dict[str, Any], num_layers: int) -> Dict[str,
         if name in spec.checks:
             spec.checks[name](value)
         if name == "start_layer":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"option start_layer must be an int, got {value!r}")
-            low = -num_layers if spec.start_from_end else 0
-            if not low <= value < num_layers:
-                raise ValueError(
-                    f"option start_layer={value} out of range for a model with {num_layers} blocks "
-                    f"(expected {low} <= start_layer < {num_layers})"
-                )
-            resolved[name] = value % num_layers
+            resolved[name] = check_index("option start_layer", value, num_layers, _blocks(num_layers))
     if "end_layer" in options or "layers" in options:
         resolved["layers"] = _resolve_layers(method, options, resolved["start_layer"], num_layers)
         resolved.pop("end_layer", None)
     return resolved
+
+
+def _blocks(num_layers: int) -> str:
+    return f"a model with {num_layers} blocks"
 
 
 def _resolve_layers(method: str, options: Dict[str, Any], start: int, num_layers: int) -> tuple:
@@ -61,10 +59,8 @@ def _resolve_layers(method: str, options: Dict[str, Any], start: int, num_layers
         for l in value:
             if isinstance(l, bool) or not isinstance(l, int):
                 raise TypeError(f"option layers must hold ints (block indices), got {l!r}")
-            if not -num_layers <= l < num_layers:
-                raise ValueError(f"option layers: block {l} out of range for a model with {num_layers} blocks "
-                                 f"(expected {-num_layers} <= l < {num_layers})")
-        chosen = [l % num_layers for l in value]
+        chosen = [check_index(f"option layers[{i}]", l, num_layers, _blocks(num_layers), "l")
+                  for i, l in enumerate(value)]
         if len(set(chosen)) != len(chosen):
             dup = sorted({l for l in chosen if chosen.count(l) > 1})
             raise ValueError(f"option layers names block(s) {dup} more than once")

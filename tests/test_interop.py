@@ -491,17 +491,15 @@ def test_readme_section_runs():
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     section = text.split("## Using tokentm_fast from other libraries", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) >= 3
-    captum_example = "sensitivity_max" in section
-    if captum_example:
-        pytest.importorskip("captum")
+    assert len(blocks) >= 3 and "sensitivity_max" in section
+    pytest.importorskip("captum")
     ns = {}
     exec(compile("\n".join(blocks), "README.md", "exec"), ns)   # noqa: S102 - our own documentation
     torch.testing.assert_close(ns["a"], ns["b"])                # the callable and the integer target agree
     assert ns["d"].shape == ns["e"].shape == (2, 4, 4)
     assert ns["maps"].shape == (2, 64, 64) and float(ns["maps"].min()) == 0.0 and float(ns["maps"].max()) == 1.0
     assert len(ns["hits"]) == 8 and ns["attr"].shape == (8, 3, 64, 64)
-    if captum_example:                                          # Captum's metrics, as Captum documents them
-        assert ns["attribution"].shape == ns["inputs"].shape == (2, 3, 64, 64)
-        assert ns["sens"].shape == ns["infid"].shape == (2,) and bool((ns["sens"] > 0).all())
-        assert bool(torch.isfinite(ns["infid"]).all())
+    # Captum's metrics, as Captum documents them
+    assert ns["attribution"].shape == ns["inputs"].shape == (2, 3, 64, 64)
+    assert ns["sens"].shape == ns["infid"].shape == (2,) and bool((ns["sens"] > 0).all())
+    assert bool(torch.isfinite(ns["infid"]).all())

@@ -134,6 +134,31 @@ def test_explain_writes_overlays_and_grid(tmp_path, pictures, tiny_ckpt, run_mai
     assert "predicted" in stdout
 
 
+def test_explain_overlays_draw_signed_methods_centred_and_blend_at_the_library_alpha(tmp_path, pictures, tiny_ckpt,
+                                                                                      run_main, monkeypatch):
+    """Each overlay is drawn knowing its method (the signed ones get the diverging map centred at 0), at the
+    pictures' default opacity unless --alpha says otherwise."""
+    import tokentm_fast.visualize as vis
+
+    seen = []
+    original = vis.save_overlay_figure
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("method"), kwargs.get("alpha")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vis, "save_overlay_figure", spy)
+    paths, _ = pictures
+    rc, _, err = run_main(["explain", paths[0], *TINY, "--checkpoint", tiny_ckpt, "--methods", "lrp,tokentm",
+                           "--out", tmp_path / "out"])
+    assert rc == 0, err
+    assert sorted(seen) == sorted([("lrp", vis.DEFAULT_ALPHA), ("tokentm", vis.DEFAULT_ALPHA)])
+    seen.clear()
+    rc, _, err = run_main(["explain", paths[0], *TINY, "--checkpoint", tiny_ckpt, "--methods", "lrp",
+                           "--alpha", "0.3", "--out", tmp_path / "out2"])
+    assert rc == 0 and seen == [("lrp", 0.3)], err
+
+
 def test_explain_synthetic_model_every_method(tmp_path, synthetic_ckpt, run_main):
     from tokentm_fast.synthetic import save_folder
 

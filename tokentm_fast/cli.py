@@ -344,6 +344,7 @@ _EXPLAIN_EXIT_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
+    from .visualize import DEFAULT_ALPHA  # the pictures' own default (matplotlib is imported when drawing)
 
     parser = _Parser(
         prog=PROG, formatter_class=_HelpFormatter,
@@ -374,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class index to explain (default: the predicted class of each image)")
     p.add_argument("--cmap", default="inferno",
                    help="matplotlib colormap; perceptually uniform ones read best (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=0.5,
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                    help="opacity of the heat at the most relevant pixel, in [0, 1]; elsewhere it follows the "
                         "relevance (default: %(default)s)")
     p.add_argument("--grid-name", default="grid.png",
@@ -739,7 +740,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         for (i, m), path in overlay_paths.items():
             original = torch.from_numpy(np.asarray(images[i], dtype=np.float32) / 255.0).permute(2, 0, 1)
             written.append(save_overlay_figure(
-                original, maps[m][i], path, box=plans[i]["box"], cmap=args.cmap, alpha=args.alpha,
+                original, maps[m][i], path, box=plans[i]["box"], cmap=args.cmap, alpha=args.alpha, method=m,
                 title=f"{m} — {names[i]} (pred {cls[i]})", option="--out"))
         grid = save_grid(torch.stack(x01s), maps, grid_path, titles=titles, cmap=args.cmap, alpha=args.alpha,
                          image_names=names, option="--grid-name")

@@ -87,3 +87,15 @@ def test_the_table_parser_is_not_vacuous():
     assert len(rows) == len(tf.METHODS) >= 11
     assert sorted(_names(rows[:-1])) != sorted(tf.METHODS)
     assert "# timm" not in section("Model families")  # code-block comments are not headings
+
+
+def test_the_package_docstring_names_every_method_and_family():
+    """``help(tokentm_fast)`` lists what the registry and the family table hold, and where the docs are."""
+    import tokentm_fast.docs
+
+    doc = tf.__doc__
+    for m in tf.METHODS:
+        assert f"``{m}``" in doc, m
+    for f in FAMILIES:
+        assert DISPLAY[f.name].split()[0] in doc, f.name
+    assert 'tokentm_fast.docs.path("methods.md")' in doc and tokentm_fast.docs.path("methods.md").is_file()

@@ -614,8 +614,23 @@ def test_zero_head_warns_once_per_call_site_in_a_loop(images, method):
     for w in said:
         msg = str(w.message)
         assert msg.startswith(f"{method}: the maps of all 2 images are constant (all zeros")
-        assert "gradient of the explained score with respect to the images is exactly zero" in msg
-        assert "zero-initialised classifier head" in msg
+        assert "classifier head is all zeros (weight (5, 64)), so the gradient of every score" in msg
+        assert "exactly zero" in msg and "zero-initialised head" in msg
+
+
+def test_the_cause_costs_no_forward_pass(images):
+    """The warning's cause comes from the parameters: the model runs once per call, as without it (a
+    forward hook of the user's sees one call)."""
+    model = zero_head_vit()
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            tf.explain(model, images, "tokentm", backend="torch")
+    finally:
+        handle.remove()
+    assert len(constant_warnings(rec)) == 1 and len(forwards) == 1
 
 
 def test_explainer_loop_and_chunks_warn_once_naming_the_whole_batch(make_images):
@@ -689,7 +704,7 @@ def test_informative_maps_do_not_warn(make_model, images, method):
 
 def test_the_warning_names_the_constant_images_only(make_model, make_images):
     """A score that is zero for image 1 alone (a constant score function there): image 1's map is zero,
-    images 0 and 2 are informative; the message names image 1 and says its score's gradient is zero."""
+    images 0 and 2 are informative; the message names image 1 and the possible causes."""
     model = make_model("torchvision")
     x = make_images(batch=3)
     mask = torch.tensor([1.0, 0.0, 1.0])
@@ -700,7 +715,8 @@ def test_the_warning_names_the_constant_images_only(make_model, make_images):
     (w,) = constant_warnings(rec)
     msg = str(w.message)
     assert msg.startswith("tokentm: the map of image 1 (of 3) is constant (all zeros)")
-    assert "exactly zero" in msg
+    assert "gradient of the explained score is zero" in msg and "does not depend on the model output" in msg
+    assert "classifier head is all zeros" not in msg          # the head is not zero here
 
 
 def test_several_targets_name_image_and_target(make_model, images):
@@ -715,7 +731,8 @@ def test_several_targets_name_image_and_target(make_model, images):
 
 def test_clipped_maps_with_a_live_gradient_name_the_method(make_model, images):
     """Attention Grad-CAM reads the class token's row; a model that pools by averaging gives it no
-    gradient, so its map is zero although the score's gradient is not (the issue's open_clip case)."""
+    gradient, so its map is zero although the score's gradient is not (the issue's open_clip case): the
+    message names the method's own reason."""
     model = make_model("open_clip_avg_ls").eval()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -725,7 +742,8 @@ def test_clipped_maps_with_a_live_gradient_name_the_method(make_model, images):
     (w,) = constant_warnings(rec)
     msg = str(w.message)
     assert msg.startswith("attn_gradcam: the map is constant (all zeros): it ranks nothing")
-    assert "score's gradient is not zero: attn_gradcam found no relevance" in msg and "average" in msg
+    assert "or attn_gradcam found no relevance there (attention Grad-CAM keeps only the positive part" in msg
+    assert "average pooling" in msg
 
 
 # Item 5: conversions. Train mode: the model is explained in eval mode and put back (documented);

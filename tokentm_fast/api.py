@@ -14,14 +14,13 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .capture import prepared_model
 from .maps import ConstantMapWarning, constant_rows, minmax_normalize, patch_sums, upsample_maps
 from .methods import REGISTRY, check_method, get_method, resolve_options
 from .models import adapt
 from .multi_target import explain_targets
 from .paths import MAX_HEAD_DIM, TORCH_KERNELS, Flash, Materialized, head_width, heads_fit, triton_kernels
 from .reference import explain_reference
-from .targets import Target, TargetList, check_targets, resolve_target, target_score
+from .targets import Target, TargetList, check_targets
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 ATTENTION_PATHS = ("auto", "flash", "materialized")
@@ -127,19 +126,24 @@ class Explainer:
         return self.backend
 
     def attention_for(self, images: torch.Tensor, backend: str) -> str:
-        """The attention path (``"flash"`` or ``"materialized"``) of a call on ``backend``."""
+        """The attention path (``"flash"`` or ``"materialized"``) of a call on ``backend``.
+
+        ``attention="auto"``: on the Triton backend the flash kernels (CUDA, heads up to ``MAX_HEAD_DIM``);
+        on the PyTorch backend its flash twin (``tokentm_fast.torch_ops.attention``) once the materialized
+        path would keep more than ``TORCH_FLASH_BYTES`` of attention probabilities (``materialized_bytes``),
+        the materialized path below that (as fast or faster at small N, docs/methods.md §8)."""
         if self.attention == "flash":
-            if backend != "triton":
-                why = ("float64 has no Triton kernels" if images.dtype == torch.float64
-                       else triton_unusable_reason(images.device) or "backend='auto' chose PyTorch")
-                raise ValueError(f"attention='flash' runs on the Triton kernels, but these images take "
-                                 f"backend={backend!r} ({why})")
+            if backend == "triton" and not heads_fit(self.head_width):
+                raise ValueError(f"attention='flash': the Triton flash kernels take heads up to {MAX_HEAD_DIM} "
+                                 f"wide; this model's heads are {self.head_width} wide: use backend='torch' or "
+                                 f"attention='materialized'")
             return "flash"
-        if backend != "triton" or self.attention == "materialized":
+        if self.attention == "materialized" or self.full or self.spec.flash_refusal(self.options) is not None:
             return "materialized"
-        flash_ok = (images.is_cuda and not self.full and self.spec.flash_refusal(self.options) is None
-                    and heads_fit(self.head_width))
-        return "flash" if flash_ok else "materialized"
+        if backend == "torch":
+            big = materialized_bytes(self.vit, images) > TORCH_FLASH_BYTES
+            return "flash" if big else "materialized"
+        return "flash" if images.is_cuda and heads_fit(self.head_width) else "materialized"
 
     def __call__(self, images: torch.Tensor, target: Target = None, batch_size: Optional[int] = None,
                  progress: Optional[bool] = None) -> torch.Tensor:
@@ -174,7 +178,7 @@ class Explainer:
                 self._in_chunks = False
         else:
             out = self._explain(images, target)
-        self._check_constant(out, images, target)
+        self._check_constant(out, images)
         return out
 
     def _explain(self, images: torch.Tensor, target: Target) -> torch.Tensor:
@@ -192,8 +196,8 @@ class Explainer:
             raise ValueError("images contain NaN or Inf values")
         if images.dtype == torch.float64 and param.dtype != torch.float64:
             say_once("float64 images", UserWarning, lambda: (
-                f"the images are float64 but the model is {_dtype_name(param.dtype)}: they are cast to "
-                f"{_dtype_name(param.dtype)} and explained in {_dtype_name(param.dtype)} (for a float64 "
+                f"the images are float64 but the model is {_dtype_name(param.dtype)}: they are rounded to "
+                f"{_dtype_name(param.dtype)}, the model's dtype, before the explanation (for a float64 "
                 f"explanation, cast the model: model.double())"))
         images = images.to(param.dtype)
         target = check_targets(target, images.shape[0], self.vit.num_classes)
@@ -204,7 +208,12 @@ class Explainer:
                 return explain_reference(self.vit, images, self.method, t, self.options, self.full)
         else:
             kernels = TORCH_KERNELS if backend == "torch" else triton_kernels()
-            strategy = Materialized(kernels) if path == "materialized" else Flash(kernels, _triton_attention())
+            if path == "materialized":
+                strategy = Materialized(kernels)
+            elif backend == "torch":
+                strategy = Flash(kernels, _torch_attention(), max_head_dim=None)
+            else:
+                strategy = Flash(kernels, _triton_attention())
 
             def one(t):
                 return self.spec.explain(self.vit, images, t, self.options, strategy, self.full)
@@ -226,10 +235,10 @@ class Explainer:
         out = minmax_normalize(out) if self.normalize else out
         return out.unflatten(0, (images.shape[0], len(target))) if many else out
 
-    def _check_constant(self, out: torch.Tensor, images: torch.Tensor, target: Target) -> None:
-        """Say once per call site (``say_once``) which maps of ``out`` are constant and why, as far as
-        one cheap test tells: the gradient of the score on the images (run only when the warning is
-        said). One host synchronisation; nothing for ``full=True`` (the whole matrix is never constant)."""
+    def _check_constant(self, out: torch.Tensor, images: torch.Tensor) -> None:
+        """Say once per call site (``say_once``) which maps of ``out`` are constant and the likely cause
+        (``_constant_cause``). One host synchronisation; nothing for ``full=True`` (the whole matrix is
+        never constant)."""
         if self.full:
             return
         b = images.shape[0]
@@ -241,13 +250,35 @@ class Explainer:
         k = rows.shape[0] // b
         say_once(self.method, ConstantMapWarning,
                  lambda: _constant_head(self.method, hit, [first[r] for r in hit], b, k, self.normalize),
-                 lambda: _constant_cause(self, images, target, hit, b, k))
+                 lambda: _constant_cause(self))
 
 
 def _triton_attention():
     from .kernels.attention import triton_attention
 
     return triton_attention()
+
+
+def _torch_attention():
+    from .torch_ops.attention import torch_attention
+
+    return torch_attention()
+
+
+#: attention probabilities the PyTorch backend's materialized path may keep before ``attention="auto"``
+#: takes its flash twin instead (every layer's ``(B, H, N, N)`` is alive until the backward reaches it)
+TORCH_FLASH_BYTES = 1 << 30
+
+
+def materialized_bytes(vit, images: torch.Tensor) -> int:
+    """Bytes of every layer's attention probabilities ``L·B·H·N²`` in the compute dtype: what the
+    materialized path keeps alive at once (the gradient methods; a lower bound for the others)."""
+    from .transform import compute_dtype
+
+    gh, gw = vit.check_images(images)
+    n = gh * gw + vit.num_prefix_tokens
+    item = torch.finfo(compute_dtype(images)).bits // 8
+    return vit.num_layers * images.shape[0] * vit.num_heads * n * n * item
 
 
 # --------------------------------------------------------------------------- warnings, once per call site
@@ -331,27 +362,22 @@ def _constant_head(method: str, hit: List[int], values: List[float], b: int, k: 
     return f"{method}: {whose} constant ({value}{note}): {'it ranks' if len(hit) == 1 else 'they rank'} nothing"
 
 
-def _constant_cause(explainer: "Explainer", images: torch.Tensor, target: Target, hit: List[int],
-                    b: int, k: int) -> str:
-    """Why the rows ``hit`` are constant, as far as the score's gradient on the images tells."""
+def _constant_cause(explainer: "Explainer") -> str:
+    """Why maps are constant, as far as the model's parameters tell (no forward pass: a forward hook of
+    the user's would see it, and a test counting them)."""
     spec = explainer.spec
     if not spec.needs_gradients:
-        return (f". {spec.name} does not use the score: the attention it reads is spread evenly over the "
-                f"patches (an untrained model's, for one)")
-    zero = _zero_score_gradient(explainer.vit, images, target, b)             # (B, K) lists
-    flat = [zero[r // k][r % k] for r in hit]
-    untrained = ("an untrained or zero-initialised classifier head (torchvision's VisionTransformer "
-                 "starts with an all-zero head: load trained weights), or a score function (target=...) "
-                 "that does not depend on the model output")
+        return (f". {spec.name} does not use the score: the attention it reads gives every patch the same "
+                f"weight (an untrained model's, for one)")
+    head = _zero_head(explainer.vit)
+    if head is not None:
+        return (f". The model's classifier head is all zeros ({head}), so the gradient of every score of its "
+                f"output is exactly zero and every gradient-based method gives a constant map: an untrained or "
+                f"zero-initialised head (torchvision's VisionTransformer starts with one); load trained weights")
     hint = _NO_RELEVANCE.get(spec.name, "its terms are zero or clipped to zero for these images")
-    if all(flat):
-        return (f". The gradient of the explained score with respect to the images is exactly zero, so "
-                f"every gradient-based method gives a constant map; likely cause: {untrained}")
-    if not any(flat):
-        return f". The score's gradient is not zero: {spec.name} found no relevance there ({hint})"
-    zero_rows = _listed([str(r) if k == 1 else f"({r // k}, {r % k})" for r, z in zip(hit, flat) if z])
-    return (f". The gradient of the explained score is exactly zero for {zero_rows} (likely cause: "
-            f"{untrained}); for the others {spec.name} found no relevance ({hint})")
+    return (f". Either the gradient of the explained score is zero for these images (an untrained head, or a "
+            f"score function, target=..., that does not depend on the model output), or {spec.name} found no "
+            f"relevance there ({hint})")
 
 
 #: why a method finds no relevance although the score's gradient is not zero
@@ -363,21 +389,17 @@ _NO_RELEVANCE = {
 }
 
 
-def _zero_score_gradient(vit, images: torch.Tensor, target: Target, b: int) -> List[List[bool]]:
-    """``[b][k]``: whether the gradient of target k's score of image b with respect to the image is
-    exactly zero (one forward pass, K backward passes, in eval mode with frozen parameters)."""
-    param = next(vit.model.parameters())
-    checked = check_targets(target, b, vit.num_classes)
-    targets = list(checked) if isinstance(checked, TargetList) else [checked]
-    flags = []
-    with prepared_model(vit), torch.enable_grad():
-        x = images.detach().to(param.dtype).requires_grad_(True)
-        out = vit.forward(x)
-        for i, t in enumerate(targets):
-            s = target_score(out, resolve_target(t, out.detach()))
-            (g,) = torch.autograd.grad(s, x, retain_graph=i < len(targets) - 1, allow_unused=True)
-            flags.append(torch.ones(b, dtype=torch.bool) if g is None else (g.flatten(1) == 0).all(dim=1).cpu())
-    return torch.stack(flags, dim=1).tolist()
+def _zero_head(vit) -> Optional[str]:
+    """``"weight (K, D)"`` when the last linear map of the model's head (``adapter.head_linears()``) has
+    an all-zero weight, else None (also when the adapter does not name its head's linear maps)."""
+    try:
+        points = vit.head_linears()
+    except (NotImplementedError, ValueError):
+        return None
+    if not points:
+        return None
+    w = points[-1].weight
+    return f"weight {tuple(w.shape)}" if w.numel() and not bool(w.detach().any()) else None
 
 
 def _check_attention(attention: Any, backend: str, full: bool, flash_refusal: Optional[str],
@@ -385,17 +407,18 @@ def _check_attention(attention: Any, backend: str, full: bool, flash_refusal: Op
     if attention not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention={attention!r}; expected one of {ATTENTION_PATHS}")
     if attention == "flash":
-        if backend not in ("auto", "triton"):
-            raise ValueError(f"attention='flash' runs on the Triton kernels; backend={backend!r} always "
-                             f"materializes the attention (use backend='triton')")
+        if backend == "reference":
+            raise ValueError("attention='flash': backend='reference' is the literal oracle and always "
+                             "materializes the attention (use backend='torch' or 'triton')")
         if full:
             raise ValueError("attention='flash' gives the explanation row; full=True needs the whole matrix "
                              "(use attention='materialized' or 'auto')")
         if flash_refusal is not None:
             raise ValueError(f"{flash_refusal}: use attention='materialized' or 'auto'")
-        if not heads_fit(width):
-            raise ValueError(f"attention='flash': the flash attention kernels take heads up to {MAX_HEAD_DIM} "
-                             f"wide; this model's heads are {width} wide: use attention='materialized' or 'auto'")
+        if backend == "triton" and not heads_fit(width):
+            raise ValueError(f"attention='flash': the Triton flash kernels take heads up to {MAX_HEAD_DIM} "
+                             f"wide; this model's heads are {width} wide: use backend='torch' or "
+                             f"attention='materialized'")
     return attention
 
 
@@ -439,23 +462,23 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "tokentm", tar
       their running statistics) with its parameters frozen; its mode and
       ``requires_grad`` flags are restored afterwards, also when the call raises;
     - the images are cast to the model's dtype; float64 images given to a
-      narrower model raise a ``UserWarning`` (once per call site), since the
-      explanation is then computed in the model's precision (``model.double()``
-      for a float64 one);
+      narrower model raise a ``UserWarning`` (once per call site), since they
+      lose their precision before the explanation (``model.double()`` for a
+      float64 one);
     - pictures read from files (the CLI, the evaluation's data sources) with
       transparent pixels are composited over white
       (``tokentm_fast.evaluation.data.to_rgb``).
 
     A constant map (all zeros, say: it ranks nothing, and ``normalize=True``
     keeps it all zeros) raises a ``tokentm_fast.ConstantMapWarning`` naming the
-    images, the method and the likely cause (the score's gradient is exactly
-    zero: an untrained or zero-initialised classifier head, a score function
-    that ignores the output; or a method that clips everything, such as
-    attention Grad-CAM on an average-pooled model). It is said once per call
-    site and method, also in a loop (``warnings.simplefilter("always",
-    tf.ConstantMapWarning)`` says it every time, ``"error"`` raises it,
-    ``"ignore"`` silences it). Finding it costs one host synchronisation on the
-    final map; the cause, one extra forward and backward pass when it is said.
+    images, the method and the likely cause (an all-zero classifier head, as
+    an untrained torchvision ViT has: the score's gradient is exactly zero; a
+    score function that ignores the output; or a method that clips
+    everything, such as attention Grad-CAM on an average-pooled model). It is
+    said once per call site and method, also in a loop
+    (``warnings.simplefilter("always", tf.ConstantMapWarning)`` says it every
+    time, ``"error"`` raises it, ``"ignore"`` silences it). Finding it costs
+    one host synchronisation on the final map, and no extra forward pass.
     """
     return Explainer(model, method=method, backend=backend, full=full, upsample=upsample,
                      normalize=normalize, attention=attention, **options)(images, target, batch_size, progress)

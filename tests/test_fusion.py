@@ -65,7 +65,18 @@ def test_inputs_are_not_modified():
 
 
 def test_the_table_of_modes():
+    """The modes and the gradient-reading ones are those of docs/methods.md §3, §4 (written out here), with
+    distinct kernel codes 0, 1, …"""
     assert FUSION_MODES == ("gae", "decoupled", "mean", "rollout")
     assert GRADIENT_MODES == ("gae", "decoupled")
     assert sorted(m.code for m in FUSION_TABLE) == list(range(len(FUSION_TABLE)))   # distinct kernel codes
-    assert all(m.needs_gradient == (m.name in GRADIENT_MODES) for m in FUSION_TABLE)
+
+
+@pytest.mark.parametrize("mode", FUSION_TABLE, ids=lambda m: m.name)
+def test_needs_gradient_is_what_the_fusion_reads(mode):
+    """A mode's ``needs_gradient`` flag is what its fusion does: the fused map changes with the gradient G
+    (same attention, another G) exactly for the modes whose flag is set."""
+    attn, grad = attention_and_gradient(seed=3)
+    _, other = attention_and_gradient(seed=4)
+    changed = not torch.equal(fuse_heads(attn, grad, mode.name), fuse_heads(attn, other, mode.name))
+    assert changed == mode.needs_gradient

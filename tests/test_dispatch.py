@@ -124,10 +124,13 @@ def test_the_launch_recorder_sees_the_triton_backend(model, device, triton_launc
     assert triton_launches
 
 
-def test_flash_with_float64_names_the_dtype(model, gpu_triton):
+def test_flash_with_float64_takes_the_pytorch_twin(model, gpu_triton):
+    """float64 has no Triton kernels: under backend='auto' it takes PyTorch, whose flash formulation
+    (tokentm_fast.torch_ops.attention) serves attention='flash'; backend='triton' still refuses float64."""
     ex = tf.Explainer(model, backend="auto", attention="flash")
-    with pytest.raises(ValueError, match="float64"):
-        ex.attention_for(on("cuda", torch.float64), ex.backend_for(on("cuda", torch.float64)))
+    x = on("cuda", torch.float64)
+    backend = ex.backend_for(x)
+    assert backend == "torch" and ex.attention_for(x, backend) == "flash"
 
 
 # --------------------------------------------------------------------------- CUDA without a usable Triton

@@ -402,13 +402,15 @@ class Flash:
     """The explanation attention kernels at the adapter's attention call site: no N×N tensor.
 
     ``kernels``: the ``Kernels`` set (for the transformation weights); ``attention``: the attention
-    kernel triple (``tokentm_fast.kernels.attention.triton_attention()``)."""
+    triple, the Triton kernels (``tokentm_fast.kernels.attention.triton_attention()``) or their PyTorch
+    twin (``tokentm_fast.torch_ops.attention.torch_attention()``, the CPU fallback, any head width:
+    ``max_head_dim=None``)."""
 
     name = "flash"
 
-    def __init__(self, kernels: Kernels, attention) -> None:
+    def __init__(self, kernels: Kernels, attention, max_head_dim: Optional[int] = MAX_HEAD_DIM) -> None:
         self.kernels = kernels
-        self.attention = self._head_width_checked(attention)
+        self.attention = self._head_width_checked(attention) if max_head_dim is not None else attention
 
     @staticmethod
     def _head_width_checked(attention):
@@ -455,7 +457,7 @@ class Flash:
             if start is not None:            # the first row is set by the pool's gradient
                 start.on_gradient(n, state.start)
             else:
-                state.start(vit.query_vector(images.shape[0], n, device=images.device))
+                state.start(vit.query_vector(images.shape[0], n, dtype=compute_dtype(images), device=images.device))
             torch.autograd.grad(target_score(output, target), [anchor])
         return state.rows[:, None], recorder.first_input
 
@@ -472,7 +474,8 @@ class Flash:
                 start.install(handles)
             vit.forward(images)
             n = keep[layers[-1]][0].shape[2]
-            r = start.row(n) if start is not None else vit.query_vector(images.shape[0], n, device=images.device)
+            r = (start.row(n) if start is not None
+                 else vit.query_vector(images.shape[0], n, dtype=compute_dtype(images), device=images.device))
             for l in reversed(layers):
                 q, k, lse, scale = keep.pop(l)
                 s = scale_rows(r, consts.w_mlp)
@@ -482,10 +485,11 @@ class Flash:
     def _query_probs(self, vit: ViTAdapter, q, k, lse, scale) -> torch.Tensor:
         """``(B, H, N)``: Σ_i query[i] · P[i, :] of one layer — row cls alone when there is a class token."""
         b, _, n, _ = q.shape
+        acc = compute_dtype(q)
         if vit.has_class_token:  # one row: (B, H, 1, d) · (B, H, d, N), no tile loop needed
-            s = scale * (q[:, :, :1].float() @ k.float().transpose(-1, -2))[:, :, 0]
+            s = scale * (q[:, :, :1].to(acc) @ k.to(acc).transpose(-1, -2))[:, :, 0]
             return torch.exp(s - lse[:, :, :1])
-        return self.attention.rows(vit.query_vector(b, n, device=q.device), scale, q=q, k=k, lse=lse)
+        return self.attention.rows(vit.query_vector(b, n, dtype=acc, device=q.device), scale, q=q, k=k, lse=lse)
 
     def _differentiable_core(self, hold: bool, keep: dict):
         attention = self.attention
@@ -562,11 +566,12 @@ class Flash:
         recs = cap.records
         v_all = torch.cat([split_heads(recs[l]["values"], heads) for l in layers])            # (L'·B, H, N, d)
         do_all = torch.cat([split_heads(d.to(v_all.dtype), heads) for d in d_outs])           # (L'·B, H, R, d)
+        acc = compute_dtype(v_all)
         if cap.rows != slice(None):
-            g = (do_all.float() @ v_all.float().transpose(-1, -2)).clamp_min(0)                # (L'·B, H, P, N)
+            g = (do_all.to(acc) @ v_all.to(acc).transpose(-1, -2)).clamp_min(0)                # (L'·B, H, P, N)
             t = g.sum(2)
         else:
-            ones = torch.ones(do_all.shape[0], n, device=images.device)
+            ones = torch.ones(do_all.shape[0], n, dtype=acc, device=images.device)
             t = self.attention.rows(ones, 1.0, do=do_all, v=v_all)                             # (L'·B, H, N)
         return (t.mean(1) / n).unflatten(0, (len(layers), b)).sum(0)
 
@@ -576,8 +581,9 @@ class Flash:
         the query-weighted dO alone)."""
         b, n, heads = images.shape[0], cap.num_tokens, vit.num_heads
         q, k, lse, scale = cap.records[layer]["saved"]
-        v = split_heads(cap.records[layer]["values"], heads).float()
-        do = split_heads(d_out.float(), heads)                                                   # (B, H, R, d)
-        query = vit.query_vector(b, n, device=images.device)[:, cap.rows]
+        acc = compute_dtype(images)
+        v = split_heads(cap.records[layer]["values"], heads).to(acc)
+        do = split_heads(d_out.to(acc), heads)                                                   # (B, H, R, d)
+        query = vit.query_vector(b, n, dtype=acc, device=images.device)[:, cap.rows]
         g_q = (torch.einsum("br,bhrd->bhd", query, do)[:, :, None] @ v.transpose(-1, -2))[:, :, 0]  # (B, H, N)
         return self._query_probs(vit, q, k, lse, scale), g_q

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .maps import minmax_normalize, upsample_maps
+from .maps import ConstantMapWarning, minmax_normalize, upsample_maps  # one warning class for maps and pictures
 
 __all__ = [
     "DEFAULT_ALPHA", "DEFAULT_CMAP", "SIGNED_CMAP", "NORMALIZATION_NOTE", "SIGNED_NOTE", "NOTE_GID", "CURVE_COLORS",
@@ -98,8 +98,6 @@ SIGNED_NOTE = (
 NOTE_GID = "normalization-note"
 
 
-class ConstantMapWarning(UserWarning):
-    """A map to draw is constant (e.g. all zeros): it carries no ranking and is drawn as one flat colour."""
 
 
 def _figure(figsize):

@@ -30,6 +30,7 @@ import copy
 import os
 import sys
 import time
+from warnings import catch_warnings, simplefilter
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from ..api import Explainer
+from ..maps import ConstantMapWarning
 from ..methods import METHODS, check_method
 from . import distributed
 from .checkpoint import DTYPES, load_model, read_checkpoint, resolve_device, resolve_dtype
@@ -404,7 +406,10 @@ def _evaluate_locked(ctx: distributed.DistContext, t_start: float, requested: to
             opts = method_options.get(method, {})
 
             def explain_fn(m: nn.Module, images: torch.Tensor) -> torch.Tensor:
-                return Explainer(m, method=method, backend=backend, **opts)(images)
+                # the sanity check's randomised models give constant maps by design: not worth a warning
+                with catch_warnings():
+                    simplefilter("ignore", ConstantMapWarning)
+                    return Explainer(m, method=method, backend=backend, **opts)(images)
 
             return SanityMetric(net, explain_fn, seed=sanity_seed)
 

@@ -30,7 +30,6 @@ class MethodSpec:
         flags: options that must be bools.
         checks: options checked by a function of their value (raises naming the problem).
         layer_choice: takes ``end_layer`` / ``layers`` besides ``start_layer`` (docs/methods.md "Layer choice").
-        start_from_end: ``start_layer`` may be negative (counted from the end, as LeGrad's default).
         full_matrix: ``full=True`` gives the whole ``(B, N, N)`` contribution matrix.
         needs_gradients: runs a backward pass (a target that is a score of the output).
         target_free: the map does not depend on the target (computed once for K targets).
@@ -53,7 +52,6 @@ class MethodSpec:
     flags: Tuple[str, ...] = ()
     checks: Mapping[str, Callable[[Any], None]] = field(default_factory=dict)
     layer_choice: bool = False
-    start_from_end: bool = False
     full_matrix: bool = False
     needs_gradients: bool = True
     target_free: bool = False
@@ -98,7 +96,7 @@ REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("legrad", tails.legrad,
                defaults={"start_layer": -2, "layer_pooling": "mean", "neutral_prompt": None,
                          "correction_threshold": 0.8},
-               choices={"layer_pooling": ("mean", "head")}, layer_choice=True, start_from_end=True,
+               choices={"layer_pooling": ("mean", "head")}, layer_choice=True,
                checks={"neutral_prompt": tails.check_neutral_prompt,
                        "correction_threshold": tails.check_threshold},
                flash_shares_forward=True),

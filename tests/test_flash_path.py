@@ -4,9 +4,11 @@ Every method against the independent float64 oracle of ``tests/spec_oracle.py``
 (docs/methods.md tolerances: 1e-5 for float32 — the interpreter multiplies in
 full float32 —, 2e-2 for bfloat16), on small timm models that cover what the
 kernels must handle: odd N (37, 49, 197), head widths 32 and 64, register
-tokens, LayerScale, mean pooling without a class token. Then: no tensor with
-two trailing dimensions of size N exists during a flash call (recorded with a
-``TorchDispatchMode``), and the model is left exactly as it was.
+tokens, LayerScale, mean pooling without a class token. Then: no N×N tensor in
+any layout exists during a flash call (recorded with a ``TorchDispatchMode``:
+two dimensions within a tile of N, or one of N² or more), for every method the
+flash path serves, with layer choice and several targets, on every model
+family and an attention pool; and the model is left exactly as it was.
 
 The device is the suite's (``device`` fixture, tests/conftest.py): the models and images are built on the
 CPU, the float64 oracle runs there on them, and the flash call gets a copy of the model and the images on
@@ -150,12 +152,22 @@ class ShapeRecorder(TorchDispatchMode):
         return out
 
 
-def _tokens(model) -> int:
-    return model.patch_embed.num_patches + model.num_prefix_tokens
+def _tile(device) -> int:
+    """The largest attention tile a kernel may pad N to: the interpreter's, or the GPU table's largest."""
+    from tokentm_fast.kernels.attention import CONFIG_TABLE, INTERPRETER_CONFIG
+
+    if device.type != "cuda":
+        return max(INTERPRETER_CONFIG.kwargs["BLOCK_M"], INTERPRETER_CONFIG.kwargs["BLOCK_N"])
+    return max(max(m, n) for entries in CONFIG_TABLE.values() for m, n, _, _ in entries)
 
 
-def _square(shapes, n):
-    return [s for s in shapes if len(s) >= 2 and s[-1] == n and s[-2] == n]
+def n_by_n(shapes, n: int, tile: int, images: tuple = ()) -> list:
+    """The recorded shapes that could hold an N×N tensor in any layout: two or more dimensions, two of them
+    in [N, N + tile] (N×N, or padded to a tile), or one of N² or more (flattened); the images' shape excluded."""
+    def suspect(s):
+        near = sum(n <= d <= n + tile for d in s)
+        return len(s) >= 2 and s != tuple(images) and (near >= 2 or any(d >= n * n for d in s))
+    return [s for s in shapes if suspect(s)]
 
 
 #: the methods the flash path serves (the LRP relevance pass reads each layer's A: materialized only)
@@ -166,25 +178,145 @@ def test_the_flash_path_refuses_only_the_relevance_pass():
     assert set(tf.METHODS) - set(FLASH_METHODS) == {"lrp", "partial_lrp", "transformer_attribution"}
 
 
-@pytest.mark.parametrize("method", FLASH_METHODS)
-def test_no_n_by_n_tensor_on_the_flash_path(method, device):
-    model, images = make("n54_d64_registers")
-    n = _tokens(model)
-    assert n == 54
+# The recorder's models: N = 65 tokens (8×8 patches of 64-px images, plus a class token or a register), so
+# that no legitimate dimension of the flash path lands in [65, 65 + tile] (129 on the CPU, 193 on the GPU's
+# table) or at 65² = 4225 or more: batch 2, two targets, 3 heads 64 wide, widths 192 (qkv 576, MLP 768),
+# grid 8, B·N = 130, B·H·N = 390, 5 classes or 16 embedding channels. The input images (2, 3, 64, 64) are
+# excluded from the check (an explanation may read them, it does not build them).
+N65 = dict(size=64, patch=8, width=192, heads=3, mlp=768, depth=2)
+
+
+def n65_model(family: str):
+    """A random-init model of ``family`` (timm, timm_map: a SigLIP-style attention pool behind one register
+    token, hf_vit, torchvision, open_clip) with the sizes of ``N65``."""
+    import model_families as mf
+
+    s = N65
+    torch.manual_seed(0)
+    if family in ("timm", "timm_map"):
+        pool = dict(global_pool="map", class_token=False, reg_tokens=1) if family == "timm_map" else {}
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=s["size"],
+                                  patch_size=s["patch"], embed_dim=s["width"], num_heads=s["heads"],
+                                  mlp_ratio=s["mlp"] / s["width"], depth=s["depth"], **pool)
+    elif family == "hf_vit":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        model = ViTForImageClassification(ViTConfig(
+            hidden_size=s["width"], num_hidden_layers=s["depth"], num_attention_heads=s["heads"],
+            intermediate_size=s["mlp"], image_size=s["size"], patch_size=s["patch"], num_labels=5))
+    elif family == "torchvision":
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(image_size=s["size"], patch_size=s["patch"], num_layers=s["depth"],
+                                  num_heads=s["heads"], hidden_dim=s["width"], mlp_dim=s["mlp"], num_classes=5)
+        with torch.no_grad():  # torchvision initialises the classifier to zero
+            model.heads.head.weight.normal_(0.0, 0.2)
+    else:
+        assert family == "open_clip", family
+        model = mf.open_clip_visual(image_size=s["size"], patch_size=s["patch"], width=s["width"],
+                                    layers=s["depth"], heads=s["heads"], mlp_ratio=s["mlp"] / s["width"])
+    return mf.spread(model).eval()
+
+
+def n65_images() -> torch.Tensor:
+    return torch.randn(2, 3, N65["size"], N65["size"], generator=torch.Generator().manual_seed(1))
+
+
+def two_targets(family: str):
+    """Two targets per image, ``(B, K)``: classes, or for an embedder two output channels."""
+    return [tf.class_logit(0), tf.class_logit(3)] if family == "open_clip" else torch.tensor([[0, 1], [2, 3]])
+
+
+def flash_calls(method: str, family: str) -> list:
+    """``(options, target)`` of the calls the recorder watches: the defaults with the default target, two
+    targets per image, and for a method with layer choice ``layers=[1]`` and ``start_layer=1``."""
+    default = tf.class_logit(torch.tensor([3, 5])) if family == "open_clip" else None
+    calls = [({}, default), ({}, two_targets(family))]
+    if tf.methods.get_method(method).layer_choice:
+        calls += [({"layers": [1]}, default), ({"start_layer": 1}, two_targets(family))]
+    return calls
+
+
+#: the backends with a flash path: the Triton kernels, and their PyTorch twin (tokentm_fast.torch_ops.attention)
+FLASH_BACKENDS = ("triton", "torch")
+
+
+@pytest.fixture
+def small_torch_blocks(monkeypatch):
+    """The PyTorch twin bounds its ``(B, H, Q_blk, N)`` blocks by bytes (``BLOCK_BYTES``), not by N: on small
+    models one block is every query row, N×N. With a budget of one byte each block is ``MIN_BLOCK`` = 64
+    query rows, fewer than N = 65, so an N×N tensor formed anywhere else still shows."""
+    from tokentm_fast.torch_ops import attention
+
+    assert attention.MIN_BLOCK < 65
+    monkeypatch.setattr(attention, "BLOCK_BYTES", 1)
+
+
+def _record_flash(family: str, method: str, device, calls, backend: str) -> tuple:
+    from tokentm_fast.models import adapt
+
+    model, images = n65_model(family), n65_images()
+    n = (N65["size"] // N65["patch"]) ** 2 + adapt(model).num_prefix_tokens
+    assert n == 65, n
     model, images = on_device(model, device), images.to(device)  # copies made outside the recorder
     with ShapeRecorder() as rec:
-        tf.explain(model, images, method, backend="triton", attention="flash")
-    assert len(rec.shapes) > 50, "the recorder saw nothing: the test would be vacuous"
-    assert not _square(rec.shapes, n), _square(rec.shapes, n)[:5]
+        for options, target in calls:
+            out = tf.explain(model, images, method, backend=backend, attention="flash", target=target, **options)
+            assert out.shape[-2:] == (8, 8) and torch.isfinite(out).all()
+    return rec.shapes, n, tuple(images.shape)
 
 
-def test_the_recorder_sees_the_materialized_attention(device):
-    """The same recorder on the materialized path finds (B, H, N, N): the check above can fail."""
-    model, images = make("n54_d64_registers")
-    model, images = on_device(model, device), images.to(device)
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+@pytest.mark.parametrize("method", FLASH_METHODS)
+def test_no_n_by_n_tensor_on_the_flash_path(method, backend, device, small_torch_blocks):
+    """Every method the flash path serves, on each backend's flash path, on the N = 65 timm model: its
+    defaults, two targets per image, and (layer choice) ``layers=[1]`` / ``start_layer=1``; no recorded
+    tensor could hold an N×N matrix."""
+    shapes, n, images = _record_flash("timm", method, device, flash_calls(method, "timm"), backend)
+    assert len(shapes) > 50, "the recorder saw nothing: the test would be vacuous"
+    flagged = n_by_n(shapes, n, _tile(device), images)
+    assert not flagged, flagged[:5]
+
+
+def family_methods(family: str, backend: str) -> list:
+    """The methods recorded through ``family``: all of them through the attention pool (each has its own pool
+    step) and on the fast PyTorch twin; on the interpreted Triton kernels, through the other adapters, whose
+    attention call site does not depend on the method, TokenTM (the attention backward) and LeGrad (the
+    forward and the block tails)."""
+    return FLASH_METHODS if family == "timm_map" or backend == "torch" else ["tokentm", "legrad"]
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+@pytest.mark.parametrize("family", ["timm_map", "hf_vit", "torchvision", "open_clip"])
+def test_no_n_by_n_tensor_in_any_family(family, backend, device, small_torch_blocks):
+    """The flash methods (``family_methods``), with two targets per image, on each backend's flash path,
+    through each family's adapter (its attention call site) and through an attention pool (timm
+    ``global_pool="map"``)."""
+    flagged = {}
+    for method in family_methods(family, backend):
+        shapes, n, images = _record_flash(family, method, device, [({}, two_targets(family))], backend)
+        assert len(shapes) > 50, "the recorder saw nothing: the test would be vacuous"
+        flagged[method] = n_by_n(shapes, n, _tile(device), images)[:5]
+    assert not any(flagged.values()), flagged
+
+
+def test_the_recorder_flags_an_n_by_n_tensor_in_any_layout(device):
+    """The check can fail: (B·H, N·N), (B, H, N, N) and a tile-padded (B·H, N + 5, N + 5) built inside the
+    recorder are flagged, the legitimate shapes of the N = 65 models are not, and the materialized path's
+    (B, H, N, N) attention is."""
+    n, b, h, tile = 65, 2, N65["heads"], _tile(device)
+    with ShapeRecorder() as rec:
+        torch.empty(b * h, n * n, device=device)
+        torch.zeros(b, h, n, n, device=device)
+        torch.zeros(b * h, n + 5, n + 5, device=device)
+    assert n_by_n(rec.shapes, n, tile) == rec.shapes
+    legit = [(b, n, N65["width"]), (b * n, N65["width"]), (b, h, n, 64), (b * h * n, 64), (b, n, 3 * N65["width"]),
+             (b, n, N65["mlp"]), (b, 2, 8, 8), (b, 3, N65["size"], N65["size"])]
+    assert not n_by_n(legit, n, tile, images=(b, 3, N65["size"], N65["size"]))
+    model, images = on_device(n65_model("timm"), device), n65_images().to(device)
     with ShapeRecorder() as rec:
         tf.explain(model, images, "tokentm", backend="triton", attention="materialized")
-    assert _square(rec.shapes, _tokens(model))
+    assert (b, h, n, n) in n_by_n(rec.shapes, n, tile, tuple(images.shape))
 
 
 def test_model_restored_after_flash_calls(device):

@@ -15,6 +15,12 @@ blocks sized by ``query_block`` to stay within ``BLOCK_BYTES`` each::
 held constant (conservative LRP: no dP, no dS unless ``row`` asks for ``t``). Products in float32 at least
 (float64 stays float64); outputs in q's dtype, ``ℓ`` and ``t`` float32 (float64 for float64 inputs).
 
+On CPU tensors the forward and the full backward (dQ, dK, dV) are PyTorch's own fused CPU flash-attention
+kernels (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward: the same O, ℓ and
+gradients, blocked in cache, several times faster than the same products as separate PyTorch operations);
+the explanation sums (``t``, the row programs) and the held dV run the blocked loops above. Elsewhere (or
+where that operator is missing) every part runs the blocked loops.
+
 The three functions have the signatures of the Triton wrappers (``flash_forward``, ``flash_backward``,
 ``attention_rows``); ``torch_attention()`` bundles them as the attention triple the flash path takes.
 """
@@ -46,9 +52,18 @@ def _blocks(n: int, step: int):
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
+def _fused_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether PyTorch's fused CPU flash-attention operators serve these tensors."""
+    return (hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+            and all(t.device.type == "cpu" for t in tensors))
+
+
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   block: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``O (B, H, N, d)`` in q's dtype and ``ℓ (B, H, N)`` (float32; float64 for float64 inputs)."""
+    if block is None and _fused_cpu(q, k, v):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return o, lse.to(_acc(q.dtype))
     acc = _acc(q.dtype)
     b, h, n, _ = q.shape
     kt, va = k.to(acc).transpose(-1, -2), v.to(acc)
@@ -78,6 +93,14 @@ def flash_backward(
     all_grads, any_grads = input_grads is True, input_grads is not False
     if not any_grads and row is None:
         return None, None, None, None
+    if all_grads and block is None and _fused_cpu(q, k, v, o, do):
+        # dQ, dK, dV from PyTorch's fused CPU kernel (its ℓ in its own dtype), then t alone if asked for
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do.contiguous(), q, k, v, o, lse.to(torch.float32 if q.dtype != torch.float64 else q.dtype),
+            0.0, False, scale=scale)
+        t = None if row is None else flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=False,
+                                                     block=query_block(b, h, n, k.shape[2], torch.finfo(acc).bits // 8))[3]
+        return dq, dk, dv, t
     qa, ka, va, oa, doa = (x.to(acc) for x in (q, k, v, o, do))
     kt, vt = ka.transpose(-1, -2), va.transpose(-1, -2)
     dq = torch.empty_like(qa) if all_grads else None

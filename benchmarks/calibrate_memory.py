@@ -16,7 +16,6 @@ import sys
 from typing import Dict, List, Tuple
 
 import torch
-
 from bench_memory import explain_peak, measure_peak, step_peak
 from bench_models import literal_explain, model_shape, random_images, random_vit, training_step
 

@@ -59,9 +59,9 @@ if os.environ.get("TOKENTM_BENCH_TRITON_INTERPRET") == "1":  # development only;
 
 import pytest
 import torch
-
 from bench_memory import release
 from benchtable import copy_bandwidth, environment, rel_err, sync
+
 from tokentm_fast.methods import get_method
 
 SCALES = ("tiny", "small", "full")

@@ -36,9 +36,9 @@ def _rss_now() -> int:
 
 def child(args) -> Dict:
     import torch
+    from bench_models import random_images, random_vit, training_step
 
     import tokentm_fast as tf
-    from bench_models import random_images, random_vit, training_step
 
     torch.set_num_threads(args.threads)
     small = random_vit(args.model, "cpu", img_size=64)

@@ -480,8 +480,9 @@ def _forward(model, images):
 
 def _size_plan(size: Size, device: torch.device, free: int, mem_fraction: float):
     """[(kind, method, attention, estimated peak bytes or None, why skipped or None)] for one size."""
-    import tokentm_fast as tf
     from bench_memory import explain_peak, step_peak
+
+    import tokentm_fast as tf
 
     L, H, D, params = {"vit_base_patch16_224": (12, 12, 768, 86.6e6), "vit_large_patch16_384": (24, 16, 1024, 304.7e6),
                        "vit_tiny_patch16_224": (2, 2, 64, 1e5)}[size.model]

@@ -39,10 +39,10 @@ def _rss_peak_bytes() -> int:
 
 def child(args) -> Dict[str, float]:
     import torch
-
-    import tokentm_fast as tf
     from bench_memory import measure_peak
     from bench_models import random_images, random_vit, training_step
+
+    import tokentm_fast as tf
 
     device = torch.device(args.device)
     if args.threads:
@@ -102,7 +102,6 @@ def _mib(v: float) -> str:
 
 def table(model: str, batch: int, device: str, results: List[Dict], dtype: str = "float32") -> str:
     import torch
-
     from benchtable import device_name
 
     cuda = device.startswith("cuda")

@@ -90,9 +90,9 @@ def _cache_empty() -> bool:
 
 def run(args) -> Dict:
     import torch
+    from bench_models import random_images, random_vit
 
     import tokentm_fast as tf
-    from bench_models import random_images, random_vit
     from tokentm_fast.kernels import triton_available
 
     device = torch.device(args.device)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import torch
-
 from bench_memory import aggregation_peak
+
 from tokentm_fast import aggregation, fusion, legrad, transform
 
 # ViT configurations: layers, heads, width.

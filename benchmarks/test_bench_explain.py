@@ -33,10 +33,10 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
-
-import tokentm_fast as tf
 from bench_memory import explain_peak, step_peak
 from bench_models import random_images, random_vit, training_step
+
+import tokentm_fast as tf
 
 # name -> (L, H, D, parameters at 224 px); 16 px patches: N = 197 at 224 px (the tiny scale: 64 px, N = 17).
 MODELS = {

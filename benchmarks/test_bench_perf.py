@@ -40,10 +40,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
-
-import tokentm_fast as tf
 from bench_memory import explain_peak, measure_peak, step_peak
 from bench_models import literal_explain, random_images, random_vit, training_step
+
+import tokentm_fast as tf
 
 METHODS = tuple(tf.METHODS)  # every registered method
 LITERAL_METHODS = ("tokentm", "gae")

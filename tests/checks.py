@@ -26,9 +26,9 @@ import copy
 from typing import Callable
 
 import torch
+from spec_oracle import rel_err
 from torch import nn
 
-from spec_oracle import rel_err
 
 def assert_informative(e: torch.Tensor, spread: float = 1e-3) -> None:
     """Every image's map of ``e (B, ...)`` is finite and varies: max − min > ``spread`` · max |e|."""

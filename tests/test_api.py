@@ -22,12 +22,12 @@ import warnings
 
 import pytest
 import torch
-from timm.models.vision_transformer import ResPostBlock
-
-import tokentm_fast as tf
 from spec_oracle import METHODS as ORACLE_METHODS
 from spec_oracle import explain as oracle
 from spec_oracle import rel_err
+from timm.models.vision_transformer import ResPostBlock
+
+import tokentm_fast as tf
 from tokentm_fast.kernels import triton_available
 from tokentm_fast.methods import REGISTRY
 from tokentm_fast.models import adapt, unwrap

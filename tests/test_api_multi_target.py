@@ -15,9 +15,9 @@ import timm
 import torch
 
 import tokentm_fast as tf
+from tokentm_fast.kernels import triton_available
 from tokentm_fast.methods import get_method
 from tokentm_fast.paths import TORCH_KERNELS, Materialized
-from tokentm_fast.kernels import triton_available
 from tokentm_fast.targets import class_logit
 
 _SUITE_DEVICE = os.environ.get("TOKENTM_TEST_DEVICE", "cpu")

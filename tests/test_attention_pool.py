@@ -31,11 +31,11 @@ from typing import Callable, Dict, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
+from model_families import assert_same, random_affine, snapshot, triton_only
+from spec_oracle import rel_err, run_vit, weights
 from torch import nn
 
 import tokentm_fast as tf
-from model_families import assert_same, random_affine, snapshot, triton_only
-from spec_oracle import rel_err, run_vit, weights
 
 SIZE, PATCH, WIDTH, HEADS, CLASSES = 32, 8, 48, 3, 5
 GRID = SIZE // PATCH

@@ -6,10 +6,10 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-
-import tokentm_fast as tf
 from model_families import assert_same, snapshot
 from spec_oracle import run_vit
+
+import tokentm_fast as tf
 from tokentm_fast.capture import LayerRecorder, prepared_model
 from tokentm_fast.models import adapt
 

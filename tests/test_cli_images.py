@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 
-
 def _png16_rgb(arr, path):
     """A 16-bit RGB PNG written by hand (PIL cannot write one)."""
     h, w, _ = arr.shape

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-
 TINY_KWARGS = dict(img_size=32, patch_size=8, depth=2)
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,depth=2"]
 

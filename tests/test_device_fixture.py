@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DEVICE_ENV, choose_device, configure_device
 
 TESTS = Path(__file__).resolve().parent

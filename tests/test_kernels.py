@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import tokentm_fast.kernels as K
-from tokentm_fast.kernels import _utils
 from tokentm_fast import aggregation, fusion, transform
+from tokentm_fast.kernels import _utils
 
 #: the suite's device (tests/conftest.py: ``--device`` / TOKENTM_TEST_DEVICE; CPU with the interpreter by default)
 DEVICE = torch.device(os.environ["TOKENTM_TEST_DEVICE"])   # set by tests/conftest.py before collection

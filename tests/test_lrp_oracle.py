@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-import torch
-
 import lrp_oracle as lo
 import model_families as mf
+import pytest
+import torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

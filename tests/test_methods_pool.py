@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from spec_oracle import rel_err
 from torch import nn
 
 import tokentm_fast as tf
-from spec_oracle import rel_err
 
 METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad", "conservative_lrp", "attcat",
            "lrp", "partial_lrp", "transformer_attribution")

@@ -2,13 +2,13 @@
 oracle (tests/spec_oracle.py, float64) on every backend and both attention paths, and several targets."""
 from __future__ import annotations
 
+import model_families as mf
 import pytest
 import torch
-
-import model_families as mf
-import tokentm_fast as tf
 from spec_oracle import explain as oracle
 from spec_oracle import rel_err
+
+import tokentm_fast as tf
 
 METHODS = ("conservative_lrp", "attcat")
 MODELS = {

@@ -4,12 +4,12 @@ projection / classifier) and ``"head"`` (the model's own head on Xˡ), against a
 of §6 written here, on every backend, both attention paths and every family."""
 from __future__ import annotations
 
+import model_families as mf
 import pytest
 import torch
-
-import model_families as mf
-import tokentm_fast as tf
 from spec_oracle import rel_err, run_vit
+
+import tokentm_fast as tf
 
 
 def literal_legrad(model, images, target, layer_pooling="mean", start_layer=-2):

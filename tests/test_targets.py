@@ -1,10 +1,10 @@
 """tokentm_fast/targets.py: score functions (callables of the model output), class_logit, cosine_similarity."""
 import pytest
 import torch
-
-import tokentm_fast as tf
 from spec_oracle import pooled_head as oracle_pooled_head
 from spec_oracle import rel_err, run_vit
+
+import tokentm_fast as tf
 from tokentm_fast.targets import ScoreFunction, class_logit, cosine_similarity
 
 TARGET_METHODS = ("tokentm", "gae", "attn_gradcam", "legrad")   # the methods whose map depends on s

@@ -19,11 +19,11 @@ from typing import List, Tuple
 
 import pytest
 import torch
+from model_families import CLASSIFIERS, FAMILIES, images, make_model, timm_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokentm_fast as tf
 import tokentm_fast.torch_ops.attention as ta
-from model_families import CLASSIFIERS, FAMILIES, images, make_model, timm_tiny
 from tokentm_fast import api
 from tokentm_fast.attention_torch import attention_backward_torch, attention_forward_torch, attention_rows_torch
 

@@ -2,8 +2,8 @@
 independent implementation of tests/spec_oracle.py (float64), and its dtype and ε rules."""
 import pytest
 import torch
-
 from spec_oracle import weights as oracle_weights
+
 from tokentm_fast.transform import EPS, compute_dtype, token_lengths, transform_weights
 
 FLAGS = [(True, True), (True, False), (False, True), (False, False)]

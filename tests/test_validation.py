@@ -14,10 +14,10 @@ Before issue 26, ``start_layer=-2`` was refused for TokenTM, rollout and transfo
 """
 import pytest
 import torch
-
-import tokentm_fast as tf
 from spec_oracle import explain as oracle
 from spec_oracle import rel_err
+
+import tokentm_fast as tf
 from tokentm_fast.methods import REGISTRY
 from tokentm_fast.validation import api_query_index, check_index
 

@@ -16,9 +16,8 @@ the resumable evaluation runner; the command line is ``tokentm-fast`` (``python 
 The docstrings cite ``docs/methods.md`` (the math of every method) and ``docs/evaluation.md``; an
 installed package carries them: ``tokentm_fast.docs.path("methods.md")``.
 """
-from . import targets
+from . import interop, targets
 from .api import BACKENDS, Explainer, explain
-from . import interop
 from .maps import ConstantMapWarning
 from .methods import METHODS
 from .targets import class_logit, cosine_similarity

@@ -24,8 +24,15 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 
 from . import aggregation, fusion, legrad, transform
-from .aggregation import (EngineConstants, RowState, add_update, check_layer_order, initial_rows, query_support,
-                          scale_rows)
+from .aggregation import (
+    EngineConstants,
+    RowState,
+    add_update,
+    check_layer_order,
+    initial_rows,
+    query_support,
+    scale_rows,
+)
 from .capture import LayerRecorder, hold_layer_norms, prepared_model
 from .models.protocol import ViTAdapter, split_heads
 from .targets import TargetList, resolve_target, target_score

@@ -359,9 +359,9 @@ def save_overlay(image: ArrayLike, m: ArrayLike, path: Union[str, os.PathLike], 
     """
     import io
 
-    from .evaluation.outputs import write_bytes
-
     from PIL import Image
+
+    from .evaluation.outputs import write_bytes
 
     if is_constant_map(m):
         _warn_constant(method, [repr(image_name if image_name is not None else Path(path).name)],

@@ -10,6 +10,7 @@ Modules: :mod:`.checkpoint` (device, checkpoint files, models), :mod:`.data`
 (``torchrun`` / ``torch.distributed``), :mod:`.report` (merging, results,
 table), :mod:`.runner` (``evaluate``, which ties them together).
 """
+from .checkpoint import load_model, read_checkpoint, resolve_device
 from .data import (
     DataError,
     EvalDataset,
@@ -22,7 +23,6 @@ from .data import (
     model_data_config,
     parse_data_spec,
 )
-from .checkpoint import load_model, read_checkpoint, resolve_device
 from .errors import EvaluationError, EvaluationInterrupted
 from .report import format_table
 from .runner import METRICS, evaluate

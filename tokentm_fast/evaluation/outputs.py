@@ -41,7 +41,7 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, IO, Iterator, Optional, Union
+from typing import IO, Any, Dict, Iterator, Optional, Union
 
 __all__ = ["OutputError", "OutputLocationError", "refuse_link", "open_output", "write_bytes", "write_text",
            "write_json", "check_no_link", "check_output_dir", "check_output_file", "check_not_overwriting",

@@ -30,9 +30,9 @@ import copy
 import os
 import sys
 import time
-from warnings import catch_warnings, simplefilter
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from warnings import catch_warnings, simplefilter
 
 import torch
 from torch import nn

@@ -27,8 +27,17 @@ import torch
 from torch import nn
 
 from ._mha import check_mha, mha_cross_attention, mha_key_value_weight
-from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, PoolLinears,
-                       ViTAdapter, linear_point, no_relevance_pass)
+from .protocol import (
+    AttentionCore,
+    BlockLinears,
+    EmbeddingPoints,
+    LinearPoint,
+    PatchedForward,
+    PoolLinears,
+    ViTAdapter,
+    linear_point,
+    no_relevance_pass,
+)
 
 
 def hf_classes():

@@ -13,8 +13,17 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, PoolLinears,
-                       ViTAdapter, linear_point, no_relevance_pass)
+from .protocol import (
+    AttentionCore,
+    BlockLinears,
+    EmbeddingPoints,
+    LinearPoint,
+    PatchedForward,
+    PoolLinears,
+    ViTAdapter,
+    linear_point,
+    no_relevance_pass,
+)
 
 SUPPORTED_POOLING = ("token", "avg", "map")
 

@@ -12,8 +12,15 @@ import torch
 from torch import nn
 
 from ._mha import check_mha, mha_forward
-from .protocol import (AttentionCore, BlockLinears, EmbeddingPoints, LinearPoint, PatchedForward, ViTAdapter,
-                       linear_point)
+from .protocol import (
+    AttentionCore,
+    BlockLinears,
+    EmbeddingPoints,
+    LinearPoint,
+    PatchedForward,
+    ViTAdapter,
+    linear_point,
+)
 
 
 def torchvision_classes():

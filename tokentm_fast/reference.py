@@ -5,7 +5,39 @@ the model; the caller's model is never touched). This is the oracle the fast
 paths are tested against, not a path to use for speed.
 
 All functions return the explanation over the patch tokens, ``(B, N−P)``, or
-for ``full=True`` the whole ``(B, N, N)`` matrix ``Cᴸ``.
+for ``full=True`` the whole ``(B, N, N)`` matrix ``Cᴸ``; ``lrp`` its pixel map
+``(B, H, W)``.
+
+**Its own method math.** The transformation weights (§2: length ratio, NECC),
+the head fusions (§3, §4), the engine products (§3, §4), raw attention,
+attention Grad-CAM, LeGrad, the attention-pool starts (§6.1), conservative
+LRP and ATTCAT (§6.2) are written out below; the LRP relevance pass (§6.3:
+its rules "ours" and "classic", the blocks, the head, the attention pools,
+the pixels) in ``tokentm_fast.reference_relevance``. Nothing is imported from
+the fast paths (``fusion``, ``transform``, ``aggregation``, ``legrad``,
+``lrp_rules``, ``paths``, ``methods.engine`` / ``tails`` / ``relevance`` /
+``pool`` / ``raw``, ``kernels``): ``tests/test_reference.py`` checks it.
+
+**What it shares, and why that is not method math** (model plumbing):
+
+- ``models.protocol``: the adapter, which says which module of a model family
+  plays which part of the block of docs/methods.md §1 (``value_tokens`` /
+  ``attn_output`` = γ₁ ⊙ proj, the model's own head, its pool, the rows the
+  head reads as ``query_vector`` / ``pooled_rows`` / ``pool_columns``, and
+  where each linear map reads its input for the relevance pass). It runs the
+  model's own modules; it computes no explanation.
+- ``capture``: ``prepared_model`` (eval mode, frozen parameters, fused
+  attention off, every hook removed afterwards); ``LayerRecorder``,
+  ``PoolRecorder``, ``PointRecorder`` (hooks that record the tensors of one
+  forward: block inputs, q, k, v, the attention probabilities
+  softmax(scale · q kᵀ) the model computes, branch outputs, the inputs of the
+  linear maps); ``hold_layer_norms`` (the model's LayerNorms with their
+  statistics held, the model change conservative LRP's LN-rule asks for; the
+  gradient × input itself is computed here).
+- ``targets``: checking and resolving the target, the explained score s.
+- ``methods``: the registry, for a method's flags (``get_method``: needs a
+  backward, takes a layer choice) and the resolved layer option
+  (``chosen_layers``); option checking happens before the reference is called.
 """
 from __future__ import annotations
 
@@ -14,12 +46,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from . import reference_relevance
 from .capture import LayerRecorder, PoolRecorder, hold_layer_norms, prepared_model
-from .fusion import fuse_heads
 from .methods import chosen_layers, get_method
-from .targets import CosineSimilarity, resolve_target, target_score
-from .transform import EPS, token_lengths, transform_weights
 from .models.protocol import ViTAdapter
+from .targets import CosineSimilarity, resolve_target, target_score
+
+#: ε of the norm clamps of the transformation weights (docs/methods.md §2)
+EPS = 1e-6
 
 
 def _eye(b: int, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -28,6 +62,51 @@ def _eye(b: int, n: int, like: torch.Tensor) -> torch.Tensor:
 
 def _diag(w: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(w)
+
+
+# --------------------------------------------------------------------------- §2 transformation weights
+def _lengths(x: torch.Tensor) -> torch.Tensor:
+    """‖x_i‖₂ of every token: ``(B, N, D) -> (B, N)``."""
+    return (x * x).sum(-1).sqrt()
+
+
+def _transformation_weights(x: torch.Tensor, x_tilde: torch.Tensor, use_length: bool, use_necc: bool
+                            ) -> torch.Tensor:
+    """docs/methods.md §2: ``w_i = ‖x̃_i‖ / max(‖x_i‖, ε) · NECC_i``, NECC the softmax over the N tokens of
+    ``cos_i = ⟨x_i, x̃_i⟩ / (max(‖x_i‖, ε) max(‖x̃_i‖, ε))``; ``use_length=False``: the ratio is 1,
+    ``use_necc=False``: NECC is 1/N. ``x, x_tilde (B, N, D)`` → ``(B, N)``."""
+    len_x, len_t = _lengths(x), _lengths(x_tilde)
+    n = x.shape[-2]
+    if use_necc:
+        cos = (x * x_tilde).sum(-1) / (len_x.clamp_min(EPS) * len_t.clamp_min(EPS))
+        necc = cos.exp() / cos.exp().sum(-1, keepdim=True)
+    else:
+        necc = torch.full_like(len_x, 1.0 / n)
+    ratio = len_t / len_x.clamp_min(EPS) if use_length else torch.ones_like(len_x)
+    return ratio * necc
+
+
+def _pool_weights(x: torch.Tensor, x_tilde: torch.Tensor, use_length: bool, use_necc: bool) -> torch.Tensor:
+    """w^pool (docs/methods.md §6.1): §2 where the pool keeps the width; a pool narrower than the blocks: no
+    angle, NECC = 1/M, the length ratio (``use_length=False``: 1/M). ``(B, M, D)``, ``(B, M, D')`` → ``(B, M)``."""
+    if x.shape[-1] == x_tilde.shape[-1]:
+        return _transformation_weights(x, x_tilde, use_length, use_necc)
+    len_x = _lengths(x)
+    ratio = _lengths(x_tilde) / len_x.clamp_min(EPS) if use_length else torch.ones_like(len_x)
+    return ratio / x.shape[-2]
+
+
+# --------------------------------------------------------------------------- §3 / §4 head fusion
+def _head_fusion(attn: torch.Tensor, grad: Optional[torch.Tensor], mode: str) -> torch.Tensor:
+    """Āˡ of one layer, ``(B, H, N, N) -> (B, N, N)``: ``"gae"`` mean_h max(A_h ⊙ G_h, 0), ``"decoupled"``
+    mean_h A_h ⊙ mean_h max(G_h, 0) (docs/methods.md §3), ``"mean"`` mean_h A_h (rollout, §4)."""
+    if mode == "gae":
+        return (attn * grad).clamp_min(0).mean(1)
+    if mode == "decoupled":
+        return attn.mean(1) * grad.clamp_min(0).mean(1)
+    if mode == "mean":
+        return attn.mean(1)
+    raise ValueError(f"unknown head fusion {mode!r}")
 
 
 def explain_reference(
@@ -55,7 +134,7 @@ def explain_reference(
     if method in ("attcat", "conservative_lrp"):
         return _gradient_times_activation(vit, x, method, target)
     if method in ("lrp", "partial_lrp", "transformer_attribution"):
-        return _relevance_method(vit, x, method, target, options)
+        return getattr(reference_relevance, method)(vit, x, target, options)
     spec = get_method(method)
     uses_grad = spec.needs_gradients
     # first block used: start_layer where the method has it, all blocks for GAE, the last otherwise
@@ -106,14 +185,8 @@ def explain_reference(
                 q = (a_pool * g_pool).clamp_min(0).mean(1)
                 if method == "tokentm":
                     rec = pool.last
-                    x_p, xt_p = rec["x_in"], vit.pool_value_tokens(rec["values"])
-                    if x_p.shape[-1] == xt_p.shape[-1]:
-                        w_pool = transform_weights(x_p, xt_p, use_length=options["use_length"],
-                                                   use_necc=options["use_necc"])
-                    else:   # a pool narrower than the blocks: no angle, NECC = 1/M, the length ratio (§6.1)
-                        len_x, len_t = token_lengths(x_p), token_lengths(xt_p)
-                        ratio = len_t / len_x.clamp_min(EPS) if options["use_length"] else torch.ones_like(len_x)
-                        w_pool = ratio / x_p.shape[-2]
+                    w_pool = _pool_weights(rec["x_in"], vit.pool_value_tokens(rec["values"]),
+                                           options["use_length"], options["use_necc"])
                     q = q * _latent0(vit, w_pool[:, None, None, :], n)[:, 0]
         if method == "raw_attention":
             a = recs[L - 1]["attn"].mean(1)
@@ -128,21 +201,21 @@ def explain_reference(
         # TokenTM, GAE, rollout: C ← Uˡ C with the full matrices of docs/methods.md §3/§4.
         eye = _eye(b, n, x)
         if method == "tokentm" and options["init"] == "length":
-            c = _diag(token_lengths(recorder.first_input))
+            c = _diag(_lengths(recorder.first_input))
         else:
             c = eye.clone()
         for l in layers:
             rec = recs[l]
-            if method == "rollout":
-                c = fuse_heads(rec["attn"], None, "rollout") @ c
+            if method == "rollout":    # Âˡ = ½ mean_h Aˡ_h + ½ I
+                c = (0.5 * _head_fusion(rec["attn"], None, "mean") + 0.5 * eye) @ c
                 continue
-            if method == "gae":
-                c = c + fuse_heads(rec["attn"], grads[l], "gae") @ c
+            if method == "gae":        # Rˡ = Rˡ⁻¹ + Āˡ Rˡ⁻¹
+                c = c + _head_fusion(rec["attn"], grads[l], "gae") @ c
                 continue
-            use = dict(use_length=options["use_length"], use_necc=options["use_necc"])
-            w_attn = transform_weights(rec["x_in"], vit.value_tokens(l, rec["values"]), **use)
-            w_mlp = transform_weights(rec["y"], rec["mlp_out"], **use)
-            a_bar = fuse_heads(rec["attn"], grads[l], options["head_fusion"])
+            use = (options["use_length"], options["use_necc"])
+            w_attn = _transformation_weights(rec["x_in"], vit.value_tokens(l, rec["values"]), *use)
+            w_mlp = _transformation_weights(rec["y"], rec["mlp_out"], *use)
+            a_bar = _head_fusion(rec["attn"], grads[l], options["head_fusion"])
             u_attn = eye + a_bar @ _diag(w_attn)
             u_mlp = eye + _diag(w_mlp)
             c = u_mlp @ u_attn @ c
@@ -185,41 +258,6 @@ def _gradient_times_activation(vit: ViTAdapter, x: torch.Tensor, method: str, ta
         cam = (g * r["x_out"].detach()).unflatten(-1, (heads, -1)).sum(-1).transpose(1, 2)   # (B, H, N)
         e = e + (a_q * cam).mean(1)
     return e[:, P:]
-
-
-def _relevance_method(vit: ViTAdapter, x: torch.Tensor, method: str, target, options: Dict[str, Any]) -> torch.Tensor:
-    """docs/methods.md §6.3 with whole matrices: the relevance pass (``RelevancePass``, itself the rules
-    written out; its independent oracle is tests/lrp_oracle.py) in float64, then for
-    transformer_attribution every ∇Aˡ from one backward and the product ``Π_l (Āˡ + I)`` formed."""
-    from .methods.relevance import RelevancePass, head_rows, lrp, partial_lrp
-
-    if method == "lrp":
-        return lrp(vit, x, target, options, None)
-    if method == "partial_lrp":
-        return partial_lrp(vit, x, target, options, None)
-    L, P = vit.num_layers, vit.num_prefix_tokens
-    layers = list(range(options["start_layer"], L))
-    run = RelevancePass(vit, x, layers, grads=True)
-    with prepared_model(vit) as handles, torch.enable_grad():
-        output = run.forward(handles)
-        t = resolve_target(target, output)
-        attns = [run.recorder.records[l]["attn"] for l in layers]
-        pooled = run.pool is not None
-        grads = torch.autograd.grad(target_score(output, t), attns + ([run.pool.last["attn"]] if pooled else []))
-        y = output.detach().requires_grad_(True)
-        (r,) = torch.autograd.grad(target_score(y, t), [y])
-    with torch.no_grad():
-        r, r_pool = run.head(r)
-        b, n = x.shape[0], attns[0].shape[-1]
-        if pooled:   # the row starts at the pool's first latent: mean_h max(∇A_pool ⊙ R^{A_pool}, 0)
-            q = (_latent0(vit, grads[-1], n) * r_pool).clamp(min=0).mean(1)
-        else:
-            q = head_rows(vit, b, n, torch.float64, x.device)
-        c = _eye(b, n, x)
-        for l, g in zip(reversed(layers), reversed(grads[:len(layers)])):
-            r, r_attn = run.block(l, r)
-            c = c @ ((g * r_attn).clamp(min=0).mean(1) + _eye(b, n, x))       # C = Âᴸ ⋯ Â^{k+1}, top leftmost
-        return torch.einsum("bi,bij->bj", q, c)[:, P:]
 
 
 def _latent0(vit: ViTAdapter, t: torch.Tensor, n: int) -> torch.Tensor:

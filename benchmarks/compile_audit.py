@@ -1,15 +1,15 @@
 """Compile audit of every Triton kernel in ``kernels/`` for an H100 (sm_90), no GPU needed.
 
 Every (kernel, constexpr variant the wrappers launch, dtype, head width) specialisation is compiled for
-``GPUTarget("cuda", 90, 32)`` with each configuration its autotuner can choose *after pruning*, with
-Triton's bundled ptxas. Registers and spilled bytes are read from ptxas' ``-v`` log (``n_spills`` /
-``n_regs`` of the compiled kernel's metadata where the backend fills them), shared memory from the
-compiled kernel's metadata; CTAs/SM follow from H100 limits (65,536 registers per SM allocated per warp
-in units of 256, 228 KB shared memory per SM with 1 KB reserved per CTA, 227 KB = 232,448 B per CTA at
-most, 2048 threads and 32 CTAs per SM).
+``GPUTarget("cuda", 90, 32)`` with each configuration its autotuner can choose *after pruning* and with every
+*launch signature* a realistic call gives it (below), with Triton's bundled ptxas. Registers and spilled bytes
+are read from ptxas' ``-v`` log (``n_spills`` / ``n_regs`` of the compiled kernel's metadata where the backend
+fills them), shared memory from the compiled kernel's metadata; CTAs/SM follow from H100 limits (65,536
+registers per SM allocated per warp in units of 256, 228 KB shared memory per SM with 1 KB reserved per CTA,
+227 KB = 232,448 B per CTA at most, 2048 threads and 32 CTAs per SM).
 
-    python benchmarks/compile_audit.py --out benchmarks/results/compile-sm90     # the full audit
-    python benchmarks/compile_audit.py --kernel forward --dtype bf16               # a part of it
+    python benchmarks/compile_audit.py --jobs 2 --out benchmarks/results/compile-sm90   # the full audit
+    python benchmarks/compile_audit.py --kernel forward --dtype bf16                    # a part of it
 
 Run without TRITON_INTERPRET; each compile uses its own temporary TRITON_CACHE_DIR; the compiles run in
 parallel over ``--jobs`` processes (default: every core).
@@ -21,7 +21,7 @@ paths by ``tests/test_compile_audit.py`` (``recorded_launches``):
 * pointer dtypes: the tensors the model's dtype reaches (q/k/v/o/dO, the attention maps, the token
   tensors, LeGrad's gradient rows) in bf16 / fp16 / fp32, every other pointer float32;
 * attention kernels (``kernels/attention.py``): BLOCK_D = 32, 64, 128 (head widths 32, 64 and
-  80 / 96 / 128), IEEE = True (float32, torch's default) and False (16-bit; float32 with TF32 allowed),
+  72 / 80 / 96 / 128), IEEE = True (float32, torch's default) and False (16-bit; float32 with TF32 allowed),
   UPCAST = False (it is True only under the interpreter), the forward, dK/dV plain (``ACC_NONE``: the
   blocks between chosen TokenTM layers) and with the GAE accumulator with and without input gradients,
   dV alone (``GRADS_V``: conservative LRP's backward with the attention held constant), dQ, both
@@ -29,10 +29,33 @@ paths by ``tests/test_compile_audit.py`` (``recorded_launches``):
 * the other kernels: the head-fusion modes, weights as tensors or constants as the explain paths pass
   them, SPLIT_OUT both ways (chosen at run time from the device's SM count), LeGrad's accumulate flag,
   the NECC normalisation's block sizes and the finalize kernels' Q blocks.
+
+Launch signatures. Triton compiles a kernel per *specialisation* of its non-constexpr arguments, read off the
+values of each call (``native_specialize_impl`` in ``triton/runtime/jit.py``, mirrored by ``specialise``): an
+integer equal to 1 becomes the constexpr 1, an integer that is a multiple of 16 gets ``tt.divisibility = 16``
+(which lets the compiler vectorise loads and fold masks), one outside [-2³¹, 2³¹) becomes i64, a pointer gets
+the divisibility when its data is 16-byte aligned. Different specialisations are different programs with
+different register allocations, so the audit compiles the ones real calls produce: each wrapper is called on
+meta tensors (``realistic_launches``) as the explain paths call it, for every combination of ``HEAD_WIDTHS``
+(multiples of 16, and 72 for the widths that are not: SigLIP so400m, ViT-g), ``TOKENS`` (197 with a class
+token, 256 without: N ∤ 16 and 16 | N), ``HEADS`` (12, 16) and ``BATCHES`` (1: B = 1 is a constexpr;
+128: the split-K kernels do not split), q/k/v as timm / ``nn.MultiheadAttention`` and Hugging Face slice them,
+dO as autograd returns it, with the kernels replaced by recorders; each launch's arguments are specialised as
+Triton does (``launch_spec``), and every configuration of a variant is compiled with each distinct signature of
+that variant. Two reductions leave the compiled code unchanged: an integer the body does not read once the
+constexpr branches are folded (the autotune keys ``*_BUCKET``; B when SPLIT_OUT is off) is compiled as plain
+i32, and the head count's divisibility (``DIVISIBILITY_INERT``) is dropped (both checked in the tests: the same
+PTX). No realistic argument reaches 2³¹ (the largest, the batch stride 3·N·H·d of a fused qkv projection, stays below
+2²⁷ at N = 16,385, H = 16, d = 128; products that can exceed 2³¹ are formed in int64 inside the kernels), so
+every integer is i32.
+Until issue 25 the audit typed every integer i32 and gave the strides divisibility 16 and N, HEAD_D none; a real
+call passes HEAD_D = 64 or 128 (a multiple of 16: the head-width mask becomes vectorisable) with N = 197 (not):
+that specialisation spilled in three float32-IEEE backward configurations the audit reported clean.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import datetime
 import hashlib
@@ -43,8 +66,10 @@ import platform
 import re
 import sys
 import tempfile
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import cache
 
 REGS_PER_SM = 65536
 SMEM_PER_SM = 228 * 1024
@@ -55,10 +80,7 @@ REG_UNIT = 256  # registers are allocated per warp in units of 256
 SMEM_RESERVED = 1024  # shared memory the system reserves per CTA (sm_80 and later)
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 DTYPES = ("bf16", "fp16", "fp32")
-HEAD_WIDTHS = (32, 64, 80, 96, 128)
-FLOAT_SCALARS = {"qk_scale", "scale", "eps", "inv_n", "w_attn_c", "w_mlp_c"}
 KERNEL_MODULES = ("attention", "transform_weights", "row_update", "matrix_update", "head_fusion", "legrad_reduce")
-_STRIDE = re.compile(r"^s[a-z]_[bhn]$")  # the attention kernels' stride arguments
 #: default launch options of Triton's CUDA backend (kernels launched without a config)
 DEFAULT_WARPS, DEFAULT_STAGES = 4, 3
 
@@ -194,21 +216,299 @@ def _selectable(kernel, dt, variant, block_d=None):
     return res
 
 
+# --------------------------------------------------------------------------- what a real launch specialises
+#: The launches the audit specialises for: the wrappers called as the explain paths call them, on meta tensors
+#: (no memory), for every combination of these shapes. Head widths: 32 / 64 / 80 / 96 / 128 are multiples of 16
+#: (every stride of a (B, H, N, d) view and HEAD_D get Triton's divisibility); 72 (SigLIP so400m, 1152 / 16)
+#: stands for the widths that are not (72, 88, 104: HEAD_D, the row stride of contiguous tensors and N·d for odd N
+#: lose it). Tokens: 197 with a class token (16-pixel patches at 224²; like 257, 577, 729, 4097 not a multiple of
+#: 16) and 256 without one, mean-pooled (16 x 16 patches: SigLIP at 256², /14 models at 224²; a multiple of 16,
+#: like 576, 1024). Heads: 12 and 16 (ViT-L / H, so400m). Images per call: 1 (one explanation) and 128 (enough
+#: output tiles that the split-K kernels do not split on an H100's 132 SMs).
+HEAD_WIDTHS = (32, 64, 72, 80, 96, 128)
+TOKENS = ((197, True), (256, False))  # (N, class token)
+HEADS = (12, 16)
+BATCHES = (1, 128)
+#: the device the split-K wrappers plan for (``kernels._utils.num_splits``): an H100 SXM's SMs
+H100_SMS = 132
+#: integer arguments whose divisibility by 16 never changes the compiled code, only their value 1 does: the head
+#: count H enters the (image, head) split of the program id and the head loop's trip count, never an address's
+#: alignment or a mask (checked by tests/test_compile_audit.py: the same PTX with and without the attribute)
+DIVISIBILITY_INERT = frozenset({"H"})
+
+
+def specialise(value):
+    """``(type, attribute)`` that Triton 3.8 gives one non-constexpr launch argument (``native_specialize_impl``
+    in ``triton/runtime/jit.py``'s binder, for a parameter without ``do_not_specialize``): an int equal to 1
+    becomes the constexpr 1; other ints are i32 in [-2³¹, 2³¹), i64 up to 2⁶³, u64 above, with the divisibility
+    attribute ``"D"`` (16) when a multiple of 16 (0 included); a tensor is a pointer to its dtype, ``"D"`` when
+    its data pointer is 16-byte aligned; a float is fp32, a bool u1, None the constexpr None."""
+    import torch
+
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        ty = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64" if -2 ** 63 <= value < 2 ** 63 else "u64"
+        return ty, "D" if value % 16 == 0 else ""
+    if isinstance(value, float):
+        return "fp32", None
+    if isinstance(value, torch.Tensor):
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[value.dtype]
+        return "*" + name, "D" if value.data_ptr() % 16 == 0 else ""
+    raise TypeError(f"no specialisation rule for {type(value).__name__}")
+
+
+def _const_value(node, consts: dict, module):
+    """The value of a constexpr test (``ACC == _ACC_GAE``, ``not SPLIT_OUT``, ``MODE == 0``, ``A and B``) given
+    the launch's constexprs and the module's ``tl.constexpr`` globals; ``KeyError`` when not known."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id in consts:
+            return consts[node.id]
+        obj = getattr(module, node.id)  # AttributeError → KeyError below
+        return getattr(obj, "value", obj)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return not _const_value(node.operand, consts, module)
+    if isinstance(node, ast.BoolOp):
+        vals = [_const_value(v, consts, module) for v in node.values]
+        return all(vals) if isinstance(node.op, ast.And) else any(vals)
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in (ast.Eq, ast.NotEq):
+        a, b = _const_value(node.left, consts, module), _const_value(node.comparators[0], consts, module)
+        return (a == b) if isinstance(node.ops[0], ast.Eq) else (a != b)
+    raise KeyError(ast.dump(node))
+
+
+@cache
+def _body(fn):
+    return ast.parse(_source(fn)).body[0].body
+
+
+def live_names(fn, consts: dict, module) -> set:
+    """Names the kernel body reads once the branches on constexprs are folded (``if SPLIT_OUT:`` with
+    SPLIT_OUT = False drops its body), as Triton's code generator folds them. Conservative: a test it cannot
+    evaluate keeps both branches; a name passed to a helper counts as read."""
+    body = _body(fn)
+    names = set()
+
+    def visit(stmts):
+        for st in stmts:
+            if isinstance(st, ast.If):
+                try:
+                    taken = bool(_const_value(st.test, consts, module))
+                except (KeyError, AttributeError, TypeError):
+                    names.update(n.id for n in ast.walk(st.test) if isinstance(n, ast.Name))
+                    visit(st.body)
+                    visit(st.orelse)
+                    continue
+                visit(st.body if taken else st.orelse)
+            else:
+                names.update(n.id for n in ast.walk(st) if isinstance(n, ast.Name))
+    visit(body)
+    return names
+
+
+def launch_spec(fn, module, args: dict, consts: dict) -> tuple:
+    """The audit's signature of one launch: ``((name, type, attribute), …)`` for every non-constexpr argument,
+    Triton's specialisation (``specialise``) of its value, pointers written ``*`` (the job gives the dtype).
+    Integers the body does not read with these constexprs (the autotune keys, B when SPLIT_OUT is off, …)
+    cannot change the code: plain i32, whatever Triton makes of them; so is the divisibility of
+    ``DIVISIBILITY_INERT``."""
+    live = _live(fn, tuple(sorted(consts.items())), module)
+    out = []
+    for name in fn.arg_names:
+        if name in consts or name not in args:  # constexprs: given, or the autotuner's configuration
+            continue
+        ty, attr = specialise(args[name])
+        if ty.startswith("*"):
+            ty = "*"
+        elif name not in live and (ty == "constexpr" or ty.startswith(("i", "u"))) and ty != "u1":
+            ty, attr = "i32", ""
+        elif name in DIVISIBILITY_INERT and attr == "D":
+            attr = ""
+        out.append((name, ty, attr))
+    return tuple(out)
+
+
+@cache
+def _live(fn, consts: tuple, module) -> frozenset:
+    return frozenset(live_names(fn, dict(consts), module))
+
+
+class _Recorder:
+    """Stands in for a kernel (``kernel[grid](*args, **constexprs)``): records the launch, runs nothing."""
+
+    def __init__(self, attr, module, out):
+        self.attr, self.module, self.out = attr, module, out
+        self.fn = _jit_fn(getattr(module, attr))
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            bound = dict(zip(self.fn.arg_names, args))
+            consts = {k: v for k, v in kw.items() if k in self.fn.arg_names}
+            self.out.append({"attr": self.attr, "consts": consts,
+                             "spec": launch_spec(self.fn, self.module, bound, consts)})
+        return launch
+
+
+@contextlib.contextmanager
+def _recording(out):
+    """Every audited kernel replaced by a ``_Recorder``; the split-K planners see an H100 (``H100_SMS``)."""
+    import torch
+
+    utils = _module("_utils")
+    saved = [(_module(s["module"]), s["attr"]) for s in SPECS.values()]
+    saved = [(m, a, getattr(m, a)) for m, a in dict.fromkeys(saved)]
+    planners = [(m, m.num_splits) for m in (_module("row_update"), _module("legrad_reduce"))]
+    num_sms = utils.num_sms
+    try:
+        for m, a, _ in saved:
+            setattr(m, a, _Recorder(a, m, out))
+        utils.num_sms = lambda device: H100_SMS
+        for m, f in planners:
+            m.num_splits = lambda tiles, units, device, f=f: f(tiles, units, torch.device("cuda"))
+        yield out
+    finally:
+        for m, a, obj in saved:
+            setattr(m, a, obj)
+        for m, f in planners:
+            m.num_splits = f
+        utils.num_sms = num_sms
+
+
+def _attention_calls(b, h, n, d, dtype):
+    """The attention wrappers as the flash paths call them: q, k, v as timm / ``nn.MultiheadAttention`` slice
+    them from one qkv projection, as Hugging Face views three projections, and contiguous (timm's q / k norm);
+    dO as autograd hands it back through ``o.transpose(1, 2).reshape(B, N, C)``."""
+    import torch
+
+    A = _module("attention")
+    meta = {"device": "meta", "dtype": dtype}
+    c = h * d
+    qkv = torch.empty(b, n, 3 * c, **meta).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+
+    def views():
+        return torch.empty(b, n, c, **meta).view(b, n, h, d).transpose(1, 2)
+
+    layouts = [qkv.unbind(0), (views(), views(), views())]
+    do = views()
+    row = torch.empty(b, n, device="meta", dtype=torch.float32)
+    for q, k, v in layouts:
+        o, lse = A.flash_forward(q, k, v, 0.125)
+        o, lse = torch.empty(b, h, n, d, **meta), torch.empty(b, h, n, device="meta", dtype=torch.float32)
+        for r in (None, row):
+            for grads in (True, False, "v"):
+                A.flash_backward(q, k, v, o, lse, do, 0.125, row=r, input_grads=grads)
+        A.attention_rows(row, 0.125, q=q, k=k, lse=lse)
+        A.attention_rows(row, 0.125, do=do, v=v)
+
+
+def _engine_calls(b, h, n, class_token, dtype):
+    """The other wrappers as the explain paths call them: transformation weights of (B, N, C) tokens (C = 64·H)
+    with every ablation, head fusion, the row update with the query's support at the top layer (the class
+    token, ``0:1``; every row with mean pooling) and dense below, the full-matrix update (both on the H heads'
+    maps, and with rollout's constants on the heads fused in the forward, H = 1, as ``Materialized.constant_rows``
+    passes them, or on all H as the ``ops`` operators take them), LeGrad's reduction of one layer's rows (Q = 1:
+    the class token's row; Q = N: mean pooling) alone and accumulated."""
+    import torch
+
+    meta = {"device": "meta", "dtype": dtype}
+    TW, HF, RU, MU, LG = (_module(m) for m in ("transform_weights", "head_fusion", "row_update", "matrix_update",
+                                                  "legrad_reduce"))
+    x = torch.empty(b, n, 64 * h, **meta)
+    for use_length in (False, True):
+        for use_necc in (False, True):
+            TW.transform_weights(x, x, use_length, use_necc)
+    attn = torch.empty(b, h, n, n, **meta)
+    for mode in ("gae", "decoupled", "mean", "rollout"):
+        HF.fuse_heads(attn, attn, mode)
+    w = torch.empty(b, n, **meta)
+    fused = torch.empty(b, 1, n, n, **meta)  # rollout's engine: the heads fused in the forward (H = 1)
+    for mode, wa, wm, maps in (("gae", w, w, [attn]), ("decoupled", w, w, [attn]), ("gae", 1.0, 0.0, [attn]),
+                               ("mean", 1.0, -0.5, [attn, fused])):
+        for a in maps:
+            for support in ((slice(0, 1) if class_token else None), None):
+                RU.row_update(torch.empty(b, 1, n, device="meta"), a, a, wa, wm, mode, support=support)
+            for tf32 in (False, True):
+                MU.matrix_update(torch.empty(b, n, n, device="meta"), a, a, wa, wm, mode, allow_tf32=tf32)
+    g = torch.empty(b, h, 1 if class_token else n, n, **meta)
+    LG.legrad_reduce(g, n)
+    LG.legrad_reduce([g, g], n)
+
+
+@cache
+def realistic_launches():
+    """Every launch of the scenarios (``HEAD_WIDTHS`` x ``TOKENS`` x ``HEADS`` x ``BATCHES``, model tensors in
+    bfloat16 and float32): ``[{"attr", "consts", "spec", "dtype", "width", "tokens"}]``."""
+    import torch
+
+    out = []
+    with _recording([]) as rec:
+        for dtype in (torch.bfloat16, torch.float32):
+            for n, class_token in TOKENS:
+                for h in HEADS:
+                    for b in BATCHES:
+                        for d in HEAD_WIDTHS:
+                            start = len(rec)
+                            _attention_calls(b, h, n, d, dtype)
+                            out += [dict(r, dtype=str(dtype)[6:], width=d, tokens=n) for r in rec[start:]]
+                        start = len(rec)
+                        _engine_calls(b, h, n, class_token, dtype)
+                        out += [dict(r, dtype=str(dtype)[6:], width=None, tokens=n) for r in rec[start:]]
+    return out
+
+
+def specs_for(attr, variant, block_d, dt, widths=None, tokens=None):
+    """The distinct launch signatures (``launch_spec``) recorded for a kernel's constexpr variant, head-width
+    class and dtype (16-bit or float32 model tensors), restricted to ``widths`` / ``tokens`` when given."""
+    bits = "float32" if dt == "fp32" else "bfloat16"
+    out = set()
+    for r in realistic_launches():
+        c = r["consts"]
+        if (r["attr"] == attr and r["dtype"] == bits and all(c.get(k) == v for k, v in variant.items())
+                and (block_d is None or c.get("BLOCK_D") == block_d)
+                and (widths is None or r["width"] is None or r["width"] in widths)
+                and (tokens is None or r["tokens"] in tokens)):
+            out.add(r["spec"])
+    return sorted(out)
+
+
+def spec_label(spec) -> str:
+    """The integers of a launch signature, compactly: ``N_CTX`` (i32), ``N_CTX%16`` (divisibility 16), ``B=1``
+    (constexpr), ``(i64)``; the read-nothing keys left out, a pointer only when it is not 16-byte aligned."""
+    parts = []
+    for name, ty, attr in spec:
+        if ty == "*":
+            if attr != "D":
+                parts.append(f"{name}(unaligned)")
+        elif ty == "constexpr":
+            parts.append(f"{name}=1")
+        elif ty.startswith(("i", "u")) and not (ty == "i32" and not attr and name.endswith("BUCKET")):
+            parts.append(name + ("%16" if attr == "D" else "") + ("" if ty == "i32" else f"({ty})"))
+    return " ".join(parts)
+
+
 def job_key(job) -> str:
     k, w, s = job["config"]
     return json.dumps([job["kernel"], job["dtype"], job.get("BLOCK_D"), sorted(job["consts"].items()),
-                       sorted(k.items()), w, s])
+                       sorted(k.items()), w, s, [list(x) for x in job["spec"]]])
 
 
-def jobs(kernels=None, dtypes=None, widths=HEAD_WIDTHS):
-    """Every (kernel, specialisation, configuration) to compile."""
+def jobs(kernels=None, dtypes=None, widths=HEAD_WIDTHS, tokens=None):
+    """Every (kernel, constexprs, configuration, launch signature) to compile: each configuration with every
+    distinct signature (``specs_for``) the scenarios' launches of that variant give. ``widths`` / ``tokens``:
+    only the launches at these head widths / token counts (the attention kernels' signatures)."""
     out = []
     for name, spec in SPECS.items():
         if kernels and name not in kernels:
             continue
         blocks = sorted({max(16, _next_pow2(d)) for d in widths}) if spec["module"] == "attention" else [None]
         for dt, ieee in _dtype_classes(name):
-            if dtypes and dt not in dtypes and SPECS[name]["model"]:
+            if dtypes and dt not in dtypes and spec["model"]:
                 continue
             for bd in blocks:
                 for variant in spec["variants"]:
@@ -217,12 +517,18 @@ def jobs(kernels=None, dtypes=None, widths=HEAD_WIDTHS):
                         consts["BLOCK_D"] = bd
                     if ieee is not None:
                         consts.update(IEEE=ieee, UPCAST=False)
+                    sigs = specs_for(spec["attr"], variant, bd, dt, widths, tokens)
+                    if not sigs:
+                        raise RuntimeError(f"no scenario launches {name} {variant} (BLOCK_D {bd}, {dt}): "
+                                           "extend the scenarios of compile_audit.realistic_launches")
                     for cfg in _selectable(name, dt, variant, bd):
-                        job = dict(kernel=name, module=spec["module"], attr=spec["attr"], dtype=_label(dt, ieee),
-                                   ptr=PTR[dt], model=sorted(spec["model"]), consts=consts, config=cfg)
-                        if bd is not None:
-                            job.update(BLOCK_D=bd, widths=[d for d in widths if max(16, _next_pow2(d)) == bd])
-                        out.append(job)
+                        for sig in sigs:
+                            job = {"kernel": name, "module": spec["module"], "attr": spec["attr"],
+                                   "dtype": _label(dt, ieee), "ptr": PTR[dt], "model": sorted(spec["model"]),
+                                   "consts": consts, "config": cfg, "spec": sig}
+                            if bd is not None:
+                                job.update(BLOCK_D=bd, widths=[d for d in widths if max(16, _next_pow2(d)) == bd])
+                            out.append(job)
     return out
 
 
@@ -231,23 +537,44 @@ def _next_pow2(n):
 
 
 def _jit_fn(obj):
-    while not type(obj).__name__ == "JITFunction":
+    """The ``@triton.jit`` function under an autotuner (an ``InterpretedFunction`` under the interpreter)."""
+    while type(obj).__name__ not in ("JITFunction", "InterpretedFunction"):
         obj = obj.fn
     return obj
 
 
+def _source(fn) -> str:
+    """A kernel's source from ``def`` on (``JITFunction.src``; read from the function under the interpreter)."""
+    if hasattr(fn, "src"):
+        return fn.src
+    import inspect
+
+    src = textwrap.dedent(inspect.getsource(fn.fn))
+    return src[re.search(r"^def\s+\w+\s*\(", src, re.MULTILINE).start():]
+
+
 def signature(job):
+    """``(fn, signature, constexprs, attributes)`` of a job for ``ASTSource``: the job's constexprs and
+    configuration, its launch signature (``job["spec"]``: constexpr 1, i32 / i64, the divisibility attribute of
+    integers and pointers as Triton specialises the recorded launch), pointers in the model's dtype or float32."""
     fn = _jit_fn(getattr(_module(job["module"]), job["attr"]))
     consts = {**job["consts"], **job["config"][0]}
-    sig = {}
-    for a in fn.arg_names:
-        if a in consts:
-            sig[a] = "constexpr"
-        elif a.endswith("_ptr"):
-            sig[a] = job["ptr"] if a in job["model"] else "*fp32"
+    sig, attrs = {}, {}
+    for name, ty, attr in job["spec"]:
+        if ty == "constexpr":
+            consts[name] = attr
+        elif ty == "*":
+            sig[name] = job["ptr"] if name in job["model"] else "*fp32"
         else:
-            sig[a] = "fp32" if a in FLOAT_SCALARS else "i32"
-    return fn, sig, consts
+            sig[name] = ty
+        if attr == "D":
+            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    for name in consts:
+        sig[name] = "constexpr"
+    missing = set(fn.arg_names) - set(sig)
+    if missing:
+        raise ValueError(f"{job['attr']}: no signature for {sorted(missing)}")
+    return fn, {a: sig[a] for a in fn.arg_names}, consts, attrs
 
 
 def compile_one(job: dict) -> dict:
@@ -260,15 +587,8 @@ def compile_one(job: dict) -> dict:
         from triton.compiler import ASTSource
 
         knobs.nvidia.dump_ptxas_log = True
-        fn, sig, consts = signature(job)
+        fn, sig, consts, attrs = signature(job)
         _, w, s = job["config"]
-        # as Triton specialises real launches: pointers 16-byte aligned (the caching allocator's tensors, and
-        # timm's q/k/v views at multiples of the head width), the attention kernels' strides multiples of
-        # 16 (3·H·d, d, N·d, … for head widths that are multiples of 16), the token width D of the
-        # transformation weights (ViT widths 192, 384, 768, 1024, …); N stays unspecialised (197, 577, …)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                 if sig[a].startswith("*") or (job["module"] == "attention" and _STRIDE.match(a))
-                 or (job["attr"] == "_transform_weights_kernel" and a == "D")}
         t0 = time.perf_counter()
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -283,7 +603,7 @@ def compile_one(job: dict) -> dict:
         smem = int(k.metadata.shared)
         res = {key: job[key] for key in ("kernel", "dtype", "BLOCK_D", "widths") if key in job}
         res.update(consts={k2: v for k2, v in job["consts"].items() if k2 not in ("BLOCK_D", "IEEE", "UPCAST")},
-                   config=job["config"][0], num_warps=w, num_stages=s, regs=regs, spills=spills, smem=smem,
+                   signature=spec_label(job["spec"]), config=job["config"][0], num_warps=w, num_stages=s, regs=regs, spills=spills, smem=smem,
                    ctas_per_sm=ctas_per_sm(regs, w, smem), compile_s=round(time.perf_counter() - t0, 2),
                    key=job_key(job))
         return res
@@ -310,7 +630,7 @@ def source_fingerprint() -> str:
                 fn = _jit_fn(obj)
             except AttributeError:
                 continue
-            h.update(f"{name}.{attr}\n{fn.src}\n".encode())
+            h.update(f"{name}.{attr}\n{_source(fn)}\n".encode())
     return h.hexdigest()
 
 
@@ -322,14 +642,16 @@ def versions():
 
 
 def summary(rows):
-    """Per (kernel, dtype, BLOCK_D) class: configs, max regs, max spills, max smem, min / max CTAs per SM."""
+    """Per (kernel, dtype, BLOCK_D) class: configs, launch signatures, max regs, max spills, max smem, min / max
+    CTAs per SM."""
     out = {}
     for r in rows:
         key = (r["kernel"], r["dtype"], r.get("BLOCK_D"))
-        s = out.setdefault(key, {"compiles": 0, "configs": set(), "regs": 0, "spills": 0, "smem": 0,
-                                 "ctas_min": 99, "ctas_max": 0})
+        s = out.setdefault(key, {"compiles": 0, "configs": set(), "signatures": set(), "regs": 0, "spills": 0,
+                                 "smem": 0, "ctas_min": 99, "ctas_max": 0})
         s["compiles"] += 1
         s["configs"].add(json.dumps([r["config"], r["num_warps"], r["num_stages"]], sort_keys=True))
+        s["signatures"].add(r["signature"])
         s["regs"] = max(s["regs"], r["regs"])
         s["spills"] = max(s["spills"], r["spills"])
         s["smem"] = max(s["smem"], r["smem"])
@@ -342,29 +664,39 @@ def write(rows, out_dir, command, seconds):
     os.makedirs(out_dir, exist_ok=True)
     meta = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "target": "cuda sm_90 (H100), warp 32", "wall_s": round(seconds, 1),
+            "compile_s": round(sum(r["compile_s"] for r in rows), 1),
             "source_fingerprint": source_fingerprint(), **versions()}
     with open(os.path.join(out_dir, "audit.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=0)
     bad = failures(rows)
+    versions_line = (f"Versions: Triton {meta['triton']}, torch {meta['torch']}, Python {meta['python']}; "
+                     f"{meta['machine']}; wall {meta['wall_s']} s (compiles summed: {meta['compile_s']} s)  ")
     lines = ["# Compile audit, sm_90 (H100), every kernel in kernels/\n",
              f"Regenerate: `{command}` (no GPU; Triton's bundled ptxas)  ", f"Date: {meta['date']}  ",
-             f"Versions: Triton {meta['triton']}, torch {meta['torch']}, Python {meta['python']}; {meta['machine']}; "
-             f"wall {meta['wall_s']} s  ",
+             versions_line,
              f"Compiles: {len(rows)}; failing (spills > 0, smem > 227 KB or < 1 CTA/SM): {len(bad)}\n",
+             "Each configuration is compiled with every launch signature the scenarios of "
+             "`compile_audit.realistic_launches` give its variant (Triton's specialisation of the call's integers: "
+             "`X=1` a constexpr, `X%16` divisible by 16, `X` neither; pointers 16-byte aligned unless marked).\n",
              "## Per class\n",
-             "| kernel | dtype | BLOCK_D | compiles (variants x configs) | configs | max regs | max spills (B) | "
-             "max smem (B) | CTAs/SM min-max |", "|---|---|---|---|---|---|---|---|---|"]
+             ("| kernel | dtype | BLOCK_D | compiles (variants x configs x signatures) | configs | signatures | "
+              "max regs | max spills (B) | max smem (B) | CTAs/SM min-max |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (kern, dt, bd), s in summary(rows).items():
-        lines.append(f"| {kern} | {dt} | {bd if bd else '-'} | {s['compiles']} | {len(s['configs'])} | {s['regs']} | "
-                     f"{s['spills']} | {s['smem']} | {s['ctas_min']}-{s['ctas_max']} |")
-    lines += ["\n## Every compile\n", "| kernel | dtype | head widths (BLOCK_D) | variant | config, warps, stages | regs | "
-              "spills (B) | smem (B) | CTAs/SM |", "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(f"| {kern} | {dt} | {bd if bd else '-'} | {s['compiles']} | {len(s['configs'])} | "
+                     f"{len(s['signatures'])} | {s['regs']} | {s['spills']} | {s['smem']} | "
+                     f"{s['ctas_min']}-{s['ctas_max']} |")
+    lines += ["\n## Every compile\n",
+              ("| kernel | dtype | head widths (BLOCK_D) | variant | config, warps, stages | signature | regs | "
+               "spills (B) | smem (B) | CTAs/SM |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         widths = f"{','.join(map(str, r['widths']))} ({r['BLOCK_D']})" if r.get("BLOCK_D") else "-"
         variant = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(r["consts"].items())) or "-"
         cfg = "×".join(str(v) for v in r["config"].values())
         lines.append(f"| {r['kernel']} | {r['dtype']} | {widths} | {variant} | {cfg}, {r['num_warps']}, "
-                     f"{r['num_stages']} | {r['regs']} | {r['spills']} | {r['smem']} | {r['ctas_per_sm']} |")
+                     f"{r['num_stages']} | {r['signature']} | {r['regs']} | {r['spills']} | {r['smem']} | "
+                     f"{r['ctas_per_sm']} |")
     with open(os.path.join(out_dir, "audit.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -22,8 +22,8 @@ as coverage (:func:`test_saved_file_covers_every_case` checks that the list is e
   target; the random DeiT's uniform first attention). Each is replaced by the same case with targets or
   layers for which every map is informative, written by ``--write-added`` into
   ``tests/data/refactor_maps_added.pt`` from the models and images of the first file, at the commit that
-  file records (before the reorganisation of issue 27, whose code could not produce the 344debd maps
-  either: bit-identity holds from that commit on).
+  file records (588ebe9, before the reorganisation of issue 27; 344debd's code was not at hand to compute
+  them, so for these cases bit-identity holds from 588ebe9 on).
 
 Every compared map of the other cases is asserted informative before the comparison.
 

@@ -2,8 +2,9 @@
 
 Per image and head, ``P = softmax(scale·QKᵀ)`` and ``dP = dO Vᵀ`` (docs/methods.md §8). The forward keeps
 only ``O`` and the row log-sum-exp ``ℓ``; the backward and the row programs recompute ``P`` (and ``dP``)
-one block of query rows at a time, so no ``(B, H, N, N)`` tensor exists, only ``(B, H, Q_blk, N)``
-blocks sized by ``query_block`` to stay within ``BLOCK_BYTES`` each::
+one block of query rows at a time: ``(B, H, Q_blk, N)`` blocks sized by ``query_block`` to stay within
+``BLOCK_BYTES`` each (at least ``MIN_BLOCK`` rows; every row, one N×N block, when that fits the budget:
+memory stays O(N) per block row beyond small N)::
 
     forward   S_i = scale · Q_i Kᵀ;  ℓ_i = logsumexp_j S_ij;  O_i = exp(S_i − ℓ_i) V
     backward  P_i = exp(S_i − ℓ_i);  dP_i = dO_i Vᵀ;  δ_i = Σ_d dO_i ⊙ O_i

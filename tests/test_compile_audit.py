@@ -219,9 +219,9 @@ def test_audit_enumerates_what_the_wrappers_launch():
 def test_compile_time_benchmark_compiles_what_a_tokentm_call_launches():
     """``benchmarks/compile_time.py`` times the compiles of exactly the kernels and variants one flash-path
     ``explain(method="tokentm")`` launches (recorded here on a bfloat16 model with 32-wide heads)."""
+    import compile_time as T
     import timm
 
-    import compile_time as T
     import tokentm_fast as tf
     from tokentm_fast.kernels._utils import kernels_interpreted
 

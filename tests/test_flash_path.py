@@ -22,11 +22,11 @@ import os
 import pytest
 import timm
 import torch
+from spec_oracle import explain as oracle
+from spec_oracle import rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokentm_fast as tf
-from spec_oracle import explain as oracle
-from spec_oracle import rel_err
 from tokentm_fast.kernels import triton_available
 
 _SUITE_DEVICE = os.environ.get("TOKENTM_TEST_DEVICE", "cpu")  # set by tests/conftest.py
@@ -360,8 +360,8 @@ def test_flash_choice_and_refusals(device):
                                     "open_clip_avg_ls", "timm_headless"])
 def test_flash_path_serves_every_model_family(family, device):
     """Through each adapter's attention call site: the flash maps equal the materialized torch maps."""
-    from model_families import CLASSIFIERS, FAMILIES
     import model_families as mf
+    from model_families import CLASSIFIERS, FAMILIES
 
     model = FAMILIES[family]()
     x = mf.images(batch=1)

@@ -8,15 +8,15 @@ from __future__ import annotations
 import copy
 from functools import lru_cache
 
-import pytest
-import torch
-
 import lrp_oracle
 import model_families as mf
-import tokentm_fast as tf
+import pytest
+import torch
 from checks import assert_informative, float32_bound
 from model_families import assert_same, snapshot
 from spec_oracle import rel_err
+
+import tokentm_fast as tf
 from tokentm_fast.capture import prepared_model
 from tokentm_fast.methods.relevance import RelevancePass
 from tokentm_fast.models import adapt

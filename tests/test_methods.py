@@ -3,14 +3,14 @@ over either attention path, whose capabilities say what the entry then does, and
 registry entry plus one function."""
 from __future__ import annotations
 
-import pytest
-import torch
-
 import lrp_oracle
 import model_families as mf
-import tokentm_fast as tf
+import pytest
+import torch
 from spec_oracle import explain as oracle
 from spec_oracle import query, rel_err, run_vit
+
+import tokentm_fast as tf
 from tokentm_fast.methods import REGISTRY, MethodSpec, get_method, resolve_options
 from tokentm_fast.models import adapt
 from tokentm_fast.paths import TORCH_KERNELS, Materialized

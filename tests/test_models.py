@@ -7,15 +7,15 @@ Every map a comparison reads is asserted informative first (tests/checks.py): at
 family, targets whose map its clamp does not zero (``GRADCAM_TARGETS``), and is asserted zero, as
 docs/methods.md §5 says, where a class token is not what the model pools (``GRADCAM_ZERO``); Transformer
 Attribution of such a mean-pooled model takes a scaled score (``LOUD``)."""
-import pytest
-import torch
-
 import lrp_oracle
 import model_families as mf
-import tokentm_fast as tf
+import pytest
+import torch
 from checks import assert_informative
 from model_families import CLASSIFIERS, FAMILIES, assert_same, snapshot
 from spec_oracle import rel_err
+
+import tokentm_fast as tf
 from tokentm_fast.models import adapt
 
 

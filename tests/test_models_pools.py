@@ -21,14 +21,14 @@ from __future__ import annotations
 import copy
 import math
 
+import model_families as mf
 import pytest
 import torch
-
-import model_families as mf
-import tokentm_fast as tf
 from checks import assert_informative, float32_bound
 from model_families import assert_same, snapshot, triton_only
 from spec_oracle import rel_err, weights
+
+import tokentm_fast as tf
 from tokentm_fast.models import adapt
 
 #: the LRP relevance pass (docs/methods.md §6.3), which runs on the materialized attention only

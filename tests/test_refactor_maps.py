@@ -39,10 +39,9 @@ import os
 import sys
 from pathlib import Path
 
+import model_families as mf
 import pytest
 import torch
-
-import model_families as mf
 from checks import assert_informative
 
 DATA = Path(__file__).resolve().parent / "data" / "refactor_maps.pt"

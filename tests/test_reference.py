@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 from typing import Iterator, List, Set
 
+import model_families as mf
 import pytest
 import torch
 
-import model_families as mf
 import tokentm_fast
 import tokentm_fast.kernels
 from tokentm_fast import reference, reference_relevance

@@ -44,7 +44,7 @@ N_TOKENS = 197
 def flash_jobs(dtype: str, width: int, n: int = N_TOKENS):
     """The compiles of one flash-path ``explain(method="tokentm")`` at (dtype, head width, N)."""
     out = []
-    for j in C.jobs(kernels=list(FLASH_TOKENTM), dtypes=[dtype], widths=(width,)):
+    for j in C.jobs(kernels=list(FLASH_TOKENTM), dtypes=[dtype], widths=(width,), tokens=(n,)):
         if j["dtype"] not in (dtype, "fp32 ieee") and C.SPECS[j["kernel"]]["model"]:
             continue  # float32: IEEE products (TF32 off, torch's default)
         want = FLASH_TOKENTM[j["kernel"]]

@@ -35,7 +35,7 @@ Launch configurations: an explicit table (``CONFIG_TABLE``) per kernel kind, dty
 float32) and ``BLOCK_D`` (the head width padded to a power of two), at most 4 entries each (2–3: a
 first call benchmarks few), chosen from the sm_90 compile audit (``benchmarks/compile_audit.py``,
 results in ``benchmarks/results/compile-sm90/``): no entry spills registers or exceeds shared memory
-on an H100; float32 gets smaller tiles and one stage. The autotuners' pruning hook picks the entries
+on an H100; float32 gets smaller tiles and one stage, save the 128-wide backward's 16×16 tile over 2 stages. The autotuners' pruning hook picks the entries
 of the call's class; tuning results are cached on disk (Triton's ``cache_results``, in Triton's cache
 dir) and keyed on a power-of-two bucket of N, so a second process or a nearby sequence length
 benchmarks nothing. The grid's second axis (images x heads) is kept <= 65535 by launching slices of

@@ -37,7 +37,7 @@ from .row_update import Weight, _scaled_rows, _update_epilogue, launch_finalize,
 #: ``row_update.SPLIT_UNIT``.
 GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-    for bm, bn, bk, w, st in [(32, 64, 32, 8, 2), (64, 64, 32, 8, 2), (128, 64, 32, 8, 2)]
+    for bm, bn, bk, w, st in [(32, 64, 32, 8, 2), (128, 64, 32, 8, 2)]
 ]
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=1)
 

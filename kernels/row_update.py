@@ -125,7 +125,7 @@ def _prune_row_configs(configs, named_args, **kwargs):
 #: (BLOCK_I, BLOCK_J, num_warps, num_stages) timed on the GPU; every BLOCK_I divides SPLIT_UNIT.
 ROW_GPU_CONFIGS = [
     triton.Config({"BLOCK_I": bi, "BLOCK_J": bj}, num_warps=w, num_stages=st)
-    for bi, bj, w, st in [(32, 64, 4, 2), (16, 128, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)]
+    for bi, bj, w, st in [(32, 64, 4, 2), (16, 128, 4, 2), (32, 64, 8, 2)]
 ]
 ROW_INTERPRETER_CONFIG = triton.Config({"BLOCK_I": 128, "BLOCK_J": 256}, num_warps=4, num_stages=1)
 #: Granularity of the split of the i range over programs (split-K): a multiple of every BLOCK_I /

@@ -702,13 +702,31 @@ def write(rows, out_dir, command, seconds):
 
 
 # --------------------------------------------------------------------------- recorded launches
+@contextlib.contextmanager
+def intercepted_launches(on_launch):
+    """Under the interpreter: ``on_launch(fn, args, kwargs)`` for every kernel launch made inside the block
+    (``fn`` the ``InterpretedFunction``), before the launch runs."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kw):
+        on_launch(self, args, kw)
+        return original(self, *args, **kw)
+
+    InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = original
+
+
 def recorded_launches(run_calls):
     """Under the interpreter (TRITON_INTERPRET=1 at import): call ``run_calls()`` and return the launches it
     made as ``{(kernel, constexprs, model pointers)}``, comparable with ``launch_keys(jobs(), dtype)``:
     constexprs without the autotuned ones, the fixed launch sizes and the interpreter-only UPCAST; model
     pointers: the pointer arguments whose tensors are not float32."""
     import torch
-    from triton.runtime.interpreter import InterpretedFunction
 
     drop = {"_delta_kernel": {"BLOCK_M"}, "_necc_normalize_kernel": {"BLOCK"},
             "_update_finalize_kernel": {"BLOCK_Q", "BLOCK_J"}, "_legrad_finalize_kernel": {"BLOCK"}}
@@ -718,21 +736,16 @@ def recorded_launches(run_calls):
                 drop[obj.fn.__name__] = set().union(*(c.kwargs for c in obj.configs))
     always = {"UPCAST", "num_warps", "num_stages", "grid", "warmup", "num_ctas", "maxnreg"}
     seen = set()
-    original = InterpretedFunction.run
 
-    def run(self, *args, **kw):
-        name = self.fn.__name__
-        model = tuple(sorted(n for n, a in zip(self.arg_names, args)
+    def record(fn, args, kw):
+        name = fn.fn.__name__
+        model = tuple(sorted(n for n, a in zip(fn.arg_names, args)
                              if n.endswith("_ptr") and isinstance(a, torch.Tensor) and a.dtype != torch.float32))
         consts = tuple(sorted((k, v) for k, v in kw.items() if k not in always | drop.get(name, set())))
         seen.add((name, consts, model))
-        return original(self, *args, **kw)
 
-    InterpretedFunction.run = run
-    try:
+    with intercepted_launches(record):
         run_calls()
-    finally:
-        InterpretedFunction.run = original
     return seen
 
 

@@ -280,21 +280,14 @@ def _record_with_args(run_calls):
     constexprs)``."""
     import importlib
 
-    from triton.runtime.interpreter import InterpretedFunction
-
     seen = []
-    original = InterpretedFunction.run
 
-    def run(self, *args, **kw):
-        consts = {k: v for k, v in kw.items() if k in self.arg_names}
-        seen.append((self, importlib.import_module(self.fn.__module__), dict(zip(self.arg_names, args)), consts))
-        return original(self, *args, **kw)
+    def record(fn, args, kw):
+        consts = {k: v for k, v in kw.items() if k in fn.arg_names}
+        seen.append((fn, importlib.import_module(fn.fn.__module__), dict(zip(fn.arg_names, args)), consts))
 
-    InterpretedFunction.run = run
-    try:
+    with C.intercepted_launches(record):
         run_calls()
-    finally:
-        InterpretedFunction.run = original
     return seen
 
 

@@ -112,9 +112,10 @@ def literal_explain(model: nn.Module, images: torch.Tensor, target: torch.Tensor
     Ā = mean_h max(A ⊙ G, 0), U = (I + diag w_mlp)(I + Ā diag w_attn), C ← U C
     with N×N matrices, and the map is row ``cls`` of Cᴸ. GAE: w_attn = 1,
     w_mlp = 0, C⁰ = I. Only the weights (docs/methods.md §2) are computed in
-    float32 (``tokentm_fast.transform``), everything else in the model's dtype.
+    float32 (``tokentm_fast.torch_ops.transform_weights``), everything else in the model's dtype.
     """
-    from tokentm_fast.transform import token_lengths, transform_weights
+    from tokentm_fast.precision import token_lengths
+    from tokentm_fast.torch_ops.transform_weights import transform_weights
 
     if method not in ("tokentm", "gae"):
         raise ValueError(f"literal_explain: method must be 'tokentm' or 'gae', got {method!r}")

@@ -129,7 +129,8 @@ SPECS = {
     "necc_normalize": dict(module="transform_weights", attr="_necc_normalize_kernel", model=set(), variants=[{}],
                            configs=[({"BLOCK": 1 << k}, 4, DEFAULT_STAGES) for k in range(4, 11)]),
     "fuse_heads": dict(module="head_fusion", attr="_fuse_heads_kernel", model={"attn_ptr", "grad_ptr"},
-                       variants=[{"MODE": m} for m in range(4)], configs="module:GPU_CONFIGS"),
+                       variants=[{"MODE": m} for m in range(3)],  # the codes of kernels._utils.FUSION_TABLE
+                       configs="module:GPU_CONFIGS"),
     "row_update": dict(module="row_update", attr="_row_update_kernel", model={"attn_ptr", "grad_ptr"},
                        variants=[{"MODE": m, "W_ATTN_TENSOR": a, "W_MLP_TENSOR": w, "SPLIT_OUT": s, "BLOCK_Q": 1}
                                  for m, a, w in _UPDATE_MODES for s in (False, True)],
@@ -424,7 +425,7 @@ def _engine_calls(b, h, n, class_token, dtype):
         for use_necc in (False, True):
             TW.transform_weights(x, x, use_length, use_necc)
     attn = torch.empty(b, h, n, n, **meta)
-    for mode in ("gae", "decoupled", "mean", "rollout"):
+    for mode in ("gae", "decoupled", "mean"):
         HF.fuse_heads(attn, attn, mode)
     w = torch.empty(b, n, **meta)
     fused = torch.empty(b, 1, n, n, **meta)  # rollout's engine: the heads fused in the forward (H = 1)

@@ -11,11 +11,11 @@ Suites (``extra_info["suite"]``):
   with N×N matmuls) in float64 on float64 A and G (converted before timing), as
   ``backend="reference"`` runs it; ``TOKENTM_BENCH_REF_DTYPE=float32`` times the
   same products in float32 instead (the conservative comparison), torch = the row algorithm
-  ``aggregation.aggregate_layers`` (``aggregation.row_update`` per layer),
+  ``aggregation.aggregate_layers`` (``torch_ops.row_update`` per layer),
   triton = ``kernels.row_update`` per layer. bytes = 2·L·B·H·N²·itemsize (A and G once).
 - ``aggregation_full``: the whole matrix Cᴸ. reference as above, torch =
   ``aggregate_layers(full=True)``, triton = ``kernels.matrix_update`` (tf32).
-- ``head_fusion``: one layer, torch ``fusion.fuse_heads`` vs ``kernels.fuse_heads``.
+- ``head_fusion``: one layer, torch ``torch_ops.head_fusion.fuse_heads`` vs ``kernels.fuse_heads``.
   bytes = 2·B·H·N²·itemsize + B·N²·4 (write Ā).
 - ``transform_weights``: one sub-layer (B, N, D) tokens. bytes = 2·B·N·D·itemsize.
 - ``legrad_reduce``: one layer of gradient rows (B, H, Q, N), Q = 1 (what the fast
@@ -33,7 +33,10 @@ from typing import Any, Dict, List, Tuple
 import torch
 from bench_memory import aggregation_peak
 
-from tokentm_fast import aggregation, fusion, legrad, transform
+from tokentm_fast import aggregation
+from tokentm_fast.torch_ops import head_fusion as twin_fusion
+from tokentm_fast.torch_ops import legrad_reduce as twin_legrad
+from tokentm_fast.torch_ops import transform_weights as twin_transform
 
 # ViT configurations: layers, heads, width.
 CONFIGS = {
@@ -238,7 +241,7 @@ def reference_aggregation(attns, grads, w_attn, w_mlp, query, c0, full: bool) ->
     eye = torch.eye(n, dtype=query.dtype, device=query.device).expand(b, n, n)
     c = torch.diag_embed(c0)
     for l in range(len(attns)):
-        a_bar = fusion.fuse_heads(attns[l], grads[l], MODE)
+        a_bar = twin_fusion.fuse_heads(attns[l], grads[l], MODE)
         u_attn = eye + a_bar @ torch.diag_embed(w_attn[l])
         u_mlp = eye + torch.diag_embed(w_mlp[l])
         c = u_mlp @ u_attn @ c
@@ -333,7 +336,7 @@ def test_head_fusion(benchmark, bench, case):
     if case.backend == "triton":
         from tokentm_fast.kernels import fuse_heads
     else:
-        fuse_heads = fusion.fuse_heads
+        fuse_heads = twin_fusion.fuse_heads
     _run(bench, benchmark, case, lambda: fuse_heads(d["attn"], d["grad"], MODE), d["oracle"])
 
 
@@ -360,7 +363,7 @@ def test_transform_weights(benchmark, bench, case):
     if case.backend == "triton":
         from tokentm_fast.kernels import transform_weights
     else:
-        transform_weights = transform.transform_weights
+        transform_weights = twin_transform.transform_weights
     _run(bench, benchmark, case, lambda: transform_weights(d["x"], d["xt"], True, True), d["oracle"])
 
 
@@ -377,5 +380,5 @@ def test_legrad_reduce(benchmark, bench, case):
     if case.backend == "triton":
         from tokentm_fast.kernels import legrad_reduce
     else:
-        legrad_reduce = legrad.legrad_reduce
+        legrad_reduce = twin_legrad.legrad_reduce
     _run(bench, benchmark, case, lambda: legrad_reduce(d["rows"], case.N), d["oracle"])

@@ -28,7 +28,7 @@ least, float64 for float64 inputs, and rounds the result to float32).
 Dispatch: CUDA tensors go to the Triton wrappers of ``tokentm_fast.kernels``
 (imported lazily, on the first CUDA call), except float64 inputs, which the
 kernels refuse and which take the PyTorch path on CUDA too; every other device
-uses the PyTorch functions of ``tokentm_fast.transform / fusion / aggregation``. The fake (meta)
+uses the PyTorch twins of the kernels, ``tokentm_fast.torch_ops`` (same file names). The fake (meta)
 implementations give shape, dtype and device only, so the ops trace under
 ``torch.compile`` without graph breaks. No autograd formula is registered: the
 ops are for explanations computed after (or inside) the backward pass.
@@ -53,11 +53,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tokentm_fast.aggregation import row_update as _torch_row_update
-from tokentm_fast.fusion import fuse_heads as _torch_fuse_heads
-from tokentm_fast.legrad import legrad_reduce as _torch_legrad_reduce
-from tokentm_fast.transform import EPS, compute_dtype
-from tokentm_fast.transform import transform_weights as _torch_transform_weights
+from tokentm_fast.kernels._utils import EPS
+from tokentm_fast.precision import compute_dtype
+from tokentm_fast.torch_ops.head_fusion import fuse_heads as _torch_fuse_heads
+from tokentm_fast.torch_ops.legrad_reduce import legrad_reduce as _torch_legrad_reduce
+from tokentm_fast.torch_ops.row_update import row_update as _torch_row_update
+from tokentm_fast.torch_ops.transform_weights import transform_weights as _torch_transform_weights
 from tokentm_fast.validation import check_fuse_heads, check_legrad_reduce, check_transform_weights, check_update
 
 NAMESPACE = "tokentm"

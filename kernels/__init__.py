@@ -4,8 +4,9 @@ Each kernel has a thin wrapper that allocates (or takes a caller-provided
 ``out=``) and launches. The wrappers trust their arguments: they are checked
 once, at the public entries (``tokentm_fast.ops``, ``torch.ops.tokentm.*``),
 and internal callers pass tensors they built. The PyTorch functions each
-wrapper must match are the oracles in ``tokentm_fast.transform``,
-``tokentm_fast.fusion`` and ``tokentm_fast.aggregation``.
+wrapper must match are its twins in ``tokentm_fast.torch_ops``, each under the
+kernel's file name (``torch_ops.transform_weights``, ``.head_fusion``, ``.row_update``
+(also ``matrix_update``'s twin), ``.legrad_reduce``, ``.attention``).
 
 - ``transform_weights(x, x_tilde, use_length, use_necc, eps, out)``   docs/methods.md §2
 - ``fuse_heads(attn, grad, mode, out)``                               docs/methods.md §3, §4
@@ -20,7 +21,8 @@ checked for sm_90 by the compile audit (``benchmarks/compile_audit.py``: no
 register spills, shared memory within an H100's); the choice is cached on disk
 per power-of-two bucket of N (one small configuration under the interpreter).
 On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``
-set before triton is imported); ``triton_available`` / ``require_triton`` tell.
+set before triton is imported); ``triton_available`` / ``require_triton`` tell
+(``_utils.triton_unusable_reason`` says why).
 If triton is not importable at all, the wrappers exist but raise RuntimeError.
 """
 from __future__ import annotations

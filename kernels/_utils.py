@@ -10,8 +10,14 @@ bring them into launch form (contiguous, weights as pointer or constant,
 
 Dtype policy (all kernels): inputs may be float32, bfloat16 or float16; the
 kernels load them and accumulate in float32 and always write float32.
-float64 belongs to the PyTorch path (``tokentm_fast.transform`` / ``.fusion`` /
-``.aggregation``); the operators route it there.
+float64 belongs to the PyTorch twins (``tokentm_fast.torch_ops``, one module per kernel
+family under the kernel's file name); the operators route it there.
+
+This module also owns what is about the kernels and is read by the package above them (it imports
+nothing from the package and needs no Triton to import): the head-fusion modes and their codes
+(``FUSION_TABLE``), the ε of the norm clamps (``EPS``), the widest head the attention kernels take
+(``MAX_HEAD_DIM``), the row window of the update kernels (``support_bounds``) and why the kernels cannot
+run on a device (``triton_unusable_reason``).
 
 Launch settings: each kernel is wrapped in ``triton.autotune`` with a list of
 at most 4 GPU configurations (each audited for sm_90 by
@@ -24,19 +30,65 @@ single configuration (``tuning_configs``).
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..fusion import FUSION_TABLE, GRADIENT_MODES  # noqa: F401  (GRADIENT_MODES: the wrappers' import)
 
-#: head fusion mode -> constexpr code shared by the kernels (docs/methods.md §3, §4), read off
-#: ``tokentm_fast.fusion.FUSION_TABLE``; the named codes are what the kernels' branches compare with.
+# --------------------------------------------------------------------------- what the kernels define
+class FusionMode(NamedTuple):
+    """One head-fusion mode: its name, the code the Triton kernels branch on, and whether it reads
+    the attention gradient."""
+
+    name: str
+    code: int
+    needs_gradient: bool
+
+
+#: every head-fusion mode (docs/methods.md §3, §4), ``attn, grad (B, H, N, N) -> Ā (B, N, N)``:
+#:
+#: - ``"gae"``:       Ā = mean_h max(A_h ⊙ G_h, 0)           (TokenTM default, GAE)
+#: - ``"decoupled"``: Ā = mean_h(A_h) ⊙ mean_h max(G_h, 0)
+#: - ``"mean"``:      Ā = mean_h A_h                          (no gradient; rollout is the engine
+#:   constants ``tokentm_fast.aggregation.ROLLOUT`` on it)
+#:
+#: The one list of these modes: the public checks (``tokentm_fast.validation``), the kernels' codes
+#: below and the methods' ``head_fusion`` choices are all read off it.
+FUSION_TABLE: Tuple[FusionMode, ...] = (
+    FusionMode("gae", 0, True),
+    FusionMode("decoupled", 1, True),
+    FusionMode("mean", 2, False),
+)
+FUSION_MODES: Tuple[str, ...] = tuple(m.name for m in FUSION_TABLE)
+#: the modes that need ``grad`` (TokenTM's ``head_fusion`` choices)
+GRADIENT_MODES: Tuple[str, ...] = tuple(m.name for m in FUSION_TABLE if m.needs_gradient)
+#: head fusion mode -> constexpr code shared by the kernels; the named codes are what the kernels'
+#: branches compare with
 MODE_CODES = {m.name: m.code for m in FUSION_TABLE}
 MODE_GAE = MODE_CODES["gae"]
 MODE_DECOUPLED = MODE_CODES["decoupled"]
 MODE_MEAN = MODE_CODES["mean"]
-MODE_ROLLOUT = MODE_CODES["rollout"]
+
+#: ε of the norm clamps of the transformation weights (docs/methods.md §2), in the Triton kernel
+#: (``transform_weights``) and its PyTorch twin (``tokentm_fast.torch_ops.transform_weights``)
+EPS = 1e-6
+
+#: the widest head the flash attention kernels take (``kernels/attention.py``: BLOCK_D = 32, 64 or 128;
+#: heads of 80, 96, ... are masked tails); wider heads stay on the materialized path
+MAX_HEAD_DIM = 128
+
+
+def support_bounds(support: Optional[slice], n: int) -> Tuple[int, int]:
+    """``(lo, hi)`` of a step-1 row ``slice`` clipped to ``[0, n)``; ``(0, n)`` for None (dense): the rows
+    of A and G the row update reads (``row_update`` here and in ``tokentm_fast.torch_ops.row_update``)."""
+    if support is None:
+        return 0, n
+    if not isinstance(support, slice):
+        raise TypeError(f"support must be a slice of token rows or None, got {type(support).__name__}")
+    lo, hi, step = support.indices(n)
+    if step != 1:
+        raise ValueError(f"support must be a step-1 slice, got {support}")
+    return lo, max(lo, hi)
 
 
 # --------------------------------------------------------------------------- availability
@@ -80,53 +132,50 @@ def kernels_interpreted() -> bool:
     return _KERNELS_INTERPRETED
 
 
-def triton_available(device: Union[str, torch.device, torch.Tensor]) -> bool:
-    """Whether the Triton kernels can run on ``device`` (a device, its name, or a tensor).
+def triton_unusable_reason(device: Union[str, torch.device, torch.Tensor]) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device`` (a device, its name, or a tensor); None when they can.
 
-    CUDA devices need a working CUDA runtime; CPU tensors need Triton's
-    interpreter (``TRITON_INTERPRET=1`` set before triton was imported).
+    CUDA devices need a working CUDA runtime and kernels compiled for the GPU; CPU tensors need Triton's
+    interpreter (``TRITON_INTERPRET=1`` set before triton was imported). The one wording of these
+    reasons: ``require_triton`` raises it, ``tokentm_fast.api`` warns or refuses with it.
     """
     if isinstance(device, torch.Tensor):
         device = device.device
     device = torch.device(device)
     if not triton_importable():
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_available() and not kernels_interpreted()
+        return ("Triton is not installed (not importable here); install triton or use the PyTorch path "
+                "(backend='torch' / 'reference')")
     if device.type == "cpu":
-        return interpreter_enabled() and kernels_interpreted()
-    return False
+        if not interpreter_enabled():
+            return ("Triton runs on CUDA tensors, and on CPU tensors only under its interpreter, which is off: "
+                    "set TRITON_INTERPRET=1 before triton is imported (for testing), move the tensors to a "
+                    "CUDA device, or use the PyTorch path")
+        if not kernels_interpreted():
+            return ("TRITON_INTERPRET=1 was set after tokentm_fast.kernels (and triton) were imported, so the "
+                    "kernels were compiled for the GPU; set it before any import")
+        return None
+    if device.type == "cuda":
+        if kernels_interpreted():
+            return ("the Triton kernels were built for the interpreter (TRITON_INTERPRET=1 at import time), "
+                    "which runs on CPU tensors only; unset TRITON_INTERPRET before importing triton")
+        if not torch.cuda.is_available():
+            return "torch sees no working CUDA runtime"
+        return None
+    return f"Triton does not run on {device.type} tensors"
+
+
+def triton_available(device: Union[str, torch.device, torch.Tensor]) -> bool:
+    """Whether the Triton kernels can run on ``device`` (a device, its name, or a tensor): when
+    ``triton_unusable_reason`` has nothing to say."""
+    return triton_unusable_reason(device) is None
 
 
 def require_triton(t: torch.Tensor) -> None:
-    """Raise a clear ``RuntimeError`` when the Triton kernels cannot run on ``t``'s device."""
-    if not triton_importable():
-        raise RuntimeError(
-            "tokentm_fast.kernels needs Triton, which is not importable here; "
-            "install triton or use the PyTorch path (backend='torch'/'reference')"
-        )
-    device = t.device
-    if device.type == "cpu":
-        if not interpreter_enabled():
-            raise RuntimeError(
-                "Triton kernels got CPU tensors but Triton's interpreter is off: set "
-                "TRITON_INTERPRET=1 before triton is imported, move the tensors to a CUDA "
-                "device, or use the PyTorch path"
-            )
-        if not kernels_interpreted():
-            raise RuntimeError(
-                "TRITON_INTERPRET=1 was set after tokentm_fast.kernels (and triton) were "
-                "imported, so the kernels were compiled for the GPU; set it before any import"
-            )
-        return
-    if device.type == "cuda":
-        if kernels_interpreted():
-            raise RuntimeError(
-                "the Triton kernels were built for the interpreter (TRITON_INTERPRET=1) "
-                "and cannot run on CUDA tensors; unset TRITON_INTERPRET before importing triton"
-            )
-        return
-    raise RuntimeError(f"Triton kernels do not run on device type {device.type!r}")
+    """Raise a ``RuntimeError`` saying why (``triton_unusable_reason``) when the Triton kernels cannot
+    run on ``t``'s device."""
+    reason = triton_unusable_reason(t)
+    if reason is not None:
+        raise RuntimeError(f"tokentm_fast.kernels: {reason}")
 
 
 # --------------------------------------------------------------------------- float32 products
@@ -215,3 +264,12 @@ def num_splits(num_tiles: int, num_units: int, device: torch.device) -> int:
     if num_tiles >= target:
         return 1
     return max(1, min(num_units, (target + num_tiles - 1) // num_tiles, 64))  # ⌈target / num_tiles⌉
+
+
+class AttentionKernels(NamedTuple):
+    """One implementation of the explanation attention (the signatures of the wrappers of
+    ``kernels.attention`` and of their PyTorch twin ``tokentm_fast.torch_ops.attention``)."""
+
+    forward: Callable  # (q, k, v, scale) -> (o, lse)
+    backward: Callable  # (q, k, v, o, lse, do, scale, row=None, input_grads=True | False | "v") -> (dq, dk, dv, t)
+    rows: Callable  # (row, scale, q=, k=, lse= | do=, v=) -> t (B, H, N)

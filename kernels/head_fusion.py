@@ -1,6 +1,6 @@
 """Head fusion of attention and gradient (docs/methods.md §3, §4) as a Triton kernel.
 
-PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.fusion.fuse_heads``.
+PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.torch_ops.head_fusion.fuse_heads``.
 
 The tile helper ``_fused_tile_sum`` is shared with the aggregation kernels
 (``row_update``, ``matrix_update``), which build Ā tiles in registers and
@@ -20,7 +20,6 @@ from ._utils import (
     MODE_CODES,
     MODE_DECOUPLED,
     MODE_GAE,
-    MODE_ROLLOUT,
     batch_bucket,
     contiguous,
     tuning_configs,
@@ -30,7 +29,6 @@ from ._utils import (
 #: ``tl.constexpr`` globals); the wrappers pass the plain ints of ``MODE_CODES``.
 _MODE_GAE = tl.constexpr(MODE_GAE)
 _MODE_DECOUPLED = tl.constexpr(MODE_DECOUPLED)
-_MODE_ROLLOUT = tl.constexpr(MODE_ROLLOUT)
 
 #: (BLOCK_I, BLOCK_J, num_warps, num_stages) timed on the GPU.
 GPU_CONFIGS = [
@@ -61,10 +59,9 @@ def _fused_tile_sum(
         gae:        Σ_h max(A_h ⊙ G_h, 0)             (Ā = this / H)
         decoupled:  (Σ_h A_h) ⊙ (Σ_h max(G_h, 0))     (Ā = this / H²)
         mean:       Σ_h A_h                           (Ā = this / H)
-        rollout:    Σ_h A_h                           (Ā = ½ · this / H + ½ I)
 
-    The caller applies the scale (see ``fusion_scale``) and rollout's ½ I, so
-    that linear consumers can apply them once, after their reduction over i.
+    The caller applies the scale (see ``fusion_scale``), so that linear
+    consumers can apply it once, after their reduction over i.
     """
     acc = tl.zeros(a_ptrs.shape, dtype=tl.float32)
     g_acc = tl.zeros(a_ptrs.shape, dtype=tl.float32)
@@ -77,7 +74,7 @@ def _fused_tile_sum(
             g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
             acc += a
             g_acc += tl.maximum(g, 0.0)
-        else:  # mean, rollout
+        else:  # mean
             acc += a
         a_ptrs += NN
         g_ptrs += NN
@@ -87,11 +84,9 @@ def _fused_tile_sum(
 
 
 def fusion_scale(mode_code: int, num_heads: int) -> float:
-    """Factor that turns ``_fused_tile_sum`` into Ā (the ½ I of rollout is separate)."""
+    """Factor that turns ``_fused_tile_sum`` into Ā."""
     if mode_code == MODE_DECOUPLED:
         return 1.0 / (num_heads * num_heads)
-    if mode_code == MODE_ROLLOUT:
-        return 0.5 / num_heads
     return 1.0 / num_heads
 
 
@@ -104,7 +99,7 @@ def fusion_scale(mode_code: int, num_heads: int) -> float:
 @triton.jit
 def _fuse_heads_kernel(
     attn_ptr,  # (B, H, N, N) contiguous
-    grad_ptr,  # (B, H, N, N) contiguous, or a dummy pointer for mean / rollout
+    grad_ptr,  # (B, H, N, N) contiguous, or a dummy pointer for mean
     out_ptr,  # (B, N, N) float32
     N,
     H,
@@ -115,12 +110,11 @@ def _fuse_heads_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    """One ``(BLOCK_I, BLOCK_J)`` tile of Ā[b] (docs/methods.md §3 head fusion, §4 rollout):
+    """One ``(BLOCK_I, BLOCK_J)`` tile of Ā[b] (docs/methods.md §3, §4 head fusion):
 
         gae:        Ā_ij = mean_h max(A_hij · G_hij, 0)
         decoupled:  Ā_ij = mean_h A_hij · mean_h max(G_hij, 0)
         mean:       Ā_ij = mean_h A_hij
-        rollout:    Ā_ij = ½ mean_h A_hij + ½ δ_ij
 
     grid = (B, cdiv(N, BLOCK_I), cdiv(N, BLOCK_J)); heads are looped inside.
     """
@@ -132,8 +126,6 @@ def _fuse_heads_kernel(
     NN = N * N
     head0 = b * H * NN
     fused = _fused_tile_sum(attn_ptr + head0 + tile, grad_ptr + head0 + tile, mask, H, NN, MODE) * scale
-    if MODE == _MODE_ROLLOUT:  # + ½ I
-        fused += tl.where(offs_i[:, None] == offs_j[None, :], 0.5, 0.0)
     tl.store(out_ptr + b * NN + tile, fused, mask=mask)
 
 
@@ -151,12 +143,12 @@ def fuse_heads(
     Args:
         attn: ``(B, H, N, N)`` attention probabilities (float32 / bfloat16 / float16), H ≥ 1.
         grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; required for "gae" and
-            "decoupled", ignored for "mean" and "rollout".
-        mode: "gae" | "decoupled" | "mean" | "rollout" (docs/methods.md §3, §4).
+            "decoupled", ignored for "mean".
+        mode: "gae" | "decoupled" | "mean" (docs/methods.md §3, §4).
         out: optional ``(B, N, N)`` float32 contiguous output, fully overwritten.
 
     Returns:
-        ``(B, N, N)`` float32 Ā, equal to ``tokentm_fast.fusion.fuse_heads``.
+        ``(B, N, N)`` float32 Ā, equal to ``tokentm_fast.torch_ops.head_fusion.fuse_heads``.
     """
     code = MODE_CODES[mode]
     B, H, N, _ = attn.shape
@@ -165,7 +157,7 @@ def fuse_heads(
     if out.numel() == 0:
         return out
     attn = contiguous(attn)
-    grad = contiguous(grad) if mode in GRADIENT_MODES else attn  # mean / rollout never read it
+    grad = contiguous(grad) if mode in GRADIENT_MODES else attn  # mean never reads it
 
     def grid(meta):
         return (B, triton.cdiv(N, meta["BLOCK_I"]), triton.cdiv(N, meta["BLOCK_J"]))

@@ -1,6 +1,6 @@
 """One layer of the engine for many rows (the full matrix Cᴸ) as a fused batched matmul.
 
-PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.aggregation.row_update``
+PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.torch_ops.row_update.row_update``
 (same contract as ``tokentm_fast.kernels.row_update``; this kernel is for large Q,
 typically Q = N for ``explain(full=True)``).
 
@@ -63,7 +63,7 @@ def _prune(configs, named_args, **kwargs):
 def _matrix_update_kernel(
     rows_ptr,  # (B, Q, N) contiguous
     attn_ptr,  # (B, H, N, N) contiguous
-    grad_ptr,  # (B, H, N, N) contiguous (dummy for mean / rollout)
+    grad_ptr,  # (B, H, N, N) contiguous (dummy for mean)
     w_attn_ptr,  # (B, N) or dummy
     w_mlp_ptr,  # (B, N) or dummy
     out_ptr,  # (B, Q, N) float32
@@ -154,15 +154,15 @@ def matrix_update(
     Args:
         rows: ``(B, Q, N)`` rows of the running product (float32; bfloat16 / float16 read as float32).
         attn: ``(B, H, N, N)`` attention probabilities of the layer, H ≥ 1.
-        grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; may be None for "mean" / "rollout".
+        grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; may be None for "mean".
         w_attn, w_mlp: ``(B, N)`` weights or Python floats.
-        mode: head fusion, "gae" | "decoupled" | "mean" (| "rollout", as in the oracle).
+        mode: head fusion, "gae" | "decoupled" | "mean".
         allow_tf32: True uses tf32 tensor cores (err ≤ 5e-3, docs/methods.md §7); False keeps
             exact fp32 products (err ≤ 1e-5).
         out: optional ``(B, Q, N)`` float32 contiguous output; must not overlap ``rows``.
 
     Returns:
-        ``(B, Q, N)`` float32, equal to ``tokentm_fast.aggregation.row_update``.
+        ``(B, Q, N)`` float32, equal to ``tokentm_fast.torch_ops.row_update.row_update``.
     """
     rows, attn, grad, wa, wm, code, out = prepare_update_args(rows, attn, grad, w_attn, w_mlp, mode, out)
     B, H, N, _ = attn.shape

@@ -1,6 +1,6 @@
 """One layer of the row algorithm (docs/methods.md §3.1) as a fused Triton kernel.
 
-PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.aggregation.row_update``.
+PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.torch_ops.row_update.row_update``.
 
 For a small block of rows ``R (B, Q, N)`` (Q = 1 for an explanation)::
 
@@ -34,8 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tokentm_fast.aggregation import support_bounds
-
 from ._utils import (
     GRADIENT_MODES,
     MODE_CODES,
@@ -43,10 +41,11 @@ from ._utils import (
     contiguous,
     interpreted,
     num_splits,
+    support_bounds,
     tuning_configs,
     weight_arg,
 )
-from .head_fusion import _MODE_ROLLOUT, _fused_tile_sum, fusion_scale
+from .head_fusion import _fused_tile_sum, fusion_scale
 
 Weight = Union[torch.Tensor, float]
 
@@ -91,7 +90,7 @@ def _update_epilogue(
     """Residual epilogue shared by the row and matrix kernels (docs/methods.md §3.1):
 
         s_qj   = R_qj · (1 + w_mlp_j)
-        t_qj   = scale · acc_qj  (+ ½ s_qj for rollout's ½ I)
+        t_qj   = scale · acc_qj
         out_qj = s_qj + t_qj · w_attn_j
     """
     mask_j = offs_j < N
@@ -99,8 +98,6 @@ def _update_epilogue(
     offs = b * Q * N + offs_q[:, None] * N + offs_j[None, :]
     s = _scaled_rows(rows_ptr, w_mlp_ptr, b, offs_q, offs_j, Q, N, w_mlp_c, W_MLP_TENSOR)
     t = acc * scale
-    if MODE == _MODE_ROLLOUT:  # Ā = ½ mean_h A + ½ I
-        t += 0.5 * s
     if W_ATTN_TENSOR:
         wa = tl.load(w_attn_ptr + b * N + offs_j, mask=mask_j, other=0.0).to(tl.float32)
         res = s + t * wa[None, :]
@@ -143,7 +140,7 @@ SPLIT_UNIT = 128
 def _row_update_kernel(
     rows_ptr,  # (B, Q, N) contiguous
     attn_ptr,  # (B, H, N, N) contiguous
-    grad_ptr,  # (B, H, N, N) contiguous (dummy for mean / rollout)
+    grad_ptr,  # (B, H, N, N) contiguous (dummy for mean)
     w_attn_ptr,  # (B, N) or dummy
     w_mlp_ptr,  # (B, N) or dummy
     out_ptr,  # (B, Q, N) float32
@@ -314,17 +311,17 @@ def row_update(
         rows: ``(B, Q, N)`` rows of the running product, small Q (typically 1).
             float32 (bfloat16 / float16 accepted, read as float32).
         attn: ``(B, H, N, N)`` attention probabilities of the layer, H ≥ 1.
-        grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; may be None for "mean" / "rollout".
+        grad: ``(B, H, N, N)`` gradient w.r.t. ``attn``; may be None for "mean".
         w_attn, w_mlp: ``(B, N)`` weights (any supported float dtype) or Python floats
             (GAE: 1.0 / 0.0, rollout: 1.0 / -0.5); floats are passed as kernel scalars.
-        mode: head fusion, "gae" | "decoupled" | "mean" (| "rollout", as in the oracle).
+        mode: head fusion, "gae" | "decoupled" | "mean".
         out: optional ``(B, Q, N)`` float32 contiguous output; must not overlap ``rows``.
         support: step-1 ``slice`` of the columns outside which ``rows`` is zero, known to
             the caller (the query at the top layer); only rows ``lo:hi`` of A and G are
             read. None: all N.
 
     Returns:
-        ``(B, Q, N)`` float32, equal to ``tokentm_fast.aggregation.row_update``.
+        ``(B, Q, N)`` float32, equal to ``tokentm_fast.torch_ops.row_update.row_update``.
     """
     rows, attn, grad, wa, wm, code, out = prepare_update_args(rows, attn, grad, w_attn, w_mlp, mode, out)
     B, H, N, _ = attn.shape

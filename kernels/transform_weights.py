@@ -1,6 +1,6 @@
 """Token transformation weights (docs/methods.md §2) as two Triton kernels.
 
-PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.transform.transform_weights``.
+PyTorch equivalent (oracle and CPU fallback): ``tokentm_fast.torch_ops.transform_weights.transform_weights``.
 
 The work is spread over ``(image, token block)`` programs, so that even a
 batch of one fills the GPU:
@@ -33,8 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..transform import EPS
-from ._utils import batch_bucket, contiguous, interpreted, tuning_configs
+from ._utils import EPS, batch_bucket, contiguous, interpreted, tuning_configs
 
 #: (BLOCK_N, BLOCK_D, num_warps, num_stages) timed on the GPU (at most 4: a first call benchmarks few;
 #: every one audited for sm_90 by benchmarks/compile_audit.py).
@@ -172,7 +171,7 @@ def transform_weights(
         out: optional ``(B, N)`` float32 contiguous output, fully overwritten.
 
     Returns:
-        ``(B, N)`` float32, equal to ``tokentm_fast.transform.transform_weights``.
+        ``(B, N)`` float32, equal to ``tokentm_fast.torch_ops.transform_weights.transform_weights``.
     """
     B, N, D = x.shape
     if out is None:

@@ -1,4 +1,4 @@
-"""The aggregation engine (tokentm_fast/aggregation.py): the row algorithm (docs/methods.md §3.1) equals the
+"""The aggregation engine (tokentm_fast/aggregation.py, one layer of it in tokentm_fast/torch_ops/row_update.py): the row algorithm (docs/methods.md §3.1) equals the
 full-matrix product (§3), on plain tensors; the engine step and the flash path's row state."""
 import sys
 
@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokentm_fast import aggregation
-from tokentm_fast.aggregation import GAE, ROLLOUT, aggregate_layers, finish_rows, initial_rows, row_update
+from tokentm_fast.aggregation import GAE, ROLLOUT, aggregate_layers, finish_rows, initial_rows
+from tokentm_fast.torch_ops.row_update import row_update
 
 
 def full_product(attns, grads, w_attn, w_mlp, c0, mode):
@@ -123,14 +123,14 @@ def test_support_must_be_a_step_one_slice():
 
 class _SyncTrap:
     """Makes ``Tensor.nonzero`` / ``.item`` / ``.tolist`` / ``.cpu`` / ``__bool__`` raise while
-    ``aggregation.row_update`` is on the stack (the host reads that would synchronise a GPU),
+    ``torch_ops.row_update.row_update`` is on the stack (the host reads that would synchronise a GPU),
     and counts the calls of ``row_update`` seen there."""
 
     NAMES = ("nonzero", "item", "tolist", "cpu", "__bool__")
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        code = aggregation.row_update.__code__
+        code = row_update.__code__
 
         def inside() -> bool:
             frame = sys._getframe(2)
@@ -151,7 +151,7 @@ class _SyncTrap:
             monkeypatch.setattr(torch.Tensor, name, trapped)
 
     def profile(self, frame, event, arg):
-        if event == "call" and frame.f_code is aggregation.row_update.__code__:
+        if event == "call" and frame.f_code is row_update.__code__:
             self.calls += 1
 
 
@@ -203,7 +203,7 @@ def test_engine_step_on_rows_and_on_one_row():
     """``scale_rows`` / ``add_update`` are the two halves of docs/methods.md §3.1's step
     (``s = R ⊙ (1 + w_mlp)``, ``R = s + t ⊙ w_attn``), for (B, Q, N) rows and for one (B, N) row, with
     per-token weights or constants."""
-    from tokentm_fast.aggregation import add_update, scale_rows
+    from tokentm_fast.torch_ops.row_update import add_update, scale_rows
 
     g = torch.Generator().manual_seed(3)
     rows = torch.rand(2, 3, 5, generator=g, dtype=torch.float64)

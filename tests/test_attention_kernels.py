@@ -1,5 +1,5 @@
 """The flash attention kernels (``tokentm_fast.kernels.attention``) against their PyTorch
-equivalents in float64 (``tokentm_fast.attention_torch``), under Triton's interpreter.
+equivalents in float64 (``tests/attention_torch.py``), under Triton's interpreter.
 
 Inputs come from a ``qkv`` projection reshaped and permuted as timm does, so the
 kernels read strided tensors; N is chosen off the tile sizes (37, 50, 197), head
@@ -11,8 +11,8 @@ import os
 
 import pytest
 import torch
+from attention_torch import attention_backward_torch, attention_forward_torch, attention_rows_torch
 
-from tokentm_fast.attention_torch import attention_backward_torch, attention_forward_torch, attention_rows_torch
 from tokentm_fast.kernels import triton_available
 
 #: the suite's device (tests/conftest.py: ``--device`` / TOKENTM_TEST_DEVICE; CPU with the interpreter by default)

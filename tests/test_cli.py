@@ -262,7 +262,7 @@ def test_evaluate_cli_errors(tmp_path, tiny_ckpt, run_main):
 def test_bench_table_columns_line_up_with_long_method_names():
     """Issue 26, item 6: every column of the bench table starts (text) or ends (numbers) at one place, with the
     longest method names of the package."""
-    from tokentm_fast.timing import format_timings
+    from tokentm_fast.cli.timing import format_timings
 
     longest = max(METHODS, key=len)
     rows = [("forward+backward", "-", 0.0123), (longest, "reference", 1.5), ("conservative_lrp", "torch", 12.25),

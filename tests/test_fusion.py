@@ -1,9 +1,11 @@
-"""tokentm_fast/fusion.py: head fusion of attention and gradient (docs/methods.md §3, §4), ``(B, H, N, N) ->
-(B, N, N)``, against per-head loops written from the formulas, and the table of modes."""
+"""tokentm_fast/torch_ops/head_fusion.py: head fusion of attention and gradient (docs/methods.md §3, §4),
+``(B, H, N, N) -> (B, N, N)``, against per-head loops written from the formulas, and the table of modes
+(``tokentm_fast.kernels._utils.FUSION_TABLE``)."""
 import pytest
 import torch
 
-from tokentm_fast.fusion import FUSION_MODES, FUSION_TABLE, GRADIENT_MODES, fuse_heads
+from tokentm_fast.kernels._utils import FUSION_MODES, FUSION_TABLE, GRADIENT_MODES
+from tokentm_fast.torch_ops.head_fusion import fuse_heads
 
 
 def attention_and_gradient(b=2, h=3, n=6, seed=0, dtype=torch.float64):
@@ -17,15 +19,14 @@ def attention_and_gradient(b=2, h=3, n=6, seed=0, dtype=torch.float64):
 def loop_fusion(attn, grad, mode):
     """The formulas of docs/methods.md, one head at a time, float64."""
     a, g = attn.double(), None if grad is None else grad.double()
-    h, n = a.shape[1], a.shape[-1]
+    h = a.shape[1]
     if mode == "gae":                                   # mean_h max(A_h ⊙ G_h, 0)
         return sum((a[:, i] * g[:, i]).clamp(min=0) for i in range(h)) / h
     if mode == "decoupled":                             # mean_h(A_h) ⊙ mean_h max(G_h, 0)
         return (sum(a[:, i] for i in range(h)) / h) * (sum(g[:, i].clamp(min=0) for i in range(h)) / h)
-    mean = sum(a[:, i] for i in range(h)) / h
-    if mode == "mean":
-        return mean
-    return 0.5 * mean + 0.5 * torch.eye(n, dtype=torch.float64)   # rollout
+    if mode == "mean":                                  # mean_h A_h
+        return sum(a[:, i] for i in range(h)) / h
+    raise ValueError(f"docs/methods.md has no head fusion {mode!r}")
 
 
 @pytest.mark.parametrize("mode", FUSION_MODES)
@@ -38,7 +39,7 @@ def test_matches_the_per_head_formula(mode):
     torch.testing.assert_close(fused, want, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("mode", ["mean", "rollout"])
+@pytest.mark.parametrize("mode", ["mean"])
 def test_gradient_free_modes_ignore_the_gradient(mode):
     attn, grad = attention_and_gradient(seed=1)
     assert torch.equal(fuse_heads(attn, grad, mode), fuse_heads(attn, None, mode))
@@ -65,10 +66,15 @@ def test_inputs_are_not_modified():
 
 
 def test_the_table_of_modes():
-    """The modes and the gradient-reading ones are those of docs/methods.md §3, §4 (written out here), with
+    """The modes are the head fusions docs/methods.md §3, §4 defines (gae, decoupled, mean: rollout is the
+    engine constants on "mean", not a fusion of its own), each known to the per-head loop above, with
     distinct kernel codes 0, 1, …"""
-    assert FUSION_MODES == ("gae", "decoupled", "mean", "rollout")
-    assert GRADIENT_MODES == ("gae", "decoupled")
+    assert set(FUSION_MODES) == {"gae", "decoupled", "mean"}
+    attn, grad = attention_and_gradient()
+    for mode in FUSION_MODES:
+        loop_fusion(attn, grad, mode)                   # raises for a mode the formulas do not define
+    with pytest.raises(ValueError):
+        loop_fusion(attn, grad, "rollout")
     assert sorted(m.code for m in FUSION_TABLE) == list(range(len(FUSION_TABLE)))   # distinct kernel codes
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import tokentm_fast.kernels as K
-from tokentm_fast import aggregation, fusion, transform
 from tokentm_fast.kernels import _utils
+from tokentm_fast.torch_ops import head_fusion, row_update, transform_weights
 
 #: the suite's device (tests/conftest.py: ``--device`` / TOKENTM_TEST_DEVICE; CPU with the interpreter by default)
 DEVICE = torch.device(os.environ["TOKENTM_TEST_DEVICE"])   # set by tests/conftest.py before collection
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 #: (N, B, H): non powers of two; the big N only with B = H = 1 to keep the interpreter fast.
 CASES = [(50, 2, 3), (145, 2, 2), (197, 1, 3), (257, 1, 2), (577, 1, 1), (1025, 1, 1)]
 DTYPES = [torch.float32, torch.bfloat16]
-MODES = ["gae", "decoupled", "mean", "rollout"]
+MODES = ["gae", "decoupled", "mean"]
 
 
 def tol(dtype: torch.dtype, tf32: bool = False) -> float:
@@ -88,7 +88,7 @@ def test_transform_weights(N, B, H, dtype):
     xt = (0.3 * torch.randn(B, N, D, generator=g)).to(dtype).to(DEVICE)
     out = poisoned(B, N)
     got = K.transform_weights(x, xt, out=out)
-    check(out, got, transform.transform_weights(f64(x), f64(xt)), tol(dtype), "transform_weights")
+    check(out, got, transform_weights.transform_weights(f64(x), f64(xt)), tol(dtype), "transform_weights")
 
 
 @pytest.mark.parametrize("use_length", [True, False])
@@ -100,7 +100,7 @@ def test_transform_weights_switches(use_length, use_necc):
     x[0, 5] = 0.0  # a zero token exercises the ε clamps
     out = poisoned(2, 197)
     got = K.transform_weights(x, xt, use_length=use_length, use_necc=use_necc, out=out)
-    ref = transform.transform_weights(f64(x), f64(xt), use_length=use_length, use_necc=use_necc)
+    ref = transform_weights.transform_weights(f64(x), f64(xt), use_length=use_length, use_necc=use_necc)
     check(out, got, ref, 1e-5, "switches")
 
 
@@ -123,7 +123,7 @@ def test_transform_weights_token_blocks_and_images(N, use_length, use_necc):
     x, xt = distinct_images(B, N, D, gen("tw-images", N, use_length, use_necc))
     out = poisoned(B, N)
     got = K.transform_weights(x, xt, use_length=use_length, use_necc=use_necc, out=out)
-    ref = transform.transform_weights(f64(x), f64(xt), use_length=use_length, use_necc=use_necc)
+    ref = transform_weights.transform_weights(f64(x), f64(xt), use_length=use_length, use_necc=use_necc)
     check(out, got, ref, 1e-5, "token blocks")
     # the images really differ: their softmax denominators Σ_k exp(cos_k) are far apart
     denom = torch.nn.functional.cosine_similarity(f64(x), f64(xt), dim=-1).exp().sum(1)
@@ -153,7 +153,7 @@ def test_transform_weights_every_gpu_config(monkeypatch):
     tuner = tw._transform_weights_kernel
     B, N, D = 2, 37, 136  # N below and above every BLOCK_N; D over one, two and three BLOCK_D
     x, xt = distinct_images(B, N, D, gen("tw-configs"))
-    ref = transform.transform_weights(f64(x), f64(xt))
+    ref = transform_weights.transform_weights(f64(x), f64(xt))
     for cfg in tw.GPU_CONFIGS:
         monkeypatch.setattr(tuner, "configs", [cfg])
         monkeypatch.setattr(tuner, "cache", {})
@@ -168,7 +168,7 @@ def test_transform_weights_fp16_mixed_noncontiguous():
     assert not x.is_contiguous()
     out = poisoned(2, 145)
     got = K.transform_weights(x, xt, out=out)
-    check(out, got, transform.transform_weights(f64(x), f64(xt)), 2e-2, "fp16 mixed")
+    check(out, got, transform_weights.transform_weights(f64(x), f64(xt)), 2e-2, "fp16 mixed")
     assert K.transform_weights(x, xt).dtype == torch.float32
 
 
@@ -181,7 +181,7 @@ def test_fuse_heads(N, B, H, dtype):
         grad = gr if mode in ("gae", "decoupled") else None
         out = poisoned(B, N, N)
         got = K.fuse_heads(a, grad, mode=mode, out=out)
-        check(out, got, fusion.fuse_heads(f64(a), f64(grad), mode), tol(dtype), f"fuse_heads[{mode}]")
+        check(out, got, head_fusion.fuse_heads(f64(a), f64(grad), mode), tol(dtype), f"fuse_heads[{mode}]")
 
 
 def test_fuse_heads_fp16():
@@ -189,7 +189,7 @@ def test_fuse_heads_fp16():
     for mode in MODES:
         out = poisoned(2, 50, 50)
         got = K.fuse_heads(a, gr, mode=mode, out=out)
-        check(out, got, fusion.fuse_heads(f64(a), f64(gr), mode), 2e-2, f"fp16 {mode}")
+        check(out, got, head_fusion.fuse_heads(f64(a), f64(gr), mode), 2e-2, f"fp16 {mode}")
 
 
 # --------------------------------------------------------------------------- §3.1 row update
@@ -209,7 +209,7 @@ def test_row_update(N, B, H, dtype):
             grad = gr if mode in ("gae", "decoupled") else None
             out = poisoned(B, Q, N)
             got = K.row_update(rows, a, grad, wa, wm, mode=mode, out=out)
-            ref = aggregation.row_update(f64(rows), f64(a), f64(grad), f64(wa), f64(wm), mode)
+            ref = row_update.row_update(f64(rows), f64(a), f64(grad), f64(wa), f64(wm), mode)
             check(out, got, ref, tol(dtype), f"row_update[{mode}, Q={Q}]")
 
 
@@ -220,7 +220,7 @@ def test_row_update_fp16_weights_and_rows():
     rows = torch.rand(2, 1, 145, generator=g).to(torch.float16).to(DEVICE)
     out = poisoned(2, 1, 145)
     got = K.row_update(rows, a, gr, wa.half(), wm.bfloat16(), out=out)
-    ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa.half()), f64(wm.bfloat16()), "gae")
+    ref = row_update.row_update(f64(rows), f64(a), f64(gr), f64(wa.half()), f64(wm.bfloat16()), "gae")
     check(out, got, ref, 2e-2, "fp16 row_update")
 
 
@@ -241,13 +241,14 @@ def test_float_constant_weights(update):
         out_t = poisoned(B, Q, N)
         full = lambda v: torch.full((B, N), v, device=DEVICE)  # noqa: E731
         got_t = fn(rows, a, grad, full(w_attn), full(w_mlp), mode=mode, out=out_t, **kw)
-        ref = aggregation.row_update(f64(rows), f64(a), f64(grad), w_attn, w_mlp, mode)
+        ref = row_update.row_update(f64(rows), f64(a), f64(grad), w_attn, w_mlp, mode)
         check(out_c, got_c, ref, 1e-5, f"{update} constants {mode}")
         check(out_t, got_t, ref, 1e-5, f"{update} tensors {mode}")
         assert torch.allclose(got_c, got_t, rtol=1e-6, atol=1e-7)
     # rollout as the engine (1.0 / −0.5 on "mean") is R · (½ I + ½ mean_h A) (docs/methods.md §4)
     got = fn(rows, a, None, 1.0, -0.5, mode="mean", **kw)
-    ref = torch.bmm(f64(rows), fusion.fuse_heads(f64(a), None, "rollout"))
+    eye = torch.eye(N, dtype=torch.float64, device=DEVICE)
+    ref = torch.bmm(f64(rows), 0.5 * eye + 0.5 * f64(a).mean(1))  # Abnar & Zuidema's ½ I + ½ mean_h A
     assert rel_err(got, ref) <= 1e-5
 
 
@@ -262,11 +263,11 @@ def test_split_k_paths(monkeypatch, N, B, H):
     for mode in MODES:
         rows = torch.rand(B, 1, N, generator=g).to(DEVICE)
         out = poisoned(B, 1, N)
-        ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa), f64(wm), mode)
+        ref = row_update.row_update(f64(rows), f64(a), f64(gr), f64(wa), f64(wm), mode)
         check(out, K.row_update(rows, a, gr, wa, wm, mode=mode, out=out), ref, 1e-5, f"split row {mode}")
         rows = torch.rand(B, 40, N, generator=g).to(DEVICE)
         out = poisoned(B, 40, N)
-        ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa), -0.5, mode)
+        ref = row_update.row_update(f64(rows), f64(a), f64(gr), f64(wa), -0.5, mode)
         got = K.matrix_update(rows, a, gr, wa, -0.5, mode=mode, allow_tf32=False, out=out)
         check(out, got, ref, 1e-5, f"split matrix {mode}")
 
@@ -281,14 +282,14 @@ def test_noncontiguous_inputs():
     wa_nc, wm_nc = wa[:, ::2], wm[:, 1::2]
     rows = torch.rand(B, 1, 2 * N, generator=g).to(DEVICE)[..., ::2]  # (B, 1, N) strided
     assert not (a_nc.is_contiguous() or wa_nc.is_contiguous() or rows.is_contiguous())
-    ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa_nc), f64(wm_nc), "gae")
+    ref = row_update.row_update(f64(rows), f64(a), f64(gr), f64(wa_nc), f64(wm_nc), "gae")
     out = poisoned(B, 1, N)
     check(out, K.row_update(rows, a_nc, gr_nc, wa_nc, wm_nc, out=out), ref, 1e-5, "non-contiguous row")
     out = poisoned(B, 1, N)
     check(out, K.matrix_update(rows, a_nc, gr_nc, wa_nc, wm_nc, allow_tf32=False, out=out), ref, 1e-5,
           "non-contiguous matrix")
     out = poisoned(B, N, N)
-    check(out, K.fuse_heads(a_nc, gr_nc, out=out), fusion.fuse_heads(f64(a), f64(gr)), 1e-5, "non-contiguous fuse")
+    check(out, K.fuse_heads(a_nc, gr_nc, out=out), head_fusion.fuse_heads(f64(a), f64(gr)), 1e-5, "non-contiguous fuse")
     # contiguous tensors are passed through untouched (no copy)
     assert _utils.contiguous(a) is a
 
@@ -305,7 +306,7 @@ def test_matrix_update(N, B, H, dtype):
     modes = MODES if N <= 257 else ["gae", "decoupled"]
     for mode in modes:
         grad = gr if mode in ("gae", "decoupled") else None
-        ref = aggregation.row_update(f64(rows), f64(a), f64(grad), f64(wa), f64(wm), mode)
+        ref = row_update.row_update(f64(rows), f64(a), f64(grad), f64(wa), f64(wm), mode)
         for tf32 in ((False, True) if mode == modes[0] else (False,)):
             out = poisoned(B, Q, N)
             got = K.matrix_update(rows, a, grad, wa, wm, mode=mode, allow_tf32=tf32, out=out)
@@ -320,7 +321,7 @@ def test_matrix_update_identity_start_fp16():
     rows = torch.eye(N, device=DEVICE).expand(B, N, N)  # stride-0 batch: made contiguous by the wrapper
     out = poisoned(B, N, N)
     got = K.matrix_update(rows, a, gr, 1.0, 0.0, mode="gae", allow_tf32=False, out=out)
-    ref = aggregation.row_update(f64(rows), f64(a), f64(gr), 1.0, 0.0, "gae")
+    ref = row_update.row_update(f64(rows), f64(a), f64(gr), 1.0, 0.0, "gae")
     check(out, got, ref, 2e-2, "identity start")
 
 
@@ -392,7 +393,6 @@ def test_wrappers_read_nothing_back_to_the_host(monkeypatch):
 
     ours = {importlib.import_module(f"tokentm_fast.kernels.{m}").__file__
             for m in ("row_update", "matrix_update", "head_fusion", "legrad_reduce", "transform_weights", "_utils")}
-    ours.add(aggregation.__file__)
     seen = []
     for name in ("nonzero", "item", "tolist", "cpu", "__bool__"):
         original = getattr(torch.Tensor, name)
@@ -465,13 +465,13 @@ def test_every_gpu_config(monkeypatch):
     g = gen("gpu-configs")
     a, gr = attn_grad(B, H, N, torch.float32, g)
     wa, wm = weights(B, N, g)
-    ref = fusion.fuse_heads(f64(a), f64(gr), "decoupled")
+    ref = head_fusion.fuse_heads(f64(a), f64(gr), "decoupled")
     for cfg in force_configs(monkeypatch, "head_fusion", "_fuse_heads_kernel"):
         out = poisoned(B, N, N)
         check(out, K.fuse_heads(a, gr, "decoupled", out=out), ref, 1e-5, f"fuse {cfg}")
     for Q in (1, 6):
         rows = torch.rand(B, Q, N, generator=g).to(DEVICE)
-        ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa), f64(wm), "gae")
+        ref = row_update.row_update(f64(rows), f64(a), f64(gr), f64(wa), f64(wm), "gae")
         for cfg in force_configs(monkeypatch, "row_update", "_row_update_kernel"):
             out = poisoned(B, Q, N)
             check(out, K.row_update(rows, a, gr, wa, wm, out=out), ref, 1e-5, f"row Q={Q} {cfg}")
@@ -495,7 +495,7 @@ def test_row_update_support(lo, hi):
     wa, wm = weights(B, N, g)
     rows = torch.zeros(B, 1, N, device=DEVICE)
     rows[..., lo:hi] = torch.rand(B, 1, hi - lo, generator=g).to(DEVICE) + 0.1
-    ref = aggregation.row_update(f64(rows), f64(a), f64(gr), f64(wa), f64(wm), "gae")
+    ref = row_update.row_update(f64(rows), f64(a), f64(gr), f64(wa), f64(wm), "gae")
     a_nan, g_nan = a.clone(), gr.clone()
     for t in (a_nan, g_nan):
         t[:, :, :lo] = float("nan")
@@ -511,7 +511,7 @@ def test_row_update_support(lo, hi):
               "support split")
     finally:
         ru_mod.num_splits = orig
-    ref = aggregation.row_update(f64(rows), f64(a), None, f64(wa), f64(wm), "mean")
+    ref = row_update.row_update(f64(rows), f64(a), None, f64(wa), f64(wm), "mean")
     out = poisoned(B, 1, N)
     check(out, K.row_update(rows, a_nan, None, wa, wm, "mean", out=out, support=slice(lo, hi)), ref, 1e-5,
           "support mean")
@@ -524,7 +524,7 @@ def test_out_may_share_a_buffer_with_rows_without_overlap():
     B, H, N = 1, 1, 50
     a, gr = attn_grad(B, H, N, torch.float32, gen("pingpong"))
     buf = torch.rand(2, B, 1, N, device=DEVICE)
-    ref = aggregation.row_update(f64(buf[0]), f64(a), f64(gr), 1.0, 0.0, "gae")
+    ref = row_update.row_update(f64(buf[0]), f64(a), f64(gr), 1.0, 0.0, "gae")
     out = buf[1]
     out.fill_(float("nan"))
     check(out, K.row_update(buf[0], a, gr, 1.0, 0.0, out=out), ref, 1e-5, "ping-pong buffer")

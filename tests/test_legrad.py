@@ -1,10 +1,10 @@
-"""tokentm_fast/legrad.py: LeGrad's per-layer reduction (docs/methods.md §6),
+"""tokentm_fast/torch_ops/legrad_reduce.py: LeGrad's per-layer reduction (docs/methods.md §6),
 ``eˡ_j = mean_h mean_{i=1..N} max(G̃ˡ_h[i, j], 0)``, against a loop written from the formula; only the rows
 that can be non-zero may be passed, the mean still divides by the full token count."""
 import pytest
 import torch
 
-from tokentm_fast.legrad import legrad_reduce
+from tokentm_fast.torch_ops.legrad_reduce import legrad_reduce
 
 
 def gradient(b=2, h=3, q=5, n=5, seed=0, dtype=torch.float64):

@@ -313,7 +313,7 @@ def test_coca_narrower_pool_weights_are_the_length_ratio_over_n():
     """The pool's weight of a narrower pool (§6.1): |x̃_j| / max(|x_j|, ε) / M, NECC's 1/M in place of the
     undefined angle; for one width it is §2's weight (checked against the tests' own §2)."""
     from tokentm_fast.methods.pool import pool_transform_weights
-    from tokentm_fast.transform import transform_weights
+    from tokentm_fast.torch_ops.transform_weights import transform_weights
 
     g = torch.Generator().manual_seed(3)
     x, narrow, same = (torch.randn(2, 5, w, generator=g, dtype=torch.float64) for w in (12, 7, 12))

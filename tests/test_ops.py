@@ -132,6 +132,28 @@ def test_fuse_heads_matches_spec(mode, n):
     assert rel_err(fused, ref_fuse(attns[0], grad, mode)) <= TOL
 
 
+def test_rollout_is_built_from_the_mean_fusion_and_the_rollout_constants():
+    """``mode="rollout"`` is no head fusion of the kernels (issue 27): ``ops`` builds rollout's per-layer matrix
+    ``½ I + ½ mean_h A`` from the "mean" operator and ``aggregation.ROLLOUT``, with the bits the removed
+    "rollout" fusion gave (``0.5 · mean + 0.5 · I`` in float32, the rounding commutes with the halving),
+    and the multi-layer functions run the engine on that matrix with the caller's weights, as the
+    float64 formula of docs/methods.md §3 with Ā = ½ I + ½ mean_h A does. The operators refuse it."""
+    attns, grads, w_attn, w_mlp, c0 = make_inputs(n=9, layers=3, seed=21)
+    mean = torch.ops.tokentm.fuse_heads(attns[0], None, "mean")
+    eye = torch.eye(9)
+    rollout = ops.fuse_heads(attns[0], grads[0], "rollout")
+    torch.testing.assert_close(rollout, 0.5 * mean + 0.5 * eye, rtol=0, atol=0)
+    assert (rollout.diagonal(dim1=-2, dim2=-1) > 0.5).all() and rollout[0].std() > 0.05  # informative
+    ref = ref_aggregate(attns, None, w_attn, w_mlp, c0, "rollout")
+    assert rel_err(ops.tokentm_matrix(attns, grads, w_attn, w_mlp, c0, mode="rollout", allow_tf32=False), ref) <= TOL
+    for q in (0, -1):
+        assert rel_err(ops.tokentm_rows(attns, None, w_attn, w_mlp, c0, q, mode="rollout"), ref[:, q]) <= TOL
+    with pytest.raises(ValueError, match="unknown head fusion mode 'rollout'"):
+        torch.ops.tokentm.fuse_heads(attns[0], None, "rollout")
+    with pytest.raises(ValueError, match="unknown head fusion mode 'rollout'"):
+        torch.ops.tokentm.row_update(torch.ones(2, 1, 9), attns[0], None, None, None, mode="rollout")
+
+
 @pytest.mark.parametrize("n", [7, 13, 16])
 @pytest.mark.parametrize("mode", ["gae", "decoupled"])
 @pytest.mark.parametrize("init", ["length", "identity"])
@@ -432,7 +454,7 @@ def _op_samples():
         pytest.param(op.transform_weights, (x, 2 * x + 0.1), {}, id="transform_weights"),
         pytest.param(op.transform_weights, (x.double(), x.double() + 1), {"use_necc": False}, id="transform_f64"),
         pytest.param(op.fuse_heads, (a, g), {"mode": "gae"}, id="fuse_gae"),
-        pytest.param(op.fuse_heads, (a, None), {"mode": "rollout"}, id="fuse_rollout"),
+        pytest.param(op.fuse_heads, (a, None), {"mode": "mean"}, id="fuse_mean"),
         pytest.param(op.row_update, (rows, a, g, wa, wm), {}, id="row_update"),
         pytest.param(op.row_update, (rows, a, None, None, None), {"w_mlp_const": -0.5, "mode": "mean"},
                      id="row_update_const"),

@@ -1,7 +1,7 @@
 """``tokentm_fast.torch_ops.attention``: the flash formulation in PyTorch, the CPU fallback's O(N) path.
 
 1. The three functions (forward, backward with the TokenTM column sums, the row programs) equal the
-   full-matrix float64 equivalents (``tokentm_fast.attention_torch``) for query blocks that do and do not
+   full-matrix float64 equivalents (``tests/attention_torch.py``) for query blocks that do and do not
    divide N, every ``input_grads`` mode, rows over fewer queries than keys.
 2. ``explain(backend="torch", attention="flash")`` equals the literal float64 reference on float64 models
    (the same arithmetic regrouped, in float64; both maps are returned in float32, each element rounded once
@@ -19,13 +19,13 @@ from typing import List, Tuple
 
 import pytest
 import torch
+from attention_torch import attention_backward_torch, attention_forward_torch, attention_rows_torch
 from model_families import CLASSIFIERS, FAMILIES, images, make_model, timm_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokentm_fast as tf
 import tokentm_fast.torch_ops.attention as ta
 from tokentm_fast import api
-from tokentm_fast.attention_torch import attention_backward_torch, attention_forward_torch, attention_rows_torch
 
 #: the methods the flash path serves (with their default options)
 FLASH_METHODS = [m for m in tf.METHODS if tf.methods.get_method(m).flash_refusal(tf.methods.get_method(m).defaults)

@@ -1,10 +1,13 @@
-"""tokentm_fast/transform.py: the token transformation weight ``w`` of docs/methods.md §2, against the
+"""tokentm_fast/torch_ops/transform_weights.py (with compute_dtype / token_lengths of tokentm_fast/precision.py and
+the kernels' ε): the token transformation weight ``w`` of docs/methods.md §2, against the
 independent implementation of tests/spec_oracle.py (float64), and its dtype and ε rules."""
 import pytest
 import torch
 from spec_oracle import weights as oracle_weights
 
-from tokentm_fast.transform import EPS, compute_dtype, token_lengths, transform_weights
+from tokentm_fast.kernels._utils import EPS
+from tokentm_fast.precision import compute_dtype, token_lengths
+from tokentm_fast.torch_ops.transform_weights import transform_weights
 
 FLAGS = [(True, True), (True, False), (False, True), (False, False)]
 

@@ -13,18 +13,23 @@ Only rows of ``Cᴸ`` are needed, so the engine carries a block of rows
     result = R · diag(C⁰)
 
 ``Q = 1`` (a query row) is the row algorithm; starting from ``R = I`` (``Q = N``)
-gives the whole matrix ``Cᴸ`` with the same update. The constants that turn
-the engine into each method:
+gives the whole matrix ``Cᴸ`` with the same update. One layer of it (``row_update``,
+``scale_rows``, ``add_update``) is the PyTorch twin of the row / matrix update kernels,
+``tokentm_fast.torch_ops.row_update``; this module runs it over the layers.
 
-============  ===========  ===============  =============  ===========
-method        fusion       w_attn           w_mlp          C⁰
-============  ===========  ===============  =============  ===========
-tokentm       gae|decoupled  §2 weights     §2 weights     diag(|X⁰|) or I
-gae           gae          1                0              I
-rollout       mean         1                −½             I
-============  ===========  ===============  =============  ===========
+The engine constants, the one table of them (``EngineConstants`` below; the fusion modes are
+``tokentm_fast.kernels._utils.FUSION_TABLE``'s):
 
-(rollout: ``s = ½R`` and ``R = ½R + ½R·mean_h A = R·(½I + ½ mean_h A)``.)
+============  ==================  ===============  =============  ===========
+method        fusion              w_attn           w_mlp          C⁰
+============  ==================  ===============  =============  ===========
+tokentm       gae | decoupled     §2 weights       §2 weights     diag(|X⁰|) or I
+gae           gae                 1                0              I
+rollout       mean                1                −½             I
+============  ==================  ===============  =============  ===========
+
+(rollout: ``s = ½R`` and ``R = ½R + ½R·mean_h A = R·(½I + ½ mean_h A)``, the product of
+Abnar & Zuidema's ``½I + ½ mean_h A``: there is no separate "rollout" head fusion.)
 """
 from __future__ import annotations
 
@@ -33,9 +38,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .fusion import fuse_heads
-
-Weight = Union[torch.Tensor, float]
+from .torch_ops.row_update import Weight, add_update, row_update, scale_rows
 
 
 @dataclass(frozen=True)
@@ -51,55 +54,6 @@ GAE = EngineConstants(fusion="gae", w_attn=1.0, w_mlp=0.0)
 ROLLOUT = EngineConstants(fusion="mean", w_attn=1.0, w_mlp=-0.5)
 
 
-def scale_rows(rows: torch.Tensor, w_mlp: Weight) -> torch.Tensor:
-    """The first half of the engine step, ``s = R ⊙ (1 + w_mlp)`` (``R · U^{mlp}``): rows ``(B, Q, N)``
-    with a ``(B, N)`` weight or a float, or one row per image ``(B, N)`` with a ``(B, N)`` weight."""
-    if isinstance(w_mlp, torch.Tensor):
-        w = w_mlp.to(rows.dtype)
-        w = w[:, None, :] if rows.dim() == 3 else w
-    else:
-        w = float(w_mlp)
-    return rows * (1.0 + w)
-
-
-def add_update(s: torch.Tensor, t: torch.Tensor, w_attn: Weight) -> torch.Tensor:
-    """The second half of the engine step, ``R = s + t ⊙ w_attn`` with ``t = s · Ā`` (``s · U^{attn}``),
-    shapes as in ``scale_rows``."""
-    if isinstance(w_attn, torch.Tensor):
-        w = w_attn.to(s.dtype)
-        w = w[:, None, :] if s.dim() == 3 else w
-    else:
-        w = float(w_attn)
-    return s + t * w
-
-
-def _heads_folded(attn: torch.Tensor, grad: Optional[torch.Tensor], mode: str, dtype) -> torch.Tensor:
-    """``(B, H·K, N)`` (K rows of each head) with Σ_h folded into the product: ``s·Ā = (s, …, s)/H · F``.
-
-    ``F`` is ``max(A ⊙ G, 0)`` (gae) or ``A`` (mean), stacked over heads, so the
-    head mean never needs its own pass over memory.
-    """
-    b, h, k, n = attn.shape
-    a = attn.to(dtype)
-    if mode == "gae":
-        f = torch.mul(a, grad.to(dtype)).relu_()
-    else:
-        f = a
-    return f.reshape(b, h * k, n)
-
-
-def support_bounds(support: Optional[slice], n: int):
-    """``(lo, hi)`` of a step-1 row ``slice`` clipped to ``[0, n)``; ``(0, n)`` for None (dense)."""
-    if support is None:
-        return 0, n
-    if not isinstance(support, slice):
-        raise TypeError(f"support must be a slice of token rows or None, got {type(support).__name__}")
-    lo, hi, step = support.indices(n)
-    if step != 1:
-        raise ValueError(f"support must be a step-1 slice, got {support}")
-    return lo, max(lo, hi)
-
-
 def query_support(query: torch.Tensor) -> slice:
     """``lo:hi`` around the non-zero columns of a host-side ``(B, N)`` query (what ``support``
     of the top layer's ``row_update`` takes). ``query`` must be a CPU tensor: reading it is
@@ -110,54 +64,6 @@ def query_support(query: torch.Tensor) -> slice:
     if cols.numel() == 0:
         return slice(0, 0)
     return slice(int(cols[0]), int(cols[-1]) + 1)
-
-
-def row_update(
-    rows: torch.Tensor,
-    attn: torch.Tensor,
-    grad: Optional[torch.Tensor],
-    w_attn: Weight,
-    w_mlp: Weight,
-    mode: str = "gae",
-    support: Optional[slice] = None,
-) -> torch.Tensor:
-    """One layer of the engine: ``R ← s + (s·Ā) ⊙ w_attn`` with ``s = R ⊙ (1 + w_mlp)``.
-
-    Args:
-        rows: ``(B, Q, N)`` rows of the running product (float32 or float64).
-        attn, grad: ``(B, H, N, N)`` attention and its gradient (grad may be None
-            for ``mode="mean"``).
-        w_attn, w_mlp: ``(B, N)`` weights or Python floats.
-        mode: head fusion mode (see ``tokentm_fast.fusion``).
-        support: the columns ``lo:hi`` (a step-1 ``slice``) outside which every
-            row of ``rows`` is zero, as the caller knows it (at the top layer the
-            query: ``slice(0, 1)`` for a class token, the pooled rows for mean
-            pooling); None: dense. Only rows ``lo:hi`` of A and G are read then.
-
-    Returns:
-        new ``(B, Q, N)`` rows, same dtype as ``rows``.
-
-    For a few rows (the row algorithm) the head mean is folded into one
-    ``(B, Q, H·N) × (B, H·N, N)`` product, so Ā is never formed; for many rows
-    (the full matrix) Ā is formed once and multiplied. Nothing here reads a
-    value back to the host (no ``.nonzero()`` / ``.item()``): it runs inside
-    backward hooks, where a device synchronisation would stall every layer.
-    """
-    s = scale_rows(rows, w_mlp)
-    b, q, n = rows.shape
-    h = attn.shape[1]
-    if mode in ("gae", "mean") and q * 4 <= n:
-        # Only rows i of A and G where s_qi can be non-zero contribute to t = s·Ā
-        # (at the top layer s is the query: one row of A and G instead of N).
-        s_rows = s
-        lo, hi = support_bounds(support, n)
-        if (hi - lo) * 4 <= n:
-            s_rows, attn = s[..., lo:hi], attn[:, :, lo:hi]
-            grad = None if grad is None else grad[:, :, lo:hi]
-        t = torch.bmm(s_rows.repeat(1, 1, h), _heads_folded(attn, grad, mode, rows.dtype)) / h
-    else:
-        t = torch.bmm(s, fuse_heads(attn, grad, mode).to(rows.dtype))
-    return add_update(s, t, w_attn)
 
 
 def initial_rows(query: torch.Tensor, full: bool) -> torch.Tensor:

@@ -9,6 +9,11 @@ float32 tensors on the inputs' device; inputs may be any floating dtype.
 Layers are given bottom-up (index 0 = block 1), either as a list of per-layer
 tensors or stacked along a leading layer dimension ``L``.
 
+Head fusion modes: the kernels' (``"gae"``, ``"decoupled"``, ``"mean"``) and ``"rollout"``, the rollout
+method's per-layer matrix ``½ I + ½ mean_h A``, which is no head fusion of the kernels: it is built here
+from the ``"mean"`` fusion and the engine constants ``aggregation.ROLLOUT`` (``_rollout_matrix``), and
+the multi-layer functions run the engine on it as a one-head attention.
+
 Every function checks ranks, shapes (B, H, N agree across arguments and
 layers), dtypes (floating point only), devices (all the same) and NaN/Inf in
 its inputs, and raises ``TypeError`` / ``ValueError`` naming the argument.
@@ -24,12 +29,13 @@ check nothing.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import bindings as _bindings  # noqa: F401  (registers torch.ops.tokentm.*)
+from .aggregation import ROLLOUT
 from .validation import (
     Layers,
     Weights,
@@ -42,6 +48,27 @@ from .validation import (
 )
 
 __all__ = ["transform_weights", "fuse_heads", "tokentm_rows", "tokentm_matrix", "legrad_reduce"]
+
+#: the mode ``ops`` adds to the kernels' head fusions (``validation.API_MODES``)
+ROLLOUT_MODE = "rollout"
+
+
+def _rollout_matrix(mean_fused: Tensor) -> Tensor:
+    """Rollout's per-layer matrix from the ``"mean"`` fusion ``Ā (B, N, N)``: the engine's update map
+    ``(1 + w_mlp) · (I + Ā · w_attn)`` with the constants ``aggregation.ROLLOUT`` (w_attn = 1, w_mlp = −½),
+    that is ``½ I + ½ mean_h A`` (docs/methods.md §4). Same dtype and device as ``mean_fused``."""
+    eye = torch.eye(mean_fused.shape[-1], dtype=mean_fused.dtype, device=mean_fused.device)
+    return (mean_fused * ROLLOUT.w_attn + eye) * (1.0 + ROLLOUT.w_mlp)
+
+
+def _engine_layers(attn_list: List[Tensor], grad_list: List[Optional[Tensor]],
+                   mode: str) -> Tuple[List[Tensor], List[Optional[Tensor]], str]:
+    """The layers as the update operators take them: for ``"rollout"`` each layer's ``_rollout_matrix`` as a
+    one-head attention ``(B, 1, N, N)`` under the ``"mean"`` fusion (no gradients); other modes unchanged."""
+    if mode != ROLLOUT_MODE:
+        return attn_list, grad_list, mode
+    fused = [_rollout_matrix(torch.ops.tokentm.fuse_heads(a, None, ROLLOUT.fusion))[:, None] for a in attn_list]
+    return fused, [None] * len(fused), ROLLOUT.fusion
 
 
 # --------------------------------------------------------------------------- API
@@ -70,6 +97,8 @@ def fuse_heads(attn: Tensor, grad: Optional[Tensor], mode: str = "gae", *, check
     ``"mean"`` mean_h A; ``"rollout"`` ½ mean_h A + ½ I (the last two take ``grad=None``).
     """
     api_fuse_heads(attn, grad, mode, check_finite)
+    if mode == ROLLOUT_MODE:
+        return _rollout_matrix(torch.ops.tokentm.fuse_heads(attn, None, ROLLOUT.fusion))
     return torch.ops.tokentm.fuse_heads(attn, grad, mode)
 
 
@@ -93,6 +122,7 @@ def tokentm_rows(attns: Layers, grads: Optional[Layers], w_attn: Weights, w_mlp:
     """
     attn_list, grad_list, wa, wm, c0, b, n = api_layers(attns, grads, w_attn, w_mlp, init, mode, check_finite)
     q = api_query_index(query_index, n)
+    attn_list, grad_list, mode = _engine_layers(attn_list, grad_list, mode)
     rows = torch.zeros(b, 1, n, dtype=torch.float32, device=attn_list[0].device)
     rows[:, 0, q] = 1.0
     for l in reversed(range(len(attn_list))):
@@ -114,6 +144,7 @@ def tokentm_matrix(attns: Layers, grads: Optional[Layers], w_attn: Weights, w_ml
     """
     attn_list, grad_list, wa, wm, c0, b, n = api_layers(attns, grads, w_attn, w_mlp, init, mode, check_finite)
     api_flag("allow_tf32", allow_tf32)
+    attn_list, grad_list, mode = _engine_layers(attn_list, grad_list, mode)
     rows = torch.eye(n, dtype=torch.float32, device=attn_list[0].device).expand(b, n, n).contiguous()
     for l in reversed(range(len(attn_list))):
         (wa_t, wa_c), (wm_t, wm_c) = wa[l], wm[l]

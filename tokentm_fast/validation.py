@@ -7,8 +7,8 @@ Two entries take arguments from users:
 - the ``torch.ops.tokentm.*`` operators (``tokentm_fast.bindings``): the tensors of one call, metadata
   only (shape, dtype, device, mode: no device access, so the checks also run on fake tensors).
 
-Both use the ``Validator`` below. What they pass on is trusted: ``fusion.fuse_heads``,
-``aggregation.row_update`` and the Triton wrappers of ``tokentm_fast.kernels`` check nothing.
+Both use the ``Validator`` below. What they pass on is trusted: the PyTorch twins of
+``tokentm_fast.torch_ops`` and the Triton wrappers of ``tokentm_fast.kernels`` check nothing.
 
 The two entries differ where their contracts do, and the difference is a parameter of the one validator,
 ``Validator(dtypes, wording)``:
@@ -17,7 +17,10 @@ The two entries differ where their contracts do, and the difference is a paramet
   operators take float32, bfloat16, float16 and float64 (``OPERATORS``), the dtypes their CPU and CUDA
   implementations compute with;
 - wording: each entry phrases a refusal its own way (the operators' messages start with ``tokentm:``);
-  the messages are part of each entry's contract (``tests/test_ops.py``).
+  the messages are part of each entry's contract (``tests/test_ops.py``);
+- head-fusion modes: the operators take the kernels' (``kernels._utils.FUSION_MODES``); ``tokentm_fast.ops``
+  also takes ``"rollout"`` (``API_MODES``: the rollout method's per-layer matrix, which ``ops`` builds
+  from the ``"mean"`` fusion and the engine constants ``aggregation.ROLLOUT``).
 
 Errors: ``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong rank, shape, device, mode or
 value, each naming the argument (``attns[1]``, ``w_mlp[0]``, ...).
@@ -31,7 +34,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .fusion import FUSION_MODES, GRADIENT_MODES
+from .kernels._utils import FUSION_MODES, GRADIENT_MODES
 
 __all__ = [
     "Wording", "Validator", "API", "OPERATORS", "OPERATOR_DTYPES",
@@ -40,8 +43,13 @@ __all__ = [
     "api_query_index", "api_flag", "check_index",
 ]
 
-#: the modes that take ``grad=None``, as the messages name them ("'mean' and 'rollout'")
-_GRADIENT_FREE = " and ".join(repr(m) for m in FUSION_MODES if m not in GRADIENT_MODES)
+#: the modes ``tokentm_fast.ops`` takes: the kernels' and rollout's (``ops.ROLLOUT_MODE``, no gradient)
+API_MODES: Tuple[str, ...] = FUSION_MODES + ("rollout",)
+
+
+def _gradient_free(modes: Sequence[str]) -> str:
+    """The modes that take ``grad=None``, as the messages name them ("'mean' and 'rollout'")."""
+    return " and ".join(repr(m) for m in modes if m not in GRADIENT_MODES)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -64,12 +72,15 @@ class Wording(NamedTuple):
 class Validator:
     """The checks shared by the entries, with one entry's accepted dtypes and wording.
 
-    ``dtypes``: the tensor dtypes accepted, or None for every floating-point dtype.
+    ``dtypes``: the tensor dtypes accepted, or None for every floating-point dtype; ``modes``: the
+    head-fusion modes accepted.
     """
 
-    def __init__(self, dtypes: Optional[Tuple[torch.dtype, ...]], wording: Wording) -> None:
+    def __init__(self, dtypes: Optional[Tuple[torch.dtype, ...]], wording: Wording,
+                 modes: Tuple[str, ...] = FUSION_MODES) -> None:
         self.dtypes = dtypes
         self.wording = wording
+        self.modes = modes
 
     def tensor(self, name: str, t, rank: Optional[int] = None) -> Tensor:
         """``t`` is a tensor of an accepted dtype and, if ``rank`` is given, of that rank."""
@@ -95,14 +106,14 @@ class Validator:
             raise ValueError(self.wording.device.format(name=name, device=device, ref=ref, ref_device=ref_device))
 
     def fusion_mode(self, mode) -> None:
-        """``mode`` is one of ``tokentm_fast.fusion.FUSION_MODES``."""
-        if not isinstance(mode, str) or mode not in FUSION_MODES:
-            raise ValueError(self.wording.mode.format(mode=mode, modes=FUSION_MODES))
+        """``mode`` is one of this entry's ``modes``."""
+        if not isinstance(mode, str) or mode not in self.modes:
+            raise ValueError(self.wording.mode.format(mode=mode, modes=self.modes))
 
     def gradient(self, name: str, grad, mode: str) -> None:
-        """A gradient is given where the fusion ``mode`` needs one (``fusion.GRADIENT_MODES``)."""
+        """A gradient is given where the fusion ``mode`` needs one (``kernels._utils.GRADIENT_MODES``)."""
         if grad is None and mode in GRADIENT_MODES:
-            raise ValueError(self.wording.no_grad.format(name=name, mode=mode, free=_GRADIENT_FREE))
+            raise ValueError(self.wording.no_grad.format(name=name, mode=mode, free=_gradient_free(self.modes)))
 
     def square(self, name: str, t: Tensor, hint: str = "") -> None:
         """The maps of ``t`` (its last two dimensions) are square; ``hint`` is appended to the message."""
@@ -123,7 +134,7 @@ API = Validator(None, Wording(
     mode="mode must be one of {modes}, got {mode!r}",
     no_grad="{name} is required for mode={mode!r} (only {free} need no gradient)",
     square="{name} must be (B, H, N, N) with square maps, got shape {shape}",
-))
+), modes=API_MODES)
 
 #: the ``torch.ops.tokentm.*`` operators: ``OPERATOR_DTYPES``
 OPERATORS = Validator(OPERATOR_DTYPES, Wording(

@@ -1,4 +1,5 @@
-"""The PyTorch equivalents of ``tokentm_fast.kernels.attention``, with full matrices.
+"""The PyTorch equivalents of ``tokentm_fast.kernels.attention``, with full matrices: a test oracle (it lives in
+tests/, not in the wheel).
 
 ``attention_forward_torch``, ``attention_backward_torch`` and ``attention_rows_torch`` compute what
 ``flash_forward``, ``flash_backward`` and ``attention_rows`` compute, from the full ``(B, H, N, N)``

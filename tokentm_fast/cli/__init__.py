@@ -29,7 +29,7 @@ files are written to a temporary file in the same folder and renamed over the
 target, and a failed write (a full disk) names the file and leaves the last
 good state in place. The output locations are checked there too, before any
 work; the results table is rendered by :mod:`tokentm_fast.evaluation.report`
-and ``bench`` times with :mod:`tokentm_fast.timing`. This module holds the
+and ``bench`` times with :mod:`tokentm_fast.cli.timing`. This module holds the
 parser and the subcommands.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ class CLIError(Exception):
 # ----------------------------------------------------------------------------
 
 def _methods(value: str) -> List[str]:
-    from .methods import METHODS
+    from ..methods import METHODS
 
     if value.strip() == "all":
         return list(METHODS)
@@ -74,7 +74,7 @@ def _methods(value: str) -> List[str]:
 
 
 def _metrics(value: str) -> List[str]:
-    from .evaluation.runner import METRICS
+    from ..evaluation.runner import METRICS
 
     names = [v.strip() for v in value.split(",") if v.strip()]
     bad = [n for n in names if n not in METRICS]
@@ -144,7 +144,7 @@ def _option_value(raw: str) -> Any:
 
 def _method_option(value: str) -> MethodOption:
     """``[METHOD.]NAME=VALUE`` -> (METHOD or None, NAME, parsed VALUE, the text)."""
-    from .methods import METHODS
+    from ..methods import METHODS
 
     key, sep, raw = value.partition("=")
     method, dot, name = key.strip().rpartition(".")
@@ -158,8 +158,8 @@ def _method_option(value: str) -> MethodOption:
 
 def _accepted_options(method: str) -> List[str]:
     """The option names ``method`` takes, from its registry entry (``MethodSpec``)."""
-    from .methods import REGISTRY
-    from .methods.options import LAYER_OPTIONS
+    from ..methods import REGISTRY
+    from ..methods.options import LAYER_OPTIONS
 
     spec = REGISTRY[method]
     return list(spec.defaults) + (list(LAYER_OPTIONS) if spec.layer_choice else [])
@@ -193,8 +193,8 @@ def _explainers(model, methods: Sequence[str], backend: str, options: Mapping[st
                 given: Optional[Sequence[MethodOption]] = None) -> Dict[str, Any]:
     """One ``Explainer`` per method: the API's own check of the options (an error is a ``CLIError``
     with the API's message, and which methods take an option nobody of ``methods`` takes)."""
-    from .api import Explainer
-    from .methods import METHODS
+    from ..api import Explainer
+    from ..methods import METHODS
 
     explainers = {}
     for m in methods:
@@ -217,8 +217,8 @@ def _shown(value: Any) -> str:
 
 def options_table(width: int = 92) -> str:
     """Every method's options with their defaults and allowed values, from the method registry."""
-    from .methods import REGISTRY
-    from .methods.options import LAYER_OPTIONS
+    from ..methods import REGISTRY
+    from ..methods.options import LAYER_OPTIONS
 
     lines: List[str] = []
     without: List[str] = []
@@ -289,7 +289,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: Optional[str] = "
 
 
 def _add_run_args(p: argparse.ArgumentParser, default_threads: Optional[int] = None) -> None:
-    from .api import BACKENDS
+    from ..api import BACKENDS
 
     g = p.add_argument_group("execution")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
@@ -343,8 +343,8 @@ _EXPLAIN_EXIT_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
-    from .visualize import DEFAULT_ALPHA  # the pictures' own default (matplotlib is imported when drawing)
+    from ..methods import METHODS
+    from ..visualize import DEFAULT_ALPHA  # the pictures' own default (matplotlib is imported when drawing)
 
     parser = _Parser(
         prog=PROG, formatter_class=_HelpFormatter,
@@ -518,13 +518,13 @@ def _setup_threads(args: argparse.Namespace) -> None:
 
 
 def _device(name: str):
-    from .evaluation.runner import resolve_device
+    from ..evaluation.runner import resolve_device
 
     return resolve_device(name)
 
 
 def _load_model(args: argparse.Namespace):
-    from .evaluation.runner import load_model
+    from ..evaluation.runner import load_model
 
     model, info = load_model(args.model, checkpoint=args.checkpoint, num_classes=getattr(args, "num_classes", None),
                              model_kwargs=getattr(args, "model_kwargs", None))
@@ -533,7 +533,7 @@ def _load_model(args: argparse.Namespace):
 
 def _class_names(model_name: str, num_classes: int) -> Optional[List[str]]:
     if model_name == "synthetic":
-        from .synthetic import CLASS_NAMES
+        from ..synthetic import CLASS_NAMES
 
         return list(CLASS_NAMES)
     if num_classes == 1000:
@@ -551,7 +551,7 @@ def _load_images(paths: Sequence[str]) -> Tuple[List[Any], List[str], List[Tuple
     """The readable pictures as 8-bit RGB PIL images (read as the evaluation's data sources read them:
     :func:`~tokentm_fast.evaluation.data.to_rgb`), the paths they came from, and ``(path, reason)`` for each
     file that could not be read (missing, a folder, not a picture PIL reads)."""
-    from .evaluation.data import load_image
+    from ..evaluation.data import load_image
 
     images, kept, skipped = [], [], []
     for p in paths:
@@ -605,7 +605,7 @@ def _grid_format(name: str, option: str) -> None:
 
 def _constant_map_warning_classes() -> List[type]:
     """The ``ConstantMapWarning`` classes of the package: the drawing functions' and the Python API's."""
-    from . import maps, visualize
+    from .. import maps, visualize
 
     found = [getattr(maps, "ConstantMapWarning", None), getattr(visualize, "ConstantMapWarning", None)]
     return [c for i, c in enumerate(found) if c is not None and c not in found[:i]]
@@ -625,7 +625,7 @@ def _constant_map_warnings_held() -> Iterator[None]:
 def constant_map_message(method: str, images: Sequence[str], total: int, value: float) -> str:
     """What the command says of ``method``'s constant maps (of ``images``, among ``total``; every value
     ``value``): the fact, and the likely cause, whatever the model's training."""
-    from .methods import REGISTRY
+    from ..methods import REGISTRY
 
     if len(images) == 1 and total == 1:
         what = f"the map of {images[0]} is constant"
@@ -676,9 +676,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .evaluation.data import Preprocess, model_data_config
-    from .evaluation.outputs import check_no_link, check_output_dir, check_output_file, output_inside
-    from .visualize import save_grid, save_overlay_figure
+    from ..evaluation.data import Preprocess, model_data_config
+    from ..evaluation.outputs import check_no_link, check_output_dir, check_output_file, output_inside
+    from ..visualize import save_grid, save_overlay_figure
 
     _setup_threads(args)
     images, paths, skipped = _load_images(args.images)  # files first: a typo is said at once
@@ -782,9 +782,9 @@ def _save_maps(path: Path, args: argparse.Namespace, explainers, model_info, pre
     import numpy as np
     import torch
 
-    from . import __version__
-    from .evaluation.outputs import open_output
-    from .evaluation.state import jsonable
+    from .. import __version__
+    from ..evaluation.outputs import open_output
+    from ..evaluation.state import jsonable
 
     explained = [args.target if args.target is not None else p for p in pred]
     info = {
@@ -818,10 +818,10 @@ def _save_maps(path: Path, args: argparse.Namespace, explainers, model_info, pre
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation.errors import EvaluationInterrupted
-    from .evaluation.outputs import check_output_file
-    from .evaluation.report import print_results
-    from .evaluation.runner import evaluate
+    from ..evaluation.errors import EvaluationInterrupted
+    from ..evaluation.outputs import check_output_file
+    from ..evaluation.report import print_results
+    from ..evaluation.runner import evaluate
 
     _setup_threads(args)
     output = check_output_file(args.output, "--output")  # before any work: a bad location fails fast
@@ -860,8 +860,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _refuse_overwriting(output: Path, restart: bool) -> None:
     """``evaluate`` without ``--overwrite``: an existing results JSON is refused, unless an interrupted run
     of it is resumed (its partial state is there and ``--restart`` was not given)."""
-    from .evaluation.outputs import check_not_overwriting
-    from .evaluation.state import find_partials, partial_path
+    from ..evaluation.outputs import check_not_overwriting
+    from ..evaluation.state import find_partials, partial_path
 
     partials = find_partials(output)
     if partials and not restart:
@@ -883,7 +883,7 @@ def _rank() -> int:
 
 
 def _plot_curves(results: Dict[str, Any], path: str, option: str = "--curves") -> Optional[Path]:
-    from .visualize import plot_perturbation_curves
+    from ..visualize import plot_perturbation_curves
 
     curves = {r["method"]: r["values"]["curves"] for r in results["records"] if r["metric"] == "perturbation"}
     if not curves:
@@ -899,7 +899,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``tokentm-fast bench``: median time of explain per (method, backend) and of a forward+backward."""
     import torch
 
-    from . import BACKENDS
+    from .. import BACKENDS
     from .timing import format_timings, random_batch, time_explain
 
     _setup_threads(args)
@@ -910,7 +910,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _device(args.device)
     dtype = getattr(torch, args.dtype)
     if args.model == "synthetic":
-        from .synthetic import create_synthetic_vit
+        from ..synthetic import create_synthetic_vit
 
         model, weights = create_synthetic_vit(), "shipped weights"
     else:
@@ -937,12 +937,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluation.data import Preprocess, SyntheticSource, model_data_config
-    from .evaluation.outputs import check_no_link, check_output_dir, write_text
-    from .evaluation.report import print_results, table_markdown
-    from .evaluation.runner import evaluate, load_model
-    from .synthetic import CLASS_NAMES
-    from .visualize import save_grid
+    from ..evaluation.data import Preprocess, SyntheticSource, model_data_config
+    from ..evaluation.outputs import check_no_link, check_output_dir, write_text
+    from ..evaluation.report import print_results, table_markdown
+    from ..evaluation.runner import evaluate, load_model
+    from ..synthetic import CLASS_NAMES
+    from ..visualize import save_grid
 
     _setup_threads(args)
     t0 = time.time()
@@ -1000,8 +1000,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .evaluation.data import DataError
-    from .evaluation.runner import EvaluationError
+    from ..evaluation.data import DataError
+    from ..evaluation.runner import EvaluationError
 
     try:
         args.argv = argv

@@ -56,7 +56,7 @@ def time_explain(model: nn.Module, images: torch.Tensor, target: torch.Tensor, m
         images: ``(B, 3, H, W)`` inputs; target: ``(B,)`` class indices.
         options: per-method options, e.g. ``{"legrad": {"start_layer": -3}}`` (the defaults otherwise).
     """
-    from . import explain
+    from .. import explain
 
     per_method: Dict[str, Mapping[str, Any]] = {m: dict((options or {}).get(m, {})) for m in methods}
 

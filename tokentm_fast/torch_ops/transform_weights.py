@@ -7,28 +7,15 @@ stream space R^D)::
     NECC_i = exp(cos_i) / sum_k exp(cos_k)          (softmax over the N tokens)
     w_i    = |x̃_i| / max(|x_i|, eps) * NECC_i
 
-This is the PyTorch implementation: the CPU fallback of the Triton kernel
-``tokentm_fast.kernels.transform_weights`` and the oracle it is tested against.
+The PyTorch twin of the Triton kernel ``tokentm_fast.kernels.transform_weights`` (same file name): its
+CPU fallback and the oracle it is tested against. ε is the kernel's (``tokentm_fast.kernels._utils.EPS``).
 """
 from __future__ import annotations
 
 import torch
 
-#: ε of the norm clamps, here and in the Triton kernel (``tokentm_fast.kernels.transform_weights`` imports it)
-EPS = 1e-6
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32 at least: float64 stays float64, half types are promoted."""
-    out = torch.float32
-    for t in tensors:
-        out = torch.promote_types(out, t.dtype)
-    return out
-
-
-def token_lengths(x: torch.Tensor) -> torch.Tensor:
-    """L2 length of every token. ``(B, N, D) -> (B, N)``, float32 at least."""
-    return torch.linalg.vector_norm(x.to(compute_dtype(x)), dim=-1)
+from ..kernels._utils import EPS
+from ..precision import compute_dtype
 
 
 def transform_weights(

@@ -557,3 +557,135 @@ def _triton_runs() -> bool:
 #: the mark of tests that need the Triton kernels on the suite's device (on the CPU: the interpreter)
 triton_only = pytest.mark.skipif(not _triton_runs(), reason="Triton cannot run on the suite's device here "
                                                             "(on the CPU: TRITON_INTERPRET=1)")
+
+
+# -- DINOv2 (Hugging Face), issue 29 ------------------------------------------------------------------
+#: the DINOv2 test models: width 64, 2 heads (32 wide), 3 blocks, 8x8 patches, built for 32x32 images
+DINO = dict(width=64, heads=2, depth=3, size=32, patch=8)
+
+
+def hf_dinov2(kind="model", registers=0, seed=0, **config):
+    """A random-init Hugging Face DINOv2 (``DINO`` sizes, exact GELU, LayerNorm eps 1e-6) in eval mode:
+    ``kind`` ``"model"`` (``Dinov2Model`` / ``Dinov2WithRegistersModel``) or ``"classifier"``
+    (``...ForImageClassification``, ``CLASSES`` labels: the head reads the class token and the patch mean);
+    ``registers`` > 0 picks the with-registers classes. ``config`` overrides config fields. Made informative:
+    LayerScale factors from U(0.1, 0.6) (init: ``layerscale_value`` everywhere), q / k projections doubled,
+    LayerNorm affines, the class token and the register tokens drawn at random (init: 1, 0, ~0)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    s = DINO
+    kw = dict(hidden_size=s["width"], num_hidden_layers=s["depth"], num_attention_heads=s["heads"], mlp_ratio=4,
+              image_size=s["size"], patch_size=s["patch"], num_labels=CLASSES, hidden_act="gelu",
+              layer_norm_eps=1e-6, layerscale_value=1.0)
+    stem = "Dinov2WithRegisters" if registers else "Dinov2"
+    if registers:
+        kw["num_register_tokens"] = registers
+    kw.update(config)
+    cfg = getattr(transformers, f"{stem}Config")(**kw)
+    cls = getattr(transformers, f"{stem}Model" if kind == "model" else f"{stem}ForImageClassification")
+    model = cls(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lambda1"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.1)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(2.0)
+            elif name.endswith(("cls_token", "register_tokens")):
+                p.copy_(torch.randn(p.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1.0 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+def timm_dinov2(seed=0, **kwargs):
+    """timm ``vit_small_patch14_dinov2`` (LayerScale, class token, no head) on ``DINO`` sizes: width 64, 2
+    heads, 3 blocks, 8x8 patches, 32x32 images, :func:`spread` and :func:`random_affine`."""
+    kw = dict(img_size=DINO["size"], patch_size=DINO["patch"], embed_dim=DINO["width"], num_heads=DINO["heads"],
+              depth=DINO["depth"])
+    kw.update(kwargs)
+    model = timm_model("vit_small_patch14_dinov2", num_classes=0, seed=seed, **kw)
+    return random_affine(spread(model, seed), seed).eval()
+
+
+def timm_to_hf_dinov2(src):
+    """A Hugging Face ``Dinov2Model`` with the weights and the function of timm DINOv2 ``src`` (built as
+    :func:`timm_dinov2` builds it, no registers, no head): timm's ``qkv`` split into ``q/k/v_proj``,
+    ``proj`` is ``o_proj``, ``ls1.gamma`` / ``ls2.gamma`` are ``layer_scale1/2.lambda1``, ``norm`` is
+    ``layernorm``; both pool the normalised class token."""
+    if src.num_classes or src.num_prefix_tokens != 1 or src.global_pool != "token":
+        raise ValueError("the converter takes a headless timm DINOv2 with one class token and token pooling")
+    dst = hf_dinov2(num_hidden_layers=len(src.blocks), layer_norm_eps=src.norm.eps)
+    sd = src.state_dict()
+    with torch.no_grad():
+        emb = dst.embeddings
+        emb.cls_token.copy_(sd["cls_token"])
+        emb.position_embeddings.copy_(sd["pos_embed"])
+        emb.patch_embeddings.projection.weight.copy_(sd["patch_embed.proj.weight"])
+        emb.patch_embeddings.projection.bias.copy_(sd["patch_embed.proj.bias"])
+        for i, layer in enumerate(dst.encoder.layer):
+            p = f"blocks.{i}."
+            _copy_norm(layer.norm1, sd, p + "norm1")
+            att = layer.attention
+            _copy_qkv(sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"], att.q_proj, att.k_proj, att.v_proj)
+            att.o_proj.weight.copy_(sd[p + "attn.proj.weight"])
+            att.o_proj.bias.copy_(sd[p + "attn.proj.bias"])
+            layer.layer_scale1.lambda1.copy_(sd[p + "ls1.gamma"])
+            _copy_norm(layer.norm2, sd, p + "norm2")
+            for name in ("fc1", "fc2"):
+                getattr(layer.mlp, name).weight.copy_(sd[p + f"mlp.{name}.weight"])
+                getattr(layer.mlp, name).bias.copy_(sd[p + f"mlp.{name}.bias"])
+            layer.layer_scale2.lambda1.copy_(sd[p + "ls2.gamma"])
+        _copy_norm(dst.layernorm, sd, "norm")
+    return dst.eval()
+
+
+# -- timm Eva (EVA-02), issue 29 ------------------------------------------------------------------------
+#: the Eva test models: width 64, 2 heads (32 wide), 3 blocks, 8x8 patches, 32x32 images
+EVA = dict(width=64, heads=2, depth=3, size=32, patch=8)
+#: variants: EVA-02 proper (RoPE on q and k, SwiGLU MLP with its inner LayerNorm, a sub-LayerNorm in the
+#: attention, LayerScale, class token), the same mean-pooled without a class token, and a plain Eva (no
+#: RoPE, timm's two-layer Mlp with its inner norm, the attention's sub-LayerNorm, two register tokens)
+EVA_VARIANTS = {
+    "eva02": dict(use_rot_pos_emb=True, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True,
+                  global_pool="token"),
+    "eva02_avg": dict(use_rot_pos_emb=True, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True,
+                      class_token=False, global_pool="avg"),
+    "eva_plain": dict(use_rot_pos_emb=False, swiglu_mlp=False, scale_mlp=True, scale_attn_inner=True,
+                      num_reg_tokens=2, global_pool="token"),
+}
+
+
+def timm_eva(variant="eva02", num_classes=CLASSES, seed=0, **kwargs):
+    """A random-init timm ``Eva`` (``EVA`` sizes, ``EVA_VARIANTS[variant]``, keyword overrides) in eval mode,
+    made informative: LayerScale γ from U(0.1, 0.6), q / v biases, LayerNorm affines, class and register
+    tokens drawn at random (init: 0, 1 and 0, ~0), the qkv weights doubled, the head's weights at std 0.2
+    (timm's ``head_init_scale`` leaves them 1e-3 of their init)."""
+    from timm.models.eva import Eva
+
+    torch.manual_seed(seed)
+    kw = dict(img_size=EVA["size"], patch_size=EVA["patch"], embed_dim=EVA["width"], depth=EVA["depth"],
+              num_heads=EVA["heads"], mlp_ratio=4 * 2 / 3, qkv_fused=True, init_values=0.3,
+              ref_feat_shape=(EVA["size"] // EVA["patch"],) * 2, num_classes=num_classes)
+    kw.update(EVA_VARIANTS[variant])
+    kw.update(kwargs)
+    model = Eva(**kw).eval()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma_1", "gamma_2")):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.1)
+            elif name.endswith(("q_bias", "v_bias", "cls_token", "reg_token")):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif name.endswith("qkv.weight"):
+                p.mul_(2.0)
+            elif name == "head.weight":
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1.0 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+    return model

@@ -10,6 +10,9 @@
   (``pip install "tokentm_fast[torchvision]"``);
 - open_clip: ``open_clip.transformer.VisionTransformer``, a CLIP model's ``.visual``
   (CoCa's, with its attentional pool, included) (``pip install "tokentm_fast[clip]"``).
+- hf_dinov2: ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``Dinov2ForImageClassification``,
+  ``Dinov2WithRegistersForImageClassification`` (``pip install "tokentm_fast[hf]"``).
+- timm_eva: timm ``Eva`` (EVA-02: rotary position embedding, SwiGLU, sub-LayerNorm) (a dependency).
 
 Subclasses are accepted; any other class is refused with a ``TypeError`` naming
 the supported ones (and the packages that are not installed, with their extra).
@@ -43,6 +46,10 @@ FAMILIES: List[Family] = [
            "torchvision VisionTransformer (vit_b_16, vit_l_16, ...)"),
     Family("open_clip", "open_clip", "open_clip", "clip",
            "open_clip VisionTransformer (clip_model.visual, CoCa's included)"),
+    Family("hf_dinov2", "transformers", "hf_dinov2", "hf",
+           "transformers Dinov2Model / Dinov2WithRegistersModel / Dinov2ForImageClassification / "
+           "Dinov2WithRegistersForImageClassification"),
+    Family("timm_eva", "timm", "timm_eva", "", "timm Eva (EVA-02)"),
 ]
 
 

@@ -27,7 +27,7 @@ and, for the relevance pass of the LRP family (docs/methods.md §6.3), where the
 layers read their inputs: ``relevance_linears(l)``, ``head_linears()`` and ``embedding_points()``.
 
 plus the token layout (``num_prefix_tokens``, ``has_class_token``,
-``pooling``) and ``num_classes`` (``None`` when the output is an embedding).
+``pooling``, one of ``POOLINGS``) and ``num_classes`` (``None`` when the output is an embedding).
 """
 from __future__ import annotations
 
@@ -43,6 +43,16 @@ from torch import nn
 AttentionCore = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 _MISSING = object()
+
+#: how a head pools the last tokens ``(B, N, D)`` before its norm / projection / classifier
+#: (``ViTAdapter.pooling``; ``pool_tokens`` computes it, ``pooled_rows`` names the averaged rows):
+POOLINGS = {
+    "token": "the class token, row 0",
+    "avg": "the mean of the pooled rows (the patch rows, or all rows with pool_include_prefix)",
+    "map": "an attention pool (attention_pool): a learned latent attends to the tokens, its first latent",
+    "token_avg": "the class token concatenated with the mean of the pooled rows, (B, 2·D) (Hugging Face "
+                 "Dinov2ForImageClassification)",
+}
 
 
 @dataclass(frozen=True)
@@ -141,8 +151,8 @@ class ViTAdapter(abc.ABC):
     """One model family in the notation of the method docs (see the module docstring).
 
     Subclasses set, in ``__init__``: ``model``, ``blocks``, ``num_heads``,
-    ``num_prefix_tokens``, ``has_class_token``, ``pooling`` (``"token"`` or
-    ``"avg"``), ``pool_include_prefix``, ``num_classes`` (``None``: the output
+    ``num_prefix_tokens``, ``has_class_token``, ``pooling`` (a key of
+    ``POOLINGS``), ``pool_include_prefix``, ``num_classes`` (``None``: the output
     is an embedding), ``in_chans``; and implement the abstract methods.
     """
 
@@ -249,10 +259,12 @@ class ViTAdapter(abc.ABC):
 
     def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The head's token pooling of ``(B, N, D)`` tokens → ``(B, D)`` (class token, or the mean of the
-        pooled rows); after an attention pool, of its ``(B, Lq, E)`` latents: the first latent."""
+        pooled rows; ``"token_avg"``: both concatenated, ``(B, 2·D)``); after an attention pool, of its
+        ``(B, Lq, E)`` latents: the first latent."""
         if self.pooling == "token" or self.attention_pool is not None:
             return tokens[:, 0]
-        return tokens[:, self.pooled_rows(tokens.shape[1])].mean(1)
+        mean = tokens[:, self.pooled_rows(tokens.shape[1])].mean(1)
+        return torch.cat([tokens[:, 0], mean], dim=-1) if self.pooling == "token_avg" else mean
 
     # -- shared ----------------------------------------------------------------
     def with_model(self, model: nn.Module) -> "ViTAdapter":
@@ -307,7 +319,8 @@ class ViTAdapter(abc.ABC):
         return tuple(int(g) for g in self.check_image_size(h, w))
 
     def pooled_rows(self, num_tokens: int) -> slice:
-        """Rows of the last layer the head reads (token pooling: the class token)."""
+        """Rows of the last layer the head reads (token pooling: the class token); the averaged rows of
+        ``"avg"`` and ``"token_avg"`` (whose class row is read besides them)."""
         if self.pooling == "token":
             return slice(0, 1)
         return slice(0 if self.pool_include_prefix else self.num_prefix_tokens, num_tokens)
@@ -315,7 +328,7 @@ class ViTAdapter(abc.ABC):
     def query_vector(self, batch: int, num_tokens: int, dtype=torch.float32, device=None) -> torch.Tensor:
         """``(B, N)`` weights of the output rows an explanation reads.
 
-        With a class token: ``one_hot(cls = 0)`` (whatever the pooling).
+        With a class token: ``one_hot(cls = 0)`` (whatever the pooling, ``"token_avg"`` included).
         Without one, the mean over the rows the pooling reads (documented choice: ``cls`` does not exist
         there, and those rows are what the head sees).
         """

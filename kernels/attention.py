@@ -1,9 +1,10 @@
 """The explanation attention: a FlashAttention-2 style kernel family whose backward
 also computes what the explanation methods read from Aˡ and Gˡ, with no N×N tensor.
 
-PyTorch equivalents (oracles, full matrices): ``tokentm_fast.attention_torch.attention_forward_torch``,
-``attention_backward_torch`` and ``attention_rows_torch``. The autograd Function that launches these
-kernels in a model (``ExplanationAttention``, with ``triton_attention()``) is at the end of this module.
+PyTorch equivalents (oracles, full matrices; tests/attention_torch.py): ``attention_forward_torch``,
+``attention_backward_torch`` and ``attention_rows_torch``. ``triton_attention()`` (at the end
+of this module) gives them as the attention triple (``AttentionKernels``) that the flash path's autograd
+Functions (``tokentm_fast.paths``) launch in a model.
 
 Notation per image b and head h (d = head width, ``scale`` = the model's softmax scale)::
 
@@ -43,16 +44,13 @@ at most ``MAX_GRID_Y // H`` images.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreter_enabled, tf32_allowed, tuning_configs
-
-if TYPE_CHECKING:
-    from ..aggregation import RowState
+from ._utils import MAX_HEAD_DIM, AttentionKernels, interpreter_enabled, tf32_allowed, tuning_configs
 
 #: log2(e): the kernels work in log2 units (``exp2``), the wrappers pass ``scale · LOG2E``
 LOG2E = 1.4426950408889634
@@ -115,7 +113,7 @@ def _dtype_class(dtype) -> str:
 def table_configs(kind: str, dtype, block_d: int):
     """``[(BLOCK_M, BLOCK_N, num_warps, num_stages)]`` the autotuner may choose for a call of this
     class (``dtype``: a torch dtype or "bf16" / "fp16" / "fp32"; ``block_d``: 32, 64 or 128)."""
-    return CONFIG_TABLE[(kind, _dtype_class(dtype), min(max(block_d, 32), 128))]
+    return CONFIG_TABLE[(kind, _dtype_class(dtype), min(max(block_d, 32), MAX_HEAD_DIM))]
 
 
 #: the interpreter pays per operation: one big tile, nothing to tune
@@ -561,52 +559,7 @@ def attention_rows(
 
 
 
-# --------------------------------------------------------------------------- the autograd Function
-class AttentionKernels(NamedTuple):
-    """One implementation of the explanation attention (the signatures of the wrappers above)."""
-
-    forward: Callable  # (q, k, v, scale) -> (o, lse)
-    backward: Callable  # (q, k, v, o, lse, do, scale, row=None, input_grads=True | False | "v") -> (dq, dk, dv, t)
-    rows: Callable  # (row, scale, q=, k=, lse= | do=, v=) -> t (B, H, N)
-
-
-class ExplanationAttention(torch.autograd.Function):
-    """``o = softmax(scale·QKᵀ) V`` whose backward also advances a ``RowState`` (docs/methods.md §8).
-
-    Per layer l and head h, ``P = softmax(scale·QKᵀ)`` is never stored: the forward keeps Q, K, V, O and
-    the row log-sum-exp ℓ, and the backward recomputes P and G = dP = dO Vᵀ tile by tile. While doing so,
-    the dK/dV program accumulates
-
-        t_h[j] = Σ_i s[i] · max(P_h[i, j] · G_h[i, j], 0),     s = r ⊙ (1 + w_mlp^l)  (``state.scaled_row``)
-
-    and ``state.update`` makes the row ``r ← s + mean_h(t_h) ⊙ w_attn^l`` before autograd reaches the
-    layer below. Autograd visits the layers top-down, so the state flows exactly as in the row algorithm
-    and no layer's Aˡ or Gˡ ever exists. A layer outside the state's layer choice gets no row
-    (``scaled_row`` is None): its backward computes dQ, dK, dV only.
-
-    ``anchor`` is a 0-d tensor that requires grad: every layer's output depends on it, so
-    ``torch.autograd.grad(score, anchor)`` runs every layer's backward (its gradient is 0). Layers whose
-    q, k, v need no gradient (the lowest explained layer) compute only the explanation sums.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, anchor, scale: float, layer: int, state: "RowState", kernels: AttentionKernels):
-        o, lse = kernels.forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse, anchor)
-        ctx.scale, ctx.layer, ctx.state, ctx.kernels = scale, layer, state, kernels
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, anchor = ctx.saved_tensors
-        state = ctx.state
-        input_grads = any(ctx.needs_input_grad[:3])
-        row = state.scaled_row(ctx.layer)  # None: a layer that leaves the row as it is
-        dq, dk, dv, t = ctx.kernels.backward(q, k, v, o, lse, do, ctx.scale, row=row, input_grads=input_grads)
-        state.update(ctx.layer, t)
-        return dq, dk, dv, torch.zeros_like(anchor), None, None, None, None
-
-
+# --------------------------------------------------------------------------- the attention triple
 def triton_attention() -> AttentionKernels:
     """The Triton kernels of this module as an ``AttentionKernels``. Float32 products follow torch's own
     TF32 switch at each call (``tf32_allowed``: full float32 unless torch allows TF32)."""

@@ -164,7 +164,8 @@ def test_captum_interop_refuses_several_targets(setup):
 
 
 def test_materialized_path_returns_one_map_per_target(setup):
-    """The list contract of a method's explain with a TargetList (used by tokentm_fast.multi_target)."""
+    """The list contract of a method's explain: a list of K targets in, one map per target out
+    (tokentm_fast.multi_target)."""
     from tokentm_fast.targets import check_targets
     model, images = setup
     vit = tf.Explainer(model, backend="torch").vit

@@ -44,7 +44,7 @@ def test_each_entry_computes_its_method(model64, name):
     vit = adapt(model64)
     images = mf.images().double()
     options = resolve_options(name, {}, vit.num_layers)
-    out = get_method(name).explain(vit, images, torch.tensor([1, 3]), options, Materialized(TORCH_KERNELS))
+    (out,) = get_method(name).explain(vit, images, [torch.tensor([1, 3])], options, Materialized(TORCH_KERNELS))
     if name in lrp_oracle.METHODS:
         # the relevance pass (docs/methods.md §6.3) has its own literal oracle; (B, H, W) pixels for lrp
         ref = getattr(lrp_oracle, name)(model64, images, torch.tensor([1, 3])).reshape(out.shape)
@@ -80,9 +80,10 @@ def test_capabilities_are_what_the_entry_does(model64, name):
             tf.Explainer(model, name, backend="triton", attention="flash", **{option: value})
 
 
-def _first_block_attention(vit, images, target, options, path, full=False):
-    """A new method for the test: raw attention of the *first* block, from the paths' own API."""
-    return path.query_attention(vit, images, 0)[:, vit.num_prefix_tokens:]
+def _first_block_attention(vit, images, targets, options, path, full=False):
+    """A new method for the test: raw attention of the *first* block, from the paths' own API (one map per
+    target, the same for each)."""
+    return [path.query_attention(vit, images, 0)[:, vit.num_prefix_tokens:]] * len(targets)
 
 
 @pytest.mark.parametrize("backend,attention", [("torch", "auto"), ("triton", "materialized"), ("triton", "flash")])

@@ -17,7 +17,7 @@ from torch import nn
 from .maps import ConstantMapWarning, constant_rows, minmax_normalize, patch_sums, upsample_maps
 from .methods import REGISTRY, check_method, get_method, resolve_options
 from .models import adapt
-from .multi_target import explain_targets
+from .multi_target import image_major
 from .paths import MAX_HEAD_DIM, TORCH_KERNELS, Flash, Materialized, head_width, heads_fit, triton_kernels
 from .reference import explain_reference
 from .targets import Target, TargetList, check_targets
@@ -34,22 +34,10 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def triton_unusable_reason(device: torch.device) -> Optional[str]:
-    """Why the Triton kernels cannot run on ``device`` (``None`` when they can)."""
-    if triton_usable(device):
-        return None
-    from .kernels._utils import interpreter_enabled, triton_importable
+    """Why the Triton kernels cannot run on ``device`` (``None`` when they can): the kernels' own words."""
+    from .kernels._utils import triton_unusable_reason as reason
 
-    if not triton_importable():
-        return "Triton is not installed (or fails to import)"
-    if device.type == "cuda":
-        if interpreter_enabled():
-            return "TRITON_INTERPRET=1 is set, and Triton's interpreter runs on CPU tensors only"
-        if not torch.cuda.is_available():
-            return "torch sees no working CUDA runtime"
-        return "the Triton kernels were imported for the interpreter (TRITON_INTERPRET=1 at import time)"
-    if device.type == "cpu":
-        return "Triton runs on CUDA tensors (on CPU tensors only under TRITON_INTERPRET=1, for testing)"
-    return f"Triton does not run on {device.type} tensors"
+    return reason(device)
 
 
 class Explainer:
@@ -133,10 +121,7 @@ class Explainer:
         path would keep more than ``TORCH_FLASH_BYTES`` of attention probabilities (``materialized_bytes``),
         the materialized path below that (as fast or faster at small N, docs/methods.md §8)."""
         if self.attention == "flash":
-            if backend == "triton" and not heads_fit(self.head_width):
-                raise ValueError(f"attention='flash': the Triton flash kernels take heads up to {MAX_HEAD_DIM} "
-                                 f"wide; this model's heads are {self.head_width} wide: use backend='torch' or "
-                                 f"attention='materialized'")
+            _check_flash_heads(backend, self.head_width)   # backend="auto" resolved: Triton or not
             return "flash"
         if self.attention == "materialized" or self.full or self.spec.flash_refusal(self.options) is not None:
             return "materialized"
@@ -201,25 +186,21 @@ class Explainer:
                 f"explanation, cast the model: model.double())"))
         images = images.to(param.dtype)
         target = check_targets(target, images.shape[0], self.vit.num_classes)
+        many = isinstance(target, TargetList)     # below here: always a list of K ≥ 1 targets
+        targets = target if many else TargetList([target])
         backend = self.backend_for(images)
-        path = "reference" if backend == "reference" else self.attention_for(images, backend)
-        if path == "reference":
-            def one(t):
-                return explain_reference(self.vit, images, self.method, t, self.options, self.full)
+        if backend == "reference":                # the literal oracle: one call per target
+            maps = [explain_reference(self.vit, images, self.method, t, self.options, self.full) for t in targets]
         else:
             kernels = TORCH_KERNELS if backend == "torch" else triton_kernels()
-            if path == "materialized":
-                strategy = Materialized(kernels)
+            if self.attention_for(images, backend) == "materialized":
+                path = Materialized(kernels)
             elif backend == "torch":
-                strategy = Flash(kernels, _torch_attention(), max_head_dim=None)
+                path = Flash(kernels, _torch_attention(), max_head_dim=None)
             else:
-                strategy = Flash(kernels, _triton_attention())
-
-            def one(t):
-                return self.spec.explain(self.vit, images, t, self.options, strategy, self.full)
-
-        many = isinstance(target, TargetList)   # K targets: (B·K, ...) image-major, (B, K, ...) at the end
-        out = explain_targets(self.spec, path, target, one) if many else one(target)
+                path = Flash(kernels, _triton_attention())
+            maps = self.spec.explain(self.vit, images, targets, self.options, path, self.full)
+        out = image_major(maps) if many else maps[0]    # K targets: (B·K, ...), (B, K, ...) at the end
         out = out.detach().to(torch.float32)
         if not torch.isfinite(out).all():
             raise FloatingPointError(
@@ -273,7 +254,7 @@ TORCH_FLASH_BYTES = 1 << 30
 def materialized_bytes(vit, images: torch.Tensor) -> int:
     """Bytes of every layer's attention probabilities ``L·B·H·N²`` in the compute dtype: what the
     materialized path keeps alive at once (the gradient methods; a lower bound for the others)."""
-    from .transform import compute_dtype
+    from .precision import compute_dtype
 
     gh, gw = vit.check_images(images)
     n = gh * gw + vit.num_prefix_tokens
@@ -415,11 +396,16 @@ def _check_attention(attention: Any, backend: str, full: bool, flash_refusal: Op
                              "(use attention='materialized' or 'auto')")
         if flash_refusal is not None:
             raise ValueError(f"{flash_refusal}: use attention='materialized' or 'auto'")
-        if backend == "triton" and not heads_fit(width):
-            raise ValueError(f"attention='flash': the Triton flash kernels take heads up to {MAX_HEAD_DIM} "
-                             f"wide; this model's heads are {width} wide: use backend='torch' or "
-                             f"attention='materialized'")
+        _check_flash_heads(backend, width)
     return attention
+
+
+def _check_flash_heads(backend: str, width: Optional[int]) -> None:
+    """The Triton flash kernels take heads up to ``MAX_HEAD_DIM`` wide (the PyTorch twin any width)."""
+    if backend == "triton" and not heads_fit(width):
+        raise ValueError(f"attention='flash': the Triton flash kernels take heads up to {MAX_HEAD_DIM} "
+                         f"wide; this model's heads are {width} wide: use backend='torch' or "
+                         f"attention='materialized'")
 
 
 def _check_output_options(upsample: Any, normalize: Any, full: bool) -> tuple:

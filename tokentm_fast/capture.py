@@ -44,6 +44,18 @@ from .models.protocol import AttentionCore, LinearPoint, ViTAdapter, merge_heads
 LayerRecord = Dict[str, torch.Tensor]
 
 
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(scale·Q Kᵀ)`` ``(B, H, Nq, Nk)``: the explicit attention of the materialized path, the
+    attention pools and the held attention."""
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(scale·Q Kᵀ) V`` with the probabilities held constant in the backward (only dV flows: the
+    AH-rule of conservative LRP)."""
+    return attention_probs(q, k, scale).detach() @ v
+
+
 def _model_of(vit) -> nn.Module:
     return vit.model if isinstance(vit, ViTAdapter) else vit
 
@@ -148,7 +160,7 @@ class LayerRecorder:
         if self.core is not None:
             o = self.core(l, q, k, v, scale)
         else:
-            attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            attn = attention_probs(q, k, scale)
             if "attn" in self.keys:
                 self._store(l, "attn", attn)
             o = attn @ v
@@ -245,7 +257,7 @@ class PoolRecorder:
         self.records.append({"x_in": args[0].detach()})
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        attn = attention_probs(q, k, scale)
         if self.leaf:
             attn = attn.detach().requires_grad_(True)
         rec = self.records[-1]

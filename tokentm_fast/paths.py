@@ -15,6 +15,10 @@ that involve the attention. This module is the only place where the two paths di
   rollout and raw attention recompute rows of P tile by tile; no N×N tensor exists.
 
 Both give the engine rows as ``(B, Q, N)`` (Q = 1 for the row algorithm, N for the whole matrix).
+
+Every quantity that depends on the target takes ``targets``, a sequence of K ≥ 1 targets
+(``tokentm_fast.targets``), and returns a list over them: each path decides how the K targets share the
+work (one forward and K backward passes where it can; ``tokentm_fast.multi_target`` says which).
 """
 from __future__ import annotations
 
@@ -23,23 +27,20 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import torch
 
-from . import aggregation, fusion, legrad, transform
 from .aggregation import (
     EngineConstants,
     RowState,
-    add_update,
     check_layer_order,
     initial_rows,
     query_support,
-    scale_rows,
 )
-from .capture import LayerRecorder, hold_layer_norms, prepared_model
+from .capture import LayerRecorder, held_attention, hold_layer_norms, prepared_model
+from .kernels._utils import MAX_HEAD_DIM
 from .models.protocol import ViTAdapter, split_heads
-from .targets import TargetList, resolve_target, target_score
-from .transform import compute_dtype
-
-#: head widths of the flash attention kernels (wider heads stay on the materialized path)
-MAX_HEAD_DIM = 128
+from .precision import compute_dtype
+from .targets import resolve_target, target_score
+from .torch_ops import head_fusion, legrad_reduce, row_update, transform_weights
+from .torch_ops.row_update import add_update, scale_rows
 
 #: ``weigh(l, record) -> (w_attn, w_mlp)``: a method's per-layer weights from block l's record
 Weigh = Callable[[int, Dict[str, torch.Tensor]], Tuple[Any, Any]]
@@ -57,11 +58,11 @@ class Kernels:
 
 
 TORCH_KERNELS = Kernels(
-    transform_weights=transform.transform_weights,
-    fuse_heads=fusion.fuse_heads,
-    row_update=aggregation.row_update,
-    matrix_update=aggregation.row_update,
-    legrad_reduce=legrad.legrad_reduce,
+    transform_weights=transform_weights.transform_weights,
+    fuse_heads=head_fusion.fuse_heads,
+    row_update=row_update.row_update,
+    matrix_update=row_update.row_update,
+    legrad_reduce=legrad_reduce.legrad_reduce,
 )
 
 
@@ -108,8 +109,8 @@ def heads_fit(width: Optional[int]) -> bool:
 class TailCapture(NamedTuple):
     """What the block-tail methods (LeGrad, attention Grad-CAM) read of a forward pass.
 
-    ``d_outs``: per layer the ``(B, R, H·d)`` gradient ``∂s_l/∂o_l`` (a list of such lists, one per
-    target, for a ``TargetList``); ``rows``: the slice R of rows they cover; ``records``: block l's
+    ``d_outs``: per target, the list over the layers of the ``(B, R, H·d)`` gradients ``∂s_l/∂o_l``;
+    ``rows``: the slice R of rows they cover; ``records``: block l's
     ``values`` (B, N, H·d) (and on the materialized path ``attn``); ``num_tokens``: N.
     """
 
@@ -119,7 +120,7 @@ class TailCapture(NamedTuple):
     num_tokens: int
 
 
-def block_tail_grads(vit: ViTAdapter, images: torch.Tensor, target, layers: Sequence[int], recs,
+def block_tail_grads(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, layers: Sequence[int], recs,
                      layer_pooling: str = "head") -> tuple:
     """The model's forward without autograd, then ``dO_l = ∂s_l/∂o_l`` of every layer in ``layers``
     from one backward through the re-run block tails (proj, MLP, head; docs/methods.md §6).
@@ -129,19 +130,17 @@ def block_tail_grads(vit: ViTAdapter, images: torch.Tensor, target, layers: Sequ
     projection / classifier).
 
     ``recs[l]`` must hold ``x_in`` and ``attn_out`` (a ``LayerRecorder`` installed for the forward).
-    Returns the list of ``(B, R, H·d)`` gradients and the slice of rows R they cover: when s_l reads
+    Returns, per target, the list of ``(B, R, H·d)`` gradients, and the slice of rows R they cover: when s_l reads
     only the prefix rows of Xˡ (the model's head with token pooling: the class token; distilled DeiT
     also its distillation token) only those rows of the tails are re-run, since everything after the
     attention mixing is token-wise (dO is zero elsewhere); otherwise every row.
 
-    Several targets (a ``TargetList``): the one forward serves them all; the block tails are re-run
-    once and back-propagated once per target (``retain_graph``), and the first result is the list
-    over the targets of the gradient lists.
+    The one forward serves every target; the block tails are re-run once and back-propagated once per
+    target (``retain_graph``).
     """
     with torch.no_grad():
         output = vit.forward(images)
-    many = isinstance(target, TargetList)
-    targets = [resolve_target(t, output) for t in (target if many else [target])]
+    targets = [resolve_target(t, output) for t in targets]
     by_head = layer_pooling == "head"
     rows = slice(0, vit.num_prefix_tokens) if by_head and vit.pooling == "token" else slice(None)
 
@@ -150,10 +149,6 @@ def block_tail_grads(vit: ViTAdapter, images: torch.Tensor, target, layers: Sequ
 
     with torch.enable_grad():
         leaves = [recs[l]["attn_out"][:, rows].detach().requires_grad_(True) for l in layers]
-        if not many:
-            score = sum(target_score(output(vit.block_tail(l, recs[l]["x_in"][:, rows], o)), targets[0])
-                        for l, o in zip(layers, leaves))
-            return list(torch.autograd.grad(score, leaves)), rows
         outs = [output(vit.block_tail(l, recs[l]["x_in"][:, rows], o)) for l, o in zip(layers, leaves)]
         grads = [list(torch.autograd.grad(sum(target_score(out, t) for out in outs), leaves,
                                           retain_graph=k < len(targets) - 1))
@@ -170,13 +165,13 @@ class Materialized:
     def __init__(self, kernels: Kernels) -> None:
         self.kernels = kernels
 
-    def gradient_rows(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int], weigh: Weigh,
-                      weight_keys: Sequence[str], fusion_mode: str, full: bool, start=None) -> tuple:
-        """TokenTM / GAE rows ``(B, Q, N)`` after the chosen ``layers`` (top-down from the query row,
-        or the identity for ``full``), the row update run inside the backward pass, and the first
-        block's input tokens ``(B, N, D)``. A ``TargetList``: one forward, one backward per target
-        through the kept graph; the list of the targets' rows. ``start``: the first row at an attention
-        pool (``methods.pool.PoolStart``), set when the score's gradient reaches the pool."""
+    def gradient_rows(self, vit: ViTAdapter, images: torch.Tensor, targets: Sequence, layers: List[int],
+                      weigh: Weigh, weight_keys: Sequence[str], fusion_mode: str, full: bool, start=None) -> tuple:
+        """The engine's rows ``(B, Q, N)`` per target after the chosen ``layers`` (top-down from the query
+        row, or the identity for ``full``), weighted per layer by ``weigh`` and fused by ``fusion_mode``,
+        the row update run inside the backward pass; and the first block's input tokens ``(B, N, D)``.
+        One forward, one backward per target through the kept graph. ``start``: the first row at an
+        attention pool (``methods.pool.PoolStart``), set when the score's gradient reaches the pool."""
         first, top_layer = layers[0], layers[-1]
         below = dict(zip(layers[1:], layers[:-1]))   # the chosen block whose gradient comes next
         attns: Dict[int, torch.Tensor] = {}
@@ -196,8 +191,7 @@ class Materialized:
             if pool:
                 start.install(handles)
             logits = vit.forward(images)
-            many = isinstance(target, TargetList)
-            targets = [resolve_target(t, logits) for t in (target if many else [target])]
+            targets = [resolve_target(t, logits) for t in targets]
             keep = len(targets) > 1          # the attentions and weights serve every backward
             b, n = logits.shape[0], attns[top_layer].shape[-1]
             dtype = compute_dtype(images)
@@ -228,7 +222,7 @@ class Materialized:
                 finished.append(state["rows"])
         attns.clear()
         weights.clear()
-        return (finished if many else finished[0]), recorder.first_input
+        return finished, recorder.first_input
 
     def constant_rows(self, vit: ViTAdapter, images: torch.Tensor, layers: List[int], consts: EngineConstants,
                       full: bool, start=None) -> torch.Tensor:
@@ -260,18 +254,16 @@ class Materialized:
                               **(top if l == layers[-1] else {}))
         return rows
 
-    def held_input_gradients(self, vit: ViTAdapter, images: torch.Tensor, target) -> tuple:
+    def held_input_gradients(self, vit: ViTAdapter, images: torch.Tensor, targets: Sequence) -> tuple:
         """``(X⁰, [∂s/∂X⁰ per target])`` ``(B, N, D)`` with the attention probabilities (the pool's too) and
-        every LayerNorm's normalisation held constant in the backward (conservative LRP)."""
-        def held(l, q, k, v, scale):
-            return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1).detach() @ v
+        every LayerNorm's normalisation held constant in the backward."""
+        recorder = LayerRecorder(vit, range(vit.num_layers), grad_from=0, keys=(),
+                                 core=lambda l, q, k, v, scale: held_attention(q, k, v, scale))
+        return _input_gradients(vit, images, targets, recorder, held_attention)
 
-        recorder = LayerRecorder(vit, range(vit.num_layers), grad_from=0, keys=(), core=held)
-        return _input_gradients(vit, images, target, recorder, lambda q, k, v, s: held(None, q, k, v, s))
-
-    def block_output_gradients(self, vit: ViTAdapter, images: torch.Tensor, target) -> tuple:
+    def block_output_gradients(self, vit: ViTAdapter, images: torch.Tensor, targets: Sequence) -> tuple:
         """Per layer: Xˡ ``(B, N, D)``, ``∂s/∂Xˡ`` (a list over the layers per target) and the query row of
-        Aˡ ``(B, H, N)`` (ATTCAT)."""
+        Aˡ ``(B, H, N)``."""
         recorder = LayerRecorder(vit, range(vit.num_layers), grad_from=0, keys=("attn", "x_out"))
         with prepared_model(vit) as handles, torch.enable_grad():
             recorder.install(handles)
@@ -281,7 +273,7 @@ class Materialized:
             n = recs[0]["attn"].shape[-1]
             q = vit.query_vector(images.shape[0], n, dtype=acc, device=images.device)
             a_q = [torch.einsum("bi,bhij->bhj", q, r["attn"].detach().to(acc)) for r in recs]
-            grads = _output_gradients(vit, output, target, [r["x_out"] for r in recs], acc)
+            grads = _output_gradients(vit, output, targets, [r["x_out"] for r in recs], acc)
         return [r["x_out"].detach().to(acc) for r in recs], grads, a_q
 
     def block_outputs(self, vit: ViTAdapter, images: torch.Tensor, layers: Sequence[int]) -> Dict[int, torch.Tensor]:
@@ -303,25 +295,24 @@ class Materialized:
             q = vit.query_vector(a.shape[0], a.shape[-1], dtype=acc, device=a.device)
             return torch.einsum("bi,bhij->bj", q, a.to(acc)) / a.shape[1]
 
-    def tail_capture(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int],
+    def tail_capture(self, vit: ViTAdapter, images: torch.Tensor, targets: Sequence, layers: List[int],
                      query_layers: Sequence[int], layer_pooling: str = "head") -> TailCapture:
-        """Block-tail gradients of ``layers`` (``block_tail_grads``), keeping Aˡ of ``query_layers``."""
+        """Block-tail gradients of ``layers`` per target (``block_tail_grads``), keeping Aˡ of ``query_layers``."""
         keys = ("x_in", "values", "attn_out") + (("attn",) if query_layers else ())
         recorder = LayerRecorder(vit, layers, keys=keys)
         with prepared_model(vit) as handles:
             recorder.install(handles)
-            d_outs, rows = block_tail_grads(vit, images, target, layers, recorder.records, layer_pooling)
+            d_outs, rows = block_tail_grads(vit, images, targets, layers, recorder.records, layer_pooling)
         recs = recorder.records
         return TailCapture(d_outs, rows, recs, recs[layers[0]]["values"].shape[1])
 
-    def legrad_sum(self, vit: ViTAdapter, cap: TailCapture, d_outs: list, layers: List[int],
-                   images: torch.Tensor) -> torch.Tensor:
-        """``(B, N)``: Σ_l mean_h (1/N) Σ_i max(G̃ˡ_h[i, :], 0), ``G̃ = dO_l Vᵀ`` formed per layer."""
-        b, n, heads, acc = images.shape[0], cap.num_tokens, vit.num_heads, compute_dtype(images)
-        e = torch.zeros(b, n, dtype=acc, device=images.device)
-        for l, d_out in zip(layers, d_outs):
-            e += self.kernels.legrad_reduce(self._grad_rows(cap, l, d_out, heads, acc), n).to(acc)
-        return e
+    def positive_grad_means(self, vit: ViTAdapter, cap: TailCapture, d_outs: list, layers: List[int],
+                            images: torch.Tensor) -> List[torch.Tensor]:
+        """Per layer of ``layers``, ``(B, N)``: mean_h (1/N) Σ_i max(G̃ˡ_h[i, :], 0) (the ``legrad_reduce``
+        kernel family), ``G̃ = dO_l Vᵀ`` formed per layer from its gradient ``d_outs[l]``."""
+        n, heads, acc = cap.num_tokens, vit.num_heads, compute_dtype(images)
+        return [self.kernels.legrad_reduce(self._grad_rows(cap, l, d_out, heads, acc), n).to(acc)
+                for l, d_out in zip(layers, d_outs)]
 
     @staticmethod
     def _grad_rows(cap: TailCapture, l: int, d_out: torch.Tensor, heads: int, acc) -> torch.Tensor:
@@ -331,7 +322,7 @@ class Materialized:
 
     def query_rows(self, vit: ViTAdapter, cap: TailCapture, d_out: torch.Tensor, layer: int,
                    images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(B, H, N)`` query rows of Aˡ_h and of the gradient G̃ˡ_h (attention Grad-CAM)."""
+        """``(B, H, N)`` query rows of Aˡ_h and of the gradient G̃ˡ_h = dO Vᵀ."""
         b, n, acc = images.shape[0], cap.num_tokens, compute_dtype(images)
         g_rows = self._grad_rows(cap, layer, d_out, vit.num_heads, acc)
         a = cap.records[layer]["attn"].to(acc)
@@ -341,16 +332,16 @@ class Materialized:
         return a_q, g_q
 
 
-def _output_gradients(vit: ViTAdapter, output: torch.Tensor, target, tensors: list, acc) -> list:
-    """``[[∂s_t/∂x for x in tensors] for each target t]`` (one target: a list of one)."""
-    many = isinstance(target, TargetList)
-    targets = [resolve_target(t, output) for t in (target if many else [target])]
+def _output_gradients(vit: ViTAdapter, output: torch.Tensor, targets: Sequence, tensors: list, acc) -> list:
+    """``[[∂s_t/∂x for x in tensors] for each target t]``."""
+    targets = [resolve_target(t, output) for t in targets]
     return [[g.to(acc) for g in torch.autograd.grad(target_score(output, t), tensors,
                                                     retain_graph=k < len(targets) - 1)]
             for k, t in enumerate(targets)]
 
 
-def _input_gradients(vit: ViTAdapter, images: torch.Tensor, target, recorder: LayerRecorder, pool_core) -> tuple:
+def _input_gradients(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, recorder: LayerRecorder,
+                     pool_core) -> tuple:
     """One forward with LayerNorms held (and the recorder's attention core), then ∂s/∂X⁰ per target."""
     with prepared_model(vit) as handles, torch.enable_grad():
         hold_layer_norms(vit, handles)
@@ -359,7 +350,7 @@ def _input_gradients(vit: ViTAdapter, images: torch.Tensor, target, recorder: La
             vit.replace_pool_attention(pool_core, handles)
         output = vit.forward(images)
         acc = compute_dtype(images)
-        grads = [g[0] for g in _output_gradients(vit, output, target, [recorder.leaf], acc)]
+        grads = [g[0] for g in _output_gradients(vit, output, targets, [recorder.leaf], acc)]
     return recorder.leaf.detach().to(acc), grads
 
 
@@ -383,6 +374,43 @@ class _FlashAttention(torch.autograd.Function):
         grads = "v" if ctx.hold else True
         dq, dk, dv, _ = ctx.attention.backward(q, k, v, o, lse, do, ctx.scale, row=None, input_grads=grads)
         return dq, dk, dv, None, None, None, None, None
+
+
+class ExplanationAttention(torch.autograd.Function):
+    """``o = softmax(scale·QKᵀ) V`` whose backward also advances a ``RowState`` (docs/methods.md §8).
+
+    Per layer l and head h, ``P = softmax(scale·QKᵀ)`` is never stored: the forward keeps Q, K, V, O and
+    the row log-sum-exp ℓ, and the backward recomputes P and G = dP = dO Vᵀ tile by tile. While doing so,
+    the dK/dV program accumulates
+
+        t_h[j] = Σ_i s[i] · max(P_h[i, j] · G_h[i, j], 0),     s = r ⊙ (1 + w_mlp^l)  (``state.scaled_row``)
+
+    and ``state.update`` makes the row ``r ← s + mean_h(t_h) ⊙ w_attn^l`` before autograd reaches the
+    layer below. Autograd visits the layers top-down, so the state flows exactly as in the row algorithm
+    and no layer's Aˡ or Gˡ ever exists. A layer outside the state's layer choice gets no row
+    (``scaled_row`` is None): its backward computes dQ, dK, dV only.
+
+    ``anchor`` is a 0-d tensor that requires grad: every layer's output depends on it, so
+    ``torch.autograd.grad(score, anchor)`` runs every layer's backward (its gradient is 0). Layers whose
+    q, k, v need no gradient (the lowest explained layer) compute only the explanation sums.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, anchor, scale: float, layer: int, state: RowState, kernels):
+        o, lse = kernels.forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse, anchor)
+        ctx.scale, ctx.layer, ctx.state, ctx.kernels = scale, layer, state, kernels
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, anchor = ctx.saved_tensors
+        state = ctx.state
+        input_grads = any(ctx.needs_input_grad[:3])
+        row = state.scaled_row(ctx.layer)  # None: a layer that leaves the row as it is
+        dq, dk, dv, t = ctx.kernels.backward(q, k, v, o, lse, do, ctx.scale, row=row, input_grads=input_grads)
+        state.update(ctx.layer, t)
+        return dq, dk, dv, torch.zeros_like(anchor), None, None, None, None
 
 
 # --------------------------------------------------------------------------- flash
@@ -430,12 +458,18 @@ class Flash:
             return attention.forward(q, k, v, scale)
         return attention._replace(forward=forward)
 
-    def gradient_rows(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int], weigh: Weigh,
-                      weight_keys: Sequence[str], fusion_mode: str, full: bool, start=None) -> tuple:
-        """As ``Materialized.gradient_rows`` for one target and ``full=False``, with the row update inside
-        the flash attention backward (``ExplanationAttention``); the fusion is ``max(P ⊙ G, 0)``."""
-        from .kernels.attention import ExplanationAttention
+    def gradient_rows(self, vit: ViTAdapter, images: torch.Tensor, targets: Sequence, layers: List[int],
+                      weigh: Weigh, weight_keys: Sequence[str], fusion_mode: str, full: bool, start=None) -> tuple:
+        """As ``Materialized.gradient_rows`` for ``full=False``, with the row update inside the flash
+        attention backward (``ExplanationAttention``); the fusion is ``max(P ⊙ G, 0)``. One forward per
+        target: the custom backward frees each layer's saved tiles as it goes, so a forward serves one
+        backward."""
+        runs = [self._gradient_row(vit, images, t, layers, weigh, weight_keys, start) for t in targets]
+        return [rows for rows, _ in runs], runs[-1][1]
 
+    def _gradient_row(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int], weigh: Weigh,
+                      weight_keys: Sequence[str], start) -> tuple:
+        """One target's ``(B, 1, N)`` row and the first block's input tokens."""
         L = vit.num_layers
         first = layers[0]
         contiguous = layers == list(range(first, L))
@@ -505,17 +539,14 @@ class Flash:
             return _FlashAttention.apply(q, k, v, scale, attention, hold, keep, l)
         return core
 
-    def held_input_gradients(self, vit: ViTAdapter, images: torch.Tensor, target) -> tuple:
-        """As ``Materialized.held_input_gradients``: the flash backward with dQ = dK = 0 (no N×N tensor)."""
+    def held_input_gradients(self, vit: ViTAdapter, images: torch.Tensor, targets: Sequence) -> tuple:
+        """As ``Materialized.held_input_gradients``: the flash backward with dQ = dK = 0 (no N×N tensor);
+        the pool (one row per latent) held as the blocks' attention."""
         recorder = LayerRecorder(vit, range(vit.num_layers), grad_from=0, keys=(),
                                  core=self._differentiable_core(True, {}))
+        return _input_gradients(vit, images, targets, recorder, held_attention)
 
-        def pool_core(q, k, v, scale):   # the pool: one row per latent, held constant as the blocks' attention
-            return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1).detach() @ v
-
-        return _input_gradients(vit, images, target, recorder, pool_core)
-
-    def block_output_gradients(self, vit: ViTAdapter, images: torch.Tensor, target) -> tuple:
+    def block_output_gradients(self, vit: ViTAdapter, images: torch.Tensor, targets: Sequence) -> tuple:
         """As ``Materialized.block_output_gradients``, the query rows recomputed from q, k and ℓ."""
         keep: Dict[int, tuple] = {}
         recorder = LayerRecorder(vit, range(vit.num_layers), grad_from=0, keys=("x_out",),
@@ -526,7 +557,7 @@ class Flash:
             xs = [recorder.records[l]["x_out"] for l in range(vit.num_layers)]
             acc = compute_dtype(images)
             a_q = [self._query_probs(vit, *keep.pop(l)) for l in range(vit.num_layers)]
-            grads = _output_gradients(vit, output, target, xs, acc)
+            grads = _output_gradients(vit, output, targets, xs, acc)
         return [x.detach().to(acc) for x in xs], grads, a_q
 
     def block_outputs(self, vit: ViTAdapter, images: torch.Tensor, layers: Sequence[int]) -> Dict[int, torch.Tensor]:
@@ -548,9 +579,9 @@ class Flash:
             vit.forward(images)
             return self._query_probs(vit, *keep.pop(layer)).mean(1)
 
-    def tail_capture(self, vit: ViTAdapter, images: torch.Tensor, target, layers: List[int],
+    def tail_capture(self, vit: ViTAdapter, images: torch.Tensor, targets: Sequence, layers: List[int],
                      query_layers: Sequence[int], layer_pooling: str = "head") -> TailCapture:
-        """Block-tail gradients of ``layers``, keeping (q, k, ℓ, scale) of ``query_layers``."""
+        """Block-tail gradients of ``layers`` per target, keeping (q, k, ℓ, scale) of ``query_layers``."""
         keep: Dict[int, tuple] = {}
         core = _saving_core(self.attention.forward, keep, query_layers)
         recorder = LayerRecorder(vit, layers, keys=("x_in", "values", "attn_out"), core=core)
@@ -558,29 +589,27 @@ class Flash:
         with prepared_model(vit) as handles:
             vit.replace_attention(others, _plain_core(self.attention), handles)
             recorder.install(handles)
-            d_outs, rows = block_tail_grads(vit, images, target, layers, recorder.records, layer_pooling)
+            d_outs, rows = block_tail_grads(vit, images, targets, layers, recorder.records, layer_pooling)
         recs = recorder.records
         for l, saved in keep.items():
             recs[l]["saved"] = saved
         return TailCapture(d_outs, rows, recs, recorder.first_input.shape[1])
 
-    def legrad_sum(self, vit: ViTAdapter, cap: TailCapture, d_outs: list, layers: List[int],
-                   images: torch.Tensor) -> torch.Tensor:
-        """``(B, N)``: Σ_l mean_h (1/N) Σ_i max(⟨dO_l[i], v_j⟩, 0), all layers in one reduction: formed over
-        the prefix rows when the score reads only those, else by the tiled ``Σ_i max(G[i, j], 0)`` over
-        every query row."""
+    def positive_grad_means(self, vit: ViTAdapter, cap: TailCapture, d_outs: list, layers: List[int],
+                            images: torch.Tensor) -> List[torch.Tensor]:
+        """As ``Materialized.positive_grad_means``, all layers in one reduction: G̃ formed over the prefix
+        rows when the score reads only those, else the tiled ``Σ_i max(G̃[i, j], 0)`` over every query row."""
         b, n, heads = images.shape[0], cap.num_tokens, vit.num_heads
         recs = cap.records
         v_all = torch.cat([split_heads(recs[l]["values"], heads) for l in layers])            # (L'·B, H, N, d)
         do_all = torch.cat([split_heads(d.to(v_all.dtype), heads) for d in d_outs])           # (L'·B, H, R, d)
         acc = compute_dtype(v_all)
         if cap.rows != slice(None):
-            g = (do_all.to(acc) @ v_all.to(acc).transpose(-1, -2)).clamp_min(0)                # (L'·B, H, P, N)
-            t = g.sum(2)
+            e = legrad_reduce.legrad_reduce(do_all.to(acc) @ v_all.to(acc).transpose(-1, -2), n)      # G̃: (L'·B, H, P, N)
         else:
             ones = torch.ones(do_all.shape[0], n, dtype=acc, device=images.device)
-            t = self.attention.rows(ones, 1.0, do=do_all, v=v_all)                             # (L'·B, H, N)
-        return (t.mean(1) / n).unflatten(0, (len(layers), b)).sum(0)
+            e = legrad_reduce.legrad_columns(self.attention.rows(ones, 1.0, do=do_all, v=v_all), n)   # t: (L'·B, H, N)
+        return list(e.unflatten(0, (len(layers), b)).unbind(0))
 
     def query_rows(self, vit: ViTAdapter, cap: TailCapture, d_out: torch.Tensor, layer: int,
                    images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -7,23 +7,25 @@ pool instead of at row cls of the last block:
 - GAE: ``r⁰ = mean_h max(A_pool ⊙ G_pool, 0)[h, 0, :]``; TokenTM: that row ⊙ ``w^pool``, the transformation
   weights (§2) of the pool's value tokens (x = the pool's input tokens, x̃ = proj_pool(v); a pool narrower
   than the blocks: :func:`pool_transform_weights`);
-- attention Grad-CAM: §5 with A_pool and G_pool in place of the last block's row cls;
+- attention Grad-CAM: §5 with A_pool and G_pool in place of the last block's row cls (:func:`query_rows`);
 - LeGrad: s_l = the target score of the pool applied to Xˡ (its first latent, then the projection /
-  classifier), and ``eˡ_j = mean_h max(∂s_l/∂A_pool^{(l)}[h, 0, j], 0)``.
+  classifier), and ``eˡ_j = mean_h max(∂s_l/∂A_pool^{(l)}[h, 0, j], 0)`` (:func:`legrad_layer_maps`).
 
 ``A_pool`` (B, H, latents, M) covers the M tokens the pool reads (``vit.pool_columns``); rows over all N
 tokens have zeros elsewhere. Everything here is O(N·D): the pool's attention is one row per latent.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from ..capture import PoolRecorder, prepared_model
+from ..kernels._utils import EPS
 from ..models.protocol import ViTAdapter
-from ..targets import TargetList, resolve_target, target_score
-from ..transform import EPS, token_lengths
+from ..precision import compute_dtype, token_lengths
+from ..targets import resolve_target, target_score
+from ..torch_ops.legrad_reduce import legrad_reduce
 from .options import chosen_layers
 
 
@@ -69,14 +71,14 @@ class PoolStart:
     def row(self, num_tokens: int) -> torch.Tensor:
         """``(B, N)`` float32 at least, after the forward (``kind="probs"``)."""
         a = self.recorder.last["attn"].detach()
-        return first_latent(self.vit, a, num_tokens).to(torch.promote_types(a.dtype, torch.float32)).mean(1)
+        return first_latent(self.vit, a, num_tokens).to(compute_dtype(a)).mean(1)
 
     def on_gradient(self, num_tokens: int, set_row: Callable[[torch.Tensor], None]) -> None:
         """After the forward: ``set_row(r⁰)`` each time the score's gradient reaches the pool's attention
         (before any block's: the pool is above them), r⁰ ``(B, N)`` float32 at least."""
         rec = self.recorder.last
         a = rec["attn"]
-        acc = torch.promote_types(a.dtype, torch.float32)
+        acc = compute_dtype(a)
         w = None
         if self.kind == "tokentm":
             with torch.no_grad():
@@ -106,10 +108,6 @@ def _pool_output(vit: ViTAdapter, tokens: torch.Tensor, head: Callable, target) 
     return out, recorder.last
 
 
-def _targets(target):
-    return list(target) if isinstance(target, TargetList) else [target]
-
-
 def raw_attention(vit: ViTAdapter, images: torch.Tensor, path) -> torch.Tensor:
     """``(B, N−P)``: mean_h A_pool[h, 0, :]."""
     last = vit.num_layers - 1
@@ -117,46 +115,45 @@ def raw_attention(vit: ViTAdapter, images: torch.Tensor, path) -> torch.Tensor:
     with prepared_model(vit), torch.no_grad():
         _, rec = _pool_output(vit, x, vit.head, None)
     a = rec["attn"].detach()
-    e = first_latent(vit, a.to(torch.promote_types(a.dtype, torch.float32)), x.shape[1]).mean(1)
+    e = first_latent(vit, a.to(compute_dtype(a)), x.shape[1]).mean(1)
     return e[:, vit.num_prefix_tokens:]
 
 
-def attn_gradcam(vit: ViTAdapter, images: torch.Tensor, target, path):
-    """§5 at the pool: α_h = mean_{j ≥ P} G_pool[h, 0, j], e = max(mean_h α_h A_pool[h, 0, :], 0)."""
-    last, prefix = vit.num_layers - 1, vit.num_prefix_tokens
+def query_rows(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, path) -> List[tuple]:
+    """Per target, ``(A_pool[:, :, 0, :], G_pool[:, :, 0, :])`` over all N tokens, ``(B, H, N)`` each: the
+    pool's first latent row of its attention and of the score's gradient with respect to it."""
+    last = vit.num_layers - 1
     x = path.block_outputs(vit, images, [last])[last]
     n = x.shape[1]
-    outs = []
+    rows = []
     with prepared_model(vit):
-        out, rec = _pool_output(vit, x, vit.head, target)
+        out, rec = _pool_output(vit, x, vit.head, None)
         a = rec["attn"]
-        acc = torch.promote_types(a.dtype, torch.float32)
-        for k, t in enumerate(_targets(target)):
+        acc = compute_dtype(a)
+        for t in targets:
             t = resolve_target(t, out.detach())
             (g,) = torch.autograd.grad(target_score(out, t), [a], retain_graph=True)
-            a_n, g_n = first_latent(vit, a.detach().to(acc), n), first_latent(vit, g.to(acc), n)
-            alpha = g_n[:, :, prefix:].mean(-1, keepdim=True)
-            outs.append((alpha * a_n).mean(1).clamp_min(0)[:, prefix:])
-    return outs if isinstance(target, TargetList) else outs[0]
+            rows.append((first_latent(vit, a.detach().to(acc), n), first_latent(vit, g.to(acc), n)))
+    return rows
 
 
-def legrad(vit: ViTAdapter, images: torch.Tensor, target, options: Dict, path):
-    """§6 at the pool: per chosen block, the gradient of s_l = score(pool_head(Xˡ)) w.r.t. the pool's
-    attention in that application of the pool."""
+def legrad_layer_maps(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, options: Dict, path) -> list:
+    """§6 at the pool, per target ``(B, N)``: Σ over the chosen blocks of ``mean_h max(∂s_l/∂A_pool[h, 0, :], 0)``
+    (the ``legrad_reduce`` reduction over the one latent row), s_l = score(pool_head(Xˡ)) with the pool's
+    attention of that application of the pool."""
     layers = chosen_layers(options, vit.num_layers)
     xs = path.block_outputs(vit, images, layers)
-    n, prefix = xs[layers[0]].shape[1], vit.num_prefix_tokens
+    n = xs[layers[0]].shape[1]
     with prepared_model(vit):
         with torch.no_grad():
             output = vit.head(xs[vit.num_layers - 1]) if vit.num_layers - 1 in xs else vit.forward(images)
-        targets = [resolve_target(t, output) for t in _targets(target)]
+        targets = [resolve_target(t, output) for t in targets]
         maps: List = [0] * len(targets)
         for l in layers:
             out, rec = _pool_output(vit, xs[l], vit.pool_head, None)
             a = rec["attn"]
-            acc = torch.promote_types(a.dtype, torch.float32)
             for k, t in enumerate(targets):
                 (g,) = torch.autograd.grad(target_score(out, t), [a], retain_graph=k < len(targets) - 1)
-                maps[k] = maps[k] + first_latent(vit, g.to(acc).clamp_min(0), n).mean(1)
-    maps = [m[:, prefix:] for m in maps]
-    return maps if isinstance(target, TargetList) else maps[0]
+                e = legrad_reduce(g[:, :, :1], num_rows=1)                             # (B, M)
+                maps[k] = maps[k] + first_latent(vit, e[:, None, None], n)[:, 0]
+    return maps

@@ -1,7 +1,7 @@
 """The explanation methods: one ``MethodSpec`` per method, the only method switch of the package.
 
 A method is a name, its options (defaults, allowed values), what it can do (capabilities the entry
-checks before any work) and one function, ``explain(vit, images, target, options, path, full)``, in the
+checks before any work) and one function, ``explain(vit, images, targets, options, path, full)``, in the
 module of its family (``engine``: TokenTM / GAE / rollout; ``tails``: LeGrad / attention Grad-CAM;
 ``raw``: raw attention). ``path`` is the attention path strategy (``tokentm_fast.paths``).
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from ..fusion import GRADIENT_MODES
+from ..kernels._utils import GRADIENT_MODES
 from . import engine, raw, relevance, tails
 
 
@@ -23,8 +23,8 @@ class MethodSpec:
 
     Attributes:
         name: the ``method=`` name.
-        explain: ``(vit, images, target, options, path, full) -> (B, N−P)`` map (``(B, N, N)`` with
-            ``full``; for a ``TargetList`` target, the list of the K maps).
+        explain: ``(vit, images, targets, options, path, full) -> [(B, N−P) map per target]`` (``(B, N, N)``
+            with ``full``), ``targets`` a sequence of K ≥ 1 targets (``tokentm_fast.multi_target``).
         defaults: every option with its default (the options the method takes).
         choices: options restricted to a set of values.
         flags: options that must be bools.
@@ -32,9 +32,8 @@ class MethodSpec:
         layer_choice: takes ``end_layer`` / ``layers`` besides ``start_layer`` (docs/methods.md "Layer choice").
         full_matrix: ``full=True`` gives the whole ``(B, N, N)`` contribution matrix.
         needs_gradients: runs a backward pass (a target that is a score of the output).
-        target_free: the map does not depend on the target (computed once for K targets).
+        target_free: the map does not depend on the target (the method computes it once for K targets).
         flash_refuses: option values the flash path cannot serve → the reason (the entry's message).
-        flash_shares_forward: on the flash path, K targets share one forward (the others: one call each).
         materialized_only: why the flash path cannot serve the method at all (None: it can).
         pixel_map: the method's map is at the pixels ``(B, H, W)``; the patch grid is its sum over each
             patch (``tokentm_fast.maps.patch_sums``), ``upsample=True`` returns the pixels themselves.
@@ -56,7 +55,6 @@ class MethodSpec:
     needs_gradients: bool = True
     target_free: bool = False
     flash_refuses: Mapping[Tuple[str, Any], str] = field(default_factory=dict)
-    flash_shares_forward: bool = False
     materialized_only: Optional[str] = None
     pixel_map: bool = False
     float32_tolerance: float = 1e-5
@@ -92,16 +90,15 @@ REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("rollout", engine.rollout, defaults={"start_layer": 0}, layer_choice=True, full_matrix=True,
                needs_gradients=False, target_free=True),
     MethodSpec("raw_attention", raw.raw_attention, needs_gradients=False, target_free=True),
-    MethodSpec("attn_gradcam", tails.attn_gradcam, flash_shares_forward=True),
+    MethodSpec("attn_gradcam", tails.attn_gradcam),
     MethodSpec("legrad", tails.legrad,
                defaults={"start_layer": -2, "layer_pooling": "mean", "neutral_prompt": None,
                          "correction_threshold": 0.8},
                choices={"layer_pooling": ("mean", "head")}, layer_choice=True,
                checks={"neutral_prompt": tails.check_neutral_prompt,
-                       "correction_threshold": tails.check_threshold},
-               flash_shares_forward=True),
-    MethodSpec("conservative_lrp", relevance.conservative_lrp, flash_shares_forward=True, signed=True),
-    MethodSpec("attcat", relevance.attcat, flash_shares_forward=True, signed=True),
+                       "correction_threshold": tails.check_threshold}),
+    MethodSpec("conservative_lrp", relevance.conservative_lrp, signed=True),
+    MethodSpec("attcat", relevance.attcat, signed=True),
     MethodSpec("lrp", relevance.lrp, defaults={"rules": "ours"}, choices={"rules": RULES},
                materialized_only=_RELEVANCE_PASS, pixel_map=True, float32_tolerance=_RELEVANCE_TOLERANCE,
                signed=True),

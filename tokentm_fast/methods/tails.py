@@ -10,24 +10,19 @@ re-run block tails (proj, MLP, head) from the mixed heads ``o = concat_h(A_h V_h
 - attention Grad-CAM: ``α_h = mean_{j ≥ P} G̃ᴸ_h[q, j]`` and ``e = max(mean_h α_h Aᴸ_h[q, :], 0)`` for the
   query row q of the last block.
 
-Each returns ``(B, N−P)`` (a list over the targets for a ``TargetList``).
+Each takes a sequence of targets and returns a ``(B, N−P)`` map per target.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Sequence
 
 import torch
 
 from ..maps import minmax_normalize
 from ..models.protocol import ViTAdapter
-from ..targets import CosineSimilarity, TargetList
+from ..targets import CosineSimilarity
 from . import pool
 from .options import chosen_layers
-
-
-def _per_target(target, d_outs, reduce):
-    """``reduce`` applied to the gradients of each target (a ``TargetList``) or of the one target."""
-    return [reduce(d) for d in d_outs] if isinstance(target, TargetList) else reduce(d_outs)
 
 
 def check_neutral_prompt(value: Any) -> None:
@@ -51,46 +46,46 @@ def _neutral_correction(e: torch.Tensor, neutral: torch.Tensor, threshold: float
     return torch.where(minmax_normalize(neutral) > threshold, torch.zeros_like(e), e)
 
 
-def legrad(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
+def legrad(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, options: Dict[str, Any], path,
+           full: bool = False) -> List[torch.Tensor]:
     """LeGrad (``_legrad``), with the neutral-prompt correction when ``options["neutral_prompt"]`` is given:
     the map of ``cosine_similarity(neutral_prompt)`` is computed too, and the explanation zeroed where its
     min–max normalised map exceeds ``correction_threshold``."""
     neutral = options.get("neutral_prompt")
     if neutral is None:
-        return _legrad(vit, images, target, options, path)
-    many = isinstance(target, TargetList)
-    together = TargetList((*(target if many else [target]), CosineSimilarity(neutral)))
-    *maps, e_neutral = _legrad(vit, images, together, options, path)
-    maps = [_neutral_correction(e, e_neutral, options["correction_threshold"]) for e in maps]
-    return maps if many else maps[0]
+        return _legrad(vit, images, targets, options, path)
+    *maps, e_neutral = _legrad(vit, images, [*targets, CosineSimilarity(neutral)], options, path)
+    return [_neutral_correction(e, e_neutral, options["correction_threshold"]) for e in maps]
 
 
-def _legrad(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path):
+def _legrad(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, options: Dict[str, Any],
+            path) -> List[torch.Tensor]:
     """LeGrad over the chosen blocks (``start_layer`` .. L−1, by default the last two), each block's score
     read through ``layer_pooling``: ``"mean"`` (the default, the authors' code: the mean of Xˡ over all
     tokens, then the final norm and projection / classifier) or ``"head"`` (the model's own head on Xˡ)."""
+    prefix = vit.num_prefix_tokens
     if vit.attention_pool is not None:     # through the pool's attention (§6)
-        return pool.legrad(vit, images, target, options, path)
+        return [e[:, prefix:] for e in pool.legrad_layer_maps(vit, images, targets, options, path)]
     layers = chosen_layers(options, vit.num_layers)
-    cap = path.tail_capture(vit, images, target, layers, query_layers=(), layer_pooling=options["layer_pooling"])
-
-    def reduce(d_outs):
-        return path.legrad_sum(vit, cap, d_outs, layers, images)[:, vit.num_prefix_tokens:]
-
-    return _per_target(target, cap.d_outs, reduce)
+    cap = path.tail_capture(vit, images, targets, layers, query_layers=(), layer_pooling=options["layer_pooling"])
+    # e = Σ_l mean_h (1/N) Σ_i max(G̃ˡ_h[i, :], 0) over the chosen blocks
+    return [sum(path.positive_grad_means(vit, cap, d_outs, layers, images))[:, prefix:] for d_outs in cap.d_outs]
 
 
-def attn_gradcam(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path,
-                 full: bool = False):
-    """Attention Grad-CAM of the last block: the head weights α_h are the mean gradient over the patches."""
-    if vit.attention_pool is not None:     # α and A at the pool (§6.1)
-        return pool.attn_gradcam(vit, images, target, path)
-    last, prefix = vit.num_layers - 1, vit.num_prefix_tokens
-    cap = path.tail_capture(vit, images, target, [last], query_layers=[last])
-
-    def reduce(d_outs):
-        a_q, g_q = path.query_rows(vit, cap, d_outs[0], last, images)        # (B, H, N) each
+def attn_gradcam(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, options: Dict[str, Any], path,
+                 full: bool = False) -> List[torch.Tensor]:
+    """Attention Grad-CAM of the last block's query row (with an attention-pool head: of the pool's first
+    latent, §6.1): the head weights α_h are the mean gradient over the patches,
+    ``e = max(mean_h α_h A_h[q, :], 0)``."""
+    prefix = vit.num_prefix_tokens
+    if vit.attention_pool is not None:
+        rows = pool.query_rows(vit, images, targets, path)
+    else:
+        last = vit.num_layers - 1
+        cap = path.tail_capture(vit, images, targets, [last], query_layers=[last])
+        rows = [path.query_rows(vit, cap, d_outs[0], last, images) for d_outs in cap.d_outs]
+    maps = []
+    for a_q, g_q in rows:                                                       # (B, H, N) each
         alpha = g_q[:, :, prefix:].mean(-1, keepdim=True)                      # α_h
-        return (alpha * a_q).mean(1).clamp_min(0)[:, prefix:]
-
-    return _per_target(target, cap.d_outs, reduce)
+        maps.append((alpha * a_q).mean(1).clamp_min(0)[:, prefix:])
+    return maps

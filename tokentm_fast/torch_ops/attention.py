@@ -154,7 +154,7 @@ def attention_rows(
 
 def torch_attention():
     """The three functions above as the attention triple of the flash path (``paths.Flash``)."""
-    from ..kernels.attention import AttentionKernels
+    from ..kernels._utils import AttentionKernels
 
     def backward(q, k, v, o, lse, do, scale, row=None, input_grads=True):
         return flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=input_grads)

@@ -27,7 +27,7 @@ If triton is not importable at all, the wrappers exist but raise RuntimeError.
 """
 from __future__ import annotations
 
-from ._utils import require_triton, triton_available, triton_importable
+from ._utils import kernels_interpreted, require_triton, triton_available, triton_importable
 
 __all__ = [
     "transform_weights",
@@ -39,15 +39,26 @@ __all__ = [
     "require_triton",
 ]
 
-if triton_importable():
-    from .head_fusion import fuse_heads
-    from .legrad_reduce import legrad_reduce
-    from .matrix_update import matrix_update
-    from .row_update import row_update
-    from .transform_weights import transform_weights
-else:  # pragma: no cover - exercised only where triton is missing
+_WRAPPERS = {
+    "transform_weights": ".transform_weights",
+    "fuse_heads": ".head_fusion",
+    "row_update": ".row_update",
+    "matrix_update": ".matrix_update",
+    "legrad_reduce": ".legrad_reduce",
+}
 
-    def _missing(name):
+
+def __getattr__(name: str):
+    """The kernel wrappers, imported on first use: importing the package (and ``kernels._utils``, which
+    the package reads at import time) does not import Triton or build any kernel."""
+    if name not in _WRAPPERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if triton_importable():
+        from importlib import import_module
+
+        kernels_interpreted()           # the probe of the mode the kernel modules are built in, taken now
+        wrapper = getattr(import_module(_WRAPPERS[name], __name__), name)
+    else:  # pragma: no cover - exercised only where triton is missing
         def wrapper(*args, **kwargs):
             raise RuntimeError(
                 f"tokentm_fast.kernels.{name} needs Triton, which is not importable here; "
@@ -55,10 +66,5 @@ else:  # pragma: no cover - exercised only where triton is missing
             )
 
         wrapper.__name__ = name
-        return wrapper
-
-    transform_weights = _missing("transform_weights")
-    fuse_heads = _missing("fuse_heads")
-    row_update = _missing("row_update")
-    matrix_update = _missing("matrix_update")
-    legrad_reduce = _missing("legrad_reduce")
+    globals()[name] = wrapper
+    return wrapper

@@ -107,8 +107,9 @@ def triton_importable() -> bool:
 
 
 def _built_for_interpreter() -> bool:
-    """Whether ``triton.jit`` builds interpreted functions now: a probe function jitted once, when this
-    module is imported, that is, together with the kernel modules (``tokentm_fast.kernels`` imports them)."""
+    """Whether ``triton.jit`` builds interpreted functions now: a probe function jitted once, at the first
+    use of the kernels (``kernels_interpreted``; ``tokentm_fast.kernels`` imports the kernel modules then too,
+    so that importing the package imports no Triton)."""
     if not triton_importable():
         return False
     import triton
@@ -120,15 +121,18 @@ def _built_for_interpreter() -> bool:
     return type(_probe).__name__ == "InterpretedFunction"
 
 
-_KERNELS_INTERPRETED = _built_for_interpreter()
+_KERNELS_INTERPRETED: Optional[bool] = None
 
 
 def kernels_interpreted() -> bool:
     """True when the kernels were built for the interpreter.
 
     ``triton.jit`` chooses between the compiler and the interpreter when the
-    kernel modules are imported, so the environment at import time matters.
+    kernel modules are imported (at their first use), so the environment then matters.
     """
+    global _KERNELS_INTERPRETED
+    if _KERNELS_INTERPRETED is None:
+        _KERNELS_INTERPRETED = _built_for_interpreter()
     return _KERNELS_INTERPRETED
 
 

@@ -3,15 +3,9 @@
 Every one of them is the product of the per-layer update maps
 ``Uˡ = (I + diag(w_mlp)) · (I + Āˡ · diag(w_attn))`` applied to ``C⁰`` (``tokentm_fast.aggregation``);
 the rows of ``Cᴸ`` are carried top-down through the chosen blocks by the attention path
-(``tokentm_fast.paths``: materialized or flash), then multiplied by ``diag(C⁰)``:
-
-============  ==================  ===============  =============  ===========
-method        fusion              w_attn           w_mlp          C⁰
-============  ==================  ===============  =============  ===========
-tokentm       gae | decoupled     §2 weights       §2 weights     diag(|X⁰|) or I
-gae           gae                 1                0              I
-rollout       mean                1                −½             I
-============  ==================  ===============  =============  ===========
+(``tokentm_fast.paths``: materialized or flash), then multiplied by ``diag(C⁰)``. TokenTM's weights are
+the transformation weights of §2 and its C⁰ is diag(|X⁰|) or I; GAE's and rollout's constants are
+``tokentm_fast.aggregation``'s table (``GAE``, ``ROLLOUT``).
 
 With an attention-pool head (``vit.attention_pool``) the rows start at the pool (docs/methods.md §6.1,
 ``methods.pool.PoolStart``) instead of at the query row.

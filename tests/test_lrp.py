@@ -1,4 +1,4 @@
-"""The LRP family (tokentm_fast/methods/relevance.py, tokentm_fast/lrp_rules.py, docs/methods.md §6.3) against
+"""The LRP family (tokentm_fast/methods/relevance.py, tokentm_fast/methods/lrp_rules.py, docs/methods.md §6.3) against
 the independent literal oracle of tests/lrp_oracle.py: every backend, every family (through weights copied
 from one timm ViT), both rule sets, several targets, conservation, and the refusals. Float32 maps are held to
 a bound derived per image from the condition of the map (tests/checks.py), tight enough to catch a changed

@@ -8,7 +8,7 @@
   split into the H heads' groups: ``e_j = Σ_l mean_h (Aˡ_h[q, j] · Σ_{c ∈ group h} ∇hˡ_{j,c} hˡ_{j,c})``, with
   Aˡ_h[q, :] the query row (row cls; without a class token the mean over the pooled rows).
 
-The LRP family (docs/methods.md §6.3; Chefer et al. 2021's rules, ``tokentm_fast.lrp_rules``): one forward
+The LRP family (docs/methods.md §6.3; Chefer et al. 2021's rules, ``tokentm_fast.methods.lrp_rules``): one forward
 records what the rules read (``RelevancePass``), then the relevance runs top-down from ``∂s/∂y`` at the output:
 
 - ``lrp``: down to the pixels, summed over the colour channels, ``(B, H, W)``;
@@ -25,13 +25,14 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
-from .. import lrp_rules
 from ..aggregation import check_layer_order, query_support
 from ..capture import LayerRecorder, PointRecorder, PoolRecorder, prepared_model
 from ..models.protocol import LinearPoint, ViTAdapter, merge_heads, no_relevance_pass, split_heads
+from ..precision import compute_dtype
 from ..targets import TargetList, resolve_target, target_score
-from ..transform import compute_dtype
+from . import lrp_rules
 from .pool import first_latent
 
 #: the attention pool's points the relevance pass reads (``PoolLinears`` fields)
@@ -66,7 +67,8 @@ class RelevancePass:
 
     The forward records, for each block in ``layers``, its input, queries, keys, values, attention
     probabilities, the attention branch and the MLP branch, and the inputs of its four linear maps
-    (``vit.relevance_linears``); the head's linear inputs (``vit.head_linears``); with ``pixels`` the
+    (``vit.relevance_linears``; where a map is an ``nn.Linear`` of its own, also its output less the bias,
+    ``x Wᵀ``, which spares the linear rule a product); the head's linear inputs (``vit.head_linears``); with ``pixels`` the
     patch embedding's input and output and the tokens after the position embedding
     (``vit.embedding_points``). ``grads``: the attention probabilities stay in the graph (block
     ``layers[0]``'s input is the leaf) for ∇Aˡ. Nothing of the model is copied.
@@ -100,12 +102,17 @@ class RelevancePass:
         keys = ("x_in", "q", "k", "values", "attn", "attn_out", "y", "mlp_out")
         self.recorder = LayerRecorder(vit, self.layers, grad_from=self.layers[0] if grads else None, keys=keys)
         self.points = PointRecorder(points)
+        #: the linear maps whose output the forward records, less the bias: ``x Wᵀ`` without a product
+        self.linears = {key: p.module for key, p in points.items() if _is_linear_module(p)}
+        self.outputs: Dict[Any, Tuple[torch.Tensor, torch.Tensor, int]] = {}
         self.handles: list = []
 
     def forward(self, handles: list) -> torch.Tensor:
         """Install the recorders (undone by ``handles``) and run the model; its output ``(B, K)``."""
         self.recorder.install(handles)
         self.points.install(handles)
+        for key, module in self.linears.items():
+            handles.append(module.register_forward_hook(self._record_output(key)))
         if self.pool is not None:
             self.pool.install(handles)
         output = self.vit.forward(self.images)
@@ -116,6 +123,30 @@ class RelevancePass:
     def _value(self, key) -> torch.Tensor:
         return self.points.values[key].to(self.acc)
 
+    def _record_output(self, key):
+        """A forward hook keeping ``(output − bias, output, its version)`` of linear ``key``, if the forward
+        runs in the compute dtype (a half-precision output is too coarse for the rule's denominator)."""
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor) and output.dtype == self.acc:
+                out = output.detach()
+                xw = out if module.bias is None else out - module.bias.detach()
+                self.outputs[key] = (xw, out, out._version)
+        return hook
+
+    def _linear(self, key, r: torch.Tensor, x: Optional[torch.Tensor] = None, row: Optional[int] = None) -> torch.Tensor:
+        """The linear rule at linear ``key`` (``lrp_rules.linear``) from ``r`` at its output: ``x`` its input
+        (default: as recorded), ``row``: only that row of dimension 1 (the pool's first latent). Hands the
+        rule the forward's ``x Wᵀ`` where it was recorded for this ``x`` and not changed in place since."""
+        x = self._value(key) if x is None else x
+        xw, bias = None, None
+        if key in self.outputs:
+            rec, out, version = self.outputs[key]
+            rec = rec if row is None else rec[:, row]
+            if out._version == version and rec.shape == x.shape[:-1] + r.shape[-1:] and rec.dtype == x.dtype:
+                xw, bias = rec, self.linears[key].bias
+        x = x if row is None else x[:, row]
+        return lrp_rules.linear(x, self.weights[key], r, self.rules, xw=xw, bias=bias)
+
     def head(self, r_out: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Relevance at the last block's output ``(B, N, D)`` from ``r_out`` ``(B, K)`` at the model output;
         with an attention-pool head also R^{A_pool} of its first latent over the N tokens ``(B, H, N)``
@@ -125,8 +156,8 @@ class RelevancePass:
         for i in range(self.num_head):
             x = self._value(("head", i))
             inputs.append(vit.pool_tokens(x) if x.dim() == 3 else x)
-        for x, w in zip(reversed(inputs), reversed(self.head_weights)):
-            r = lrp_rules.linear(x, w, r, self.rules)
+        for i in reversed(range(self.num_head)):
+            r = self._linear(("head", i), r, inputs[i])
         rec = self.recorder.records[self.layers[-1]]
         tokens = (rec["y"] + rec["mlp_out"]).to(self.acc)          # the last block's output, which the head pools
         if self.pool is not None:
@@ -148,17 +179,16 @@ class RelevancePass:
         if self.pool_mlp:
             a, m = self._value(("pool", "latent"))[:, 0], self._value(("pool", "mlp"))[:, 0]
             r_a, r_m = lrp_rules.add(a, m, r, rules)
-            r_hidden = lrp_rules.linear(self._value(("pool", "fc2"))[:, 0], self.weights[("pool", "fc2")], r_m, rules)
-            r_norm = lrp_rules.linear(self._value(("pool", "fc1"))[:, 0], self.weights[("pool", "fc1")], r_hidden,
-                                      rules)
+            r_hidden = self._linear(("pool", "fc2"), r_m, row=0)
+            r_norm = self._linear(("pool", "fc1"), r_hidden, row=0)
             r = lrp_rules.clone(a, r_a, r_norm)
-        r_o = lrp_rules.linear(self._value(("pool", "proj"))[:, 0], self.weights[("pool", "proj")], r, rules)
+        r_o = self._linear(("pool", "proj"), r, row=0)
         r_o = r_o.unflatten(-1, (heads, -1))[:, :, None]                            # (B, H, 1, d)
         v = split_heads(rec["values"].to(acc), heads)
         r_attn, r_v = lrp_rules.product(attn, v, r_o)
         _, r_kt = lrp_rules.product(rec["q"][:, :, :1].to(acc), rec["k"].to(acc).transpose(-1, -2), r_attn)
         r_kv = torch.cat([merge_heads(r_kt.transpose(-1, -2)), merge_heads(r_v)], dim=-1)   # (B, M, 2·E)
-        r_read = lrp_rules.linear(self._value(("pool", "kv")), self.weights[("pool", "kv")], r_kv, rules)
+        r_read = self._linear(("pool", "kv"), r_kv)
         r_tokens = r_read.new_zeros(r_read.shape[0], num_tokens, r_read.shape[-1])
         r_tokens[:, self.vit.pool_columns(num_tokens)] = r_read
         return r_tokens, first_latent(self.vit, r_attn, num_tokens)
@@ -174,16 +204,15 @@ class RelevancePass:
         attn = rec["attn"].detach().to(acc)
         with torch.no_grad():
             a = vit.attn_output(l, rec["attn_out"]).to(acc)
-        w = {name: self.weights[(l, name)] for name in ("qkv", "proj", "fc1", "fc2")}
         r_y, r_m = lrp_rules.add(y, m, r, rules)
-        r_hidden = lrp_rules.linear(self._value((l, "fc2")), w["fc2"], r_m, rules)
-        r_norm2 = lrp_rules.linear(self._value((l, "fc1")), w["fc1"], r_hidden, rules)
+        r_hidden = self._linear((l, "fc2"), r_m)
+        r_norm2 = self._linear((l, "fc1"), r_hidden)
         r_x, r_a = lrp_rules.add(x_in, a, lrp_rules.clone(y, r_y, r_norm2), rules)
-        r_o = split_heads(lrp_rules.linear(self._value((l, "proj")), w["proj"], r_a, rules), heads)
+        r_o = split_heads(self._linear((l, "proj"), r_a), heads)
         r_attn, r_v = lrp_rules.product(attn, v, r_o)
         r_q, r_kt = lrp_rules.product(q, k.transpose(-1, -2), r_attn)
         r_qkv = torch.cat([merge_heads(r_q), merge_heads(r_kt.transpose(-1, -2)), merge_heads(r_v)], dim=-1)
-        r_norm1 = lrp_rules.linear(self._value((l, "qkv")), w["qkv"], r_qkv, rules)
+        r_norm1 = self._linear((l, "qkv"), r_qkv)
         return lrp_rules.clone(x_in, r_x, r_norm1), r_attn
 
     def pixels(self, r0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -199,6 +228,11 @@ class RelevancePass:
         r_pixels = lrp_rules.patch_embedding(self.images.to(self.acc), emb.conv, r_patch)
         shares = {"position": r_pos.sum((1, 2)), "prefix": r_e[:, :prefix].sum((1, 2))}
         return r_pixels.sum(1), shares
+
+
+def _is_linear_module(point: LinearPoint) -> bool:
+    """Whether ``point`` reads the input of a ``nn.Linear`` with the point's weight (its output is ``W x + b``)."""
+    return not point.output and isinstance(point.module, nn.Linear) and point.module.weight is point.weight
 
 
 def head_rows(vit: ViTAdapter, b: int, n: int, dtype, device) -> torch.Tensor:

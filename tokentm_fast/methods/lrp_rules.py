@@ -8,7 +8,8 @@ older ``layers_lrp.py``) changes two of them, see ``linear`` and ``add``.
 ==================  ===========================================================================
 operation           rule
 ==================  ===========================================================================
-linear ``W x + b``  α=1, β=0: ``x⁺ ⊙ W⁺ᵀ s + x⁻ ⊙ W⁻ᵀ s``, ``s = r / (W⁺x⁺ + W⁻x⁻)`` (bias left out)
+linear ``W x + b``  α=1, β=0: ``x⁺ ⊙ W⁺ᵀ s + x⁻ ⊙ W⁻ᵀ s``, ``s = r / (W⁺x⁺ + W⁻x⁻)`` (bias left out),
+                    computed as ``(x ⊙ Wᵀs + |x| ⊙ |W|ᵀs) / 2``, ``2 (W⁺x⁺ + W⁻x⁻) = W x + |W||x|``
 ``a + b``           z-rule shares ``a ⊙ r/z``, ``b ⊙ r/z``, rescaled per image to ``|Σa| : |Σb|`` and ``Σr``
 ``a · b`` (matmul)  z-rule over both operands (each receives all of ``r``), halved
 clone (x used 2×)   ``x ⊙ (r₁/x + r₂/x)``
@@ -20,7 +21,7 @@ norms, activations  relevance unchanged
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,30 +32,71 @@ STABILISER = 1e-9
 
 
 def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a / (b + 1e-9)``, and 0 where ``b == 0`` (the authors' stabiliser, exactly)."""
-    den = b.clamp(min=STABILISER) + b.clamp(max=STABILISER)
-    den = den + den.eq(0).to(den.dtype) * STABILISER
-    return a / den * b.ne(0).to(b.dtype)
+    """``a / (b + 1e-9)``, and 0 where ``b == 0`` (the authors' stabiliser, exactly: their
+    ``b.clamp(min=ε) + b.clamp(max=ε)`` is ``b + ε``, and a sum landing on 0 gets ε)."""
+    den, zero = _denominator(b)
+    return (a / den).masked_fill_(zero, 0.0)
+
+
+def _denominator(b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``safe_divide``'s denominator for ``b`` and the mask of ``b == 0``."""
+    den = b + STABILISER
+    return den.masked_fill_(den == 0, STABILISER), b == 0
 
 
 def _per_image_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=tuple(range(1, t.dim())), keepdim=True)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, rules: str = "ours") -> torch.Tensor:
+#: where the shared denominator from the identity is rounding noise and is recomputed term by term (``linear``)
+ZONE = 2.0 ** -6
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, rules: str = "ours",
+           xw: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Relevance at the input ``x (..., in)`` of ``z = W x + b`` (``W (out, in)``) from ``r (..., out)``.
 
-    ``"ours"``: positive and negative inputs share one denominator ``W⁺x⁺ + W⁻x⁻``; ``"classic"``: the
-    α=1, β=0 rule with its own denominator per part, ``x⁺ ⊙ W⁺ᵀ (r / W⁺x⁺) + x⁻ ⊙ W⁻ᵀ (r / W⁻x⁻)``.
+    ``"ours"``: positive and negative inputs share one denominator ``z⁺ = W⁺x⁺ + W⁻x⁻``, computed in three
+    products (docs/methods.md §6.3) from ``2z⁺ = xWᵀ + |x||W|ᵀ``: with ``S = r ⊘ z⁺`` the relevance is
+    ``(x ⊙ (S W) + |x| ⊙ (S |W|)) / 2``. ``xw (..., out)`` is ``x Wᵀ`` as the forward computed it (the layer's
+    output less its ``bias (out,)``), else one more product computes it. Where ``2z⁺`` lands within
+    ``ZONE · (|x||W|ᵀ + |b|)`` of 0 (rounding noise of the identity, or z⁺ = 0 exactly), z⁺ is recomputed
+    term by term on those rows, so that S is exactly 0 where z⁺ = 0, as ``safe_divide`` defines.
+
+    ``"classic"``: the α=1, β=0 rule with its own denominator per part (four products),
+    ``x⁺ ⊙ W⁺ᵀ (r / W⁺x⁺) + x⁻ ⊙ W⁻ᵀ (r / W⁻x⁻)``.
     """
     w = weight.to(x.dtype)
-    pw, nw = w.clamp(min=0), w.clamp(max=0)
-    px, nx = x.clamp(min=0), x.clamp(max=0)
-    z1, z2 = px @ pw.t(), nx @ nw.t()
     if rules == "classic":
-        return px * (safe_divide(r, z1) @ pw) + nx * (safe_divide(r, z2) @ nw)
-    s = safe_divide(r, z1 + z2)
-    return px * (s @ pw) + nx * (s @ nw)
+        pw, nw = w.clamp(min=0), w.clamp(max=0)
+        px, nx = x.clamp(min=0), x.clamp(max=0)
+        return px * (safe_divide(r, px @ pw.t()) @ pw) + nx * (safe_divide(r, nx @ nw.t()) @ nw)
+    aw, ax = w.abs(), x.abs()
+    magnitude = ax @ aw.t()                                             # |x||W|ᵀ, (..., out)
+    noise = magnitude * ZONE
+    if bias is not None:
+        noise += bias.to(x.dtype).abs() * ZONE
+    twice = magnitude.add_(x @ w.t() if xw is None else xw)            # 2 z⁺ (up to rounding)
+    exact_zero = _recompute_noisy(x, w, twice, twice <= noise)
+    s = r / twice.add_(2 * STABILISER)                                  # S / 2 = r / (2 z⁺ + 2·1e-9)
+    if exact_zero is not None:
+        s.masked_fill_(exact_zero, 0.0)
+    return (s @ w).mul_(x).addcmul_(s @ aw, ax)
+
+
+def _recompute_noisy(x: torch.Tensor, w: torch.Tensor, twice: torch.Tensor,
+                     noisy: torch.Tensor) -> Optional[torch.Tensor]:
+    """Where ``noisy``, ``twice`` ``(..., out)`` set to ``2 (x⁺W⁺ᵀ + x⁻W⁻ᵀ)`` (in place; only the rows of
+    ``x (..., in)`` with a noisy entry are multiplied); the mask of its exact zeros, or None if nothing is
+    noisy (then ``twice`` > 0 everywhere)."""
+    if not bool(noisy.any()):
+        return None
+    rows = noisy.flatten(0, -2).any(-1).nonzero().flatten()
+    xr = x.flatten(0, -2)[rows]
+    z = xr.clamp(min=0) @ w.clamp(min=0).t() + xr.clamp(max=0) @ w.clamp(max=0).t()
+    flat, mask = twice.view(-1, twice.shape[-1]), noisy.flatten(0, -2)[rows]
+    flat[rows] = torch.where(mask, 2 * z, flat[rows])
+    return twice == 0
 
 
 def add(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, rules: str = "ours") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -78,12 +120,13 @@ def product(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Te
     """Relevance at the operands of the matrix product ``z = a @ b`` (batched) from ``r`` (like z): the
     z-rule over both operands (``a ⊙ (s bᵀ)``, ``b ⊙ (aᵀ s)``, ``s = r / z``), each halved."""
     s = safe_divide(r, a @ b)
-    return a * (s @ b.transpose(-1, -2)) / 2, b * (a.transpose(-1, -2) @ s) / 2
+    return (s @ b.transpose(-1, -2)).mul_(a).div_(2), (a.transpose(-1, -2) @ s).mul_(b).div_(2)
 
 
 def clone(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     """Relevance at ``x`` used twice (the residual and its branch): ``x ⊙ (r₁/x + r₂/x)``."""
-    return x * (safe_divide(r1, x) + safe_divide(r2, x))
+    den, zero = _denominator(x)
+    return (r1 / den).add_(r2 / den).masked_fill_(zero, 0.0).mul_(x)
 
 
 def select_row(x: torch.Tensor, r: torch.Tensor, num_tokens: int, row: int = 0) -> torch.Tensor:

@@ -316,3 +316,57 @@ def test_no_n_by_n_tensor_on_the_flash_path(backend, device, monkeypatch):
         assert len(rec.shapes) > 50, "the recorder saw nothing: the test would be vacuous"
         flagged[method] = n_by_n(rec.shapes, 65, _tile(device), tuple(x.shape))[:5]
     assert not any(flagged.values()), flagged
+
+
+# --------------------------------------------------------------------------- open_clip's TimmModel around an Eva
+@pytest.fixture(scope="module")
+def open_clip_eva():
+    """``{variant: (open_clip TimmModel, the same Eva with the projection as its classifier)}``, float64: open_clip
+    builds ``eva02_tiny_patch14_224`` with a linear projection, whose trunk is swapped for the small headless
+    test Eva (``num_classes=0``: its output is the pooled token) and whose projection is resized to it; the
+    twin is a copy of that trunk whose classifier is the projection (bias 0)."""
+    from open_clip.timm_model import TimmModel
+
+    out = {}
+    for variant in ("eva02", "eva_plain"):
+        wrapper = TimmModel("eva02_tiny_patch14_224", embed_dim=16, proj="linear", pool="token")
+        wrapper.trunk = mf.timm_eva(variant, num_classes=0)
+        torch.manual_seed(5)
+        wrapper.head.proj = torch.nn.Linear(EVA["width"], 16, bias=False)
+        wrapper = wrapper.double().eval()
+        twin = copy.deepcopy(wrapper.trunk)
+        twin.reset_classifier(16)
+        twin = twin.double().eval()
+        with torch.no_grad():
+            twin.head.weight.copy_(wrapper.head.proj.weight)
+            twin.head.bias.zero_()
+        out[variant] = (wrapper, twin)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["eva02", "eva_plain"])
+def test_open_clip_timm_model_around_an_eva(open_clip_eva, variant):
+    """The wrapper is adapted (the EVA-CLIP towers' layout) and explains as a timm Eva whose classifier is the
+    projection: the same output, and every method's map of output channel 3 equal (float64; to the maps'
+    float32 rounding), the relevance pass included where it runs (its linear rule at the projection is the
+    classifier's); refused on RoPE / SwiGLU through the wrapper too."""
+    from tokentm_fast.models.timm_eva import OpenClipTimmEva
+
+    wrapper, twin = open_clip_eva[variant]
+    vit = adapt(wrapper)
+    assert type(vit) is OpenClipTimmEva and vit.num_classes is None and vit.family == "open_clip"
+    x = images(torch.float64)
+    with torch.no_grad():
+        want = twin(x)
+        assert want.std() > 1e-2
+        assert (vit.forward(x) - want).abs().max() <= 1e-12 * want.abs().max()
+    target = tf.class_logit(3)
+    for method in tf.METHODS:
+        if has_rope_or_swiglu(variant) and method in RELEVANCE_PASS:
+            with pytest.raises(ValueError, match="RoPE"):
+                tf.explain(wrapper, x, method, backend="torch", target=target)
+            continue
+        want = tf.explain(twin, x, method, backend="torch", target=target)
+        got = tf.explain(wrapper, x, method, backend="torch", target=target)
+        assert_informative(want)
+        assert (rel_err(got, want) <= FLOAT32_OUTPUT).all(), (method, rel_err(got, want))

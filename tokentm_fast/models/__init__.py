@@ -12,7 +12,8 @@
   (CoCa's, with its attentional pool, included) (``pip install "tokentm_fast[clip]"``).
 - hf_dinov2: ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``Dinov2ForImageClassification``,
   ``Dinov2WithRegistersForImageClassification`` (``pip install "tokentm_fast[hf]"``).
-- timm_eva: timm ``Eva`` (EVA-02: rotary position embedding, SwiGLU, sub-LayerNorm) (a dependency).
+- timm_eva: timm ``Eva`` (EVA-02: rotary position embedding, SwiGLU, sub-LayerNorm), also open_clip's
+  ``TimmModel`` around one (timm is a dependency).
 
 Subclasses are accepted; any other class is refused with a ``TypeError`` naming
 the supported ones (and the packages that are not installed, with their extra).
@@ -49,7 +50,7 @@ FAMILIES: List[Family] = [
     Family("hf_dinov2", "transformers", "hf_dinov2", "hf",
            "transformers Dinov2Model / Dinov2WithRegistersModel / Dinov2ForImageClassification / "
            "Dinov2WithRegistersForImageClassification"),
-    Family("timm_eva", "timm", "timm_eva", "", "timm Eva (EVA-02)"),
+    Family("timm_eva", "timm", "timm_eva", "", "timm Eva (EVA-02; also open_clip TimmModel around one)"),
 ]
 
 

@@ -276,10 +276,13 @@ class OpenClipTimmViT(TimmViT):
         return self.model(images)
 
 
-def _is_open_clip_timm_model(model: nn.Module) -> bool:
-    VisionTransformer, _, _ = timm_classes()
+def is_open_clip_timm_model(model: nn.Module, trunk_class: Optional[type] = None) -> bool:
+    """Whether ``model`` is open_clip's ``TimmModel`` around a ``trunk_class`` (default: timm's
+    ``VisionTransformer``)."""
+    if trunk_class is None:
+        trunk_class = timm_classes()[0]
     return (type(model).__name__ == "TimmModel" and type(model).__module__.startswith("open_clip")
-            and isinstance(getattr(model, "trunk", None), VisionTransformer))
+            and isinstance(getattr(model, "trunk", None), trunk_class))
 
 
 def adapter_class(model: nn.Module):
@@ -288,4 +291,4 @@ def adapter_class(model: nn.Module):
     VisionTransformer, _, _ = timm_classes()
     if isinstance(model, VisionTransformer):
         return TimmViT
-    return OpenClipTimmViT if _is_open_clip_timm_model(model) else None
+    return OpenClipTimmViT if is_open_clip_timm_model(model) else None

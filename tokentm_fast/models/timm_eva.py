@@ -1,4 +1,5 @@
-"""Adapter for timm ``Eva`` (EVA-02, EVA-CLIP image towers as timm builds them).
+"""Adapter for timm ``Eva`` (EVA-02, EVA-CLIP image towers as timm builds them, also inside open_clip's
+``TimmModel``).
 
 Block ``timm.models.eva.EvaBlock``: ``x + γ₁ ⊙ attn(norm1(x), rope)``, then ``+ γ₂ ⊙ mlp(norm2(x))``
 (γ = ``gamma_1`` / ``gamma_2``, parameters, 1 when None). Attention ``EvaAttention``: q, k, v from a fused
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .protocol import AttentionCore, BlockLinears, LinearPoint, PatchedForward, linear_point, no_relevance_pass
-from .timm import TimmViT
+from .timm import OpenClipTimmViT, TimmViT, is_open_clip_timm_model
 
 SUPPORTED_POOLING = ("token", "avg")
 
@@ -174,7 +175,16 @@ class TimmEva(TimmViT):
                             linear_point(blk.mlp.fc2))
 
 
+class OpenClipTimmEva(OpenClipTimmViT, TimmEva):
+    """open_clip's ``TimmModel`` around a timm ``Eva`` (the EVA-CLIP image towers open_clip builds with
+    timm): the trunk explained as ``TimmEva`` explains it, then the wrapper's ``head`` (a linear projection,
+    or nothing), as ``OpenClipTimmViT`` does for a ``VisionTransformer`` trunk; the output is an embedding."""
+
+
 def adapter_class(model: nn.Module):
-    """``TimmEva`` if ``model`` is a timm ``Eva`` (exact class or subclass), else None."""
+    """``TimmEva`` if ``model`` is a timm ``Eva`` (exact class or subclass), ``OpenClipTimmEva`` for open_clip's
+    ``TimmModel`` around one, else None."""
     Eva, _, _ = eva_classes()
-    return TimmEva if isinstance(model, Eva) else None
+    if isinstance(model, Eva):
+        return TimmEva
+    return OpenClipTimmEva if is_open_clip_timm_model(model, Eva) else None

@@ -209,9 +209,11 @@ def test_literal_maps_equal_the_reference(variant):
 
 
 # --------------------------------------------------------------------------- every backend and path
-PATHS = [("torch", "materialized"), ("torch", "flash"),
-         pytest.param("triton", "materialized", marks=triton_only),
-         pytest.param("triton", "flash", marks=triton_only)]
+#: (variant, backend, attention): torch for every variant; the interpreted Triton kernels (slow) for the plain
+#: model and the classifier with registers, which between them hold every part the others have
+CASES = [(v, "torch", a) for v in VARIANTS for a in ("materialized", "flash")] + [
+    pytest.param(v, "triton", a, marks=triton_only)
+    for v in ("model", "registers_classifier") for a in ("materialized", "flash")]
 
 
 def _explain_on(model, x, method, backend, attention, device, target):
@@ -219,8 +221,7 @@ def _explain_on(model, x, method, backend, attention, device, target):
     return tf.explain(on_device, x.to(device), method, backend=backend, attention=attention, target=target).cpu()
 
 
-@pytest.mark.parametrize("backend,attention", PATHS)
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant,backend,attention", CASES)
 def test_every_method_on_every_backend_and_path(variant, backend, attention, device):
     """§7: each float32 map within 1e-5 (relative L2 per image) of the float64 reference; the signed sums and
     the relevance pass on float64 copies within the float32 rounding of the maps (torch) or, on Triton (float32 only), within 1e-4 of

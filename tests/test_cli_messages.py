@@ -6,13 +6,13 @@
 * under ``torchrun`` an error every rank meets alike is printed once, by rank 0;
 * the class-folder warning is printed once.
 """
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import subprocess_env
 from PIL import Image
 
 TINY_KWARGS = dict(img_size=32, patch_size=8, depth=2)
@@ -125,14 +125,6 @@ def test_errors_every_rank_meets_are_marked():
     assert not EvaluationError("x").every_rank
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "TOKENTM_FAST_DEBUG"):
-        env.pop(k, None)
-    return env
-
-
 def _torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "tokentm_fast", "evaluate", "--size", "4", "--batch-size", "2", "--methods", "rollout",
@@ -142,7 +134,7 @@ def _torchrun(*args):
 def test_torchrun_reports_a_shared_error_once(checkpoints, tmp_path):
     """A corrupt checkpoint under torchrun (2 ranks, gloo): one message, from rank 0; no rank hangs."""
     r = subprocess.run(_torchrun("--checkpoint", checkpoints / "random.safetensors", "--output", tmp_path / "r.json"),
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     ours = [ln for ln in r.stderr.splitlines() if ln.startswith("tokentm-fast")]
     assert len(ours) == 1, r.stderr
@@ -152,7 +144,7 @@ def test_torchrun_reports_a_shared_error_once(checkpoints, tmp_path):
 
 
 def test_torchrun_without_cuda_says_it_once(tmp_path):
-    no_gpu = dict(_env(), CUDA_VISIBLE_DEVICES="")  # the ranks see no CUDA device, on any machine
+    no_gpu = dict(subprocess_env(), CUDA_VISIBLE_DEVICES="")  # the ranks see no CUDA device, on any machine
     r = subprocess.run(_torchrun("--device", "cuda", "--output", tmp_path / "r.json"), cwd=tmp_path, env=no_gpu,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0

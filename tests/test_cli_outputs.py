@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import subprocess_env
 from PIL import Image
 
 from tokentm_fast.evaluation import partial_path
@@ -154,13 +155,6 @@ _SLOW_FIRST = textwrap.dedent("""
 """)
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)
-    return env
-
-
 def test_a_second_evaluate_on_the_same_output_stops_at_once(tmp_path):
     import socket
 
@@ -168,7 +162,7 @@ def test_a_second_evaluate_on_the_same_output_stops_at_once(tmp_path):
     go = tmp_path / "go"
     lock = tmp_path / "r.json.lock"
     first = subprocess.Popen([sys.executable, "-c", _SLOW_FIRST, str(go), *EVAL, "--output", str(out)],
-                             cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
         holder = None
@@ -182,7 +176,7 @@ def test_a_second_evaluate_on_the_same_output_stops_at_once(tmp_path):
         assert holder["pid"] == first.pid
         t0 = time.time()
         second = subprocess.run([sys.executable, "-m", "tokentm_fast", *EVAL, "--output", str(out)], cwd=tmp_path,
-                                env=_env(), capture_output=True, text=True, timeout=240)
+                                env=subprocess_env(), capture_output=True, text=True, timeout=240)
         second_s = time.time() - t0
         assert second.returncode == 2, second.stderr
         err = second.stderr
@@ -206,7 +200,7 @@ def test_a_second_evaluate_on_the_same_output_stops_at_once(tmp_path):
     assert "resuming" not in err, (second_s, err)
     # and once the first is done, the same command runs (the lock went with the first process)
     r = subprocess.run([sys.executable, "-m", "tokentm_fast", *EVAL, "--output", str(out), "--overwrite"],
-                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+                       cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
 
 

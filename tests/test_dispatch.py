@@ -100,8 +100,8 @@ def test_auto_runs_the_backend_it_must_choose(device, triton_launches, dtype):
     kernels): ``backend="auto"`` launches Triton kernels exactly where the rules say it takes Triton (float32
     on CUDA with a usable Triton; never for float64, never on the CPU), recorded at Triton's launch, and its
     map is the float64 oracle's (tests/spec_oracle.py), without a warning."""
+    from helpers import rel_err_l2
     from spec_oracle import explain as oracle
-    from spec_oracle import rel_err
 
     model = vit(depth=2)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -112,7 +112,7 @@ def test_auto_runs_the_backend_it_must_choose(device, triton_launches, dtype):
     must_take_triton = dtype != torch.float64 and device.type == "cuda" and api.triton_usable(device)
     assert bool(triton_launches) == must_take_triton, triton_launches
     assert want.abs().max() > 0 and want.std() > 0
-    assert rel_err(got, want.reshape(got.shape)).max() < 1e-5
+    assert rel_err_l2(got, want.reshape(got.shape)).max() < 1e-5
 
 
 def test_the_launch_recorder_sees_the_triton_backend(model, device, triton_launches):

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from helpers import subprocess_env
 
 from tokentm_fast.cli import main
 from tokentm_fast.evaluation import partial_path
@@ -22,13 +23,6 @@ from tokentm_fast.evaluation import partial_path
 ARGS = ["evaluate", "--model", "synthetic", "--data", "synthetic", "--size", "14", "--batch-size", "2",
         "--methods", "tokentm,rollout", "--metrics", "segmentation,perturbation,sanity", "--sanity-images", "3",
         "--workers", "0", "--threads", "1", "--no-progress"]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _torchrun(output):
@@ -65,7 +59,7 @@ def _assert_same_results(dist, single):
 
 def test_torchrun_two_ranks_equal_one_process(single, tmp_path):
     out = tmp_path / "dist.json"
-    r = subprocess.run(_torchrun(out), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_torchrun(out), cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     dist = json.loads(out.read_text())
     _assert_same_results(dist, single)
@@ -79,7 +73,7 @@ def test_torchrun_two_ranks_equal_one_process(single, tmp_path):
 def test_sigkilled_rank_resumes_and_equals_one_process(single, tmp_path, capsys):
     out = tmp_path / "dist.json"
     rank1 = partial_path(out, rank=1, world_size=2)
-    proc = subprocess.Popen(_torchrun(out), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_torchrun(out), cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -113,7 +107,7 @@ def test_sigkilled_rank_resumes_and_equals_one_process(single, tmp_path, capsys)
     assert json.loads(rank1.read_text())["done"] == kept["done"]  # untouched
 
     # the same command again: every rank resumes its shard; merged = one process
-    r = subprocess.run(_torchrun(out), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_torchrun(out), cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr
     dist = json.loads(out.read_text())

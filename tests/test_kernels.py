@@ -16,6 +16,7 @@ import zlib
 
 import pytest
 import torch
+from helpers import max_rel_err_l2
 
 import tokentm_fast.kernels as K
 from tokentm_fast.kernels import _utils
@@ -42,13 +43,6 @@ def tol(dtype: torch.dtype, tf32: bool = False) -> float:
     return 5e-3 if (tf32 and CUDA) else 1e-5
 
 
-def rel_err(e: torch.Tensor, ref: torch.Tensor) -> float:
-    """Worst image of ‖e − e_ref‖ / ‖e_ref‖ (leading dim = images)."""
-    e = e.double().reshape(e.shape[0], -1)
-    ref = ref.double().reshape(ref.shape[0], -1).to(e.device)
-    return ((e - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)).max().item()
-
-
 def poisoned(*shape) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=torch.float32, device=DEVICE)
 
@@ -56,7 +50,7 @@ def poisoned(*shape) -> torch.Tensor:
 def check(out: torch.Tensor, got: torch.Tensor, ref: torch.Tensor, bound: float, what: str = "") -> None:
     assert got is out, "the wrapper must write into and return the given out="
     assert torch.isfinite(got).all(), f"{what}: NaN/Inf left in the output"
-    err = rel_err(got, ref)
+    err = max_rel_err_l2(got, ref)
     assert err <= bound, f"{what}: err {err:.3e} > {bound:.0e}"
 
 
@@ -249,7 +243,7 @@ def test_float_constant_weights(update):
     got = fn(rows, a, None, 1.0, -0.5, mode="mean", **kw)
     eye = torch.eye(N, dtype=torch.float64, device=DEVICE)
     ref = torch.bmm(f64(rows), 0.5 * eye + 0.5 * f64(a).mean(1))  # Abnar & Zuidema's ½ I + ½ mean_h A
-    assert rel_err(got, ref) <= 1e-5
+    assert max_rel_err_l2(got, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("N,B,H", [(145, 1, 2), (257, 2, 1)])

@@ -7,8 +7,9 @@ import lrp_oracle
 import model_families as mf
 import pytest
 import torch
+from helpers import rel_err_l2
 from spec_oracle import explain as oracle
-from spec_oracle import query, rel_err, run_vit
+from spec_oracle import query, run_vit
 
 import tokentm_fast as tf
 from tokentm_fast.methods import REGISTRY, MethodSpec, get_method, resolve_options
@@ -51,7 +52,7 @@ def test_each_entry_computes_its_method(model64, name):
     else:
         ref = oracle(model64, images, name, target=torch.tensor([1, 3]))
     assert ref.abs().max() > 0
-    assert rel_err(out, ref).max() < 1e-10
+    assert rel_err_l2(out, ref).max() < 1e-10
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -101,9 +102,9 @@ def test_a_new_method_is_a_registry_entry_and_one_function(monkeypatch, backend,
     _, layers, x0, m = run_vit(model.double(), images.double())
     q = query(m, 2, x0.shape[1])
     ref = torch.einsum("bi,bij->bj", q, layers[0]["attn"].detach().mean(1))[:, 1:].reshape(2, 4, 4)
-    assert ref.std() > 0 and rel_err(out, ref).max() < 1e-5
+    assert ref.std() > 0 and rel_err_l2(out, ref).max() < 1e-5
     # not the last block's (raw attention): the entry really ran the new function
-    assert rel_err(tf.explain(model.float(), images, "raw_attention", backend="torch"), ref).max() > 1e-3
+    assert rel_err_l2(tf.explain(model.float(), images, "raw_attention", backend="torch"), ref).max() > 1e-3
     with pytest.raises(ValueError, match="unknown option"):
         tf.Explainer(model, "first_block_attention", start_layer=1)
 

@@ -14,6 +14,7 @@ import importlib
 
 import pytest
 import torch
+from helpers import max_rel_err_l2
 
 import tokentm_fast.bindings as bindings
 from tokentm_fast import ops
@@ -86,14 +87,6 @@ def ref_legrad(grads):
     return sum(torch.maximum(g.double(), torch.zeros(())).mean(dim=(1, 2)) for g in grads)
 
 
-def rel_err(x, ref):
-    """Largest per-image relative L2 error."""
-    x = x.double().reshape(x.shape[0], -1)
-    ref = ref.double().reshape(ref.shape[0], -1)
-    assert torch.isfinite(x).all()
-    return ((x - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
-
-
 # --------------------------------------------------------------------------- inputs
 
 
@@ -119,7 +112,7 @@ def test_transform_weights_matches_spec(use_length, use_necc, dtype):
     x[0, 3] = 0.0  # a zero token exercises ε
     w = ops.transform_weights(x, xt, use_length, use_necc)
     assert w.shape == (2, 11) and w.dtype == torch.float32
-    assert rel_err(w, ref_transform(x, xt, use_length, use_necc)) <= TOL
+    assert max_rel_err_l2(w, ref_transform(x, xt, use_length, use_necc)) <= TOL
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -129,7 +122,7 @@ def test_fuse_heads_matches_spec(mode, n):
     grad = grads[0] if mode in ("gae", "decoupled") else None
     fused = ops.fuse_heads(attns[0], grad, mode)
     assert fused.shape == (2, n, n) and fused.dtype == torch.float32
-    assert rel_err(fused, ref_fuse(attns[0], grad, mode)) <= TOL
+    assert max_rel_err_l2(fused, ref_fuse(attns[0], grad, mode)) <= TOL
 
 
 def test_rollout_is_built_from_the_mean_fusion_and_the_rollout_constants():
@@ -145,9 +138,9 @@ def test_rollout_is_built_from_the_mean_fusion_and_the_rollout_constants():
     torch.testing.assert_close(rollout, 0.5 * mean + 0.5 * eye, rtol=0, atol=0)
     assert (rollout.diagonal(dim1=-2, dim2=-1) > 0.5).all() and rollout[0].std() > 0.05  # informative
     ref = ref_aggregate(attns, None, w_attn, w_mlp, c0, "rollout")
-    assert rel_err(ops.tokentm_matrix(attns, grads, w_attn, w_mlp, c0, mode="rollout", allow_tf32=False), ref) <= TOL
+    assert max_rel_err_l2(ops.tokentm_matrix(attns, grads, w_attn, w_mlp, c0, mode="rollout", allow_tf32=False), ref) <= TOL
     for q in (0, -1):
-        assert rel_err(ops.tokentm_rows(attns, None, w_attn, w_mlp, c0, q, mode="rollout"), ref[:, q]) <= TOL
+        assert max_rel_err_l2(ops.tokentm_rows(attns, None, w_attn, w_mlp, c0, q, mode="rollout"), ref[:, q]) <= TOL
     with pytest.raises(ValueError, match="unknown head fusion mode 'rollout'"):
         torch.ops.tokentm.fuse_heads(attns[0], None, "rollout")
     with pytest.raises(ValueError, match="unknown head fusion mode 'rollout'"):
@@ -164,7 +157,7 @@ def test_tokentm_rows_matches_spec(n, mode, init, query_index):
     ref = ref_aggregate(attns, grads, w_attn, w_mlp, c0 if init == "length" else None, mode)[:, query_index]
     row = ops.tokentm_rows(attns, grads, w_attn, w_mlp, init_arg, query_index, mode=mode)
     assert row.shape == (2, n) and row.dtype == torch.float32
-    assert rel_err(row, ref) <= TOL
+    assert max_rel_err_l2(row, ref) <= TOL
     stacked = ops.tokentm_rows(torch.stack(attns), torch.stack(grads), torch.stack(w_attn), torch.stack(w_mlp),
                                init_arg, query_index, mode=mode)
     torch.testing.assert_close(stacked, row, rtol=0, atol=0)
@@ -177,33 +170,33 @@ def test_tokentm_matrix_matches_spec(n, mode):
     ref = ref_aggregate(attns, grads, w_attn, w_mlp, c0, mode)
     mat = ops.tokentm_matrix(attns, grads, w_attn, w_mlp, c0, mode=mode)
     assert mat.shape == (2, n, n) and mat.dtype == torch.float32
-    assert rel_err(mat, ref) <= TOL
+    assert max_rel_err_l2(mat, ref) <= TOL
     stacked = ops.tokentm_matrix(torch.stack(attns), torch.stack(grads), torch.stack(w_attn), torch.stack(w_mlp),
                                  c0, mode=mode)
     torch.testing.assert_close(stacked, mat, rtol=0, atol=0)
     # every row of the matrix is what the row algorithm gives for that query
     for q in (0, n - 1):
         row = ops.tokentm_rows(attns, grads, w_attn, w_mlp, c0, q, mode=mode)
-        assert rel_err(row, mat[:, q]) <= TOL
+        assert max_rel_err_l2(row, mat[:, q]) <= TOL
 
 
 def test_constant_weights_gae_and_rollout():
     """Numbers as weights (docs/methods.md §4: GAE w_attn=1, w_mlp=0; rollout via mode="rollout", no grads)."""
     attns, grads, *_ = make_inputs(n=10, layers=3, seed=3)
     ref = ref_aggregate(attns, grads, [1.0] * 3, [0.0] * 3, None, "gae")[:, 0]
-    assert rel_err(ops.tokentm_rows(attns, grads, 1.0, 0.0, "identity"), ref) <= TOL
+    assert max_rel_err_l2(ops.tokentm_rows(attns, grads, 1.0, 0.0, "identity"), ref) <= TOL
     ones, zeros = [torch.ones(2, 10)] * 3, [torch.zeros(2, 10)] * 3
-    assert rel_err(ops.tokentm_rows(attns, grads, ones, zeros, "identity"), ref) <= TOL
-    assert rel_err(ops.tokentm_rows(attns, grads, [1.0, ones[1], 1], 0, "identity"), ref) <= TOL
+    assert max_rel_err_l2(ops.tokentm_rows(attns, grads, ones, zeros, "identity"), ref) <= TOL
+    assert max_rel_err_l2(ops.tokentm_rows(attns, grads, [1.0, ones[1], 1], 0, "identity"), ref) <= TOL
     # rollout: R = Âᴸ ⋯ Â¹ with Â = mean_h A / 2 + I / 2  (w_attn = 1, w_mlp = 0 on the "rollout" fusion
     # would add I once more, so use the "mean" fusion with w_mlp = -1/2 as the engine does)
     roll = ref_aggregate(attns, None, [0.0] * 3, [0.0] * 3, None, "rollout")  # identity
     for l in range(3):
         roll = ref_fuse(attns[l], None, "rollout") @ roll
     got = ops.tokentm_rows(attns, None, 1.0, -0.5, "identity", mode="mean")
-    assert rel_err(got, roll[:, 0]) <= TOL
+    assert max_rel_err_l2(got, roll[:, 0]) <= TOL
     got_mat = ops.tokentm_matrix(torch.stack(attns), None, 1.0, -0.5, "identity", mode="mean")
-    assert rel_err(got_mat, roll) <= TOL
+    assert max_rel_err_l2(got_mat, roll) <= TOL
 
 
 @pytest.mark.parametrize("n", [7, 16])
@@ -212,14 +205,14 @@ def test_legrad_reduce_matches_spec(n):
     ref = ref_legrad(grads)
     out = ops.legrad_reduce(grads)
     assert out.shape == (2, n) and out.dtype == torch.float32
-    assert rel_err(out, ref) <= TOL
+    assert max_rel_err_l2(out, ref) <= TOL
     torch.testing.assert_close(ops.legrad_reduce(torch.stack(grads)), out, rtol=0, atol=0)
     # only the class-token row non-zero: passing that row with num_rows = N gives the same map
     cls_only = [torch.zeros_like(g) for g in grads]
     for g, c in zip(grads, cls_only):
         c[:, :, 0] = g[:, :, 0]
     rows = [g[:, :, :1] for g in grads]
-    assert rel_err(ops.legrad_reduce(rows, num_rows=n), ref_legrad(cls_only)) <= TOL
+    assert max_rel_err_l2(ops.legrad_reduce(rows, num_rows=n), ref_legrad(cls_only)) <= TOL
 
 
 def test_half_precision_inputs():
@@ -227,9 +220,9 @@ def test_half_precision_inputs():
     attns, grads, w_attn, w_mlp, c0 = make_inputs(n=9, layers=2, dtype=torch.bfloat16, seed=7)
     ref = ref_aggregate(attns, grads, w_attn, w_mlp, c0, "gae")[:, 0]
     row = ops.tokentm_rows(attns, grads, w_attn, w_mlp, c0)
-    assert row.dtype == torch.float32 and rel_err(row, ref) <= 2e-2
+    assert row.dtype == torch.float32 and max_rel_err_l2(row, ref) <= 2e-2
     x = torch.randn(2, 9, 8).half()
-    assert rel_err(ops.transform_weights(x, 2 * x + 1), ref_transform(x, 2 * x + 1)) <= 2e-2
+    assert max_rel_err_l2(ops.transform_weights(x, 2 * x + 1), ref_transform(x, 2 * x + 1)) <= 2e-2
 
 
 # --------------------------------------------------------------------------- (b) validation

@@ -7,29 +7,9 @@ from __future__ import annotations
 import model_families as mf
 import pytest
 import torch
-from spec_oracle import rel_err, run_vit
+from helpers import literal_legrad, rel_err_l2
 
 import tokentm_fast as tf
-
-
-def literal_legrad(model, images, target, layer_pooling="mean", start_layer=-2):
-    """§6 literally, float64: s_l from block l's tokens, G̃ˡ = ∂s_l/∂Aˡ (the full graph), e = Σ_l eˡ."""
-    _, layers, _, m = run_vit(model, images)
-    b, L, P = images.shape[0], len(layers), m.num_prefix_tokens
-    e = 0
-    for l in range(start_layer % L, L):
-        x = layers[l]["x_out"]
-        if layer_pooling == "mean":                 # mean over ALL tokens → final norm → fc norm → classifier
-            out = m.head(m.fc_norm(m.norm(x.mean(1))))
-        else:                                       # the model's head: final norm → its pooling → classifier
-            z = m.norm(x)
-            z = z[:, 0] if m.global_pool == "token" else z[:, P:].mean(1)
-            out = m.head(m.fc_norm(z))
-        s = out[torch.arange(b), target].sum()
-        (g,) = torch.autograd.grad(s, layers[l]["attn"], retain_graph=True)
-        e = e + g.clamp_min(0).mean(2).mean(1)
-    return e[:, P:].detach()
-
 
 TARGET = torch.tensor([1, 3])
 MODELS = {
@@ -45,13 +25,13 @@ def test_default_is_the_mean_over_all_tokens(name, backend):
     model, images = MODELS[name]().eval(), mf.images()
     ref = literal_legrad(model, images, TARGET)
     head = literal_legrad(model, images, TARGET, "head")
-    assert ref.abs().max() > 0 and rel_err(head, ref).min() > 1e-3     # the two poolings differ here
+    assert ref.abs().max() > 0 and rel_err_l2(head, ref).min() > 1e-3     # the two poolings differ here
     out = tf.explain(model, images, "legrad", target=TARGET, backend=backend)
-    assert rel_err(out, ref.reshape(out.shape)).max() < 1e-5
+    assert rel_err_l2(out, ref.reshape(out.shape)).max() < 1e-5
     assert torch.equal(out, tf.explain(model, images, "legrad", target=TARGET, backend=backend,
                                        layer_pooling="mean"))
     got = tf.explain(model, images, "legrad", target=TARGET, backend=backend, layer_pooling="head")
-    assert rel_err(got, head.reshape(got.shape)).max() < 1e-5
+    assert rel_err_l2(got, head.reshape(got.shape)).max() < 1e-5
 
 
 @pytest.mark.parametrize("attention", ["materialized", "flash"])
@@ -64,7 +44,7 @@ def test_triton_paths(attention, layer_pooling, device):
     out = tf.explain(model.to(device), images.to(device), "legrad", target=TARGET.to(device), backend="triton",
                      attention=attention, layer_pooling=layer_pooling, start_layer=0).cpu()
     ref = literal_legrad(model.cpu(), images, TARGET, layer_pooling, start_layer=0)
-    assert ref.abs().max() > 0 and rel_err(out, ref.reshape(out.shape)).max() < 1e-5
+    assert ref.abs().max() > 0 and rel_err_l2(out, ref.reshape(out.shape)).max() < 1e-5
 
 
 @pytest.mark.parametrize("family", ["hf_vit", "torchvision", "open_clip", "open_clip_avg", "hf_clip"])
@@ -85,7 +65,7 @@ def test_every_family_pools_as_the_spec(family):
     assert ref.abs().max() > 0
     for backend in ("torch", "reference"):
         out = tf.explain(dst.eval(), images, "legrad", target=target, backend=backend)
-        assert rel_err(out, ref.reshape(out.shape)).max() < 1e-5, backend
+        assert rel_err_l2(out, ref.reshape(out.shape)).max() < 1e-5, backend
 
 
 def test_layer_pooling_is_checked():

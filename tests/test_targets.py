@@ -1,8 +1,8 @@
 """tokentm_fast/targets.py: score functions (callables of the model output), class_logit, cosine_similarity."""
 import pytest
 import torch
-from spec_oracle import pooled_head as oracle_pooled_head
-from spec_oracle import rel_err, run_vit
+from helpers import literal_legrad, rel_err_l2
+from spec_oracle import run_vit
 
 import tokentm_fast as tf
 from tokentm_fast.targets import ScoreFunction, class_logit, cosine_similarity
@@ -86,18 +86,6 @@ def test_cosine_similarity_scores():
     assert not torch.allclose(shared, s)
 
 
-def literal_legrad(model, images, score, start_layer=-2):
-    """Spec §6 by hand (float64): per layer, s_l = score(final norm → fc norm → classifier of the mean of
-    Xˡ over all tokens) (the default ``layer_pooling="mean"``) and one autograd.grad w.r.t. Aˡ."""
-    _, layers, _, m = run_vit(model, images)
-    e = 0
-    for l in range(start_layer % len(layers), len(layers)):
-        s_l = score(oracle_pooled_head(m, layers[l]["x_out"].mean(1))).sum()
-        (g,) = torch.autograd.grad(s_l, layers[l]["attn"], retain_graph=True)   # (B, H, N, N)
-        e = e + g.clamp(min=0).mean(dim=2).mean(dim=1)
-    return e[:, m.num_prefix_tokens:]
-
-
 @pytest.mark.parametrize("start_layer", [-2, 0])
 def test_cosine_similarity_legrad_matches_literal_autograd(vit, start_layer):
     # The classifier's logits serve as the embedding (timm feature models: see below).
@@ -105,15 +93,15 @@ def test_cosine_similarity_legrad_matches_literal_autograd(vit, start_layer):
     ref = torch.randn(2, 5, generator=torch.Generator().manual_seed(7))
     target = cosine_similarity(ref)
     e_ref = literal_legrad(model, images, lambda out: torch.nn.functional.cosine_similarity(
-        out, ref.double(), dim=-1), start_layer)
+        out, ref.double(), dim=-1), start_layer=start_layer)
     assert _nonzero(e_ref)
     for backend in BACKENDS:
         e = tf.explain(model, images, "legrad", target=target, backend=backend, start_layer=start_layer)
-        err = rel_err(e, e_ref.reshape(e.shape))
+        err = rel_err_l2(e, e_ref.reshape(e.shape))
         assert (err <= 1e-5).all(), (backend, err)
     # a different reference embedding gives a different map
     other = tf.explain(model, images, "legrad", target=cosine_similarity(-ref), start_layer=start_layer)
-    assert rel_err(other, e_ref.reshape(other.shape)).min() > 1e-2
+    assert rel_err_l2(other, e_ref.reshape(other.shape)).min() > 1e-2
 
 
 def test_cosine_similarity_on_a_feature_model_matches_literal_autograd(make_model, make_images):
@@ -128,11 +116,11 @@ def test_cosine_similarity_on_a_feature_model_matches_literal_autograd(make_mode
     for backend in BACKENDS:
         e = tf.explain(model, images, "legrad", target=cosine_similarity(ref), backend=backend, start_layer=0)
         assert e.shape == (2, 4, 4)
-        assert (rel_err(e, e_ref.reshape(e.shape)) <= 1e-5).all(), backend
+        assert (rel_err_l2(e, e_ref.reshape(e.shape)) <= 1e-5).all(), backend
     for method in ("tokentm", "gae"):
         e_ref = tf.explain(model, images, method, target=cosine_similarity(ref), backend="reference")
         e = tf.explain(model, images, method, target=cosine_similarity(ref), backend="torch")
-        assert _nonzero(e_ref) and (rel_err(e, e_ref) <= 1e-5).all(), method
+        assert _nonzero(e_ref) and (rel_err_l2(e, e_ref) <= 1e-5).all(), method
     with pytest.raises(ValueError, match="no classifier"):
         tf.explain(model, images, "tokentm")
     with pytest.raises(ValueError, match="no classifier"):
@@ -194,7 +182,7 @@ def test_cosine_similarity_legrad_on_open_clip_matches_literal_autograd(make_mod
             e = tf.explain(visual, images, "legrad", target=cosine_similarity(text), backend=backend,
                            start_layer=start_layer)
             assert e.shape == (2, 4, 4)
-            assert (rel_err(e, e_ref.reshape(e.shape)) <= 1e-5).all(), (backend, start_layer)
+            assert (rel_err_l2(e, e_ref.reshape(e.shape)) <= 1e-5).all(), (backend, start_layer)
 
 
 FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -229,7 +217,7 @@ def test_cosine_similarity_torch_matches_reference(vit, method):
     e = tf.explain(model, images, method, target=target, backend="torch")
     assert _nonzero(e_ref)
     bound = gradcam_tolerance(model, images, target)[0] if method == "attn_gradcam" else 1e-5
-    assert (rel_err(e, e_ref) <= bound).all(), (rel_err(e, e_ref), bound)
+    assert (rel_err_l2(e, e_ref) <= bound).all(), (rel_err_l2(e, e_ref), bound)
 
 
 def test_gradcam_tolerance_still_catches_a_wrong_map(vit):
@@ -246,7 +234,7 @@ def test_gradcam_tolerance_still_catches_a_wrong_map(vit):
     wrong_alpha = (alpha_with_cls * a).mean(1).clamp_min(0)
     no_weights = a.mean(1)
     for wrong in (wrong_alpha, no_weights):
-        assert (rel_err(wrong.reshape(e_ref.shape), e_ref) > 10 * bound).all()
+        assert (rel_err_l2(wrong.reshape(e_ref.shape), e_ref) > 10 * bound).all()
 
 
 # --------------------------------------------------------------------------- checks

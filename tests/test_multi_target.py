@@ -1,6 +1,7 @@
-"""Issue 15: several targets per image in one call. A ``(B, K)`` integer target or a list of K score
-functions gives ``(B, K, gh, gw)`` maps; map ``[:, k]`` equals a separate call with target k, on every
-backend and attention path (tokentm_fast/multi_target.py says which paths share the forward pass).
+"""tokentm_fast/multi_target.py and the API's target lists (issue 15): several targets per image in one
+call. A ``(B, K)`` integer target or a list of K score functions gives ``(B, K, gh, gw)`` maps; map
+``[:, k]`` equals a separate call with target k, on every backend and attention path
+(tokentm_fast/multi_target.py says which paths share the forward pass).
 
 Equality: on the CPU the shared-forward path runs the same float32 operations on the same tensors as a
 separate call (the forward is deterministic, each backward is the one of a separate call), so the maps

@@ -1,14 +1,16 @@
-"""The flash explanation path (``attention="flash"``) end to end under Triton's interpreter.
+"""tokentm_fast/paths.py: the flash explanation path (``attention="flash"``, the ``Flash`` path) end to end
+under Triton's interpreter, and the choice between it and the materialized path.
 
 Every method against the independent float64 oracle of ``tests/spec_oracle.py``
 (docs/methods.md tolerances: 1e-5 for float32 — the interpreter multiplies in
 full float32 —, 2e-2 for bfloat16), on small timm models that cover what the
 kernels must handle: odd N (37, 49, 197), head widths 32 and 64, register
 tokens, LayerScale, mean pooling without a class token. Then: no N×N tensor in
-any layout exists during a flash call (recorded with a ``TorchDispatchMode``:
-two dimensions within a tile of N, or one of N² or more), for every method the
+any layout exists during a flash call (tests/helpers.py's recorder: two
+dimensions within a tile of N, or one of N² or more), for every method the
 flash path serves, with layer choice and several targets, on every model
-family and an attention pool; and the model is left exactly as it was.
+family and an attention pool; the model is left exactly as it was; which path
+``Explainer`` picks, and what the flash path refuses.
 
 The device is the suite's (``device`` fixture, tests/conftest.py): the models and images are built on the
 CPU, the float64 oracle runs there on them, and the flash call gets a copy of the model and the images on
@@ -22,9 +24,8 @@ import os
 import pytest
 import timm
 import torch
+from helpers import FLASH_METHODS, N65, ShapeRecorder, attention_tile, n_by_n, rel_err_l2
 from spec_oracle import explain as oracle
-from spec_oracle import rel_err
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokentm_fast as tf
 from tokentm_fast.kernels import triton_available
@@ -75,7 +76,7 @@ def flash(model, images, method, device, dtype=None, **options):
 def _check(e, e_ref, tol):
     assert torch.isfinite(e).all()
     assert e_ref.abs().max() > 0, "vacuous: the oracle map is zero"
-    err = rel_err(e, e_ref.reshape(e.shape))
+    err = rel_err_l2(e, e_ref.reshape(e.shape))
     assert (err <= tol).all(), err
 
 
@@ -137,53 +138,8 @@ def test_half_precision_model(method, dtype, device):
     _check(flash(model, images, method, device, dtype=dtype), e_ref, 2e-2)
 
 
-class ShapeRecorder(TorchDispatchMode):
-    """Every tensor shape an operator returns during the mode."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
-def _tile(device) -> int:
-    """The largest attention tile a kernel may pad N to: the interpreter's, or the GPU table's largest."""
-    from tokentm_fast.kernels.attention import CONFIG_TABLE, INTERPRETER_CONFIG
-
-    if device.type != "cuda":
-        return max(INTERPRETER_CONFIG.kwargs["BLOCK_M"], INTERPRETER_CONFIG.kwargs["BLOCK_N"])
-    return max(max(m, n) for entries in CONFIG_TABLE.values() for m, n, _, _ in entries)
-
-
-def n_by_n(shapes, n: int, tile: int, images: tuple = ()) -> list:
-    """The recorded shapes that could hold an N×N tensor in any layout: two or more dimensions, two of them
-    in [N, N + tile] (N×N, or padded to a tile), or one of N² or more (flattened); the images' shape excluded."""
-    def suspect(s):
-        near = sum(n <= d <= n + tile for d in s)
-        return len(s) >= 2 and s != tuple(images) and (near >= 2 or any(d >= n * n for d in s))
-    return [s for s in shapes if suspect(s)]
-
-
-#: the methods the flash path serves (the LRP relevance pass reads each layer's A: materialized only)
-FLASH_METHODS = [m for m in tf.METHODS if not tf.methods.get_method(m).materialized_only]
-
-
 def test_the_flash_path_refuses_only_the_relevance_pass():
     assert set(tf.METHODS) - set(FLASH_METHODS) == {"lrp", "partial_lrp", "transformer_attribution"}
-
-
-# The recorder's models: N = 65 tokens (8×8 patches of 64-px images, plus a class token or a register), so
-# that no legitimate dimension of the flash path lands in [65, 65 + tile] (129 on the CPU, 193 on the GPU's
-# table) or at 65² = 4225 or more: batch 2, two targets, 3 heads 64 wide, widths 192 (qkv 576, MLP 768),
-# grid 8, B·N = 130, B·H·N = 390, 5 classes or 16 embedding channels. The input images (2, 3, 64, 64) are
-# excluded from the check (an explanation may read them, it does not build them).
-N65 = dict(size=64, patch=8, width=192, heads=3, mlp=768, depth=2)
 
 
 def n65_model(family: str):
@@ -274,7 +230,7 @@ def test_no_n_by_n_tensor_on_the_flash_path(method, backend, device, small_torch
     tensor could hold an N×N matrix."""
     shapes, n, images = _record_flash("timm", method, device, flash_calls(method, "timm"), backend)
     assert len(shapes) > 50, "the recorder saw nothing: the test would be vacuous"
-    flagged = n_by_n(shapes, n, _tile(device), images)
+    flagged = n_by_n(shapes, n, attention_tile(device), images)
     assert not flagged, flagged[:5]
 
 
@@ -296,7 +252,7 @@ def test_no_n_by_n_tensor_in_any_family(family, backend, device, small_torch_blo
     for method in family_methods(family, backend):
         shapes, n, images = _record_flash(family, method, device, [({}, two_targets(family))], backend)
         assert len(shapes) > 50, "the recorder saw nothing: the test would be vacuous"
-        flagged[method] = n_by_n(shapes, n, _tile(device), images)[:5]
+        flagged[method] = n_by_n(shapes, n, attention_tile(device), images)[:5]
     assert not any(flagged.values()), flagged
 
 
@@ -304,7 +260,7 @@ def test_the_recorder_flags_an_n_by_n_tensor_in_any_layout(device):
     """The check can fail: (B·H, N·N), (B, H, N, N) and a tile-padded (B·H, N + 5, N + 5) built inside the
     recorder are flagged, the legitimate shapes of the N = 65 models are not, and the materialized path's
     (B, H, N, N) attention is."""
-    n, b, h, tile = 65, 2, N65["heads"], _tile(device)
+    n, b, h, tile = 65, 2, N65["heads"], attention_tile(device)
     with ShapeRecorder() as rec:
         torch.empty(b * h, n * n, device=device)
         torch.zeros(b, h, n, n, device=device)

@@ -1,4 +1,5 @@
-"""The benchmark suite's memory safety, checked on the CPU.
+"""The benchmark suite's memory safety (benchmarks/conftest.py's cleanup, benchmarks/bench_memory.py's
+estimates and peak tracker, benchmarks/calibrate_memory.py), checked on the CPU.
 
 - Every case frees what it made: the suite runs (tiny scale, one case of each
   kind) in a subprocess with a probe plugin that reads the memory held before

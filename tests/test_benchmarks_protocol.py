@@ -5,7 +5,7 @@
 - the perf suite runs all six methods by default and records the first call's time and peak besides a warm
   call's peak;
 - the table reads medians and states issue 16's flash-vs-step targets (met or not) from the figures.
-The suites themselves run at tiny sizes in ``tests/test_bench_cleanup.py``.
+The suites themselves run at tiny sizes in ``tests/test_benchmarks_memory.py``.
 """
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import tokentm_fast as tf
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -55,10 +53,42 @@ def test_training_step_is_the_timm_default_step(vit, monkeypatch):
     torch.testing.assert_close(score, logits.gather(1, target[:, None]).sum().detach())
 
 
+#: the methods docs/methods.md defines, written out (tests/test_methods.py checks ``tf.METHODS`` is this list)
+DOCUMENTED_METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad", "conservative_lrp",
+                      "attcat", "lrp", "partial_lrp", "transformer_attribution")
+#: the methods the flash path does not serve (the LRP relevance pass reads each layer's A)
+MATERIALIZED_ONLY = {"lrp", "partial_lrp", "transformer_attribution"}
+
+
+class _AllFits:
+    """A bench context without a method filter, on CUDA with Triton, where every case fits."""
+    methods_filter = ()
+    scale, cuda, triton = "small", True, True
+
+    def methods(self, default):
+        return list(default)
+
+    def fits(self, need, what=None):
+        return True
+
+
 def test_perf_suite_runs_every_method():
+    """The cases the perf suite builds by default (no ``--bench-methods``): every documented method on the
+    torch backend and on Triton's materialized path, the flash path for all but the relevance pass, at every
+    size."""
     import test_bench_perf
 
-    assert set(test_bench_perf.METHODS) == set(tf.METHODS) and len(tf.METHODS) == 11
+    params = test_bench_perf.build_cases(_AllFits())
+    cases = [p.values[0] for p in params]
+    explain = [c for c in cases if c.kind == "explain"]
+    sizes = {c.size for c in cases}
+    assert len(sizes) > 1
+    for size in sizes:
+        ran = {(c.method, c.backend, c.attention) for c in explain if c.size == size}
+        want = {(m, "torch", "") for m in DOCUMENTED_METHODS}
+        want |= {(m, "triton", "materialized") for m in DOCUMENTED_METHODS}
+        want |= {(m, "triton", "flash") for m in DOCUMENTED_METHODS if m not in MATERIALIZED_ONLY}
+        assert ran == want, (size, ran ^ want)
 
 
 def _bench(case, n, kind, median, peak, method="", backend="", attention="", first=None):

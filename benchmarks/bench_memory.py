@@ -12,7 +12,7 @@
   before and after each case.
 - ``aggregation_peak`` and ``explain_peak``: the peak memory of a case, derived
   from what the code allocates (the formulas are checked against
-  ``measure_peak`` on small CPU sizes in ``tests/test_bench_cleanup.py``); the
+  ``measure_peak`` on small CPU sizes in ``tests/test_benchmarks_memory.py``); the
   size filter leaves out cases whose estimate does not fit.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ the peak memory of each path with ``bench_memory.measure_peak`` (CPU: the
 ``PeakTracker`` dispatch mode; CUDA: the allocator's peak) and prints the
 estimate ÷ measured ratio: the size filter needs every ratio ≥ 1 (it must never
 let a size through that does not fit) and not far above it (it must not leave
-out sizes that fit). ``tests/test_bench_cleanup.py`` runs a few of these.
+out sizes that fit). ``tests/test_benchmarks_memory.py`` runs a few of these.
 
     python benchmarks/calibrate_memory.py [--device cuda] [--methods tokentm gae]
 """

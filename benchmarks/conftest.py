@@ -29,7 +29,7 @@ Memory: every case frees what it made. Data shared by the cases of one size
 entry at a time); after each case the exception pytest keeps for post-mortem
 debugging (``sys.last_*``, which holds the failed case's frames and tensors) is
 dropped, garbage cycles are collected and the CUDA cache is emptied
-(``tests/test_bench_cleanup.py`` checks that the memory held after each case
+(``tests/test_benchmarks_memory.py`` checks that the memory held after each case
 returns to the level before it).
 
 Every case first runs the code under test once and checks it against a float64

@@ -1,1 +1,1 @@
-from helpers import UNIT_ROUNDOFF, assert_informative, float32_bound  # noqa: F401  (for test_lrp, test_lrp_rules, test_refactor_maps, test_models_dinov2, test_models_eva only: import helpers instead)
+from helpers import UNIT_ROUNDOFF, assert_informative, float32_bound  # noqa: F401  (only for test_lrp, test_lrp_rules, test_refactor_maps until they import helpers)

@@ -14,7 +14,7 @@ import math
 import torch
 from helpers import rel_err_l2
 
-#: ``rel_err_l2`` (tests/helpers.py) under its old name, for the modules that still import it from here
+#: ``rel_err_l2`` (tests/helpers.py) under its old name, only for test_lrp and test_lrp_rules until they import helpers
 rel_err = rel_err_l2
 
 EPS = 1e-6

@@ -10,7 +10,7 @@ pooling ``"token_avg"``).
   copies, to the float32 rounding of the returned maps; Triton's against the torch map), on informative maps.
 - timm ``vit_small_patch14_dinov2`` ↔ ``Dinov2Model`` with the same weights (tests/model_families.py
   converter): the same output and the same map for every method.
-- No N×N tensor on the flash path (tests/test_flash_path.py's recorder).
+- No N×N tensor on the flash path (the flash path's recorder, tests/helpers.py).
 
 The images are 40x32: a 5x4 grid, the position embedding interpolated from the 4x4 it was built for.
 """
@@ -25,9 +25,8 @@ import model_families as mf
 import pytest
 import torch
 import torch.nn.functional as F
-from checks import assert_informative
+from helpers import FLASH_METHODS, N65, ShapeRecorder, assert_informative, attention_tile, n_by_n, rel_err_l2
 from model_families import assert_same, snapshot, triton_only
-from spec_oracle import rel_err
 
 import tokentm_fast as tf
 from tokentm_fast.methods import get_method
@@ -205,7 +204,7 @@ def test_literal_maps_equal_the_reference(variant):
         got = tf.explain(model, x, method, backend="reference", target=method_target(variant, method))
         assert got.shape == (2, *GRID), method
         assert_informative(want.reshape(got.shape))
-        assert (rel_err(got, want) <= FLOAT32_OUTPUT).all(), (method, rel_err(got, want))
+        assert (rel_err_l2(got, want) <= FLOAT32_OUTPUT).all(), (method, rel_err_l2(got, want))
 
 
 # --------------------------------------------------------------------------- every backend and path
@@ -256,7 +255,7 @@ def test_every_method_on_every_backend_and_path(variant, backend, attention, dev
             tol = gradcam_tolerance(variant) if method == "attn_gradcam" else 1e-5
         assert got.shape[0] == 2 and got.shape[-2:] == ref.shape[-2:], method
         assert_informative(ref)
-        assert (rel_err(got, ref) <= tol).all(), (method, rel_err(got, ref))
+        assert (rel_err_l2(got, ref) <= tol).all(), (method, rel_err_l2(got, ref))
     assert_same(model, snap)
 
 
@@ -315,14 +314,12 @@ def test_timm_dinov2_weights_give_the_same_maps():
             e = tf.explain(src, x, method, backend=backend, target=target)
             assert_informative(e)
             got = tf.explain(dst, x, method, backend=backend, target=target)
-            assert (rel_err(got, e) <= FLOAT32_OUTPUT).all(), (method, backend)
+            assert (rel_err_l2(got, e) <= FLOAT32_OUTPUT).all(), (method, backend)
 
 
 # --------------------------------------------------------------------------- no N×N on the flash path
 def _n65_dinov2(kind: str):
-    """``test_flash_path.N65`` sizes as a DINOv2: 64 px images, 8x8 patches, one class token: N = 65."""
-    from test_flash_path import N65
-
+    """``helpers.N65`` sizes as a DINOv2: 64 px images, 8x8 patches, one class token: N = 65."""
     return mf.hf_dinov2(kind=kind, hidden_size=N65["width"], num_attention_heads=N65["heads"],
                         num_hidden_layers=N65["depth"], mlp_ratio=N65["mlp"] // N65["width"],
                         image_size=N65["size"], patch_size=N65["patch"])
@@ -332,10 +329,8 @@ def _n65_dinov2(kind: str):
 @pytest.mark.parametrize("kind", ["model", "classifier"])
 def test_no_n_by_n_tensor_on_the_flash_path(kind, backend, device, monkeypatch):
     """Every flash method through both DINOv2 heads (two targets per image) on each backend's flash path:
-    no recorded tensor could hold an N×N matrix (tests/test_flash_path.py's recorder and criterion; the
+    no recorded tensor could hold an N×N matrix (the flash path's recorder, tests/helpers.py and criterion; the
     PyTorch twin's blocks held to 64 query rows, fewer than N)."""
-    from test_flash_path import FLASH_METHODS, N65, ShapeRecorder, _tile, n_by_n
-
     from tokentm_fast.torch_ops import attention
 
     monkeypatch.setattr(attention, "BLOCK_BYTES", 1)
@@ -349,5 +344,5 @@ def test_no_n_by_n_tensor_on_the_flash_path(kind, backend, device, monkeypatch):
             out = tf.explain(model, x, method, backend=backend, attention="flash", target=targets)
         assert len(rec.shapes) > 50, "the recorder saw nothing: the test would be vacuous"
         assert torch.isfinite(torch.as_tensor(out)).all()
-        flagged[method] = n_by_n(rec.shapes, 65, _tile(device), tuple(x.shape))[:5]
+        flagged[method] = n_by_n(rec.shapes, 65, attention_tile(device), tuple(x.shape))[:5]
     assert not any(flagged.values()), flagged

@@ -9,7 +9,7 @@ inside the attention, SwiGLU MLP, sub-LayerNorms, LayerScale parameters, ``F.lin
 - Every method on every backend and attention path against the reference within the §7 tolerances, as
   tests/test_models_dinov2.py holds them; the LRP relevance pass on the plain Eva (no RoPE, two-layer MLP, the
   attention's sub-LayerNorm) against the reference, and refused with the reason on RoPE / SwiGLU.
-- No N×N tensor on the flash path (tests/test_flash_path.py's recorder).
+- No N×N tensor on the flash path (the flash path's recorder, tests/helpers.py).
 """
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ import model_families as mf
 import pytest
 import torch
 import torch.nn.functional as F
-from checks import assert_informative
+from helpers import FLASH_METHODS, N65, ShapeRecorder, assert_informative, attention_tile, n_by_n, rel_err_l2
 from model_families import EVA, EVA_VARIANTS, assert_same, snapshot, triton_only
-from spec_oracle import rel_err
 
 import tokentm_fast as tf
 from tokentm_fast.methods import get_method
@@ -194,7 +193,7 @@ def test_literal_maps_equal_the_reference(variant):
         got = tf.explain(model, x, method, backend="reference", target=target_for(variant, method))
         assert got.shape == (2, *GRID), method
         assert_informative(e.reshape(got.shape))
-        assert (rel_err(got, e) <= FLOAT32_OUTPUT).all(), (method, rel_err(got, e))
+        assert (rel_err_l2(got, e) <= FLOAT32_OUTPUT).all(), (method, rel_err_l2(got, e))
 
 
 # --------------------------------------------------------------------------- every backend and path
@@ -243,7 +242,7 @@ def test_every_method_on_every_backend_and_path(variant, backend, attention, dev
             got = _explain_on(model, x, method, backend, attention, device, target)
             tol = gradcam_tolerance(variant) if method == "attn_gradcam" else 1e-5
         assert_informative(ref)
-        assert (rel_err(got, ref) <= tol).all(), (method, rel_err(got, ref))
+        assert (rel_err_l2(got, ref) <= tol).all(), (method, rel_err_l2(got, ref))
     assert_same(model, snap)
 
 
@@ -295,10 +294,8 @@ def test_the_call_site_sees_rotated_queries_and_keys():
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_only)])
 def test_no_n_by_n_tensor_on_the_flash_path(backend, device, monkeypatch):
     """Every flash method through the EVA-02 adapter (RoPE, SwiGLU, sub-LayerNorms), two targets per image:
-    no recorded tensor could hold an N×N matrix (tests/test_flash_path.py's recorder and criterion, its N = 65
+    no recorded tensor could hold an N×N matrix (the flash path's recorder, tests/helpers.py and criterion, its N = 65
     sizes; the PyTorch twin's blocks held to 64 query rows)."""
-    from test_flash_path import FLASH_METHODS, N65, ShapeRecorder, _tile, n_by_n
-
     from tokentm_fast.torch_ops import attention
 
     monkeypatch.setattr(attention, "BLOCK_BYTES", 1)
@@ -314,7 +311,7 @@ def test_no_n_by_n_tensor_on_the_flash_path(backend, device, monkeypatch):
         with ShapeRecorder() as rec:
             tf.explain(model, x, method, backend=backend, attention="flash", target=torch.tensor([[0, 1], [2, 3]]))
         assert len(rec.shapes) > 50, "the recorder saw nothing: the test would be vacuous"
-        flagged[method] = n_by_n(rec.shapes, 65, _tile(device), tuple(x.shape))[:5]
+        flagged[method] = n_by_n(rec.shapes, 65, attention_tile(device), tuple(x.shape))[:5]
     assert not any(flagged.values()), flagged
 
 
@@ -369,4 +366,4 @@ def test_open_clip_timm_model_around_an_eva(open_clip_eva, variant):
         want = tf.explain(twin, x, method, backend="torch", target=target)
         got = tf.explain(wrapper, x, method, backend="torch", target=target)
         assert_informative(want)
-        assert (rel_err(got, want) <= FLOAT32_OUTPUT).all(), (method, rel_err(got, want))
+        assert (rel_err_l2(got, want) <= FLOAT32_OUTPUT).all(), (method, rel_err_l2(got, want))

@@ -74,6 +74,31 @@ def test_functions_equal_the_full_matrix_equivalents(n, block):
                                attention_rows_torch(row[:, : n // 2], 1.0, do=few, v=v), rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("heads_per_tile", [2, 0])   # 0: a budget below one head's rows (MIN_BLOCK-row tiles)
+def test_cpu_tiles_over_heads_and_rows_equal_the_full_matrix_equivalents(monkeypatch, heads_per_tile):
+    """The default tiles (no ``block``: the fused kernels for dQ, dK, dV, tiles for t, the held dV and the rows)
+    split the B·H = 6 heads in threes of two, or one head's N = 45 rows in MIN_BLOCK = 32 and 13."""
+    n, b, h, d, scale = 45, 2, 3, 16, 0.29
+    monkeypatch.setattr(ta, "CPU_TILE_BYTES", heads_per_tile * n * n * 8 or n * 8)
+    assert ta.tile_shape(b * h, n, n, 8) == ((heads_per_tile, n) if heads_per_tile else (1, ta.MIN_BLOCK))
+    g = torch.Generator().manual_seed(11 + heads_per_tile)
+    q, k, v, do = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(4))
+    row = torch.randn(b, n, generator=g, dtype=torch.float64)          # signed rows, as the row states may be
+    o, lse = attention_forward_torch(q, k, v, scale)
+    full = attention_backward_torch(q, k, v, lse, do, scale, row=row)
+    _informative(full[3].flatten(1))
+    for got, want in zip(ta.flash_backward(q, k, v, o, lse, do, scale, row=row), full):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+    torch.testing.assert_close(ta.flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=False)[3],
+                               full[3], rtol=0, atol=1e-11)
+    torch.testing.assert_close(ta.flash_backward(q, k, v, o, lse, do, scale, input_grads="v")[2],
+                               full[2], rtol=0, atol=1e-11)
+    torch.testing.assert_close(ta.attention_rows(row, scale, q=q, k=k, lse=lse),
+                               attention_rows_torch(row, scale, q=q, k=k, lse=lse), rtol=0, atol=1e-11)
+    torch.testing.assert_close(ta.attention_rows(row[:, :40], 1.0, do=do[:, :, :40], v=v),
+                               attention_rows_torch(row[:, :40], 1.0, do=do[:, :, :40], v=v), rtol=0, atol=1e-11)
+
+
 def test_half_inputs_keep_their_dtype_and_accumulate_in_float32():
     g = torch.Generator().manual_seed(3)
     q, k, v, do = (torch.randn(1, 2, 40, 32, generator=g).to(torch.bfloat16) for _ in range(4))
@@ -87,11 +112,28 @@ def test_half_inputs_keep_their_dtype_and_accumulate_in_float32():
         ta.flash_backward(q, k, v, o, lse, do, 0.2, input_grads="k")
 
 
-def test_query_block_stays_within_its_budget():
-    assert ta.query_block(1, 12, 4097, 4097, 4) == max(ta.MIN_BLOCK, ta.BLOCK_BYTES // (12 * 4097 * 4))
-    assert ta.query_block(1, 12, 4097, 4097, 4) * 12 * 4097 * 4 <= ta.BLOCK_BYTES
-    assert ta.query_block(4, 12, 197, 197, 4) == 197          # small N: one block of every row
-    assert ta.query_block(64, 16, 16385, 16385, 4) == ta.MIN_BLOCK
+def test_tile_shape_stays_within_its_budget():
+    cpu, budget = ta.tile_shape, min(ta.BLOCK_BYTES, ta.CPU_TILE_BYTES)
+    gs, rs = cpu(12, 4097, 4097, 4)                    # one head, as many rows as the cache budget holds
+    assert (gs, rs) == (1, max(ta.MIN_BLOCK, budget // (4097 * 4))) and gs * rs * 4097 * 4 <= budget
+    gs, rs = cpu(4 * 12, 197, 197, 4)                   # small N: every row of as many heads as fit
+    assert rs == 197 and gs == min(48, budget // (197 * 197 * 4)) and gs * rs * 197 * 4 <= budget
+    assert cpu(2, 10, 10, 4) == (2, 10)                 # everything in one tile
+    assert cpu(64 * 16, 16385, 16385, 4, budget=1) == (1, ta.MIN_BLOCK)
+    meta = torch.device("meta")                         # other devices: the memory budget alone
+    assert ta.tile_shape(12, 4097, 4097, 4, meta) == (1, ta.BLOCK_BYTES // (4097 * 4))
+    assert ta.tile_shape(48, 197, 197, 4, meta) == (48, 197)
+
+
+@pytest.mark.parametrize("g,n_q,n_k,gs,rs", [(12, 4097, 4097, 1, 64), (48, 197, 197, 3, 197)])
+def test_tiles_cover_every_group_and_row_once(monkeypatch, g, n_q, n_k, gs, rs):
+    monkeypatch.setattr(ta, "CPU_TILE_BYTES", 3 * 197 * 197 * 4 if n_q == 197 else 64 * 4097 * 4)
+    assert ta.tile_shape(g, n_q, n_k, 4) == (gs, rs)
+    seen = torch.zeros(g, n_q, dtype=torch.int64)
+    for gsl, rsl in ta._tiles(g, n_q, n_k, 4, torch.device("cpu"), None):
+        assert gsl.stop - gsl.start <= gs and rsl.stop - rsl.start <= rs
+        seen[gsl, rsl] += 1
+    assert bool((seen == 1).all())
 
 
 # --------------------------------------------------------------------------- 2. end to end

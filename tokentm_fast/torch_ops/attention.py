@@ -2,15 +2,20 @@
 
 Per image and head, ``P = softmax(scale·QKᵀ)`` and ``dP = dO Vᵀ`` (docs/methods.md §8). The forward keeps
 only ``O`` and the row log-sum-exp ``ℓ``; the backward and the row programs recompute ``P`` (and ``dP``)
-one block of query rows at a time: ``(B, H, Q_blk, N)`` blocks sized by ``query_block`` to stay within
-``BLOCK_BYTES`` each (at least ``MIN_BLOCK`` rows; every row, one N×N block, when that fits the budget:
-memory stays O(N) per block row beyond small N)::
+one tile at a time: ``(G_t, Q_t, N)`` tiles over the ``G = B·H`` (image, head) pairs and the query rows, sized
+by ``tile_shape`` to stay within a byte budget each (``BLOCK_BYTES``; on CPU tensors also ``CPU_TILE_BYTES``,
+cache-sized): every row of as many heads as fit, or ``Q_t ≥ MIN_BLOCK`` rows of one head. Memory stays O(N)
+per tile row beyond small N::
 
     forward   S_i = scale · Q_i Kᵀ;  ℓ_i = logsumexp_j S_ij;  O_i = exp(S_i − ℓ_i) V
     backward  P_i = exp(S_i − ℓ_i);  dP_i = dO_i Vᵀ;  δ_i = Σ_d dO_i ⊙ O_i
               dV += P_iᵀ dO_i;  dS_i = P_i ⊙ (dP_i − δ_i);  dQ_i = scale · dS_i K;  dK += scale · dS_iᵀ Q_i
-              t_j += Σ_{i ∈ block} row_i · max(P_ij · dP_ij, 0)            (TokenTM / GAE, ``row`` given)
+              t_j += Σ_{i ∈ tile} row_i · max(dP_ij, 0) · P_ij            (TokenTM / GAE, ``row`` given)
     rows      t_j = Σ_i row_i · P_ij   (q, k, ℓ)   or   Σ_i row_i · max(dP_ij, 0)   (dO, V)
+
+``S_i − ℓ_i`` is one ``baddbmm`` (``−ℓ_i`` its broadcast addend, ``scale`` its factor), exponentiated in
+place; ``max(P ⊙ dP, 0) = P ⊙ max(dP, 0)`` (P ≥ 0) is clamped and multiplied in place and summed over the
+tile's rows by a ``baddbmm`` into ``t``: one tile-sized tensor per product, no further temporaries.
 
 ``input_grads``: True gives dQ, dK, dV; False none of them (only ``t``); ``"v"`` dV alone, the attention
 held constant (conservative LRP: no dP, no dS unless ``row`` asks for ``t``). Products in float32 at least
@@ -19,44 +24,75 @@ held constant (conservative LRP: no dP, no dS unless ``row`` asks for ``t``). Pr
 On CPU tensors the forward and the full backward (dQ, dK, dV) are PyTorch's own fused CPU flash-attention
 kernels (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward: the same O, ℓ and
 gradients, blocked in cache, several times faster than the same products as separate PyTorch operations);
-the explanation sums (``t``, the row programs) and the held dV run the blocked loops above. Elsewhere (or
-where that operator is missing) every part runs the blocked loops.
+the explanation sums (``t``, the row programs) and the held dV run the tiled loops above. Elsewhere (or
+where that operator is missing) every part runs the tiled loops.
 
 The three functions have the signatures of the Triton wrappers (``flash_forward``, ``flash_backward``,
 ``attention_rows``); ``torch_attention()`` bundles them as the attention triple the flash path takes.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
-#: bytes of one (B, H, Q_blk, N) block of the accumulation dtype: large enough for BLAS to stay busy,
-#: small against a training step's activations (a few such blocks are alive at a time)
+#: bytes of one (G_t, Q_t, N) tile of the accumulation dtype: the memory budget (a few such tiles are alive
+#: at a time), large enough for BLAS to stay busy on an accelerator
 BLOCK_BYTES = 64 << 20
-#: fewest query rows per block (matrix products narrower than this waste the BLAS kernels)
-MIN_BLOCK = 64
+#: the tile budget on CPU tensors: a tile and its twin (P and dP) stay in the cache between the matrix
+#: products and the elementwise passes (at N = 4097, d = 64 the t-only pass ran 2× faster at 1–2 MB than
+#: at 64 MB; benchmarks/results/cpu-amd-epyc-2c/2026-12-07-highres-2/)
+CPU_TILE_BYTES = 2 << 20
+#: fewest query rows per tile (matrix products narrower than this waste the BLAS kernels)
+MIN_BLOCK = 32
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def query_block(b: int, h: int, n_q: int, n_k: int, itemsize: int, budget: Optional[int] = None) -> int:
-    """Query rows per block: ``(B, H, rows, n_k)`` within ``budget`` bytes (default ``BLOCK_BYTES``), at least
-    ``MIN_BLOCK``, at most n_q."""
-    rows = (BLOCK_BYTES if budget is None else budget) // max(1, b * h * n_k * itemsize)
-    return int(max(1, min(n_q, max(MIN_BLOCK, rows))))
+def tile_shape(g: int, n_q: int, n_k: int, itemsize: int, device: torch.device = torch.device("cpu"),
+               budget: Optional[int] = None) -> Tuple[int, int]:
+    """``(groups, rows)`` per tile: ``(groups, rows, n_k)`` of ``itemsize`` bytes within ``budget`` (default
+    ``BLOCK_BYTES``, and at most ``CPU_TILE_BYTES`` on CPU tensors): every row of as many of the ``g``
+    (image, head) groups as fit, else one group and ``rows ≥ MIN_BLOCK`` (at most n_q)."""
+    if budget is None:
+        budget = BLOCK_BYTES if torch.device(device).type != "cpu" else min(BLOCK_BYTES, CPU_TILE_BYTES)
+    row_bytes = max(1, n_k * itemsize)
+    if n_q * row_bytes <= budget:
+        return int(min(g, budget // (n_q * row_bytes))), n_q
+    return 1, int(max(1, min(n_q, max(MIN_BLOCK, budget // row_bytes))))
 
 
-def _blocks(n: int, step: int):
-    return [(i, min(n, i + step)) for i in range(0, n, step)]
+def _tiles(g: int, n_q: int, n_k: int, itemsize: int, device: torch.device,
+           block: Optional[int]) -> Iterator[Tuple[slice, slice]]:
+    """``(groups, rows)`` slices covering ``g × n_q``; ``block`` given: every group, ``block`` rows a tile."""
+    gs, rs = (g, block) if block else tile_shape(g, n_q, n_k, itemsize, device)
+    for g0 in range(0, g, gs):
+        for i0 in range(0, n_q, rs):
+            yield slice(g0, min(g, g0 + gs)), slice(i0, min(n_q, i0 + rs))
+
+
+def _flat(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``(B, H, N, d)`` → ``(B·H, N, d)`` in ``acc``."""
+    return x.to(acc).reshape(-1, *x.shape[2:])
+
+
+def _probs(qa: torch.Tensor, kt: torch.Tensor, neg_lse: torch.Tensor, scale: float, gs: slice,
+           rs: slice) -> torch.Tensor:
+    """``P = exp(scale·Q Kᵀ − ℓ)`` on one tile ``(G_t, Q_t, N)``: one product with ``−ℓ (G, N, 1)`` as its
+    broadcast addend and ``scale`` as its factor (``baddbmm``), exponentiated in place."""
+    return torch.baddbmm(neg_lse[gs, rs].expand(-1, -1, kt.shape[-1]), qa[gs, rs], kt[gs], alpha=scale).exp_()
 
 
 def _fused_cpu(*tensors: torch.Tensor) -> bool:
     """Whether PyTorch's fused CPU flash-attention operators serve these tensors."""
     return (hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
             and all(t.device.type == "cpu" for t in tensors))
+
+
+def _itemsize(acc: torch.dtype) -> int:
+    return torch.finfo(acc).bits // 8
 
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -67,17 +103,15 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         return o, lse.to(_acc(q.dtype))
     acc = _acc(q.dtype)
     b, h, n, _ = q.shape
-    kt, va = k.to(acc).transpose(-1, -2), v.to(acc)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, n), dtype=acc, device=q.device)
-    step = block or query_block(b, h, n, k.shape[2], torch.finfo(acc).bits // 8)
-    for i0, i1 in _blocks(n, step):
-        s = torch.matmul(q[:, :, i0:i1].to(acc), kt).mul_(scale)
+    qa, kt, va = _flat(q, acc), _flat(k, acc).transpose(-1, -2), _flat(v, acc)
+    o = torch.empty((b * h, n, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b * h, n), dtype=acc, device=q.device)
+    for gs, rs in _tiles(b * h, n, k.shape[2], _itemsize(acc), q.device, block):
+        s = torch.matmul(qa[gs, rs], kt[gs]).mul_(scale)
         m = torch.logsumexp(s, dim=-1)
-        s.sub_(m[..., None]).exp_()
-        o[:, :, i0:i1] = torch.matmul(s, va).to(q.dtype)
-        lse[:, :, i0:i1] = m
-    return o, lse
+        o[gs, rs] = torch.matmul(s.sub_(m[..., None]).exp_(), va[gs]).to(q.dtype)
+        lse[gs, rs] = m
+    return o.reshape(b, h, n, -1), lse.reshape(b, h, n)
 
 
 def flash_backward(
@@ -89,8 +123,6 @@ def flash_backward(
     ``input_grads`` leaves them out) and ``t (B, H, N)`` when ``row (B, N)`` is given (None otherwise)."""
     if input_grads not in (True, False, "v"):
         raise ValueError(f"input_grads must be True, False or 'v', got {input_grads!r}")
-    acc = _acc(q.dtype)
-    b, h, n, _ = q.shape
     all_grads, any_grads = input_grads is True, input_grads is not False
     if not any_grads and row is None:
         return None, None, None, None
@@ -99,34 +131,42 @@ def flash_backward(
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do.contiguous(), q, k, v, o, lse.to(torch.float32 if q.dtype != torch.float64 else q.dtype),
             0.0, False, scale=scale)
-        t = None if row is None else flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=False,
-                                                     block=query_block(b, h, n, k.shape[2], torch.finfo(acc).bits // 8))[3]
+        t = None if row is None else flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=False)[3]
         return dq, dk, dv, t
-    qa, ka, va, oa, doa = (x.to(acc) for x in (q, k, v, o, do))
-    kt, vt = ka.transpose(-1, -2), va.transpose(-1, -2)
-    dq = torch.empty_like(qa) if all_grads else None
-    dk = torch.zeros_like(ka) if all_grads else None
-    dv = torch.zeros_like(va) if any_grads else None
-    t = torch.zeros((b, h, n), dtype=acc, device=q.device) if row is not None else None
-    rows = row.to(acc) if row is not None else None
-    step = block or query_block(b, h, n, k.shape[2], torch.finfo(acc).bits // 8)
-    for i0, i1 in _blocks(n, step):
-        q_i, do_i = qa[:, :, i0:i1], doa[:, :, i0:i1]
-        p = torch.matmul(q_i, kt).mul_(scale).sub_(lse[:, :, i0:i1, None].to(acc)).exp_()     # (B, H, Q, N)
+    return _tiled_backward(q, k, v, o, lse, do, scale, row, all_grads, any_grads, block)
+
+
+def _tiled_backward(q, k, v, o, lse, do, scale, row, all_grads, any_grads, block):
+    """The tiled loop of ``flash_backward`` (module docstring), on ``G = B·H`` flattened groups."""
+    acc = _acc(q.dtype)
+    b, h, n, d = q.shape
+    qa, ka = _flat(q, acc), _flat(k, acc)
+    kt, neg_lse = ka.transpose(-1, -2), lse.to(acc).reshape(b * h, n, 1).neg()
+    doa, vt = _flat(do, acc), _flat(v, acc).transpose(-1, -2)
+    dq = torch.empty((b * h, n, d), dtype=acc, device=q.device) if all_grads else None
+    dk = torch.zeros((b * h, n, d), dtype=acc, device=q.device) if all_grads else None
+    dv = torch.zeros((b * h, n, v.shape[-1]), dtype=acc, device=q.device) if any_grads else None
+    t = torch.zeros((b * h, 1, n), dtype=acc, device=q.device) if row is not None else None
+    rows = row.to(acc).repeat_interleave(h, dim=0)[:, None] if row is not None else None     # (G, 1, N)
+    if all_grads:
+        delta = (doa * _flat(o, acc)).sum(-1, keepdim=True)                                  # δ (G, N, 1)
+    for gs, rs in _tiles(b * h, n, k.shape[2], _itemsize(acc), q.device, block):
+        do_i = doa[gs, rs]
+        p = _probs(qa, kt, neg_lse, scale, gs, rs)                                            # (G_t, Q_t, N)
         if any_grads:
-            dv.add_(torch.matmul(p.transpose(-1, -2), do_i))
+            dv[gs].baddbmm_(p.transpose(-1, -2), do_i)
         if not all_grads and row is None:
             continue
-        pdp = torch.matmul(do_i, vt).mul_(p)                                                 # P ⊙ dP
+        dp = torch.matmul(do_i, vt[gs])                                                      # dP
         if row is not None:
-            t.add_(torch.matmul(rows[:, None, None, i0:i1], pdp.clamp_min(0))[:, :, 0])
+            pos = dp.clamp_min_(0) if not all_grads else torch.clamp_min(dp, 0)
+            t[gs].baddbmm_(rows[gs, :, rs], pos.mul_(p))                                     # row · max(P ⊙ dP, 0)
         if all_grads:
-            delta = (do_i * oa[:, :, i0:i1]).sum(-1, keepdim=True)                            # δ_i
-            ds = pdp.sub_(p.mul_(delta))                                                     # P ⊙ (dP − δ)
-            dq[:, :, i0:i1] = torch.matmul(ds, ka).mul_(scale)
-            dk.add_(torch.matmul(ds.transpose(-1, -2), q_i), alpha=scale)
-    out = tuple(None if g is None else g.to(q.dtype) for g in (dq, dk, dv))
-    return (*out, t)
+            ds = dp.sub_(delta[gs, rs]).mul_(p)                                               # P ⊙ (dP − δ)
+            dq[gs, rs] = torch.matmul(ds, ka[gs]).mul_(scale)
+            dk[gs].baddbmm_(ds.transpose(-1, -2), qa[gs, rs], alpha=scale)
+    out = tuple(None if g is None else g.to(q.dtype).reshape(b, h, n, -1) for g in (dq, dk, dv))
+    return (*out, None if t is None else t.reshape(b, h, n))
 
 
 def attention_rows(
@@ -141,15 +181,14 @@ def attention_rows(
     acc = _acc(ref.dtype)
     b, h, r, _ = ref.shape
     n = other.shape[2]
-    ot = other.to(acc).transpose(-1, -2)
-    rows = row.to(acc)
-    t = torch.zeros((b, h, n), dtype=acc, device=ref.device)
-    step = block or query_block(b, h, r, n, torch.finfo(acc).bits // 8)
-    for i0, i1 in _blocks(r, step):
-        f = torch.matmul(ref[:, :, i0:i1].to(acc), ot)
-        f = f.mul_(scale).sub_(lse[:, :, i0:i1, None].to(acc)).exp_() if probs else f.clamp_min_(0)
-        t.add_(torch.matmul(rows[:, None, None, i0:i1], f)[:, :, 0])
-    return t
+    left, right = _flat(ref, acc), _flat(other, acc).transpose(-1, -2)
+    neg_lse = lse.to(acc).reshape(b * h, r, 1).neg() if probs else None
+    rows = row.to(acc).repeat_interleave(h, dim=0)[:, None]                                  # (G, 1, R)
+    t = torch.zeros((b * h, 1, n), dtype=acc, device=ref.device)
+    for gs, rs in _tiles(b * h, r, n, _itemsize(acc), ref.device, block):
+        f = _probs(left, right, neg_lse, scale, gs, rs) if probs else torch.matmul(left[gs, rs], right[gs]).clamp_min_(0)
+        t[gs].baddbmm_(rows[gs, :, rs], f)
+    return t.reshape(b, h, n)
 
 
 def torch_attention():

@@ -64,7 +64,8 @@ class Explainer:
             ``"materialized"`` (attention probabilities and gradients captured as tensors, then the
             fused aggregation kernels) or ``"auto"``: flash on CUDA, materialized otherwise and for
             ``full=True``, ``head_fusion="decoupled"``, the LRP relevance pass (which need whole
-            matrices) and heads wider than 128 (``tokentm_fast.paths.MAX_HEAD_DIM``). The
+            matrices), models whose attention adds a bias to its logits (BEiT's relative position bias,
+            ``ViTAdapter.flash_refusal``) and heads wider than 128 (``tokentm_fast.paths.MAX_HEAD_DIM``). The
             ``reference`` and ``torch`` backends always materialize.
         **options: method options (``tokentm_fast.methods.REGISTRY[method].defaults`` lists them).
     """
@@ -85,8 +86,7 @@ class Explainer:
         self.upsample, self.normalize = _check_output_options(upsample, normalize, self.full)
         self.options = resolve_options(method, options, self.vit.num_layers)
         self.head_width = head_width(self.vit)
-        self.attention = _check_attention(attention, backend, self.full, self.spec.flash_refusal(self.options),
-                                          self.head_width)
+        self.attention = _check_attention(attention, backend, self.full, self.flash_refusal(), self.head_width)
         self._warned_no_triton = False
         self._in_chunks = False
 
@@ -113,6 +113,11 @@ class Explainer:
             raise ValueError("backend='triton' takes float32/bfloat16/float16 models; use backend='torch' for float64")
         return self.backend
 
+    def flash_refusal(self) -> Optional[str]:
+        """Why the flash path cannot serve this call: the method with its options (``MethodSpec.flash_refusal``),
+        then the model (``ViTAdapter.flash_refusal``: BEiT's relative position bias); None: it can."""
+        return self.spec.flash_refusal(self.options) or self.vit.flash_refusal
+
     def attention_for(self, images: torch.Tensor, backend: str) -> str:
         """The attention path (``"flash"`` or ``"materialized"``) of a call on ``backend``.
 
@@ -123,7 +128,7 @@ class Explainer:
         if self.attention == "flash":
             _check_flash_heads(backend, self.head_width)   # backend="auto" resolved: Triton or not
             return "flash"
-        if self.attention == "materialized" or self.full or self.spec.flash_refusal(self.options) is not None:
+        if self.attention == "materialized" or self.full or self.flash_refusal() is not None:
             return "materialized"
         if backend == "torch":
             big = materialized_bytes(self.vit, images) > TORCH_FLASH_BYTES

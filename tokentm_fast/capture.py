@@ -44,16 +44,22 @@ from .models.protocol import AttentionCore, LinearPoint, ViTAdapter, merge_heads
 LayerRecord = Dict[str, torch.Tensor]
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(scale·Q Kᵀ)`` ``(B, H, Nq, Nk)``: the explicit attention of the materialized path, the
-    attention pools and the held attention."""
-    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``softmax(scale·Q Kᵀ + bias)`` ``(B, H, Nq, Nk)``: the explicit attention of the materialized path, the
+    attention pools and the held attention. ``bias``: None, or an additive bias of the logits broadcast to
+    ``(B, H, Nq, Nk)`` (BEiT's relative position bias, ``(1, H, N, N)``)."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    return logits.softmax(dim=-1)
 
 
-def held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(scale·Q Kᵀ) V`` with the probabilities held constant in the backward (only dV flows: the
-    AH-rule of conservative LRP)."""
-    return attention_probs(q, k, scale).detach() @ v
+def held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``softmax(scale·Q Kᵀ + bias) V`` with the probabilities held constant in the backward (only dV flows:
+    the AH-rule of conservative LRP)."""
+    return attention_probs(q, k, scale, bias).detach() @ v
 
 
 def _model_of(vit) -> nn.Module:
@@ -151,16 +157,17 @@ class LayerRecorder:
             vit.replace_attention(self.layers, self._core, handles)
 
     # -- attention core ------------------------------------------------------
-    def _core(self, l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def _core(self, l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         if "values" in self.keys:
             self._store(l, "values", merge_heads(v))
         for key, t in (("q", q), ("k", k)):
             if key in self.keys:
                 self._store(l, key, t)
-        if self.core is not None:
-            o = self.core(l, q, k, v, scale)
+        if self.core is not None:   # the bias only where the model has one: bias-free cores take five arguments
+            o = self.core(l, q, k, v, scale) if bias is None else self.core(l, q, k, v, scale, bias=bias)
         else:
-            attn = attention_probs(q, k, scale)
+            attn = attention_probs(q, k, scale, bias)
             if "attn" in self.keys:
                 self._store(l, "attn", attn)
             o = attn @ v
@@ -256,8 +263,9 @@ class PoolRecorder:
     def _x_in(self, module, args):
         self.records.append({"x_in": args[0].detach()})
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        attn = attention_probs(q, k, scale)
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        attn = attention_probs(q, k, scale, bias)
         if self.leaf:
             attn = attn.detach().requires_grad_(True)
         rec = self.records[-1]

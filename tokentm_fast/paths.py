@@ -258,7 +258,7 @@ class Materialized:
         """``(X⁰, [∂s/∂X⁰ per target])`` ``(B, N, D)`` with the attention probabilities (the pool's too) and
         every LayerNorm's normalisation held constant in the backward."""
         recorder = LayerRecorder(vit, range(vit.num_layers), grad_from=0, keys=(),
-                                 core=lambda l, q, k, v, scale: held_attention(q, k, v, scale))
+                                 core=lambda l, q, k, v, scale, bias=None: held_attention(q, k, v, scale, bias))
         return _input_gradients(vit, images, targets, recorder, held_attention)
 
     def block_output_gradients(self, vit: ViTAdapter, images: torch.Tensor, targets: Sequence) -> tuple:
@@ -414,9 +414,18 @@ class ExplanationAttention(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- flash
+def _no_bias(bias: Optional[torch.Tensor]) -> None:
+    """The flash kernels read no additive bias of the logits: a model with one is refused at the entry
+    (``ViTAdapter.flash_refusal``); this guards a path built by hand."""
+    if bias is not None:
+        raise ValueError("the flash attention kernels do not read an additive bias of the attention logits (BEiT's "
+                         "relative position bias): use attention='materialized'")
+
+
 def _plain_core(attention):
     """The flash forward alone (layers whose attention the method does not read)."""
-    def core(l, q, k, v, scale):
+    def core(l, q, k, v, scale, bias=None):
+        _no_bias(bias)
         return attention.forward(q, k, v, scale)[0]
     return core
 
@@ -425,7 +434,8 @@ def _saving_core(fwd, keep: Dict[int, tuple], layers):
     """An attention core that runs the flash forward and keeps (q, k, ℓ, scale) of ``layers``."""
     layers = set(layers)
 
-    def core(l, q, k, v, scale):
+    def core(l, q, k, v, scale, bias=None):
+        _no_bias(bias)
         o, lse = fwd(q, k, v, scale)
         if l in layers:
             keep[l] = (q, k, lse, scale)
@@ -478,7 +488,8 @@ class Flash:
         anchor = torch.zeros((), dtype=torch.float32, device=images.device, requires_grad=True)
         attention = self.attention
 
-        def core(l, q, k, v, scale):
+        def core(l, q, k, v, scale, bias=None):
+            _no_bias(bias)
             return ExplanationAttention.apply(q, k, v, anchor, scale, l, state, attention)
 
         def on_layer(l, rec):
@@ -535,7 +546,8 @@ class Flash:
     def _differentiable_core(self, hold: bool, keep: dict):
         attention = self.attention
 
-        def core(l, q, k, v, scale):
+        def core(l, q, k, v, scale, bias=None):
+            _no_bias(bias)
             return _FlashAttention.apply(q, k, v, scale, attention, hold, keep, l)
         return core
 

@@ -224,8 +224,9 @@ def explain_reference(
         return torch.einsum("bi,bij->bj", q, c)[:, P:]
 
 
-def _held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1).detach() @ v
+def _held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias=None) -> torch.Tensor:
+    logits = (q * scale) @ k.transpose(-2, -1)
+    return (logits if bias is None else logits + bias).softmax(dim=-1).detach() @ v
 
 
 def _gradient_times_activation(vit: ViTAdapter, x: torch.Tensor, method: str, target) -> torch.Tensor:
@@ -233,7 +234,7 @@ def _gradient_times_activation(vit: ViTAdapter, x: torch.Tensor, method: str, ta
     the LayerNorms' normalisation constants of the backward; attcat: Σ_l mean_h Aˡ_h[q, j] Σ_{c in head h}
     ∇hˡ_{j,c} hˡ_{j,c} over the tokens hˡ leaving each block."""
     L, P, conservative = vit.num_layers, vit.num_prefix_tokens, method == "conservative_lrp"
-    core = (lambda l, q, k, v, scale: _held_attention(q, k, v, scale)) if conservative else None
+    core = (lambda l, q, k, v, scale, bias=None: _held_attention(q, k, v, scale, bias)) if conservative else None
     recorder = LayerRecorder(vit, range(L), grad_from=0, core=core,
                              keys=() if conservative else ("attn", "x_out"))
     with prepared_model(vit) as handles, torch.enable_grad():

@@ -14,6 +14,9 @@
   ``Dinov2WithRegistersForImageClassification`` (``pip install "tokentm_fast[hf]"``).
 - timm_eva: timm ``Eva`` (EVA-02: rotary position embedding, SwiGLU, sub-LayerNorm), also open_clip's
   ``TimmModel`` around one (timm is a dependency).
+- hf_beit: ``BeitModel``, ``BeitForImageClassification``, ``Data2VecVisionModel``,
+  ``Data2VecVisionForImageClassification`` (relative position bias; ``pip install "tokentm_fast[hf]"``).
+- timm_beit: timm ``Beit`` (``beit_*``, ``beitv2_*``: relative position bias; timm is a dependency).
 
 Subclasses are accepted; any other class is refused with a ``TypeError`` naming
 the supported ones (and the packages that are not installed, with their extra).
@@ -51,6 +54,10 @@ FAMILIES: List[Family] = [
            "transformers Dinov2Model / Dinov2WithRegistersModel / Dinov2ForImageClassification / "
            "Dinov2WithRegistersForImageClassification"),
     Family("timm_eva", "timm", "timm_eva", "", "timm Eva (EVA-02; also open_clip TimmModel around one)"),
+    Family("hf_beit", "transformers", "hf_beit", "hf",
+           "transformers BeitModel / BeitForImageClassification / Data2VecVisionModel / "
+           "Data2VecVisionForImageClassification"),
+    Family("timm_beit", "timm", "timm_beit", "", "timm Beit (beit_*, beitv2_*)"),
 ]
 
 

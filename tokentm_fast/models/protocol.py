@@ -13,7 +13,8 @@ adapter provides exactly that:
 
 ====================================  =========================================================
 ``blocks``                            the L blocks in order (their input is Xˡ⁻¹, output Xˡ)
-``replace_attention(layers, core)``   the attention call site: ``o = core(l, q, k, v, scale)``
+``replace_attention(layers, core)``   the attention call site: ``o = core(l, q, k, v, scale)``, or
+                                      ``core(l, q, k, v, scale, bias=B)`` where the logits get an additive bias
 ``attn_output(l, o)``                 γ₁ ⊙ proj(o) for mixed heads ``o`` (B, N, H·d)
 ``mlp_branch(l, y)``                  γ₂ ⊙ MLP(LN₂(y)) (no residual)
 ``mlp_points(l)``                     (module whose first input is Yˡ, module whose output is γ₂ ⊙ MLP)
@@ -28,6 +29,11 @@ layers read their inputs: ``relevance_linears(l)``, ``head_linears()`` and ``emb
 
 plus the token layout (``num_prefix_tokens``, ``has_class_token``,
 ``pooling``, one of ``POOLINGS``) and ``num_classes`` (``None`` when the output is an embedding).
+
+A family whose attention adds a bias to the logits (BEiT's relative position bias) hands the core
+``bias (1 or B, H, N, N)``: the materialized path computes ``softmax(scale · Q Kᵀ + bias)``; the flash
+kernels do not read a bias yet, and the adapter's ``flash_refusal`` says so (the entry then refuses
+``attention="flash"`` and ``"auto"`` takes the materialized path).
 """
 from __future__ import annotations
 
@@ -39,8 +45,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-#: ``core(l, q, k, v, scale) -> o``; q, k, v, o: (B, H, N, d).
-AttentionCore = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+#: ``core(l, q, k, v, scale, bias=None) -> o``; q, k, v, o: (B, H, N, d); bias: None or (1 or B, H, N, N), added to
+#: the logits ``scale · Q Kᵀ`` before the softmax. A call site passes ``bias`` only when its model has one, so a core
+#: of a bias-free model may take five arguments.
+AttentionCore = Callable[..., torch.Tensor]
 
 _MISSING = object()
 
@@ -173,12 +181,16 @@ class ViTAdapter(abc.ABC):
     attention_pool: Optional[nn.Module] = None
     num_classes: Optional[int]
     in_chans: int
+    #: why the flash path cannot serve this model (None: it can); the entry (``tokentm_fast.api``) refuses
+    #: ``attention="flash"`` with it and resolves ``"auto"`` to the materialized path
+    flash_refusal: Optional[str] = None
 
     # -- the parts of a block ------------------------------------------------
     @abc.abstractmethod
     def replace_attention(self, layers: Sequence[int], core: AttentionCore, handles: list) -> None:
         """Make block l's attention (for each l in layers) compute ``o = core(l, q, k, v, scale)``
-        instead of ``softmax(scale · q kᵀ) v``.
+        instead of ``softmax(scale · q kᵀ) v`` (``core(l, q, k, v, scale, bias=B)`` instead of
+        ``softmax(scale · q kᵀ + B) v`` where the model adds a bias ``B (1 or B, H, N, N)`` to the logits).
 
         q, k, v: ``(B, H, N, d)`` after any q/k normalisation and before scaling;
         scale: the model's own softmax scale (float); o: ``(B, H, N, d)`` in q's

@@ -1,0 +1,185 @@
+"""Adapter for timm ``Beit`` (``beit_*``, ``beitv2_*``: BEiT and BEiT v2 as timm builds them).
+
+Block ``timm.models.beit.Block``: ``x + γ₁ ⊙ attn(norm1(x), shared_rel_pos_bias)``, then
+``+ γ₂ ⊙ mlp(norm2(x))`` (γ = ``gamma_1`` / ``gamma_2``, parameters, 1 when None). Attention
+``timm.models.beit.Attention``: q, k, v from the fused ``qkv`` weight with separate ``q_bias`` / ``v_bias`` (and
+a zero ``k_bias``) applied through ``F.linear`` (module hooks on ``qkv`` never fire); the logits
+``scale · Q Kᵀ + B``, ``B (1, H, N, N)`` the relative position bias gathered from the block's
+``((2gh−1)(2gw−1)+3)``-entry table (``use_rel_pos_bias``) by ``relative_position_index``, plus the model's
+shared one (``use_shared_rel_pos_bias``, ``model.rel_pos_bias``) when it has one. The call site gathers the
+bias from the tables itself and hands it to the core, so the materialized path computes exactly the model's
+attention; the flash kernels read no bias yet, and ``flash_refusal`` says so (the entry refuses
+``attention="flash"``; ``"auto"`` takes the materialized path). A Beit without a relative position bias runs
+on both paths.
+
+Poolings: ``"avg"`` (the patch mean, then ``fc_norm``; ``norm`` is the identity) and ``"token"`` (``norm``, then
+the class token); ``global_pool=""`` (the output is the token sequence) is refused. Image size: the model's own
+(its bias table is built for one grid; ``set_input_size`` changes it). The LRP relevance pass (docs/methods.md
+§6.3) runs on a Beit without a relative position bias and with timm's two-layer ``Mlp``; it refuses the bias
+and the SwiGLU MLP, naming why.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hf_beit import FLASH_REFUSAL
+from .protocol import (
+    AttentionCore,
+    BlockLinears,
+    EmbeddingPoints,
+    LinearPoint,
+    PatchedForward,
+    linear_point,
+    no_relevance_pass,
+)
+from .timm import TimmViT
+
+SUPPORTED_POOLING = ("token", "avg")
+
+
+def beit_classes():
+    from timm.models.beit import Attention, Beit, Block
+
+    return Beit, Block, Attention
+
+
+def _qkv(attn: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(B, H, N, d)`` of a timm Beit ``Attention`` for its input ``x (B, N, D)``."""
+    b, n, _ = x.shape
+    if attn.q_bias is None:
+        qkv = attn.qkv(x)
+    else:
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
+    return qkv.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _attention_forward(core: AttentionCore, l: int):
+    """timm Beit's ``Attention.forward`` with ``core`` in place of softmax(scale · q kᵀ + B) v; the block's bias
+    (gathered from its table) plus the shared one handed to the core."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = _qkv(self, x)
+        bias = shared_rel_pos_bias
+        if self.relative_position_bias_table is not None:
+            own = self._get_rel_pos_bias()
+            bias = own if bias is None else own + bias
+        scale = float(self.scale)
+        o = core(l, q, k, v, scale) if bias is None else core(l, q, k, v, scale, bias=bias)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, -1)))
+
+    return forward
+
+
+def _scaled(gamma: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return x if gamma is None else gamma * x
+
+
+class TimmBeit(TimmViT):
+    """Adapter over a timm ``Beit`` (see the module docstring); head and image sizes as for timm's
+    ``VisionTransformer`` (``TimmViT``).
+
+    Raises:
+        TypeError: ``model`` is not a timm Beit.
+        ValueError: a part of the model is not supported (the message names it).
+    """
+
+    family = "timm_beit"
+    block_input_kwarg = "x"
+
+    def __init__(self, model: nn.Module) -> None:
+        Beit, Block, Attention = beit_classes()
+        if not isinstance(model, Beit):
+            raise TypeError(f"expected a timm Beit, got {type(model).__name__}")
+        self.model = self.trunk = model
+        self.blocks = list(model.blocks)
+        if not self.blocks:
+            raise ValueError("model has no transformer blocks")
+        for i, blk in enumerate(self.blocks):
+            if type(blk).forward is not Block.forward:
+                raise ValueError(f"unsupported model: block {i} is a {type(blk).__name__}; only timm's Beit `Block` "
+                                 f"(x + γ₁ attn(norm1(x)), then + γ₂ mlp(norm2(x))) is supported")
+            if type(blk.attn).forward is not Attention.forward:
+                raise ValueError(f"unsupported model: block {i} attention is a {type(blk.attn).__name__}; only "
+                                 f"timm's Beit `Attention` is supported")
+        if model.global_pool not in SUPPORTED_POOLING:
+            raise ValueError(f"unsupported model: global_pool={model.global_pool!r} (the output is the token "
+                             f"sequence); supported: {SUPPORTED_POOLING}")
+        self.num_heads = self.blocks[0].attn.num_heads
+        self.has_class_token = True
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        self.pooling = model.global_pool
+        self.pool_include_prefix = False
+        self.attention_pool = None
+        pe = model.patch_embed
+        self.in_chans = int(pe.proj.in_channels)
+        self.patch_size = tuple(pe.patch_size)
+        self.num_classes = int(model.num_classes) if model.num_classes > 0 else None
+        self.has_bias = model.rel_pos_bias is not None or any(
+            blk.attn.relative_position_bias_table is not None for blk in self.blocks)
+        self.flash_refusal = FLASH_REFUSAL if self.has_bias else None
+
+    # -- protocol ------------------------------------------------------------
+    def replace_attention(self, layers: Sequence[int], core: AttentionCore, handles: list) -> None:
+        for l in layers:
+            handles.append(PatchedForward(self.blocks[l].attn, _attention_forward(core, l)))
+
+    def attn_output(self, l: int, o: torch.Tensor) -> torch.Tensor:
+        blk = self.blocks[l]
+        return _scaled(blk.gamma_1, blk.attn.proj(o))
+
+    def mlp_branch(self, l: int, y: torch.Tensor) -> torch.Tensor:
+        blk = self.blocks[l]
+        return _scaled(blk.gamma_2, blk.mlp(blk.norm2(y)))
+
+    def mlp_points(self, l: int) -> Tuple[nn.Module, nn.Module]:
+        """``norm2`` (its input is Yˡ) and ``drop_path2``, whose input and (outside training) output is
+        γ₂ ⊙ MLP (γ₂ is a parameter, not a module)."""
+        blk = self.blocks[l]
+        return blk.norm2, blk.drop_path2
+
+    # -- the relevance pass ------------------------------------------------------
+    def _no_bias(self) -> None:
+        if self.has_bias:
+            raise no_relevance_pass(
+                "the relative position bias of the timm Beit: the logits are scale·QKᵀ + B, and the rules would have "
+                "to split their relevance between QKᵀ and the bias, which the pass does not do")
+
+    def relevance_linears(self, l: int) -> BlockLinears:
+        from timm.layers import Mlp
+
+        self._no_bias()
+        blk = self.blocks[l]
+        if type(blk.mlp) is not Mlp:
+            raise no_relevance_pass(
+                f"block {l}'s MLP, a {type(blk.mlp).__name__} (the SwiGLU gate multiplies two operands; the rules "
+                f"cover timm's two-layer `Mlp`: fc1, activation, fc2)")
+        attn = blk.attn
+        # F.linear reads qkv's weight directly: the input is read where it enters the attention module
+        return BlockLinears(LinearPoint(attn, attn.qkv.weight), linear_point(attn.proj), linear_point(blk.mlp.fc1),
+                            linear_point(blk.mlp.fc2))
+
+    def head_linears(self) -> List[LinearPoint]:
+        self._no_bias()
+        return super().head_linears()
+
+    def embedding_points(self) -> EmbeddingPoints:
+        """The patch embedding's convolution, the tokens after the position embedding (``pos_drop``'s input) and
+        the class token."""
+        self._no_bias()
+        m = self.trunk
+        conv = m.patch_embed.proj
+        if not isinstance(m.patch_embed.norm, nn.Identity):
+            raise no_relevance_pass("a patch embedding with a norm after its convolution")
+        return EmbeddingPoints(conv, LinearPoint(m.pos_drop, conv.weight), m.cls_token[0])
+
+
+def adapter_class(model: nn.Module):
+    """``TimmBeit`` if ``model`` is a timm ``Beit`` (exact class or subclass), else None."""
+    Beit, _, _ = beit_classes()
+    return TimmBeit if isinstance(model, Beit) else None

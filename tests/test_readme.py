@@ -20,7 +20,8 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 PROSE = re.sub(r"^```.*?^```[^\n]*$", "", README, flags=re.M | re.S)
 #: the family names as the README's tables write them
 DISPLAY = {"timm": "timm", "hf": "Hugging Face", "torchvision": "torchvision", "open_clip": "open_clip",
-           "hf_dinov2": "Hugging Face DINOv2", "timm_eva": "timm Eva"}
+           "hf_dinov2": "Hugging Face DINOv2", "timm_eva": "timm Eva", "hf_beit": "Hugging Face BEiT",
+           "timm_beit": "timm BEiT"}
 NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
            "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15}
 

@@ -39,10 +39,12 @@ import torch
 #: bytes of one (G_t, Q_t, N) tile of the accumulation dtype: the memory budget (a few such tiles are alive
 #: at a time), large enough for BLAS to stay busy on an accelerator
 BLOCK_BYTES = 64 << 20
-#: the tile budget on CPU tensors: a tile and its twin (P and dP) stay in the cache between the matrix
-#: products and the elementwise passes (at N = 4097, d = 64 the t-only pass ran 2× faster at 1–2 MB than
-#: at 64 MB; benchmarks/results/cpu-amd-epyc-2c/2026-12-07-highres-2/)
-CPU_TILE_BYTES = 2 << 20
+#: the tile budget on CPU tensors: a tile and its twin (P and dP) stay in the last-level cache between the
+#: matrix products and the elementwise passes, in few enough tiles that the per-operator thread barriers stay
+#: cheap on a loaded machine (at N = 4097, d = 64, 2 threads, the t-only pass: 64 MB tiles over every head
+#: 1.9 s; 16 MB 1.2 s; 2 MB 0.8 s idle but 4× slower than 16 MB at a load average of 7;
+#: benchmarks/results/cpu-amd-epyc-2c/2026-12-07-highres-2/)
+CPU_TILE_BYTES = 16 << 20
 #: fewest query rows per tile (matrix products narrower than this waste the BLAS kernels)
 MIN_BLOCK = 32
 

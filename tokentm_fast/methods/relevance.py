@@ -18,11 +18,11 @@ records what the rules read (``RelevancePass``), then the relevance runs top-dow
 An attention-pool head (SigLIP, CoCa) is run backwards with the same rules (``RelevancePass.attention_pool``);
 partial LRP then reads R^{A_pool} and transformer attribution starts its row at the pool (docs/methods.md §6.3).
 
-Each returns ``(B, N−P)`` (``lrp``: ``(B, H, W)``; a list over the targets for a ``TargetList``).
+Each takes a sequence of targets and returns a ``(B, N−P)`` map per target (``lrp``: ``(B, H, W)``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from ..aggregation import check_layer_order, query_support
 from ..capture import LayerRecorder, PointRecorder, PoolRecorder, prepared_model
 from ..models.protocol import LinearPoint, ViTAdapter, merge_heads, no_relevance_pass, split_heads
 from ..precision import compute_dtype
-from ..targets import TargetList, resolve_target, target_score
+from ..targets import resolve_target, target_score
 from . import lrp_rules
 from .pool import first_latent
 
@@ -39,16 +39,16 @@ from .pool import first_latent
 POOL_POINTS = ("kv", "proj", "latent", "fc1", "fc2", "mlp")
 
 
-def conservative_lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path,
-                     full: bool = False):
-    x0, grads = path.held_input_gradients(vit, images, target)
-    maps = [(x0 * g).sum(-1)[:, vit.num_prefix_tokens:] for g in grads]
-    return maps if isinstance(target, TargetList) else maps[0]
+def conservative_lrp(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, options: Dict[str, Any], path,
+                     full: bool = False) -> List[torch.Tensor]:
+    x0, grads = path.held_input_gradients(vit, images, targets)
+    return [(x0 * g).sum(-1)[:, vit.num_prefix_tokens:] for g in grads]
 
 
-def attcat(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
+def attcat(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, options: Dict[str, Any], path,
+           full: bool = False) -> List[torch.Tensor]:
     heads, prefix = vit.num_heads, vit.num_prefix_tokens
-    outs, grads, a_q = path.block_output_gradients(vit, images, target)   # per layer (B, N, D), (B, H, N)
+    outs, grads, a_q = path.block_output_gradients(vit, images, targets)  # per layer (B, N, D), (B, H, N)
 
     def reduce(g_list):
         e = 0
@@ -57,8 +57,7 @@ def attcat(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any
             e = e + (a_l * cam).mean(1)
         return e[:, prefix:]
 
-    maps = [reduce(g) for g in grads]
-    return maps if isinstance(target, TargetList) else maps[0]
+    return [reduce(g) for g in grads]
 
 
 # --------------------------------------------------------------------------- the LRP relevance pass
@@ -247,35 +246,35 @@ def head_rows(vit: ViTAdapter, b: int, n: int, dtype, device) -> torch.Tensor:
     return q
 
 
-def _output_relevances(output: torch.Tensor, target) -> list:
+def _output_relevances(output: torch.Tensor, targets: Sequence) -> list:
     """The relevance at the model output per target: ``∂s/∂y`` (a class target: ``one_hot``, the authors'
     start; a score function: its gradient)."""
-    many = isinstance(target, TargetList)
     y = output.detach().requires_grad_(True)
     with torch.enable_grad():
-        return [torch.autograd.grad(target_score(y, resolve_target(t, y)), [y])[0]
-                for t in (target if many else [target])]
+        return [torch.autograd.grad(target_score(y, resolve_target(t, y)), [y])[0] for t in targets]
 
 
 def _finish_rows(vit: ViTAdapter, e: torch.Tensor) -> torch.Tensor:
     return e[:, vit.num_prefix_tokens:]
 
 
-def lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
+def lrp(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, options: Dict[str, Any], path,
+        full: bool = False) -> List[torch.Tensor]:
     """Full LRP: the relevance pass down to the pixels, summed over the colour channels, ``(B, H, W)``."""
     run = RelevancePass(vit, images, range(vit.num_layers), options["rules"], pixels=True)
     with prepared_model(vit) as handles, torch.no_grad():
         output = run.forward(handles)
         maps = []
-        for r_out in _output_relevances(output, target):
+        for r_out in _output_relevances(output, targets):
             r, _ = run.head(r_out)
             for l in reversed(run.layers):
                 r, _ = run.block(l, r)
             maps.append(run.pixels(r)[0])
-    return maps if isinstance(target, TargetList) else maps[0]
+    return maps
 
 
-def partial_lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path, full: bool = False):
+def partial_lrp(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, options: Dict[str, Any], path,
+                full: bool = False) -> List[torch.Tensor]:
     """Partial LRP: ``e = mean_h max(R^{A_L}, 0)`` on the query row; with an attention-pool head
     ``mean_h max(R^{A_pool}, 0)`` of its first latent (the pool is the last attention)."""
     top = vit.num_layers - 1
@@ -283,7 +282,7 @@ def partial_lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str
     with prepared_model(vit) as handles, torch.no_grad():
         output = run.forward(handles)
         maps = []
-        for r_out in _output_relevances(output, target):
+        for r_out in _output_relevances(output, targets):
             r, r_pool = run.head(r_out)
             if r_pool is not None:
                 maps.append(_finish_rows(vit, r_pool.clamp(min=0).mean(1)))
@@ -292,11 +291,11 @@ def partial_lrp(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str
             fused = r_attn.clamp(min=0).mean(1)                                     # (B, N, N)
             q = head_rows(vit, fused.shape[0], fused.shape[-1], fused.dtype, fused.device)
             maps.append(_finish_rows(vit, torch.einsum("bi,bij->bj", q, fused)))
-    return maps if isinstance(target, TargetList) else maps[0]
+    return maps
 
 
-def transformer_attribution(vit: ViTAdapter, images: torch.Tensor, target, options: Dict[str, Any], path,
-                            full: bool = False):
+def transformer_attribution(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, options: Dict[str, Any],
+                            path, full: bool = False) -> List[torch.Tensor]:
     """Transformer Attribution: ``Āˡ = mean_h max(∇Aˡ ⊙ R^{Aˡ}, 0)``, ``C = Π (Āˡ + I)`` over the blocks from
     ``start_layer`` (no row normalisation): GAE's row update with R^{Aˡ} in place of Aˡ, run inside the
     backward pass as each ∇Aˡ arrives, the relevance pass one block ahead of it. With an attention-pool
@@ -330,17 +329,16 @@ def transformer_attribution(vit: ViTAdapter, images: torch.Tensor, target, optio
             recs[l]["attn"].register_hook(layer_hook(l))
         if run.pool is not None:
             run.pool.last["attn"].register_hook(pool_hook)
-        many = isinstance(target, TargetList)
-        targets = [resolve_target(t, output) for t in (target if many else [target])]
+        resolved = [resolve_target(t, output) for t in targets]
         leaf = recs[layers[0]]["attn"]
         b, n = output.shape[0], leaf.shape[-1]
         maps = []
-        for i, (t, r_out) in enumerate(zip(targets, _output_relevances(output, target))):
+        for i, (t, r_out) in enumerate(zip(resolved, _output_relevances(output, targets))):
             with torch.no_grad():
                 r, r_pool = run.head(r_out)
                 state.update(r=r, r_pool=r_pool, next=top,
                              rows=None if r_pool is not None else head_rows(vit, b, n, run.acc, images.device)[:, None])
-            torch.autograd.grad(target_score(output, t), [leaf], retain_graph=i < len(targets) - 1)
+            torch.autograd.grad(target_score(output, t), [leaf], retain_graph=i < len(resolved) - 1)
             maps.append(_finish_rows(vit, state["rows"][:, 0]))
-    return maps if many else maps[0]
+    return maps
 

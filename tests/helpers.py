@@ -136,7 +136,7 @@ def literal_legrad(model: nn.Module, images: torch.Tensor, target: Target, layer
     final norm, fc norm and classifier (a distilled DeiT: the mean of its two heads); ``"head"``: the model's
     own pooling (final norm, then class token or patch mean, fc norm, classifier). ``target``: class
     indices ``(B,)`` (s_l = the target logit) or a score function of that output (s_l = its value)."""
-    from spec_oracle import pooled_head, run_vit  # spec_oracle imports this module (rel_err_l2)
+    from spec_oracle import pooled_head, run_vit
 
     _, layers, _, m = run_vit(model, images)
     b, depth, prefix = images.shape[0], len(layers), m.num_prefix_tokens

@@ -516,14 +516,7 @@ def transformer_attribution(model: nn.Module, images: torch.Tensor, target: Targ
     return read_out(model, joint)
 
 
-def rel_err(e: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-image max |e − ref| / max |ref|, (B,)."""
-    b = ref.shape[0]
-    diff = (e.double() - ref.double()).reshape(b, -1).abs().amax(dim=1)
-    return diff / ref.double().reshape(b, -1).abs().amax(dim=1).clamp(min=1e-300)
-
-
 __all__ = ["METHODS", "EPS", "RULES", "safe_divide", "linear_relevance", "matmul_relevance", "add_relevance",
            "clone_relevance", "class_token_relevance", "mean_pool_relevance", "patch_relevance", "check_supported",
            "run_model", "one_hot", "relevance", "attention_gradients", "lrp", "partial_lrp", "read_out",
-           "rollout_without_normalisation", "transformer_attribution", "rel_err"]
+           "rollout_without_normalisation", "transformer_attribution"]

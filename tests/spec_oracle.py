@@ -12,10 +12,6 @@ import copy
 import math
 
 import torch
-from helpers import rel_err_l2
-
-#: ``rel_err_l2`` (tests/helpers.py) under its old name, only for test_lrp and test_lrp_rules until they import helpers
-rel_err = rel_err_l2
 
 EPS = 1e-6
 #: the methods written out here (the LRP relevance pass: tests/lrp_oracle.py)

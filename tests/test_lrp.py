@@ -1,7 +1,7 @@
 """The LRP family (tokentm_fast/methods/relevance.py, tokentm_fast/methods/lrp_rules.py, docs/methods.md §6.3) against
 the independent literal oracle of tests/lrp_oracle.py: every backend, every family (through weights copied
 from one timm ViT), both rule sets, several targets, conservation, and the refusals. Float32 maps are held to
-a bound derived per image from the condition of the map (tests/checks.py), tight enough to catch a changed
+a bound derived per image from the condition of the map (tests/helpers.py), tight enough to catch a changed
 stabiliser."""
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import lrp_oracle
 import model_families as mf
 import pytest
 import torch
-from checks import assert_informative, float32_bound
+from helpers import assert_informative, float32_bound, rel_err_l2
 from model_families import assert_same, snapshot
-from spec_oracle import rel_err
 
 import tokentm_fast as tf
 from tokentm_fast.capture import prepared_model
@@ -92,7 +91,7 @@ def test_float64_equals_the_oracle(name, method):
     assert_informative(want)
     for backend in ("torch", "reference"):
         got = _explain(model.double(), images.double(), method, target, backend=backend)
-        assert rel_err(got, want.reshape(got.shape)).max() < F64_TOL, backend
+        assert rel_err_l2(got, want.reshape(got.shape)).max() < F64_TOL, backend
     model.float()
 
 
@@ -101,15 +100,15 @@ def test_classic_rules_equal_the_oracle(method):
     model, images = MODELS["timm"](), mf.images()
     want = _oracle(method, model, images, torch.tensor([2, 0]), rules="classic")
     ours = _oracle(method, model, images, torch.tensor([2, 0]))
-    assert rel_err(want, ours).min() > 1e-3          # the two rule sets differ on this model
+    assert rel_err_l2(want, ours).min() > 1e-3          # the two rule sets differ on this model
     got = _explain(model.double(), images.double(), method, torch.tensor([2, 0]), backend="torch", rules="classic")
-    assert rel_err(got, want.reshape(got.shape)).max() < F64_TOL
+    assert rel_err_l2(got, want.reshape(got.shape)).max() < F64_TOL
 
 
 @lru_cache(maxsize=None)
 def _float32_case(name: str, method: str):
     """``(model, images, target, float64 oracle map, per-image float32 bound (B,))`` of a test model; the
-    bound is tests/checks.py's, from the oracle's measured condition (cached: three oracle runs)."""
+    bound is tests/helpers.py's, from the oracle's measured condition (cached: three oracle runs)."""
     model, images = MODELS[name](), mf.images()
     target = torch.tensor([1, 3])
     want = _oracle(method, model, images, target)
@@ -123,7 +122,7 @@ def _float32_case(name: str, method: str):
 def test_float32_backends(name, method, backend, device):
     """Every backend on a float32 model (Triton: materialized attention, the row-update kernel for
     transformer attribution) against the float64 oracle, within the float32 bound derived from the map's
-    condition (tests/checks.py: 16 roundings per attention layer, each amplified by the measured κ)."""
+    condition (tests/helpers.py: 16 roundings per attention layer, each amplified by the measured κ)."""
     model, images, target, want, bound = _float32_case(name, method)
     assert_informative(want)
     if backend == "triton":
@@ -132,7 +131,7 @@ def test_float32_backends(name, method, backend, device):
         model, images, target = copy.deepcopy(model).to(device), images.to(device), target.to(device)
     got = _explain(model, images, method, target, backend=backend).cpu()
     assert got.dtype == torch.float32
-    err = rel_err(got, want.reshape(got.shape))
+    err = rel_err_l2(got, want.reshape(got.shape))
     assert (err <= bound).all(), (err, bound)
 
 
@@ -145,7 +144,7 @@ def test_the_float32_bound_catches_a_changed_stabiliser(monkeypatch, name, metho
     model, images, target, want, bound = _float32_case(name, method)
     monkeypatch.setattr(lrp_oracle, "EPS", 1e-5)
     wrong = _oracle(method, model, images, target)
-    assert (rel_err(wrong, want) > 2 * bound).all(), (rel_err(wrong, want), bound)
+    assert (rel_err_l2(wrong, want) > 2 * bound).all(), (rel_err_l2(wrong, want), bound)
 
 
 CONVERTED = {
@@ -176,7 +175,7 @@ def test_every_family_equals_the_oracle(family, method):
                            for i, c in enumerate(target)])
     else:
         got = _explain(dst, images.double(), method, score, backend="torch")
-    assert rel_err(got, want.reshape(got.shape)).max() < F64_TOL
+    assert rel_err_l2(got, want.reshape(got.shape)).max() < F64_TOL
     assert_same(dst, snap)
 
 
@@ -228,7 +227,7 @@ def test_start_layer_of_transformer_attribution():
         got = tf.explain(model.double(), images.double(), "transformer_attribution", target=torch.tensor([1, 3]),
                          backend="torch", start_layer=k)
         model.float()
-        assert rel_err(got, want.reshape(got.shape)).max() < F64_TOL
+        assert rel_err_l2(got, want.reshape(got.shape)).max() < F64_TOL
 
 
 def test_refusals():

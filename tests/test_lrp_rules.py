@@ -14,8 +14,7 @@ import copy
 import model_families as mf
 import pytest
 import torch
-from checks import UNIT_ROUNDOFF, assert_informative, float32_bound
-from spec_oracle import rel_err
+from helpers import UNIT_ROUNDOFF, assert_informative, float32_bound, rel_err_l2
 
 import tokentm_fast as tf
 from tokentm_fast.methods import lrp_rules, relevance
@@ -119,9 +118,9 @@ def test_float64_pass_unchanged(monkeypatch, name, method):
 
 
 def identity_bound(model, images, method, target, layers: int) -> torch.Tensor:
-    """Per-image bound on rel_err(float32 map with three products, float32 map with four products).
+    """Per-image bound on rel_err_l2(float32 map with three products, float32 map with four products).
 
-    Each map is within ``float32_bound`` of the float64 one (tests/checks.py: 16 roundings per attention layer
+    Each map is within ``float32_bound`` of the float64 one (tests/helpers.py: 16 roundings per attention layer
     times the measured condition κ). The identity adds, per linear map, the rounding of xWᵀ and |x||W|ᵀ
     amplified by c = (|x||W|ᵀ + |b|) / z⁺ (docs/methods.md §6.3); weighted by where the relevance is, a linear
     map then counts as 2ĉ roundings, ĉ = Σ|R_j| c_j / Σ|R_j| (measured here on the float64 pass, largest over
@@ -162,7 +161,7 @@ def test_float32_maps_within_the_derived_bound(monkeypatch, name, method):
     vit = adapt(model)
     layers = vit.num_layers + (vit.attention_pool is not None)
     bound, c_hat = identity_bound(model, images, method, target, layers)
-    err = rel_err(new, old)
+    err = rel_err_l2(new, old)
     assert (err <= bound).all(), (err.tolist(), bound.tolist(), c_hat)
     assert (bound < 1e-2).all()                 # the bound is a rounding bound, not a loose one
     assert err.max() >= UNIT_ROUNDOFF / 4 or torch.equal(new, old)

@@ -3,7 +3,7 @@ give the same maps across families (timm weights copied into Hugging Face ViT an
 open_clip models by the converters of tests/model_families.py), the attention call-site hook is exact,
 and every model comes back unchanged.
 
-Every map a comparison reads is asserted informative first (tests/checks.py): attention Grad-CAM takes, per
+Every map a comparison reads is asserted informative first (tests/helpers.py): attention Grad-CAM takes, per
 family, targets whose map its clamp does not zero (``GRADCAM_TARGETS``), and is asserted zero, as
 docs/methods.md §5 says, where a class token is not what the model pools (``GRADCAM_ZERO``); Transformer
 Attribution of such a mean-pooled model takes a scaled score (``LOUD``)."""

@@ -14,7 +14,7 @@
   through the reference backend.
 - Every method on every backend (reference, torch, Triton materialized / flash on the suite's device)
   agrees with the reference for each new model, which comes back unchanged; the LRP relevance pass's float32
-  maps within the bound derived from each map's condition (tests/checks.py), the others within §7's 1e-5.
+  maps within the bound derived from each map's condition (tests/helpers.py), the others within §7's 1e-5.
 """
 from __future__ import annotations
 
@@ -425,7 +425,7 @@ def test_replace_pool_attention_is_exact_and_undone(name):
 @pytest.fixture(scope="module", params=list(POOL_MODELS))
 def pool_case(request):
     """``(name, model, images, target, {method: reference map}, {relevance-pass method: float32 bound (B,)})``;
-    the bounds from the reference's condition on float64 copies (tests/checks.py; blocks plus the pool)."""
+    the bounds from the reference's condition on float64 copies (tests/helpers.py; blocks plus the pool)."""
     name = request.param
     model, x, c = POOL_MODELS[name](), mf.images(), TARGETS[name]
     refs = {m: tf.explain(model, x, m, backend="reference", target=tf.class_logit(c)) for m in METHODS}

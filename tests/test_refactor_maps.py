@@ -29,7 +29,7 @@ Every compared map of the other cases is asserted informative before the compari
 
 Bit-identity is a property of one platform: the same torch build on the same CPU kernels. When the
 torch version or the CPU capability (``torch.backends.cpu.get_cpu_capability()``) differ from the ones
-recorded in the file, the test compares with the tolerance of the oracle tests (``rel_err`` below
+recorded in the file, the test compares with the tolerance of the oracle tests (``rel_err_l2`` below
 ``TOL``) instead; its failure message says which comparison failed. On a CUDA run of the suite
 (``--device cuda``) the cases skip: the saved maps are the CPU paths'.
 """
@@ -42,11 +42,11 @@ from pathlib import Path
 import model_families as mf
 import pytest
 import torch
-from checks import assert_informative
+from helpers import assert_informative
 
 DATA = Path(__file__).resolve().parent / "data" / "refactor_maps.pt"
 ADDED = Path(__file__).resolve().parent / "data" / "refactor_maps_added.pt"
-#: the float32 tolerance of the oracle tests (tests/spec_oracle.py rel_err), for another platform
+#: the float32 tolerance of the oracle tests (tests/helpers.py rel_err_l2), for another platform
 TOL = 1e-4
 
 FAMILIES = {

@@ -25,13 +25,26 @@ import model_families as mf
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FLASH_METHODS, N65, ShapeRecorder, assert_informative, attention_tile, n_by_n, rel_err_l2
+from helpers import (
+    FLASH_METHODS,
+    N65,
+    ShapeRecorder,
+    assert_informative,
+    attention_tile,
+    float32_bound,
+    n_by_n,
+    rel_err_l2,
+)
 from model_families import assert_same, snapshot, triton_only
 
 import tokentm_fast as tf
-from tokentm_fast.methods import get_method
+from tokentm_fast.capture import prepared_model
+from tokentm_fast.methods import get_method, resolve_options
+from tokentm_fast.methods.relevance import RelevancePass, head_rows
 from tokentm_fast.models import adapt
 from tokentm_fast.models.hf_dinov2 import HFDinov2
+from tokentm_fast.paths import TORCH_KERNELS, Materialized
+from tokentm_fast.reference import explain_reference
 
 #: name -> hf_dinov2 keyword arguments
 VARIANTS = {
@@ -42,7 +55,7 @@ VARIANTS = {
 }
 SIZE = (40, 32)
 GRID = (SIZE[0] // mf.DINO["patch"], SIZE[1] // mf.DINO["patch"])
-#: the relevance pass (docs/methods.md §6.3), refused on the "token_avg" heads with the reason
+#: the relevance pass (docs/methods.md §6.3), on every head ("token_avg": the classifier's input relevance split)
 RELEVANCE_PASS = ("lrp", "partial_lrp", "transformer_attribution")
 #: maps that are signed sums or LRP divisions that cancel in float32: compared on float64 copies
 SIGNED_SUMS = ("attcat", "conservative_lrp") + RELEVANCE_PASS
@@ -69,10 +82,6 @@ def target_for(variant: str):
     """The predicted class for a classifier; for an embedding ``out[:, 0] − ½ out[:, 1]`` (a score whose start
     relevance does not sum to 0, which the relevance pass's rescaled residuals would pass on as 0, §6.3)."""
     return None if is_classifier(variant) else (lambda out: out[:, 0] - 0.5 * out[:, 1])
-
-
-def methods_for(variant: str) -> tuple:
-    return tuple(m for m in tf.METHODS if not (is_classifier(variant) and m in RELEVANCE_PASS))
 
 
 # --------------------------------------------------------------------------- the literal oracle
@@ -138,6 +147,13 @@ def literal_maps(model, x, score) -> dict:
     §2–§5 with full N×N matrices) over :func:`literal_forward`; ``score(out) -> (B,)``."""
     out, layers, x0, p = literal_forward(model, x)
     return literal_oracle.maps(out, layers, x0, p, score)
+
+
+def identity_share(variant: str, method: str) -> float:
+    """The constant that transformer attribution's identity term puts on every patch column of a "token_avg"
+    head's map (its row weights ½ · 1/(N−P) there, docs/methods.md §6.3), taken off before a map is checked to be
+    informative; 0 for the other maps."""
+    return 0.5 / (GRID[0] * GRID[1]) if is_classifier(variant) and method == "transformer_attribution" else 0.0
 
 
 def literal_score(variant: str, model, x):
@@ -224,17 +240,13 @@ def _explain_on(model, x, method, backend, attention, device, target):
 def test_every_method_on_every_backend_and_path(variant, backend, attention, device):
     """§7: each float32 map within 1e-5 (relative L2 per image) of the float64 reference; the signed sums and
     the relevance pass on float64 copies within the float32 rounding of the maps (torch) or, on Triton (float32 only), within 1e-4 of
-    the float32 torch map, as tests/test_models.py holds them. The flash path refuses the relevance pass, and
-    the "token_avg" heads refuse it on every path, each naming why."""
+    the float32 torch map, as tests/test_models.py holds them. The flash path refuses the relevance pass,
+    naming why."""
     model, x = make(variant), images()
     model64, x64 = make(variant, torch.float64), images(torch.float64)
     target = target_for(variant)
     snap = snapshot(model)
-    if is_classifier(variant):
-        for method in RELEVANCE_PASS:
-            with pytest.raises(ValueError, match="token_avg"):
-                tf.explain(model, x, method, backend=backend, attention="materialized", target=target)
-    for method in methods_for(variant):
+    for method in tf.METHODS:
         target = method_target(variant, method)
         if attention == "flash" and get_method(method).materialized_only:
             with pytest.raises(ValueError, match="flash path"):
@@ -254,9 +266,98 @@ def test_every_method_on_every_backend_and_path(variant, backend, attention, dev
             got = _explain_on(model, x, method, backend, attention, device, target)
             tol = gradcam_tolerance(variant) if method == "attn_gradcam" else 1e-5
         assert got.shape[0] == 2 and got.shape[-2:] == ref.shape[-2:], method
-        assert_informative(ref)
+        assert_informative(ref - identity_share(variant, method))
         assert (rel_err_l2(got, ref) <= tol).all(), (method, rel_err_l2(got, ref))
     assert_same(model, snap)
+
+
+# --------------------------------------------------------------------------- the relevance pass on "token_avg"
+CLASSIFIERS = [v for v in VARIANTS if is_classifier(v)]
+#: fixed classes per image (not the prediction: the float32 bound's perturbed copies must keep the target)
+RELEVANCE_TARGET = torch.tensor([1, 3])
+#: two float64 computations of one relevance map (the pass and the reference): float64 rounding
+F64_TOL = 1e-10
+
+
+def _relevance(model, x, method, backend):
+    """The map of ``method`` (lrp: the pixel map itself, ``upsample=True``), in the model's dtype."""
+    kw = {"upsample": True} if method == "lrp" else {}
+    return tf.explain(model, x, method, backend=backend, target=RELEVANCE_TARGET, **kw)
+
+
+def _float64_maps(model, x, method):
+    """(reference, torch pass) maps ``(B, ...)`` of a float64 model, kept in float64 (``explain`` returns
+    float32): the entries ``explain`` calls, on the materialized path."""
+    vit = adapt(model)
+    options = resolve_options(method, {}, vit.num_layers)
+    want = explain_reference(vit, x, method, RELEVANCE_TARGET, options)
+    got = get_method(method).explain(vit, x, [RELEVANCE_TARGET], options, Materialized(TORCH_KERNELS))[0]
+    return want.flatten(1), got.flatten(1)
+
+
+@functools.lru_cache(maxsize=None)
+def _float32_relevance_case(variant: str, method: str):
+    """(float64 reference map, per-image float32 bound (B,)): tests/helpers.py's bound from the reference's
+    measured condition, as tests/test_lrp.py derives it (three reference runs on perturbed copies)."""
+    model, x = make(variant), images()
+    want = _relevance(model.double(), x.double(), method, "reference")
+    bound = float32_bound(lambda m, xx: _relevance(m, xx, method, "reference"), make(variant), x, mf.DINO["depth"])
+    return want, bound
+
+
+@pytest.mark.parametrize("variant", CLASSIFIERS)
+@pytest.mark.parametrize("method", RELEVANCE_PASS)
+def test_relevance_pass_on_the_token_avg_head(variant, method):
+    """lrp, partial LRP and transformer attribution through ``classifier(concat(cls, patch mean))``: float64
+    equals the literal reference (tokentm_fast/reference_relevance.py, its own rules) to 1e-10, float32 within
+    the derived float32 bound; maps informative (transformer attribution less its identity share ½·1/(N−P)
+    on every patch column, which the head's row weights put there)."""
+    want, got = _float64_maps(make(variant, torch.float64), images(torch.float64), method)
+    assert want.dtype == got.dtype == torch.float64
+    assert_informative(want - identity_share(variant, method))
+    assert (rel_err_l2(got, want) <= F64_TOL).all(), rel_err_l2(got, want)
+    want32, bound = _float32_relevance_case(variant, method)
+    for backend in ("reference", "torch"):
+        got32 = _relevance(make(variant), images(), method, backend)
+        assert got32.dtype == torch.float32
+        assert (rel_err_l2(got32, want32) <= bound).all(), (backend, rel_err_l2(got32, want32), bound)
+
+
+@pytest.mark.parametrize("variant", CLASSIFIERS)
+def test_token_avg_relevance_is_conserved(variant):
+    """"ours" with a one-hot start: what enters the last block (class row ⊕ patch rows, none on the
+    registers) sums to 1 with both parts non-zero, and what reaches the pixels plus the shares of the position
+    embedding and the prefix tokens is 1, up to the stabiliser's leak."""
+    model, x = make(variant, torch.float64), images(torch.float64)
+    vit = adapt(model)
+    p = vit.num_prefix_tokens
+    run = RelevancePass(vit, x, range(vit.num_layers), "ours", pixels=True)
+    with prepared_model(vit) as handles, torch.no_grad():
+        output = run.forward(handles)
+        r, _ = run.head(F.one_hot(RELEVANCE_TARGET, output.shape[-1]).double())
+        ones = torch.ones(2, dtype=torch.float64)
+        torch.testing.assert_close(r.sum((1, 2)), ones, rtol=0, atol=1e-6)
+        cls_part, patch_part = r[:, 0].sum(-1), r[:, p:].sum((1, 2))
+        assert (cls_part.abs() > 0.05).all() and (patch_part.abs() > 0.05).all(), (cls_part, patch_part)
+        if p > 1:                                                      # registers: outside the mean
+            assert r[:, 1:p].abs().max() == 0
+        for l in reversed(range(vit.num_layers)):
+            r, _ = run.block(l, r)
+        pixels, shares = run.pixels(r)
+    assert_informative(pixels)
+    total = pixels.sum((1, 2)) + shares["position"] + shares["prefix"]
+    torch.testing.assert_close(total, ones, rtol=0, atol=1e-6)
+
+
+def test_token_avg_head_rows():
+    """partial LRP's and transformer attribution's row weights on a "token_avg" head (docs/methods.md §6.3):
+    ½ on the class row, ½ spread evenly over the patch rows, none on the registers."""
+    vit = adapt(make("registers_classifier"))
+    n = 3 + 20
+    want = torch.zeros(2, n, dtype=torch.float64)
+    want[:, 0] = 0.5
+    want[:, 3:] = 0.5 / 20
+    assert torch.equal(head_rows(vit, 2, n, torch.float64, "cpu"), want)
 
 
 # --------------------------------------------------------------------------- the adapter's parts

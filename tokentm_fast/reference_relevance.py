@@ -19,6 +19,7 @@ products A·V, q·kᵀ                    z-rule over both operands, each halved
 a block input used twice              x ⊙ (R₁/x + R₂/x)
 class-token selection                 x_cls ⊙ R/x_cls on the class row, 0 elsewhere
 mean over n rows                      x_j ⊙ (R / mean x) / n
+class token ⊕ mean (``"token_avg"``)   R split at D: the class-token selection, then the mean rule on LN(Xᴸ)
 patch embedding                       zβ, each image's lowest / highest pixel as the bounds, no bias
 norms, softmax, GELU, LayerScale      unchanged
 ====================================  ===========================================================
@@ -248,7 +249,22 @@ def head_relevance(fw: Forward, r: torch.Tensor, rules: str) -> Tuple[torch.Tens
         # (up to the stabiliser), as the fast pass does
         x_cls = pooled[0] if pooled else r
         return _class_row_rule(x_cls, r, tokens.shape[1]), None
+    if vit.pooling == "token_avg":
+        return _class_and_mean_rule(fw, r), None
     return _mean_rule(tokens, r, vit.pooled_rows(tokens.shape[1])), None
+
+
+def _class_and_mean_rule(fw: Forward, r: torch.Tensor) -> torch.Tensor:
+    """``"token_avg"``: the head reads ``concat(X̂_cls, mean_{j ≥ P} X̂_j)`` ``(B, 2·D)``, X̂ = LN(Xᴸ) the tokens
+    its linear map reads. R ``(B, 2·D)`` at that concatenation: its first D entries to the class row by the
+    class-token selection (x_cls = X̂_cls), its last D over the patch rows by the mean rule on X̂; the final
+    norm passes the sum on unchanged."""
+    normed = fw.inputs[("head", 0)]                                       # X̂ (B, N, D)
+    if normed.dim() != 3:
+        raise no_relevance_pass("a 'token_avg' head whose linear map does not read the tokens")
+    n, width = normed.shape[1], normed.shape[-1]
+    r_cls, r_mean = r[:, :width], r[:, width:]
+    return _class_row_rule(normed[:, 0], r_cls, n) + _mean_rule(normed, r_mean, fw.vit.pooled_rows(n))
 
 
 def _pool_relevance(fw: Forward, r: torch.Tensor, n: int, rules: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -321,12 +337,17 @@ def pixel_relevance(fw: Forward, r: torch.Tensor, rules: str) -> torch.Tensor:
 
 def read_rows(vit: ViTAdapter, b: int, n: int, like: torch.Tensor) -> torch.Tensor:
     """``(B, N)`` weights of the rows the relevance enters the last block at: row cls for token pooling, else
-    the mean over the pooled rows (a mean-pooled head with a class token leaves row cls empty, §6.3)."""
+    the mean over the pooled rows (a mean-pooled head with a class token leaves row cls empty, §6.3);
+    ``"token_avg"``: half of each, ½ on row cls and ½ spread evenly over the pooled rows."""
     if vit.pooling == "token":
         return vit.query_vector(b, n, dtype=like.dtype, device=like.device)
     rows = vit.pooled_rows(n)
     q = torch.zeros(b, n, dtype=like.dtype, device=like.device)
     q[:, rows] = 1.0 / (rows.stop - rows.start)
+    if vit.pooling == "token_avg":
+        cls = torch.zeros_like(q)
+        cls[:, 0] = 1.0
+        q = (q + cls) / 2
     return q
 
 

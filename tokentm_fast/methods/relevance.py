@@ -164,7 +164,22 @@ class RelevancePass:
         if vit.pooling == "token":
             pooled = inputs[0] if inputs else r_out.to(self.acc)
             return lrp_rules.select_row(pooled, r, tokens.shape[1]), None
+        if vit.pooling == "token_avg":
+            return self._token_avg(r, inputs[0]), None
         return lrp_rules.mean_rows(tokens, r, vit.pooled_rows(tokens.shape[1])), None
+
+    def _token_avg(self, r: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """``"token_avg"`` (``concat(X̂_cls, mean_{j ∈ pooled rows} X̂_j)``, X̂ the tokens the head's first
+        linear map reads as ``(B, N, D)``, after the final norm): ``r (B, 2·D)`` split at D, the class-row
+        selection on the first half, the mean rule over the pooled rows (registers excluded) on the second;
+        their sum at the tokens ``(B, N, D)`` (the final norm passes it on unchanged)."""
+        normed = self._value(("head", 0))
+        if normed.dim() != 3:
+            raise no_relevance_pass(f"a 'token_avg' head whose first linear map of the {self.vit.family} adapter "
+                                    f"does not read the tokens (B, N, D)")
+        n, width = normed.shape[1], normed.shape[-1]
+        out = lrp_rules.select_row(pooled[:, :width], r[:, :width], n)
+        return out.add_(lrp_rules.mean_rows(normed, r[:, width:], self.vit.pooled_rows(n)))
 
     def attention_pool(self, r: torch.Tensor, num_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The attention pool backwards from ``r`` ``(B, E)`` at its first latent (the only one the head
@@ -237,12 +252,15 @@ def _is_linear_module(point: LinearPoint) -> bool:
 def head_rows(vit: ViTAdapter, b: int, n: int, dtype, device) -> torch.Tensor:
     """``(B, N)`` weights of the rows the head reads, where the relevance enters the last block: the class
     token for token pooling, else ``1/n`` on the pooled rows (``vit.query_vector`` for every model but a
-    mean-pooled one with a class token, whose class row receives no relevance)."""
+    mean-pooled one with a class token, whose class row receives no relevance); ``"token_avg"`` (class
+    token ⊕ patch mean): ``½ one_hot(cls) + ½ · 1/n`` on the pooled rows (docs/methods.md §6.3)."""
     if vit.pooling == "token":
         return vit.query_vector(b, n, dtype=dtype, device=device)
     q = torch.zeros(b, n, dtype=dtype, device=device)
     rows = vit.pooled_rows(n)
     q[:, rows] = 1.0 / (rows.stop - rows.start)
+    if vit.pooling == "token_avg":
+        q.mul_(0.5)[:, 0] += 0.5
     return q
 
 

@@ -15,9 +15,10 @@ attention with separate ``q_proj`` / ``k_proj`` / ``v_proj`` and ``o_proj``; the
 embedding plus a position embedding interpolated (bicubic) to the image's grid, then the register tokens
 (no position embedding) after the class token: prefix = class token, registers.
 
-The LRP relevance pass (docs/methods.md §6.3) covers the two-layer MLP and class-token pooling; it refuses
-the SwiGLU FFN (a product of two operands) and the ``"token_avg"`` head (its rule of the concatenation is
-not in the pass yet), naming why. Every other method runs on every class.
+The LRP relevance pass (docs/methods.md §6.3) covers the two-layer MLP, class-token pooling and the
+``"token_avg"`` head (the classifier's input relevance split at D: the class row, then the mean rule over the
+patch rows); it refuses the SwiGLU FFN (a product of two operands), naming why. Every other method runs on
+every class.
 
 Install with ``pip install "tokentm_fast[hf]"``.
 """
@@ -154,11 +155,14 @@ class HFDinov2(ViTAdapter):
                             linear_point(mlp.fc2))
 
     def head_linears(self) -> List[LinearPoint]:
+        """The classifier, its input read as the tokens after the final ``layernorm`` ``(B, N, D)`` (pooled by
+        ``pool_tokens`` into ``concat(cls, patch mean)``; the relevance pass splits it, docs/methods.md §6.3);
+        none for the embedding models (their output is the class token)."""
         if self.classifies:
-            raise no_relevance_pass(
-                f"the head of {type(self.model).__name__}: classifier(concat(class token, mean of the patch "
-                f"tokens)) (pooling 'token_avg'), whose relevance the pass cannot yet split between the class "
-                f"row and the patch rows")
+            classifier = self.model.classifier
+            if not isinstance(classifier, nn.Linear):
+                raise no_relevance_pass(f"a classifier that is a {type(classifier).__name__}, not an nn.Linear")
+            return [LinearPoint(self.final_norm, classifier.weight, output=True)]
         return []
 
     def embedding_points(self) -> EmbeddingPoints:

@@ -25,9 +25,9 @@ r, r' uniform in [−1, 1] for every weight and pixel (the perturbation a float3
 Each attention layer puts about ``ROUNDINGS_PER_LAYER`` roundings on a relevance's path (8 operations of
 the forward: norm, qkv, q·kᵀ, softmax, A·V, proj, residual add, MLP; as many rules back), so the float32
 map is within ``ROUNDINGS_PER_LAYER · layers · max(κ, 1) · u`` of the float64 one (κ at least 1: the float32
-output is itself rounded). On the models of tests/test_lrp.py this bound is 2.5 to 45 times the float32
+output is itself rounded). On the models of tests/test_relevance_lrp.py this bound is 2.5 to 45 times the float32
 error of the torch and Triton backends and 8 to 200 times below what a stabiliser of 1e-5 instead of 1e-9
-costs (test_lrp.py checks the latter; the 2e-2 used before was 270 to 19 000 times the error and let it pass).
+costs (test_relevance_lrp.py checks the latter; the 2e-2 used before was 270 to 19 000 times the error and let it pass).
 """
 from __future__ import annotations
 

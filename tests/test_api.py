@@ -64,7 +64,7 @@ def spec_case(make_model, make_images):
 
 
 #: the methods tests/spec_oracle.py writes out; the LRP relevance pass has its own oracle (tests/lrp_oracle.py,
-#: tests/test_lrp.py), and test_every_method_has_an_oracle keeps the two lists covering tf.METHODS
+#: tests/test_relevance_lrp.py), and test_every_method_has_an_oracle keeps the two lists covering tf.METHODS
 CASES = [(m, meth) for m in MODELS for meth in ORACLE_METHODS]
 
 

@@ -62,7 +62,7 @@ def test_replace_attention_is_exact_and_undone(make_model, images, name):
 #: methods whose float32 maps cancel: signed sums of gradient × activation terms (docs/methods.md §6.2) and
 #: the LRP rules' divisions by sums that cancel (§6.3, "Precision"); compared on float64 copies
 SIGNED_SUMS = ("attcat", "conservative_lrp", "lrp", "partial_lrp", "transformer_attribution")
-#: the relevance pass does not cover a distilled model's two heads (docs/methods.md §6.3; tests/test_lrp.py)
+#: the relevance pass does not cover a distilled model's two heads (docs/methods.md §6.3; tests/test_relevance_lrp.py)
 RELEVANCE_PASS = lrp_oracle.METHODS
 
 

@@ -298,7 +298,7 @@ def _float64_maps(model, x, method):
 @functools.lru_cache(maxsize=None)
 def _float32_relevance_case(variant: str, method: str):
     """(float64 reference map, per-image float32 bound (B,)): tests/helpers.py's bound from the reference's
-    measured condition, as tests/test_lrp.py derives it (three reference runs on perturbed copies)."""
+    measured condition, as tests/test_relevance_lrp.py derives it (three reference runs on perturbed copies)."""
     model, x = make(variant), images()
     want = _relevance(model.double(), x.double(), method, "reference")
     bound = float32_bound(lambda m, xx: _relevance(m, xx, method, "reference"), make(variant), x, mf.DINO["depth"])

@@ -466,7 +466,7 @@ def test_triton_equals_reference(pool_case, attention, device):
     snap = snapshot(on_device)
     for method, ref in refs.items():
         if attention == "flash" and method in RELEVANCE_PASS:
-            continue                                    # no flash path (refused: tests/test_lrp.py)
+            continue                                    # no flash path (refused: tests/test_relevance_lrp.py)
         e = tf.explain(on_device, x.to(device), method, backend="triton", attention=attention,
                        target=tf.class_logit(c.to(device))).cpu()
         assert e.shape == ref.shape, method

@@ -10,7 +10,8 @@ the fast paths it is the oracle of, and its own formulas are those of docs/metho
   §6.3 define, on inputs small enough to work out by hand.
 
 How the reference's maps agree with the fast paths and with tests/lrp_oracle.py is tested in test_api,
-test_methods, test_tails, test_lrp, test_models, test_models_pools, test_attention_pool and test_relevance.
+test_methods, test_tails, test_relevance_lrp, test_models, test_models_pools, test_attention_pool and
+test_relevance_baselines.
 """
 from __future__ import annotations
 

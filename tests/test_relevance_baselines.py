@@ -1,5 +1,6 @@
-"""Conservative LRP and ATTCAT (tokentm_fast/methods/relevance.py, docs/methods.md §6.2) against the independent
-oracle (tests/spec_oracle.py, float64) on every backend and both attention paths, and several targets."""
+"""Conservative LRP and ATTCAT, the gradient × activation baselines of tokentm_fast/methods/relevance.py
+(docs/methods.md §6.2), against the independent oracle (tests/spec_oracle.py, float64) on every backend and
+both attention paths, and several targets. The module's LRP relevance pass: tests/test_relevance_lrp.py."""
 from __future__ import annotations
 
 import model_families as mf

@@ -200,7 +200,7 @@ FLASH_BACKENDS = ("triton", "torch")
 @pytest.fixture
 def small_torch_blocks(monkeypatch):
     """The PyTorch twin bounds its ``(B, H, Q_blk, N)`` blocks by bytes (``BLOCK_BYTES``), not by N: on small
-    models one block is every query row, N×N. With a budget of one byte each block is ``MIN_BLOCK`` = 64
+    models one block is every query row, N×N. With a budget of one byte each block is ``MIN_BLOCK`` = 32
     query rows, fewer than N = 65, so an N×N tensor formed anywhere else still shows."""
     from tokentm_fast.torch_ops import attention
 

@@ -158,7 +158,8 @@ def test_autograd_function_gives_the_gradients_of_plain_attention():
     """ExplanationAttention's dQ, dK, dV equal autograd through softmax(scale·QKᵀ)V, and its
     row state advances by s + mean_h(t) ⊙ w_attn with s = r ⊙ (1 + w_mlp)."""
     from tokentm_fast.aggregation import RowState
-    from tokentm_fast.kernels.attention import ExplanationAttention, triton_attention
+    from tokentm_fast.kernels.attention import triton_attention
+    from tokentm_fast.paths import ExplanationAttention
 
     b, h, n, d = 2, 2, 37, 32
     q, k, v = (x.detach().clone().requires_grad_(True) for x in _qkv(b, h, n, d, torch.float32, seed=7))

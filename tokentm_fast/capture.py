@@ -112,7 +112,9 @@ class LayerRecorder:
     """
 
     ALL_KEYS = ("x_in", "values", "attn", "attn_out", "y", "mlp_out", "x_out")
-    CORE_KEYS = frozenset({"values", "attn", "attn_out", "q", "k"})
+    #: ``"bias"``: the additive bias of the logits divided by the scale, ``B / scale`` ``(1 or B, H, N, N)``, so
+    #: that the logits are ``scale · (q kᵀ + B / scale)`` (recorded only where the model has a bias)
+    CORE_KEYS = frozenset({"values", "attn", "attn_out", "q", "k", "bias"})
 
     def __init__(
         self,
@@ -164,6 +166,8 @@ class LayerRecorder:
         for key, t in (("q", q), ("k", k)):
             if key in self.keys:
                 self._store(l, key, t)
+        if bias is not None and "bias" in self.keys:
+            self._store(l, "bias", bias / scale)
         if self.core is not None:   # the bias only where the model has one: bias-free cores take five arguments
             o = self.core(l, q, k, v, scale) if bias is None else self.core(l, q, k, v, scale, bias=bias)
         else:

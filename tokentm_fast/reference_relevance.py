@@ -189,7 +189,7 @@ def run_forward(vit: ViTAdapter, images: torch.Tensor, layers: Sequence[int], gr
     removed before the attention branches are recomputed from the records."""
     layers = sorted(layers)
     points, emb = _points(vit, layers, pixels)
-    keys = ("x_in", "q", "k", "values", "attn", "attn_out", "y", "mlp_out")
+    keys = ("x_in", "q", "k", "bias", "values", "attn", "attn_out", "y", "mlp_out")
     recorder = LayerRecorder(vit, layers, grad_from=layers[0] if grads else None, keys=keys)
     point_rec = PointRecorder(points)
     pool = PoolRecorder(vit, queries_keys=True) if vit.attention_pool is not None else None
@@ -300,7 +300,7 @@ def _pool_relevance(fw: Forward, r: torch.Tensor, n: int, rules: str) -> Tuple[t
 def block_relevance(fw: Forward, l: int, r: torch.Tensor, rules: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block l backwards from R ``(B, N, D)`` at its output Xˡ: R at its input Xˡ⁻¹ ``(B, N, D)`` and R^{Aˡ}
     ``(B, H, N, N)`` (after the halving). Xˡ = Yˡ + M, M = γ₂ ⊙ fc2(act(fc1(LN₂(Yˡ)))),
-    Yˡ = Xˡ⁻¹ + γ₁ ⊙ proj(concat_h(A_h V_h)), A_h = softmax(scale · q_h k_hᵀ), (q | k | v) = qkv(LN₁(Xˡ⁻¹))."""
+    Yˡ = Xˡ⁻¹ + γ₁ ⊙ proj(concat_h(A_h V_h)), A_h = softmax(scale · q_h k_hᵀ (+ B_h, BEiT)), (q | k | v) = qkv(LN₁(Xˡ⁻¹))."""
     vit, rec, inputs, weights = fw.vit, fw.blocks[l], fw.inputs, fw.weights
     heads = vit.num_heads
     x_in, y, m, branch = rec["x_in"], rec["y"], rec["mlp_out"], fw.branches[l]
@@ -315,7 +315,12 @@ def block_relevance(fw: Forward, l: int, r: torch.Tensor, rules: str) -> Tuple[t
     # o_h = A_h V_h, then the logits q_h k_hᵀ (softmax and its scale unchanged)
     attn, v = rec["attn"].detach(), split_heads(rec["values"], heads)
     r_attn, r_v = _product_rule(attn, v, r_o)
-    r_q, r_kt = _product_rule(rec["q"], rec["k"].transpose(-1, -2), r_attn)
+    r_logits = r_attn                                                     # softmax: unchanged
+    if "bias" in rec:
+        # BEiT: logits / scale = q_h k_hᵀ + B_h / scale (the record is B / scale): the residual rule between the
+        # two terms; the bias's share is dropped
+        r_logits, _ = _add_rule(rec["q"] @ rec["k"].transpose(-1, -2), rec["bias"], r_attn, rules)
+    r_q, r_kt = _product_rule(rec["q"], rec["k"].transpose(-1, -2), r_logits)
     r_qkv = torch.cat([merge_heads(r_q), merge_heads(r_kt.transpose(-1, -2)), merge_heads(r_v)], dim=-1)
     r_normed1 = _linear_rule(inputs[(l, "qkv")], weights[(l, "qkv")], r_qkv, rules)
     return _clone_rule(x_in, r_x, r_normed1), r_attn

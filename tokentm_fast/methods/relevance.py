@@ -98,7 +98,7 @@ class RelevancePass:
         self.num_head = len(head)
         self.head_weights = [p.weight for p in head]
         self.weights = {key: p.weight for key, p in points.items()}
-        keys = ("x_in", "q", "k", "values", "attn", "attn_out", "y", "mlp_out")
+        keys = ("x_in", "q", "k", "bias", "values", "attn", "attn_out", "y", "mlp_out")
         self.recorder = LayerRecorder(vit, self.layers, grad_from=self.layers[0] if grads else None, keys=keys)
         self.points = PointRecorder(points)
         #: the linear maps whose output the forward records, less the bias: ``x Wᵀ`` without a product
@@ -224,10 +224,20 @@ class RelevancePass:
         r_x, r_a = lrp_rules.add(x_in, a, lrp_rules.clone(y, r_y, r_norm2), rules)
         r_o = split_heads(self._linear((l, "proj"), r_a), heads)
         r_attn, r_v = lrp_rules.product(attn, v, r_o)
-        r_q, r_kt = lrp_rules.product(q, k.transpose(-1, -2), r_attn)
+        r_q, r_kt = lrp_rules.product(q, k.transpose(-1, -2), self._logits(rec, q, k, r_attn))
         r_qkv = torch.cat([merge_heads(r_q), merge_heads(r_kt.transpose(-1, -2)), merge_heads(r_v)], dim=-1)
         r_norm1 = self._linear((l, "qkv"), r_qkv)
         return lrp_rules.clone(x_in, r_x, r_norm1), r_attn
+
+    def _logits(self, rec: Dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                r_attn: torch.Tensor) -> torch.Tensor:
+        """The relevance of q kᵀ ``(B, H, N, N)`` from ``r_attn`` at the logits (the softmax passes it on): all
+        of it without a bias; with BEiT's relative position bias, logits = scale · (q kᵀ + B/scale), the add
+        rule's share of q kᵀ (the bias's share is dropped, like the position embedding's)."""
+        if "bias" not in rec:
+            return r_attn
+        qk = q @ k.transpose(-1, -2)
+        return lrp_rules.add(qk, rec["bias"].to(self.acc), r_attn, self.rules)[0]
 
     def pixels(self, r0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Relevance at the pixels summed over the colour channels ``(B, H, W)`` from ``r0`` at the first

@@ -28,8 +28,9 @@ the class token: pooling ``"token"``; then ``classifier`` for the ``...ForImageC
 models output the ``pooler_output``, an embedding). A model without its pooling layer (its output the token
 sequence) is refused.
 
-The LRP relevance pass (docs/methods.md §6.3) runs on a BEiT without a relative position bias; it refuses
-the bias, naming why (its rules would have to split the relevance of the logits between Q Kᵀ and the bias).
+The LRP relevance pass (docs/methods.md §6.3) takes the relative position bias: the logits scale·(QKᵀ + B/scale)
+are split by the residual add rule between QKᵀ and the bias (the core records ``B / scale`` as ``"bias"``), the
+q·kᵀ product rule then runs on QKᵀ's share; the bias's share is dropped.
 
 Install with ``pip install "tokentm_fast[hf]"``.
 """
@@ -48,7 +49,6 @@ from .protocol import (
     PatchedForward,
     ViTAdapter,
     linear_point,
-    no_relevance_pass,
 )
 
 #: model kind -> (transformers class name, attribute of the backbone inside it or "" for the backbone itself)
@@ -232,25 +232,16 @@ class HFBeit(ViTAdapter):
         return self.model.classifier(x) if self.classifies else x
 
     # -- the relevance pass ------------------------------------------------------
-    def _no_bias(self) -> None:
-        if self.has_bias:
-            raise no_relevance_pass(
-                f"the relative position bias of {type(self.model).__name__}: the logits are scale·QKᵀ + B, and the "
-                f"rules would have to split their relevance between QKᵀ and the bias, which the pass does not do")
-
     def relevance_linears(self, l: int) -> BlockLinears:
-        self._no_bias()
         part = self.parts[l]
         qkv = torch.cat([m.weight for m in part.qkv])
         return BlockLinears(LinearPoint(part.qkv[0], qkv), linear_point(part.proj), linear_point(part.fc1),
                             linear_point(part.fc2))
 
     def head_linears(self) -> List[LinearPoint]:
-        self._no_bias()
         return [linear_point(self.model.classifier)] if self.num_classes is not None else []
 
     def embedding_points(self) -> EmbeddingPoints:
-        self._no_bias()
         emb = self.base.embeddings
         conv = emb.patch_embeddings.projection
         return EmbeddingPoints(conv, LinearPoint(emb, conv.weight, output=True), emb.cls_token[0])

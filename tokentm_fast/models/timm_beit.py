@@ -15,8 +15,8 @@ on both paths.
 Poolings: ``"avg"`` (the patch mean, then ``fc_norm``; ``norm`` is the identity) and ``"token"`` (``norm``, then
 the class token); ``global_pool=""`` (the output is the token sequence) is refused. Image size: the model's own
 (its bias table is built for one grid; ``set_input_size`` changes it). The LRP relevance pass (docs/methods.md
-§6.3) runs on a Beit without a relative position bias and with timm's two-layer ``Mlp``; it refuses the bias
-and the SwiGLU MLP, naming why.
+§6.3) runs with timm's two-layer ``Mlp`` (it refuses the SwiGLU MLP, naming why); the relative position bias
+takes the add rule between QKᵀ and B/scale (the bias's share dropped), as in hf_beit.py.
 """
 from __future__ import annotations
 
@@ -144,16 +144,9 @@ class TimmBeit(TimmViT):
         return blk.norm2, blk.drop_path2
 
     # -- the relevance pass ------------------------------------------------------
-    def _no_bias(self) -> None:
-        if self.has_bias:
-            raise no_relevance_pass(
-                "the relative position bias of the timm Beit: the logits are scale·QKᵀ + B, and the rules would have "
-                "to split their relevance between QKᵀ and the bias, which the pass does not do")
-
     def relevance_linears(self, l: int) -> BlockLinears:
         from timm.layers import Mlp
 
-        self._no_bias()
         blk = self.blocks[l]
         if type(blk.mlp) is not Mlp:
             raise no_relevance_pass(
@@ -165,13 +158,11 @@ class TimmBeit(TimmViT):
                             linear_point(blk.mlp.fc2))
 
     def head_linears(self) -> List[LinearPoint]:
-        self._no_bias()
         return super().head_linears()
 
     def embedding_points(self) -> EmbeddingPoints:
         """The patch embedding's convolution, the tokens after the position embedding (``pos_drop``'s input) and
         the class token."""
-        self._no_bias()
         m = self.trunk
         conv = m.patch_embed.proj
         if not isinstance(m.patch_embed.norm, nn.Identity):

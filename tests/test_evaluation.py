@@ -333,7 +333,14 @@ def _run_until(cmd, partial, min_done, cwd, sig=None, timeout=240):
     import time
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def default_sigint():
+        # as from a terminal: a child inherits an ignored SIGINT (an earlier test's library may have set
+        # SIG_IGN in this process), and Python then never raises KeyboardInterrupt in it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if partial.exists():

@@ -25,6 +25,7 @@ from ..kernels._utils import EPS
 from ..models.protocol import ViTAdapter
 from ..precision import compute_dtype, token_lengths
 from ..targets import resolve_target, target_score
+from ..torch_ops.head_fusion import fuse_heads
 from ..torch_ops.legrad_reduce import legrad_reduce
 from .options import chosen_layers
 
@@ -54,6 +55,14 @@ def first_latent(vit: ViTAdapter, pool_tensor: torch.Tensor, num_tokens: int) ->
     return out
 
 
+def fused_first_latent(vit: ViTAdapter, attn: torch.Tensor, grad: Optional[torch.Tensor], mode: str,
+                       num_tokens: int) -> torch.Tensor:
+    """``(B, N)``: the head fusion ``mode`` (the ``head_fusion`` twin: "mean" or "gae") of the pool's first
+    latent row, ``attn`` and ``grad`` ``(B, H, Lq, M)``, over all N tokens (zeros off the pool's columns)."""
+    fused = fuse_heads(attn[:, :, :1], None if grad is None else grad[:, :, :1], mode)          # (B, 1, M)
+    return first_latent(vit, fused[:, None], num_tokens)[:, 0]
+
+
 class PoolStart:
     """The engine's first row at the attention pool (§6.1), for the attention paths (``tokentm_fast.paths``).
 
@@ -70,8 +79,7 @@ class PoolStart:
 
     def row(self, num_tokens: int) -> torch.Tensor:
         """``(B, N)`` float32 at least, after the forward (``kind="probs"``)."""
-        a = self.recorder.last["attn"].detach()
-        return first_latent(self.vit, a, num_tokens).to(compute_dtype(a)).mean(1)
+        return fused_first_latent(self.vit, self.recorder.last["attn"].detach(), None, "mean", num_tokens)
 
     def on_gradient(self, num_tokens: int, set_row: Callable[[torch.Tensor], None]) -> None:
         """After the forward: ``set_row(r⁰)`` each time the score's gradient reaches the pool's attention
@@ -87,8 +95,7 @@ class PoolStart:
 
         def hook(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                f = (a.detach().to(acc) * grad.to(acc)).clamp_min(0)
-                r = first_latent(self.vit, f, num_tokens).mean(1)
+                r = fused_first_latent(self.vit, a.detach(), grad, "gae", num_tokens)
                 set_row(r if w is None else r * w)
 
         a.register_hook(hook)
@@ -114,8 +121,7 @@ def raw_attention(vit: ViTAdapter, images: torch.Tensor, path) -> torch.Tensor:
     x = path.block_outputs(vit, images, [last])[last]
     with prepared_model(vit), torch.no_grad():
         _, rec = _pool_output(vit, x, vit.head, None)
-    a = rec["attn"].detach()
-    e = first_latent(vit, a.to(compute_dtype(a)), x.shape[1]).mean(1)
+    e = fused_first_latent(vit, rec["attn"].detach(), None, "mean", x.shape[1])
     return e[:, vit.num_prefix_tokens:]
 
 

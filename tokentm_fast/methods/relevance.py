@@ -32,6 +32,7 @@ from ..capture import LayerRecorder, PointRecorder, PoolRecorder, prepared_model
 from ..models.protocol import LinearPoint, ViTAdapter, merge_heads, no_relevance_pass, split_heads
 from ..precision import compute_dtype
 from ..targets import resolve_target, target_score
+from ..torch_ops.head_fusion import fuse_heads
 from . import lrp_rules
 from .pool import first_latent
 
@@ -348,7 +349,7 @@ def transformer_attribution(vit: ViTAdapter, images: torch.Tensor, targets: Sequ
     def pool_hook(grad: torch.Tensor) -> None:
         with torch.no_grad():
             g = first_latent(vit, grad.to(run.acc), state["r_pool"].shape[-1])
-            state["rows"] = (g * state["r_pool"]).clamp(min=0).mean(1)[:, None]
+            state["rows"] = fuse_heads(state["r_pool"], g, "gae")[:, None]     # mean_h max(R ⊙ ∇A, 0)
 
     with prepared_model(vit) as handles, torch.enable_grad():
         output = run.forward(handles)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .protocol import (
@@ -78,6 +79,39 @@ def _pool_forward(core):
         return x
 
     return forward
+
+
+def fused_qkv(attn: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(B, H, N, d)`` from the fused ``qkv`` weight of timm's Beit / Eva attention, with its separate
+    ``q_bias`` / ``k_bias`` / ``v_bias`` when it has them (applied through ``F.linear``, or added after the product
+    with ``qkv_bias_separate``), for the attention input ``x (B, N, D)``."""
+    b, n, _ = x.shape
+    if attn.q_bias is None:
+        qkv = attn.qkv(x)
+    else:
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
+    return qkv.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def scaled(gamma: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``γ ⊙ x`` for a LayerScale parameter γ (timm's ``gamma_1`` / ``gamma_2``; None: x)."""
+    return x if gamma is None else gamma * x
+
+
+class GammaBlocks:
+    """The MLP sub-layer of timm's Beit / Eva blocks, ``x + γ₂ ⊙ mlp(norm2(x))`` with γ₂ = ``gamma_2`` a bare
+    parameter (a mixin of their adapters)."""
+
+    def mlp_branch(self, l: int, y: torch.Tensor) -> torch.Tensor:
+        blk = self.blocks[l]
+        return scaled(blk.gamma_2, blk.mlp(blk.norm2(y)))
+
+    def mlp_points(self, l: int) -> Tuple[nn.Module, nn.Module]:
+        """``norm2`` (its input is Yˡ) and ``drop_path2``, whose input and (outside training) output is
+        γ₂ ⊙ MLP: γ₂ is a parameter, not a module, so no module of the block outputs the scaled branch."""
+        blk = self.blocks[l]
+        return blk.norm2, blk.drop_path2
 
 
 class TimmViT(ViTAdapter):

@@ -20,10 +20,9 @@ takes the add rule between QKᵀ and B/scale (the bias's share dropped), as in h
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .hf_beit import FLASH_REFUSAL
@@ -36,7 +35,7 @@ from .protocol import (
     linear_point,
     no_relevance_pass,
 )
-from .timm import TimmViT
+from .timm import GammaBlocks, TimmViT, fused_qkv, scaled
 
 SUPPORTED_POOLING = ("token", "avg")
 
@@ -47,24 +46,13 @@ def beit_classes():
     return Beit, Block, Attention
 
 
-def _qkv(attn: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v ``(B, H, N, d)`` of a timm Beit ``Attention`` for its input ``x (B, N, D)``."""
-    b, n, _ = x.shape
-    if attn.q_bias is None:
-        qkv = attn.qkv(x)
-    else:
-        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-        qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
-    return qkv.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 def _attention_forward(core: AttentionCore, l: int):
     """timm Beit's ``Attention.forward`` with ``core`` in place of softmax(scale · q kᵀ + B) v; the block's bias
     (gathered from its table) plus the shared one handed to the core."""
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = _qkv(self, x)
+        q, k, v = fused_qkv(self, x)
         bias = shared_rel_pos_bias
         if self.relative_position_bias_table is not None:
             own = self._get_rel_pos_bias()
@@ -76,11 +64,7 @@ def _attention_forward(core: AttentionCore, l: int):
     return forward
 
 
-def _scaled(gamma: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return x if gamma is None else gamma * x
-
-
-class TimmBeit(TimmViT):
+class TimmBeit(GammaBlocks, TimmViT):
     """Adapter over a timm ``Beit`` (see the module docstring); head and image sizes as for timm's
     ``VisionTransformer`` (``TimmViT``).
 
@@ -131,19 +115,8 @@ class TimmBeit(TimmViT):
 
     def attn_output(self, l: int, o: torch.Tensor) -> torch.Tensor:
         blk = self.blocks[l]
-        return _scaled(blk.gamma_1, blk.attn.proj(o))
+        return scaled(blk.gamma_1, blk.attn.proj(o))
 
-    def mlp_branch(self, l: int, y: torch.Tensor) -> torch.Tensor:
-        blk = self.blocks[l]
-        return _scaled(blk.gamma_2, blk.mlp(blk.norm2(y)))
-
-    def mlp_points(self, l: int) -> Tuple[nn.Module, nn.Module]:
-        """``norm2`` (its input is Yˡ) and ``drop_path2``, whose input and (outside training) output is
-        γ₂ ⊙ MLP (γ₂ is a parameter, not a module)."""
-        blk = self.blocks[l]
-        return blk.norm2, blk.drop_path2
-
-    # -- the relevance pass ------------------------------------------------------
     def relevance_linears(self, l: int) -> BlockLinears:
         from timm.layers import Mlp
 

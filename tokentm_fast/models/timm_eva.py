@@ -25,11 +25,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .protocol import AttentionCore, BlockLinears, LinearPoint, PatchedForward, linear_point, no_relevance_pass
-from .timm import OpenClipTimmViT, TimmViT, is_open_clip_timm_model
+from .timm import GammaBlocks, OpenClipTimmViT, TimmViT, fused_qkv, is_open_clip_timm_model, scaled
 
 SUPPORTED_POOLING = ("token", "avg")
 
@@ -42,14 +41,9 @@ def eva_classes():
 
 def _qkv(attn: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v ``(B, H, N, d)`` of an ``EvaAttention`` for its input ``x (B, N, D)`` (before q/k norms, RoPE)."""
-    b, n, _ = x.shape
     if attn.qkv is not None:
-        if attn.q_bias is None:
-            qkv = attn.qkv(x)
-        else:
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-            qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
-        return qkv.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return fused_qkv(attn, x)
+    b, n, _ = x.shape
     return tuple(p(x).reshape(b, n, attn.num_heads, -1).transpose(1, 2)
                  for p in (attn.q_proj, attn.k_proj, attn.v_proj))
 
@@ -82,11 +76,7 @@ def _attention_forward(core: AttentionCore, l: int):
     return forward
 
 
-def _scaled(gamma: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return x if gamma is None else gamma * x
-
-
-class TimmEva(TimmViT):
+class TimmEva(GammaBlocks, TimmViT):
     """Adapter over a timm ``Eva`` (see the module docstring); head, embeddings and image sizes as for timm's
     ``VisionTransformer`` (``TimmViT``).
 
@@ -140,19 +130,8 @@ class TimmEva(TimmViT):
 
     def attn_output(self, l: int, o: torch.Tensor) -> torch.Tensor:
         blk = self.blocks[l]
-        return _scaled(blk.gamma_1, blk.attn.proj(blk.attn.norm(o)))
+        return scaled(blk.gamma_1, blk.attn.proj(blk.attn.norm(o)))
 
-    def mlp_branch(self, l: int, y: torch.Tensor) -> torch.Tensor:
-        blk = self.blocks[l]
-        return _scaled(blk.gamma_2, blk.mlp(blk.norm2(y)))
-
-    def mlp_points(self, l: int) -> Tuple[nn.Module, nn.Module]:
-        """``norm2`` (its input is Yˡ) and ``drop_path2``, whose input and (outside training) output is
-        γ₂ ⊙ MLP: γ₂ is a parameter, not a module, so no module of the block outputs the scaled branch."""
-        blk = self.blocks[l]
-        return blk.norm2, blk.drop_path2
-
-    # -- the relevance pass ------------------------------------------------------
     def relevance_linears(self, l: int) -> BlockLinears:
         from timm.layers import Mlp
 

@@ -228,3 +228,29 @@ def subprocess_env(**extra: str) -> Dict[str, str]:
         env.pop(k, None)
     env.update(extra)
     return env
+
+
+#: the methods whose maps are signed sums (cancellations: compared on float64 copies, docs/methods.md §7)
+SIGNED_SUMS = ("attcat", "conservative_lrp", "lrp", "partial_lrp", "transformer_attribution")
+#: two float64 computations of one map agree to float64 rounding, but ``explain`` returns float32 maps: each
+#: element rounded to a relative 2⁻²⁴, so the relative L2 error is at most 2⁻²⁴ on each side
+FLOAT32_OUTPUT = 2.0 ** -23
+
+
+def reference_pair(method: str, model, x, model64, x64, attention: str, target, on_backend: Callable,
+                   backend: str, gradcam_tol: float) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """``(ref, got, tol)``, §7 as tests/test_models.py holds it, for a model family's every-backend test:
+    float32 maps (``on_backend()``: the call on the backend and path under test) within 1e-5 of the float64
+    reference (attention Grad-CAM within ``gradcam_tol``); the signed sums on float64 copies within the
+    maps' float32 rounding (torch), or within 1e-4 of the float32 torch map (Triton, float32 only)."""
+    from tokentm_fast import explain as tf_explain  # here: importing helpers imports nothing of the package
+
+    if method in SIGNED_SUMS:
+        if backend == "torch":
+            return (tf_explain(model64, x64, method, backend="reference", target=target),
+                    tf_explain(model64, x64, method, backend="torch", attention=attention, target=target),
+                    FLOAT32_OUTPUT)
+        return tf_explain(model, x, method, backend="torch", target=target), on_backend(), 1e-4
+    return (tf_explain(model64, x64, method, backend="reference", target=target), on_backend(),
+            gradcam_tol if method == "attn_gradcam" else 1e-5)
+

@@ -25,7 +25,15 @@ import model_families as mf
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ShapeRecorder, assert_informative, attention_tile, n_by_n, rel_err_l2
+from helpers import (
+    FLOAT32_OUTPUT,
+    ShapeRecorder,
+    assert_informative,
+    attention_tile,
+    n_by_n,
+    reference_pair,
+    rel_err_l2,
+)
 from model_families import CLASSES, assert_same, snapshot, triton_only
 from torch import nn
 
@@ -38,9 +46,6 @@ from tokentm_fast.models.timm_beit import TimmBeit
 BEIT = dict(width=64, heads=2, depth=3, size=32, patch=8)
 GRID = (BEIT["size"] // BEIT["patch"],) * 2
 RELEVANCE_PASS = ("lrp", "partial_lrp", "transformer_attribution")
-SIGNED_SUMS = ("attcat", "conservative_lrp") + RELEVANCE_PASS
-#: ``explain`` returns float32 maps: two float64 computations of one map differ by their float32 rounding
-FLOAT32_OUTPUT = 2.0 ** -23
 FLASH_REASON = "BEiT's relative position bias is not yet read inside the flash kernels: use attention='materialized'"
 
 #: the test models: (builder, keyword arguments); every one built for 32x32 images, 8x8 patches
@@ -384,19 +389,8 @@ def test_every_method_on_every_backend_and_path(variant, backend, attention, dev
             with pytest.raises(ValueError, match=why.replace("(", r"\(").replace(")", r"\)")):
                 tf.Explainer(model, method, backend=backend, attention=attention)
             continue
-        if method in SIGNED_SUMS:
-            if backend == "torch":
-                ref = tf.explain(model64, x64, method, backend="reference", target=target)
-                got = tf.explain(model64, x64, method, backend="torch", attention=attention, target=target)
-                tol = FLOAT32_OUTPUT
-            else:
-                ref = tf.explain(model, x, method, backend="torch", target=target)
-                got = _explain_on(model, x, method, backend, attention, device, variant)
-                tol = 1e-4
-        else:
-            ref = tf.explain(model64, x64, method, backend="reference", target=target)
-            got = _explain_on(model, x, method, backend, attention, device, variant)
-            tol = gradcam_tolerance(variant) if method == "attn_gradcam" else 1e-5
+        ref, got, tol = reference_pair(method, model, x, model64, x64, attention, target,
+                                       lambda: _explain_on(model, x, method, backend, attention, device, variant), backend, gradcam_tolerance(variant))
         assert_informative(ref - identity_share(variant, method))
         assert (rel_err_l2(got, ref) <= tol).all(), (method, rel_err_l2(got, ref))
     assert_same(model, snap)

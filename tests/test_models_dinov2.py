@@ -27,12 +27,14 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     FLASH_METHODS,
+    FLOAT32_OUTPUT,
     N65,
     ShapeRecorder,
     assert_informative,
     attention_tile,
     float32_bound,
     n_by_n,
+    reference_pair,
     rel_err_l2,
 )
 from model_families import assert_same, snapshot, triton_only
@@ -57,11 +59,6 @@ SIZE = (40, 32)
 GRID = (SIZE[0] // mf.DINO["patch"], SIZE[1] // mf.DINO["patch"])
 #: the relevance pass (docs/methods.md §6.3), on every head ("token_avg": the classifier's input relevance split)
 RELEVANCE_PASS = ("lrp", "partial_lrp", "transformer_attribution")
-#: maps that are signed sums or LRP divisions that cancel in float32: compared on float64 copies
-SIGNED_SUMS = ("attcat", "conservative_lrp") + RELEVANCE_PASS
-#: two float64 computations of one map agree to float64 rounding, but ``explain`` returns float32 maps: each
-#: element rounded to a relative 2⁻²⁴, so the relative L2 error is at most 2⁻²⁴ on each side
-FLOAT32_OUTPUT = 2.0 ** -23
 
 
 def make(variant: str, dtype=torch.float32):
@@ -252,19 +249,8 @@ def test_every_method_on_every_backend_and_path(variant, backend, attention, dev
             with pytest.raises(ValueError, match="flash path"):
                 _explain_on(model, x, method, backend, attention, device, target)
             continue
-        if method in SIGNED_SUMS:
-            if backend == "torch":
-                ref = tf.explain(model64, x64, method, backend="reference", target=target)
-                got = tf.explain(model64, x64, method, backend="torch", attention=attention, target=target)
-                tol = FLOAT32_OUTPUT
-            else:
-                ref = tf.explain(model, x, method, backend="torch", target=target)
-                got = _explain_on(model, x, method, backend, attention, device, target)
-                tol = 1e-4
-        else:
-            ref = tf.explain(model64, x64, method, backend="reference", target=target)
-            got = _explain_on(model, x, method, backend, attention, device, target)
-            tol = gradcam_tolerance(variant) if method == "attn_gradcam" else 1e-5
+        ref, got, tol = reference_pair(method, model, x, model64, x64, attention, target,
+                                       lambda: _explain_on(model, x, method, backend, attention, device, target), backend, gradcam_tolerance(variant))
         assert got.shape[0] == 2 and got.shape[-2:] == ref.shape[-2:], method
         assert_informative(ref - identity_share(variant, method))
         assert (rel_err_l2(got, ref) <= tol).all(), (method, rel_err_l2(got, ref))

@@ -22,7 +22,17 @@ import model_families as mf
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FLASH_METHODS, N65, ShapeRecorder, assert_informative, attention_tile, n_by_n, rel_err_l2
+from helpers import (
+    FLASH_METHODS,
+    FLOAT32_OUTPUT,
+    N65,
+    ShapeRecorder,
+    assert_informative,
+    attention_tile,
+    n_by_n,
+    reference_pair,
+    rel_err_l2,
+)
 from model_families import EVA, EVA_VARIANTS, assert_same, snapshot, triton_only
 
 import tokentm_fast as tf
@@ -31,9 +41,6 @@ from tokentm_fast.models import adapt
 from tokentm_fast.models.timm_eva import TimmEva
 
 RELEVANCE_PASS = ("lrp", "partial_lrp", "transformer_attribution")
-SIGNED_SUMS = ("attcat", "conservative_lrp") + RELEVANCE_PASS
-#: ``explain`` returns float32 maps: two float64 computations of one map differ by their float32 rounding
-FLOAT32_OUTPUT = 2.0 ** -23
 GRID = (EVA["size"] // EVA["patch"],) * 2
 
 
@@ -228,19 +235,8 @@ def test_every_method_on_every_backend_and_path(variant, backend, attention, dev
             with pytest.raises(ValueError, match="flash path"):
                 _explain_on(model, x, method, backend, attention, device, target)
             continue
-        if method in SIGNED_SUMS:
-            if backend == "torch":
-                ref = tf.explain(model64, x64, method, backend="reference", target=target)
-                got = tf.explain(model64, x64, method, backend="torch", attention=attention, target=target)
-                tol = FLOAT32_OUTPUT
-            else:
-                ref = tf.explain(model, x, method, backend="torch", target=target)
-                got = _explain_on(model, x, method, backend, attention, device, target)
-                tol = 1e-4
-        else:
-            ref = tf.explain(model64, x64, method, backend="reference", target=target)
-            got = _explain_on(model, x, method, backend, attention, device, target)
-            tol = gradcam_tolerance(variant) if method == "attn_gradcam" else 1e-5
+        ref, got, tol = reference_pair(method, model, x, model64, x64, attention, target,
+                                       lambda: _explain_on(model, x, method, backend, attention, device, target), backend, gradcam_tolerance(variant))
         assert_informative(ref)
         assert (rel_err_l2(got, ref) <= tol).all(), (method, rel_err_l2(got, ref))
     assert_same(model, snap)

@@ -78,7 +78,8 @@ _ROWS_PROBS = tl.constexpr(ROWS_PROBS)
 
 
 #: (kind, dtype class, BLOCK_D) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)], from the sm_90 audit.
-#: kind: "fwd" (forward), "bwd" (dK/dV and attention_rows: a key block per program), "dq".
+#: kind: "fwd" (forward), "bwd" (dK/dV and attention_rows: a key block per program), "dq", and the relevance
+#: programs' "rel_kv" / "rel_q" (kernels/attention_relevance.py).
 #: Issue 25: entries that spilled once compiled as real launches specialise them (HEAD_D a multiple of 16 with
 #: N not, or a head width that is not) were replaced by their nearest clean neighbour: 16-bit bwd/128 one
 #: stage; float32 bwd/32 16×32, bwd/64 4 warps, bwd/128 4 warps (16×16 with 2 stages), dq/128 16×32.
@@ -101,6 +102,20 @@ CONFIG_TABLE = {
     ("dq", "32", 32): [(32, 32, 8, 1), (64, 32, 4, 1)],
     ("dq", "32", 64): [(32, 16, 4, 1), (32, 32, 8, 1)],
     ("dq", "32", 128): [(16, 32, 4, 1), (32, 16, 8, 1)],
+    # the relevance programs (kernels/attention_relevance.py): "rel_kv" a key block per program (as "bwd"),
+    # "rel_q" a query block (as "dq"); their relevance products are IEEE float32 for every dtype
+    ("rel_kv", "16", 32): [(32, 32, 4, 1), (16, 32, 4, 1)],
+    ("rel_kv", "16", 64): [(16, 32, 4, 1), (32, 32, 4, 1)],
+    ("rel_kv", "16", 128): [(16, 16, 4, 2), (32, 16, 4, 1)],
+    ("rel_q", "16", 32): [(32, 32, 8, 1), (64, 32, 4, 1)],
+    ("rel_q", "16", 64): [(32, 16, 4, 1), (32, 32, 8, 1)],
+    ("rel_q", "16", 128): [(16, 32, 4, 1), (32, 16, 8, 1)],
+    ("rel_kv", "32", 32): [(32, 32, 4, 1), (16, 32, 4, 1)],
+    ("rel_kv", "32", 64): [(16, 32, 4, 1), (32, 32, 4, 1)],
+    ("rel_kv", "32", 128): [(16, 16, 4, 2), (32, 16, 4, 1)],
+    ("rel_q", "32", 32): [(32, 32, 8, 1), (64, 32, 4, 1)],
+    ("rel_q", "32", 64): [(32, 16, 4, 1), (32, 32, 8, 1)],
+    ("rel_q", "32", 128): [(16, 32, 4, 1), (32, 16, 8, 1)],
 }
 #: the largest second grid axis CUDA accepts
 MAX_GRID_Y = 65535
@@ -561,8 +576,10 @@ def attention_rows(
 
 # --------------------------------------------------------------------------- the attention triple
 def triton_attention() -> AttentionKernels:
-    """The Triton kernels of this module as an ``AttentionKernels``. Float32 products follow torch's own
-    TF32 switch at each call (``tf32_allowed``: full float32 unless torch allows TF32)."""
+    """The Triton kernels of this module as an ``AttentionKernels``, with the relevance programs of
+    ``kernels.attention_relevance`` as ``relevance`` (imported at the first call). Float32 products follow
+    torch's own TF32 switch at each call (``tf32_allowed``: full float32 unless torch allows TF32), save the
+    relevance programs', which are IEEE float32 always (they divide by Z)."""
 
     def fwd(q, k, v, scale):
         return flash_forward(q, k, v, scale, ieee=not tf32_allowed())
@@ -575,4 +592,6 @@ def triton_attention() -> AttentionKernels:
     def rows(row, scale, q=None, k=None, lse=None, do=None, v=None):
         return attention_rows(row, scale, q=q, k=k, lse=lse, do=do, v=v, ieee=not tf32_allowed())
 
-    return AttentionKernels(fwd, bwd, rows)
+    from .attention_relevance import attention_relevance  # the relevance programs, built at first use
+
+    return AttentionKernels(fwd, bwd, rows, attention_relevance)

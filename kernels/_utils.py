@@ -73,6 +73,10 @@ MODE_MEAN = MODE_CODES["mean"]
 #: (``transform_weights``) and its PyTorch twin (``tokentm_fast.torch_ops.transform_weights``)
 EPS = 1e-6
 
+#: the stabiliser of the relevance rules' safe division ``a / (b + 1e-9)`` (Chefer et al.'s; docs/methods.md
+#: §6.3), in the relevance programs (``attention_relevance``), their twin and ``methods.lrp_rules``
+STABILISER = 1e-9
+
 #: the widest head the flash attention kernels take (``kernels/attention.py``: BLOCK_D = 32, 64 or 128;
 #: heads of 80, 96, ... are masked tails); wider heads stay on the materialized path
 MAX_HEAD_DIM = 128
@@ -277,3 +281,6 @@ class AttentionKernels(NamedTuple):
     forward: Callable  # (q, k, v, scale) -> (o, lse)
     backward: Callable  # (q, k, v, o, lse, do, scale, row=None, input_grads=True | False | "v") -> (dq, dk, dv, t)
     rows: Callable  # (row, scale, q=, k=, lse= | do=, v=) -> t (B, H, N)
+    #: (q, k, v, o, lse, r_o, scale, row=None, do=None) -> (r_q, r_k, r_v, t): the relevance pass through the
+    #: attention (``kernels.attention_relevance`` / ``torch_ops.attention_relevance``)
+    relevance: Optional[Callable] = None

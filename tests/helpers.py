@@ -202,8 +202,8 @@ N65: Dict[str, int] = dict(size=64, patch=8, width=192, heads=3, mlp=768, depth=
 
 
 def __getattr__(name: str):
-    """``FLASH_METHODS``: the methods the flash path serves (the LRP relevance pass reads each layer's A:
-    materialized only), from the registry. Looked up on first use, so that importing this module imports
+    """``FLASH_METHODS``: the methods the flash path serves (``MethodSpec.materialized_only`` unset: since
+    issue 28 every method), from the registry. Looked up on first use, so that importing this module imports
     nothing of the package (tests/spec_oracle.py, independent of it, imports ``rel_err_l2`` from here)."""
     if name == "FLASH_METHODS":
         import tokentm_fast as tf

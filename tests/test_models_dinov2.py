@@ -317,7 +317,7 @@ def test_token_avg_relevance_is_conserved(variant):
     model, x = make(variant, torch.float64), images(torch.float64)
     vit = adapt(model)
     p = vit.num_prefix_tokens
-    run = RelevancePass(vit, x, range(vit.num_layers), "ours", pixels=True)
+    run = RelevancePass(vit, x, range(vit.num_layers), "ours", Materialized(TORCH_KERNELS), pixels=True)
     with prepared_model(vit) as handles, torch.no_grad():
         output = run.forward(handles)
         r, _ = run.head(F.one_hot(RELEVANCE_TARGET, output.shape[-1]).double())

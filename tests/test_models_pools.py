@@ -459,14 +459,13 @@ def test_torch_equals_reference(pool_case):
 @triton_only
 @pytest.mark.parametrize("attention", ["materialized", "flash"])
 def test_triton_equals_reference(pool_case, attention, device):
-    """The Triton backend (materialized and flash attention; the relevance pass has no flash path) against
-    the reference, within each method's float32 bound."""
+    """The Triton backend (materialized and flash attention; on the flash path the relevance pass runs the
+    relevance programs, the pool's one-row attention as on the materialized path) against the reference,
+    within each method's float32 bound."""
     name, model, x, c, refs, bounds = pool_case
     on_device = copy.deepcopy(model).to(device)
     snap = snapshot(on_device)
     for method, ref in refs.items():
-        if attention == "flash" and method in RELEVANCE_PASS:
-            continue                                    # no flash path (refused: tests/test_relevance_lrp.py)
         e = tf.explain(on_device, x.to(device), method, backend="triton", attention=attention,
                        target=tf.class_logit(c.to(device))).cpu()
         assert e.shape == ref.shape, method

@@ -138,10 +138,6 @@ def test_half_precision_model(method, dtype, device):
     _check(flash(model, images, method, device, dtype=dtype), e_ref, 2e-2)
 
 
-def test_the_flash_path_refuses_only_the_relevance_pass():
-    assert set(tf.METHODS) - set(FLASH_METHODS) == {"lrp", "partial_lrp", "transformer_attribution"}
-
-
 def n65_model(family: str):
     """A random-init model of ``family`` (timm, timm_map: a SigLIP-style attention pool behind one register
     token, hf_vit, torchvision, open_clip) with the sizes of ``N65``."""

@@ -19,7 +19,9 @@ import tokentm_fast as tf
 from tokentm_fast.capture import prepared_model
 from tokentm_fast.methods.relevance import RelevancePass
 from tokentm_fast.models import adapt
+from tokentm_fast.paths import TORCH_KERNELS, Flash, Materialized
 from tokentm_fast.targets import class_logit
+from tokentm_fast.torch_ops.attention import torch_attention
 
 METHODS = lrp_oracle.METHODS
 #: a float64 model against the float64 oracle: the same rules in another order of operations; the API returns
@@ -82,16 +84,17 @@ def _layers(model) -> int:
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("method", METHODS)
 def test_float64_equals_the_oracle(name, method):
-    """torch and reference backends on a float64 model equal the oracle's map to 1e-6 (the float32 output's
-    rounding), for every test model, the mean-pooled one included (partial LRP and Transformer Attribution
-    read its pooled rows, docs/methods.md §6.3); every image's map is informative."""
+    """torch (both attention paths: the flash one runs the PyTorch twin of the relevance programs) and
+    reference backends on a float64 model equal the oracle's map to 1e-6 (the float32 output's rounding), for
+    every test model, the mean-pooled one included (partial LRP and Transformer Attribution read its pooled
+    rows, docs/methods.md §6.3); every image's map is informative."""
     model, images = MODELS[name](), mf.images()
     target = torch.tensor([1, 3])
     want = _oracle(method, model, images, target)
     assert_informative(want)
-    for backend in ("torch", "reference"):
-        got = _explain(model.double(), images.double(), method, target, backend=backend)
-        assert rel_err_l2(got, want.reshape(got.shape)).max() < F64_TOL, backend
+    for backend, attention in (("torch", "materialized"), ("torch", "flash"), ("reference", "auto")):
+        got = _explain(model.double(), images.double(), method, target, backend=backend, attention=attention)
+        assert rel_err_l2(got, want.reshape(got.shape)).max() < F64_TOL, (backend, attention)
     model.float()
 
 
@@ -101,8 +104,10 @@ def test_classic_rules_equal_the_oracle(method):
     want = _oracle(method, model, images, torch.tensor([2, 0]), rules="classic")
     ours = _oracle(method, model, images, torch.tensor([2, 0]))
     assert rel_err_l2(want, ours).min() > 1e-3          # the two rule sets differ on this model
-    got = _explain(model.double(), images.double(), method, torch.tensor([2, 0]), backend="torch", rules="classic")
-    assert rel_err_l2(got, want.reshape(got.shape)).max() < F64_TOL
+    for attention in ("materialized", "flash"):
+        got = _explain(model.double(), images.double(), method, torch.tensor([2, 0]), backend="torch",
+                       rules="classic", attention=attention)
+        assert rel_err_l2(got, want.reshape(got.shape)).max() < F64_TOL, attention
 
 
 @lru_cache(maxsize=None)
@@ -118,18 +123,21 @@ def _float32_case(name: str, method: str):
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
-def test_float32_backends(name, method, backend, device):
-    """Every backend on a float32 model (Triton: materialized attention, the row-update kernel for
-    transformer attribution) against the float64 oracle, within the float32 bound derived from the map's
-    condition (tests/helpers.py: 16 roundings per attention layer, each amplified by the measured κ)."""
+@pytest.mark.parametrize("backend,attention", [("reference", "auto"), ("torch", "materialized"), ("torch", "flash"),
+                                               ("triton", "materialized"), ("triton", "flash")])
+def test_float32_backends(name, method, backend, attention, device):
+    """Every backend and attention path on a float32 model (Triton: the materialized attention's kernels, and
+    the flash path's relevance programs; torch "flash": their PyTorch twin) against the float64 oracle, within
+    the float32 bound derived from the map's condition (tests/helpers.py: 16 roundings per attention layer,
+    each amplified by the measured κ). The flash path divides by the forward's O and by Z tiles where the
+    materialized path divides by A·V and Q Kᵀ formed whole: float32 rounding of the same condition."""
     model, images, target, want, bound = _float32_case(name, method)
     assert_informative(want)
     if backend == "triton":
         if not tf.api.triton_usable(device):
             pytest.skip("Triton cannot run on the suite's device here")
         model, images, target = copy.deepcopy(model).to(device), images.to(device), target.to(device)
-    got = _explain(model, images, method, target, backend=backend).cpu()
+    got = _explain(model, images, method, target, backend=backend, attention=attention).cpu()
     assert got.dtype == torch.float32
     err = rel_err_l2(got, want.reshape(got.shape))
     assert (err <= bound).all(), (err, bound)
@@ -170,24 +178,29 @@ def test_every_family_equals_the_oracle(family, method):
     assert want.abs().max() > 0
     score = target if adapt(dst).num_classes is not None else None
     snap = snapshot(dst)
-    if score is None:                    # an embedding model: the target is output channel c (one-hot start)
-        got = torch.stack([_explain(dst, images.double()[i:i + 1], method, class_logit(int(c)), backend="torch")[0]
-                           for i, c in enumerate(target)])
-    else:
-        got = _explain(dst, images.double(), method, score, backend="torch")
-    assert rel_err_l2(got, want.reshape(got.shape)).max() < F64_TOL
+    for attention in ("materialized", "flash"):     # flash: the relevance programs' PyTorch twin, no Aˡ
+        if score is None:                # an embedding model: the target is output channel c (one-hot start)
+            got = torch.stack([_explain(dst, images.double()[i:i + 1], method, class_logit(int(c)), backend="torch",
+                                        attention=attention)[0] for i, c in enumerate(target)])
+        else:
+            got = _explain(dst, images.double(), method, score, backend="torch", attention=attention)
+        assert rel_err_l2(got, want.reshape(got.shape)).max() < F64_TOL, attention
     assert_same(dst, snap)
 
 
-def test_conservation():
+@pytest.mark.parametrize("path", ["materialized", "flash"])
+def test_conservation(path):
     """"ours": what reaches the pixels, plus what the position embedding and the class token keep, is the
     relevance put at the output (1: the one-hot start), up to the stabiliser's leak (a / (b + 1e-9) at every
-    division: ~1e-7 here); "classic" does not conserve it (its linear and residual rules)."""
+    division: ~1e-7 here); "classic" does not conserve it (its linear and residual rules). On both attention
+    paths (the flash one: the PyTorch twin of the relevance programs, no Aˡ)."""
     model, images = MODELS["timm"]().double(), mf.images().double()
     vit = adapt(model)
     totals = {}
+    strategy = (Materialized(TORCH_KERNELS) if path == "materialized"
+                else Flash(TORCH_KERNELS, torch_attention(), max_head_dim=None))
     for rules in ("ours", "classic"):
-        run = RelevancePass(vit, images, range(vit.num_layers), rules, pixels=True)
+        run = RelevancePass(vit, images, range(vit.num_layers), rules, strategy, pixels=True)
         with prepared_model(vit) as handles, torch.no_grad():
             output = run.forward(handles)
             r, _ = run.head(torch.nn.functional.one_hot(torch.tensor([1, 3]), output.shape[-1]).double())
@@ -232,8 +245,6 @@ def test_start_layer_of_transformer_attribution():
 
 def test_refusals():
     model, images = MODELS["timm"](), mf.images()
-    with pytest.raises(ValueError, match="flash path does not form"):
-        tf.explain(model, images, "lrp", backend="triton", attention="flash")
     with pytest.raises(ValueError, match="rules"):
         tf.explain(model, images, "partial_lrp", rules="newest")
     with pytest.raises(ValueError, match="full=True"):

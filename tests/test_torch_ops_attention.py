@@ -246,8 +246,8 @@ def test_auto_takes_the_flash_twin_above_the_budget(monkeypatch):
     assert explainer.attention_for(x, "torch") == "materialized"   # far below the default budget
     monkeypatch.setattr(api, "TORCH_FLASH_BYTES", need - 1)
     assert explainer.attention_for(x, "torch") == "flash"
-    for method in ("lrp", "transformer_attribution"):              # the relevance pass has no flash form yet
-        assert tf.Explainer(model, method, backend="torch").attention_for(x, "torch") == "materialized"
+    for method in ("lrp", "transformer_attribution"):              # the relevance pass too (its twin)
+        assert tf.Explainer(model, method, backend="torch").attention_for(x, "torch") == "flash"
     assert tf.Explainer(model, "tokentm", backend="torch", full=True).attention_for(x, "torch") == "materialized"
     torch.testing.assert_close(tf.explain(model, x, "tokentm", target=1, backend="torch"),
                                tf.explain(model, x, "tokentm", target=1, backend="torch", attention="flash"))

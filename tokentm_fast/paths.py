@@ -36,6 +36,7 @@ from .aggregation import (
 )
 from .capture import LayerRecorder, held_attention, hold_layer_norms, prepared_model
 from .kernels._utils import MAX_HEAD_DIM
+from .methods import lrp_rules
 from .models.protocol import ViTAdapter, split_heads
 from .precision import compute_dtype
 from .targets import resolve_target, target_score
@@ -44,6 +45,8 @@ from .torch_ops.row_update import add_update, scale_rows
 
 #: ``weigh(l, record) -> (w_attn, w_mlp)``: a method's per-layer weights from block l's record
 Weigh = Callable[[int, Dict[str, torch.Tensor]], Tuple[Any, Any]]
+#: ``grad_hook(l, grad)``: called when the backward reaches layer l's attention (∇Aˡ, or dOˡ on the flash path)
+GradHook = Callable[[int, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,41 @@ class Materialized:
         return a_q, g_q
 
 
+    # -- the relevance pass (methods/relevance.py) ----------------------------------------------------
+    def record_relevance(self, vit: ViTAdapter, layers: Sequence[int], keys: Sequence[str], handles: list,
+                         grad_hook: Optional[GradHook] = None) -> LayerRecorder:
+        """Install (into ``handles``) a ``LayerRecorder`` of ``keys`` over ``layers`` that also records Aˡ
+        ``(B, H, N, N)`` for ``attention_relevance``. ``grad_hook(l, ∇Aˡ)``: called when the backward from
+        a score reaches Aˡ (block ``layers[0]``'s input is the recorder's leaf)."""
+        def on_layer(l: int, rec: Dict[str, torch.Tensor]) -> None:
+            rec["attn"].register_hook(lambda grad: grad_hook(l, grad))
+
+        recorder = LayerRecorder(vit, layers, grad_from=min(layers) if grad_hook else None, keys=(*keys, "attn"),
+                                 on_layer=on_layer if grad_hook else None)
+        recorder.install(handles)
+        return recorder
+
+    def attention_relevance(self, rec: Dict[str, Any], r_o: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                            grad: Optional[torch.Tensor] = None, logits: Optional[Callable] = None) -> tuple:
+        """The relevance at q, k, v ``(B, H, N, d)`` of one block from ``r_o`` ``(B, H, N, d)`` at its
+        attention output (docs/methods.md §6.3): the product rule through ``O = A V`` (``R^A`` ``(B, H, N, N)``)
+        and through ``Q Kᵀ``, ``logits(R^A)`` the share of ``Q Kᵀ`` where the logits have more terms (None:
+        all of it). With ``rows`` ``(B, N)`` also ``t`` ``(B, N)`` = Σ_i rows_i mean_h max(R^A_ij · ∇A_ij, 0)
+        (``grad`` = ∇A) or max(R^A_ij, 0) (no ``grad``); else ``t`` is None."""
+        acc = r_o.dtype
+        attn = rec["attn"].detach().to(acc)
+        v = split_heads(rec["values"].to(acc), r_o.shape[1])
+        q, k = rec["q"].to(acc), rec["k"].to(acc)
+        r_attn, r_v = lrp_rules.product(attn, v, r_o)
+        r_q, r_kt = lrp_rules.product(q, k.transpose(-1, -2), r_attn if logits is None else logits(r_attn))
+        t = None
+        if rows is not None:
+            fused = (r_attn.clamp(min=0).mean(1) if grad is None
+                     else self.kernels.fuse_heads(r_attn, grad.to(acc), "gae").to(acc))       # (B, N, N)
+            t = torch.einsum("bi,bij->bj", rows, fused)
+        return r_q, r_kt.transpose(-1, -2), r_v, t
+
+
 def _output_gradients(vit: ViTAdapter, output: torch.Tensor, targets: Sequence, tensors: list, acc) -> list:
     """``[[∂s_t/∂x for x in tensors] for each target t]``."""
     targets = [resolve_target(t, output) for t in targets]
@@ -357,23 +395,26 @@ def _input_gradients(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, r
 class _FlashAttention(torch.autograd.Function):
     """The flash attention forward, differentiable through the flash backward; ``hold=True`` holds the
     attention probabilities constant (only dV flows: the backward kernel forms neither dS nor dQ, dK). ``keep``
-    receives (q, k, ℓ, scale) of the layer."""
+    receives (q, k, ℓ, scale) of the layer; ``on_grad(layer, dO)``, if given, is called with the gradient
+    ``dO (B, H, N, d)`` at the layer's output when the backward reaches it (∇A = dO Vᵀ, never formed)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, attention, hold: bool, keep: dict, layer: int):
+    def forward(ctx, q, k, v, scale: float, attention, hold: bool, keep: dict, layer: int, on_grad=None):
         o, lse = attention.forward(q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.attention, ctx.hold = scale, attention, hold
+        ctx.scale, ctx.attention, ctx.hold, ctx.layer, ctx.on_grad = scale, attention, hold, layer, on_grad
         keep[layer] = (q.detach(), k.detach(), lse, scale)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
+        if ctx.on_grad is not None:
+            ctx.on_grad(ctx.layer, do)
         # held (conservative LRP): dV = Pᵀ dO alone, no softmax backward (dQ = dK = None)
         grads = "v" if ctx.hold else True
         dq, dk, dv, _ = ctx.attention.backward(q, k, v, o, lse, do, ctx.scale, row=None, input_grads=grads)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 class ExplanationAttention(torch.autograd.Function):
@@ -635,3 +676,41 @@ class Flash:
         query = vit.query_vector(b, n, dtype=acc, device=images.device)[:, cap.rows]
         g_q = (torch.einsum("br,bhrd->bhd", query, do)[:, :, None] @ v.transpose(-1, -2))[:, :, 0]  # (B, H, N)
         return self._query_probs(vit, q, k, lse, scale), g_q
+
+    # -- the relevance pass (methods/relevance.py) ----------------------------------------------------
+    def record_relevance(self, vit: ViTAdapter, layers: Sequence[int], keys: Sequence[str], handles: list,
+                         grad_hook: Optional[GradHook] = None) -> LayerRecorder:
+        """As ``Materialized.record_relevance``, with the flash forward: each record of ``layers`` gets
+        ``saved`` = (q, k, ℓ, scale) instead of Aˡ; the other layers run the flash forward alone.
+        ``grad_hook(l, dOˡ)``: called with the gradient at the attention output ``(B, H, N, d)`` when the
+        flash backward reaches layer l (∇Aˡ = dOˡ Vᵀ is formed in the relevance programs' tiles)."""
+        attention, keep, chosen = self.attention, {}, set(layers)
+
+        def core(l, q, k, v, scale, bias=None):
+            _no_bias(bias)
+            if grad_hook is not None:
+                return _FlashAttention.apply(q, k, v, scale, attention, False, keep, l, grad_hook)
+            o, lse = attention.forward(q, k, v, scale)
+            keep[l] = (q, k, lse, scale)
+            return o
+
+        def on_layer(l: int, rec: Dict[str, Any]) -> None:
+            rec["saved"] = keep.pop(l)
+
+        vit.replace_attention([l for l in range(vit.num_layers) if l not in chosen], _plain_core(attention), handles)
+        recorder = LayerRecorder(vit, layers, grad_from=min(layers) if grad_hook else None, keys=keys,
+                                 on_layer=on_layer, core=core)
+        recorder.install(handles)
+        return recorder
+
+    def attention_relevance(self, rec: Dict[str, Any], r_o: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                            grad: Optional[torch.Tensor] = None, logits: Optional[Callable] = None) -> tuple:
+        """As ``Materialized.attention_relevance`` (``grad`` = dOˡ ``(B, H, N, d)``), by the relevance
+        programs of the attention kernels: P, Z = Q Kᵀ and ∇A recomputed tile by tile, no N×N tensor.
+        ``logits`` is never needed: a model with a bias of the logits does not reach the flash path."""
+        q, k, lse, scale = rec["saved"]
+        heads = r_o.shape[1]
+        v, o = split_heads(rec["values"], heads), split_heads(rec["attn_out"], heads)
+        r_q, r_k, r_v, t = self.attention.relevance(q, k, v, o, lse, r_o, scale, row=rows, do=grad)
+        return r_q, r_k, r_v, None if t is None else t.mean(1)
+

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: the authors' stabiliser
-STABILISER = 1e-9
+from ..kernels._utils import STABILISER  # the authors' stabiliser, 1e-9
 
 
 def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -69,8 +69,6 @@ class MethodSpec:
 
 #: the relevance pass's rule sets (docs/methods.md §6.3)
 RULES = ("ours", "classic")
-_RELEVANCE_PASS = ("the LRP relevance pass reads each layer's attention probabilities as a tensor (one layer at "
-                   "a time), which the flash path does not form")
 
 #: the float32 bound of the relevance pass (docs/methods.md §6.3, "Precision"): the bf16 class of §7
 _RELEVANCE_TOLERANCE = 2e-2
@@ -100,12 +98,12 @@ REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("conservative_lrp", relevance.conservative_lrp, signed=True),
     MethodSpec("attcat", relevance.attcat, signed=True),
     MethodSpec("lrp", relevance.lrp, defaults={"rules": "ours"}, choices={"rules": RULES},
-               materialized_only=_RELEVANCE_PASS, pixel_map=True, float32_tolerance=_RELEVANCE_TOLERANCE,
+               pixel_map=True, float32_tolerance=_RELEVANCE_TOLERANCE,
                signed=True),
     MethodSpec("partial_lrp", relevance.partial_lrp, defaults={"rules": "ours"}, choices={"rules": RULES},
-               materialized_only=_RELEVANCE_PASS, float32_tolerance=_RELEVANCE_TOLERANCE),
+               float32_tolerance=_RELEVANCE_TOLERANCE),
     MethodSpec("transformer_attribution", relevance.transformer_attribution, defaults={"start_layer": 0},
-               materialized_only=_RELEVANCE_PASS, float32_tolerance=_RELEVANCE_TOLERANCE),
+               float32_tolerance=_RELEVANCE_TOLERANCE),
 )}
 
 METHODS: Tuple[str, ...] = tuple(REGISTRY)

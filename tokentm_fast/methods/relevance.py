@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..aggregation import check_layer_order, query_support
+from ..aggregation import check_layer_order
 from ..capture import LayerRecorder, PointRecorder, PoolRecorder, prepared_model
 from ..models.protocol import LinearPoint, ViTAdapter, merge_heads, no_relevance_pass, split_heads
 from ..precision import compute_dtype
@@ -70,13 +70,17 @@ class RelevancePass:
     (``vit.relevance_linears``; where a map is an ``nn.Linear`` of its own, also its output less the bias,
     ``x Wᵀ``, which spares the linear rule a product); the head's linear inputs (``vit.head_linears``); with ``pixels`` the
     patch embedding's input and output and the tokens after the position embedding
-    (``vit.embedding_points``). ``grads``: the attention probabilities stay in the graph (block
-    ``layers[0]``'s input is the leaf) for ∇Aˡ. Nothing of the model is copied.
+    (``vit.embedding_points``). The attention path (``path``: ``tokentm_fast.paths``) records what its
+    ``attention_relevance`` reads (Aˡ, or the flash forward's q, k, ℓ) and runs the rules through the
+    attention. ``grad_hook(l, grad)``: the forward builds a graph (block ``layers[0]``'s input is the leaf,
+    ``recorder.leaf``) and the path calls the hook with layer l's attention gradient (∇Aˡ, or dOˡ on the
+    flash path) as the backward reaches it. Nothing of the model is copied.
     """
 
-    def __init__(self, vit: ViTAdapter, images: torch.Tensor, layers: Sequence[int], rules: str = "ours",
-                 grads: bool = False, pixels: bool = False) -> None:
+    def __init__(self, vit: ViTAdapter, images: torch.Tensor, layers: Sequence[int], rules: str, path,
+                 grad_hook=None, pixels: bool = False) -> None:
         self.vit, self.images, self.layers, self.rules = vit, images, list(layers), rules
+        self.path, self.grad_hook = path, grad_hook
         self.acc = compute_dtype(images)
         head = vit.head_linears()
         points: Dict[Any, LinearPoint] = {("head", i): p for i, p in enumerate(head)}
@@ -99,8 +103,8 @@ class RelevancePass:
         self.num_head = len(head)
         self.head_weights = [p.weight for p in head]
         self.weights = {key: p.weight for key, p in points.items()}
-        keys = ("x_in", "q", "k", "bias", "values", "attn", "attn_out", "y", "mlp_out")
-        self.recorder = LayerRecorder(vit, self.layers, grad_from=self.layers[0] if grads else None, keys=keys)
+        self.keys = ("x_in", "q", "k", "bias", "values", "attn_out", "y", "mlp_out")
+        self.recorder: Optional[LayerRecorder] = None
         self.points = PointRecorder(points)
         #: the linear maps whose output the forward records, less the bias: ``x Wᵀ`` without a product
         self.linears = {key: p.module for key, p in points.items() if _is_linear_module(p)}
@@ -109,7 +113,7 @@ class RelevancePass:
 
     def forward(self, handles: list) -> torch.Tensor:
         """Install the recorders (undone by ``handles``) and run the model; its output ``(B, K)``."""
-        self.recorder.install(handles)
+        self.recorder = self.path.record_relevance(self.vit, self.layers, self.keys, handles, self.grad_hook)
         self.points.install(handles)
         for key, module in self.linears.items():
             handles.append(module.register_forward_hook(self._record_output(key)))
@@ -208,15 +212,15 @@ class RelevancePass:
         r_tokens[:, self.vit.pool_columns(num_tokens)] = r_read
         return r_tokens, first_latent(self.vit, r_attn, num_tokens)
 
-    def block(self, l: int, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Block l: relevance at its input ``(B, N, D)`` and at its attention probabilities ``(B, H, N, N)``
-        from the relevance ``r`` at its output."""
+    def block(self, l: int, r: torch.Tensor, rows: Optional[torch.Tensor] = None,
+              grad: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Block l: relevance at its input ``(B, N, D)`` from the relevance ``r`` at its output, and with
+        ``rows`` ``(B, N)`` the sums ``t_j = Σ_i rows_i mean_h max(R^A_ij [· ∇A_ij], 0)`` ``(B, N)`` of its
+        attention's relevance R^A (``grad``: the layer's attention gradient as the path delivers it; the
+        path's ``attention_relevance``), else None."""
         rec, vit, acc, rules = self.recorder.records[l], self.vit, self.acc, self.rules
         heads = vit.num_heads
         x_in, y, m = (rec[key].to(acc) for key in ("x_in", "y", "mlp_out"))
-        q, k = rec["q"].to(acc), rec["k"].to(acc)
-        v = split_heads(rec["values"].to(acc), heads)
-        attn = rec["attn"].detach().to(acc)
         with torch.no_grad():
             a = vit.attn_output(l, rec["attn_out"]).to(acc)
         r_y, r_m = lrp_rules.add(y, m, r, rules)
@@ -224,21 +228,18 @@ class RelevancePass:
         r_norm2 = self._linear((l, "fc1"), r_hidden)
         r_x, r_a = lrp_rules.add(x_in, a, lrp_rules.clone(y, r_y, r_norm2), rules)
         r_o = split_heads(self._linear((l, "proj"), r_a), heads)
-        r_attn, r_v = lrp_rules.product(attn, v, r_o)
-        r_q, r_kt = lrp_rules.product(q, k.transpose(-1, -2), self._logits(rec, q, k, r_attn))
-        r_qkv = torch.cat([merge_heads(r_q), merge_heads(r_kt.transpose(-1, -2)), merge_heads(r_v)], dim=-1)
+        logits = (lambda r_attn: self._logits(rec, r_attn)) if "bias" in rec else None
+        r_q, r_k, r_v, t = self.path.attention_relevance(rec, r_o, rows=rows, grad=grad, logits=logits)
+        r_qkv = torch.cat([merge_heads(r_q), merge_heads(r_k), merge_heads(r_v)], dim=-1)
         r_norm1 = self._linear((l, "qkv"), r_qkv)
-        return lrp_rules.clone(x_in, r_x, r_norm1), r_attn
+        return lrp_rules.clone(x_in, r_x, r_norm1), t
 
-    def _logits(self, rec: Dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-                r_attn: torch.Tensor) -> torch.Tensor:
-        """The relevance of q kᵀ ``(B, H, N, N)`` from ``r_attn`` at the logits (the softmax passes it on): all
-        of it without a bias; with BEiT's relative position bias, logits = scale · (q kᵀ + B/scale), the add
-        rule's share of q kᵀ (the bias's share is dropped, like the position embedding's)."""
-        if "bias" not in rec:
-            return r_attn
-        qk = q @ k.transpose(-1, -2)
-        return lrp_rules.add(qk, rec["bias"].to(self.acc), r_attn, self.rules)[0]
+    def _logits(self, rec: Dict[str, torch.Tensor], r_attn: torch.Tensor) -> torch.Tensor:
+        """The relevance of q kᵀ ``(B, H, N, N)`` from ``r_attn`` at the logits (the softmax passes it on)
+        with BEiT's relative position bias: logits = scale · (q kᵀ + B/scale), the add rule's share of q kᵀ
+        (the bias's share is dropped, like the position embedding's)."""
+        q, k = rec["q"].to(self.acc), rec["k"].to(self.acc)
+        return lrp_rules.add(q @ k.transpose(-1, -2), rec["bias"].to(self.acc), r_attn, self.rules)[0]
 
     def pixels(self, r0: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Relevance at the pixels summed over the colour channels ``(B, H, W)`` from ``r0`` at the first
@@ -290,7 +291,7 @@ def _finish_rows(vit: ViTAdapter, e: torch.Tensor) -> torch.Tensor:
 def lrp(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, options: Dict[str, Any], path,
         full: bool = False) -> List[torch.Tensor]:
     """Full LRP: the relevance pass down to the pixels, summed over the colour channels, ``(B, H, W)``."""
-    run = RelevancePass(vit, images, range(vit.num_layers), options["rules"], pixels=True)
+    run = RelevancePass(vit, images, range(vit.num_layers), options["rules"], path, pixels=True)
     with prepared_model(vit) as handles, torch.no_grad():
         output = run.forward(handles)
         maps = []
@@ -307,67 +308,57 @@ def partial_lrp(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, option
     """Partial LRP: ``e = mean_h max(R^{A_L}, 0)`` on the query row; with an attention-pool head
     ``mean_h max(R^{A_pool}, 0)`` of its first latent (the pool is the last attention)."""
     top = vit.num_layers - 1
-    run = RelevancePass(vit, images, [top], options["rules"])
+    run = RelevancePass(vit, images, [top], options["rules"], path)
     with prepared_model(vit) as handles, torch.no_grad():
         output = run.forward(handles)
+        b, n = images.shape[0], run.recorder.first_input.shape[1]
         maps = []
         for r_out in _output_relevances(output, targets):
             r, r_pool = run.head(r_out)
             if r_pool is not None:
                 maps.append(_finish_rows(vit, r_pool.clamp(min=0).mean(1)))
                 continue
-            _, r_attn = run.block(top, r)
-            fused = r_attn.clamp(min=0).mean(1)                                     # (B, N, N)
-            q = head_rows(vit, fused.shape[0], fused.shape[-1], fused.dtype, fused.device)
-            maps.append(_finish_rows(vit, torch.einsum("bi,bij->bj", q, fused)))
+            _, t = run.block(top, r, rows=head_rows(vit, b, n, run.acc, images.device))
+            maps.append(_finish_rows(vit, t))
     return maps
 
 
 def transformer_attribution(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, options: Dict[str, Any],
                             path, full: bool = False) -> List[torch.Tensor]:
     """Transformer Attribution: ``Āˡ = mean_h max(∇Aˡ ⊙ R^{Aˡ}, 0)``, ``C = Π (Āˡ + I)`` over the blocks from
-    ``start_layer`` (no row normalisation): GAE's row update with R^{Aˡ} in place of Aˡ, run inside the
-    backward pass as each ∇Aˡ arrives, the relevance pass one block ahead of it. With an attention-pool
-    head the row starts at ``mean_h max(∇A_pool ⊙ R^{A_pool}, 0)`` of its first latent, as GAE's does."""
+    ``start_layer`` (no row normalisation): GAE's row update with R^{Aˡ} in place of Aˡ, ``r ← r + r Āˡ``,
+    run inside the backward pass as each layer's attention gradient arrives (∇Aˡ, or dOˡ on the flash path),
+    the relevance pass one block ahead of it. With an attention-pool head the row starts at
+    ``mean_h max(∇A_pool ⊙ R^{A_pool}, 0)`` of its first latent, as GAE's does."""
     layers = list(range(options["start_layer"], vit.num_layers))
-    top = layers[-1]
-    run = RelevancePass(vit, images, layers, "ours", grads=True)
-    update = path.kernels.row_update
     state: Dict[str, Any] = {}
 
-    def layer_hook(l: int):
-        def hook(grad: torch.Tensor) -> None:
-            check_layer_order(l, state["next"])
-            with torch.no_grad():
-                state["r"], r_attn = run.block(l, state["r"])
-                top_row = l == top and run.pool is None
-                support = {"support": query_support(head_rows(vit, 1, r_attn.shape[-1], run.acc, "cpu"))} if top_row else {}
-                state["rows"] = update(state["rows"], r_attn, grad.to(run.acc), 1.0, 0.0, mode="gae", **support)
-            state["next"] = l - 1 if l > layers[0] else None
-        return hook
+    def layer_hook(l: int, grad: torch.Tensor) -> None:
+        check_layer_order(l, state["next"])
+        with torch.no_grad():
+            state["r"], t = run.block(l, state["r"], rows=state["rows"], grad=grad)
+            state["rows"] = state["rows"] + t
+        state["next"] = l - 1 if l > layers[0] else None
 
     def pool_hook(grad: torch.Tensor) -> None:
         with torch.no_grad():
             g = first_latent(vit, grad.to(run.acc), state["r_pool"].shape[-1])
-            state["rows"] = fuse_heads(state["r_pool"], g, "gae")[:, None]     # mean_h max(R ⊙ ∇A, 0)
+            state["rows"] = fuse_heads(state["r_pool"], g, "gae")                       # mean_h max(R ⊙ ∇A, 0)
 
+    run = RelevancePass(vit, images, layers, "ours", path, grad_hook=layer_hook)
     with prepared_model(vit) as handles, torch.enable_grad():
         output = run.forward(handles)
-        recs = run.recorder.records
-        for l in layers:
-            recs[l]["attn"].register_hook(layer_hook(l))
         if run.pool is not None:
             run.pool.last["attn"].register_hook(pool_hook)
         resolved = [resolve_target(t, output) for t in targets]
-        leaf = recs[layers[0]]["attn"]
-        b, n = output.shape[0], leaf.shape[-1]
+        leaf = run.recorder.leaf
+        b, n = output.shape[0], leaf.shape[1]
         maps = []
         for i, (t, r_out) in enumerate(zip(resolved, _output_relevances(output, targets))):
             with torch.no_grad():
                 r, r_pool = run.head(r_out)
-                state.update(r=r, r_pool=r_pool, next=top,
-                             rows=None if r_pool is not None else head_rows(vit, b, n, run.acc, images.device)[:, None])
+                state.update(r=r, r_pool=r_pool, next=layers[-1],
+                             rows=None if r_pool is not None else head_rows(vit, b, n, run.acc, images.device))
             torch.autograd.grad(target_score(output, t), [leaf], retain_graph=i < len(resolved) - 1)
-            maps.append(_finish_rows(vit, state["rows"][:, 0]))
+            maps.append(_finish_rows(vit, state["rows"]))
     return maps
-

@@ -194,10 +194,13 @@ def attention_rows(
 
 
 def torch_attention():
-    """The three functions above as the attention triple of the flash path (``paths.Flash``)."""
+    """The three functions above and the relevance twin (``attention_relevance``) as the attention kernels of
+    the flash path (``paths.Flash``)."""
     from ..kernels._utils import AttentionKernels
 
     def backward(q, k, v, o, lse, do, scale, row=None, input_grads=True):
         return flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=input_grads)
 
-    return AttentionKernels(flash_forward, backward, attention_rows)
+    from .attention_relevance import attention_relevance
+
+    return AttentionKernels(flash_forward, backward, attention_rows, attention_relevance)

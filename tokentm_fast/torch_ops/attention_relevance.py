@@ -1,0 +1,89 @@
+"""The relevance pass through one attention, flash formulation in PyTorch: the CPU twin of
+``kernels/attention_relevance.py`` (docs/methods.md §6.3, "On the flash path").
+
+Per image and head, with ``P = softmax(scale·QKᵀ)`` recomputed from the forward's row log-sum-exp ℓ, ``O = P V``
+the forward's output and ``R_O`` the relevance at O ``(N, d)``, the rules of ``lrp_rules.product`` applied to
+``O = P V`` and then to the logits ``Z = Q Kᵀ`` (the softmax passes relevance on unchanged)::
+
+    S_O   = R_O ⊘ O                                   (N, d)   elementwise
+    R^A_ij = P_ij (S_O,i · V_j) / 2                   tile     (the flash backward's P ⊙ dP, dO → S_O)
+    R_V,j  = V_j ⊙ Σ_i P_ij S_O,i / 2                 key sum  (its dV)
+    S_Z,ij = R^A_ij ⊘ Z_ij,   Z_ij = Q_i · K_j        tile     (Z in IEEE arithmetic: the rule divides by it)
+    R_Q,i  = Q_i ⊙ Σ_j S_Z,ij K_j / 2                 query sum (its dQ)
+    R_K,j  = K_j ⊙ Σ_i S_Z,ij Q_i / 2                 key sum  (its dK)
+    t_j    = Σ_i row_i · max(R^A_ij · ∇A_ij, 0)       key sum, ∇A_ij = dO_i · V_j  (``do`` given; else max(R^A_ij, 0))
+
+``⊘`` is the authors' safe division (``lrp_rules.safe_divide``: ``a / (b + 1e-9)``, 0 where b = 0). No
+(N, N) tensor: ``(G_t, Q_t, N)`` tiles over the G = B·H (image, head) pairs and the query rows, sized as the
+flash twin's (``torch_ops.attention.tile_shape``). Transformer attribution's row update reads ``t`` with ∇A
+from the gradient backward's ``dO``; partial LRP reads it without.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..kernels._utils import STABILISER
+from .attention import _acc, _flat, _itemsize, _tiles
+
+
+def _safe_divide_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / (b + 1e-9)``, 0 where ``b == 0``, written into ``a`` (``b`` is changed: it holds the denominator)."""
+    zero = b == 0
+    den = b.add_(STABILISER)
+    den.masked_fill_(den == 0, STABILISER)
+    return a.div_(den).masked_fill_(zero, 0.0)
+
+
+def attention_relevance(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, r_o: torch.Tensor,
+    scale: float, row: Optional[torch.Tensor] = None, do: Optional[torch.Tensor] = None,
+    block: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(R_Q, R_K, R_V, t)`` (module docstring) of one attention.
+
+    Args:
+        q, k, v, o: ``(B, H, N, d)`` as the flash forward had them (``o`` its output).
+        lse: ``(B, H, N)`` the forward's row log-sum-exp ℓ.
+        r_o: ``(B, H, N, d)`` the relevance at ``o``.
+        scale: the logits' factor (P = softmax(scale · Q Kᵀ)).
+        row: ``(B, N)`` weights of the query rows for ``t``, or None (no ``t``).
+        do: ``(B, H, N, d)`` ∂s/∂O of the gradient backward (∇A = dO Vᵀ in ``t``), or None.
+        block: query rows per tile over every head (tests); default ``tile_shape``.
+
+    Returns:
+        ``R_Q, R_K, R_V`` ``(B, H, N, d)`` and ``t`` ``(B, H, N)`` (None without ``row``), in the
+        accumulation dtype (float32; float64 for float64 inputs).
+    """
+    acc = _acc(q.dtype)
+    b, h, n, d = q.shape
+    qa, ka, va = _flat(q, acc), _flat(k, acc), _flat(v, acc)
+    kt, vt = ka.transpose(-1, -2), va.transpose(-1, -2)
+    neg_lse = lse.to(acc).reshape(b * h, n, 1).neg()
+    s_o = _safe_divide_(_flat(r_o, acc).clone(), _flat(o, acc).clone())                     # S_O (G, N, d)
+    doa = _flat(do, acc) if do is not None else None
+    rows = row.to(acc).repeat_interleave(h, dim=0)[:, None] if row is not None else None    # (G, 1, N)
+    r_q = torch.empty((b * h, n, d), dtype=acc, device=q.device)
+    r_k = torch.zeros((b * h, n, d), dtype=acc, device=q.device)
+    r_v = torch.zeros((b * h, n, v.shape[-1]), dtype=acc, device=q.device)
+    t = torch.zeros((b * h, 1, n), dtype=acc, device=q.device) if row is not None else None
+    for gs, rs in _tiles(b * h, n, n, _itemsize(acc), q.device, block):
+        q_i, s_i = qa[gs, rs], s_o[gs, rs]
+        z = torch.matmul(q_i, kt[gs])                                                        # Z (G_t, Q_t, N)
+        p = torch.add(neg_lse[gs, rs], z, alpha=scale).exp_()                               # P from Z
+        r_v[gs].baddbmm_(p.transpose(-1, -2), s_i)                                            # Σ_i P_ij S_O,i
+        ra = torch.matmul(s_i, vt[gs]).mul_(p).mul_(0.5)                                      # R^A
+        del p
+        if t is not None:
+            f = ra.clamp_min(0) if doa is None else torch.matmul(doa[gs, rs], vt[gs]).mul_(ra).clamp_min_(0)
+            t[gs].baddbmm_(rows[gs, :, rs], f)
+            del f
+        s_z = _safe_divide_(ra, z)                                                            # S_Z, in place
+        r_q[gs, rs] = torch.matmul(s_z, ka[gs])
+        r_k[gs].baddbmm_(s_z.transpose(-1, -2), q_i)
+    r_q.mul_(qa).mul_(0.5)
+    r_k.mul_(ka).mul_(0.5)
+    r_v.mul_(va).mul_(0.5)
+    out = tuple(x.reshape(b, h, n, -1) for x in (r_q, r_k, r_v))
+    return (*out, None if t is None else t.reshape(b, h, n))

@@ -58,8 +58,8 @@ def _pass_tensors(monkeypatch, model, images, method, target, rule):
     def spy(name):
         original = getattr(relevance.RelevancePass, name)
 
-        def wrapped(self, *args):
-            out = original(self, *args)
+        def wrapped(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
             for t in out if isinstance(out, tuple) else (out,):
                 if isinstance(t, torch.Tensor):
                     seen.append((name, t.clone()))

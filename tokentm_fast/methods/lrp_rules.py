@@ -71,13 +71,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, rules: str = 
         px, nx = x.clamp(min=0), x.clamp(max=0)
         return px * (safe_divide(r, px @ pw.t()) @ pw) + nx * (safe_divide(r, nx @ nw.t()) @ nw)
     aw, ax = w.abs(), x.abs()
-    magnitude = ax @ aw.t()                                             # |x||W|ᵀ, (..., out)
-    noise = magnitude * ZONE
-    if bias is not None:
-        noise += bias.to(x.dtype).abs() * ZONE
-    twice = magnitude.add_(x @ w.t() if xw is None else xw)            # 2 z⁺ (up to rounding)
-    exact_zero = _recompute_noisy(x, w, twice, twice <= noise)
-    s = r / twice.add_(2 * STABILISER)                                  # S / 2 = r / (2 z⁺ + 2·1e-9)
+    xw = (x @ w.t() if xw is None else xw).reshape(-1, w.shape[0])
+    twice = torch.addmm(xw, ax.reshape(-1, w.shape[1]), aw.t())        # 2 z⁺ = xWᵀ + |x||W|ᵀ (up to rounding)
+    # in the zone ⇔ 2z⁺ ≤ ZONE·(|x||W|ᵀ + |b|) ⇔ xWᵀ + (1/ZONE − 1)·2z⁺ ≤ |b| (|x||W|ᵀ = 2z⁺ − xWᵀ): one pass
+    zone = torch.add(xw, twice, alpha=1.0 / ZONE - 1.0)
+    noisy = torch.le(zone, bias.to(x.dtype).abs() if bias is not None else 0.0)
+    del zone
+    twice = twice.view(r.shape)
+    exact_zero = _recompute_noisy(x, w, twice, noisy.view(r.shape))
+    s = torch.div(r, twice.add_(2 * STABILISER), out=twice)             # S / 2 = r / (2 z⁺ + 2·1e-9)
     if exact_zero is not None:
         s.masked_fill_(exact_zero, 0.0)
     return (s @ w).mul_(x).addcmul_(s @ aw, ax)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -238,11 +238,16 @@ FLOAT32_OUTPUT = 2.0 ** -23
 
 
 def reference_pair(method: str, model, x, model64, x64, attention: str, target, on_backend: Callable,
-                   backend: str, gradcam_tol: float) -> Tuple[torch.Tensor, torch.Tensor, float]:
+                   backend: str, gradcam_tol: float) -> Tuple[torch.Tensor, torch.Tensor, Any]:
     """``(ref, got, tol)``, §7 as tests/test_models.py holds it, for a model family's every-backend test:
     float32 maps (``on_backend()``: the call on the backend and path under test) within 1e-5 of the float64
     reference (attention Grad-CAM within ``gradcam_tol``); the signed sums on float64 copies within the
-    maps' float32 rounding (torch), or within 1e-4 of the float32 torch map (Triton, float32 only)."""
+    maps' float32 rounding (torch). Triton (float32 only): on the materialized path within 1e-4 of the float32
+    torch map (the same products in the same order); on the flash path against the float64 reference within
+    ``1e-4 + 2·e`` per image, ``e`` the float32 error of the PyTorch twin's map on the same path (the tiled
+    sums and the divisions by O and Z round differently in the kernels and in the twin: two float32 runs of
+    an ill-conditioned map differ by about the sum of their errors, measured 2·10⁻⁵ to 5·10⁻⁴ on the test
+    models where the twin's own error is 3·10⁻⁴ to 1.6·10⁻²)."""
     from tokentm_fast import explain as tf_explain  # here: importing helpers imports nothing of the package
 
     if method in SIGNED_SUMS:
@@ -250,7 +255,11 @@ def reference_pair(method: str, model, x, model64, x64, attention: str, target, 
             return (tf_explain(model64, x64, method, backend="reference", target=target),
                     tf_explain(model64, x64, method, backend="torch", attention=attention, target=target),
                     FLOAT32_OUTPUT)
-        return tf_explain(model, x, method, backend="torch", target=target), on_backend(), 1e-4
+        twin = tf_explain(model, x, method, backend="torch", attention=attention, target=target)
+        if attention != "flash":
+            return twin, on_backend(), 1e-4
+        ref = tf_explain(model64, x64, method, backend="reference", target=target)
+        return ref, on_backend(), 1e-4 + 2 * rel_err_l2(twin, ref)
     return (tf_explain(model64, x64, method, backend="reference", target=target), on_backend(),
             gradcam_tol if method == "attn_gradcam" else 1e-5)
 

@@ -1,5 +1,6 @@
 """The flash attention kernels (``tokentm_fast.kernels.attention``) against their PyTorch
-equivalents in float64 (``tests/attention_torch.py``), under Triton's interpreter.
+equivalents in float64 (``tests/attention_torch.py``), under Triton's interpreter, and against their
+PyTorch twin (``tokentm_fast.torch_ops.attention``, the fast oracle of the model-level tests).
 
 Inputs come from a ``qkv`` projection reshaped and permuted as timm does, so the
 kernels read strided tensors; N is chosen off the tile sizes (37, 50, 197), head
@@ -152,6 +153,36 @@ def test_row_sums_against_probabilities_and_positive_gradients(b, h, n, d, dtype
     got = attention_rows(row, scale, do=do, v=v)
     want = attention_rows_torch(row.double(), scale, do=do.double(), v=v.double())
     assert _rel(got, want) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("b,h,n,d,dtype", CASES[:3] + [(1, 2, 50, 80, torch.float32)])
+def test_the_pytorch_twin_is_a_fast_oracle(b, h, n, d, dtype):
+    """The PyTorch twin (``tokentm_fast.torch_ops.attention``: the same formulation, tiled, on CPU tensors) as
+    the kernels' oracle in their own dtype: forward, backward with the explanation sums, both row programs,
+    within the dtype's tolerance (float32: two float32 computations of the same sums, 1e-5), tiles of 16 query
+    rows so that the twin's key-side sums run over several tiles. The float64 full-matrix oracle above stays
+    the oracle of the math; the twin is what the model-level tests compare the Triton flash path with
+    (``tests/helpers.py: reference_pair``), where a float64 reference run costs more than the kernels."""
+    from tokentm_fast.kernels.attention import attention_rows, flash_backward, flash_forward
+    from tokentm_fast.torch_ops import attention as twin
+
+    q, k, v = _qkv(b, h, n, d, dtype, seed=7)
+    scale = d ** -0.5
+    g = torch.Generator().manual_seed(8)
+    do = torch.randn(b, h, n, d, generator=g).to(DEVICE, dtype)
+    row = torch.rand(b, n, generator=g).to(DEVICE)
+    cpu = [t.cpu() for t in (q, k, v, do, row)]
+    o, lse = flash_forward(q, k, v, scale)
+    o_t, lse_t = twin.flash_forward(*cpu[:3], scale, block=16)
+    assert _rel(o.cpu(), o_t) <= TOL[dtype] and _rel(lse.cpu(), lse_t) <= 1e-6
+    got = flash_backward(q, k, v, o, lse, do, scale, row=row)
+    want = twin.flash_backward(*cpu[:3], o_t, lse_t, cpu[3], scale, row=cpu[4], block=16)
+    for name, a, w in zip(("dq", "dk", "dv", "t"), got, want):
+        assert _rel(a.cpu(), w) <= TOL[dtype], name
+    assert _rel(attention_rows(row, scale, q=q, k=k, lse=lse).cpu(),
+                twin.attention_rows(cpu[4], scale, q=cpu[0], k=cpu[1], lse=lse_t, block=16)) <= TOL[dtype]
+    assert _rel(attention_rows(row, scale, do=do, v=v).cpu(),
+                twin.attention_rows(cpu[4], scale, do=cpu[3], v=cpu[2], block=16)) <= TOL[dtype]
 
 
 def test_autograd_function_gives_the_gradients_of_plain_attention():

@@ -384,9 +384,8 @@ def test_every_method_on_every_backend_and_path(variant, backend, attention, dev
     snap = snapshot(model)
     for method in methods_for(variant):
         target = target_for(variant, method)
-        if attention == "flash" and (get_method(method).materialized_only or HAS_BIAS[variant]):
-            why = "flash path" if get_method(method).materialized_only else FLASH_REASON
-            with pytest.raises(ValueError, match=why.replace("(", r"\(").replace(")", r"\)")):
+        if attention == "flash" and HAS_BIAS[variant]:
+            with pytest.raises(ValueError, match=FLASH_REASON.replace("(", r"\(").replace(")", r"\)")):
                 tf.Explainer(model, method, backend=backend, attention=attention)
             continue
         ref, got, tol = reference_pair(method, model, x, model64, x64, attention, target,

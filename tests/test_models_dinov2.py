@@ -237,18 +237,14 @@ def _explain_on(model, x, method, backend, attention, device, target):
 def test_every_method_on_every_backend_and_path(variant, backend, attention, device):
     """§7: each float32 map within 1e-5 (relative L2 per image) of the float64 reference; the signed sums and
     the relevance pass on float64 copies within the float32 rounding of the maps (torch) or, on Triton (float32 only), within 1e-4 of
-    the float32 torch map, as tests/test_models.py holds them. The flash path refuses the relevance pass,
-    naming why."""
+    the float32 torch map on the same path, as tests/test_models.py holds them (``helpers.reference_pair``).
+    The relevance pass runs on both paths."""
     model, x = make(variant), images()
     model64, x64 = make(variant, torch.float64), images(torch.float64)
     target = target_for(variant)
     snap = snapshot(model)
     for method in tf.METHODS:
         target = method_target(variant, method)
-        if attention == "flash" and get_method(method).materialized_only:
-            with pytest.raises(ValueError, match="flash path"):
-                _explain_on(model, x, method, backend, attention, device, target)
-            continue
         ref, got, tol = reference_pair(method, model, x, model64, x64, attention, target,
                                        lambda: _explain_on(model, x, method, backend, attention, device, target), backend, gradcam_tolerance(variant))
         assert got.shape[0] == 2 and got.shape[-2:] == ref.shape[-2:], method

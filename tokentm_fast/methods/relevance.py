@@ -128,13 +128,15 @@ class RelevancePass:
         return self.points.values[key].to(self.acc)
 
     def _record_output(self, key):
-        """A forward hook keeping ``(output − bias, output, its version)`` of linear ``key``, if the forward
-        runs in the compute dtype (a half-precision output is too coarse for the rule's denominator)."""
+        """A forward hook keeping ``(output − bias, its version)`` of linear ``key``, if the forward runs in the
+        compute dtype (a half-precision output is too coarse for the rule's denominator). Without a bias the
+        record is the output itself (its version moves if the model changes it in place); with one it is a
+        tensor of its own, and the output is not kept alive."""
         def hook(module, args, output):
             if isinstance(output, torch.Tensor) and output.dtype == self.acc:
                 out = output.detach()
                 xw = out if module.bias is None else out - module.bias.detach()
-                self.outputs[key] = (xw, out, out._version)
+                self.outputs[key] = (xw, xw._version)
         return hook
 
     def _linear(self, key, r: torch.Tensor, x: Optional[torch.Tensor] = None, row: Optional[int] = None) -> torch.Tensor:
@@ -144,9 +146,10 @@ class RelevancePass:
         x = self._value(key) if x is None else x
         xw, bias = None, None
         if key in self.outputs:
-            rec, out, version = self.outputs[key]
+            rec, version = self.outputs[key]
+            unchanged = rec._version == version
             rec = rec if row is None else rec[:, row]
-            if out._version == version and rec.shape == x.shape[:-1] + r.shape[-1:] and rec.dtype == x.dtype:
+            if unchanged and rec.shape == x.shape[:-1] + r.shape[-1:] and rec.dtype == x.dtype:
                 xw, bias = rec, self.linears[key].bias
         x = x if row is None else x[:, row]
         return lrp_rules.linear(x, self.weights[key], r, self.rules, xw=xw, bias=bias)

@@ -15,7 +15,8 @@ Tooling of the benchmark suite (not part of the library):
   table; ``--readme DIR``, ``--env [--device cuda]``, ``--slug DEVICE``.
 
 The helpers ``environment``, ``copy_bandwidth``, ``rel_err`` and ``sync`` are
-shared with the suite's ``conftest.py``.
+shared with the suite's ``conftest.py``; ``flash_explain_peak`` (the flash path's estimated peak) with
+``test_bench_perf.py`` and ``gpu_report.py``.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ __all__ = [
     "environment",
     "copy_bandwidth",
     "rel_err",
+    "flash_explain_peak",
     "TARGETS",
     "readme",
 ]
@@ -51,6 +53,34 @@ SUITE_TITLES = {
     "explain": "Whole explain() on a random-init timm model (baseline `fwd+bwd` = the training step, timm defaults: fused attention)",
     "perf": "Sizes that matter to users: explain against the training step and the literal implementation (time and peak memory)",
 }
+
+
+# --------------------------------------------------------------------------- the flash path's peak
+
+#: the methods of the LRP relevance pass (docs/methods.md §6.3): on the flash path they keep, per recorded
+#: block, the linear maps' inputs and outputs besides what the training step keeps
+RELEVANCE_PASS = ("lrp", "partial_lrp", "transformer_attribution")
+#: their flash peak over the materialized estimate without its N×N terms, as a bound: measured 0.92–1.31
+#: (``bench_memory.PeakTracker``, ``backend="torch", attention="flash"``, float32: L 2–4, D 192–384,
+#: N 101–401, B 1–4; ``tests/test_benchmarks_protocol.py`` checks one)
+RELEVANCE_FLASH_FACTOR = 1.5
+
+
+def flash_explain_peak(method: str, shape: Dict[str, int]) -> int:
+    """Estimated peak bytes one explain call adds on the flash path (no N×N tensor; the model not counted).
+
+    ``shape``: ``bench_memory``'s keywords (L, H, N, D, B, params, image_pixels, itemsize). Every method is
+    bounded by the training step's estimate (its graph keeps about as many stream tensors per block). The
+    relevance pass keeps more per block (the linear maps' inputs and outputs, q, k, v, the attention output;
+    transformer attribution also dO): ``RELEVANCE_FLASH_FACTOR`` × the fast path's estimate with its N×N
+    terms dropped (``H = 0`` zeroes every (B, H, N, N) term; these methods have no (B, N, N) term), where
+    that is larger."""
+    from bench_memory import explain_peak, step_peak
+
+    step = step_peak(**shape, fused=True)
+    if method not in RELEVANCE_PASS:
+        return step
+    return max(step, int(RELEVANCE_FLASH_FACTOR * explain_peak(method, "torch", **{**shape, "H": 0})))
 
 
 # --------------------------------------------------------------------------- environment

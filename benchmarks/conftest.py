@@ -96,7 +96,7 @@ def pytest_addoption(parser):
                     help="skip the cases that would start more than this many seconds after the session began")
     group.addoption("--bench-methods", default=os.environ.get("TOKENTM_BENCH_METHODS"),
                     help="comma-separated explanation methods of the explain and perf suites "
-                         "(default: tokentm,legrad,rollout for explain, tokentm,gae for perf)")
+                         "(default: tokentm,legrad,rollout for explain, every method for perf)")
 
 
 def _float_env(name: str) -> Optional[float]:

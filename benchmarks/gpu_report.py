@@ -19,10 +19,16 @@ it) that would not fit in what is left of ``--budget-s`` is listed as skipped, w
 4. ``timing``: bfloat16 first, then float32 as time allows, at the protocol's sizes
    (benchmarks/README.md, "the performance protocol"): the training step (timm defaults: fused
    attention, parameter gradients), the forward, the floor (forward + input-only backward), ``explain``
-   for every method (flash where it serves, materialized where it does not and its estimated peak fits),
-   the literal TokenTM in the model's dtype where it fits; median of warm calls, peak memory, each as a
-   ratio to the training step; the first call of each method in this process (Triton's compiled kernels
-   read from the cache, autotuning done here) and the path the dispatcher (``attention="auto"``) chose.
+   for every method (flash where it serves — every method with its default options, the LRP relevance
+   pass included —, materialized where it does not and its estimated peak fits), the literal TokenTM in
+   the model's dtype where it fits; median of warm calls, peak memory, each as a ratio to the training
+   step; the first call of each method in this process (Triton's compiled kernels read from the cache,
+   autotuning done here) and the path the dispatcher (``attention="auto"``) chose. A first pass measures
+   the relevance pass (``FIRST_METHODS``: lrp, transformer_attribution, partial_lrp) on the flash path at
+   N = 4097 and 16385 (ViT-B/16, B = 1, the first dtype) with the training step of their size, before
+   anything else of the part, so that a budget cut takes the other rows; then every size in order, the
+   first pass's rows not measured again (their size's ratios use the first pass's step). The markdown
+   groups the rows by size.
 5. ``attention_layer``: one attention layer, SDPA forward + backward against ours (``flash_forward`` +
    ``flash_backward``), without and with the explanation accumulator (the TokenTM column sums).
 6. ``evaluation``: images per second of the evaluation runner (segmentation + perturbation, tokentm,
@@ -50,7 +56,7 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 if "--smoke" in sys.argv:  # before torch / triton are imported, here and in the spawned workers
     os.environ["TRITON_INTERPRET"] = "1"
@@ -71,6 +77,11 @@ TOL_FP32, TOL_HALF = 1e-5, 2e-2
 
 #: targets of issue 25 (ratios to the training step)
 TARGET_SHORT, TARGET_LONG, TARGET_SDPA = 1.0, 1.2, 1.2
+
+#: the timing part's first pass (issue 28: the relevance pass on the flash path at high resolution): these
+#: methods at these N, in the first dtype, with their size's training step, before any other timing row
+FIRST_METHODS = ("lrp", "transformer_attribution", "partial_lrp")
+FIRST_N = (4097, 16385)
 
 
 # --------------------------------------------------------------------------- sizes
@@ -104,6 +115,18 @@ def timing_sizes(smoke: bool) -> List[Size]:
                 Size("vit_base_patch16_224", 1024, 1, dt), Size("vit_base_patch16_224", 1536, 1, dt),
                 Size("vit_base_patch16_224", 2048, 1, dt)]
     return out
+
+
+def timing_order(smoke: bool, dtypes: List[str]) -> List[Tuple[Size, Optional[Tuple[str, ...]]]]:
+    """``(size, methods)`` in the order the timing part measures them (``methods`` None: the size's whole
+    plan; else the training step and these methods only): first ``FIRST_METHODS`` at ``FIRST_N`` in the
+    first of ``dtypes`` (the smoke run: at its first size), then every size of ``dtypes``, dtype by dtype in
+    their order."""
+    sizes = sorted((s for s in timing_sizes(smoke) if s.dtype in dtypes), key=lambda s: dtypes.index(s.dtype))
+    if not sizes:
+        return []
+    first = sizes[:1] if smoke else [s for s in sizes if s.dtype == dtypes[0] and s.N in FIRST_N]
+    return [(s, FIRST_METHODS) for s in first] + [(s, None) for s in sizes]
 
 
 def correctness_models(smoke: bool) -> List[Tuple[int, Dict[str, Any]]]:
@@ -345,16 +368,17 @@ def precompile_calls(args, device: torch.device) -> List[Call]:
                     calls.append(Call("vit_small_patch16_224", tuple(sorted(kw.items())), 2, dt, m, a,
                                       f"correctness d={width} {dt} {m} {a}"))
     if "timing" in args.parts:
-        for size in timing_sizes(args.smoke):
-            if size.dtype not in args.dtypes:
-                continue
-            for m in tf.METHODS:
+        for size, only in timing_order(args.smoke, args.dtypes):  # the first pass's calls first
+            for m in only or tf.METHODS:
                 a = method_paths(m)[0]
                 if a != "flash" and size.N > 1000:
                     continue  # materialized at high resolution: compiled on the timed call if it fits there
                 calls.append(Call(size.model, tuple(sorted((("img_size", size.img),) + size.kwargs)), size.B,
                                   size.dtype, m, a, f"timing {size.label} {m} {a}"))
-    return calls
+    unique: Dict[Tuple[Any, ...], Call] = {}
+    for c in calls:
+        unique.setdefault((c.model, c.kwargs, c.B, c.dtype, c.method, c.attention), c)
+    return list(unique.values())
 
 
 def run_precompile(args, device: torch.device, report: Report, budget: Budget) -> None:
@@ -415,6 +439,8 @@ def run_correctness(args, device: torch.device, report: Report, budget: Budget) 
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    # what the timing part needs to start (its first pass: the relevance pass at high resolution) stays left
+    keep = args.reserve_s + (MIN_PART_S["timing"][1 if args.smoke else 0] if "timing" in args.parts else 0)
     for width, kw in correctness_models(args.smoke):
         for dt in args.dtypes:
             model = _model("vit_small_patch16_224", DTYPES[dt], device, **kw)
@@ -424,7 +450,7 @@ def run_correctness(args, device: torch.device, report: Report, budget: Budget) 
                 for a in method_paths(m):
                     case = dict(head_width=width, dtype=dt, method=m, attention=a, N=(kw["img_size"] // 16) ** 2 + 1,
                                 bound=method_tolerance(m, dt))
-                    if budget.left() < args.reserve_s:
+                    if budget.left() < keep:
                         report.add("correctness", {**case, "skipped": "budget"})
                         continue
                     try:
@@ -481,6 +507,7 @@ def _forward(model, images):
 def _size_plan(size: Size, device: torch.device, free: int, mem_fraction: float):
     """[(kind, method, attention, estimated peak bytes or None, why skipped or None)] for one size."""
     from bench_memory import explain_peak, step_peak
+    from benchtable import flash_explain_peak
 
     import tokentm_fast as tf
 
@@ -499,85 +526,118 @@ def _size_plan(size: Size, device: torch.device, free: int, mem_fraction: float)
                                                f"model's dtype), {limit / 1e9:.0f} GB usable"))
     for m in tf.METHODS:
         a = method_paths(m)[0]
-        need = step if a == "flash" else model_bytes + explain_peak(m, "torch", **shape)
-        why = None if need <= limit else (f"materialized path (the flash path does not serve it) needs "
-                                          f"~{need / 1e9:.0f} GB, {limit / 1e9:.0f} GB usable")
+        if a == "flash":
+            need = model_bytes + flash_explain_peak(m, shape)
+            why = None if need <= limit else f"needs ~{need / 1e9:.0f} GB on the flash path, {limit / 1e9:.0f} GB usable"
+        else:
+            need = model_bytes + explain_peak(m, "torch", **shape)
+            why = None if need <= limit else (f"materialized path (the flash path does not serve it) needs "
+                                              f"~{need / 1e9:.0f} GB, {limit / 1e9:.0f} GB usable")
         plan.append(("explain", m, a, need, why))
     return plan
 
 
-def run_timing(args, device: torch.device, report: Report, budget: Budget) -> None:
-    from bench_memory import measure_peak
-    from bench_models import literal_explain, random_images, training_step
+def _timing_fn(kind: str, m: str, a: str, model, images, target, case: Dict[str, Any]) -> Callable[[], Any]:
+    """The call one timing row measures (an explain row records the dispatcher's path in ``case``)."""
+    from bench_models import literal_explain, training_step
 
     import tokentm_fast as tf
+
+    if kind == "step":
+        return training_step(model, images, target)
+    if kind == "forward":
+        return _forward(model, images)
+    if kind == "floor":
+        return _floor_step(model, images, target)
+    if kind == "literal":
+        return lambda: literal_explain(model, images, target, m)
+    chooser = tf.Explainer(model, method=m, backend="triton")
+    case["dispatcher_path"] = chooser.attention_for(images, chooser.backend_for(images))
+    return lambda: tf.explain(model, images, method=m, target=target, backend="triton", attention=a)
+
+
+def _time_row(make: Callable[[], Callable[[], Any]], case: Dict[str, Any], step: Optional[Tuple[float, int]],
+              device: torch.device, repeats_left: float, smoke: bool) -> None:
+    """First call of ``make()``, the peak of a warm call and the median of warm calls into ``case``, with the
+    ratios to ``step`` (median, peak) where given; out of memory or an exception is recorded, not raised."""
+    from bench_memory import measure_peak
+
+    try:
+        fn = make()
+        out, first = timed(fn, device)
+        finite = bool(torch.isfinite(out).all()) if isinstance(out, torch.Tensor) else True
+        del out
+        out, peak = measure_peak(fn, device)
+        del out
+        seconds, times = warm_median(fn, device, repeats_for(first, repeats_left, smoke))
+        case.update(first_call_s=round(first, 4), median_s=seconds, calls=len(times), peak_bytes=peak, finite=finite)
+        if case["kind"] == "step":
+            step = (seconds, peak)
+        if step is not None:
+            case["time_ratio"] = seconds / step[0]
+            case["memory_ratio"] = peak / max(step[1], 1)
+    except _OOM as e:
+        case["skipped"] = f"out of memory: {error_text(e)}"
+    except Exception as e:  # noqa: BLE001
+        case["exception"] = error_text(e)
+        case["traceback"] = traceback.format_exc(limit=3)[-1500:]
+
+
+def run_timing(args, device: torch.device, report: Report, budget: Budget) -> None:
+    """Every size of ``timing_order``: the first pass (the relevance pass at high resolution), then every
+    size's plan less the rows already reported; each row's ratios against its size's training step."""
+    from bench_models import random_images
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     reserve = args.reserve_s + (0 if "attention_layer" not in args.parts else args.attention_layer_s)
-    for size in timing_sizes(args.smoke):
-        if size.dtype not in args.dtypes:
+    steps: Dict[str, Tuple[float, int]] = {}  # size label -> the training step's (median, peak)
+    reported: Set[Tuple[str, str, str]] = set()  # (size label, kind, method): reported once, whatever the outcome
+    for size, only in timing_order(args.smoke, args.dtypes):
+        whole = _size_plan(size, device, free_bytes(device), args.mem_fraction)
+        plan = [(i, row) for i, row in enumerate(whole)
+                if (size.label, row[0], row[1]) not in reported and (only is None or row[0] == "step" or row[1] in only)]
+        if not plan:
             continue
-        plan = _size_plan(size, device, free_bytes(device), args.mem_fraction)
+        first_pass = only is not None
+        if first_pass:  # the step, then the methods in the order ``only`` names them
+            plan.sort(key=lambda ir: -1 if ir[1][0] == "step" else only.index(ir[1][1]))
+        head = dict(size=size.label, model=size.model, N=size.N, B=size.B, dtype=size.dtype)
+
+        def report_row(case: Dict[str, Any]) -> None:
+            reported.add((size.label, case["kind"], case["method"]))
+            report.add("timing", case)
+
         if budget.left() < reserve + 10:
-            for kind, m, a, _, _ in plan:
-                report.add("timing", dict(size=size.label, N=size.N, B=size.B, dtype=size.dtype, kind=kind, method=m,
-                                          attention=a, skipped="budget"))
+            for i, (kind, m, a, _, _) in plan:
+                report_row({**head, "kind": kind, "method": m, "attention": a, "plan_index": i, "skipped": "budget"})
             continue
         try:
             model = _model(size.model, DTYPES[size.dtype], device, img_size=size.img, **dict(size.kwargs))
             images, target = random_images(model, size.B, device)
         except _OOM as e:
-            report.add("timing", dict(size=size.label, N=size.N, B=size.B, dtype=size.dtype, kind="model",
-                                      skipped=f"out of memory building the model: {error_text(e)}"))
+            report.add("timing", {**head, "kind": "model", "method": "", "plan_index": -1,
+                                  "skipped": f"out of memory building the model: {error_text(e)}"})
+            reported.update((size.label, row[0], row[1]) for row in whole)  # none of them can run
             release(device)
             continue
-        base: Dict[str, Tuple[float, int]] = {}
-        for kind, m, a, need, why in plan:
-            case = dict(size=size.label, model=size.model, N=size.N, B=size.B, dtype=size.dtype, kind=kind, method=m,
-                        attention=a, estimated_peak_bytes=need)
+        for i, (kind, m, a, need, why) in plan:
+            case = {**head, "kind": kind, "method": m, "attention": a, "estimated_peak_bytes": need, "plan_index": i,
+                    "first_pass": first_pass}
             if why is not None:
-                report.add("timing", {**case, "skipped": why})
+                report_row({**case, "skipped": why})
                 continue
             if budget.left() < reserve:
-                report.add("timing", {**case, "skipped": "budget"})
+                report_row({**case, "skipped": "budget"})
                 continue
-            if kind == "step":
-                fn = training_step(model, images, target)
-            elif kind == "forward":
-                fn = _forward(model, images)
-            elif kind == "floor":
-                fn = _floor_step(model, images, target)
-            elif kind == "literal":
-                fn = (lambda m=m: literal_explain(model, images, target, m))
-            else:
-                chooser = tf.Explainer(model, method=m, backend="triton")
-                case["dispatcher_path"] = chooser.attention_for(images, chooser.backend_for(images))
-
-                def fn(m=m, a=a):
-                    return tf.explain(model, images, method=m, target=target, backend="triton", attention=a)
             try:
-                out, first = timed(fn, device)
-                finite = bool(torch.isfinite(out).all()) if isinstance(out, torch.Tensor) else True
-                del out
-                out, peak = measure_peak(fn, device)
-                del out
-                seconds, times = warm_median(fn, device, repeats_for(first, budget.left() - reserve, args.smoke))
-                case.update(first_call_s=round(first, 4), median_s=seconds, calls=len(times), peak_bytes=peak,
-                            finite=finite)
-                if kind == "step":
-                    base["step"] = (seconds, peak)
-                if "step" in base:
-                    case["time_ratio"] = seconds / base["step"][0]
-                    case["memory_ratio"] = peak / max(base["step"][1], 1)
-            except _OOM as e:
-                case["skipped"] = f"out of memory: {error_text(e)}"
-            except Exception as e:  # noqa: BLE001
-                case["exception"] = error_text(e)
-                case["traceback"] = traceback.format_exc(limit=3)[-1500:]
+                _time_row(lambda: _timing_fn(kind, m, a, model, images, target, case), case, steps.get(size.label),
+                          device, budget.left() - reserve, args.smoke)
+                if kind == "step" and "median_s" in case:
+                    steps[size.label] = (case["median_s"], case["peak_bytes"])
             finally:
                 model.zero_grad(set_to_none=True)
-            report.add("timing", case)
+            report_row(case)
             release(device)
         model = images = target = None  # freed before the next size (closures hold cells, not values)
         release(device)
@@ -714,6 +774,14 @@ def target_for(case: Dict[str, Any]) -> Optional[Tuple[float, bool]]:
     return None
 
 
+def timing_rows(cases: List[Dict[str, Any]], dtypes: List[str]) -> List[Dict[str, Any]]:
+    """The timing rows grouped by size (dtype in the order of ``dtypes``, then N and B) and in their size's
+    plan order within it (the timing part measures the first pass's rows before the others)."""
+    seen = list(dict.fromkeys([*dtypes, *(c.get("dtype", "") for c in cases)]))
+    return sorted(cases, key=lambda c: (seen.index(c.get("dtype", "")), c.get("N", 0), c.get("B", 0),
+                                        c.get("plan_index", 0)))
+
+
 def render_markdown(data: Dict[str, Any]) -> str:
     meta = data["meta"]
     env = meta.get("environment", {})
@@ -758,10 +826,14 @@ def render_markdown(data: Dict[str, Any]) -> str:
 
     tim = parts["timing"]
     if tim["cases"]:
-        lines += ["", "## Timing against the training step (median of warm calls; peak above the model)", "",
-                  "| size | what | path (auto chose) | median | ×step | peak | ×step | first call | target |",
+        first = sorted({f"N = {c['N']}" for c in tim["cases"] if c.get("first_pass")}, key=lambda t: int(t[4:]))
+        lines += ["", "## Timing against the training step (median of warm calls; peak above the model)", ""]
+        if first:
+            lines += [f"Measured first: {', '.join(FIRST_METHODS)} on the flash path at {' and '.join(first)} "
+                      "(with the training step of their size); rows grouped by size here.", ""]
+        lines += ["| size | what | path (auto chose) | median | ×step | peak | ×step | first call | target |",
                   "|---|---|---|---:|---:|---:|---:|---:|---|"]
-        for c in tim["cases"]:
+        for c in timing_rows(tim["cases"], meta.get("dtypes") or []):
             what = c["kind"] if c["kind"] != "explain" else c["method"]
             if c["kind"] == "literal":
                 what = f"literal {c['method']}"

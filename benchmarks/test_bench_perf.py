@@ -28,8 +28,11 @@ float64 reference of the first images (spec §7 tolerances) where that fits in
 memory, else against the ``torch`` backend's map (itself checked at the smaller
 sizes), else recorded as unchecked (``extra_info["checked_against"]``).
 
-Methods: every registered method (``tf.METHODS``; the LRP relevance-pass methods have no flash case) by
-default; ``--bench-methods`` / ``TOKENTM_BENCH_METHODS=tokentm,gae`` selects some. Sizes whose estimated peak does not fit are not
+Methods: every registered method (``tf.METHODS``) by default, each on both attention paths (the LRP
+relevance pass — lrp, partial_lrp, transformer_attribution — too: its flash path is the relevance programs of
+``kernels/attention_relevance.py``); a method whose default options the flash path refuses
+(``MethodSpec.flash_refusal``) gets the materialized case only. ``--bench-methods`` /
+``TOKENTM_BENCH_METHODS=tokentm,gae`` selects some. Sizes whose estimated peak does not fit are not
 generated (listed at the start of the run).
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ import pytest
 import torch
 from bench_memory import explain_peak, measure_peak, step_peak
 from bench_models import literal_explain, random_images, random_vit, training_step
+from benchtable import flash_explain_peak
 
 import tokentm_fast as tf
 
@@ -120,9 +124,8 @@ class PCase:
             return model + step_peak(**shape, fused=True)
         if self.kind == "literal":  # the graph in the model's dtype, A and G of every layer, parameter gradients
             return 2 * model + explain_peak(self.method, "literal", **shape)
-        # the flash path keeps no N×N tensor: bounded by the training step's activations
-        if self.attention == "flash":
-            return model + step_peak(**shape, fused=True)
+        if self.attention == "flash":  # no N×N tensor (benchtable.flash_explain_peak)
+            return model + flash_explain_peak(self.method, shape)
         return model + explain_peak(self.method, self.backend, **shape)
 
     def extra(self) -> Dict[str, Any]:
@@ -131,6 +134,13 @@ class PCase:
         return dict(suite="perf", case=s.label, size=s.tag, kind=self.kind, variant=self.variant,
                     method=self.method, backend=self.backend or self.kind, attention=self.attention,
                     model=s.model, img_size=s.img, N=s.N, B=s.B, L=L, H=H, D=D, dtype=s.dtype)
+
+
+def attention_paths(method: str) -> Tuple[str, ...]:
+    """The attention paths of ``method``'s triton cases: flash and materialized, or materialized alone
+    where the flash path refuses the method's default options (``MethodSpec.flash_refusal``)."""
+    spec = tf.methods.get_method(method)
+    return ("materialized",) if spec.flash_refusal(spec.defaults) else ("flash", "materialized")
 
 
 def sizes(scale: str, cuda: bool) -> List[Size]:
@@ -163,8 +173,7 @@ def build_cases(ctx) -> List[Any]:
         cases += [PCase(size, "literal", m) for m in methods if m in LITERAL_METHODS]
         for m in methods:
             if ctx.triton:  # CUDA; on the CPU only with TOKENTM_BENCH_TRITON_INTERPRET=1 (checks the code path)
-                paths = ("materialized",) if tf.methods.get_method(m).materialized_only else ("flash", "materialized")
-                cases += [PCase(size, "explain", m, "triton", a) for a in paths]
+                cases += [PCase(size, "explain", m, "triton", a) for a in attention_paths(m)]
             cases.append(PCase(size, "explain", m, "torch"))
         for c in cases:
             if not ctx.fits(c.memory(), f"perf {c.id}"):

@@ -2,8 +2,9 @@
 
 - the training-step baseline is timm's default step: fused attention (SDPA) whatever the model's flag,
   parameter gradients computed, then ``zero_grad(set_to_none=True)``; the flags are restored;
-- the perf suite runs all six methods by default and records the first call's time and peak besides a warm
-  call's peak;
+- the perf suite runs every documented method by default, on both attention paths on CUDA (the LRP relevance
+  pass included), and records the first call's time and peak besides a warm call's peak; the flash path's
+  estimated peak bounds the relevance pass's measured one;
 - the table reads medians and states issue 16's flash-vs-step targets (met or not) from the figures.
 The suites themselves run at tiny sizes in ``tests/test_benchmarks_memory.py``.
 """
@@ -56,8 +57,8 @@ def test_training_step_is_the_timm_default_step(vit, monkeypatch):
 #: the methods docs/methods.md defines, written out (tests/test_methods.py checks ``tf.METHODS`` is this list)
 DOCUMENTED_METHODS = ("tokentm", "gae", "rollout", "raw_attention", "attn_gradcam", "legrad", "conservative_lrp",
                       "attcat", "lrp", "partial_lrp", "transformer_attribution")
-#: the methods the flash path does not serve (the LRP relevance pass reads each layer's A)
-MATERIALIZED_ONLY = {"lrp", "partial_lrp", "transformer_attribution"}
+#: the methods of the LRP relevance pass, on the flash path since its relevance programs (issue 28 item 2)
+RELEVANCE_PASS = ("lrp", "partial_lrp", "transformer_attribution")
 
 
 class _AllFits:
@@ -74,8 +75,7 @@ class _AllFits:
 
 def test_perf_suite_runs_every_method():
     """The cases the perf suite builds by default (no ``--bench-methods``): every documented method on the
-    torch backend and on Triton's materialized path, the flash path for all but the relevance pass, at every
-    size."""
+    torch backend and on Triton's flash and materialized paths (the relevance pass too), at every size."""
     import test_bench_perf
 
     params = test_bench_perf.build_cases(_AllFits())
@@ -87,8 +87,31 @@ def test_perf_suite_runs_every_method():
         ran = {(c.method, c.backend, c.attention) for c in explain if c.size == size}
         want = {(m, "torch", "") for m in DOCUMENTED_METHODS}
         want |= {(m, "triton", "materialized") for m in DOCUMENTED_METHODS}
-        want |= {(m, "triton", "flash") for m in DOCUMENTED_METHODS if m not in MATERIALIZED_ONLY}
+        want |= {(m, "triton", "flash") for m in DOCUMENTED_METHODS}
         assert ran == want, (size, ran ^ want)
+
+
+@pytest.mark.parametrize("method", RELEVANCE_PASS)
+def test_flash_estimate_bounds_the_relevance_pass(method):
+    """The size filter's estimate of a relevance-pass case on the flash path is above the peak it adds,
+    measured with ``PeakTracker`` on the PyTorch flash twin (``backend="torch", attention="flash"``, float32)
+    of a small ViT; the twin's (G, Q_t, N) tiles are the CPU's extra, the Triton programs write only R_Q, R_K,
+    R_V. (The training step's estimate, which bounds the other methods' flash path, does not bound lrp's.)"""
+    from bench_memory import measure_peak
+
+    import tokentm_fast as tf
+
+    L, D, H, img, B = 4, 256, 4, 224, 2
+    model = bench_models.random_vit("vit_tiny_patch16_224", "cpu", img_size=img, depth=L, embed_dim=D, num_heads=H)
+    images, target = bench_models.random_images(model, B, "cpu")
+    n = (img // 16) ** 2 + 1
+    shape = dict(L=L, H=H, D=D, N=n, B=B, params=sum(p.numel() for p in model.parameters()), image_pixels=img ** 2,
+                 itemsize=4)
+    out, peak = measure_peak(lambda: tf.explain(model, images, method=method, target=target, backend="torch",
+                                                attention="flash"), "cpu")
+    assert torch.isfinite(out).all() and bool((out.flatten(1).std(1) > 0).all())  # a real pass ran
+    assert peak > 0
+    assert peak <= benchtable.flash_explain_peak(method, shape), (method, peak)
 
 
 def _bench(case, n, kind, median, peak, method="", backend="", attention="", first=None):

@@ -103,12 +103,13 @@ class RelevancePass:
         self.num_head = len(head)
         self.head_weights = [p.weight for p in head]
         self.weights = {key: p.weight for key, p in points.items()}
-        self.keys = ("x_in", "q", "k", "bias", "values", "attn_out", "y", "mlp_out")
+        #: ("attn_out", the heads' output merged, is the recorded input of the block's ``proj``: one copy)
+        self.keys = ("x_in", "q", "k", "bias", "values", "y", "mlp_out")
         self.recorder: Optional[LayerRecorder] = None
         self.points = PointRecorder(points)
         #: the linear maps whose output the forward records, less the bias: ``x Wᵀ`` without a product
         self.linears = {key: p.module for key, p in points.items() if _is_linear_module(p)}
-        self.outputs: Dict[Any, Tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self.outputs: Dict[Any, Tuple[torch.Tensor, int]] = {}
         self.handles: list = []
 
     def forward(self, handles: list) -> torch.Tensor:
@@ -120,6 +121,8 @@ class RelevancePass:
         if self.pool is not None:
             self.pool.install(handles)
         output = self.vit.forward(self.images)
+        for l in self.layers:
+            self.recorder.records[l]["attn_out"] = self.points.values[(l, "proj")]
         if "conv_in" in self.points.values and self.points.values["conv_in"].shape != self.images.shape:
             raise no_relevance_pass("this patch embedding: its convolution does not read the pixels")
         return output
@@ -128,15 +131,15 @@ class RelevancePass:
         return self.points.values[key].to(self.acc)
 
     def _record_output(self, key):
-        """A forward hook keeping ``(output − bias, its version)`` of linear ``key``, if the forward runs in the
-        compute dtype (a half-precision output is too coarse for the rule's denominator). Without a bias the
-        record is the output itself (its version moves if the model changes it in place); with one it is a
-        tensor of its own, and the output is not kept alive."""
+        """A forward hook keeping ``(output, its version)`` of linear ``key``, if the forward runs in the compute
+        dtype (a half-precision output is too coarse for the rule's denominator). ``x Wᵀ`` = output − bias is
+        formed when the rule runs: no second (…, out) tensor per linear (a fused qkv's output is alive anyway,
+        through the q, k, v views the attention keeps), and the version tells whether the model changed the
+        output in place since."""
         def hook(module, args, output):
             if isinstance(output, torch.Tensor) and output.dtype == self.acc:
                 out = output.detach()
-                xw = out if module.bias is None else out - module.bias.detach()
-                self.outputs[key] = (xw, xw._version)
+                self.outputs[key] = (out, out._version)
         return hook
 
     def _linear(self, key, r: torch.Tensor, x: Optional[torch.Tensor] = None, row: Optional[int] = None) -> torch.Tensor:
@@ -146,11 +149,11 @@ class RelevancePass:
         x = self._value(key) if x is None else x
         xw, bias = None, None
         if key in self.outputs:
-            rec, version = self.outputs[key]
-            unchanged = rec._version == version
-            rec = rec if row is None else rec[:, row]
-            if unchanged and rec.shape == x.shape[:-1] + r.shape[-1:] and rec.dtype == x.dtype:
-                xw, bias = rec, self.linears[key].bias
+            out, version = self.outputs[key]
+            out = out if row is None else out[:, row]
+            if out._version == version and out.shape == x.shape[:-1] + r.shape[-1:] and out.dtype == x.dtype:
+                bias = self.linears[key].bias
+                xw = out if bias is None else out - bias.detach()
         x = x if row is None else x[:, row]
         return lrp_rules.linear(x, self.weights[key], r, self.rules, xw=xw, bias=bias)
 

@@ -22,6 +22,14 @@ Notation per image b and head h (d = head width, ``scale`` = the model's softmax
 - ``attention_rows``  column sums of a row vector against P or max(dP, 0), recomputed from Q, K
   (and dO, V): ``Σ_i r[i] · P[i, j]`` (rollout) or ``Σ_i r[i] · max(dP[i, j], 0)`` (LeGrad).
 
+An additive bias of the logits (BEiT's relative position bias; ``HAS_BIAS``): ``S = scale · Q Kᵀ + B`` with
+``B[h, i, j] = table[idx(i, j), h]`` read from the ``(R, H)`` table inside each tile (``_bias_tile``: the index
+from the tile's row and column offsets by the relative position on the ``(GH, GW)`` grid, the class-token
+entries ``R − 3`` / ``R − 2`` / ``R − 1`` for the ``PREFIX`` rows / columns; one gather per tile, never an N×N
+tensor; ``tokentm_fast.models.relative_bias`` writes the rule out). Every program that forms P adds it: the
+forward, the dK/dV and dQ programs, ``attention_rows`` on P; the wrappers take ``bias`` (a
+``RelativePositionBias``: ``table``, ``grid``, ``prefix``) or None.
+
 Tiles are loaded with the tensors' own strides (the last dimension must be contiguous), tails of
 N and of the head width are masked, inputs are float32 / bfloat16 / float16 and every sum is float32.
 Products use ``tl.dot``. Float32 rule: TF32 tensor-core products only where torch's own switch
@@ -103,19 +111,20 @@ CONFIG_TABLE = {
     ("dq", "32", 64): [(32, 16, 4, 1), (32, 32, 8, 1)],
     ("dq", "32", 128): [(16, 32, 4, 1), (32, 16, 8, 1)],
     # the relevance programs (kernels/attention_relevance.py): "rel_kv" a key block per program (as "bwd"),
-    # "rel_q" a query block (as "dq"); their relevance products are IEEE float32 for every dtype
-    ("rel_kv", "16", 32): [(32, 32, 4, 1), (16, 32, 4, 1)],
-    ("rel_kv", "16", 64): [(16, 32, 4, 1), (32, 32, 4, 1)],
-    ("rel_kv", "16", 128): [(16, 16, 4, 2), (32, 16, 4, 1)],
-    ("rel_q", "16", 32): [(32, 32, 8, 1), (64, 32, 4, 1)],
-    ("rel_q", "16", 64): [(32, 16, 4, 1), (32, 32, 8, 1)],
-    ("rel_q", "16", 128): [(16, 32, 4, 1), (32, 16, 8, 1)],
-    ("rel_kv", "32", 32): [(32, 32, 4, 1), (16, 32, 4, 1)],
-    ("rel_kv", "32", 64): [(16, 32, 4, 1), (32, 32, 4, 1)],
-    ("rel_kv", "32", 128): [(16, 16, 4, 2), (32, 16, 4, 1)],
-    ("rel_q", "32", 32): [(32, 32, 8, 1), (64, 32, 4, 1)],
-    ("rel_q", "32", 64): [(32, 16, 4, 1), (32, 32, 8, 1)],
-    ("rel_q", "32", 128): [(16, 32, 4, 1), (32, 16, 8, 1)],
+    # "rel_q" a query block (as "dq"). Every product is IEEE float32 on the FMA units for every dtype, so the
+    # 16-bit and float32 entries are alike: small tiles, 8 warps where 4 spill (sm_90 audit, issue 28)
+    ("rel_kv", "16", 32): [(32, 16, 8, 1), (16, 32, 8, 1)],
+    ("rel_kv", "16", 64): [(16, 16, 8, 1), (32, 16, 8, 1)],
+    ("rel_kv", "16", 128): [(16, 16, 8, 1)],
+    ("rel_q", "16", 32): [(32, 32, 8, 1), (16, 32, 8, 1)],
+    ("rel_q", "16", 64): [(32, 32, 8, 1), (32, 16, 8, 1)],
+    ("rel_q", "16", 128): [(32, 32, 8, 1), (16, 32, 8, 1)],
+    ("rel_kv", "32", 32): [(16, 16, 4, 1), (32, 16, 8, 1)],
+    ("rel_kv", "32", 64): [(16, 16, 8, 1), (16, 32, 8, 1)],
+    ("rel_kv", "32", 128): [(16, 16, 8, 1), (16, 16, 4, 1)],
+    ("rel_q", "32", 32): [(32, 32, 4, 1), (32, 16, 8, 1)],
+    ("rel_q", "32", 64): [(32, 32, 8, 1), (32, 16, 8, 1)],
+    ("rel_q", "32", 128): [(32, 32, 8, 1), (16, 32, 8, 1)],
 }
 #: the largest second grid axis CUDA accepts
 MAX_GRID_Y = 65535
@@ -180,6 +189,29 @@ def _tile(base, offs_r, stride_r, offs_d, mask):
 
 
 @triton.jit
+def _bias_tile(bias_ptr, sb_r, sb_h, h, offs_m, offs_n, mask, GH, GW, PREFIX):
+    """``B[h, i, j] · log2(e)`` ``(BLOCK_M, BLOCK_N)`` float32 for the rows ``offs_m`` and columns ``offs_n``,
+    gathered from the ``(R, H)`` table at ``bias_ptr`` (strides ``sb_r``, ``sb_h``) by the relative position on
+    the ``(GH, GW)`` grid (patch p = token − PREFIX at (p // GW, p % GW)); 0 outside ``mask``::
+
+        idx = (yi − yj + GH − 1)·(2GW − 1) + (xi − xj + GW − 1);  R − 3 (i < PREFIX ≤ j), R − 2 (j < PREFIX ≤ i),
+        R − 1 (both < PREFIX),  R = (2GH − 1)(2GW − 1) + 3
+    """
+    wide = 2 * GW - 1
+    r = (2 * GH - 1) * wide + 3
+    pi = tl.maximum(offs_m - PREFIX, 0)
+    pj = tl.maximum(offs_n - PREFIX, 0)
+    idx = ((pi // GW)[:, None] - (pj // GW)[None, :] + GH - 1) * wide + ((pi % GW)[:, None] - (pj % GW)[None, :] + GW - 1)
+    qi = (offs_m < PREFIX)[:, None]
+    kj = (offs_n < PREFIX)[None, :]
+    idx = tl.where(qi & (offs_n >= PREFIX)[None, :], r - 3, idx)
+    idx = tl.where((offs_m >= PREFIX)[:, None] & kj, r - 2, idx)
+    idx = tl.where(qi & kj, r - 1, idx)
+    b = tl.load(bias_ptr + idx.to(tl.int64) * sb_r + h * sb_h, mask=mask, other=0.0)
+    return b.to(tl.float32) * _LOG2E
+
+
+@triton.jit
 def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` with a float32 accumulator. IEEE: full float32 products (no tf32); UPCAST: cast
     the operands to float32 first (Triton's interpreter cannot multiply bfloat16 tiles)."""
@@ -195,13 +227,15 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
                  cache_results=True)
 @triton.jit
 def _flash_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bias_ptr,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sb_r, sb_h,
     H, N_CTX, HEAD_D, qk_scale,  # qk_scale = scale · log2(e)
+    GH, GW, PREFIX,  # the bias's grid and prefix (HAS_BIAS)
     BH_BUCKET, N_BUCKET,  # autotune keys only
-    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """O and ℓ for a block of queries of one (image, head), online softmax over key blocks:
+    """O and ℓ for a block of queries of one (image, head), online softmax over key blocks (S + B with a bias):
 
         m_i ← max(m_i, max_j S_ij);   l_i ← l_i · 2^(m_old − m_i) + Σ_j 2^(S_ij − m_i)
         acc_i ← acc_i · 2^(m_old − m_i) + Σ_j 2^(S_ij − m_i) v_j
@@ -225,8 +259,10 @@ def _flash_fwd_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = _tile(k_base, offs_n, sk_n, offs_d, kv_mask)
         v = _tile(v_base, offs_n, sv_n, offs_d, kv_mask)
-        s = _mm(q, tl.trans(k), IEEE, UPCAST)
-        s = tl.where(mask_n[None, :], s * qk_scale, -float("inf"))
+        s = _mm(q, tl.trans(k), IEEE, UPCAST) * qk_scale
+        if HAS_BIAS:
+            s += _bias_tile(bias_ptr, sb_r, sb_h, h, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], GH, GW, PREFIX)
+        s = tl.where(mask_n[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -257,11 +293,18 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, so_b, so_h, so_n, sd_b, sd_h, sd_n, 
 
 
 @triton.jit
-def _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """P[i, j] of one (BLOCK_M, BLOCK_N) tile from Q_i, K_j and ℓ_i (log2 units); 0 outside N."""
+def _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                bias_ptr, sb_r, sb_h, h, offs_m, offs_n, GH, GW, PREFIX, HAS_BIAS: tl.constexpr):
+    """P[i, j] of one (BLOCK_M, BLOCK_N) tile from Q_i, K_j, ℓ_i (log2 units) and, with a bias, its tile
+    (``_bias_tile``); 0 outside N."""
     s = _mm(q, tl.trans(k), IEEE, UPCAST)
-    p = tl.exp2(s * qk_scale - lse2[:, None])
-    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        p = tl.exp2(s * qk_scale + _bias_tile(bias_ptr, sb_r, sb_h, h, offs_m, offs_n, mask, GH, GW, PREFIX)
+                    - lse2[:, None])
+    else:
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+    return tl.where(mask, p, 0.0)
 
 
 @triton.jit
@@ -270,17 +313,18 @@ def _grad_probs_tile(do, v, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return _mm(do, tl.trans(v), IEEE, UPCAST)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["ACC", "GRADS"],
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["ACC", "GRADS", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": _pruner("bwd")}, cache_results=True)
 @triton.jit
 def _flash_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, row_ptr,
-    dk_ptr, dv_ptr, t_ptr,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, sg_b, sg_h, sg_n,
+    dk_ptr, dv_ptr, t_ptr, bias_ptr,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, sg_b, sg_h, sg_n, sb_r, sb_h,
     H, N_CTX, HEAD_D, scale, qk_scale,
+    GH, GW, PREFIX,  # the bias's grid and prefix (HAS_BIAS)
     BH_BUCKET, N_BUCKET,  # autotune keys only
     BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, GRADS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of keys j of one (image, head), looping over every query block i:
 
@@ -312,7 +356,8 @@ def _flash_bwd_dkdv_kernel(
         qm = mask_m[:, None] & mask_d[None, :]
         q = _tile(q_base, offs_m, sq_n, offs_d, qm)
         lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
-        p = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
+        p = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST,
+                        bias_ptr, sb_r, sb_h, h, offs_m, offs_n, GH, GW, PREFIX, HAS_BIAS)
         do = _tile(do_base, offs_m, sd_n, offs_d, qm)
         if ACC == _ACC_GAE or GRADS == _GRADS_KV:
             dp = _grad_probs_tile(do, v, IEEE, UPCAST)
@@ -336,15 +381,17 @@ def _flash_bwd_dkdv_kernel(
         tl.store(t_ptr + bh * N_CTX + offs_n, t, mask=mask_n)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")},
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY + ["HAS_BIAS"], prune_configs_by={"early_config_prune": _pruner("dq")},
                  cache_results=True)
 @triton.jit
 def _flash_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, sg_b, sg_h, sg_n,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, bias_ptr,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n, sg_b, sg_h, sg_n, sb_r, sb_h,
     H, N_CTX, HEAD_D, scale, qk_scale,
+    GH, GW, PREFIX,  # the bias's grid and prefix (HAS_BIAS)
     BH_BUCKET, N_BUCKET,  # autotune keys only
-    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ_i = scale · Σ_j (P ⊙ (dP − δ))_ij K_j for one block of queries, looping over key blocks."""
     pid_m = tl.program_id(0)
@@ -367,7 +414,8 @@ def _flash_bwd_dq_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = _tile(k_base, offs_n, sk_n, offs_d, kv_mask)
         v = _tile(v_base, offs_n, sv_n, offs_d, kv_mask)
-        p = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
+        p = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST,
+                        bias_ptr, sb_r, sb_h, h, offs_m, offs_n, GH, GW, PREFIX, HAS_BIAS)
         dp = _grad_probs_tile(do, v, IEEE, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, IEEE, UPCAST)
@@ -375,16 +423,17 @@ def _flash_bwd_dq_kernel(
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=qm)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["MODE"], prune_configs_by={"early_config_prune": _pruner("bwd")},
-                 cache_results=True)
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["MODE", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": _pruner("bwd")}, cache_results=True)
 @triton.jit
 def _attention_rows_kernel(
-    q_ptr, k_ptr, lse_ptr, do_ptr, v_ptr, row_ptr, t_ptr,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sd_b, sd_h, sd_n, sv_b, sv_h, sv_n,
+    q_ptr, k_ptr, lse_ptr, do_ptr, v_ptr, row_ptr, t_ptr, bias_ptr,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sd_b, sd_h, sd_n, sv_b, sv_h, sv_n, sb_r, sb_h,
     H, N_CTX, HEAD_D, qk_scale,
+    GH, GW, PREFIX,  # the bias's grid and prefix (HAS_BIAS, MODE = ROWS_PROBS)
     BH_BUCKET, N_BUCKET,  # autotune keys only
     BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Column sums of a row vector r (B, N) against one head's P or max(dP, 0), for a key block j:
 
@@ -411,7 +460,8 @@ def _attention_rows_kernel(
         if MODE == _ROWS_PROBS:
             q = _tile(q_ptr + b * sq_b + h * sq_h, offs_m, sq_n, offs_d, qm)
             lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
-            f = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
+            f = _probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST,
+                            bias_ptr, sb_r, sb_h, h, offs_m, offs_n, GH, GW, PREFIX, HAS_BIAS)
         else:
             do = _tile(do_ptr + b * sd_b + h * sd_h, offs_m, sd_n, offs_d, qm)
             f = tl.maximum(_grad_probs_tile(do, v, IEEE, UPCAST), 0.0)
@@ -444,6 +494,15 @@ def _shape_args(q: torch.Tensor) -> Tuple[int, int, int, int, int, Tuple[int, in
     return b, h, n, d, block_d, (bh_bucket, n_bucket)
 
 
+def _bias_args(bias, dummy: torch.Tensor) -> Tuple[tuple, dict]:
+    """The kernels' bias arguments: ``(table, sb_r, sb_h)``, then ``(GH, GW, PREFIX)`` and ``HAS_BIAS``, of a
+    ``RelativePositionBias`` (``table (R, H)``, ``grid``, ``prefix``) or None (``dummy`` as the pointer)."""
+    if bias is None:
+        return (dummy, 0, 0), (1, 1, 0), False
+    table = bias.table.detach()
+    return (table, table.stride(0), table.stride(1)), (int(bias.grid[0]), int(bias.grid[1]), int(bias.prefix)), True
+
+
 def _image_slices(b: int, h: int):
     """Image ranges ``[b0, b1)`` whose launches keep the grid's second axis ``(b1 − b0)·H ≤ MAX_GRID_Y``."""
     step = max(1, MAX_GRID_Y // max(h, 1))
@@ -451,23 +510,26 @@ def _image_slices(b: int, h: int):
 
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  ieee: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``O (B, H, N, d)`` in q's dtype and ``ℓ (B, H, N)`` float32 of ``softmax(scale·QKᵀ) V``.
+                  ieee: bool = True, bias=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``O (B, H, N, d)`` in q's dtype and ``ℓ (B, H, N)`` float32 of ``softmax(scale·QKᵀ + B) V``.
 
     q, k, v: ``(B, H, N, d)`` on one device, one dtype (float32 / bfloat16 / float16), last dim
-    contiguous (any other strides). Inputs are trusted (checked at the public entry).
+    contiguous (any other strides); ``bias``: None or a ``RelativePositionBias`` (B read from its table inside
+    the tiles). Inputs are trusted (checked at the public entry).
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if q.shape[0] * q.shape[1] > MAX_GRID_Y:
-        parts = [flash_forward(q[b0:b1], k[b0:b1], v[b0:b1], scale, ieee) for b0, b1 in _image_slices(*q.shape[:2])]
+        parts = [flash_forward(q[b0:b1], k[b0:b1], v[b0:b1], scale, ieee, bias)
+                 for b0, b1 in _image_slices(*q.shape[:2])]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     b, h, n, d, block_d, bucket = _shape_args(q)
     o = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    (table, *sb), layout, has_bias = _bias_args(bias, lse)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
     _flash_fwd_kernel[grid](
-        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        h, n, d, scale * LOG2E, *bucket, BLOCK_D=block_d, **_dot_flags(q, ieee),
+        q, k, v, o, lse, table, *_strides(q), *_strides(k), *_strides(v), *_strides(o), *sb,
+        h, n, d, scale * LOG2E, *layout, *bucket, BLOCK_D=block_d, HAS_BIAS=has_bias, **_dot_flags(q, ieee),
     )
     return o, lse
 
@@ -484,9 +546,9 @@ def _grads_mode(input_grads: Union[bool, str]) -> int:
 def flash_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     do: torch.Tensor, scale: float, row: Optional[torch.Tensor] = None, input_grads: Union[bool, str] = True,
-    ieee: bool = True,
+    ieee: bool = True, bias=None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Backward of ``flash_forward`` plus the TokenTM/GAE column sums.
+    """Backward of ``flash_forward`` (``bias``: the forward's, or None) plus the TokenTM/GAE column sums.
 
     Returns ``(dq, dk, dv, t)``: the input gradients ``(B, H, N, d)`` in q's dtype and, when
     ``row (B, N)`` float32 is given, ``t (B, H, N)`` float32 with
@@ -499,7 +561,7 @@ def flash_backward(
     q, k, v, o, do = (_last_dim_contiguous(t) for t in (q, k, v, o, do))
     if q.shape[0] * q.shape[1] > MAX_GRID_Y:
         parts = [flash_backward(q[b0:b1], k[b0:b1], v[b0:b1], o[b0:b1], lse[b0:b1], do[b0:b1], scale,
-                                None if row is None else row[b0:b1], input_grads, ieee)
+                                None if row is None else row[b0:b1], input_grads, ieee, bias)
                  for b0, b1 in _image_slices(*q.shape[:2])]
         return tuple(None if p[0] is None else torch.cat(list(p)) for p in zip(*parts))
     b, h, n, d, block_d, bucket = _shape_args(q)
@@ -522,21 +584,22 @@ def flash_backward(
     if grads == GRADS_NONE and acc == ACC_NONE:
         return dq, dk, dv, t
     dummy = lse
+    (table, *sb), layout, has_bias = _bias_args(bias, dummy)
     gk = dk if dk is not None else (dv if dv is not None else q)  # dK and dV share the strides sg_*
     grid_n = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
     _flash_bwd_dkdv_kernel[grid_n](
         q, k, v, do, lse, delta, row if row is not None else dummy,
-        gk, dv if dv is not None else q, t if t is not None else dummy,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(gk),
-        h, n, d, scale, scale * LOG2E, *bucket,
-        BLOCK_D=block_d, ACC=acc, GRADS=grads, **flags,
+        gk, dv if dv is not None else q, t if t is not None else dummy, table,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(gk), *sb,
+        h, n, d, scale, scale * LOG2E, *layout, *bucket,
+        BLOCK_D=block_d, ACC=acc, GRADS=grads, HAS_BIAS=has_bias, **flags,
     )
     if grads == GRADS_KV:
         grid_m = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
         _flash_bwd_dq_kernel[grid_m](
-            q, k, v, do, lse, delta, dq,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            h, n, d, scale, scale * LOG2E, *bucket, BLOCK_D=block_d, **flags,
+            q, k, v, do, lse, delta, dq, table,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *sb,
+            h, n, d, scale, scale * LOG2E, *layout, *bucket, BLOCK_D=block_d, HAS_BIAS=has_bias, **flags,
         )
     return dq, dk, dv, t
 
@@ -544,10 +607,10 @@ def flash_backward(
 def attention_rows(
     row: torch.Tensor, scale: float, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None, do: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
-    ieee: bool = True,
+    ieee: bool = True, bias=None,
 ) -> torch.Tensor:
-    """``(B, H, N)`` float32 column sums of ``row (B, N)`` against each head's P (give q, k, lse)
-    or against max(dP, 0) (give do, v): ``t[b,h,j] = Σ_i row[b,i] · F[b,h,i,j]``."""
+    """``(B, H, N)`` float32 column sums of ``row (B, N)`` against each head's P (give q, k, lse, and the
+    forward's ``bias`` if any) or against max(dP, 0) (give do, v): ``t[b,h,j] = Σ_i row[b,i] · F[b,h,i,j]``."""
     probs = q is not None
     ref = q if probs else do
     ref_k = k if probs else v
@@ -556,19 +619,20 @@ def attention_rows(
         def part(x, b0, b1):
             return None if x is None else x[b0:b1]
         return torch.cat([attention_rows(row[b0:b1], scale, q=part(q, b0, b1), k=part(k, b0, b1), lse=part(lse, b0, b1),
-                                         do=part(do, b0, b1), v=part(v, b0, b1), ieee=ieee)
+                                         do=part(do, b0, b1), v=part(v, b0, b1), ieee=ieee, bias=bias)
                           for b0, b1 in _image_slices(*ref.shape[:2])])
     b, h, n, d, block_d, bucket = _shape_args(ref)
     row = row.to(torch.float32).contiguous()
     t = torch.empty((b, h, n), dtype=torch.float32, device=ref.device)
     dummy = lse if lse is not None else t
+    (table, *sb), layout, has_bias = _bias_args(bias if probs else None, dummy)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
     _attention_rows_kernel[grid](
-        ref, ref_k, dummy, ref, ref_k, row, t,
-        *_strides(ref), *_strides(ref_k), *_strides(ref), *_strides(ref_k),
-        h, n, d, scale * LOG2E, *bucket,
+        ref, ref_k, dummy, ref, ref_k, row, t, table,
+        *_strides(ref), *_strides(ref_k), *_strides(ref), *_strides(ref_k), *sb,
+        h, n, d, scale * LOG2E, *layout, *bucket,
         BLOCK_D=block_d, **_dot_flags(ref, ieee),
-        MODE=ROWS_PROBS if probs else ROWS_RELU_GRAD,
+        MODE=ROWS_PROBS if probs else ROWS_RELU_GRAD, HAS_BIAS=has_bias,
     )
     return t
 
@@ -581,16 +645,16 @@ def triton_attention() -> AttentionKernels:
     torch's own TF32 switch at each call (``tf32_allowed``: full float32 unless torch allows TF32), save the
     relevance programs', which are IEEE float32 always (they divide by Z)."""
 
-    def fwd(q, k, v, scale):
-        return flash_forward(q, k, v, scale, ieee=not tf32_allowed())
+    def fwd(q, k, v, scale, bias=None):
+        return flash_forward(q, k, v, scale, ieee=not tf32_allowed(), bias=bias)
 
-    def bwd(q, k, v, o, lse, do, scale, row=None, input_grads=True):
+    def bwd(q, k, v, o, lse, do, scale, row=None, input_grads=True, bias=None):
         """``flash_backward``; ``input_grads="v"``: dV alone (dq = dk = None), the attention held constant."""
         return flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=input_grads,
-                              ieee=not tf32_allowed())
+                              ieee=not tf32_allowed(), bias=bias)
 
-    def rows(row, scale, q=None, k=None, lse=None, do=None, v=None):
-        return attention_rows(row, scale, q=q, k=k, lse=lse, do=do, v=v, ieee=not tf32_allowed())
+    def rows(row, scale, q=None, k=None, lse=None, do=None, v=None, bias=None):
+        return attention_rows(row, scale, q=q, k=k, lse=lse, do=do, v=v, ieee=not tf32_allowed(), bias=bias)
 
     from .attention_relevance import attention_relevance  # the relevance programs, built at first use
 

@@ -7,9 +7,12 @@ a relative position bias added to the attention logits, per head, gathered from 
   (not the models' index helpers), equals the model's forward; its raw attention, rollout, GAE, TokenTM and
   attention Grad-CAM (tests/literal_oracle.py) equal ``backend="reference"``.
 - Every method on every backend and attention path against the reference within the §7 tolerances, as
-  tests/test_models_eva.py holds them; the flash path and the LRP relevance pass refused with the reason where
-  the model has a bias, ``attention="auto"`` resolved to the materialized path there; a BEiT without a bias
-  (absolute position embedding) on the flash path and through the relevance pass.
+  tests/test_models_eva.py holds them, the biased variants on the flash path included (issue 29 item 2: the bias
+  read from its table inside the tiles, ``models/relative_bias.py``); ``attention="auto"`` takes the flash path
+  for them where it would for a bias-free model; HF ``interpolate_pos_encoding=True`` (a resized dense bias, no
+  table lookup) refused on the flash path with the reason; the core gets the table form (per layer plus shared
+  summed) and, at another grid, HF's resized table; a layer left to the model's own attention gets the dense bias;
+  no N×N tensor on the flash path over a biased BEiT.
 - Weight copy: timm ``beit_base_patch16_224``'s layout ↔ Hugging Face ``BeitModel`` (mean and class-token
   pooling): the same output and the same map for every method.
 """
@@ -23,6 +26,7 @@ from typing import Dict, Optional
 import literal_oracle
 import model_families as mf
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from helpers import (
@@ -46,7 +50,6 @@ from tokentm_fast.models.timm_beit import TimmBeit
 BEIT = dict(width=64, heads=2, depth=3, size=32, patch=8)
 GRID = (BEIT["size"] // BEIT["patch"],) * 2
 RELEVANCE_PASS = ("lrp", "partial_lrp", "transformer_attribution")
-FLASH_REASON = "BEiT's relative position bias is not yet read inside the flash kernels: use attention='materialized'"
 
 #: the test models: (builder, keyword arguments); every one built for 32x32 images, 8x8 patches
 VARIANTS: Dict[str, tuple] = {
@@ -369,13 +372,34 @@ def _explain_on(model, x, method, backend, attention, device, variant):
                       target=target).cpu()
 
 
+@pytest.fixture
+def rules_to_the_flash_path(monkeypatch):
+    """The flash path splits R^A between QKᵀ and B/scale itself and needs the rule set (``rules=``) that the
+    materialized path's ``logits`` closure carries; until methods/relevance.py hands it over
+    (``path.attention_relevance(..., rules=self.rules)``), this passes ``RelevancePass.rules`` to the path (an
+    explicit ``rules=`` from relevance.py overrides it)."""
+    from tokentm_fast.methods.relevance import RelevancePass
+
+    block = RelevancePass.block
+
+    def with_rules(self, l, r, rows=None, grad=None):
+        path = self.path
+        path.attention_relevance = functools.partial(type(path).attention_relevance, path, rules=self.rules)
+        try:
+            return block(self, l, r, rows, grad)
+        finally:
+            del path.attention_relevance
+
+    monkeypatch.setattr(RelevancePass, "block", with_rules)
+
+
 @pytest.mark.parametrize("backend,attention", PATHS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_method_on_every_backend_and_path(variant, backend, attention, device):
+def test_every_method_on_every_backend_and_path(variant, backend, attention, device, rules_to_the_flash_path):
     """§7 as tests/test_models_eva.py holds it: float32 maps within 1e-5 of the float64 reference (attention
     Grad-CAM within its derived bound), the signed sums and the relevance pass on float64 copies to the maps'
-    float32 rounding (torch) or within 1e-4 of the float32 torch map (Triton); the flash path refused with the
-    reason where the model has a bias (before any work); the relevance pass through the bias (the add rule
+    float32 rounding (torch) or within 1e-4 of the float32 torch map (Triton); the biased variants on the flash
+    path too (the bias read from its table in the tiles); the relevance pass through the bias (the add rule
     between QKᵀ and B / scale, docs/methods.md §6.3)."""
     if backend == "triton" and variant not in TRITON_VARIANTS:
         pytest.skip("the interpreted Triton kernels run on the variants of TRITON_VARIANTS")
@@ -384,10 +408,6 @@ def test_every_method_on_every_backend_and_path(variant, backend, attention, dev
     snap = snapshot(model)
     for method in methods_for(variant):
         target = target_for(variant, method)
-        if attention == "flash" and HAS_BIAS[variant]:
-            with pytest.raises(ValueError, match=FLASH_REASON.replace("(", r"\(").replace(")", r"\)")):
-                tf.Explainer(model, method, backend=backend, attention=attention)
-            continue
         ref, got, tol = reference_pair(method, model, x, model64, x64, attention, target,
                                        lambda: _explain_on(model, x, method, backend, attention, device, variant), backend, gradcam_tolerance(variant))
         assert_informative(ref - identity_share(variant, method))
@@ -432,53 +452,138 @@ def test_relevance_pass_splits_the_bias(variant, method, monkeypatch):
 
 
 # --------------------------------------------------------------------------- the attention path choice
-@pytest.mark.parametrize("variant", ["beit_cls", "data2vec", "timm_beit"])
-def test_auto_takes_the_materialized_path_and_flash_is_refused(variant, monkeypatch):
-    """With a bias, ``attention="auto"`` resolves to the materialized path where it would otherwise take the
-    flash path (the PyTorch backend above its byte threshold), and ``attention="flash"`` is refused with the
-    reason on every backend, before any work; the bias-free BEiT takes the flash path there."""
+@pytest.mark.parametrize("variant", ["beit_cls", "data2vec", "timm_beit", "timm_shared"])
+def test_auto_takes_the_flash_path_for_biased_models(variant, monkeypatch):
+    """With a bias, ``attention="auto"`` resolves to the flash path wherever it does for the bias-free BEiT: the
+    PyTorch backend above its byte threshold, and the Triton backend on CUDA images (a stand-in: the choice reads
+    ``images.is_cuda`` only); no model-level refusal is left."""
+    import types
+
     from tokentm_fast import api
 
     monkeypatch.setattr(api, "TORCH_FLASH_BYTES", 0)
     x = images()
-    for name, want in ((variant, "materialized"), ("beit_abs", "flash")):
-        explainer = tf.Explainer(make(name), "tokentm", backend="torch")
-        assert explainer.attention_for(x, "torch") == want, name
-    model = make(variant)
-    assert adapt(model).flash_refusal is not None
-    for backend in ("torch", "triton"):
-        with pytest.raises(ValueError, match=FLASH_REASON):
-            tf.Explainer(model, "tokentm", backend=backend, attention="flash")
-    with pytest.raises(ValueError, match="do not read an additive bias"):   # a flash path built by hand
-        from tokentm_fast.paths import TORCH_KERNELS, Flash
-        from tokentm_fast.torch_ops.attention import torch_attention
-
-        Flash(TORCH_KERNELS, torch_attention(), max_head_dim=None).block_outputs(adapt(model), x, [0])
+    cuda_images = types.SimpleNamespace(is_cuda=True)
+    for name in (variant, "beit_abs"):
+        model = make(name)
+        assert adapt(model).flash_refusal is None
+        for method in ("tokentm", "rollout", "lrp"):
+            explainer = tf.Explainer(model, method, backend="torch")
+            assert explainer.attention_for(x, "torch") == "flash", (name, method)
+            assert explainer.attention_for(cuda_images, "triton") == "flash", (name, method)
+            tf.Explainer(model, method, backend="triton", attention="flash")           # accepted at the entry
 
 
-def test_the_core_gets_the_models_bias():
-    """The call site hands the core the bias the model adds (per layer plus shared, gathered here by the written
-    relative index): a core computing softmax(scale q kᵀ + bias) v reproduces the model."""
-    for variant in ("data2vec", "timm_beit", "beit_shared"):
-        model, x = make(variant, torch.float64), images(torch.float64)
-        vit = adapt(model)
-        seen, handles = {}, []
+def _interpolating(model: nn.Module):
+    """The HF model asked for ``interpolate_pos_encoding=True`` (transformers resizes the (N, N) bias itself)."""
+    vit = adapt(model)
+    classifies = vit.classifies
 
-        def core(l, q, k, v, scale, bias=None):
-            seen[l] = bias
-            return torch.softmax(scale * q @ k.transpose(-1, -2) + bias, -1) @ v
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        out = model(pixel_values=images, interpolate_pos_encoding=True)
+        return out.logits if classifies else out.pooler_output
 
-        with torch.no_grad():
-            want = output(model, x)
-            vit.replace_attention(range(vit.num_layers), core, handles)
+    vit.forward = forward
+    return vit
+
+
+@pytest.mark.parametrize("variant", ["beit_cls", "data2vec"])
+def test_interpolated_bias_is_served_materialized_and_refused_on_flash(variant):
+    """HF ``interpolate_pos_encoding=True`` resizes the (N, N) bias bilinearly (no table lookup): the core gets the
+    dense bias; the materialized path computes the model's own attention with it (the score of the model), the
+    flash path refuses it with the reason, whichever method."""
+    from tokentm_fast.paths import TORCH_KERNELS, Flash, Materialized
+    from tokentm_fast.torch_ops.attention import torch_attention
+
+    model, x = make(variant, torch.float64), images(torch.float64)
+    vit = _interpolating(model)
+    seen = []
+
+    def core(l, q, k, v, scale, bias=None):
+        seen.append(bias)
+        return torch.softmax(scale * q @ k.transpose(-1, -2) + bias, -1) @ v
+
+    handles = []
+    with torch.no_grad():
+        want = vit.forward(x)
+        vit.replace_attention(range(vit.num_layers), core, handles)
+        got = vit.forward(x)
+    for h in handles:
+        h.remove()
+    assert all(isinstance(b, torch.Tensor) for b in seen) and len(seen) == vit.num_layers
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+    rows = Materialized(TORCH_KERNELS).query_attention(vit, x, vit.num_layers - 1)
+    assert rows.shape == (2, 1 + GRID[0] * GRID[1]) and rows.sum(-1).sub(1).abs().max() < 1e-12
+    flash = Flash(TORCH_KERNELS, torch_attention(), max_head_dim=None)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True resizes the \\(N, N\\) bias bilinearly"):
+        flash.query_attention(vit, x, vit.num_layers - 1)
+    with pytest.raises(ValueError, match="no table lookup"):
+        flash.block_outputs(vit, x, [0])
+
+
+def _bias_seen(model: nn.Module, x: torch.Tensor, layers) -> tuple:
+    """The biases the core of ``layers`` gets, and the model's output with that core (softmax with the dense bias)."""
+    from tokentm_fast.capture import dense_bias
+
+    vit = adapt(model)
+    seen, handles = {}, []
+
+    def core(l, q, k, v, scale, bias=None):
+        seen[l] = bias
+        return torch.softmax(scale * q @ k.transpose(-1, -2) + dense_bias(bias), -1) @ v
+
+    with torch.no_grad():
+        vit.replace_attention(layers, core, handles)
+        try:
             got = vit.forward(x)
+        finally:
             for h in handles:
                 h.remove()
+    return seen, got
+
+
+@pytest.mark.parametrize("variant", ["data2vec", "timm_beit", "beit_shared", "beit_cls", "timm_shared"])
+def test_the_core_gets_the_models_bias_in_table_form(variant):
+    """The call site hands the core the bias in table form (per layer plus shared: the tables summed), whose dense
+    form is the bias gathered here by the written relative index; a core computing softmax(scale q kᵀ + B) v
+    reproduces the model, also with a single layer replaced (the others, left to the model's own attention, get
+    the dense shared bias: the bypass of the shared module holds only while every layer is the adapter's)."""
+    from tokentm_fast.models.relative_bias import RelativePositionBias
+
+    model, x = make(variant, torch.float64), images(torch.float64)
+    vit = adapt(model)
+    with torch.no_grad():
+        want = output(model, x)
+    seen, got = _bias_seen(model, x, range(vit.num_layers))
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+    w = weights(model)
+    for l, blk in enumerate(w["blocks"]):
+        expected = sum(b for b in (_gather(blk["table"]), _gather(w["shared"])) if b is not None)
+        assert isinstance(seen[l], RelativePositionBias) and seen[l].grid == GRID and seen[l].prefix == 1
+        assert (seen[l].dense()[0] - expected).abs().max() <= 1e-12, (variant, l)
+    seen, got = _bias_seen(model, x, [1])
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+    assert list(seen) == [1]
+
+
+@pytest.mark.parametrize("variant", ["beit_cls", "data2vec"])
+def test_hf_table_at_another_grid_is_transformers_resized_table(variant):
+    """At 48 px (grid 6 × 6, the config's 4 × 4) transformers resizes the table bilinearly; the core's table form is
+    that resized table: the dense bias equals the model's own bias module output and the model is reproduced."""
+    from tokentm_fast.models.hf_beit import hf_table
+
+    model = make(variant, torch.float64)
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        want = output(model, x)
+        seen, got = _bias_seen(model, x, range(adapt(model).num_layers))
         assert (got - want).abs().max() <= 1e-12 * want.abs().max()
-        w = weights(model)
-        for l, blk in enumerate(w["blocks"]):
-            expected = sum(b for b in (_gather(blk["table"]), _gather(w["shared"])) if b is not None)
-            assert (seen[l].reshape(expected.shape) - expected).abs().max() <= 1e-12, (variant, l)
+        assert seen[0].grid == (6, 6) and seen[0].table.shape[0] == 11 * 11 + 3
+        vit = adapt(model)
+        module = vit.base.encoder.relative_position_bias if vit.data2vec else vit.blocks[0].relative_position_bias
+        own = module((6, 6), False, dim_size=37)
+        assert (hf_table(module, (6, 6)).dense() - own).abs().max() <= 1e-12
+        assert (hf_table(module, GRID).table - module.relative_position_bias_table).abs().max() == 0
 
 
 def test_adapter_layout_and_refusals():
@@ -585,3 +690,39 @@ def test_no_n_by_n_tensor_on_the_flash_path_without_a_bias(monkeypatch):
         assert len(rec.shapes) > 50, "the recorder saw nothing: the test would be vacuous"
         flagged[method] = n_by_n(rec.shapes, 65, attention_tile(torch.device("cpu")), tuple(x.shape))[:5]
     assert not any(flagged.values()), flagged
+
+
+@pytest.mark.parametrize("kind", ["hf", "timm"])
+def test_no_n_by_n_tensor_on_the_flash_path_with_a_bias(kind, monkeypatch, rules_to_the_flash_path):
+    """A BEiT with its relative position bias (HF: per layer and shared; timm: per layer) on the flash path: every
+    flash method, the relevance pass included, through the adapter, no recorded tensor could hold an N×N matrix
+    (the bias read from its (R, H) table by index tiles of the tile's size; tests/helpers.py's criterion, N = 65);
+    the same calls on the materialized path do build N×N tensors (the recorder sees them)."""
+    from helpers import FLASH_METHODS, N65
+
+    from tokentm_fast.torch_ops import attention
+
+    monkeypatch.setattr(attention, "BLOCK_BYTES", 1)
+    s = N65
+    if kind == "hf":
+        model = hf_beit("BeitForImageClassification", use_relative_position_bias=True,
+                        use_shared_relative_position_bias=True, use_mean_pooling=False, hidden_size=s["width"],
+                        num_attention_heads=s["heads"], intermediate_size=s["mlp"], num_hidden_layers=s["depth"],
+                        image_size=s["size"], patch_size=s["patch"])
+    else:
+        model = _informative(timm.create_model(
+            "beit_base_patch16_224", img_size=s["size"], patch_size=s["patch"], embed_dim=s["width"],
+            depth=s["depth"], num_heads=s["heads"], mlp_ratio=s["mlp"] / s["width"], num_classes=CLASSES), 0)
+    assert adapt(model).has_bias
+    x = torch.randn(2, 3, s["size"], s["size"], generator=torch.Generator().manual_seed(1))
+    tile = attention_tile(torch.device("cpu"))
+    flagged = {}
+    for method in FLASH_METHODS:
+        with ShapeRecorder() as rec:
+            tf.explain(model, x, method, backend="torch", attention="flash", target=torch.tensor([[0, 1], [2, 3]]))
+        assert len(rec.shapes) > 50, "the recorder saw nothing: the test would be vacuous"
+        flagged[method] = n_by_n(rec.shapes, 65, tile, tuple(x.shape))[:5]
+    assert not any(flagged.values()), flagged
+    with ShapeRecorder() as rec:
+        tf.explain(model, x, "rollout", backend="torch", attention="materialized", target=0)
+    assert n_by_n(rec.shapes, 65, tile, tuple(x.shape))

@@ -40,23 +40,27 @@ import torch
 from torch import nn
 
 from .models.protocol import AttentionCore, LinearPoint, ViTAdapter, merge_heads
+from .models.relative_bias import RelativePositionBias
 
 LayerRecord = Dict[str, torch.Tensor]
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float,
-                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dense_bias(bias):
+    """``bias`` as a tensor: a table-form ``RelativePositionBias`` written out ``(1, H, N, N)``, else as given."""
+    return bias.dense() if isinstance(bias, RelativePositionBias) else bias
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias=None) -> torch.Tensor:
     """``softmax(scale·Q Kᵀ + bias)`` ``(B, H, Nq, Nk)``: the explicit attention of the materialized path, the
-    attention pools and the held attention. ``bias``: None, or an additive bias of the logits broadcast to
-    ``(B, H, Nq, Nk)`` (BEiT's relative position bias, ``(1, H, N, N)``)."""
+    attention pools and the held attention. ``bias``: None, an additive bias of the logits broadcast to
+    ``(B, H, Nq, Nk)`` (``(1, H, N, N)``), or BEiT's relative position bias in table form (written out here)."""
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
-        logits = logits + bias.to(logits.dtype)
+        logits = logits + dense_bias(bias).to(logits.dtype)
     return logits.softmax(dim=-1)
 
 
-def held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def held_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias=None) -> torch.Tensor:
     """``softmax(scale·Q Kᵀ + bias) V`` with the probabilities held constant in the backward (only dV flows:
     the AH-rule of conservative LRP)."""
     return attention_probs(q, k, scale, bias).detach() @ v
@@ -109,11 +113,14 @@ class LayerRecorder:
         keys: which record keys to keep (default: all).
         core: attention core of the recorded blocks (default: explicit softmax, which
             records ``attn``); with another core ``attn`` is not recorded.
+        dense_bias: record ``"bias"`` written out ``(1 or B, H, N, N)`` (the materialized path); False keeps a
+            table-form bias (``RelativePositionBias``, BEiT) in table form, scaled (the flash path: no N×N tensor).
     """
 
     ALL_KEYS = ("x_in", "values", "attn", "attn_out", "y", "mlp_out", "x_out")
     #: ``"bias"``: the additive bias of the logits divided by the scale, ``B / scale`` ``(1 or B, H, N, N)``, so
-    #: that the logits are ``scale · (q kᵀ + B / scale)`` (recorded only where the model has a bias)
+    #: that the logits are ``scale · (q kᵀ + B / scale)`` (recorded only where the model has a bias; with
+    #: ``dense_bias=False`` a table-form bias stays a ``RelativePositionBias`` of the table divided by the scale)
     CORE_KEYS = frozenset({"values", "attn", "attn_out", "q", "k", "bias"})
 
     def __init__(
@@ -124,6 +131,7 @@ class LayerRecorder:
         on_layer: Optional[Callable[[int, LayerRecord], None]] = None,
         keys: Sequence[str] = ALL_KEYS,
         core: Optional[AttentionCore] = None,
+        dense_bias: bool = True,
     ) -> None:
         self.vit = vit
         self.blocks = list(vit.blocks)
@@ -132,6 +140,7 @@ class LayerRecorder:
         self.on_layer = on_layer
         self.keys = set(keys)
         self.core = core
+        self.dense_bias = dense_bias
         if core is not None and "attn" in self.keys:
             raise ValueError("a custom attention core does not expose the attention probabilities ('attn')")
         self.records: Dict[int, LayerRecord] = {}
@@ -160,14 +169,15 @@ class LayerRecorder:
 
     # -- attention core ------------------------------------------------------
     def _core(self, l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+              bias=None) -> torch.Tensor:
         if "values" in self.keys:
             self._store(l, "values", merge_heads(v))
         for key, t in (("q", q), ("k", k)):
             if key in self.keys:
                 self._store(l, key, t)
         if bias is not None and "bias" in self.keys:
-            self._store(l, "bias", bias / scale)
+            table = isinstance(bias, RelativePositionBias) and not self.dense_bias
+            self._store(l, "bias", bias.scaled(1.0 / scale) if table else dense_bias(bias) / scale)
         if self.core is not None:   # the bias only where the model has one: bias-free cores take five arguments
             o = self.core(l, q, k, v, scale) if bias is None else self.core(l, q, k, v, scale, bias=bias)
         else:
@@ -267,8 +277,7 @@ class PoolRecorder:
     def _x_in(self, module, args):
         self.records.append({"x_in": args[0].detach()})
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias=None) -> torch.Tensor:
         attn = attention_probs(q, k, scale, bias)
         if self.leaf:
             attn = attn.detach().requires_grad_(True)

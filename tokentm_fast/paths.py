@@ -38,6 +38,7 @@ from .capture import LayerRecorder, held_attention, hold_layer_norms, prepared_m
 from .kernels._utils import MAX_HEAD_DIM
 from .methods import lrp_rules
 from .models.protocol import ViTAdapter, split_heads
+from .models.relative_bias import RelativePositionBias
 from .precision import compute_dtype
 from .targets import resolve_target, target_score
 from .torch_ops import head_fusion, legrad_reduce, row_update, transform_weights
@@ -350,11 +351,12 @@ class Materialized:
         return recorder
 
     def attention_relevance(self, rec: Dict[str, Any], r_o: torch.Tensor, rows: Optional[torch.Tensor] = None,
-                            grad: Optional[torch.Tensor] = None, logits: Optional[Callable] = None) -> tuple:
+                            grad: Optional[torch.Tensor] = None, logits: Optional[Callable] = None,
+                            rules: Optional[str] = None) -> tuple:
         """The relevance at q, k, v ``(B, H, N, d)`` of one block from ``r_o`` ``(B, H, N, d)`` at its
         attention output (docs/methods.md §6.3): the product rule through ``O = A V`` (``R^A`` ``(B, H, N, N)``)
         and through ``Q Kᵀ``, ``logits(R^A)`` the share of ``Q Kᵀ`` where the logits have more terms (None:
-        all of it). With ``rows`` ``(B, N)`` also ``t`` ``(B, N)`` = Σ_i rows_i mean_h max(R^A_ij · ∇A_ij, 0)
+        all of it; ``rules`` is the flash path's, which cannot call ``logits``: unused here). With ``rows`` ``(B, N)`` also ``t`` ``(B, N)`` = Σ_i rows_i mean_h max(R^A_ij · ∇A_ij, 0)
         (``grad`` = ∇A) or max(R^A_ij, 0) (no ``grad``); else ``t`` is None."""
         acc = r_o.dtype
         attn = rec["attn"].detach().to(acc)
@@ -392,18 +394,38 @@ def _input_gradients(vit: ViTAdapter, images: torch.Tensor, targets: Sequence, r
     return recorder.leaf.detach().to(acc), grads
 
 
+class Saved(NamedTuple):
+    """What the flash forward keeps of a layer for recomputing P: q, k ``(B, H, N, d)``, ℓ ``(B, H, N)``, the
+    scale and the bias of the logits in table form (``RelativePositionBias``; None without one)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    lse: torch.Tensor
+    scale: float
+    bias: Optional[RelativePositionBias] = None
+
+
+def _with_bias(bias: Optional[RelativePositionBias]) -> dict:
+    """The ``bias`` keyword of the attention kernels' calls: absent without a bias (any ``AttentionKernels``
+    serves a bias-free model)."""
+    return {} if bias is None else {"bias": bias}
+
+
 class _FlashAttention(torch.autograd.Function):
     """The flash attention forward, differentiable through the flash backward; ``hold=True`` holds the
     attention probabilities constant (only dV flows: the backward kernel forms neither dS nor dQ, dK). ``keep``
-    receives (q, k, ℓ, scale) of the layer; ``on_grad(layer, dO)``, if given, is called with the gradient
-    ``dO (B, H, N, d)`` at the layer's output when the backward reaches it (∇A = dO Vᵀ, never formed)."""
+    receives ``Saved(q, k, ℓ, scale, bias)`` of the layer; ``on_grad(layer, dO)``, if given, is called with the
+    gradient ``dO (B, H, N, d)`` at the layer's output when the backward reaches it (∇A = dO Vᵀ, never formed).
+    ``bias``: the logits' bias in table form (BEiT), read inside the kernels' tiles (not differentiated)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, attention, hold: bool, keep: dict, layer: int, on_grad=None):
-        o, lse = attention.forward(q, k, v, scale)
+    def forward(ctx, q, k, v, scale: float, attention, hold: bool, keep: dict, layer: int, on_grad=None,
+                bias=None):
+        o, lse = attention.forward(q, k, v, scale, **_with_bias(bias))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale, ctx.attention, ctx.hold, ctx.layer, ctx.on_grad = scale, attention, hold, layer, on_grad
-        keep[layer] = (q.detach(), k.detach(), lse, scale)
+        ctx.bias = None if bias is None else bias.detach()
+        keep[layer] = Saved(q.detach(), k.detach(), lse, scale, ctx.bias)
         return o
 
     @staticmethod
@@ -413,8 +435,9 @@ class _FlashAttention(torch.autograd.Function):
             ctx.on_grad(ctx.layer, do)
         # held (conservative LRP): dV = Pᵀ dO alone, no softmax backward (dQ = dK = None)
         grads = "v" if ctx.hold else True
-        dq, dk, dv, _ = ctx.attention.backward(q, k, v, o, lse, do, ctx.scale, row=None, input_grads=grads)
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv, _ = ctx.attention.backward(q, k, v, o, lse, do, ctx.scale, row=None, input_grads=grads,
+                                               **_with_bias(ctx.bias))
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 class ExplanationAttention(torch.autograd.Function):
@@ -428,7 +451,8 @@ class ExplanationAttention(torch.autograd.Function):
 
     and ``state.update`` makes the row ``r ← s + mean_h(t_h) ⊙ w_attn^l`` before autograd reaches the
     layer below. Autograd visits the layers top-down, so the state flows exactly as in the row algorithm
-    and no layer's Aˡ or Gˡ ever exists. A layer outside the state's layer choice gets no row
+    and no layer's Aˡ or Gˡ ever exists. BEiT's relative position bias (``bias``, table form) is added to
+    scale·QKᵀ inside the kernels' tiles, in the forward and wherever the backward recomputes P. A layer outside the state's layer choice gets no row
     (``scaled_row`` is None): its backward computes dQ, dK, dV only.
 
     ``anchor`` is a 0-d tensor that requires grad: every layer's output depends on it, so
@@ -437,10 +461,11 @@ class ExplanationAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, anchor, scale: float, layer: int, state: RowState, kernels):
-        o, lse = kernels.forward(q, k, v, scale)
+    def forward(ctx, q, k, v, anchor, scale: float, layer: int, state: RowState, kernels, bias=None):
+        o, lse = kernels.forward(q, k, v, scale, **_with_bias(bias))
         ctx.save_for_backward(q, k, v, o, lse, anchor)
         ctx.scale, ctx.layer, ctx.state, ctx.kernels = scale, layer, state, kernels
+        ctx.bias = None if bias is None else bias.detach()
         return o
 
     @staticmethod
@@ -449,37 +474,44 @@ class ExplanationAttention(torch.autograd.Function):
         state = ctx.state
         input_grads = any(ctx.needs_input_grad[:3])
         row = state.scaled_row(ctx.layer)  # None: a layer that leaves the row as it is
-        dq, dk, dv, t = ctx.kernels.backward(q, k, v, o, lse, do, ctx.scale, row=row, input_grads=input_grads)
+        dq, dk, dv, t = ctx.kernels.backward(q, k, v, o, lse, do, ctx.scale, row=row, input_grads=input_grads,
+                                             **_with_bias(ctx.bias))
         state.update(ctx.layer, t)
-        return dq, dk, dv, torch.zeros_like(anchor), None, None, None, None
+        return dq, dk, dv, torch.zeros_like(anchor), None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- flash
-def _no_bias(bias: Optional[torch.Tensor]) -> None:
-    """The flash kernels read no additive bias of the logits: a model with one is refused at the entry
-    (``ViTAdapter.flash_refusal``); this guards a path built by hand."""
-    if bias is not None:
-        raise ValueError("the flash attention kernels do not read an additive bias of the attention logits (BEiT's "
-                         "relative position bias): use attention='materialized'")
+#: why a dense bias cannot reach the flash kernels
+DENSE_BIAS_REFUSAL = ("the flash attention kernels read an additive bias of the logits from its table (BEiT's relative "
+                      "position bias, RelativePositionBias), never as an (N, N) tensor; this bias came dense (Hugging "
+                      "Face BEiT with interpolate_pos_encoding=True resizes the (N, N) bias bilinearly, which is no "
+                      "table lookup): use attention='materialized'")
+
+
+def _table_bias(bias) -> Optional[RelativePositionBias]:
+    """``bias`` as the flash kernels take it: None or a table-form ``RelativePositionBias`` (read inside the
+    tiles); a dense bias raises (``DENSE_BIAS_REFUSAL``)."""
+    if bias is None or isinstance(bias, RelativePositionBias):
+        return bias
+    raise ValueError(DENSE_BIAS_REFUSAL)
 
 
 def _plain_core(attention):
     """The flash forward alone (layers whose attention the method does not read)."""
     def core(l, q, k, v, scale, bias=None):
-        _no_bias(bias)
-        return attention.forward(q, k, v, scale)[0]
+        return attention.forward(q, k, v, scale, **_with_bias(_table_bias(bias)))[0]
     return core
 
 
-def _saving_core(fwd, keep: Dict[int, tuple], layers):
-    """An attention core that runs the flash forward and keeps (q, k, ℓ, scale) of ``layers``."""
+def _saving_core(fwd, keep: Dict[int, Saved], layers):
+    """An attention core that runs the flash forward and keeps ``Saved(q, k, ℓ, scale, bias)`` of ``layers``."""
     layers = set(layers)
 
     def core(l, q, k, v, scale, bias=None):
-        _no_bias(bias)
-        o, lse = fwd(q, k, v, scale)
+        bias = _table_bias(bias)
+        o, lse = fwd(q, k, v, scale, **_with_bias(bias))
         if l in layers:
-            keep[l] = (q, k, lse, scale)
+            keep[l] = Saved(q, k, lse, scale, None if bias is None else bias.detach())
         return o
     return core
 
@@ -502,11 +534,11 @@ class Flash:
     def _head_width_checked(attention):
         """The kernels take heads up to ``MAX_HEAD_DIM`` wide (tails of 80, 96, ... are masked). The entry
         routes wider heads away (``head_width``); this check guards models whose width it cannot read."""
-        def forward(q, k, v, scale):
+        def forward(q, k, v, scale, **bias):
             if q.shape[-1] > MAX_HEAD_DIM:
                 raise ValueError(f"the flash attention kernels take heads up to {MAX_HEAD_DIM} wide; this "
                                  f"model's heads are {q.shape[-1]} wide: use attention='materialized'")
-            return attention.forward(q, k, v, scale)
+            return attention.forward(q, k, v, scale, **bias)
         return attention._replace(forward=forward)
 
     def gradient_rows(self, vit: ViTAdapter, images: torch.Tensor, targets: Sequence, layers: List[int],
@@ -530,8 +562,7 @@ class Flash:
         attention = self.attention
 
         def core(l, q, k, v, scale, bias=None):
-            _no_bias(bias)
-            return ExplanationAttention.apply(q, k, v, anchor, scale, l, state, attention)
+            return ExplanationAttention.apply(q, k, v, anchor, scale, l, state, attention, _table_bias(bias))
 
         def on_layer(l, rec):
             if l in chosen:           # a block between the chosen ones: no weights, the row passes
@@ -570,26 +601,30 @@ class Flash:
             r = (start.row(n) if start is not None
                  else vit.query_vector(images.shape[0], n, dtype=compute_dtype(images), device=images.device))
             for l in reversed(layers):
-                q, k, lse, scale = keep.pop(l)
+                q, k, lse, scale, bias = keep.pop(l)
                 s = scale_rows(r, consts.w_mlp)
-                r = add_update(s, attention.rows(s, scale, q=q, k=k, lse=lse).mean(1), consts.w_attn)
+                r = add_update(s, attention.rows(s, scale, q=q, k=k, lse=lse, **_with_bias(bias)).mean(1),
+                               consts.w_attn)
         return r[:, None]
 
-    def _query_probs(self, vit: ViTAdapter, q, k, lse, scale) -> torch.Tensor:
-        """``(B, H, N)``: Σ_i query[i] · P[i, :] of one layer — row cls alone when there is a class token."""
+    def _query_probs(self, vit: ViTAdapter, q, k, lse, scale, bias=None) -> torch.Tensor:
+        """``(B, H, N)``: Σ_i query[i] · P[i, :] of one layer — row cls alone when there is a class token (plus
+        its row of the bias, gathered from the table: ``(H, 1, N)``)."""
         b, _, n, _ = q.shape
         acc = compute_dtype(q)
         if vit.has_class_token:  # one row: (B, H, 1, d) · (B, H, d, N), no tile loop needed
             s = scale * (q[:, :, :1].to(acc) @ k.to(acc).transpose(-1, -2))[:, :, 0]
+            if bias is not None:
+                s = s + bias.tile(torch.zeros(1, dtype=torch.long, device=q.device))[:, 0].to(acc)
             return torch.exp(s - lse[:, :, :1])
-        return self.attention.rows(vit.query_vector(b, n, dtype=acc, device=q.device), scale, q=q, k=k, lse=lse)
+        return self.attention.rows(vit.query_vector(b, n, dtype=acc, device=q.device), scale, q=q, k=k, lse=lse,
+                                   **_with_bias(bias))
 
     def _differentiable_core(self, hold: bool, keep: dict):
         attention = self.attention
 
         def core(l, q, k, v, scale, bias=None):
-            _no_bias(bias)
-            return _FlashAttention.apply(q, k, v, scale, attention, hold, keep, l)
+            return _FlashAttention.apply(q, k, v, scale, attention, hold, keep, l, None, _table_bias(bias))
         return core
 
     def held_input_gradients(self, vit: ViTAdapter, images: torch.Tensor, targets: Sequence) -> tuple:
@@ -669,29 +704,30 @@ class Flash:
         """``(B, H, N)`` query rows of Pˡ_h (recomputed from q, k, ℓ) and of G̃ˡ_h = dO Vᵀ (formed from
         the query-weighted dO alone)."""
         b, n, heads = images.shape[0], cap.num_tokens, vit.num_heads
-        q, k, lse, scale = cap.records[layer]["saved"]
+        q, k, lse, scale, bias = cap.records[layer]["saved"]
         acc = compute_dtype(images)
         v = split_heads(cap.records[layer]["values"], heads).to(acc)
         do = split_heads(d_out.to(acc), heads)                                                   # (B, H, R, d)
         query = vit.query_vector(b, n, dtype=acc, device=images.device)[:, cap.rows]
         g_q = (torch.einsum("br,bhrd->bhd", query, do)[:, :, None] @ v.transpose(-1, -2))[:, :, 0]  # (B, H, N)
-        return self._query_probs(vit, q, k, lse, scale), g_q
+        return self._query_probs(vit, q, k, lse, scale, bias), g_q
 
     # -- the relevance pass (methods/relevance.py) ----------------------------------------------------
     def record_relevance(self, vit: ViTAdapter, layers: Sequence[int], keys: Sequence[str], handles: list,
                          grad_hook: Optional[GradHook] = None) -> LayerRecorder:
         """As ``Materialized.record_relevance``, with the flash forward: each record of ``layers`` gets
-        ``saved`` = (q, k, ℓ, scale) instead of Aˡ; the other layers run the flash forward alone.
+        ``saved`` = ``Saved(q, k, ℓ, scale, bias)`` instead of Aˡ (and a table-form bias recorded as such,
+        ``"bias"`` = B/scale in table form); the other layers run the flash forward alone.
         ``grad_hook(l, dOˡ)``: called with the gradient at the attention output ``(B, H, N, d)`` when the
         flash backward reaches layer l (∇Aˡ = dOˡ Vᵀ is formed in the relevance programs' tiles)."""
         attention, keep, chosen = self.attention, {}, set(layers)
 
         def core(l, q, k, v, scale, bias=None):
-            _no_bias(bias)
+            bias = _table_bias(bias)
             if grad_hook is not None:
-                return _FlashAttention.apply(q, k, v, scale, attention, False, keep, l, grad_hook)
-            o, lse = attention.forward(q, k, v, scale)
-            keep[l] = (q, k, lse, scale)
+                return _FlashAttention.apply(q, k, v, scale, attention, False, keep, l, grad_hook, bias)
+            o, lse = attention.forward(q, k, v, scale, **_with_bias(bias))
+            keep[l] = Saved(q, k, lse, scale, None if bias is None else bias.detach())
             return o
 
         def on_layer(l: int, rec: Dict[str, Any]) -> None:
@@ -699,18 +735,22 @@ class Flash:
 
         vit.replace_attention([l for l in range(vit.num_layers) if l not in chosen], _plain_core(attention), handles)
         recorder = LayerRecorder(vit, layers, grad_from=min(layers) if grad_hook else None, keys=keys,
-                                 on_layer=on_layer, core=core)
+                                 on_layer=on_layer, core=core, dense_bias=False)
         recorder.install(handles)
         return recorder
 
     def attention_relevance(self, rec: Dict[str, Any], r_o: torch.Tensor, rows: Optional[torch.Tensor] = None,
-                            grad: Optional[torch.Tensor] = None, logits: Optional[Callable] = None) -> tuple:
+                            grad: Optional[torch.Tensor] = None, logits: Optional[Callable] = None,
+                            rules: Optional[str] = None) -> tuple:
         """As ``Materialized.attention_relevance`` (``grad`` = dOˡ ``(B, H, N, d)``), by the relevance
         programs of the attention kernels: P, Z = Q Kᵀ and ∇A recomputed tile by tile, no N×N tensor.
-        ``logits`` is never needed: a model with a bias of the logits does not reach the flash path."""
-        q, k, lse, scale = rec["saved"]
+        ``logits`` (a function of the whole R^A) is not called: with BEiT's bias (``Saved.bias``) the relevance
+        programs split R^A between Z and B/scale by the add rule of the rule set ``rules`` themselves (per-image
+        sums over the tiles first for ``"ours"``; docs/methods.md §6.3)."""
+        q, k, lse, scale, bias = rec["saved"]
         heads = r_o.shape[1]
         v, o = split_heads(rec["values"], heads), split_heads(rec["attn_out"], heads)
-        r_q, r_k, r_v, t = self.attention.relevance(q, k, v, o, lse, r_o, scale, row=rows, do=grad)
+        extra = {} if bias is None else {"bias": bias, "rules": rules}
+        r_q, r_k, r_v, t = self.attention.relevance(q, k, v, o, lse, r_o, scale, row=rows, do=grad, **extra)
         return r_q, r_k, r_v, None if t is None else t.mean(1)
 

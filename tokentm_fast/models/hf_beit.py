@@ -15,12 +15,17 @@ Block (both layouts): ``x + λ₁ ⊙ attn(LN_before(x))``, then ``+ λ₂ ⊙ M
 ``scale · Q Kᵀ + B``: ``B (1, H, N, N)`` the relative position bias, per head, gathered from a
 ``((2gh−1)(2gw−1)+3)``-entry table by the relative position of the two patches (three entries for the class
 token's row, column and corner), per layer (``use_relative_position_bias``), shared by every layer
-(``use_shared_relative_position_bias``), or both summed. The call site hands the core the bias the model
-builds itself (at another grid than the config's, transformers resizes the table bilinearly; with
-``interpolate_pos_encoding`` it resizes the (N, N) bias too), so the materialized path computes exactly the
-model's attention. The flash kernels read no bias yet: ``flash_refusal`` names it and the entry refuses
-``attention="flash"`` (``"auto"`` takes the materialized path); a BEiT without a relative position bias (absolute
-position embeddings only) runs on both paths.
+(``use_shared_relative_position_bias``), or both summed. The call site hands the core the bias in table form (``relative_bias.RelativePositionBias``: the table, the grid,
+the class token; two tables summed where both exist), never the ``(1, H, N, N)`` bias the model gathers in its own
+forward: the bias modules (the layer's ``relative_position_bias``, the model's ``shared_position_bias`` /
+the encoder's ``relative_position_bias``) are bypassed while the adapter's attention runs (the shared one only when
+every layer's attention is the adapter's; a layer left to the model's own attention gets the dense bias). At
+another grid than the config's transformers resizes the table bilinearly (its ``(2gh−1)(2gw−1)`` entries; the
+three class-token entries kept): the table form is that resized table, still a lookup by relative position. With
+``interpolate_pos_encoding`` transformers resizes the ``(N, N)`` bias itself bilinearly, which is no table lookup:
+the core then gets the dense bias, which the materialized path serves and the flash path refuses with the reason
+(the adapter's own ``forward`` never asks for it). Both attention paths serve the model: the materialized one
+writes the bias out (``RelativePositionBias.dense``), the flash kernels read the table inside their tiles.
 
 Head: with ``use_mean_pooling`` (the BEiT classifiers) the mean of the patch tokens, then the pooler's
 LayerNorm (the final ``layernorm`` is the identity): pooling ``"avg"``; otherwise the final ``layernorm``, then
@@ -50,6 +55,7 @@ from .protocol import (
     ViTAdapter,
     linear_point,
 )
+from .relative_bias import RelativePositionBias, bypass_bias_module, takes_table
 
 #: model kind -> (transformers class name, attribute of the backbone inside it or "" for the backbone itself)
 KINDS: Dict[str, Tuple[str, str]] = {
@@ -59,8 +65,28 @@ KINDS: Dict[str, Tuple[str, str]] = {
     "data2vec_classifier": ("Data2VecVisionForImageClassification", "data2vec_vision"),
 }
 
-#: the reason the flash path refuses a model with a relative position bias (``ViTAdapter.flash_refusal``)
-FLASH_REFUSAL = "BEiT's relative position bias is not yet read inside the flash kernels"
+def hf_table(module: nn.Module, grid: Tuple[int, int]) -> RelativePositionBias:
+    """The table form of a transformers ``BeitRelativePositionBias`` / ``Data2VecVisionRelativePositionBias`` at
+    ``grid`` (gh, gw): its table as the module resizes it (bilinear over the ``(2gh−1)(2gw−1)`` relative
+    positions, laid out as transformers reads them; the three class-token entries kept; the table itself at the
+    module's own grid)."""
+    table = module.relative_position_bias_table
+    old = tuple(module.window_size)
+    if tuple(grid) != old:
+        r_old = module.num_relative_distance
+        new_h, new_w = 2 * grid[0] - 1, 2 * grid[1] - 1
+        sub = table[: r_old - 3].reshape(1, 2 * old[1] - 1, 2 * old[0] - 1, -1).permute(0, 3, 1, 2)
+        sub = nn.functional.interpolate(sub, size=(new_h, new_w), mode="bilinear")
+        table = torch.cat([sub.permute(0, 2, 3, 1).reshape(new_h * new_w, -1), table[r_old - 3:]])
+    return RelativePositionBias(table, (int(grid[0]), int(grid[1])), 1)
+
+
+def _table_or_none(module: nn.Module):
+    """``table(window_size, interpolate_pos_encoding=False, dim_size=None)``: the table form of the bias module's
+    call, None where transformers resizes the (N, N) bias (no table lookup)."""
+    def table(window_size, interpolate_pos_encoding: bool = False, dim_size=None):
+        return None if interpolate_pos_encoding else hf_table(module, window_size)
+    return table
 
 
 def beit_classes() -> Dict[str, type]:
@@ -89,10 +115,12 @@ def _no_mask(kind: str) -> None:
 
 def _beit_attention_forward(core: AttentionCore, l: int):
     """``BeitAttention.forward`` (transformers 5) with ``core`` in place of the attention interface; the
-    model's ``attention_mask`` is the relative position bias ``(1, H, N, N)`` (or None), handed to the core."""
+    model's ``attention_mask`` is the relative position bias (table form, or ``(1, H, N, N)`` where the model's own
+    bias module ran; or None), handed to the core."""
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-        if attention_mask is not None and attention_mask.dtype == torch.bool:
+    @takes_table
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
             _no_mask("BEiT")
         b, n, _ = hidden_states.shape
         shape = (b, n, -1, self.head_dim)
@@ -108,8 +136,10 @@ def _beit_attention_forward(core: AttentionCore, l: int):
 
 def _data2vec_attention_forward(core: AttentionCore, l: int):
     """``Data2VecVisionSelfAttention.forward`` (eager or SDPA) with ``core`` in place of softmax(·) V; the bias
-    the layer's own table gives plus the shared one (either may be absent) handed to the core."""
+    the layer's own table gives plus the shared one (either may be absent) handed to the core, in table form (the
+    layer's table read here, not gathered into (1, H, N, N)) save where ``interpolate_pos_encoding`` resizes it."""
 
+    @takes_table
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False,
                 relative_position_bias: Optional[torch.Tensor] = None, interpolate_pos_encoding: bool = False,
                 resolution: Optional[Tuple[int, int]] = None):
@@ -122,7 +152,8 @@ def _data2vec_attention_forward(core: AttentionCore, l: int):
         if self.has_relative_position_bias:
             height, width = resolution
             grid = (height // self.config.patch_size, width // self.config.patch_size)
-            own = self.relative_position_bias(grid, interpolate_pos_encoding, dim_size=n)
+            own = (self.relative_position_bias(grid, interpolate_pos_encoding, dim_size=n) if interpolate_pos_encoding
+                   else hf_table(self.relative_position_bias, grid))
             bias = own if bias is None else own + bias
         scale = float(self.attention_head_size) ** -0.5
         o = core(l, q, k, v, scale) if bias is None else core(l, q, k, v, scale, bias=bias)
@@ -198,13 +229,22 @@ class HFBeit(ViTAdapter):
         self.num_classes = int(config.num_labels) if self.classifies and isinstance(model.classifier, nn.Linear) \
             else None
         self.has_bias = bool(config.use_relative_position_bias or config.use_shared_relative_position_bias)
-        self.flash_refusal = FLASH_REFUSAL if self.has_bias else None
+        self.flash_refusal = None
 
     # -- protocol ------------------------------------------------------------
     def replace_attention(self, layers: Sequence[int], core: AttentionCore, handles: list) -> None:
+        """The adapter's attention forward on ``layers``, the bias in table form (module docstring): the layers'
+        own bias modules (BEiT) bypassed, the shared one while every layer runs the adapter's attention."""
         make = _data2vec_attention_forward if self.data2vec else _beit_attention_forward
         for l in layers:
             handles.append(PatchedForward(self.parts[l].attention, make(core, l)))
+            own = None if self.data2vec else self.blocks[l].relative_position_bias
+            if own is not None:
+                bypass_bias_module(own, _table_or_none(own), handles)
+        shared = self.base.encoder.relative_position_bias if self.data2vec and \
+            self.base.encoder.has_relative_position_bias else getattr(self.base, "shared_position_bias", None)
+        if shared is not None:
+            bypass_bias_module(shared, _table_or_none(shared), handles, [p.attention for p in self.parts])
 
     def attn_output(self, l: int, o: torch.Tensor) -> torch.Tensor:
         return _scaled(self.blocks[l].lambda_1, self.parts[l].proj(o))

@@ -6,11 +6,12 @@ Block ``timm.models.beit.Block``: ``x + γ₁ ⊙ attn(norm1(x), shared_rel_pos_
 a zero ``k_bias``) applied through ``F.linear`` (module hooks on ``qkv`` never fire); the logits
 ``scale · Q Kᵀ + B``, ``B (1, H, N, N)`` the relative position bias gathered from the block's
 ``((2gh−1)(2gw−1)+3)``-entry table (``use_rel_pos_bias``) by ``relative_position_index``, plus the model's
-shared one (``use_shared_rel_pos_bias``, ``model.rel_pos_bias``) when it has one. The call site gathers the
-bias from the tables itself and hands it to the core, so the materialized path computes exactly the model's
-attention; the flash kernels read no bias yet, and ``flash_refusal`` says so (the entry refuses
-``attention="flash"``; ``"auto"`` takes the materialized path). A Beit without a relative position bias runs
-on both paths.
+shared one (``use_shared_rel_pos_bias``, ``model.rel_pos_bias``) when it has one. The call site hands the core the
+bias in table form (``relative_bias.RelativePositionBias``: the block's table, plus the shared table where both
+exist), never the ``(1, H, N, N)`` bias timm gathers: the block's table is read here, and the shared module
+(``model.rel_pos_bias``, whose forward gathers the dense bias once per forward) is bypassed while every block runs
+the adapter's attention (a block left to timm's own attention gets the dense bias). Both attention paths serve the
+model: the materialized one writes the bias out, the flash kernels read the table inside their tiles.
 
 Poolings: ``"avg"`` (the patch mean, then ``fc_norm``; ``norm`` is the identity) and ``"token"`` (``norm``, then
 the class token); ``global_pool=""`` (the output is the token sequence) is refused. Image size: the model's own
@@ -20,12 +21,11 @@ takes the add rule between QKᵀ and B/scale (the bias's share dropped), as in h
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import nn
 
-from .hf_beit import FLASH_REFUSAL
 from .protocol import (
     AttentionCore,
     BlockLinears,
@@ -35,6 +35,7 @@ from .protocol import (
     linear_point,
     no_relevance_pass,
 )
+from .relative_bias import RelativePositionBias, bypass_bias_module, takes_table
 from .timm import GammaBlocks, TimmViT, fused_qkv, scaled
 
 SUPPORTED_POOLING = ("token", "avg")
@@ -48,20 +49,29 @@ def beit_classes():
 
 def _attention_forward(core: AttentionCore, l: int):
     """timm Beit's ``Attention.forward`` with ``core`` in place of softmax(scale · q kᵀ + B) v; the block's bias
-    (gathered from its table) plus the shared one handed to the core."""
+    (its table, in table form) plus the shared one (table form, or dense where timm gathered it) handed to the
+    core."""
 
-    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    @takes_table
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias=None) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = fused_qkv(self, x)
         bias = shared_rel_pos_bias
         if self.relative_position_bias_table is not None:
-            own = self._get_rel_pos_bias()
+            own = table_form(self)
             bias = own if bias is None else own + bias
         scale = float(self.scale)
         o = core(l, q, k, v, scale) if bias is None else core(l, q, k, v, scale, bias=bias)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, -1)))
 
     return forward
+
+
+def table_form(module: nn.Module) -> RelativePositionBias:
+    """The table form of a timm Beit ``Attention``'s or shared ``RelativePositionBias``'s bias (its table, its
+    ``window_size``, the class token)."""
+    gh, gw = module.window_size
+    return RelativePositionBias(module.relative_position_bias_table, (int(gh), int(gw)), 1)
 
 
 class TimmBeit(GammaBlocks, TimmViT):
@@ -106,12 +116,17 @@ class TimmBeit(GammaBlocks, TimmViT):
         self.num_classes = int(model.num_classes) if model.num_classes > 0 else None
         self.has_bias = model.rel_pos_bias is not None or any(
             blk.attn.relative_position_bias_table is not None for blk in self.blocks)
-        self.flash_refusal = FLASH_REFUSAL if self.has_bias else None
+        self.flash_refusal = None
 
     # -- protocol ------------------------------------------------------------
     def replace_attention(self, layers: Sequence[int], core: AttentionCore, handles: list) -> None:
+        """The adapter's attention forward on ``layers``; the shared bias module bypassed (table form) while every
+        block runs it (module docstring)."""
         for l in layers:
             handles.append(PatchedForward(self.blocks[l].attn, _attention_forward(core, l)))
+        shared = self.model.rel_pos_bias
+        if shared is not None:
+            bypass_bias_module(shared, lambda: table_form(shared), handles, [blk.attn for blk in self.blocks])
 
     def attn_output(self, l: int, o: torch.Tensor) -> torch.Tensor:
         blk = self.blocks[l]

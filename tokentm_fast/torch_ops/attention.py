@@ -27,6 +27,13 @@ gradients, blocked in cache, several times faster than the same products as sepa
 the explanation sums (``t``, the row programs) and the held dV run the tiled loops above. Elsewhere (or
 where that operator is missing) every part runs the tiled loops.
 
+BEiT's relative position bias (``bias``, a ``models.relative_bias.RelativePositionBias``: the table ``(R, H)``, the
+grid, the class token) is added to ``scale · Q Kᵀ`` tile by tile: ``bias_tile`` gathers ``B`` for the tile's
+(image, head) groups and rows ``(G_t, Q_t, N)`` from the table by the relative position (an index tile
+``(Q_t, N)``, one gather; never an N×N tensor beyond the tile), and it is the ``baddbmm``'s addend with ``−ℓ_i``
+(``S_i + B_i − ℓ_i`` in one product). With a bias the CPU forward and backward run the tiled loops (PyTorch's
+fused CPU kernels take no bias here).
+
 The three functions have the signatures of the Triton wrappers (``flash_forward``, ``flash_backward``,
 ``attention_rows``); ``torch_attention()`` bundles them as the attention triple the flash path takes.
 """
@@ -80,11 +87,23 @@ def _flat(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return x.to(acc).reshape(-1, *x.shape[2:])
 
 
+def bias_tile(bias, heads: int, gs: slice, rs: slice, acc: torch.dtype) -> torch.Tensor:
+    """``B[h, i, j]`` ``(G_t, Q_t, N)`` of the groups ``gs`` (group g = image·H + head) and query rows ``rs``,
+    gathered from the table of ``bias`` (a ``RelativePositionBias``) in ``acc``."""
+    dev = bias.table.device
+    hs = torch.arange(gs.start, gs.stop, device=dev) % heads
+    return bias.tile(torch.arange(rs.start, rs.stop, device=dev), heads=hs).to(acc)
+
+
 def _probs(qa: torch.Tensor, kt: torch.Tensor, neg_lse: torch.Tensor, scale: float, gs: slice,
-           rs: slice) -> torch.Tensor:
-    """``P = exp(scale·Q Kᵀ − ℓ)`` on one tile ``(G_t, Q_t, N)``: one product with ``−ℓ (G, N, 1)`` as its
-    broadcast addend and ``scale`` as its factor (``baddbmm``), exponentiated in place."""
-    return torch.baddbmm(neg_lse[gs, rs].expand(-1, -1, kt.shape[-1]), qa[gs, rs], kt[gs], alpha=scale).exp_()
+           rs: slice, bias=None, heads: int = 1) -> torch.Tensor:
+    """``P = exp(scale·Q Kᵀ + B − ℓ)`` on one tile ``(G_t, Q_t, N)``: one product with ``−ℓ (G, N, 1)`` (plus the
+    bias tile, if any) as its addend and ``scale`` as its factor (``baddbmm``), exponentiated in place."""
+    if bias is None:
+        addend = neg_lse[gs, rs].expand(-1, -1, kt.shape[-1])
+    else:
+        addend = bias_tile(bias, heads, gs, rs, qa.dtype).add_(neg_lse[gs, rs])
+    return torch.baddbmm(addend, qa[gs, rs], kt[gs], alpha=scale).exp_()
 
 
 def _fused_cpu(*tensors: torch.Tensor) -> bool:
@@ -98,9 +117,10 @@ def _itemsize(acc: torch.dtype) -> int:
 
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  block: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``O (B, H, N, d)`` in q's dtype and ``ℓ (B, H, N)`` (float32; float64 for float64 inputs)."""
-    if block is None and _fused_cpu(q, k, v):
+                  block: Optional[int] = None, bias=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``O (B, H, N, d)`` in q's dtype and ``ℓ (B, H, N)`` (float32; float64 for float64 inputs) of
+    ``softmax(scale·Q Kᵀ + B) V``; ``bias``: None or a ``RelativePositionBias`` (B read from its table)."""
+    if block is None and bias is None and _fused_cpu(q, k, v):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         return o, lse.to(_acc(q.dtype))
     acc = _acc(q.dtype)
@@ -109,7 +129,10 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     o = torch.empty((b * h, n, v.shape[-1]), dtype=q.dtype, device=q.device)
     lse = torch.empty((b * h, n), dtype=acc, device=q.device)
     for gs, rs in _tiles(b * h, n, k.shape[2], _itemsize(acc), q.device, block):
-        s = torch.matmul(qa[gs, rs], kt[gs]).mul_(scale)
+        if bias is None:
+            s = torch.matmul(qa[gs, rs], kt[gs]).mul_(scale)
+        else:
+            s = torch.baddbmm(bias_tile(bias, h, gs, rs, acc), qa[gs, rs], kt[gs], alpha=scale)
         m = torch.logsumexp(s, dim=-1)
         o[gs, rs] = torch.matmul(s.sub_(m[..., None]).exp_(), va[gs]).to(q.dtype)
         lse[gs, rs] = m
@@ -119,26 +142,27 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 def flash_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     do: torch.Tensor, scale: float, row: Optional[torch.Tensor] = None, input_grads: Union[bool, str] = True,
-    block: Optional[int] = None,
+    block: Optional[int] = None, bias=None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(dq, dk, dv, t)`` as ``kernels.attention.flash_backward``: input gradients in q's dtype (None where
-    ``input_grads`` leaves them out) and ``t (B, H, N)`` when ``row (B, N)`` is given (None otherwise)."""
+    ``input_grads`` leaves them out) and ``t (B, H, N)`` when ``row (B, N)`` is given (None otherwise);
+    ``bias``: the forward's ``RelativePositionBias`` (or None)."""
     if input_grads not in (True, False, "v"):
         raise ValueError(f"input_grads must be True, False or 'v', got {input_grads!r}")
     all_grads, any_grads = input_grads is True, input_grads is not False
     if not any_grads and row is None:
         return None, None, None, None
-    if all_grads and block is None and _fused_cpu(q, k, v, o, do):
+    if all_grads and block is None and bias is None and _fused_cpu(q, k, v, o, do):
         # dQ, dK, dV from PyTorch's fused CPU kernel (its ℓ in its own dtype), then t alone if asked for
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do.contiguous(), q, k, v, o, lse.to(torch.float32 if q.dtype != torch.float64 else q.dtype),
             0.0, False, scale=scale)
         t = None if row is None else flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=False)[3]
         return dq, dk, dv, t
-    return _tiled_backward(q, k, v, o, lse, do, scale, row, all_grads, any_grads, block)
+    return _tiled_backward(q, k, v, o, lse, do, scale, row, all_grads, any_grads, block, bias)
 
 
-def _tiled_backward(q, k, v, o, lse, do, scale, row, all_grads, any_grads, block):
+def _tiled_backward(q, k, v, o, lse, do, scale, row, all_grads, any_grads, block, bias=None):
     """The tiled loop of ``flash_backward`` (module docstring), on ``G = B·H`` flattened groups."""
     acc = _acc(q.dtype)
     b, h, n, d = q.shape
@@ -154,7 +178,7 @@ def _tiled_backward(q, k, v, o, lse, do, scale, row, all_grads, any_grads, block
         delta = (doa * _flat(o, acc)).sum(-1, keepdim=True)                                  # δ (G, N, 1)
     for gs, rs in _tiles(b * h, n, k.shape[2], _itemsize(acc), q.device, block):
         do_i = doa[gs, rs]
-        p = _probs(qa, kt, neg_lse, scale, gs, rs)                                            # (G_t, Q_t, N)
+        p = _probs(qa, kt, neg_lse, scale, gs, rs, bias, h)                                   # (G_t, Q_t, N)
         if any_grads:
             dv[gs].baddbmm_(p.transpose(-1, -2), do_i)
         if not all_grads and row is None:
@@ -174,10 +198,10 @@ def _tiled_backward(q, k, v, o, lse, do, scale, row, all_grads, any_grads, block
 def attention_rows(
     row: torch.Tensor, scale: float, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None, do: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
-    block: Optional[int] = None,
+    block: Optional[int] = None, bias=None,
 ) -> torch.Tensor:
-    """``(B, H, N)``: ``Σ_i row[b, i] · P[b, h, i, j]`` (give q, k, lse) or ``· max(dP, 0)[b, h, i, j]``
-    (give do, v); ``row (B, R)`` over the R query rows of q (or do)."""
+    """``(B, H, N)``: ``Σ_i row[b, i] · P[b, h, i, j]`` (give q, k, lse; and the forward's ``bias``, if any) or
+    ``· max(dP, 0)[b, h, i, j]`` (give do, v); ``row (B, R)`` over the R query rows of q (or do)."""
     probs = q is not None
     ref, other = (q, k) if probs else (do, v)
     acc = _acc(ref.dtype)
@@ -188,7 +212,8 @@ def attention_rows(
     rows = row.to(acc).repeat_interleave(h, dim=0)[:, None]                                  # (G, 1, R)
     t = torch.zeros((b * h, 1, n), dtype=acc, device=ref.device)
     for gs, rs in _tiles(b * h, r, n, _itemsize(acc), ref.device, block):
-        f = _probs(left, right, neg_lse, scale, gs, rs) if probs else torch.matmul(left[gs, rs], right[gs]).clamp_min_(0)
+        f = (_probs(left, right, neg_lse, scale, gs, rs, bias, h) if probs
+             else torch.matmul(left[gs, rs], right[gs]).clamp_min_(0))
         t[gs].baddbmm_(rows[gs, :, rs], f)
     return t.reshape(b, h, n)
 
@@ -198,9 +223,15 @@ def torch_attention():
     the flash path (``paths.Flash``)."""
     from ..kernels._utils import AttentionKernels
 
-    def backward(q, k, v, o, lse, do, scale, row=None, input_grads=True):
-        return flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=input_grads)
+    def forward(q, k, v, scale, bias=None):
+        return flash_forward(q, k, v, scale, bias=bias)
+
+    def backward(q, k, v, o, lse, do, scale, row=None, input_grads=True, bias=None):
+        return flash_backward(q, k, v, o, lse, do, scale, row=row, input_grads=input_grads, bias=bias)
+
+    def rows(row, scale, q=None, k=None, lse=None, do=None, v=None, bias=None):
+        return attention_rows(row, scale, q=q, k=k, lse=lse, do=do, v=v, bias=bias)
 
     from .attention_relevance import attention_relevance
 
-    return AttentionKernels(flash_forward, backward, attention_rows, attention_relevance)
+    return AttentionKernels(forward, backward, rows, attention_relevance)

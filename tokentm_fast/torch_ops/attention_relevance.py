@@ -17,6 +17,17 @@ the forward's output and ``R_O`` the relevance at O ``(N, d)``, the rules of ``l
 (N, N) tensor: ``(G_t, Q_t, N)`` tiles over the G = B·H (image, head) pairs and the query rows, sized as the
 flash twin's (``torch_ops.attention.tile_shape``). Transformer attribution's row update reads ``t`` with ∇A
 from the gradient backward's ``dO``; partial LRP reads it without.
+
+BEiT's relative position bias (``bias``, a ``RelativePositionBias``; logits ``scale·(Z + B/scale)``): P carries
+the bias tile (``torch_ops.attention.bias_tile``), and the logits' relevance R^A is split between Z and
+``B' = B/scale`` by the add rule (``lrp_rules.add``, as the materialized pass does) before the product rule::
+
+    s_ij   = R^A_ij ⊘ (Z_ij + B'_ij)         R_Z,ij = c_b · Z_ij s_ij        S_Z = R_Z ⊘ Z
+
+``c_b = 1`` for the ``"classic"`` rules; ``"ours"`` rescales per image b so that the two shares keep the ratio
+``|Σ Z⊙s| : |Σ B'⊙s|`` and add up to ``Σ R^A`` (sums over every head and tile), ``c_b = (|a_b| / (|a_b| + |b_b|))
+· Σ R^A ⊘ a_b`` with ``a_b = Σ Z⊙s``, ``b_b = Σ B'⊙s``: a first pass over the tiles forms the three sums (R^A
+needs only P and S_O), the second pass the relevances. The bias's share is dropped.
 """
 from __future__ import annotations
 
@@ -25,7 +36,10 @@ from typing import Optional, Tuple
 import torch
 
 from ..kernels._utils import STABILISER
-from .attention import _acc, _flat, _itemsize, _tiles
+from .attention import _acc, _flat, _itemsize, _tiles, bias_tile
+
+#: the rule sets of the logits' add rule (``lrp_rules.add``)
+LOGIT_RULES = ("ours", "classic")
 
 
 def _safe_divide_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -39,7 +53,7 @@ def _safe_divide_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def attention_relevance(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, r_o: torch.Tensor,
     scale: float, row: Optional[torch.Tensor] = None, do: Optional[torch.Tensor] = None,
-    block: Optional[int] = None,
+    block: Optional[int] = None, bias=None, rules: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(R_Q, R_K, R_V, t)`` (module docstring) of one attention.
 
@@ -51,11 +65,16 @@ def attention_relevance(
         row: ``(B, N)`` weights of the query rows for ``t``, or None (no ``t``).
         do: ``(B, H, N, d)`` ∂s/∂O of the gradient backward (∇A = dO Vᵀ in ``t``), or None.
         block: query rows per tile over every head (tests); default ``tile_shape``.
+        bias: the forward's ``RelativePositionBias`` (BEiT), or None.
+        rules: with a bias, the add rule's rule set between Z and B/scale, ``"ours"`` or ``"classic"``.
 
     Returns:
         ``R_Q, R_K, R_V`` ``(B, H, N, d)`` and ``t`` ``(B, H, N)`` (None without ``row``), in the
         accumulation dtype (float32; float64 for float64 inputs).
     """
+    if bias is not None and rules not in LOGIT_RULES:
+        raise ValueError(f"the relevance through a bias of the logits needs the rule set, one of {LOGIT_RULES}; "
+                         f"got {rules!r}")
     acc = _acc(q.dtype)
     b, h, n, d = q.shape
     qa, ka, va = _flat(q, acc), _flat(k, acc), _flat(v, acc)
@@ -68,22 +87,51 @@ def attention_relevance(
     r_k = torch.zeros((b * h, n, d), dtype=acc, device=q.device)
     r_v = torch.zeros((b * h, n, v.shape[-1]), dtype=acc, device=q.device)
     t = torch.zeros((b * h, 1, n), dtype=acc, device=q.device) if row is not None else None
-    for gs, rs in _tiles(b * h, n, n, _itemsize(acc), q.device, block):
-        q_i, s_i = qa[gs, rs], s_o[gs, rs]
-        z = torch.matmul(q_i, kt[gs])                                                        # Z (G_t, Q_t, N)
-        p = torch.add(neg_lse[gs, rs], z, alpha=scale).exp_()                               # P from Z
-        r_v[gs].baddbmm_(p.transpose(-1, -2), s_i)                                            # Σ_i P_ij S_O,i
-        ra = torch.matmul(s_i, vt[gs]).mul_(p).mul_(0.5)                                      # R^A
-        del p
+    tiles = list(_tiles(b * h, n, n, _itemsize(acc), q.device, block))
+
+    def relevance_tile(gs: slice, rs: slice):
+        """Z, R^A and the scaled bias tile B' = B/scale (None without a bias) of one tile."""
+        z = torch.matmul(qa[gs, rs], kt[gs])                                                  # Z (G_t, Q_t, N)
+        b_s = None if bias is None else bias_tile(bias, h, gs, rs, acc).div_(scale)          # B' = B / scale
+        logits = z if b_s is None else z + b_s
+        p = torch.add(neg_lse[gs, rs], logits, alpha=scale).exp_()                          # P from Z (+ B')
+        r_v[gs].baddbmm_(p.transpose(-1, -2), s_o[gs, rs])                                    # Σ_i P_ij S_O,i
+        ra = torch.matmul(s_o[gs, rs], vt[gs]).mul_(p).mul_(0.5)                              # R^A
+        return z, ra, b_s
+
+    share = _logit_shares(tiles, relevance_tile, b, h, acc, q.device) if bias is not None and rules == "ours" \
+        else None
+    r_v.zero_()
+    for gs, rs in tiles:
+        z, ra, b_s = relevance_tile(gs, rs)
         if t is not None:
             f = ra.clamp_min(0) if doa is None else torch.matmul(doa[gs, rs], vt[gs]).mul_(ra).clamp_min_(0)
             t[gs].baddbmm_(rows[gs, :, rs], f)
             del f
+        if b_s is not None:                                                                   # Z's share of R^A
+            ra = _safe_divide_(ra, z + b_s).mul_(z)
+            if share is not None:
+                ra.mul_(share[gs, None, None])
         s_z = _safe_divide_(ra, z)                                                            # S_Z, in place
         r_q[gs, rs] = torch.matmul(s_z, ka[gs])
-        r_k[gs].baddbmm_(s_z.transpose(-1, -2), q_i)
+        r_k[gs].baddbmm_(s_z.transpose(-1, -2), qa[gs, rs])
     r_q.mul_(qa).mul_(0.5)
     r_k.mul_(ka).mul_(0.5)
     r_v.mul_(va).mul_(0.5)
     out = tuple(x.reshape(b, h, n, -1) for x in (r_q, r_k, r_v))
     return (*out, None if t is None else t.reshape(b, h, n))
+
+
+def _logit_shares(tiles, relevance_tile, b: int, h: int, acc: torch.dtype, device) -> torch.Tensor:
+    """``c`` per group ``(G,)`` (each image's factor repeated over its heads): the first pass of the ``"ours"``
+    add rule between Z and B' (module docstring) over every tile, ``c_b = |a_b| / (|a_b| + |b_b|) · Σ R^A ⊘ a_b``."""
+    sums = torch.zeros((3, b * h), dtype=acc, device=device)                                 # Σ Z⊙s, Σ B'⊙s, Σ R^A
+    for gs, rs in tiles:
+        z, ra, b_s = relevance_tile(gs, rs)
+        sums[2, gs] += ra.sum((1, 2))
+        s = _safe_divide_(ra, z + b_s)
+        sums[0, gs] += (z * s).sum((1, 2))
+        sums[1, gs] += s.mul_(b_s).sum((1, 2))
+    sa, sb, total = sums.reshape(3, b, h).sum(-1)                                           # per image
+    fa = _safe_divide_(sa.abs(), sa.abs() + sb.abs()).mul_(total)
+    return _safe_divide_(fa, sa.clone()).repeat_interleave(h)

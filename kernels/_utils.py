@@ -278,9 +278,13 @@ class AttentionKernels(NamedTuple):
     """One implementation of the explanation attention (the signatures of the wrappers of
     ``kernels.attention`` and of their PyTorch twin ``tokentm_fast.torch_ops.attention``)."""
 
-    forward: Callable  # (q, k, v, scale) -> (o, lse)
-    backward: Callable  # (q, k, v, o, lse, do, scale, row=None, input_grads=True | False | "v") -> (dq, dk, dv, t)
-    rows: Callable  # (row, scale, q=, k=, lse= | do=, v=) -> t (B, H, N)
-    #: (q, k, v, o, lse, r_o, scale, row=None, do=None) -> (r_q, r_k, r_v, t): the relevance pass through the
-    #: attention (``kernels.attention_relevance`` / ``torch_ops.attention_relevance``)
+    #: ``bias``: None or an additive bias of the logits in table form (BEiT's relative position bias,
+    #: ``tokentm_fast.models.relative_bias.RelativePositionBias``: ``table (R, H)``, ``grid``, ``prefix``), read
+    #: inside the tiles wherever P is formed; callers pass it only where the model has one
+    forward: Callable  # (q, k, v, scale, bias=None) -> (o, lse)
+    backward: Callable  # (q, k, v, o, lse, do, scale, row=None, input_grads=True | False | "v", bias=None) -> (dq, dk, dv, t)
+    rows: Callable  # (row, scale, q=, k=, lse=, bias=None | do=, v=) -> t (B, H, N)
+    #: (q, k, v, o, lse, r_o, scale, row=None, do=None, bias=None, rules=None) -> (r_q, r_k, r_v, t): the relevance
+    #: pass through the attention (``kernels.attention_relevance`` / ``torch_ops.attention_relevance``); with a
+    #: bias, ``rules`` ("ours" / "classic") splits R^A between QKᵀ and B/scale (the add rule)
     relevance: Optional[Callable] = None

@@ -185,6 +185,80 @@ def test_the_pytorch_twin_is_a_fast_oracle(b, h, n, d, dtype):
                 twin.attention_rows(cpu[4], scale, do=cpu[3], v=cpu[2], block=16)) <= TOL[dtype]
 
 
+# --------------------------------------------------------------------------- BEiT's relative position bias
+def _written_bias(table: torch.Tensor, grid) -> torch.Tensor:
+    """``B (H, N, N)`` float64 of a ``(R, H)`` table, the index rule written out token pair by token pair: patches
+    i, j (row-major on the (gh, gw) grid, after the class token) read entry (yi − yj + gh − 1)(2gw − 1) +
+    (xi − xj + gw − 1); the class token's query row R − 3, its key column R − 2, the corner R − 1."""
+    gh, gw = grid
+    r = (2 * gh - 1) * (2 * gw - 1) + 3
+    n = 1 + gh * gw
+    index = torch.empty(n, n, dtype=torch.long)
+    for i in range(n):
+        for j in range(n):
+            if i == 0 or j == 0:
+                index[i, j] = r - 1 if i == j == 0 else (r - 3 if i == 0 else r - 2)
+            else:
+                (yi, xi), (yj, xj) = divmod(i - 1, gw), divmod(j - 1, gw)
+                index[i, j] = (yi - yj + gh - 1) * (2 * gw - 1) + (xi - xj + gw - 1)
+    return table.double().cpu()[index].permute(2, 0, 1)
+
+
+BIAS_CASES = [  # (B, H, grid, d, dtype): N = 37, 50, 37 (non-square grid, a head width that is not a power of two)
+    (2, 2, (6, 6), 32, torch.float32),
+    (2, 3, (7, 7), 64, torch.bfloat16),
+    (1, 2, (4, 9), 80, torch.float32),
+]
+
+
+@pytest.mark.parametrize("impl", ["triton", "twin"])
+@pytest.mark.parametrize("b,h,grid,d,dtype", BIAS_CASES)
+def test_programs_with_a_bias_match_full_matrices(impl, b, h, grid, d, dtype):
+    """The programs that form P with BEiT's bias read from its table (forward, dK/dV with the explanation sums,
+    dQ, the held dV, the row sums against P) against float64 full matrices with the bias written out by the index
+    rule (``_written_bias``) and autograd through softmax(scale·QKᵀ + B)V; the twin on tiles of 16 query rows.
+    The bias matters: the unbiased forward is far from the biased one."""
+    from tokentm_fast.kernels import attention as A
+    from tokentm_fast.models.relative_bias import RelativePositionBias
+    from tokentm_fast.torch_ops import attention as twin
+
+    n = 1 + grid[0] * grid[1]
+    q, k, v = _qkv(b, h, n, d, dtype, seed=21)
+    g = torch.Generator().manual_seed(22)
+    table = torch.randn((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, h, generator=g) * 2.0
+    do = torch.randn(b, h, n, d, generator=g).to(DEVICE, dtype)
+    row = torch.rand(b, n, generator=g)
+    scale = d ** -0.5
+    if impl == "triton":
+        bias = RelativePositionBias(table.to(DEVICE), grid, 1)
+        fwd, bwd, rows, kw = A.flash_forward, A.flash_backward, A.attention_rows, {}
+        row = row.to(DEVICE)
+    else:
+        q, k, v, do = (t.cpu() for t in (q, k, v, do))
+        bias = RelativePositionBias(table, grid, 1)
+        fwd, bwd, rows, kw = twin.flash_forward, twin.flash_backward, twin.attention_rows, {"block": 16}
+
+    dense = _written_bias(table, grid)
+    q64, k64, v64 = (t.double().cpu().requires_grad_(True) for t in (q, k, v))
+    p = torch.softmax(scale * q64 @ k64.transpose(-1, -2) + dense, -1)
+    o_ref = p @ v64
+    o_ref.backward(do.double().cpu())
+    p = p.detach()
+    dp = do.double().cpu() @ v64.detach().transpose(-1, -2)
+    t_ref = torch.einsum("bi,bhij->bhj", row.double().cpu(), (p * dp).clamp(min=0))
+    rows_ref = torch.einsum("bi,bhij->bhj", row.double().cpu(), p)
+
+    o, lse = fwd(q, k, v, scale, bias=bias, **kw)
+    assert _rel(o.cpu(), o_ref.detach()) <= TOL[dtype]
+    assert _rel(fwd(q, k, v, scale, **kw)[0].cpu(), o_ref.detach()) > 0.1    # the bias matters
+    dq, dk, dv, t = bwd(q, k, v, o, lse, do, scale, row=row, bias=bias, **kw)
+    for name, got, want in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad), ("t", t, t_ref)):
+        assert _rel(got.cpu(), want) <= TOL[dtype], name
+    _, _, dv_held, _ = bwd(q, k, v, o, lse, do, scale, input_grads="v", bias=bias, **kw)
+    assert _rel(dv_held.cpu(), p.transpose(-1, -2) @ do.double().cpu()) <= TOL[dtype]
+    assert _rel(rows(row, scale, q=q, k=k, lse=lse, bias=bias, **kw).cpu(), rows_ref) <= TOL[dtype]
+
+
 def test_autograd_function_gives_the_gradients_of_plain_attention():
     """ExplanationAttention's dQ, dK, dV equal autograd through softmax(scale·QKᵀ)V, and its
     row state advances by s + mean_h(t) ⊙ w_attn with s = r ⊙ (1 + w_mlp)."""

@@ -103,8 +103,7 @@ class RelevancePass:
         self.num_head = len(head)
         self.head_weights = [p.weight for p in head]
         self.weights = {key: p.weight for key, p in points.items()}
-        #: ("attn_out", the heads' output merged, is the recorded input of the block's ``proj``: one copy)
-        self.keys = ("x_in", "q", "k", "bias", "values", "y", "mlp_out")
+        self.keys = ("x_in", "q", "k", "bias", "values", "attn_out", "y", "mlp_out")
         self.recorder: Optional[LayerRecorder] = None
         self.points = PointRecorder(points)
         #: the linear maps whose output the forward records, less the bias: ``x Wᵀ`` without a product
@@ -121,8 +120,6 @@ class RelevancePass:
         if self.pool is not None:
             self.pool.install(handles)
         output = self.vit.forward(self.images)
-        for l in self.layers:
-            self.recorder.records[l]["attn_out"] = self.points.values[(l, "proj")]
         if "conv_in" in self.points.values and self.points.values["conv_in"].shape != self.images.shape:
             raise no_relevance_pass("this patch embedding: its convolution does not read the pixels")
         return output

@@ -30,10 +30,11 @@ layers read their inputs: ``relevance_linears(l)``, ``head_linears()`` and ``emb
 plus the token layout (``num_prefix_tokens``, ``has_class_token``,
 ``pooling``, one of ``POOLINGS``) and ``num_classes`` (``None`` when the output is an embedding).
 
-A family whose attention adds a bias to the logits (BEiT's relative position bias) hands the core
-``bias (1 or B, H, N, N)``: the materialized path computes ``softmax(scale · Q Kᵀ + bias)``; the flash
-kernels do not read a bias yet, and the adapter's ``flash_refusal`` says so (the entry then refuses
-``attention="flash"`` and ``"auto"`` takes the materialized path).
+A family whose attention adds a bias to the logits (BEiT's relative position bias) hands the core that bias
+in table form (``relative_bias.RelativePositionBias``: the table, the grid, the prefix) where it is a table
+lookup, or ``bias (1 or B, H, N, N)`` where it is not (Hugging Face's ``interpolate_pos_encoding``): the
+materialized path computes ``softmax(scale · Q Kᵀ + bias)`` (writing a table out), the flash kernels read the
+table inside their tiles and refuse a dense bias with the reason.
 """
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-#: ``core(l, q, k, v, scale, bias=None) -> o``; q, k, v, o: (B, H, N, d); bias: None or (1 or B, H, N, N), added to
-#: the logits ``scale · Q Kᵀ`` before the softmax. A call site passes ``bias`` only when its model has one, so a core
-#: of a bias-free model may take five arguments.
+#: ``core(l, q, k, v, scale, bias=None) -> o``; q, k, v, o: (B, H, N, d); bias: None, a ``RelativePositionBias`` (the
+#: table form) or (1 or B, H, N, N), added to the logits ``scale · Q Kᵀ`` before the softmax. A call site passes
+#: ``bias`` only when its model has one, so a core of a bias-free model may take five arguments.
 AttentionCore = Callable[..., torch.Tensor]
 
 _MISSING = object()
@@ -190,7 +191,8 @@ class ViTAdapter(abc.ABC):
     def replace_attention(self, layers: Sequence[int], core: AttentionCore, handles: list) -> None:
         """Make block l's attention (for each l in layers) compute ``o = core(l, q, k, v, scale)``
         instead of ``softmax(scale · q kᵀ) v`` (``core(l, q, k, v, scale, bias=B)`` instead of
-        ``softmax(scale · q kᵀ + B) v`` where the model adds a bias ``B (1 or B, H, N, N)`` to the logits).
+        ``softmax(scale · q kᵀ + B) v`` where the model adds a bias to the logits: a ``RelativePositionBias``
+        where it is a table lookup, else ``B (1 or B, H, N, N)``).
 
         q, k, v: ``(B, H, N, d)`` after any q/k normalisation and before scaling;
         scale: the model's own softmax scale (float); o: ``(B, H, N, d)`` in q's

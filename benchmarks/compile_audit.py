@@ -10,6 +10,10 @@ registers per SM allocated per warp in units of 256, 228 KB shared memory per SM
 
     python benchmarks/compile_audit.py --jobs 2 --out benchmarks/results/compile-sm90   # the full audit
     python benchmarks/compile_audit.py --kernel forward --dtype bf16                    # a part of it
+    python benchmarks/compile_audit.py --jobs 1 --kernel "relevance q" --out benchmarks/results/compile-sm90 --merge
+
+``--merge`` replaces only the recompiled part's rows in the committed audit (``merged``: refused unless the rows it
+keeps were compiled from the current sources of their kernel modules, with this Triton and torch).
 
 Run without TRITON_INTERPRET; each compile uses its own temporary TRITON_CACHE_DIR; the compiles run in
 parallel over ``--jobs`` processes (default: every core).
@@ -26,6 +30,9 @@ paths by ``tests/test_compile_audit.py`` (``recorded_launches``):
   blocks between chosen TokenTM layers) and with the GAE accumulator with and without input gradients,
   dV alone (``GRADS_V``: conservative LRP's backward with the attention held constant), dQ, both
   ``attention_rows`` modes, the δ kernel;
+* the relevance programs (``kernels/attention_relevance.py``): the same BLOCK_D classes, bf16 / fp16 and float32
+  with IEEE products only (they never use TF32), the key program without t (lrp), with partial LRP's row sum
+  and with transformer attribution's (dO read), and the query program;
 * the other kernels: the head-fusion modes, weights as tensors or constants as the explain paths pass
   them, SPLIT_OUT both ways (chosen at run time from the device's SM count), LeGrad's accumulate flag,
   the NECC normalisation's block sizes and the finalize kernels' Q blocks.
@@ -64,6 +71,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import sys
 import tempfile
 import textwrap
@@ -80,7 +88,8 @@ REG_UNIT = 256  # registers are allocated per warp in units of 256
 SMEM_RESERVED = 1024  # shared memory the system reserves per CTA (sm_80 and later)
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 DTYPES = ("bf16", "fp16", "fp32")
-KERNEL_MODULES = ("attention", "transform_weights", "row_update", "matrix_update", "head_fusion", "legrad_reduce")
+KERNEL_MODULES = ("attention", "transform_weights", "row_update", "matrix_update", "head_fusion", "legrad_reduce",
+                  "attention_relevance")
 #: default launch options of Triton's CUDA backend (kernels launched without a config)
 DEFAULT_WARPS, DEFAULT_STAGES = 4, 3
 
@@ -97,6 +106,9 @@ def _bools(*names):
 #: tokentm (gae, tensors), tokentm head_fusion="decoupled" (tensors), gae (gae, constants), rollout (mean
 #: fusion with constants). The row update always launches one row per program (BLOCK_Q = 1).
 _UPDATE_MODES = [(0, True, True), (1, True, True), (0, False, False), (2, False, False)]
+
+#: the relevance programs' pointers in the model's dtype (R_O, ℓ, the row and the outputs are float32)
+_RELEVANCE_MODEL = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr"}
 
 #: name -> what the wrappers launch. "model": pointers in the model's dtype (all others float32);
 #: "variants": constexpr dicts; "configs": "table:<kind>" (attention table), "module:<ATTR>" (the module's GPU
@@ -147,8 +159,21 @@ SPECS = {
                           variants=_bools("ACCUMULATE", "SPLIT_OUT"), configs="module:GPU_CONFIGS"),
     "legrad_finalize": dict(module="legrad_reduce", attr="_legrad_finalize_kernel", model=set(),
                             variants=_bools("ACCUMULATE"), configs=[({"BLOCK": 128}, 4, DEFAULT_STAGES)]),
+    # the relevance programs (kernels/attention_relevance.py): the key program without t (lrp), with partial
+    # LRP's row sum (ROW = 1) and with transformer attribution's (ROW = 2: ∇A from dO), and the query program
+    "relevance kv": dict(module="attention_relevance", attr="_relevance_kv_kernel", model=_RELEVANCE_MODEL,
+                         variants=[{"ROW": 0}], configs="table:rel_kv"),
+    "relevance kv+rows": dict(module="attention_relevance", attr="_relevance_kv_kernel", model=_RELEVANCE_MODEL,
+                              variants=[{"ROW": 1}], configs="table:rel_kv"),
+    "relevance kv+grad rows": dict(module="attention_relevance", attr="_relevance_kv_kernel",
+                                   model=_RELEVANCE_MODEL, variants=[{"ROW": 2}], configs="table:rel_kv"),
+    "relevance q": dict(module="attention_relevance", attr="_relevance_q_kernel",
+                        model={"q_ptr", "k_ptr", "v_ptr", "o_ptr"}, variants=[{}], configs="table:rel_q"),
 }
 ATTENTION_KERNELS = tuple(k for k, s in SPECS.items() if s["module"] == "attention")
+#: the relevance programs: attention tiles (BLOCK_D classes); every product IEEE float32 on float32 tiles (16-bit
+#: inputs upcast on load) whatever torch's TF32 switch says: one class per dtype, no IEEE / UPCAST constexprs
+RELEVANCE_KERNELS = tuple(k for k, s in SPECS.items() if s["module"] == "attention_relevance")
 
 #: a shape large enough that no pruning hook drops a configuration for its size
 _LARGE = {"N": 1 << 16, "D": 1 << 16, "Q": 1 << 16, "R": 1 << 16, "H": 16, "B": 1, "L": 1}
@@ -168,8 +193,15 @@ def ctas_per_sm(regs: int, num_warps: int, smem: int) -> int:
 
 
 def _module(name):
+    """``tokentm_fast.kernels.<name>``. The package's wrappers are resolved first: it serves them lazily (module
+    ``__getattr__``), and importing a kernel module before would leave the package attribute of the same name
+    (``transform_weights``, ...) bound to the module, which the explain paths would then call."""
     import importlib
 
+    kernels = importlib.import_module("tokentm_fast.kernels")
+    for wrapper in getattr(kernels, "_WRAPPERS", ()):
+        if not callable(kernels.__dict__.get(wrapper)):
+            getattr(kernels, wrapper)
     return importlib.import_module("tokentm_fast.kernels." + name)
 
 
@@ -384,10 +416,11 @@ def _recording(out):
 def _attention_calls(b, h, n, d, dtype):
     """The attention wrappers as the flash paths call them: q, k, v as timm / ``nn.MultiheadAttention`` slice
     them from one qkv projection, as Hugging Face views three projections, and contiguous (timm's q / k norm);
-    dO as autograd hands it back through ``o.transpose(1, 2).reshape(B, N, C)``."""
+    dO as autograd hands it back through ``o.transpose(1, 2).reshape(B, N, C)``; the relevance pass's O, R_O
+    and dO (``kernels.attention_relevance``)."""
     import torch
 
-    A = _module("attention")
+    A, R = _module("attention"), _module("attention_relevance")
     meta = {"device": "meta", "dtype": dtype}
     c = h * d
     qkv = torch.empty(b, n, 3 * c, **meta).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
@@ -406,6 +439,12 @@ def _attention_calls(b, h, n, d, dtype):
                 A.flash_backward(q, k, v, o, lse, do, 0.125, row=r, input_grads=grads)
         A.attention_rows(row, 0.125, q=q, k=k, lse=lse)
         A.attention_rows(row, 0.125, do=do, v=v)
+        # the relevance pass: O and V as the flash path splits the block's tensors into heads, R_O float32 as a
+        # view of (B, N, C) or contiguous; no t (lrp), partial LRP's t, transformer attribution's (dO)
+        o_heads = views()
+        for r_o in (views().float(), torch.empty(b, h, n, d, device="meta", dtype=torch.float32)):
+            for r, g in ((None, None), (row, None), (row, do)):
+                R.attention_relevance(q, k, v, o_heads, lse, r_o, 0.125, row=r, do=g)
 
 
 def _engine_calls(b, h, n, class_token, dtype):
@@ -507,7 +546,8 @@ def jobs(kernels=None, dtypes=None, widths=HEAD_WIDTHS, tokens=None):
     for name, spec in SPECS.items():
         if kernels and name not in kernels:
             continue
-        blocks = sorted({max(16, _next_pow2(d)) for d in widths}) if spec["module"] == "attention" else [None]
+        tiled = spec["module"] in ("attention", "attention_relevance")  # BLOCK_D classes
+        blocks = sorted({max(16, _next_pow2(d)) for d in widths}) if tiled else [None]
         for dt, ieee in _dtype_classes(name):
             if dtypes and dt not in dtypes and spec["model"]:
                 continue
@@ -619,11 +659,12 @@ def run(jobs_list, workers=None):
         return list(ex.map(compile_one, jobs_list, chunksize=1))
 
 
-def source_fingerprint() -> str:
+def source_fingerprint(modules=KERNEL_MODULES) -> str:
     """sha256 of the source of every ``@triton.jit`` function in kernels/ (not the line numbers, not the
-    wrappers): the committed audit is current when this matches."""
+    wrappers): the committed audit is current when this matches. ``modules``: only these kernel modules (in
+    this order; the jit helpers a module imports count as its own)."""
     h = hashlib.sha256()
-    for name in KERNEL_MODULES:
+    for name in modules:
         mod = _module(name)
         for attr in sorted(vars(mod)):
             obj = getattr(mod, attr)
@@ -661,12 +702,72 @@ def summary(rows):
     return out
 
 
-def write(rows, out_dir, command, seconds):
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def module_fingerprints() -> dict:
+    """``{kernel module: source_fingerprint of it alone}``: what a partial run (``merged``) checks the rows it
+    keeps against."""
+    return {m: source_fingerprint((m,)) for m in KERNEL_MODULES}
+
+
+def _replaced(row, kernels, dtypes) -> bool:
+    """Whether a committed row belongs to the part a run of ``jobs(kernels, dtypes)`` recompiles."""
+    if row["kernel"] not in kernels:
+        return False
+    return not dtypes or not SPECS[row["kernel"]]["model"] or row["dtype"].split()[0] in dtypes
+
+
+def merged(old: dict, rows, kernels, dtypes, command: str, seconds: float):
+    """The committed audit ``old`` (``{"meta", "rows"}``) with the part a partial run recompiled (the rows of
+    ``kernels``, of ``dtypes`` when given) replaced by ``rows``: ``(rows, meta)``.
+
+    Refused (``ValueError``) unless the rows it keeps are current: made with this Triton and torch, and every
+    kernel module they come from has the source it had when they were compiled (its entry of the committed
+    ``module_fingerprints``; an audit from before those were recorded: its ``source_fingerprint`` over the
+    modules its rows come from). The meta then carries the current fingerprints and the partial run in
+    ``merges``."""
+    now = versions()
+    for key in ("triton", "torch"):
+        if old["meta"].get(key) != now[key]:
+            raise ValueError(f"the committed audit was made with {key} {old['meta'].get(key)}, this is "
+                             f"{now[key]}: run the full audit")
+    kept = [r for r in old["rows"] if not _replaced(r, kernels, dtypes)]
+    modules = [m for m in KERNEL_MODULES if any(SPECS[r["kernel"]]["module"] == m for r in kept if r["kernel"] in SPECS)]
+    if any(r["kernel"] not in SPECS for r in kept):
+        raise ValueError(f"the committed audit has rows of kernels no longer audited: "
+                         f"{sorted({r['kernel'] for r in kept if r['kernel'] not in SPECS})}; run the full audit")
+    recorded = old["meta"].get("module_fingerprints")
+    current = module_fingerprints()
+    if recorded is not None:
+        stale = [m for m in modules if recorded.get(m) != current[m]]
+    else:
+        stale = [] if old["meta"]["source_fingerprint"] == source_fingerprint(tuple(modules)) else modules
+    if stale:
+        raise ValueError(f"kernel sources changed since the committed rows of {stale} were compiled: re-run "
+                         "those kernels too, or the full audit")
+    order = {k: i for i, k in enumerate(SPECS)}
+    rows = sorted(kept + list(rows), key=lambda r: order[r["kernel"]])  # stable: each part keeps its order
+    meta = dict(old["meta"], source_fingerprint=source_fingerprint(), module_fingerprints=current,
+                compile_s=round(sum(r["compile_s"] for r in rows), 1))
+    meta["merges"] = list(old["meta"].get("merges", [])) + [
+        {"command": command, "date": _now(), "kernels": sorted(kernels), "dtypes": sorted(dtypes or []),
+         "rows": len(rows) - len(kept), "wall_s": round(seconds, 1)}]
+    return rows, meta
+
+
+def write(rows, out_dir, command, seconds, merge=None):
+    """audit.json and audit.md in ``out_dir``. ``merge = (kernels, dtypes)``: a partial run, merged into the
+    committed audit there (``merged``)."""
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "target": "cuda sm_90 (H100), warp 32", "wall_s": round(seconds, 1),
+    meta = {"command": command, "date": _now(), "target": "cuda sm_90 (H100), warp 32", "wall_s": round(seconds, 1),
             "compile_s": round(sum(r["compile_s"] for r in rows), 1),
-            "source_fingerprint": source_fingerprint(), **versions()}
+            "source_fingerprint": source_fingerprint(), "module_fingerprints": module_fingerprints(), **versions()}
+    if merge is not None:
+        with open(os.path.join(out_dir, "audit.json")) as f:
+            rows, meta = merged(json.load(f), rows, merge[0], merge[1], command, seconds)
+        command = meta["command"]
     with open(os.path.join(out_dir, "audit.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=0)
     bad = failures(rows)
@@ -675,6 +776,8 @@ def write(rows, out_dir, command, seconds):
     lines = ["# Compile audit, sm_90 (H100), every kernel in kernels/\n",
              f"Regenerate: `{command}` (no GPU; Triton's bundled ptxas)  ", f"Date: {meta['date']}  ",
              versions_line,
+             *[f"Merged: `{m['command']}` on {m['date']}: {m['rows']} rows of {', '.join(m['kernels'])}  "
+               for m in meta.get("merges", [])],
              f"Compiles: {len(rows)}; failing (spills > 0, smem > 227 KB or < 1 CTA/SM): {len(bad)}\n",
              "Each configuration is compiled with every launch signature the scenarios of "
              "`compile_audit.realistic_launches` give its variant (Triton's specialisation of the call's integers: "
@@ -766,7 +869,12 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write audit.md / audit.json here")
     p.add_argument("--kernel", action="append", choices=list(SPECS), help="only these kernels (repeatable)")
     p.add_argument("--dtype", action="append", choices=list(DTYPES))
+    p.add_argument("--merge", action="store_true",
+                   help="with --out and --kernel / --dtype: replace only those rows of the committed audit.json "
+                        "there (refused when the rows it keeps are not current)")
     a = p.parse_args(argv)
+    if a.merge and not (a.out and (a.kernel or a.dtype)):
+        p.error("--merge needs --out and --kernel or --dtype")
     os.environ.pop("TRITON_INTERPRET", None)
     t0 = time.perf_counter()
     todo = jobs(a.kernel, a.dtype)
@@ -778,8 +886,8 @@ def main(argv=None):
         print("FAIL", json.dumps(r), file=sys.stderr)
     print(f"{len(rows)} compiles in {dt:.0f} s; {len(bad)} failing", file=sys.stderr)
     if a.out:
-        write(rows, a.out, "python benchmarks/compile_audit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              dt)
+        write(rows, a.out, "python benchmarks/compile_audit.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+              dt, merge=(a.kernel or list(SPECS), a.dtype) if a.merge else None)
     return 1 if bad else 0
 
 

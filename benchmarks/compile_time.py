@@ -1,5 +1,6 @@
-"""Cold compile time of what one flash-path ``explain(method="tokentm")`` needs, and (``--gpu``) the first-call
-and second-process latency on CUDA.
+"""Cold compile time of what one flash-path ``explain(method="tokentm")`` needs (or, ``--set relevance``, the
+relevance programs of the LRP family's flash path), and (``--gpu``) the first-call and second-process latency on
+CUDA.
 
 CPU mode (no GPU): for each (dtype, head width) of ``--case`` (default bf16/64, bf16/128, fp32/64, fp32/128)
 compile for sm_90 with Triton's bundled ptxas, each compile from an empty TRITON_CACHE_DIR, every
@@ -11,6 +12,7 @@ figures give the wall time and the sum of the single compile times (what one pro
 one after the other, as Triton's autotuner does on a GPU machine, would spend).
 
     python benchmarks/compile_time.py --out benchmarks/results/compile-time-cpu
+    python benchmarks/compile_time.py --set relevance --jobs 1 --out benchmarks/results/compile-time-cpu
     python benchmarks/compile_time.py --gpu [--model vit_base_patch16_224] [--dtype bf16] [--out DIR]
 
 GPU mode: runs one ``explain`` in a fresh process with an empty TRITON_CACHE_DIR (first call: compile and
@@ -38,16 +40,27 @@ CASES = [("bf16", 64), ("bf16", 128), ("fp32", 64), ("fp32", 128)]
 #: kernel -> constexprs of the launch one flash-path TokenTM explanation makes (None: every audited variant)
 FLASH_TOKENTM = {"forward": None, "dkdv+gae": None, "dkdv gae-only": None, "dq": None, "delta": None,
                  "transform_weights": {"USE_LENGTH": True, "USE_NECC": True}, "necc_normalize": None}
+#: kernel -> constexprs: every variant of the two relevance programs (``kernels/attention_relevance.py``): the
+#: key program without t (lrp), with partial LRP's and with transformer attribution's row sums, the query program
+#: (a process explaining with the three methods compiles all four; one method compiles two of them)
+FLASH_RELEVANCE = {"relevance kv": None, "relevance kv+rows": None, "relevance kv+grad rows": None,
+                   "relevance q": None}
+#: ``--set`` -> (kernels, what the set is, its output file stem)
+SETS = {"tokentm": (FLASH_TOKENTM, "one flash-path explain(method=\"tokentm\")", "compile_time"),
+        "relevance": (FLASH_RELEVANCE, "the relevance programs of the flash path (lrp, partial_lrp, "
+                      "transformer_attribution: every variant)", "compile_time_relevance")}
 N_TOKENS = 197
 
 
-def flash_jobs(dtype: str, width: int, n: int = N_TOKENS):
-    """The compiles of one flash-path ``explain(method="tokentm")`` at (dtype, head width, N)."""
+def flash_jobs(dtype: str, width: int, n: int = N_TOKENS, kernels=None):
+    """The compiles of one flash-path ``explain(method="tokentm")`` (or of ``kernels``: a ``SETS`` entry's dict)
+    at (dtype, head width, N)."""
+    kernels = FLASH_TOKENTM if kernels is None else kernels
     out = []
-    for j in C.jobs(kernels=list(FLASH_TOKENTM), dtypes=[dtype], widths=(width,), tokens=(n,)):
+    for j in C.jobs(kernels=list(kernels), dtypes=[dtype], widths=(width,), tokens=(n,)):
         if j["dtype"] not in (dtype, "fp32 ieee") and C.SPECS[j["kernel"]]["model"]:
             continue  # float32: IEEE products (TF32 off, torch's default)
-        want = FLASH_TOKENTM[j["kernel"]]
+        want = kernels[j["kernel"]]
         if want and any(j["consts"].get(k) != v for k, v in want.items()):
             continue
         if j["kernel"] == "necc_normalize" and j["config"][0]["BLOCK"] != min(1024, max(16, C._next_pow2(n))):
@@ -56,8 +69,8 @@ def flash_jobs(dtype: str, width: int, n: int = N_TOKENS):
     return out
 
 
-def cold_compile(dtype: str, width: int, workers: int) -> dict:
-    jobs = flash_jobs(dtype, width)
+def cold_compile(dtype: str, width: int, workers: int, kernels=None) -> dict:
+    jobs = flash_jobs(dtype, width, kernels=kernels)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(workers) as ex:  # compile_one uses its own empty TRITON_CACHE_DIR
         rows = list(ex.map(C.compile_one, jobs, chunksize=1))
@@ -140,6 +153,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     p.add_argument("--case", action="append", help="dtype/width, e.g. bf16/64 (repeatable)")
+    p.add_argument("--set", choices=list(SETS), default="tokentm", help="which kernels (CPU mode)")
     p.add_argument("--out", default=None, help="write compile_time.md / .json (gpu_latency.json with --gpu)")
     p.add_argument("--gpu", action="store_true", help="first-call and second-process latency on CUDA")
     p.add_argument("--model", default="vit_base_patch16_224")
@@ -166,29 +180,32 @@ def main(argv=None):
         return 0
     os.environ.pop("TRITON_INTERPRET", None)
     cases = [(c.split("/")[0], int(c.split("/")[1])) for c in a.case] if a.case else CASES
+    kernels, what, stem = SETS[a.set]
     rows = []
     for dt, w in cases:
-        rows.append(cold_compile(dt, w, a.jobs))
+        rows.append(cold_compile(dt, w, a.jobs, kernels))
         print(json.dumps(rows[-1]), flush=True)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         meta = _meta(argv)
-        with open(os.path.join(a.out, "compile_time.json"), "w") as f:
+        with open(os.path.join(a.out, stem + ".json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        lines = ["# Cold compile time of one flash-path explain(method=\"tokentm\"), sm_90 target, on the CPU\n",
+        lines = [f"# Cold compile time of {what}, sm_90 target, on the CPU\n",
                  f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ",
                  f"Versions: Triton {meta['triton']}, torch {meta['torch']}, Python {meta['python']}  ",
                  f"Machine: {meta['machine']}; 1-minute load average at the start: "
                  f"{meta['load_average_1min_at_start']} (the machine is shared: other jobs slow the compiles)\n",
-                 "What: every configuration the pruned autotuners can choose for the kernels the call launches "
-                 "(forward, dK/dV + GAE with and without input gradients, dQ, δ, transformation weights, NECC "
-                 f"normalisation; N = {N_TOKENS}), each compiled from an empty Triton cache for sm_90. "
+                 "What: every configuration the pruned autotuners can choose for the kernels "
+                 + ("the call launches (forward, dK/dV + GAE with and without input gradients, dQ, δ, transformation "
+                    "weights, NECC normalisation" if a.set == "tokentm" else
+                    "of " + ", ".join(kernels) + " (kernels/attention_relevance.py")
+                 + f"; N = {N_TOKENS}), each compiled from an empty Triton cache for sm_90. "
                  "Target: ≤ 20 s wall per (dtype, head width).\n",
                  "| dtype | head width | compiles | wall (s) | sum of single compiles (s) | workers |",
                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['dtype']} | {r['head_width']} | {r['compiles']} | {r['wall_s']} | {r['sum_compile_s']} | "
                   f"{r['workers']} |" for r in rows]
-        with open(os.path.join(a.out, "compile_time.md"), "w") as f:
+        with open(os.path.join(a.out, stem + ".md"), "w") as f:
             f.write("\n".join(lines) + "\n")
     return 0
 

@@ -113,7 +113,7 @@ CONFIG_TABLE = {
     # the relevance programs (kernels/attention_relevance.py): "rel_kv" a key block per program (as "bwd"),
     # "rel_q" a query block (as "dq"). Every product is IEEE float32 on the FMA units for every dtype, so the
     # 16-bit and float32 entries are alike: small tiles, 8 warps where 4 spill (sm_90 audit, issue 28)
-    ("rel_kv", "16", 32): [(32, 16, 8, 1), (16, 32, 8, 1)],
+    ("rel_kv", "16", 32): [(32, 16, 8, 1), (16, 32, 4, 1)],
     ("rel_kv", "16", 64): [(16, 16, 8, 1), (32, 16, 8, 1)],
     ("rel_kv", "16", 128): [(16, 16, 8, 1)],
     ("rel_q", "16", 32): [(32, 32, 8, 1), (16, 32, 8, 1)],
@@ -122,7 +122,7 @@ CONFIG_TABLE = {
     ("rel_kv", "32", 32): [(16, 16, 4, 1), (32, 16, 8, 1)],
     ("rel_kv", "32", 64): [(16, 16, 8, 1), (16, 32, 8, 1)],
     ("rel_kv", "32", 128): [(16, 16, 8, 1), (16, 16, 4, 1)],
-    ("rel_q", "32", 32): [(32, 32, 4, 1), (32, 16, 8, 1)],
+    ("rel_q", "32", 32): [(32, 16, 8, 1), (16, 32, 8, 1)],
     ("rel_q", "32", 64): [(32, 32, 8, 1), (32, 16, 8, 1)],
     ("rel_q", "32", 128): [(32, 32, 8, 1), (16, 32, 8, 1)],
 }

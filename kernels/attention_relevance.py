@@ -17,18 +17,20 @@ passes relevance on unchanged)::
     R_Q,i  = Q_i ⊙ Σ_j S_Z,ij K_j / 2                 query sum (its dQ): the query program
 
 ``⊘`` is Chefer et al.'s safe division ``a / (b + ε)``, ε = ``STABILISER`` (1e-9), 0 where b = 0 exactly, and
-the denominator ε where ``b + ε`` rounds to 0 (``_safe_div``; IEEE-rounded division, as the twin's).
+the denominator ε where ``b + ε`` rounds to 0 (``_safe_div``).
 
 Tiles and products: the tiles of the attention backward (``kernels/attention.py``: the key program is its
 dK/dV program, the query program its dQ program), ``(BLOCK_M, BLOCK_N)`` query × key tiles over a head
-width padded to ``BLOCK_D`` (32, 64, 128; N and the head width masked). The rules divide by Z, so Z (and
-P) is computed exactly as the inputs allow, never with TF32: IEEE float32 products for float32 inputs, the
-16-bit operands' exact products with float32 sums for bfloat16 / float16 (their tensor-core product).
-Every product with a relevance operand (S_O, S_Z, P as the weight of S_O) takes float32 operands (the
-16-bit tile upcast, which is exact) and IEEE float32 products for every input dtype: S_O and S_Z are
-ratios that span many orders of magnitude, and rounding them to 16 bits (or TF32) would cost 2⁻⁹ (2⁻¹¹)
-of every term against the twin's float32 (issue 28). ∇A = dO Vᵀ (only inside ``max(·, 0)``) is formed
-as the flash backward forms dP. Outputs are float32.
+width padded to ``BLOCK_D`` (32, 64, 128; N and the head width masked). Every product is an IEEE float32
+``tl.dot`` of float32 tiles (16-bit inputs upcast on load, which is exact), never TF32 whatever torch's
+switch says: the rules divide by Z, and TF32 noise in Z alone moved R_q by 86 % in a trial (issue 28); S_O
+and S_Z span many orders of magnitude, and rounding them to 16 bits or TF32 would cost 2⁻⁹ or 2⁻¹¹ of every
+term against the twin's float32. For 16-bit inputs Z is thus the exact products summed in float32, as the
+twin has it. Float32 products run on the FMA units, whose ``tl.dot`` holds both operands' rows over the
+whole reduced dimension in every thread: the three products over the head width (Z = Q Kᵀ, S_O Vᵀ, dO Vᵀ)
+are summed in slices of ``CHUNK`` columns loaded from memory (cache) in a loop (``_rows_dot``), and only
+the accumulators live across the programs' loops; K, V (key program) and Q, S_O (query program) are loaded
+again where needed. Outputs are float32.
 
 Launch configurations: ``CONFIG_TABLE``'s kinds ``"rel_kv"`` and ``"rel_q"`` in ``kernels/attention.py``
 (at most 4 per (dtype class, BLOCK_D), chosen by the sm_90 compile audit, ``benchmarks/compile_audit.py``:
@@ -48,7 +50,6 @@ from .attention import (
     LOG2E,
     MAX_GRID_Y,
     _configs,
-    _dot_flags,
     _image_head,
     _image_slices,
     _last_dim_contiguous,
@@ -68,6 +69,9 @@ _LOG2E = tl.constexpr(LOG2E)
 _STABILISER = tl.constexpr(STABILISER)
 _ROWS_NONE = tl.constexpr(ROWS_NONE)
 _ROWS_GRAD = tl.constexpr(ROWS_GRAD)
+#: columns of the head width per slice of the products over it (``_rows_dot``)
+CHUNK = 16
+_CHUNK = tl.constexpr(CHUNK)
 
 
 # --------------------------------------------------------------------------- tiles
@@ -79,37 +83,73 @@ def _safe_div(a, b):
         a / ε         where b + ε == 0 (b = −ε)
         0             where b == 0
 
-    ε = 1e-9 (``STABILISER``); the division rounded as IEEE's (``div_rn``), as torch's."""
+    ε = 1e-9 (``STABILISER``). The division is the GPU's full-range float32 division (``div.full.f32``,
+    within 2 ulp), not IEEE-rounded ``div_rn``, whose slow path took registers enough to spill every tile."""
     den = b + _STABILISER
     den = tl.where(den == 0.0, _STABILISER, den)
-    return tl.where(b == 0.0, 0.0, tl.math.div_rn(a, den))
+    return tl.where(b == 0.0, 0.0, a / den)
+
+
+@triton.jit
+def _tile32(base, offs_r, stride_r, offs_d, mask):
+    """``_tile`` (rows ``offs_r`` of one (image, head)'s ``(N, d)`` matrix, 0 outside) in float32 (exact for
+    16-bit inputs)."""
+    return _tile(base, offs_r, stride_r, offs_d, mask).to(tl.float32)
+
+
+@triton.jit
+def _dot32(a, b):
+    """``a @ b`` of float32 tiles with IEEE float32 products and sums (never TF32)."""
+    return _mm(a, b, True, False)
 
 
 @triton.jit
 def _scaled_output_tile(o_base, r_base, offs_m, so_n, sr_n, offs_d, mask):
-    """``S_O,i = R_O,i ⊘ O_i`` for the rows ``offs_m`` (``(BLOCK_M, BLOCK_D)`` float32; 0 outside N and d)."""
-    o = _tile(o_base, offs_m, so_n, offs_d, mask).to(tl.float32)
-    r = _tile(r_base, offs_m, sr_n, offs_d, mask).to(tl.float32)
-    return _safe_div(r, o)
+    """``S_O,i = R_O,i ⊘ O_i`` for the rows ``offs_m`` and columns ``offs_d`` (float32; 0 outside ``mask``)."""
+    return _safe_div(_tile32(r_base, offs_m, sr_n, offs_d, mask), _tile32(o_base, offs_m, so_n, offs_d, mask))
 
 
 @triton.jit
-def _logits_probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """``(Z, P)`` of one ``(BLOCK_M, BLOCK_N)`` tile::
+def _rows_dot(a_base, sa_n, offs_a, mask_a, b_base, sb_n, offs_b, mask_b, HEAD_D,
+              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``A_a · B_b`` for the rows ``offs_a`` of A and ``offs_b`` of B (two ``(N, d)`` matrices of one (image, head)),
+    a ``(BLOCK_A, BLOCK_B)`` float32 tile::
 
-        Z_ij = Q_i · K_j                       (IEEE float32 for float32 inputs; exact 16-bit products)
-        P_ij = 2^(Z_ij · scale · log2 e − ℓ_i · log2 e) = exp(scale · Z_ij − ℓ_i),   0 outside N
+        Σ_c A[a, c] B[b, c] = Σ_slices A[a, slice] · B[b, slice]       (slices of ``CHUNK`` columns)
 
-    (``_probs_tile`` of the attention kernels, keeping Z: the rules divide by it). Z is 0 outside N."""
-    z = _mm(q, tl.trans(k), IEEE, UPCAST)
+    The head width is summed in slices loaded from memory (cache) in a loop (not unrolled: the unrolled
+    slices' loads were scheduled together and spilled), with IEEE float32 products: a whole-width float32
+    ``tl.dot`` holds both operands' rows in every thread and spills at head width 128."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for c0 in range(0, BLOCK_D, _CHUNK):
+        offs_c = c0 + tl.arange(0, _CHUNK)
+        mask_c = offs_c < HEAD_D
+        a = _tile32(a_base, offs_a, sa_n, offs_c, mask_a[:, None] & mask_c[None, :])
+        b = _tile32(b_base, offs_b, sb_n, offs_c, mask_b[:, None] & mask_c[None, :])
+        acc += _dot32(a, tl.trans(b))
+    return acc
+
+
+@triton.jit
+def _scaled_rows_dot(o_base, so_n, r_base, sr_n, offs_m, mask_m, v_base, sv_n, offs_n, mask_n, HEAD_D,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``S_O,i · V_j`` (``(BLOCK_M, BLOCK_N)`` float32), ``S_O = R_O ⊘ O`` formed slice by slice, as ``_rows_dot``."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, BLOCK_D, _CHUNK):
+        offs_c = c0 + tl.arange(0, _CHUNK)
+        mask_c = offs_c < HEAD_D
+        s_o = _scaled_output_tile(o_base, r_base, offs_m, so_n, sr_n, offs_c, mask_m[:, None] & mask_c[None, :])
+        v = _tile32(v_base, offs_n, sv_n, offs_c, mask_n[:, None] & mask_c[None, :])
+        acc += _dot32(s_o, tl.trans(v))
+    return acc
+
+
+@triton.jit
+def _probs(z, lse2, mask_m, mask_n, qk_scale):
+    """``P_ij = 2^(Z_ij · scale · log2 e − ℓ_i · log2 e) = exp(scale · Z_ij − ℓ_i)`` of one tile, 0 outside N
+    (``_probs_tile`` of the attention kernels, from the Z the rules divide by)."""
     p = tl.exp2(z * qk_scale - lse2[:, None])
-    return z, tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-
-
-@triton.jit
-def _attention_relevance_tile(s_o, v32, p):
-    """``R^A_ij = P_ij (S_O,i · V_j) / 2`` of one tile (float32 operands, IEEE products)."""
-    return p * _mm(s_o, tl.trans(v32), True, False) * 0.5
+    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
 
 
 # --------------------------------------------------------------------------- the key program
@@ -123,18 +163,19 @@ def _relevance_kv_kernel(
     sg_b, sg_h, sg_n,
     H, N_CTX, HEAD_D, qk_scale,  # qk_scale = scale · log2(e)
     BH_BUCKET, N_BUCKET,  # autotune keys only
-    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ROW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of keys j of one (image, head), looping over every query block i::
 
-        S_O,i  = R_O,i ⊘ O_i                    Z, P of the tile (``_logits_probs_tile``)
-        a_j   += Σ_i P_ijᵀ S_O,i                R^A = P ⊙ (S_O V_jᵀ) / 2
-        S_Z    = R^A ⊘ Z                        c_j += Σ_i S_Z,ijᵀ Q_i
-        t_j   += Σ_i row_i · max(R^A_ij · G_ij, 0),  G = dO_i V_jᵀ      (ROW = ROWS_GRAD)
-        t_j   += Σ_i row_i · max(R^A_ij, 0)                             (ROW = ROWS_RELEVANCE)
+        Z = Q_i K_jᵀ,  P = 2^(Z · scale · log2 e − ℓ_i log2 e)         S_O,i = R_O,i ⊘ O_i
+        a_j += Σ_i P_ijᵀ S_O,i                   R^A = P ⊙ (S_O,i V_jᵀ) / 2
+        c_j += Σ_i S_Z,ijᵀ Q_i,   S_Z = R^A ⊘ Z
+        t_j += Σ_i row_i · max(R^A_ij · G_ij, 0),  G = dO_i V_jᵀ      (ROW = ROWS_GRAD)
+        t_j += Σ_i row_i · max(R^A_ij, 0)                             (ROW = ROWS_RELEVANCE)
 
     then ``R_V,j = V_j ⊙ a_j / 2`` and ``R_K,j = K_j ⊙ c_j / 2`` (float32, strides ``sg_*``) and ``t (B, H, N)``.
+    Only a_j, c_j and t live across the loop; the products over the head width (Z, S_O Vᵀ, dO Vᵀ) take their
+    operands slice by slice from memory (``_rows_dot``), the two over the query block whole tiles.
     """
     pid_n = tl.program_id(0)
     bh, b, h = _image_head(H)
@@ -143,39 +184,40 @@ def _relevance_kv_kernel(
     mask_n = offs_n < N_CTX
     mask_d = offs_d < HEAD_D
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = _tile(k_ptr + b * sk_b + h * sk_h, offs_n, sk_n, offs_d, kv_mask)
-    v = _tile(v_ptr + b * sv_b + h * sv_h, offs_n, sv_n, offs_d, kv_mask)
-    v32 = v.to(tl.float32)
-    acc_v = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    acc_k = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
     q_base = q_ptr + b * sq_b + h * sq_h
     o_base = o_ptr + b * so_b + h * so_h
     r_base = ro_ptr + b * sr_b + h * sr_h
     do_base = do_ptr + b * sd_b + h * sd_h
+    acc_v = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    acc_k = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m0 in range(0, N_CTX, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N_CTX
         qm = mask_m[:, None] & mask_d[None, :]
-        q = _tile(q_base, offs_m, sq_n, offs_d, qm)
         lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
-        s_o = _scaled_output_tile(o_base, r_base, offs_m, so_n, sr_n, offs_d, qm)
-        z, p = _logits_probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
-        acc_v += _mm(tl.trans(p), s_o, True, False)
-        ra = _attention_relevance_tile(s_o, v32, p)
+        z = _rows_dot(q_base, sq_n, offs_m, mask_m, k_base, sk_n, offs_n, mask_n, HEAD_D, BLOCK_M, BLOCK_N, BLOCK_D)
+        p = _probs(z, lse2, mask_m, mask_n, qk_scale)
+        acc_v += _dot32(tl.trans(p), _scaled_output_tile(o_base, r_base, offs_m, so_n, sr_n, offs_d, qm))
+        ra = p * _scaled_rows_dot(o_base, so_n, r_base, sr_n, offs_m, mask_m, v_base, sv_n, offs_n, mask_n, HEAD_D,
+                                  BLOCK_M, BLOCK_N, BLOCK_D) * 0.5
         if ROW != _ROWS_NONE:
             s_row = tl.load(row_ptr + b * N_CTX + offs_m, mask=mask_m, other=0.0)
             if ROW == _ROWS_GRAD:
-                do = _tile(do_base, offs_m, sd_n, offs_d, qm)
-                f = tl.maximum(ra * _mm(do, tl.trans(v), IEEE, UPCAST), 0.0)
+                g = _rows_dot(do_base, sd_n, offs_m, mask_m, v_base, sv_n, offs_n, mask_n, HEAD_D,
+                              BLOCK_M, BLOCK_N, BLOCK_D)
+                f = tl.maximum(ra * g, 0.0)
             else:
                 f = tl.maximum(ra, 0.0)
             t += tl.sum(s_row[:, None] * f, axis=0)
-        s_z = _safe_div(ra, z)
-        acc_k += _mm(tl.trans(s_z), q.to(tl.float32), True, False)
+        acc_k += _dot32(tl.trans(_safe_div(ra, z)), _tile32(q_base, offs_m, sq_n, offs_d, qm))
     out = offs_n[:, None] * sg_n + offs_d[None, :]
-    tl.store(rk_ptr + b * sg_b + h * sg_h + out, acc_k * k.to(tl.float32) * 0.5, mask=kv_mask)
-    tl.store(rv_ptr + b * sg_b + h * sg_h + out, acc_v * v32 * 0.5, mask=kv_mask)
+    tl.store(rk_ptr + b * sg_b + h * sg_h + out, acc_k * _tile32(k_base, offs_n, sk_n, offs_d, kv_mask) * 0.5,
+             mask=kv_mask)
+    tl.store(rv_ptr + b * sg_b + h * sg_h + out, acc_v * _tile32(v_base, offs_n, sv_n, offs_d, kv_mask) * 0.5,
+             mask=kv_mask)
     if ROW != _ROWS_NONE:
         tl.store(t_ptr + bh * N_CTX + offs_n, t, mask=mask_n)
 
@@ -189,14 +231,14 @@ def _relevance_q_kernel(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sr_b, sr_h, sr_n, sg_b, sg_h, sg_n,
     H, N_CTX, HEAD_D, qk_scale,  # qk_scale = scale · log2(e)
     BH_BUCKET, N_BUCKET,  # autotune keys only
-    BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of queries i of one (image, head), looping over every key block j::
 
-        S_O,i = R_O,i ⊘ O_i  (once)        R^A = P ⊙ (S_O,i V_jᵀ) / 2,   S_Z = R^A ⊘ Z
-        c_i  += Σ_j S_Z,ij K_j
+        Z = Q_i K_jᵀ,  P as in the key program,   R^A = P ⊙ (S_O,i V_jᵀ) / 2,   S_Z = R^A ⊘ Z
+        c_i += Σ_j S_Z,ij K_j
 
-    then ``R_Q,i = Q_i ⊙ c_i / 2`` (float32, strides ``sg_*``)."""
+    then ``R_Q,i = Q_i ⊙ c_i / 2`` (float32, strides ``sg_*``). Only c_i and ℓ_i live across the loop."""
     pid_m = tl.program_id(0)
     bh, b, h = _image_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -204,24 +246,23 @@ def _relevance_q_kernel(
     mask_m = offs_m < N_CTX
     mask_d = offs_d < HEAD_D
     qm = mask_m[:, None] & mask_d[None, :]
-    q = _tile(q_ptr + b * sq_b + h * sq_h, offs_m, sq_n, offs_d, qm)
-    s_o = _scaled_output_tile(o_ptr + b * so_b + h * so_h, ro_ptr + b * sr_b + h * sr_h, offs_m, so_n, sr_n,
-                              offs_d, qm)
-    lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
-    acc_q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    o_base = o_ptr + b * so_b + h * so_h
+    r_base = ro_ptr + b * sr_b + h * sr_h
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
+    lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
+    acc_q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, N_CTX, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_CTX
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = _tile(k_base, offs_n, sk_n, offs_d, kv_mask)
-        v = _tile(v_base, offs_n, sv_n, offs_d, kv_mask)
-        z, p = _logits_probs_tile(q, k, lse2, mask_m, mask_n, qk_scale, IEEE, UPCAST)
-        ra = _attention_relevance_tile(s_o, v.to(tl.float32), p)
-        acc_q += _mm(_safe_div(ra, z), k.to(tl.float32), True, False)
+        z = _rows_dot(q_base, sq_n, offs_m, mask_m, k_base, sk_n, offs_n, mask_n, HEAD_D, BLOCK_M, BLOCK_N, BLOCK_D)
+        ra = _probs(z, lse2, mask_m, mask_n, qk_scale) * _scaled_rows_dot(
+            o_base, so_n, r_base, sr_n, offs_m, mask_m, v_base, sv_n, offs_n, mask_n, HEAD_D,
+            BLOCK_M, BLOCK_N, BLOCK_D) * 0.5
+        acc_q += _dot32(_safe_div(ra, z), _tile32(k_base, offs_n, sk_n, offs_d, mask_n[:, None] & mask_d[None, :]))
     tl.store(rq_ptr + b * sg_b + h * sg_h + offs_m[:, None] * sg_n + offs_d[None, :],
-             acc_q * q.to(tl.float32) * 0.5, mask=qm)
+             acc_q * _tile32(q_base, offs_m, sq_n, offs_d, qm) * 0.5, mask=qm)
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -234,9 +275,10 @@ def _row_mode(row: Optional[torch.Tensor], do: Optional[torch.Tensor]) -> int:
 
 def attention_relevance(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, r_o: torch.Tensor,
-    scale: float, row: Optional[torch.Tensor] = None, do: Optional[torch.Tensor] = None,
+    scale: float, row: Optional[torch.Tensor] = None, do: Optional[torch.Tensor] = None, bias=None,
+    rules: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(R_Q, R_K, R_V, t)`` of one attention (module docstring): the twin's contract.
+    """``(R_Q, R_K, R_V, t)`` of one attention (module docstring): the twin's contract, without a bias.
 
     Args (trusted: checked at the public entry, or built by the flash path):
         q, k, v, o: ``(B, H, N, d)`` as the flash forward had them (``o`` its output), d ≤ 128, one dtype
@@ -246,11 +288,16 @@ def attention_relevance(
         scale: the logits' factor (P = softmax(scale · Q Kᵀ)).
         row: ``(B, N)`` float32 weights of the query rows for ``t``, or None (no ``t``).
         do: ``(B, H, N, d)`` ∂s/∂O of the gradient backward (``t`` with ∇A = dO Vᵀ), or None.
+        bias, rules: the twin's bias of the logits (BEiT) and its add rule's rule set: only ``bias=None`` here
+            (``NotImplementedError`` otherwise: these programs do not split R^A between QKᵀ and the bias).
 
     Returns:
         ``R_Q, R_K, R_V`` ``(B, H, N, d)`` float32 and ``t`` ``(B, H, N)`` float32 (None without ``row``).
         Two launches, no host synchronisation.
     """
+    if bias is not None:
+        raise NotImplementedError("the Triton relevance programs take no bias of the logits (BEiT's relative "
+                                  "position bias): use the PyTorch twin (torch_ops.attention_relevance)")
     q, k, v, o, r_o = (_last_dim_contiguous(x) for x in (q, k, v, o, r_o))
     do = _last_dim_contiguous(do) if do is not None else None
     if q.shape[0] * q.shape[1] > MAX_GRID_Y:
@@ -261,7 +308,6 @@ def attention_relevance(
                  for b0, b1 in _image_slices(*q.shape[:2])]
         return tuple(None if p[0] is None else torch.cat(list(p)) for p in zip(*parts))
     b, h, n, d, block_d, bucket = _shape_args(q)
-    flags = _dot_flags(q, ieee=True)  # Z never in TF32
     mode = _row_mode(row, do)
     lse = lse.contiguous()
     r_q, r_k, r_v = (torch.empty((b, h, n, d), dtype=torch.float32, device=q.device) for _ in range(3))
@@ -273,12 +319,12 @@ def attention_relevance(
     _relevance_kv_kernel[grid_n](
         q, k, v, o, r_o, lse, do, row, r_k, r_v, t if t is not None else lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(r_o), *_strides(do), *_strides(r_k),
-        h, n, d, qk_scale, *bucket, BLOCK_D=block_d, ROW=mode, **flags,
+        h, n, d, qk_scale, *bucket, BLOCK_D=block_d, ROW=mode,
     )
     grid_m = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
     _relevance_q_kernel[grid_m](
         q, k, v, o, r_o, lse, r_q,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(r_o), *_strides(r_q),
-        h, n, d, qk_scale, *bucket, BLOCK_D=block_d, **flags,
+        h, n, d, qk_scale, *bucket, BLOCK_D=block_d,
     )
     return r_q, r_k, r_v, t

@@ -353,8 +353,12 @@ def test_grid_second_axis_stays_within_cuda_limit(monkeypatch):
 
 
 def test_triton_attention_carries_the_relevance_programs():
-    """``triton_attention()``'s fourth field is this module's wrapper (the flash path's relevance)."""
+    """``triton_attention()``'s fourth field is this module's wrapper (the flash path's relevance), which refuses
+    a bias of the logits (the twin's ``bias``) by name instead of ignoring it."""
     from tokentm_fast.kernels.attention import triton_attention
     from tokentm_fast.kernels.attention_relevance import attention_relevance
 
     assert triton_attention().relevance is attention_relevance
+    x = torch.zeros(1, 1, 5, 16)
+    with pytest.raises(NotImplementedError, match="bias"):
+        attention_relevance(x, x, x, x, x[..., 0], x, 0.25, bias=object(), rules="ours")

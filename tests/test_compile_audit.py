@@ -1,9 +1,9 @@
 """Issue 16 on the CPU: the sm_90 compile audit of every kernel's selectable configurations, cached and
 bucketed autotuning, the grid's second axis and int64 offsets. No GPU needed (Triton's bundled ptxas).
 
-The full audit (``python benchmarks/compile_audit.py --jobs 2 --out benchmarks/results/compile-sm90``, 1,638
-compiles: every configuration with every launch signature realistic calls give it, ~5 min on 2 idle cores) is
-committed; here (a few minutes) the committed table is checked against the current kernels and configuration
+The full audit (``python benchmarks/compile_audit.py --jobs 2 --out benchmarks/results/compile-sm90``, 1,623
+compiles: every configuration with every launch signature realistic calls give it, ~20 min on 2 idle cores; a part
+of it, e.g. one kernel module's, re-run with ``--merge``) is committed; here (a few minutes) the committed table is checked against the current kernels and configuration
 lists, a sample of it is recompiled live and must give the same numbers, and the failure criterion is shown to
 catch a spilling configuration. Issue 25: the signature the audit compiles is the one Triton gives a real launch
 (checked on recorded launches against Triton's own specialisation), and its reductions leave the code unchanged.
@@ -56,7 +56,7 @@ def _python(code, tmp_path, *args, timeout=600):
 _CURRENT = r"""
 import json, compile_audit as C
 print(json.dumps({"keys": sorted(C.job_key(j) for j in C.jobs()), "fingerprint": C.source_fingerprint(),
-                  "versions": C.versions()}))
+                  "modules": C.module_fingerprints(), "versions": C.versions()}))
 """
 
 
@@ -75,7 +75,11 @@ def test_committed_audit_is_current_and_passes(tmp_path):
     hint = "re-run: python benchmarks/compile_audit.py --out benchmarks/results/compile-sm90"
     assert not missing, f"{len(missing)} launchable configurations not audited, e.g. {missing[:3]}; {hint}"
     assert not stale, f"{len(stale)} audited configurations no longer launchable, e.g. {stale[:3]}; {hint}"
-    assert audit["meta"]["source_fingerprint"] == current["fingerprint"], f"kernel sources changed; {hint}"
+    recorded = audit["meta"].get("module_fingerprints", {})
+    changed = sorted(m for m in C.KERNEL_MODULES if recorded.get(m) != current["modules"][m])
+    assert audit["meta"]["source_fingerprint"] == current["fingerprint"], (
+        f"kernel sources changed since the audit (in {changed}); re-run those modules' kernels with --merge, or {hint}")
+    assert not changed, changed
     assert audit["meta"]["triton"] == current["versions"]["triton"], f"another Triton; {hint}"
     assert C.failures(audit["rows"]) == [], C.failures(audit["rows"])[:5]
     # autotuned kernels: at most 4 configurations per (kernel, dtype class, head width class); the others
@@ -85,6 +89,32 @@ def test_committed_audit_is_current_and_passes(tmp_path):
             assert 1 <= len(s["configs"]) <= 4, (kernel, dtype, block_d, s["configs"])
     kernels = {r["kernel"] for r in audit["rows"]}
     assert kernels == set(C.SPECS), kernels ^ set(C.SPECS)
+
+
+def test_merge_replaces_only_the_recompiled_part():
+    """``compile_audit.merged`` (``--merge``): the rows of the re-run kernels are replaced, the others kept, in
+    ``SPECS`` order, the meta gets the current fingerprints and the run in ``merges``; refused when a module whose
+    rows it keeps changed since they were compiled, or with another Triton."""
+    current, v = C.module_fingerprints(), C.versions()
+
+    def row(kernel, key):
+        return {"kernel": kernel, "dtype": "fp32", "key": key, "compile_s": 1.0}
+
+    meta = {"source_fingerprint": "old", "module_fingerprints": dict(current), "triton": v["triton"],
+            "torch": v["torch"], "wall_s": 9.0}
+    old = {"meta": meta, "rows": [row("relevance q", "q-old"), row("forward", "f"), row("dq", "d")]}
+    rows, new = C.merged(old, [row("relevance q", "q-new")], ["relevance q"], None, "cmd", 2.0)
+    assert [r["key"] for r in rows] == ["f", "d", "q-new"]
+    assert new["source_fingerprint"] == C.source_fingerprint() and new["module_fingerprints"] == current
+    assert new["merges"] == [dict(new["merges"][0], command="cmd", kernels=["relevance q"], rows=1)]
+    assert new["wall_s"] == 9.0  # the full run's
+    stale = dict(old, meta=dict(meta, module_fingerprints=dict(current, attention="changed")))
+    with pytest.raises(ValueError, match="attention"):
+        C.merged(stale, [row("relevance q", "q-new")], ["relevance q"], None, "cmd", 2.0)
+    rows, _ = C.merged(stale, [row("forward", "f2"), row("dq", "d2")], ["forward", "dq"], None, "cmd", 2.0)
+    assert [r["key"] for r in rows] == ["f2", "d2", "q-old"]  # the changed module's kernels re-run: accepted
+    with pytest.raises(ValueError, match="triton"):
+        C.merged(dict(old, meta=dict(meta, triton="0.0")), [], ["relevance q"], None, "cmd", 2.0)
 
 
 def _sample(rows):
@@ -188,6 +218,46 @@ def _explain_calls(pools=("token", "avg")):
             tf.explain(model, x, "tokentm", backend="triton", attention="materialized", full=True,
                        head_fusion="decoupled")
             tf.explain(model, x, "conservative_lrp", backend="triton", attention="flash")  # dV alone (P held)
+
+
+def _relevance_calls():
+    """The relevance programs' wrapper as the flash path calls it, on a bfloat16 and a float32 attention (N = 5,
+    32-wide heads): q, k, v sliced from one qkv projection as timm does, O and dO per-head views of (B, N, C),
+    R_O a float32 view; without t (lrp), with partial LRP's row sum and with transformer attribution's (dO).
+    (Until the LRP family's flash path is in ``_explain_calls``, the wrapper is called directly.)"""
+    from tokentm_fast.kernels.attention_relevance import attention_relevance
+
+    b, h, n, d = 1, 2, 5, 32
+    for dtype in (torch.bfloat16, torch.float32):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = torch.randn(b, n, 3, h, d, generator=g).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+        o, do = (torch.randn(b, n, h * d, generator=g).to(dtype).view(b, n, h, d).transpose(1, 2) for _ in range(2))
+        r_o = torch.randn(b, n, h * d, generator=g).view(b, n, h, d).transpose(1, 2)
+        lse, row = torch.randn(b, h, n, generator=g).abs(), torch.rand(b, n, generator=g)
+        for r, grad in ((None, None), (row, None), (row, do)):
+            attention_relevance(q, k, v, o, lse, r_o, d ** -0.5, row=r, do=grad)
+
+
+@pytest.mark.skipif(_SUITE_DEVICE != "cpu", reason="records interpreted launches (the audit is the CPU's part)")
+def test_audit_enumerates_the_relevance_launches():
+    """The relevance programs' launches (``_relevance_calls``: every variant, bfloat16 and float32) are exactly
+    the audited specialisations of those programs at that head width: each launch is audited, and each audited
+    variant (key program without t, with partial LRP's and with transformer attribution's row sum; the query
+    program; 16-bit and float32 with IEEE products) is launched; ``compile_time.py --set relevance`` compiles the
+    16-bit ones."""
+    from tokentm_fast.kernels._utils import kernels_interpreted
+
+    if not kernels_interpreted():
+        pytest.skip("needs the interpreter")
+    seen = C.recorded_launches(_relevance_calls)
+    assert {k for k, _, _ in seen} == {"_relevance_kv_kernel", "_relevance_q_kernel"}, seen
+    assert seen - C.launch_keys(C.jobs()) == set(), sorted(seen - C.launch_keys(C.jobs()))
+    audited = C.launch_keys(C.jobs(kernels=list(C.RELEVANCE_KERNELS), dtypes=["bf16", "fp32"], widths=(32,)))
+    assert audited == seen, sorted(audited ^ seen)
+    # benchmarks/compile_time.py --set relevance times the compiles of exactly these programs and variants
+    import compile_time as T
+
+    assert C.launch_keys(T.flash_jobs("bf16", 32, kernels=T.FLASH_RELEVANCE)) == {k for k in seen if k[2]}
 
 
 @pytest.mark.skipif(_SUITE_DEVICE != "cpu", reason="records interpreted launches (the audit is the CPU's part)")
@@ -294,7 +364,8 @@ def _record_with_args(run_calls):
 @pytest.mark.skipif(_SUITE_DEVICE != "cpu", reason="records interpreted launches (the audit is the CPU's part)")
 def test_audit_compiles_the_signature_of_every_real_launch():
     """Every launch the explain paths make (both Triton paths, the six methods, conservative LRP; a bfloat16
-    class-token ViT with 32-wide heads: N = 5, not a multiple of 16, like 197), recorded with its arguments
+    class-token ViT with 32-wide heads: N = 5, not a multiple of 16, like 197) and the relevance programs'
+    (``_relevance_calls``), recorded with its arguments
     under the interpreter, is specialised by Triton (``native_specialize_impl``) as the audit reads it
     (``launch_spec``: the same type and divisibility for every argument, save the documented reductions), and
     that signature is among those the audit compiles for the launch's kernel and constexprs. Among them: the
@@ -305,7 +376,7 @@ def test_audit_compiles_the_signature_of_every_real_launch():
     _nvidia_backend()
     if not kernels_interpreted():
         pytest.skip("needs the interpreter")
-    launches = _record_with_args(lambda: _explain_calls(pools=("token",)))
+    launches = _record_with_args(lambda: (_explain_calls(pools=("token",)), _relevance_calls()))
     skip = {"UPCAST", "IEEE"}
     audited = {}
     for j in C.jobs():
@@ -340,7 +411,7 @@ def test_audit_compiles_the_signature_of_every_real_launch():
                 saw.add((one + "=1", sig[one] == ("constexpr", 1)))
     assert {"_flash_fwd_kernel", "_flash_bwd_dkdv_kernel", "_flash_bwd_dq_kernel", "_attention_rows_kernel",
             "_transform_weights_kernel", "_row_update_kernel", "_matrix_update_kernel",
-            "_legrad_reduce_kernel"} <= kernels, kernels
+            "_legrad_reduce_kernel", "_relevance_kv_kernel", "_relevance_q_kernel"} <= kernels, kernels
     assert {("HEAD_D|16, N_CTX∤16", True), ("B=1", True), ("Q=1", True)} <= saw, saw
 
 
@@ -366,8 +437,8 @@ def variant(job, arg, ty, attr):
 
 cases = []
 for kernel, spec in C.SPECS.items():  # every argument whose divisibility the audit drops, in every kernel
-    if kernel in ("dkdv", "dkdv v-only", "rows relu-grad"):
-        continue  # the same kernel as dkdv+gae / rows probs
+    if kernel in ("dkdv", "dkdv v-only", "rows relu-grad", "relevance kv", "relevance kv+rows"):
+        continue  # the same kernel as dkdv+gae / rows probs / relevance kv+grad rows
     for arg in sorted(C.DIVISIBILITY_INERT & set(C._jit_fn(getattr(C._module(spec["module"]), spec["attr"])).arg_names)):
         cases.append((kernel, {}, arg, "i32", "D"))
 cases += [("row_update", {"MODE": 0, "SPLIT_OUT": False}, "B", "constexpr", 1),  # integers the body does not read
@@ -394,7 +465,8 @@ def test_reduced_signatures_compile_to_the_same_code(tmp_path):
     divisibility of their own."""
     _nvidia_backend()
     got = json.loads(_python(_INERT, tmp_path))
-    assert {k for k, _, _ in got} >= {"forward", "dkdv+gae", "dq", "fuse_heads", "row_update", "matrix_update"}, got
+    assert {k for k, _, _ in got} >= {"forward", "dkdv+gae", "dq", "fuse_heads", "row_update", "matrix_update",
+                                      "relevance kv+grad rows", "relevance q"}, got
     assert all(same for _, _, same in got), got
 
 
@@ -403,7 +475,8 @@ _CACHING = r"""
 import importlib, json
 from triton.runtime.autotuner import Autotuner
 out = {}
-for name in ("attention", "transform_weights", "row_update", "matrix_update", "head_fusion", "legrad_reduce"):
+for name in ("attention", "transform_weights", "row_update", "matrix_update", "head_fusion", "legrad_reduce",
+             "attention_relevance"):
     mod = importlib.import_module("tokentm_fast.kernels." + name)
     for attr, obj in vars(mod).items():
         if isinstance(obj, Autotuner):
@@ -418,11 +491,11 @@ def test_every_autotuner_caches_its_results_on_coarse_keys(tmp_path):
     (``N_BUCKET``), never on N itself, so a new sequence length in the bucket does not benchmark again.
     Checked in a compiler-mode process: the interpreter switches caching off."""
     tuners = json.loads(_python(_CACHING, tmp_path, timeout=300))
-    assert len(tuners) == 9, sorted(tuners)
+    assert len(tuners) == 11, sorted(tuners)
     for name, t in tuners.items():
         assert t["cache_results"] is True, name
         assert "N_BUCKET" in t["keys"] and not {"N", "N_CTX"} & set(t["keys"]), (name, t["keys"])
-        if not name.startswith("attention."):  # the attention kernels: ≤ 4 per class after pruning (above)
+        if name.split(".")[0] not in ("attention", "attention_relevance"):  # ≤ 4 per class after pruning (above)
             assert 1 <= t["configs"] <= 4, (name, t["configs"])
 
 
@@ -431,10 +504,11 @@ def test_attention_autotune_key_buckets_n(tmp_path):
     entries of the call's (dtype class, BLOCK_D)."""
     code = r"""
 import torch
-from tokentm_fast.kernels import attention as A
+from tokentm_fast.kernels import attention as A, attention_relevance as R
 assert A._shape_args(torch.empty(2, 3, 197, 64, device="meta"))[5] == (8, 256)
 assert A._shape_args(torch.empty(1, 12, 257, 80, device="meta"))[4:] == (128, (16, 512))
-for kind, configs in (("fwd", A._FWD_CONFIGS), ("bwd", A._BWD_CONFIGS), ("dq", A._DQ_CONFIGS)):
+for kind, configs in (("fwd", A._FWD_CONFIGS), ("bwd", A._BWD_CONFIGS), ("dq", A._DQ_CONFIGS),
+                      ("rel_kv", R._relevance_kv_kernel.configs), ("rel_q", R._relevance_q_kernel.configs)):
     prune = A._pruner(kind)
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         for bd in (32, 64, 128):

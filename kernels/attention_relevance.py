@@ -16,6 +16,17 @@ passes relevance on unchanged)::
              (``do`` given: transformer attribution; without ``do``: max(R^A_ij, 0), partial LRP)
     R_Q,i  = Q_i ⊙ Σ_j S_Z,ij K_j / 2                 query sum (its dQ): the query program
 
+BEiT's relative position bias (``bias``, a ``RelativePositionBias``: the logits ``scale · (Z + B/scale)``; both
+programs with ``HAS_BIAS``): P carries the bias tile read from the table (``attention._bias_tile``), and R^A is
+split between Z and ``B' = B/scale`` by the add rule before the product rule, as the twin does::
+
+    s_ij = R^A_ij ⊘ (Z_ij + B'_ij),    S_Z,ij = (c_b · Z_ij s_ij) ⊘ Z_ij
+
+``c_b`` per image: 1 for ``rules="classic"``; for ``"ours"`` ``|a_b| / (|a_b| + |b_b|) · Σ R^A ⊘ a_b`` with
+``a_b = Σ Z⊙s``, ``b_b = Σ B'⊙s`` over every head and tile, which a first program (``_relevance_sums_kernel``,
+a key block per program, the key program's loop without its products over the query block) writes as partial
+sums per key block; the wrapper adds them up and forms c on the device (no host synchronisation).
+
 ``⊘`` is Chefer et al.'s safe division ``a / (b + ε)``, ε = ``STABILISER`` (1e-9), 0 where b = 0 exactly, and
 the denominator ε where ``b + ε`` rounds to 0 (``_safe_div``).
 
@@ -49,6 +60,8 @@ from .attention import (
     _KEY,
     LOG2E,
     MAX_GRID_Y,
+    _bias_args,
+    _bias_tile,
     _configs,
     _image_head,
     _image_slices,
@@ -69,6 +82,8 @@ _LOG2E = tl.constexpr(LOG2E)
 _STABILISER = tl.constexpr(STABILISER)
 _ROWS_NONE = tl.constexpr(ROWS_NONE)
 _ROWS_GRAD = tl.constexpr(ROWS_GRAD)
+#: the rule sets of the logits' add rule with a bias (``lrp_rules.add``)
+LOGIT_RULES = ("ours", "classic")
 #: columns of the head width per slice of the products over it (``_rows_dot``)
 CHUNK = 16
 _CHUNK = tl.constexpr(CHUNK)
@@ -152,8 +167,22 @@ def _probs(z, lse2, mask_m, mask_n, qk_scale):
     return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
 
 
+@triton.jit
+def _biased_probs(z, bl2, lse2, mask_m, mask_n, qk_scale):
+    """``P_ij = exp(scale · Z_ij + B_ij − ℓ_i)`` of one tile from Z and the bias tile ``bl2 = B · log2 e``."""
+    p = tl.exp2(z * qk_scale + bl2 - lse2[:, None])
+    return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+
+
+@triton.jit
+def _logit_share(ra, z, bl2, qk_scale, c_b):
+    """Z's share of R^A by the add rule between Z and ``B' = B / scale = bl2 / (scale · log2 e)``:
+    ``c_b · Z ⊙ (R^A ⊘ (Z + B'))`` (the twin's order of operations)."""
+    return _safe_div(ra, z + bl2 / qk_scale) * z * c_b
+
+
 # --------------------------------------------------------------------------- the key program
-@triton.autotune(configs=_configs("rel_kv"), key=_KEY + ["ROW"], prune_configs_by={"early_config_prune": _pruner("rel_kv")},
+@triton.autotune(configs=_configs("rel_kv"), key=_KEY + ["ROW", "HAS_BIAS"], prune_configs_by={"early_config_prune": _pruner("rel_kv")},
                  cache_results=True)
 @triton.jit
 def _relevance_kv_kernel(
@@ -162,8 +191,9 @@ def _relevance_kv_kernel(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sr_b, sr_h, sr_n, sd_b, sd_h, sd_n,
     sg_b, sg_h, sg_n,
     H, N_CTX, HEAD_D, qk_scale,  # qk_scale = scale · log2(e)
+    bias_ptr, c_ptr, sb_r, sb_h, GH, GW, PREFIX,  # the bias (HAS_BIAS): table, per-image share c, grid, prefix
     BH_BUCKET, N_BUCKET,  # autotune keys only
-    BLOCK_D: tl.constexpr, ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of keys j of one (image, head), looping over every query block i::
 
@@ -174,6 +204,7 @@ def _relevance_kv_kernel(
         t_j += Σ_i row_i · max(R^A_ij, 0)                             (ROW = ROWS_RELEVANCE)
 
     then ``R_V,j = V_j ⊙ a_j / 2`` and ``R_K,j = K_j ⊙ c_j / 2`` (float32, strides ``sg_*``) and ``t (B, H, N)``.
+    With a bias (HAS_BIAS) P carries it and S_Z is formed from Z's share of R^A (module docstring).
     Only a_j, c_j and t live across the loop; the products over the head width (Z, S_O Vᵀ, dO Vᵀ) take their
     operands slice by slice from memory (``_rows_dot``), the two over the query block whole tiles.
     """
@@ -193,13 +224,19 @@ def _relevance_kv_kernel(
     acc_v = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     acc_k = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_BIAS:
+        c_b = tl.load(c_ptr + b)
     for m0 in range(0, N_CTX, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N_CTX
         qm = mask_m[:, None] & mask_d[None, :]
         lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
         z = _rows_dot(q_base, sq_n, offs_m, mask_m, k_base, sk_n, offs_n, mask_n, HEAD_D, BLOCK_M, BLOCK_N, BLOCK_D)
-        p = _probs(z, lse2, mask_m, mask_n, qk_scale)
+        if HAS_BIAS:
+            bl2 = _bias_tile(bias_ptr, sb_r, sb_h, h, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], GH, GW, PREFIX)
+            p = _biased_probs(z, bl2, lse2, mask_m, mask_n, qk_scale)
+        else:
+            p = _probs(z, lse2, mask_m, mask_n, qk_scale)
         acc_v += _dot32(tl.trans(p), _scaled_output_tile(o_base, r_base, offs_m, so_n, sr_n, offs_d, qm))
         ra = p * _scaled_rows_dot(o_base, so_n, r_base, sr_n, offs_m, mask_m, v_base, sv_n, offs_n, mask_n, HEAD_D,
                                   BLOCK_M, BLOCK_N, BLOCK_D) * 0.5
@@ -212,6 +249,8 @@ def _relevance_kv_kernel(
             else:
                 f = tl.maximum(ra, 0.0)
             t += tl.sum(s_row[:, None] * f, axis=0)
+        if HAS_BIAS:
+            ra = _logit_share(ra, z, bl2, qk_scale, c_b)
         acc_k += _dot32(tl.trans(_safe_div(ra, z)), _tile32(q_base, offs_m, sq_n, offs_d, qm))
     out = offs_n[:, None] * sg_n + offs_d[None, :]
     tl.store(rk_ptr + b * sg_b + h * sg_h + out, acc_k * _tile32(k_base, offs_n, sk_n, offs_d, kv_mask) * 0.5,
@@ -223,22 +262,24 @@ def _relevance_kv_kernel(
 
 
 # --------------------------------------------------------------------------- the query program
-@triton.autotune(configs=_configs("rel_q"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("rel_q")},
+@triton.autotune(configs=_configs("rel_q"), key=_KEY + ["HAS_BIAS"], prune_configs_by={"early_config_prune": _pruner("rel_q")},
                  cache_results=True)
 @triton.jit
 def _relevance_q_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, ro_ptr, lse_ptr, rq_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sr_b, sr_h, sr_n, sg_b, sg_h, sg_n,
     H, N_CTX, HEAD_D, qk_scale,  # qk_scale = scale · log2(e)
+    bias_ptr, c_ptr, sb_r, sb_h, GH, GW, PREFIX,  # the bias (HAS_BIAS): table, per-image share c, grid, prefix
     BH_BUCKET, N_BUCKET,  # autotune keys only
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of queries i of one (image, head), looping over every key block j::
 
         Z = Q_i K_jᵀ,  P as in the key program,   R^A = P ⊙ (S_O,i V_jᵀ) / 2,   S_Z = R^A ⊘ Z
         c_i += Σ_j S_Z,ij K_j
 
-    then ``R_Q,i = Q_i ⊙ c_i / 2`` (float32, strides ``sg_*``). Only c_i and ℓ_i live across the loop."""
+    then ``R_Q,i = Q_i ⊙ c_i / 2`` (float32, strides ``sg_*``). Only c_i and ℓ_i live across the loop. With a
+    bias (HAS_BIAS) P carries it and S_Z is formed from Z's share of R^A, as in the key program."""
     pid_m = tl.program_id(0)
     bh, b, h = _image_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -253,16 +294,105 @@ def _relevance_q_kernel(
     v_base = v_ptr + b * sv_b + h * sv_h
     lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
     acc_q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if HAS_BIAS:
+        c_b = tl.load(c_ptr + b)
     for n0 in range(0, N_CTX, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_CTX
         z = _rows_dot(q_base, sq_n, offs_m, mask_m, k_base, sk_n, offs_n, mask_n, HEAD_D, BLOCK_M, BLOCK_N, BLOCK_D)
-        ra = _probs(z, lse2, mask_m, mask_n, qk_scale) * _scaled_rows_dot(
-            o_base, so_n, r_base, sr_n, offs_m, mask_m, v_base, sv_n, offs_n, mask_n, HEAD_D,
-            BLOCK_M, BLOCK_N, BLOCK_D) * 0.5
+        if HAS_BIAS:
+            bl2 = _bias_tile(bias_ptr, sb_r, sb_h, h, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], GH, GW, PREFIX)
+            p = _biased_probs(z, bl2, lse2, mask_m, mask_n, qk_scale)
+        else:
+            p = _probs(z, lse2, mask_m, mask_n, qk_scale)
+        ra = p * _scaled_rows_dot(o_base, so_n, r_base, sr_n, offs_m, mask_m, v_base, sv_n, offs_n, mask_n, HEAD_D,
+                                  BLOCK_M, BLOCK_N, BLOCK_D) * 0.5
+        if HAS_BIAS:
+            ra = _logit_share(ra, z, bl2, qk_scale, c_b)
         acc_q += _dot32(_safe_div(ra, z), _tile32(k_base, offs_n, sk_n, offs_d, mask_n[:, None] & mask_d[None, :]))
     tl.store(rq_ptr + b * sg_b + h * sg_h + offs_m[:, None] * sg_n + offs_d[None, :],
              acc_q * _tile32(q_base, offs_m, sq_n, offs_d, qm) * 0.5, mask=qm)
+
+
+# --------------------------------------------------------------------------- the add rule's per-image sums
+#: the narrowest key block of the "rel_kv" configurations: the sums program's partial-sum slots per (image, head)
+SUMS_MIN_BLOCK = 16
+
+
+@triton.autotune(configs=_configs("rel_kv"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("rel_kv")},
+                 cache_results=True)
+@triton.jit
+def _relevance_sums_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, ro_ptr, lse_ptr, sums_ptr,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sr_b, sr_h, sr_n,
+    H, N_CTX, HEAD_D, qk_scale, SLOTS, PLANE,  # SLOTS: partial sums per (image, head); PLANE = B·H·SLOTS
+    bias_ptr, sb_r, sb_h, GH, GW, PREFIX,
+    BH_BUCKET, N_BUCKET,  # autotune keys only
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The ``"ours"`` add rule's sums over one block of keys j of one (image, head), looping over every query
+    block i (the key program's tiles)::
+
+        s = R^A ⊘ (Z + B'),   Σ Z ⊙ s,   Σ B' ⊙ s,   Σ R^A          (B' = B / scale)
+
+    written to ``sums[k, b·H + h, pid]`` (k = 0, 1, 2; ``SLOTS`` ≥ the number of key blocks; the wrapper adds
+    the slots up)."""
+    pid_n = tl.program_id(0)
+    bh, b, h = _image_head(H)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_CTX
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    q_base = q_ptr + b * sq_b + h * sq_h
+    o_base = o_ptr + b * so_b + h * so_h
+    r_base = ro_ptr + b * sr_b + h * sr_h
+    sum_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, N_CTX, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N_CTX
+        lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=mask_m, other=0.0) * _LOG2E
+        z = _rows_dot(q_base, sq_n, offs_m, mask_m, k_base, sk_n, offs_n, mask_n, HEAD_D, BLOCK_M, BLOCK_N, BLOCK_D)
+        bl2 = _bias_tile(bias_ptr, sb_r, sb_h, h, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], GH, GW, PREFIX)
+        p = _biased_probs(z, bl2, lse2, mask_m, mask_n, qk_scale)
+        ra = p * _scaled_rows_dot(o_base, so_n, r_base, sr_n, offs_m, mask_m, v_base, sv_n, offs_n, mask_n, HEAD_D,
+                                  BLOCK_M, BLOCK_N, BLOCK_D) * 0.5
+        b_s = bl2 / qk_scale
+        s = _safe_div(ra, z + b_s)
+        sum_a += tl.sum(z * s, axis=0)
+        sum_b += tl.sum(b_s * s, axis=0)
+        sum_r += tl.sum(ra, axis=0)
+    slot = sums_ptr + bh * SLOTS + pid_n
+    tl.store(slot, tl.sum(sum_a, axis=0))
+    tl.store(slot + PLANE, tl.sum(sum_b, axis=0))
+    tl.store(slot + 2 * PLANE, tl.sum(sum_r, axis=0))
+
+
+def _safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``lrp_rules.safe_divide`` on the device: ``a / (b + ε)``, ε where that denominator is 0, 0 where b = 0."""
+    den = b + STABILISER
+    den = torch.where(den == 0, torch.full_like(den, STABILISER), den)
+    return torch.where(b == 0, torch.zeros_like(a), a / den)
+
+
+def _shares(q, k, v, o, r_o, lse, scale: float, bias, rules: str, bias_args: tuple) -> torch.Tensor:
+    """``c (B,)`` float32: Z's per-image factor of the add rule (module docstring), 1 for ``"classic"``."""
+    b, h, n, d, block_d, bucket = _shape_args(q)
+    if rules == "classic":
+        return torch.ones(b, dtype=torch.float32, device=q.device)
+    (table, *sb), layout = bias_args
+    slots = triton.cdiv(n, SUMS_MIN_BLOCK)
+    sums = torch.zeros((3, b * h, slots), dtype=torch.float32, device=q.device)
+    grid_n = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
+    _relevance_sums_kernel[grid_n](
+        q, k, v, o, r_o, lse, sums,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(r_o),
+        h, n, d, scale * LOG2E, slots, b * h * slots, table, *sb, *layout, *bucket, BLOCK_D=block_d,
+    )
+    sa, sb_, total = sums.view(3, b, h * slots).sum(-1)
+    fa = _safe_divide(sa.abs(), sa.abs() + sb_.abs()) * total
+    return _safe_divide(fa, sa)
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -288,23 +418,23 @@ def attention_relevance(
         scale: the logits' factor (P = softmax(scale · Q Kᵀ)).
         row: ``(B, N)`` float32 weights of the query rows for ``t``, or None (no ``t``).
         do: ``(B, H, N, d)`` ∂s/∂O of the gradient backward (``t`` with ∇A = dO Vᵀ), or None.
-        bias, rules: the twin's bias of the logits (BEiT) and its add rule's rule set: only ``bias=None`` here
-            (``NotImplementedError`` otherwise: these programs do not split R^A between QKᵀ and the bias).
+        bias: the forward's bias of the logits in table form (``RelativePositionBias``, BEiT), or None.
+        rules: with a bias, the add rule's rule set between Z and B/scale, ``"ours"`` or ``"classic"``.
 
     Returns:
         ``R_Q, R_K, R_V`` ``(B, H, N, d)`` float32 and ``t`` ``(B, H, N)`` float32 (None without ``row``).
-        Two launches, no host synchronisation.
+        Two launches (three with a bias and ``"ours"``: the per-image sums first), no host synchronisation.
     """
-    if bias is not None:
-        raise NotImplementedError("the Triton relevance programs take no bias of the logits (BEiT's relative "
-                                  "position bias): use the PyTorch twin (torch_ops.attention_relevance)")
+    if bias is not None and rules not in LOGIT_RULES:
+        raise ValueError(f"the relevance through a bias of the logits needs the rule set, one of {LOGIT_RULES}; "
+                         f"got {rules!r}")
     q, k, v, o, r_o = (_last_dim_contiguous(x) for x in (q, k, v, o, r_o))
     do = _last_dim_contiguous(do) if do is not None else None
     if q.shape[0] * q.shape[1] > MAX_GRID_Y:
         def part(x, b0, b1):
             return None if x is None else x[b0:b1]
         parts = [attention_relevance(q[b0:b1], k[b0:b1], v[b0:b1], o[b0:b1], lse[b0:b1], r_o[b0:b1], scale,
-                                     row=part(row, b0, b1), do=part(do, b0, b1))
+                                     row=part(row, b0, b1), do=part(do, b0, b1), bias=bias, rules=rules)
                  for b0, b1 in _image_slices(*q.shape[:2])]
         return tuple(None if p[0] is None else torch.cat(list(p)) for p in zip(*parts))
     b, h, n, d, block_d, bucket = _shape_args(q)
@@ -315,16 +445,18 @@ def attention_relevance(
     row = row.to(torch.float32).contiguous() if mode != ROWS_NONE else lse  # lse: a float32 placeholder
     do = do if mode == ROWS_GRAD else q  # q: a placeholder in the model's dtype (the audit's pointer types)
     qk_scale = scale * LOG2E
+    (table, *sb), layout, has_bias = _bias_args(bias, lse)
+    c = _shares(q, k, v, o, r_o, lse, scale, bias, rules, ((table, *sb), layout)) if has_bias else lse
     grid_n = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
     _relevance_kv_kernel[grid_n](
         q, k, v, o, r_o, lse, do, row, r_k, r_v, t if t is not None else lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(r_o), *_strides(do), *_strides(r_k),
-        h, n, d, qk_scale, *bucket, BLOCK_D=block_d, ROW=mode,
+        h, n, d, qk_scale, table, c, *sb, *layout, *bucket, BLOCK_D=block_d, ROW=mode, HAS_BIAS=has_bias,
     )
     grid_m = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
     _relevance_q_kernel[grid_m](
         q, k, v, o, r_o, lse, r_q,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(r_o), *_strides(r_q),
-        h, n, d, qk_scale, *bucket, BLOCK_D=block_d,
+        h, n, d, qk_scale, table, c, *sb, *layout, *bucket, BLOCK_D=block_d, HAS_BIAS=has_bias,
     )
     return r_q, r_k, r_v, t

@@ -259,6 +259,45 @@ def test_programs_with_a_bias_match_full_matrices(impl, b, h, grid, d, dtype):
     assert _rel(rows(row, scale, q=q, k=k, lse=lse, bias=bias, **kw).cpu(), rows_ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("rules", ["ours", "classic"])
+@pytest.mark.parametrize("b,h,grid,d,dtype", [BIAS_CASES[0], BIAS_CASES[2], (1, 2, (4, 4), 64, torch.bfloat16)])
+def test_relevance_programs_with_a_bias_match_the_twin(rules, b, h, grid, d, dtype):
+    """The relevance programs through BEiT's bias (P with the bias tile; R^A split between Z and B/scale by the add
+    rule, ``"ours"`` with its per-image sums from the sums program) against the PyTorch twin in float64 (itself held
+    to ``lrp_rules`` on full matrices in tests/test_relative_bias.py): within 1e-4 + 2·(the float32 twin's own
+    error) per output, as tests/helpers.py's ``reference_pair`` bounds two float32 runs of the ill-conditioned
+    divisions by Z; R_V and t (no division by Z) within the dtype's tolerance. Both rule sets differ (the split is
+    exercised)."""
+    from tokentm_fast.kernels.attention_relevance import attention_relevance
+    from tokentm_fast.models.relative_bias import RelativePositionBias
+    from tokentm_fast.torch_ops.attention import flash_forward
+    from tokentm_fast.torch_ops.attention_relevance import attention_relevance as twin
+
+    n = 1 + grid[0] * grid[1]
+    q, k, v = _qkv(b, h, n, d, dtype, seed=31)
+    g = torch.Generator().manual_seed(32)
+    table = torch.randn((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, h, generator=g) * 2.0
+    r_o, do = (torch.randn(b, h, n, d, generator=g) for _ in range(2))
+    row = torch.rand(b, n, generator=g)
+    scale = d ** -0.5
+    cpu = [t.cpu().float() for t in (q, k, v)]
+    o, lse = flash_forward(*cpu, scale, bias=RelativePositionBias(table, grid, 1))
+    o = o.to(dtype).float()                                  # O as the forward returns it in the model's dtype
+    want = twin(*(t.double() for t in cpu), o.double(), lse.double(), r_o.double(), scale, row=row.double(),
+                do=do.double(), bias=RelativePositionBias(table.double(), grid, 1), rules=rules)
+    own = twin(*cpu, o, lse, r_o, scale, row=row, do=do, bias=RelativePositionBias(table, grid, 1), rules=rules)
+    dev = [t.to(DEVICE) for t in (o.to(dtype), lse, r_o, do.to(dtype), row)]
+    got = attention_relevance(q, k, v, dev[0], dev[1], dev[2], scale, row=dev[4], do=dev[3],
+                              bias=RelativePositionBias(table.to(DEVICE), grid, 1), rules=rules)
+    for name, a, w, t32 in zip(("r_q", "r_k", "r_v", "t"), got, want, own):
+        bound = 1e-4 + 2 * _rel(t32, w) if name in ("r_q", "r_k") else TOL[dtype]
+        assert _rel(a.cpu(), w) <= bound, (name, _rel(a.cpu(), w), bound)
+    other = attention_relevance(q, k, v, dev[0], dev[1], dev[2], scale,
+                                bias=RelativePositionBias(table.to(DEVICE), grid, 1),
+                                rules="classic" if rules == "ours" else "ours")
+    assert _rel(other[0].cpu(), want[0]) > 1e-3
+
+
 def test_autograd_function_gives_the_gradients_of_plain_attention():
     """ExplanationAttention's dQ, dK, dV equal autograd through softmax(scale·QKᵀ)V, and its
     row state advances by s + mean_h(t) ⊙ w_attn with s = r ⊙ (1 + w_mlp)."""

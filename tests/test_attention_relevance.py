@@ -353,12 +353,16 @@ def test_grid_second_axis_stays_within_cuda_limit(monkeypatch):
 
 
 def test_triton_attention_carries_the_relevance_programs():
-    """``triton_attention()``'s fourth field is this module's wrapper (the flash path's relevance), which refuses
-    a bias of the logits (the twin's ``bias``) by name instead of ignoring it."""
+    """``triton_attention()``'s fourth field is this module's wrapper (the flash path's relevance), which takes a
+    bias of the logits (BEiT's, in table form; tests/test_attention_kernels.py) only with the add rule's rule set,
+    refusing it by name otherwise."""
     from tokentm_fast.kernels.attention import triton_attention
     from tokentm_fast.kernels.attention_relevance import attention_relevance
+    from tokentm_fast.models.relative_bias import RelativePositionBias
 
     assert triton_attention().relevance is attention_relevance
     x = torch.zeros(1, 1, 5, 16)
-    with pytest.raises(NotImplementedError, match="bias"):
-        attention_relevance(x, x, x, x, x[..., 0], x, 0.25, bias=object(), rules="ours")
+    bias = RelativePositionBias(torch.zeros(3 * 3 + 3, 1), (2, 2), 1)
+    for rules in (None, "z"):
+        with pytest.raises(ValueError, match="bias of the logits needs the rule set"):
+            attention_relevance(x, x, x, x, x[..., 0], x, 0.25, bias=bias, rules=rules)

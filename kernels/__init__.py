@@ -27,6 +27,9 @@ If triton is not importable at all, the wrappers exist but raise RuntimeError.
 """
 from __future__ import annotations
 
+import sys
+import types
+
 from ._utils import kernels_interpreted, require_triton, triton_available, triton_importable
 
 __all__ = [
@@ -46,6 +49,22 @@ _WRAPPERS = {
     "matrix_update": ".matrix_update",
     "legrad_reduce": ".legrad_reduce",
 }
+
+
+class _Package(types.ModuleType):
+    """This package's module type: a wrapper's name stays the wrapper's. Importing a kernel module
+    (``import tokentm_fast.kernels.row_update``, ``importlib.import_module(...)``) makes the import system bind
+    the module to the package attribute of the same name, where it would shadow the lazily imported wrapper
+    (``kernels.row_update(...)`` would call a module); that binding is dropped, so ``__getattr__`` answers.
+    The module itself stays reachable through ``sys.modules`` / ``importlib.import_module``."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _WRAPPERS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -522,3 +522,28 @@ def test_out_may_share_a_buffer_with_rows_without_overlap():
     out = buf[1]
     out.fill_(float("nan"))
     check(out, K.row_update(buf[0], a, gr, 1.0, 0.0, out=out), ref, 1e-5, "ping-pong buffer")
+
+
+def test_a_kernel_module_imported_first_does_not_shadow_its_wrapper():
+    """``tokentm_fast.kernels.<name>`` is the wrapper function even when the module of the same name was
+    imported first (the import system binds a submodule to its parent's attribute; a fresh interpreter, so that
+    no earlier call has cached the wrapper)."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    code = ("import importlib, types\n"
+            "names = ('transform_weights', 'row_update', 'matrix_update', 'legrad_reduce')\n"
+            "mods = [importlib.import_module('tokentm_fast.kernels.' + n) for n in names]\n"
+            "import tokentm_fast.kernels as K\n"
+            "from tokentm_fast.kernels import row_update\n"
+            "assert all(isinstance(m, types.ModuleType) for m in mods)\n"
+            "for n, m in zip(names, mods):\n"
+            "    f = getattr(K, n)\n"
+            "    assert callable(f) and not isinstance(f, types.ModuleType), (n, f)\n"
+            "    assert f is getattr(m, n), n\n"
+            "assert row_update is K.row_update\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -33,6 +33,10 @@ paths by ``tests/test_compile_audit.py`` (``recorded_launches``):
 * the relevance programs (``kernels/attention_relevance.py``): the same BLOCK_D classes, bf16 / fp16 and float32
   with IEEE products only (they never use TF32), the key program without t (lrp), with partial LRP's row sum
   and with transformer attribution's (dO read), and the query program;
+* BEiT's relative position bias (``HAS_BIAS``, the ``+bias`` kernels): each program above that forms P with the
+  bias read from its table in the tiles, and the relevance programs' per-image sums (``relevance sums``,
+  ``rules="ours"``), launched at the class-token token count (197: a 14 × 14 grid) with the (R, H) table as the
+  adapters hand it (contiguous: its head stride 1, a constexpr);
 * the other kernels: the head-fusion modes, weights as tensors or constants as the explain paths pass
   them, SPLIT_OUT both ways (chosen at run time from the device's SM count), LeGrad's accumulate flag,
   the NECC normalisation's block sizes and the finalize kernels' Q blocks.
@@ -115,25 +119,25 @@ _RELEVANCE_MODEL = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr"}
 #: configurations, pruned by its own hook at a large shape) or a fixed list of (constexprs, warps, stages).
 SPECS = {
     "forward": dict(module="attention", attr="_flash_fwd_kernel", model={"q_ptr", "k_ptr", "v_ptr", "o_ptr"},
-                    variants=[{}], configs="table:fwd"),
+                    variants=[{"HAS_BIAS": False}], configs="table:fwd"),
     "dkdv": dict(module="attention", attr="_flash_bwd_dkdv_kernel",
                  model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"},
-                 variants=[{"ACC": 0, "GRADS": 2}], configs="table:bwd"),
+                 variants=[{"ACC": 0, "GRADS": 2, "HAS_BIAS": False}], configs="table:bwd"),
     "dkdv+gae": dict(module="attention", attr="_flash_bwd_dkdv_kernel",
                      model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"},
-                     variants=[{"ACC": 1, "GRADS": 2}], configs="table:bwd"),
+                     variants=[{"ACC": 1, "GRADS": 2, "HAS_BIAS": False}], configs="table:bwd"),
     "dkdv gae-only": dict(module="attention", attr="_flash_bwd_dkdv_kernel",
                           model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"},
-                          variants=[{"ACC": 1, "GRADS": 0}], configs="table:bwd"),
+                          variants=[{"ACC": 1, "GRADS": 0, "HAS_BIAS": False}], configs="table:bwd"),
     "dkdv v-only": dict(module="attention", attr="_flash_bwd_dkdv_kernel",
                         model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"},
-                        variants=[{"ACC": 0, "GRADS": 1}], configs="table:bwd"),
+                        variants=[{"ACC": 0, "GRADS": 1, "HAS_BIAS": False}], configs="table:bwd"),
     "dq": dict(module="attention", attr="_flash_bwd_dq_kernel", model={"q_ptr", "k_ptr", "v_ptr", "do_ptr", "dq_ptr"},
-               variants=[{}], configs="table:dq"),
+               variants=[{"HAS_BIAS": False}], configs="table:dq"),
     "rows probs": dict(module="attention", attr="_attention_rows_kernel",
-                       model={"q_ptr", "k_ptr", "do_ptr", "v_ptr"}, variants=[{"MODE": 0}], configs="table:bwd"),
+                       model={"q_ptr", "k_ptr", "do_ptr", "v_ptr"}, variants=[{"MODE": 0, "HAS_BIAS": False}], configs="table:bwd"),
     "rows relu-grad": dict(module="attention", attr="_attention_rows_kernel",
-                           model={"q_ptr", "k_ptr", "do_ptr", "v_ptr"}, variants=[{"MODE": 1}], configs="table:bwd"),
+                           model={"q_ptr", "k_ptr", "do_ptr", "v_ptr"}, variants=[{"MODE": 1, "HAS_BIAS": False}], configs="table:bwd"),
     "delta": dict(module="attention", attr="_delta_kernel", model={"o_ptr", "do_ptr"}, variants=[{}],
                   configs="delta"),
     "transform_weights": dict(module="transform_weights", attr="_transform_weights_kernel", model={"x_ptr", "t_ptr"},
@@ -162,14 +166,22 @@ SPECS = {
     # the relevance programs (kernels/attention_relevance.py): the key program without t (lrp), with partial
     # LRP's row sum (ROW = 1) and with transformer attribution's (ROW = 2: ∇A from dO), and the query program
     "relevance kv": dict(module="attention_relevance", attr="_relevance_kv_kernel", model=_RELEVANCE_MODEL,
-                         variants=[{"ROW": 0}], configs="table:rel_kv"),
+                         variants=[{"ROW": 0, "HAS_BIAS": False}], configs="table:rel_kv"),
     "relevance kv+rows": dict(module="attention_relevance", attr="_relevance_kv_kernel", model=_RELEVANCE_MODEL,
-                              variants=[{"ROW": 1}], configs="table:rel_kv"),
+                              variants=[{"ROW": 1, "HAS_BIAS": False}], configs="table:rel_kv"),
     "relevance kv+grad rows": dict(module="attention_relevance", attr="_relevance_kv_kernel",
-                                   model=_RELEVANCE_MODEL, variants=[{"ROW": 2}], configs="table:rel_kv"),
+                                   model=_RELEVANCE_MODEL, variants=[{"ROW": 2, "HAS_BIAS": False}], configs="table:rel_kv"),
     "relevance q": dict(module="attention_relevance", attr="_relevance_q_kernel",
-                        model={"q_ptr", "k_ptr", "v_ptr", "o_ptr"}, variants=[{}], configs="table:rel_q"),
+                        model={"q_ptr", "k_ptr", "v_ptr", "o_ptr"}, variants=[{"HAS_BIAS": False}],
+                        configs="table:rel_q"),
 }
+#: BEiT's relative position bias read from its table inside the tiles (HAS_BIAS): every program that forms P, the
+#: same kernels and tables with the bias arguments live; and the add rule's per-image sums (``"ours"``)
+SPECS.update({f"{name}+bias": dict(SPECS[name], variants=[dict(v, HAS_BIAS=True) for v in SPECS[name]["variants"]])
+              for name in ("forward", "dkdv", "dkdv+gae", "dkdv gae-only", "dkdv v-only", "dq", "rows probs",
+                           "relevance kv", "relevance kv+rows", "relevance kv+grad rows", "relevance q")})
+SPECS["relevance sums"] = dict(module="attention_relevance", attr="_relevance_sums_kernel",
+                               model={"q_ptr", "k_ptr", "v_ptr", "o_ptr"}, variants=[{}], configs="table:rel_kv")
 ATTENTION_KERNELS = tuple(k for k, s in SPECS.items() if s["module"] == "attention")
 #: the relevance programs: attention tiles (BLOCK_D classes); every product IEEE float32 on float32 tiles (16-bit
 #: inputs upcast on load) whatever torch's TF32 switch says: one class per dtype, no IEEE / UPCAST constexprs
@@ -432,19 +444,40 @@ def _attention_calls(b, h, n, d, dtype):
     do = views()
     row = torch.empty(b, n, device="meta", dtype=torch.float32)
     for q, k, v in layouts:
-        o, lse = A.flash_forward(q, k, v, 0.125)
-        o, lse = torch.empty(b, h, n, d, **meta), torch.empty(b, h, n, device="meta", dtype=torch.float32)
-        for r in (None, row):
-            for grads in (True, False, "v"):
-                A.flash_backward(q, k, v, o, lse, do, 0.125, row=r, input_grads=grads)
-        A.attention_rows(row, 0.125, q=q, k=k, lse=lse)
-        A.attention_rows(row, 0.125, do=do, v=v)
-        # the relevance pass: O and V as the flash path splits the block's tensors into heads, R_O float32 as a
-        # view of (B, N, C) or contiguous; no t (lrp), partial LRP's t, transformer attribution's (dO)
-        o_heads = views()
-        for r_o in (views().float(), torch.empty(b, h, n, d, device="meta", dtype=torch.float32)):
-            for r, g in ((None, None), (row, None), (row, do)):
-                R.attention_relevance(q, k, v, o_heads, lse, r_o, 0.125, row=r, do=g)
+        for bias in (None, *_beit_biases(h, n)):
+            kw = {} if bias is None else {"bias": bias}
+            o, lse = A.flash_forward(q, k, v, 0.125, **kw)
+            o, lse = torch.empty(b, h, n, d, **meta), torch.empty(b, h, n, device="meta", dtype=torch.float32)
+            for r in (None, row):
+                for grads in (True, False, "v"):
+                    A.flash_backward(q, k, v, o, lse, do, 0.125, row=r, input_grads=grads, **kw)
+            A.attention_rows(row, 0.125, q=q, k=k, lse=lse, **kw)
+            A.attention_rows(row, 0.125, do=do, v=v)
+            # the relevance pass: O and V as the flash path splits the block's tensors into heads, R_O float32 as
+            # a view of (B, N, C) or contiguous; no t (lrp), partial LRP's t, transformer attribution's (dO); with
+            # a bias both rule sets ("ours" first runs the per-image sums)
+            o_heads = views()
+            for r_o in (views().float(), torch.empty(b, h, n, d, device="meta", dtype=torch.float32)):
+                for r, g in ((None, None), (row, None), (row, do)):
+                    for rules in (("ours", "classic") if bias is not None else (None,)):
+                        R.attention_relevance(q, k, v, o_heads, lse, r_o, 0.125, row=r, do=g,
+                                              **dict(kw, rules=rules) if bias is not None else {})
+
+
+def _beit_biases(h: int, n: int) -> list:
+    """BEiT's relative position bias in table form as the adapters hand it (``RelativePositionBias``: an (R, H)
+    float32 table, contiguous), where N is a class token and a square grid of patches; none otherwise."""
+    import math
+
+    import torch
+
+    from tokentm_fast.models.relative_bias import RelativePositionBias
+
+    side = math.isqrt(n - 1)
+    if side * side != n - 1:
+        return []
+    table = torch.empty((2 * side - 1) ** 2 + 3, h, device="meta", dtype=torch.float32)
+    return [RelativePositionBias(table, (side, side), 1)]
 
 
 def _engine_calls(b, h, n, class_token, dtype):

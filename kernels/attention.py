@@ -499,7 +499,7 @@ def _bias_args(bias, dummy: torch.Tensor) -> Tuple[tuple, dict]:
     ``RelativePositionBias`` (``table (R, H)``, ``grid``, ``prefix``) or None (``dummy`` as the pointer)."""
     if bias is None:
         return (dummy, 0, 0), (1, 1, 0), False
-    table = bias.table.detach()
+    table = bias.table.detach().to(torch.float32)  # (R, H): a model in 16 bits holds it so; exact in float32
     return (table, table.stride(0), table.stride(1)), (int(bias.grid[0]), int(bias.grid[1]), int(bias.prefix)), True
 
 

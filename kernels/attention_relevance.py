@@ -382,7 +382,7 @@ def _shares(q, k, v, o, r_o, lse, scale: float, bias, rules: str, bias_args: tup
     if rules == "classic":
         return torch.ones(b, dtype=torch.float32, device=q.device)
     (table, *sb), layout = bias_args
-    slots = triton.cdiv(n, SUMS_MIN_BLOCK)
+    slots = triton.cdiv(triton.cdiv(n, SUMS_MIN_BLOCK), 16) * 16  # a multiple of 16: one specialisation for every N
     sums = torch.zeros((3, b * h, slots), dtype=torch.float32, device=q.device)
     grid_n = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)  # noqa: E731
     _relevance_sums_kernel[grid_n](

@@ -218,14 +218,24 @@ def _explain_calls(pools=("token", "avg")):
             tf.explain(model, x, "tokentm", backend="triton", attention="materialized", full=True,
                        head_fusion="decoupled")
             tf.explain(model, x, "conservative_lrp", backend="triton", attention="flash")  # dV alone (P held)
+    # BEiT's relative position bias read from its table (HAS_BIAS): every program that forms P on the flash path
+    torch.manual_seed(0)
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=3, img_size=16, patch_size=8,
+                             embed_dim=64, num_heads=2, depth=2).eval().to(torch.bfloat16)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.bfloat16)
+    for method in ("tokentm", "rollout", "raw_attention", "legrad", "conservative_lrp"):
+        tf.explain(beit, x, method, backend="triton", attention="flash")
+    tf.explain(beit, x, "tokentm", backend="triton", attention="flash", layers=[0])
 
 
 def _relevance_calls():
     """The relevance programs' wrapper as the flash path calls it, on a bfloat16 and a float32 attention (N = 5,
     32-wide heads): q, k, v sliced from one qkv projection as timm does, O and dO per-head views of (B, N, C),
-    R_O a float32 view; without t (lrp), with partial LRP's row sum and with transformer attribution's (dO).
+    R_O a float32 view; without t (lrp), with partial LRP's row sum and with transformer attribution's (dO); and
+    through BEiT's bias (a 2 × 2 grid's table) with both rule sets ("ours" runs the per-image sums first).
     (Until the LRP family's flash path is in ``_explain_calls``, the wrapper is called directly.)"""
     from tokentm_fast.kernels.attention_relevance import attention_relevance
+    from tokentm_fast.models.relative_bias import RelativePositionBias
 
     b, h, n, d = 1, 2, 5, 32
     for dtype in (torch.bfloat16, torch.float32):
@@ -234,8 +244,11 @@ def _relevance_calls():
         o, do = (torch.randn(b, n, h * d, generator=g).to(dtype).view(b, n, h, d).transpose(1, 2) for _ in range(2))
         r_o = torch.randn(b, n, h * d, generator=g).view(b, n, h, d).transpose(1, 2)
         lse, row = torch.randn(b, h, n, generator=g).abs(), torch.rand(b, n, generator=g)
+        bias = RelativePositionBias(torch.randn(3 * 3 + 3, h, generator=g), (2, 2), 1)
         for r, grad in ((None, None), (row, None), (row, do)):
             attention_relevance(q, k, v, o, lse, r_o, d ** -0.5, row=r, do=grad)
+            for rules in ("ours", "classic"):
+                attention_relevance(q, k, v, o, lse, r_o, d ** -0.5, row=r, do=grad, bias=bias, rules=rules)
 
 
 @pytest.mark.skipif(_SUITE_DEVICE != "cpu", reason="records interpreted launches (the audit is the CPU's part)")
@@ -250,14 +263,15 @@ def test_audit_enumerates_the_relevance_launches():
     if not kernels_interpreted():
         pytest.skip("needs the interpreter")
     seen = C.recorded_launches(_relevance_calls)
-    assert {k for k, _, _ in seen} == {"_relevance_kv_kernel", "_relevance_q_kernel"}, seen
+    assert {k for k, _, _ in seen} == {"_relevance_kv_kernel", "_relevance_q_kernel", "_relevance_sums_kernel"}, seen
     assert seen - C.launch_keys(C.jobs()) == set(), sorted(seen - C.launch_keys(C.jobs()))
     audited = C.launch_keys(C.jobs(kernels=list(C.RELEVANCE_KERNELS), dtypes=["bf16", "fp32"], widths=(32,)))
     assert audited == seen, sorted(audited ^ seen)
     # benchmarks/compile_time.py --set relevance times the compiles of exactly these programs and variants
     import compile_time as T
 
-    assert C.launch_keys(T.flash_jobs("bf16", 32, kernels=T.FLASH_RELEVANCE)) == {k for k in seen if k[2]}
+    assert C.launch_keys(T.flash_jobs("bf16", 32, kernels=T.FLASH_RELEVANCE)) == {
+        k for k in seen if k[2] and dict(k[1]).get("HAS_BIAS") is False}       # the bias-free programs
 
 
 @pytest.mark.skipif(_SUITE_DEVICE != "cpu", reason="records interpreted launches (the audit is the CPU's part)")
@@ -491,7 +505,7 @@ def test_every_autotuner_caches_its_results_on_coarse_keys(tmp_path):
     (``N_BUCKET``), never on N itself, so a new sequence length in the bucket does not benchmark again.
     Checked in a compiler-mode process: the interpreter switches caching off."""
     tuners = json.loads(_python(_CACHING, tmp_path, timeout=300))
-    assert len(tuners) == 11, sorted(tuners)
+    assert len(tuners) == 12, sorted(tuners)
     for name, t in tuners.items():
         assert t["cache_results"] is True, name
         assert "N_BUCKET" in t["keys"] and not {"N", "N_CTX"} & set(t["keys"]), (name, t["keys"])

@@ -177,7 +177,8 @@ SPECS = {
 }
 #: BEiT's relative position bias read from its table inside the tiles (HAS_BIAS): every program that forms P, the
 #: same kernels and tables with the bias arguments live; and the add rule's per-image sums (``"ours"``)
-SPECS.update({f"{name}+bias": dict(SPECS[name], variants=[dict(v, HAS_BIAS=True) for v in SPECS[name]["variants"]])
+SPECS.update({f"{name}+bias": dict(SPECS[name], variants=[dict(v, HAS_BIAS=True) for v in SPECS[name]["variants"]],
+                                   configs=SPECS[name]["configs"] + "+bias")      # the tables less BIAS_SPILLS
               for name in ("forward", "dkdv", "dkdv+gae", "dkdv gae-only", "dkdv v-only", "dq", "rows probs",
                            "relevance kv", "relevance kv+rows", "relevance kv+grad rows", "relevance q")})
 SPECS["relevance sums"] = dict(module="attention_relevance", attr="_relevance_sums_kernel",

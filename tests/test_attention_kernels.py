@@ -259,6 +259,28 @@ def test_programs_with_a_bias_match_full_matrices(impl, b, h, grid, d, dtype):
     assert _rel(rows(row, scale, q=q, k=k, lse=lse, bias=bias, **kw).cpu(), rows_ref) <= TOL[dtype]
 
 
+def test_biased_launches_choose_among_the_audited_configurations(monkeypatch):
+    """The autotuners' pruning hook keeps, for a launch with BEiT's bias (HAS_BIAS), the table's entries less the
+    ones whose biased programs spilled in the sm_90 audit (``BIAS_SPILLS``), and the whole entry without it."""
+    import triton
+
+    from tokentm_fast.kernels import attention as A
+
+    monkeypatch.setattr(A, "interpreter_enabled", lambda: False)
+    for (kind, cls, bd), spilled in A.BIAS_SPILLS.items():
+        entries = A.CONFIG_TABLE[(kind, cls, bd)]
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in entries]
+        ref = torch.empty(1, dtype=torch.float32 if cls == "32" else torch.bfloat16)
+
+        def kept(**kw):
+            return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                    for c in A._pruner(kind)(configs, {"q_ptr": ref}, BLOCK_D=bd, **kw)]
+
+        assert kept(HAS_BIAS=False) == entries
+        assert kept(HAS_BIAS=True) == [e for e in entries if e not in spilled] != []
+        assert set(spilled) <= set(entries)
+
+
 @pytest.mark.parametrize("rules", ["ours", "classic"])
 @pytest.mark.parametrize("b,h,grid,d,dtype", [BIAS_CASES[0], BIAS_CASES[2], (1, 2, (4, 4), 64, torch.bfloat16)])
 def test_relevance_programs_with_a_bias_match_the_twin(rules, b, h, grid, d, dtype):

@@ -372,30 +372,9 @@ def _explain_on(model, x, method, backend, attention, device, variant):
                       target=target).cpu()
 
 
-@pytest.fixture
-def rules_to_the_flash_path(monkeypatch):
-    """The flash path splits R^A between QKᵀ and B/scale itself and needs the rule set (``rules=``) that the
-    materialized path's ``logits`` closure carries; until methods/relevance.py hands it over
-    (``path.attention_relevance(..., rules=self.rules)``), this passes ``RelevancePass.rules`` to the path (an
-    explicit ``rules=`` from relevance.py overrides it)."""
-    from tokentm_fast.methods.relevance import RelevancePass
-
-    block = RelevancePass.block
-
-    def with_rules(self, l, r, rows=None, grad=None):
-        path = self.path
-        path.attention_relevance = functools.partial(type(path).attention_relevance, path, rules=self.rules)
-        try:
-            return block(self, l, r, rows, grad)
-        finally:
-            del path.attention_relevance
-
-    monkeypatch.setattr(RelevancePass, "block", with_rules)
-
-
 @pytest.mark.parametrize("backend,attention", PATHS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_method_on_every_backend_and_path(variant, backend, attention, device, rules_to_the_flash_path):
+def test_every_method_on_every_backend_and_path(variant, backend, attention, device):
     """§7 as tests/test_models_eva.py holds it: float32 maps within 1e-5 of the float64 reference (attention
     Grad-CAM within its derived bound), the signed sums and the relevance pass on float64 copies to the maps'
     float32 rounding (torch) or within 1e-4 of the float32 torch map (Triton); the biased variants on the flash
@@ -693,7 +672,7 @@ def test_no_n_by_n_tensor_on_the_flash_path_without_a_bias(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["hf", "timm"])
-def test_no_n_by_n_tensor_on_the_flash_path_with_a_bias(kind, monkeypatch, rules_to_the_flash_path):
+def test_no_n_by_n_tensor_on_the_flash_path_with_a_bias(kind, monkeypatch):
     """A BEiT with its relative position bias (HF: per layer and shared; timm: per layer) on the flash path: every
     flash method, the relevance pass included, through the adapter, no recorded tensor could hold an N×N matrix
     (the bias read from its (R, H) table by index tiles of the tile's size; tests/helpers.py's criterion, N = 65);

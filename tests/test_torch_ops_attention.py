@@ -28,6 +28,8 @@ import tokentm_fast.torch_ops.attention as ta
 from tokentm_fast import api
 
 #: the methods the flash path serves (with their default options)
+#: the LRP relevance pass (refused on the distilled DeiT: its two classifier heads)
+RELEVANCE_PASS = ("lrp", "partial_lrp", "transformer_attribution")
 FLASH_METHODS = [m for m in tf.METHODS if tf.methods.get_method(m).flash_refusal(tf.methods.get_method(m).defaults)
                  is None]
 
@@ -151,13 +153,15 @@ def test_every_flash_method_on_every_family_equals_the_reference_and_the_materia
     x = images(2)
     target = _target(model, family)
     m64, x64 = model.double(), x.double()
-    for method in FLASH_METHODS:
+    # the distilled DeiT's two classifier heads are refused by the LRP relevance pass (tests/test_relevance_lrp.py)
+    methods = [m for m in FLASH_METHODS if not (family == "hf_deit_teacher" and m in RELEVANCE_PASS)]
+    for method in methods:
         ref = tf.explain(m64, x64, method, target=target, backend="reference")
         _informative(ref) if method != "attn_gradcam" else None   # Grad-CAM may clip to 0 on random heads
         e = tf.explain(m64, x64, method, target=target, backend="torch", attention="flash")
         assert _max_rel(e, ref) <= F64_BOUND, (family, method, _max_rel(e, ref))
     m32 = model.float()
-    for method in FLASH_METHODS:
+    for method in methods:
         mat = tf.explain(m32, x, method, target=target, backend="torch", attention="materialized")
         e = tf.explain(m32, x, method, target=target, backend="torch", attention="flash")
         bound = max(1e-5, tf.methods.get_method(method).float32_tolerance)

@@ -63,9 +63,9 @@ class Explainer:
             formulation): ``"flash"`` (the explanation attention kernels, no N×N tensor),
             ``"materialized"`` (attention probabilities and gradients captured as tensors, then the
             fused aggregation kernels) or ``"auto"``: flash on CUDA, materialized otherwise and for
-            ``full=True``, ``head_fusion="decoupled"``, the LRP relevance pass (which need whole
-            matrices), models whose attention adds a bias to its logits (BEiT's relative position bias,
-            ``ViTAdapter.flash_refusal``) and heads wider than 128 (``tokentm_fast.paths.MAX_HEAD_DIM``). The
+            ``full=True``, ``head_fusion="decoupled"`` (which need whole matrices) and heads wider than 128
+            (``tokentm_fast.paths.MAX_HEAD_DIM``); the PyTorch backend takes its flash twin above a memory
+            budget (``TORCH_FLASH_BYTES``). The
             ``reference`` and ``torch`` backends always materialize.
         **options: method options (``tokentm_fast.methods.REGISTRY[method].defaults`` lists them).
     """
@@ -115,7 +115,7 @@ class Explainer:
 
     def flash_refusal(self) -> Optional[str]:
         """Why the flash path cannot serve this call: the method with its options (``MethodSpec.flash_refusal``),
-        then the model (``ViTAdapter.flash_refusal``: BEiT's relative position bias); None: it can."""
+        then the model (``ViTAdapter.flash_refusal``); None: it can."""
         return self.spec.flash_refusal(self.options) or self.vit.flash_refusal
 
     def attention_for(self, images: torch.Tensor, backend: str) -> str:

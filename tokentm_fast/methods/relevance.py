@@ -232,7 +232,8 @@ class RelevancePass:
         r_x, r_a = lrp_rules.add(x_in, a, lrp_rules.clone(y, r_y, r_norm2), rules)
         r_o = split_heads(self._linear((l, "proj"), r_a), heads)
         logits = (lambda r_attn: self._logits(rec, r_attn)) if "bias" in rec else None
-        r_q, r_k, r_v, t = self.path.attention_relevance(rec, r_o, rows=rows, grad=grad, logits=logits)
+        r_q, r_k, r_v, t = self.path.attention_relevance(rec, r_o, rows=rows, grad=grad, logits=logits,
+                                                          rules=self.rules)
         r_qkv = torch.cat([merge_heads(r_q), merge_heads(r_k), merge_heads(r_v)], dim=-1)
         r_norm1 = self._linear((l, "qkv"), r_qkv)
         return lrp_rules.clone(x_in, r_x, r_norm1), t

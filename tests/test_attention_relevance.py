@@ -283,6 +283,37 @@ def test_exact_zeros_twin():
     assert ((unsafe - want["r_q"]).abs() > 1e3 * b32["r_q"]).any()
 
 
+def test_twin_logit_denominator_rounding_to_zero():
+    """Z_01 = −1e-9 (float32: Z + 1e-9 rounds to 0 there, where the twin's fast division would give ±inf): the twin
+    takes the denominator 1e-9 as the safe division defines, equal to the literal rule in float32 (full matrices,
+    this file's ``safe``). Z's row 0 is exact in both (q_0 has one non-zero entry), so only the other rows'
+    rounding differs: float32 products over d = 16 and N = 5 terms, well within 1e-4 of each tensor's largest
+    entry, while the 1e-9 denominator's term in R_Q is checked to be of that tensor's size."""
+    x = make_inputs(1, 1, 5, 16, torch.float32, seed=3, grads=False)
+    q, k = x["q"].clone(), x["k"].clone()
+    q[0, 0, 0] = 0
+    q[0, 0, 0, 0] = -EPS
+    k[0, 0, 1] = 0
+    k[0, 0, 1, 0] = 1
+    z = q @ k.transpose(-1, -2)
+    assert z[0, 0, 0, 1] + EPS == 0                                       # float32
+    s = x["scale"] * q.double() @ k.double().transpose(-1, -2)
+    lse = torch.logsumexp(s, -1)
+    o = (torch.exp(s - lse[..., None]) @ x["v"].double()).float()
+    x = dict(x, q=q, k=k, o=o, lse=lse.float())
+    got = _twin(x)
+    p = torch.exp(x["scale"] * z - x["lse"][..., None])
+    ra = p * (safe(x["r_o"], o) @ x["v"].transpose(-1, -2)) / 2
+    s_z = safe(ra, z)
+    want = {"r_q": q * (s_z @ k) / 2, "r_k": k * (s_z.transpose(-1, -2) @ q) / 2,
+            "t": torch.einsum("bi,bhij->bhj", x["row"], ra.clamp_min(0))}
+    for name, w in want.items():
+        assert torch.isfinite(got[name]).all(), name
+        torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-4 * w.abs().max().item(), msg=name)
+    term = (q[0, 0, 0, 0] * s_z[0, 0, 0, 1] * k[0, 0, 1, 0] / 2).abs()    # −1e-9 · R^A_01 / 1e-9 / 2
+    assert term > 0.1 * want["r_q"].abs().max()
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_exact_zeros_kernel(dtype):

@@ -15,7 +15,11 @@ the forward's output and ``R_O`` the relevance at O ``(N, d)``, the rules of ``l
 
 ``⊘`` is the authors' safe division (``lrp_rules.safe_divide``: ``a / (b + 1e-9)``, 0 where b = 0). No
 (N, N) tensor: ``(G_t, Q_t, N)`` tiles over the G = B·H (image, head) pairs and the query rows, sized as the
-flash twin's (``torch_ops.attention.tile_shape``). Transformer attribution's row update reads ``t`` with ∇A
+flash twin's (``torch_ops.attention.tile_shape``), in three tile buffers reused by every tile (Z; P, then ∇A's
+terms; R^A, then S_Z): no fresh tile-sized allocation per product. S_O carries R^A's and R_V's ½. S_Z is
+``R^A / (Z + 1e-9)`` in two in-place passes, the exact rule only on tiles with a zero of Z (one read finds
+them); the one case this misses, Z + 1e-9 rounding to 0, leaves R_Q non-finite, and the pass then runs
+again with the exact rule. Transformer attribution's row update reads ``t`` with ∇A
 from the gradient backward's ``dO``; partial LRP reads it without.
 
 BEiT's relative position bias (``bias``, a ``RelativePositionBias``; logits ``scale·(Z + B/scale)``): P carries
@@ -80,46 +84,65 @@ def attention_relevance(
     qa, ka, va = _flat(q, acc), _flat(k, acc), _flat(v, acc)
     kt, vt = ka.transpose(-1, -2), va.transpose(-1, -2)
     neg_lse = lse.to(acc).reshape(b * h, n, 1).neg()
-    s_o = _safe_divide_(_flat(r_o, acc).clone(), _flat(o, acc).clone())                     # S_O (G, N, d)
+    s_o = _safe_divide_(_flat(r_o, acc).clone(), _flat(o, acc).clone()).mul_(0.5)           # S_O / 2 (G, N, d)
     doa = _flat(do, acc) if do is not None else None
     rows = row.to(acc).repeat_interleave(h, dim=0)[:, None] if row is not None else None    # (G, 1, N)
-    r_q = torch.empty((b * h, n, d), dtype=acc, device=q.device)
-    r_k = torch.zeros((b * h, n, d), dtype=acc, device=q.device)
-    r_v = torch.zeros((b * h, n, v.shape[-1]), dtype=acc, device=q.device)
-    t = torch.zeros((b * h, 1, n), dtype=acc, device=q.device) if row is not None else None
     tiles = list(_tiles(b * h, n, n, _itemsize(acc), q.device, block))
+    size = max((gs.stop - gs.start) * (rs.stop - rs.start) for gs, rs in tiles) * n
+    buffers = [torch.empty(size, dtype=acc, device=q.device) for _ in range(3)]             # Z, P, R^A tiles
+
+    def tile_buffer(i: int, gs: slice, rs: slice) -> torch.Tensor:
+        return buffers[i][:(gs.stop - gs.start) * (rs.stop - rs.start) * n].view(gs.stop - gs.start, -1, n)
 
     def relevance_tile(gs: slice, rs: slice):
-        """Z, R^A and the scaled bias tile B' = B/scale (None without a bias) of one tile."""
-        z = torch.matmul(qa[gs, rs], kt[gs])                                                  # Z (G_t, Q_t, N)
+        """Z, P and R^A of one tile (in the three buffers), and the scaled bias tile B' = B/scale (None without
+        a bias); the key sum of R_V (without its factor V) added."""
+        z = torch.bmm(qa[gs, rs], kt[gs], out=tile_buffer(0, gs, rs))                        # Z (G_t, Q_t, N)
         b_s = None if bias is None else bias_tile(bias, h, gs, rs, acc).div_(scale)          # B' = B / scale
         logits = z if b_s is None else z + b_s
-        p = torch.add(neg_lse[gs, rs], logits, alpha=scale).exp_()                          # P from Z (+ B')
-        r_v[gs].baddbmm_(p.transpose(-1, -2), s_o[gs, rs])                                    # Σ_i P_ij S_O,i
-        ra = torch.matmul(s_o[gs, rs], vt[gs]).mul_(p).mul_(0.5)                              # R^A
-        return z, ra, b_s
+        p = torch.add(neg_lse[gs, rs], logits, alpha=scale, out=tile_buffer(1, gs, rs)).exp_()   # P from Z (+ B')
+        r_v[gs].baddbmm_(p.transpose(-1, -2), s_o[gs, rs])                                    # Σ_i P_ij S_O,i / 2
+        ra = torch.bmm(s_o[gs, rs], vt[gs], out=tile_buffer(2, gs, rs)).mul_(p)               # R^A
+        return z, p, ra, b_s
 
+    r_v = torch.zeros((b * h, n, v.shape[-1]), dtype=acc, device=q.device)
     share = _logit_shares(tiles, relevance_tile, b, h, acc, q.device) if bias is not None and rules == "ours" \
         else None
-    r_v.zero_()
-    for gs, rs in tiles:
-        z, ra, b_s = relevance_tile(gs, rs)
-        if t is not None:
-            f = ra.clamp_min(0) if doa is None else torch.matmul(doa[gs, rs], vt[gs]).mul_(ra).clamp_min_(0)
-            t[gs].baddbmm_(rows[gs, :, rs], f)
-            del f
-        if b_s is not None:                                                                   # Z's share of R^A
-            ra = _safe_divide_(ra, z + b_s).mul_(z)
-            if share is not None:
-                ra.mul_(share[gs, None, None])
-        s_z = _safe_divide_(ra, z)                                                            # S_Z, in place
-        r_q[gs, rs] = torch.matmul(s_z, ka[gs])
-        r_k[gs].baddbmm_(s_z.transpose(-1, -2), qa[gs, rs])
+    for exact in (False, True):
+        r_q = torch.empty((b * h, n, d), dtype=acc, device=q.device)
+        r_k = torch.zeros((b * h, n, d), dtype=acc, device=q.device)
+        r_v.zero_()
+        t = torch.zeros((b * h, 1, n), dtype=acc, device=q.device) if row is not None else None
+        for gs, rs in tiles:
+            z, p, ra, b_s = relevance_tile(gs, rs)
+            if t is not None:                                         # P's buffer is free: ∇A, then the terms
+                f = (torch.clamp_min(ra, 0, out=p) if doa is None
+                     else torch.bmm(doa[gs, rs], vt[gs], out=p).mul_(ra).clamp_min_(0))
+                t[gs].baddbmm_(rows[gs, :, rs], f)
+            if b_s is not None:                                                               # Z's share of R^A
+                ra = _safe_divide_(ra, z + b_s).mul_(z)
+                if share is not None:
+                    ra.mul_(share[gs, None, None])
+            s_z = _safe_divide_(ra, z) if exact or _has_zero(z) else ra.div_(z.add_(STABILISER))   # S_Z, in place
+            if r_q[gs, rs].is_contiguous():
+                torch.bmm(s_z, ka[gs], out=r_q[gs, rs])
+            else:                                                     # tests' row blocks over several groups
+                r_q[gs, rs] = torch.bmm(s_z, ka[gs])
+            r_k[gs].baddbmm_(s_z.transpose(-1, -2), qa[gs, rs])
+        # the fast division leaves a non-finite S_Z only where Z + 1e-9 rounds to 0 (Z = −1e-9 ≠ 0, so its K_j ≠ 0
+        # and R_Q's row i turns non-finite with it): then the pass is run again with the exact rule
+        if exact or bool(torch.isfinite(r_q).all()):
+            break
     r_q.mul_(qa).mul_(0.5)
     r_k.mul_(ka).mul_(0.5)
-    r_v.mul_(va).mul_(0.5)
+    r_v.mul_(va)
     out = tuple(x.reshape(b, h, n, -1) for x in (r_q, r_k, r_v))
     return (*out, None if t is None else t.reshape(b, h, n))
+
+
+def _has_zero(z: torch.Tensor) -> bool:
+    """Whether the tile ``z`` has an exact zero (one read, no mask written)."""
+    return int(torch.count_nonzero(z)) < z.numel()
 
 
 def _logit_shares(tiles, relevance_tile, b: int, h: int, acc: torch.dtype, device) -> torch.Tensor:
@@ -127,7 +150,7 @@ def _logit_shares(tiles, relevance_tile, b: int, h: int, acc: torch.dtype, devic
     add rule between Z and B' (module docstring) over every tile, ``c_b = |a_b| / (|a_b| + |b_b|) · Σ R^A ⊘ a_b``."""
     sums = torch.zeros((3, b * h), dtype=acc, device=device)                                 # Σ Z⊙s, Σ B'⊙s, Σ R^A
     for gs, rs in tiles:
-        z, ra, b_s = relevance_tile(gs, rs)
+        z, _, ra, b_s = relevance_tile(gs, rs)
         sums[2, gs] += ra.sum((1, 2))
         s = _safe_divide_(ra, z + b_s)
         sums[0, gs] += (z * s).sum((1, 2))

@@ -167,11 +167,14 @@ def test_triton_backend(make_model, make_images, name, device):
     x = make_images()
     on_device = copy.deepcopy(model).to(device)
     target = None if name in CLASSIFIERS else (lambda out: out[:, 0] - out[:, 1])
+    # the torch map on the Triton call's path: on the CPU (interpreter) that is the materialized one, which the
+    # torch backend leaves at this size for lrp and partial LRP (their flash twin differs by float32 rounding)
+    same_path = {"attention": "materialized"} if torch.device(device).type == "cpu" else {}
     for method in methods_for(name):
         t = target_for(name, method, target)
         t_dev = t.to(device) if isinstance(t, torch.Tensor) else t
         tri = tf.explain(on_device, x.to(device), method, backend="triton", target=t_dev).cpu()
-        ref = tf.explain(model, x, method, backend="torch", target=t)
+        ref = tf.explain(model, x, method, backend="torch", target=t, **same_path)
         assert tri.shape == ref.shape and torch.isfinite(tri).all(), method
         if method == "attn_gradcam" and name in GRADCAM_ZERO:
             assert ref.abs().max() == 0 and tri.abs().max() == 0, "§5: Grad-CAM of a mean-pooled model is 0"

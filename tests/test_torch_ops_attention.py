@@ -257,3 +257,15 @@ def test_auto_takes_the_flash_twin_above_the_budget(monkeypatch):
                                tf.explain(model, x, "tokentm", target=1, backend="torch", attention="flash"))
     with pytest.raises(ValueError, match="reference"):
         tf.explain(model, x, "tokentm", backend="reference", attention="flash")
+
+
+def test_auto_takes_the_flash_twin_for_lrp_and_partial_lrp_at_every_size():
+    """lrp and partial LRP take the twin under the budget too (docs/methods.md §8: faster at N = 197); the
+    other methods, transformer attribution among them, stay materialized there; ``attention=`` still forces."""
+    model, x = timm_tiny(depth=2), images(2)
+    assert api.materialized_bytes(tf.Explainer(model, "lrp").vit, x) < api.TORCH_FLASH_BYTES
+    for method in tf.METHODS:
+        want = "flash" if method in ("lrp", "partial_lrp") else "materialized"
+        assert tf.Explainer(model, method, backend="torch").attention_for(x, "torch") == want, method
+    forced = tf.Explainer(model, "lrp", backend="torch", attention="materialized")
+    assert forced.attention_for(x, "torch") == "materialized"

@@ -35,6 +35,8 @@ class MethodSpec:
         target_free: the map does not depend on the target (the method computes it once for K targets).
         flash_refuses: option values the flash path cannot serve → the reason (the entry's message).
         materialized_only: why the flash path cannot serve the method at all (None: it can).
+        torch_flash: ``attention="auto"`` on the PyTorch backend takes the flash twin at every size, not only
+            beyond ``api.TORCH_FLASH_BYTES`` (the relevance pass: faster there already at N = 197, docs §8).
         pixel_map: the method's map is at the pixels ``(B, H, W)``; the patch grid is its sum over each
             patch (``tokentm_fast.maps.patch_sums``), ``upsample=True`` returns the pixels themselves.
         float32_tolerance: the per-image relative error its float32 maps meet against the float64
@@ -56,6 +58,7 @@ class MethodSpec:
     target_free: bool = False
     flash_refuses: Mapping[Tuple[str, Any], str] = field(default_factory=dict)
     materialized_only: Optional[str] = None
+    torch_flash: bool = False
     pixel_map: bool = False
     float32_tolerance: float = 1e-5
     signed: bool = False
@@ -99,9 +102,9 @@ REGISTRY: Dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("attcat", relevance.attcat, signed=True),
     MethodSpec("lrp", relevance.lrp, defaults={"rules": "ours"}, choices={"rules": RULES},
                pixel_map=True, float32_tolerance=_RELEVANCE_TOLERANCE,
-               signed=True),
+               signed=True, torch_flash=True),
     MethodSpec("partial_lrp", relevance.partial_lrp, defaults={"rules": "ours"}, choices={"rules": RULES},
-               float32_tolerance=_RELEVANCE_TOLERANCE),
+               float32_tolerance=_RELEVANCE_TOLERANCE, torch_flash=True),
     MethodSpec("transformer_attribution", relevance.transformer_attribution, defaults={"start_layer": 0},
                float32_tolerance=_RELEVANCE_TOLERANCE),
 )}

@@ -90,7 +90,7 @@ def same_process(args) -> Dict:
     spec.loader.exec_module(old)
     versions = {"new": ({n: getattr(lrp_rules, n) for n in RULES}, relevance._is_linear_module),
                 "old": ({n: getattr(old, n) for n in RULES}, lambda point: False)}
-    versions["old"][0]["linear"] = lambda x, w, r, rules="ours", xw=None, bias=None: old.linear(x, w, r, rules)
+    versions["old"][0]["linear"] = lambda x, w, r, rules="ours", xw=None, bias=None, scratch=None: old.linear(x, w, r, rules)
 
     def use(which: str) -> None:
         funcs, recorder = versions[which]

@@ -21,7 +21,7 @@ from tokentm_fast.methods import lrp_rules, relevance
 from tokentm_fast.models import adapt
 
 
-def four_products(x, weight, r, rules="ours", xw=None, bias=None):
+def four_products(x, weight, r, rules="ours", xw=None, bias=None, scratch=None):
     """The α1β0 rule with one shared denominator, as docs/methods.md §6.3 writes it (four products)."""
     if rules != "ours":
         return ORIGINAL(x, weight, r, rules)
@@ -127,13 +127,13 @@ def identity_bound(model, images, method, target, layers: int) -> torch.Tensor:
     the linear maps). Four linear maps per layer: 16 + 8ĉ roundings for the new map, 16 for the old one."""
     worst = []
 
-    def measure(x, weight, r, rules="ours", xw=None, bias=None):
+    def measure(x, weight, r, rules="ours", xw=None, bias=None, scratch=None):
         w = weight.to(x.dtype)
         z = x.clamp(min=0) @ w.clamp(min=0).T + x.clamp(max=0) @ w.clamp(max=0).T
         m = x.abs() @ w.abs().T + (0 if bias is None else bias.to(x.dtype).abs())
         c = torch.where(z > 0, m / z.clamp_min(1e-300), torch.zeros_like(z))
         worst.append(float((r.abs() * c).sum() / r.abs().sum().clamp_min(1e-300)))
-        return ORIGINAL(x, weight, r, rules, xw=xw, bias=bias)
+        return ORIGINAL(x, weight, r, rules, xw=xw, bias=bias, scratch=scratch)
 
     def evaluate(m, x):
         return tf.explain(m, x, method, target=target, backend="torch")
@@ -165,3 +165,28 @@ def test_float32_maps_within_the_derived_bound(monkeypatch, name, method):
     assert (err <= bound).all(), (err.tolist(), bound.tolist(), c_hat)
     assert (bound < 1e-2).all()                 # the bound is a rounding bound, not a loose one
     assert err.max() >= UNIT_ROUNDOFF / 4 or torch.equal(new, old)
+
+
+def test_scratch_reuses_buffers_without_changing_any_result():
+    """One ``Scratch`` over a block's four linear maps, twice round (the shapes of fc2, fc1, proj and qkv at
+    width 8, a bias each): every result equals the rule without scratch bit for bit, the earlier results are
+    untouched by the later calls (no result aliases a kept buffer), and the buffers were reused."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(32, 8), (8, 32), (8, 8), (24, 8)]                      # (out, in) of W
+    scratch = lrp_rules.Scratch()
+    results, wants = [], []
+    for _ in range(2):
+        for out_f, in_f in shapes:
+            x = torch.randn(2, 5, in_f, generator=g)
+            w, b = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g)
+            r = torch.randn(2, 5, out_f, generator=g)
+            xw = torch.nn.functional.linear(x, w, b) - b
+            wants.append(lrp_rules.linear(x, w, r, "ours", xw=xw, bias=b))
+            results.append(lrp_rules.linear(x, w, r, "ours", xw=xw.clone(), bias=b, scratch=scratch))
+            assert torch.equal(results[-1], wants[-1])
+            assert wants[-1].abs().max() > 0
+    for got, want in zip(results, wants):
+        assert torch.equal(got, want)
+    kept = [t for ts in scratch.free.values() for t in ts]
+    assert len(kept) >= 3 and len({t.data_ptr() for t in kept}) == len(kept)
+    assert not any(t.data_ptr() == r.data_ptr() for t in kept for r in results)

@@ -109,6 +109,8 @@ class RelevancePass:
         #: the linear maps whose output the forward records, less the bias: ``x Wᵀ`` without a product
         self.linears = {key: p.module for key, p in points.items() if _is_linear_module(p)}
         self.outputs: Dict[Any, Tuple[torch.Tensor, int]] = {}
+        #: the linear rule's temporaries, reused from layer to layer (``lrp_rules.Scratch``)
+        self.scratch = lrp_rules.Scratch()
         self.handles: list = []
 
     def forward(self, handles: list) -> torch.Tensor:
@@ -150,9 +152,12 @@ class RelevancePass:
             out = out if row is None else out[:, row]
             if out._version == version and out.shape == x.shape[:-1] + r.shape[-1:] and out.dtype == x.dtype:
                 bias = self.linears[key].bias
-                xw = out if bias is None else out - bias.detach()
+                xw = out if bias is None else torch.sub(out, bias.detach(), out=self.scratch.take(out.shape, out))
         x = x if row is None else x[:, row]
-        return lrp_rules.linear(x, self.weights[key], r, self.rules, xw=xw, bias=bias)
+        r_in = lrp_rules.linear(x, self.weights[key], r, self.rules, xw=xw, bias=bias, scratch=self.scratch)
+        if bias is not None and xw is not None:
+            self.scratch.give(xw)
+        return r_in
 
     def head(self, r_out: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Relevance at the last block's output ``(B, N, D)`` from ``r_out`` ``(B, K)`` at the model output;

@@ -55,10 +55,11 @@ class Scratch:
     """Temporaries of the linear rule reused from call to call (``linear``'s ``scratch``): a fresh multi-megabyte
     tensor costs the CPU its page faults on first touch, about as much as the elementwise pass that fills it
     (ViT-B/16, B = 4, 224 px: 4–12 ms per (788, 3072) temporary in a backward's heap, against 0.5 ms for the
-    pass). Buffers of at most ``max_bytes`` are kept (at high resolution the temporaries would add to the
-    peak memory); larger ones are allocated per call."""
+    pass). Buffers of at most ``max_bytes`` are kept: 10 MiB holds ViT-B/16's widest temporary at 224 px and
+    batch 4 (9.7 MB) and none at 1024 px (12.6 MB and up), where kept buffers would add to the peak memory;
+    larger ones are allocated per call."""
 
-    def __init__(self, max_bytes: int = 16 << 20) -> None:
+    def __init__(self, max_bytes: int = 10 << 20) -> None:
         self.max_bytes, self.free = max_bytes, {}
 
     def take(self, shape, like: torch.Tensor) -> torch.Tensor:

@@ -260,7 +260,7 @@ def test_auto_takes_the_flash_twin_above_the_budget(monkeypatch):
 
 
 def test_auto_takes_the_flash_twin_for_lrp_and_partial_lrp_at_every_size():
-    """lrp and partial LRP take the twin under the budget too (docs/methods.md §8: faster at N = 197); the
+    """lrp and partial LRP take the twin under the budget too (docs/methods.md §8: as fast or faster at N = 197); the
     other methods, transformer attribution among them, stay materialized there; ``attention=`` still forces."""
     model, x = timm_tiny(depth=2), images(2)
     assert api.materialized_bytes(tf.Explainer(model, "lrp").vit, x) < api.TORCH_FLASH_BYTES

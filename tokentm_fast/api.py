@@ -125,7 +125,7 @@ class Explainer:
         on the PyTorch backend its flash twin (``tokentm_fast.torch_ops.attention``) once the materialized
         path would keep more than ``TORCH_FLASH_BYTES`` of attention probabilities (``materialized_bytes``),
         the materialized path below that (as fast or faster at small N, docs/methods.md §8), except for the
-        methods whose ``MethodSpec.torch_flash`` says the twin is faster at every size (lrp, partial LRP)."""
+        methods whose ``MethodSpec.torch_flash`` says the twin is as fast or faster at every size (lrp, partial LRP)."""
         if self.attention == "flash":
             _check_flash_heads(backend, self.head_width)   # backend="auto" resolved: Triton or not
             return "flash"

@@ -269,3 +269,5 @@ def test_auto_takes_the_flash_twin_for_lrp_and_partial_lrp_at_every_size():
         assert tf.Explainer(model, method, backend="torch").attention_for(x, "torch") == want, method
     forced = tf.Explainer(model, "lrp", backend="torch", attention="materialized")
     assert forced.attention_for(x, "torch") == "materialized"
+    # measured on the CPU only: tensors elsewhere (here on the meta device) keep the byte rule
+    assert tf.Explainer(model, "lrp", backend="torch").attention_for(x.to("meta"), "torch") == "materialized"

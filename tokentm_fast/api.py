@@ -125,14 +125,15 @@ class Explainer:
         on the PyTorch backend its flash twin (``tokentm_fast.torch_ops.attention``) once the materialized
         path would keep more than ``TORCH_FLASH_BYTES`` of attention probabilities (``materialized_bytes``),
         the materialized path below that (as fast or faster at small N, docs/methods.md §8), except for the
-        methods whose ``MethodSpec.torch_flash`` says the twin is as fast or faster at every size (lrp, partial LRP)."""
+        methods whose ``MethodSpec.torch_flash`` says the twin is as fast or faster at every size on the CPU (lrp, partial LRP)."""
         if self.attention == "flash":
             _check_flash_heads(backend, self.head_width)   # backend="auto" resolved: Triton or not
             return "flash"
         if self.attention == "materialized" or self.full or self.flash_refusal() is not None:
             return "materialized"
         if backend == "torch":
-            big = self.spec.torch_flash or materialized_bytes(self.vit, images) > TORCH_FLASH_BYTES
+            always = self.spec.torch_flash and images.device.type == "cpu"        # measured on the CPU
+            big = always or materialized_bytes(self.vit, images) > TORCH_FLASH_BYTES
             return "flash" if big else "materialized"
         return "flash" if images.is_cuda and heads_fit(self.head_width) else "materialized"
 

@@ -35,7 +35,7 @@ class MethodSpec:
         target_free: the map does not depend on the target (the method computes it once for K targets).
         flash_refuses: option values the flash path cannot serve → the reason (the entry's message).
         materialized_only: why the flash path cannot serve the method at all (None: it can).
-        torch_flash: ``attention="auto"`` on the PyTorch backend takes the flash twin at every size, not only
+        torch_flash: ``attention="auto"`` on the PyTorch backend takes the flash twin at every size on CPU tensors, not only
             beyond ``api.TORCH_FLASH_BYTES`` (as fast or faster there already at N = 197, docs §8).
         pixel_map: the method's map is at the pixels ``(B, H, W)``; the patch grid is its sum over each
             patch (``tokentm_fast.maps.patch_sums``), ``upsample=True`` returns the pixels themselves.

@@ -17,9 +17,9 @@ the forward's output and ``R_O`` the relevance at O ``(N, d)``, the rules of ``l
 (N, N) tensor: ``(G_t, Q_t, N)`` tiles over the G = B·H (image, head) pairs and the query rows, sized as the
 flash twin's (``torch_ops.attention.tile_shape``), in three tile buffers reused by every tile (Z; P, then ∇A's
 terms; R^A, then S_Z): no fresh tile-sized allocation per product. S_O carries R^A's and R_V's ½. S_Z is
-``R^A / (Z + 1e-9)`` in two in-place passes, the exact rule only on tiles with a zero of Z (one read finds
-them); the one case this misses, Z + 1e-9 rounding to 0, leaves R_Q non-finite, and the pass then runs
-again with the exact rule. Transformer attribution's row update reads ``t`` with ∇A
+``R^A / (Z + 1e-9)`` in two in-place passes on CPU tensors, the exact rule only on tiles with a zero of Z (one
+read finds them); the one case this misses, Z + 1e-9 rounding to 0, leaves R_Q non-finite, and the pass then
+runs again with the exact rule. Elsewhere (no host read per tile) every tile takes the exact rule. Transformer attribution's row update reads ``t`` with ∇A
 from the gradient backward's ``dO``; partial LRP reads it without.
 
 BEiT's relative position bias (``bias``, a ``RelativePositionBias``; logits ``scale·(Z + B/scale)``): P carries
@@ -108,7 +108,7 @@ def attention_relevance(
     r_v = torch.zeros((b * h, n, v.shape[-1]), dtype=acc, device=q.device)
     share = _logit_shares(tiles, relevance_tile, b, h, acc, q.device) if bias is not None and rules == "ours" \
         else None
-    for exact in (False, True):
+    for exact in ((False, True) if q.device.type == "cpu" else (True,)):   # no host read per tile off the CPU
         r_q = torch.empty((b * h, n, d), dtype=acc, device=q.device)
         r_k = torch.zeros((b * h, n, d), dtype=acc, device=q.device)
         r_v.zero_()

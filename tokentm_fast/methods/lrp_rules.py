@@ -21,6 +21,7 @@ norms, activations  relevance unchanged
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -64,9 +65,7 @@ class Scratch:
 
     def take(self, shape, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor of ``shape`` with ``like``'s dtype and device (hand it back with ``give``)."""
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         if numel * like.element_size() > self.max_bytes:
             return torch.empty(shape, dtype=like.dtype, device=like.device)
         kept = self.free.get((numel, like.dtype, like.device))
